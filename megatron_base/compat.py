@@ -1,0 +1,177 @@
+"""Compatibility fixes for known defects of the pinned ``megatron-core==0.16.1``.
+
+This is the one place where this library touches Megatron or torch internals. Every fix is
+named, documented with the defect it works around (ids from ``spec/megatron_base.md`` §2.2/§3),
+applied idempotently by :func:`apply`, recorded in :func:`applied`, and reversible with
+:func:`remove` (tests use that). Fixes fall in two groups:
+
+Device-independent (applied on every machine):
+
+* ``te_general_gemm`` (H7, fix S4): ``megatron.core.transformer.moe.moe_utils`` only defines
+  ``te_general_gemm`` when Transformer Engine imports, but ``RouterGatingLinearFunction`` reads
+  it unconditionally, so MoE routing raises ``NameError`` without TE -- on GPU as well. Fix:
+  define the module attribute as ``None`` (the code then takes its plain ``torch`` path).
+
+CPU-only (applied only when ``torch.cuda.is_available()`` is False, so they can never change
+what runs on a GPU machine):
+
+* ``cuda_current_device`` (H1-H5, fix S1): six construction/forward sites pass
+  ``torch.cuda.current_device()`` as a device (DotProductAttention's ``softmax_offset``, the
+  router's ``expert_bias`` buffers and its gating, RotaryEmbedding's ``inv_freq``, the global
+  memory buffer). On a machine without CUDA that call raises; the fix returns ``"cpu"``.
+* ``cpu_mask_builders`` (H6, fix S2): ``get_sliding_window_causal_mask`` and
+  ``get_default_causal_mask`` hardcode ``device="cuda"``; ``fused_softmax`` imports them by
+  name, so both namespaces get copies with identical math that build the mask on the CPU.
+* The CUDA RNG tracker (H8, fix S3) is not patched: :func:`megatron_base.parallel.init_process`
+  seeds Megatron's *inference* RNG tracker on CPU (public API, a null ``fork()``).
+
+Dynamo (used by :func:`dynamo_config`, applied around every compile/capture, any device):
+``RowParallelLinear`` calls ``warnings.warn`` on rank 0 on every forward (deprecated
+``tp_group=None``), and MoE permutation has data-dependent shapes; without three dynamo flags
+the stock model breaks into ~18 graphs (spec §6.2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import warnings
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+_APPLIED: Dict[str, List[Tuple[object, str, object]]] = {}
+
+
+def _has_transformer_engine() -> bool:
+    try:
+        importlib.import_module("transformer_engine")
+        return True
+    except Exception:  # ImportError, or a broken TE install raising at import
+        return False
+
+
+def _set(record: list, obj, name: str, value) -> None:
+    record.append((obj, name, getattr(obj, name, _MISSING)))
+    setattr(obj, name, value)
+
+
+class _Missing:
+    def __repr__(self):
+        return "<missing>"
+
+
+_MISSING = _Missing()
+
+
+# --------------------------------------------------------------------------------------------
+# CPU copies of Megatron's mask builders (identical math to megatron.core.transformer.utils).
+# --------------------------------------------------------------------------------------------
+
+
+def cpu_default_causal_mask(sq: int) -> torch.Tensor:
+    """``[sq, sq]`` bool, True above the diagonal (masked), built on the CPU."""
+    return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+
+def cpu_sliding_window_causal_mask(sq: int, skv: int, window_size) -> torch.Tensor:
+    """``[sq, skv]`` bool, True where masked: key k is kept for query i iff
+    ``i - left <= k - (skv - sq) <= i + right`` with ``window_size = (left, right)``."""
+    m = torch.ones(sq, skv, dtype=torch.bool, device="cpu")
+    mu = torch.triu(m, diagonal=skv - sq - window_size[0])
+    ml = torch.tril(mu, diagonal=skv - sq + window_size[1])
+    return ~ml
+
+
+def _cpu_current_device():
+    return "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _fix_te_general_gemm(record: list) -> None:
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    if not hasattr(moe_utils, "te_general_gemm"):
+        _set(record, moe_utils, "te_general_gemm", None)
+
+
+def _fix_cuda_current_device(record: list) -> None:
+    _set(record, torch.cuda, "current_device", _cpu_current_device)
+
+
+def _fix_mask_builders(record: list) -> None:
+    for mod_name in ("megatron.core.fusions.fused_softmax", "megatron.core.transformer.utils"):
+        mod = importlib.import_module(mod_name)
+        _set(record, mod, "get_default_causal_mask", cpu_default_causal_mask)
+        _set(record, mod, "get_sliding_window_causal_mask", cpu_sliding_window_causal_mask)
+
+
+_FIXES: Dict[str, Tuple[Callable[[list], None], str]] = {
+    "te_general_gemm": (_fix_te_general_gemm, "any"),
+    "cuda_current_device": (_fix_cuda_current_device, "cpu"),
+    "cpu_mask_builders": (_fix_mask_builders, "cpu"),
+}
+
+
+def apply(force_cpu: bool | None = None) -> List[str]:
+    """Apply every fix this machine needs; idempotent. Returns the names applied now.
+
+    Args:
+        force_cpu: apply the CPU-only fixes (default: only when CUDA is unavailable). Tests
+            may pass False to check that nothing CPU-only is installed.
+    """
+    on_cpu = (not torch.cuda.is_available()) if force_cpu is None else force_cpu
+    done = []
+    for name, (fix, scope) in _FIXES.items():
+        if name in _APPLIED:
+            continue
+        if scope == "cpu" and not on_cpu:
+            continue
+        if name == "te_general_gemm" and _has_transformer_engine():
+            continue
+        record: list = []
+        fix(record)
+        _APPLIED[name] = record
+        done.append(name)
+    return done
+
+
+def remove() -> None:
+    """Undo every applied fix (restores the original attributes)."""
+    for name in list(_APPLIED)[::-1]:
+        for obj, attr, old in reversed(_APPLIED.pop(name)):
+            if old is _MISSING:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, old)
+
+
+def applied() -> List[str]:
+    """Names of the fixes currently installed (recorded in the debug dump)."""
+    return list(_APPLIED)
+
+
+@contextlib.contextmanager
+def dynamo_config():
+    """Dynamo flags that let stock Megatron models capture as one graph (spec §6.2).
+
+    ``ignore_logging_functions`` (``ignore_logger_methods`` on older torch) skips the rank-0
+    ``warnings.warn`` in every RowParallelLinear forward; the two capture flags let MoE
+    permutation's data-dependent shapes stay in the graph. Apply around every compiled call:
+    a recompile re-traces.
+    """
+    import torch._dynamo
+
+    cfg = torch._dynamo.config.get_config_copy()
+    patch = {}
+    if "ignore_logging_functions" in cfg:
+        patch["ignore_logging_functions"] = set(cfg["ignore_logging_functions"]) | {warnings.warn}
+    elif "ignore_logger_methods" in cfg:  # pragma: no cover - older torch
+        patch["ignore_logger_methods"] = set(cfg["ignore_logger_methods"]) | {warnings.warn}
+    patch["capture_dynamic_output_shape_ops"] = True
+    patch["capture_scalar_outputs"] = True
+    if "cache_size_limit" in cfg:
+        patch["cache_size_limit"] = max(cfg["cache_size_limit"], 64)
+    with torch._dynamo.config.patch(**patch):
+        yield

@@ -1,0 +1,68 @@
+"""One-process torch.distributed + Megatron parallel-state set-up (gloo on CPU, nccl on GPU)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Optional
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process(
+    seed: int = 1234,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
+    backend: Optional[str] = None,
+) -> None:
+    """Initialise ``torch.distributed`` and Megatron's parallel state; safe to call twice.
+
+    Without a launcher (no ``RANK``/``WORLD_SIZE`` in the environment) it starts a world of
+    one process on a free loopback port. ``backend`` defaults to ``nccl`` when CUDA is
+    available, else ``gloo``. It also seeds Megatron's RNG trackers: the CUDA tracker on GPU,
+    the inference tracker (whose ``fork()`` is a null context) on CPU, where the CUDA one
+    would call ``torch.cuda.get_rng_state`` (spec/megatron_base.md §2.2 S3). The compat fixes
+    of :mod:`megatron_base.compat` are applied first.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_base import compat
+
+    compat.apply()
+    on_gpu = torch.cuda.is_available()
+    if not torch.distributed.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+            os.environ.setdefault("LOCAL_RANK", "0")
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend=backend or ("nccl" if on_gpu else "gloo"))
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            expert_model_parallel_size=expert_model_parallel_size,
+        )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not on_gpu, force_reset_rng=True)
+
+
+def destroy_process() -> None:
+    """Tear down Megatron's parallel state and the process group (tests, scripts)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

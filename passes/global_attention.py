@@ -1,0 +1,55 @@
+"""Global attention pass: global layers' ``core_attention`` becomes :class:`SinkCoreAttention`.
+
+The stock ``DotProductAttention`` of every global (full causal) layer is replaced by a module
+calling the Triton flash kernel ``vpmoe_compile.ops.sink_attention`` (causal, GQA without
+expanding K/V, learnable sink; ALiBi once the GRAPE pass installs GRAPE-A). The stock learnable
+offset parameter is carried over as the sink: the same ``nn.Parameter`` object under the same
+name (``...core_attention.softmax_offset``), so values, optimizer routing and checkpoints are
+unchanged. On its own this pass changes no semantics (stock masks with -10000, the kernel with
+-inf: identical for any finite logits).
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from passes.base import Pass, PassContext, PassError, PassResult
+
+
+class GlobalAttentionPass(Pass):
+    name = "global_attention"
+    requires = ("layer_plan",)
+
+    def __init__(self, backend: str = "auto"):
+        self.backend = backend
+
+    def check(self, ctx: PassContext) -> None:
+        cfg = ctx.model.config
+        if cfg.attention_dropout:
+            raise PassError(
+                f"attention_dropout = {cfg.attention_dropout}: the sink attention kernel has no "
+                "dropout; build the model with [attention] attention_dropout = 0.0"
+            )
+        if cfg.softmax_type not in ("learnable", "vanilla", "off-by-one"):
+            raise PassError(f"softmax_type {cfg.softmax_type!r} is not supported")
+
+    def sites(self, ctx: PassContext) -> List[str]:
+        return [l.attention_path + ".core_attention" for l in ctx.plan.global_layers]
+
+    def run(self, ctx: PassContext, result: PassResult) -> None:
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        from vpmoe_compile.modules.attention import SinkCoreAttention
+
+        for layer in ctx.plan.global_layers:
+            path = layer.attention_path + ".core_attention"
+            stock = ctx.model.get_submodule(path)
+            if not isinstance(stock, DotProductAttention):
+                raise PassError(f"{path} is {type(stock).__name__}, expected the stock DotProductAttention")
+            self.replace_module(ctx.model, path, SinkCoreAttention(stock, backend=self.backend), result)
+            result.sites.append(path)
+        result.summary = (
+            f"{len(result.sites)} global layers: DotProductAttention -> SinkCoreAttention "
+            f"(flash kernel, causal + sink, backend={self.backend})"
+        )
+        result.notes.append("softmax_offset carried over as the sink (same parameter, same name)")

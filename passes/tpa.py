@@ -1,0 +1,116 @@
+"""TPA pass: Tensor Product Attention on every local layer of the layer plan.
+
+For each local layer, ``self_attention`` (the GRAPE pass's :class:`VpMoESelfAttention`) becomes
+:class:`TPASelfAttention` with
+
+* ``linear_qkv``: ``ColumnParallelLinear [(H+2G)*d, h]`` -> :class:`TPAFactorProjection`, one
+  packed factor weight ``[H*Rq + 2*G*R + (Rq+2R)*d, h]`` (ranks and init from ``[tpa]``); the
+  stock QKV bias is carried over (same parameter, same name);
+* ``core_attention``: ``DotProductAttention`` -> :class:`TPACoreAttention`, the fused op from
+  factors to output (bias, QK RMSNorm, GRAPE-M, window, sink), the stock sink carried over.
+
+Global layers are untouched. Refused before anything changes: TP > 1 on local layers, per-head
+GRAPE, ranks the kernel cannot do (non-powers of two: ``/R`` must be exact in bf16), attention
+dropout, no window, an unsupported QK norm.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from passes.base import Pass, PassContext, PassError, PassResult
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+class TPAPass(Pass):
+    name = "tpa"
+    requires = ("layer_plan", "grape")
+
+    def __init__(self, backend: str = "auto"):
+        self.backend = backend
+
+    def check(self, ctx: PassContext) -> None:
+        t, tcfg = ctx.cfg.tpa, ctx.model.config
+        if tcfg.tensor_model_parallel_size != 1:
+            raise PassError(
+                f"TPA on local layers needs tensor_model_parallel_size = 1 (the shared B factors' "
+                f"gradients would need TP reductions); got {tcfg.tensor_model_parallel_size}"
+            )
+        if not ctx.cfg.grape.grapem_share_across_heads:
+            raise PassError("TPA needs head-shared GRAPE-M frequencies (grapem_share_across_heads = true)")
+        for key, r in (("tpa_q_rank", t.tpa_q_rank), ("tpa_rank", t.tpa_rank)):
+            if not _pow2(r):
+                raise PassError(
+                    f"[tpa] {key} = {r}: the kernel needs a power-of-two rank (1, 2, 4, 8, ...) so "
+                    "the 1/R scaling is exact in bf16"
+                )
+        if tcfg.attention_dropout:
+            raise PassError("the fused TPA kernel has no attention dropout; set attention_dropout = 0.0")
+        if tcfg.window_size is None or tcfg.window_size[1] != 0:
+            raise PassError(f"TPA local layers need a causal window (W-1, 0); got window_size={tcfg.window_size}")
+        d = tcfg.kv_channels
+        if d < 16 or not _pow2(d):
+            raise PassError(f"the TPA kernel needs a power-of-two head dim >= 16, got {d}")
+        if tcfg.qk_layernorm and tcfg.normalization != "RMSNorm":
+            raise PassError("TPA's fused QK-norm is RMSNorm; the model uses " + tcfg.normalization)
+        if getattr(tcfg, "qk_l2_norm", False):
+            raise PassError("qk_l2_norm is not supported by the fused TPA kernel")
+
+    def sites(self, ctx: PassContext) -> List[str]:
+        return [l.attention_path for l in ctx.plan.local_layers]
+
+    def run(self, ctx: PassContext, result: PassResult) -> None:
+        from vpmoe_compile.modules.attention import VpMoESelfAttention
+        from vpmoe_compile.modules.tpa import TPACoreAttention, TPAFactorProjection, TPASelfAttention
+
+        model, cfg, plan = ctx.model, ctx.cfg, ctx.plan
+        tcfg = model.config
+        device = next(model.parameters()).device
+        window = tcfg.window_size[0] + 1
+        for layer in plan.local_layers:
+            prev = model.get_submodule(layer.attention_path)
+            if not isinstance(prev, VpMoESelfAttention) or not prev.rotate:
+                raise PassError(f"{layer.attention_path} is {type(prev).__name__}; run the grape pass first")
+            qn, kn = prev.q_layernorm, prev.k_layernorm
+            eps = getattr(qn, "eps", None) or tcfg.layernorm_epsilon
+            if getattr(kn, "eps", eps) not in (eps, None):
+                raise PassError(f"{layer.attention_path}: q and k RMSNorm eps differ ({eps} vs {kn.eps})")
+            for norm in (qn, kn):
+                w = getattr(norm, "weight", None)
+                if w is not None and not isinstance(norm, torch.nn.RMSNorm):
+                    raise PassError(f"{layer.attention_path}: QK norm {type(norm).__name__} is not RMSNorm")
+            new_sa = TPASelfAttention(prev)
+            self.replace_module(model, layer.attention_path, new_sa, result)
+            proj = TPAFactorProjection(
+                tcfg,
+                num_heads=plan.num_attention_heads,
+                num_groups=plan.num_query_groups,
+                head_dim=plan.head_dim,
+                q_rank=cfg.tpa.tpa_q_rank,
+                kv_rank=cfg.tpa.tpa_rank,
+                bias=getattr(prev.linear_qkv, "bias", None),
+                init=cfg.tpa.tpa_init,
+                device=device,
+            )
+            self.replace_module(model, layer.attention_path + ".linear_qkv", proj, result)
+            core = TPACoreAttention(
+                prev.core_attention, window=window, q_rank=cfg.tpa.tpa_q_rank, kv_rank=cfg.tpa.tpa_rank,
+                eps=eps, backend=self.backend,
+            )
+            self.replace_module(model, layer.attention_path + ".core_attention", core, result)
+            result.sites.append(layer.attention_path)
+        rows = proj.rows if plan.local_layers else ()
+        result.summary = (
+            f"TPA (q rank {cfg.tpa.tpa_q_rank}, kv rank {cfg.tpa.tpa_rank}, window {window}) on "
+            f"{len(result.sites)} local layers {[l.layer_number for l in plan.local_layers]}"
+        )
+        result.data["factor_rows"] = [list(r) for r in rows]
+        result.notes.append(
+            "linear_qkv.weight is one packed factor weight per layer (rows: "
+            + ", ".join(f"{n} {r}" for n, r in rows) + "); the QKV bias and the sink are carried over"
+        )

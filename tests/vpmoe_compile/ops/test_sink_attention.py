@@ -1,0 +1,545 @@
+"""Tests of the sink attention references, the Triton kernels (interpreter on CPU) and the public ops.
+
+Everything is compared with float64 by relative error ``||x - ref|| / ||ref||``; inputs are fresh
+random tensors (never zeros). Triton runs in fp32 under ``TRITON_INTERPRET=1`` (set by
+``tests/conftest.py`` when CUDA is absent), where fp32 ``tl.dot`` is exact IEEE arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from unittest import mock
+
+import pytest
+import torch
+
+from vpmoe_compile.ops import triton_sink_attention as tk
+from vpmoe_compile.ops.alibi import alibi_slopes, alibi_slopes_for_rank, alibi_slopes_list
+from vpmoe_compile.ops.attention_reference import (
+    sink_attention_reference,
+    sink_attention_reference_backward,
+    visibility_mask,
+)
+from vpmoe_compile.ops.sink_attention import (
+    alibi_sink_attention,
+    sink_attention,
+    sink_attention_backward,
+    sink_attention_forward,
+    sink_attention_with_lse,
+    window_sink_attention,
+)
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available() and tk.interpreter_active(),
+    reason="kernels built for the interpreter while CUDA is present",
+)
+
+TRITON_OK = tk.interpreter_active() or torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason="needs TRITON_INTERPRET=1 or CUDA")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 2e-5  # fp32 kernel vs float64 (IEEE fp32 in the interpreter)
+
+SMALL = tk.SinkAttentionConfig(
+    fwd=tk.KernelTiles(16, 16), dq=tk.KernelTiles(16, 16), dkv=tk.KernelTiles(16, 16)
+)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values"
+    den = b.norm().item()
+    return (a - b).norm().item() / (den if den > 0 else 1.0)
+
+
+def make(s, b, H, G, d, dtype=torch.float32, sink_scale=1.0, device=DEV):
+    q = torch.randn(s, b, H, d, dtype=dtype, device=device)
+    k = torch.randn(s, b, G, d, dtype=dtype, device=device)
+    v = torch.randn(s, b, G, d, dtype=dtype, device=device)
+    sink = sink_scale * torch.randn(H, dtype=torch.float32, device=device)
+    return q, k, v, sink
+
+
+def independent_reference(q, k, v, sink, slopes=None, window=None, scale=None):
+    """Row-by-row float64 formula with an explicit sink column (no shared code with the library)."""
+    s, b, H, d = q.shape
+    G = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out = torch.zeros(s, b, H, d, dtype=torch.float64)
+    lse = torch.zeros(b, H, s, dtype=torch.float64)
+    for bb in range(b):
+        for h in range(H):
+            g = h // (H // G)
+            for i in range(s):
+                lo = 0 if window is None else max(0, i - window + 1)
+                js = torch.arange(lo, i + 1)
+                z = scale * (k[js, bb, g].double() @ q[i, bb, h].double())
+                if slopes is not None:
+                    z = z - float(slopes[h]) * (i - js).double()
+                col = torch.cat([z, sink[h].double().view(1)])  # sink as an extra column
+                w = torch.softmax(col, 0)[:-1]  # drop the sink column
+                out[i, bb, h] = w @ v[js, bb, g].double()
+                lse[bb, h, i] = torch.logsumexp(col, 0)
+    return out, lse
+
+
+def triton_all(q, k, v, sink, slopes=None, window=None, dout=None, config=None, dlse=None):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out, lse = tk.sink_attention_fwd_triton(q, k, v, sink, slopes, window, scale, config=config)
+    if dout is None:
+        dout = torch.randn_like(out)
+    grads = tk.sink_attention_bwd_triton(dout, q, k, v, sink, slopes, out, lse, window, scale,
+                                         dlse=dlse, config=config)
+    return (out, lse) + tuple(grads), dout
+
+
+def reference_all(q, k, v, sink, slopes=None, window=None, dout=None, dlse=None):
+    d64 = [t.detach().double() for t in (q, k, v, sink)]
+    out, lse = sink_attention_reference(*d64, slopes=slopes, window=window)
+    grads = sink_attention_reference_backward(dout.double(), *d64, slopes=slopes, window=window,
+                                              dlse=None if dlse is None else dlse.double())
+    return (out, lse) + tuple(grads)
+
+
+NAMES = ("out", "lse", "dq", "dk", "dv", "dsink")
+
+
+def assert_close_all(got, ref, tol=TOL, names=NAMES):
+    errs = {n: rel(g, r) for n, g, r in zip(names, got, ref)}
+    bad = {n: e for n, e in errs.items() if not e <= tol}
+    assert not bad, f"relative errors above {tol}: {errs}"
+
+
+# ---------------------------------------------------------------------------------------------
+# ALiBi slopes
+# ---------------------------------------------------------------------------------------------
+
+
+def _press_recipe(n):
+    # Independent re-statement of Press et al.: start = 2^(-2^-(log2 n - 3)), geometric ratio.
+    def pow2(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(n).is_integer():
+        return pow2(n)
+    c = 2 ** math.floor(math.log2(n))
+    return pow2(c) + _press_recipe(2 * c)[0::2][: n - c]
+
+
+def test_alibi_slopes_values():
+    assert torch.equal(alibi_slopes(8), torch.tensor([2.0 ** -i for i in range(1, 9)]))
+    assert alibi_slopes(8).dtype == torch.float32
+    six = [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1, 2.0 ** -3]
+    assert torch.equal(alibi_slopes(6), torch.tensor(six))
+    twelve = [2.0 ** -i for i in range(1, 9)] + [2.0 ** -0.5, 2.0 ** -1.5, 2.0 ** -2.5, 2.0 ** -3.5]
+    torch.testing.assert_close(alibi_slopes(12), torch.tensor(twelve), rtol=1e-6, atol=0)
+    for n in (1, 2, 3, 4, 5, 6, 7, 12, 16, 20, 24, 40):
+        ref = torch.tensor(_press_recipe(n), dtype=torch.float64).float()
+        torch.testing.assert_close(alibi_slopes(n), ref, rtol=1e-6, atol=0)
+        assert len(alibi_slopes_list(n)) == n
+    assert torch.equal(alibi_slopes_for_rank(8, 1, 2), alibi_slopes(8)[4:])
+    with pytest.raises(ValueError):
+        alibi_slopes(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# References
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "s,b,H,G,d,alibi,window",
+    [(9, 2, 4, 2, 8, True, None), (11, 1, 4, 1, 8, False, 3), (6, 2, 2, 2, 4, True, 1),
+     (7, 1, 6, 2, 8, True, 4)],
+)
+def test_reference_matches_independent_formula(s, b, H, G, d, alibi, window):
+    q, k, v, sink = make(s, b, H, G, d, device="cpu")
+    slopes = alibi_slopes(H) if alibi else None
+    out, lse = sink_attention_reference(q.double(), k.double(), v.double(), sink.double(),
+                                        slopes=slopes, window=window)
+    o2, l2 = independent_reference(q, k, v, sink, slopes, window)
+    assert rel(out, o2) < 1e-13 and rel(lse, l2) < 1e-13
+    # fp32 in -> fp32 out, fp32 lse
+    o32, l32 = sink_attention_reference(q, k, v, sink, slopes=slopes, window=window)
+    assert o32.dtype == torch.float32 and l32.dtype == torch.float32 and l32.shape == (b, H, s)
+
+
+def test_reference_gradcheck_and_closed_form_backward():
+    s, b, H, G, d = 6, 2, 4, 2, 4
+    q, k, v, sink = (t.double().requires_grad_(True) for t in make(s, b, H, G, d, device="cpu"))
+    slopes = alibi_slopes(H)
+    for window in (None, 3):
+        def f(q, k, v, sink):
+            return sink_attention_reference(q, k, v, sink, slopes=slopes, window=window)
+
+        assert torch.autograd.gradcheck(f, (q, k, v, sink), eps=1e-6, atol=1e-7)
+        # closed-form backward (used inside the custom op) == autograd, incl. a gradient into lse
+        out, lse = f(q, k, v, sink)
+        dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+        auto = torch.autograd.grad([out, lse], [q, k, v, sink], [dout, dlse])
+        closed = sink_attention_reference_backward(dout, q, k, v, sink, slopes=slopes,
+                                                   window=window, dlse=dlse)
+        for a, c in zip(auto, closed):
+            assert rel(c, a) < 1e-12
+
+
+def test_sink_gradient_finite_difference():
+    s, b, H, G, d = 7, 2, 2, 1, 4
+    q, k, v, sink = (t.double() for t in make(s, b, H, G, d, device="cpu"))
+    w = torch.randn(s, b, H, d, dtype=torch.float64)
+    loss = lambda sk: (sink_attention_reference(q, k, v, sk, window=3)[0] * w).sum()  # noqa: E731
+    dsink = sink_attention_reference_backward(w, q, k, v, sink, window=3)[3]
+    for h in range(H):
+        e = torch.zeros(H, dtype=torch.float64)
+        e[h] = 1e-6
+        fd = (loss(sink + e) - loss(sink - e)) / 2e-6
+        assert abs(fd.item() - dsink[h].item()) < 1e-7 * max(1.0, abs(fd.item()))
+
+
+def test_alibi_row_shortcut_fails_with_sink():
+    """Adding m_h*j per row (dropping -m_h*i) is only softmax-shift invariant without a sink."""
+    s, b, H, G, d = 12, 1, 4, 2, 8
+    q, k, v, sink = (t.double() for t in make(s, b, H, G, d, device="cpu"))
+    slopes = alibi_slopes(H).double() * 4
+
+    def shortcut(sink_vals):
+        scale = 1 / math.sqrt(d)
+        kf = k.permute(1, 2, 0, 3).repeat_interleave(H // G, 1)
+        vf = v.permute(1, 2, 0, 3).repeat_interleave(H // G, 1)
+        z = scale * q.permute(1, 2, 0, 3) @ kf.transpose(-1, -2)
+        j = torch.arange(s, dtype=torch.float64)
+        z = z + slopes.view(1, H, 1, 1) * j.view(1, 1, 1, s)  # the shortcut bias m_h * j
+        z = z.masked_fill(~visibility_mask(s), float("-inf"))
+        col = sink_vals.view(1, H, 1, 1).expand(b, H, s, 1)
+        p = torch.softmax(torch.cat([z, col], -1), -1)[..., :-1]
+        return (p @ vf).permute(2, 0, 1, 3)
+
+    exact = sink_attention_reference(q, k, v, sink, slopes=slopes)[0]
+    assert rel(shortcut(sink), exact) > 1e-2  # must NOT match with a sink
+    no_sink = torch.full((H,), float("-inf"), dtype=torch.float64)
+    exact_ns = sink_attention_reference(q, k, v, no_sink, slopes=slopes)[0]
+    assert rel(shortcut(no_sink), exact_ns) < 1e-12  # ...and does without one
+
+
+@pytest.mark.parametrize("s", [1, 5, 127, 128, 129, 300])
+def test_window_mask_matches_megatron(s):
+    utils = pytest.importorskip("megatron.core.transformer.utils")
+    real_ones = torch.ones
+
+    def cpu_ones(*args, **kwargs):  # the stock function hardcodes device="cuda"
+        kwargs.pop("device", None)
+        return real_ones(*args, **kwargs)
+
+    for W in (1, 2, 64, 127, 128, 129, 4096):
+        with mock.patch.object(utils.torch, "ones", cpu_ones):
+            masked_out = utils.get_sliding_window_causal_mask(s, s, (W - 1, 0))  # True = masked
+        ours = visibility_mask(s, W)
+        assert torch.equal(~masked_out, ours), (s, W)
+        i = torch.arange(s)[:, None]
+        j = torch.arange(s)[None, :]
+        assert torch.equal(ours, (i >= j) & (i - j < W))  # FlexAttention mask_mod form
+        blog = (i >= j) & (i - j <= W)  # the "<= W" form admits one extra key per row i >= W
+        extra = (blog & ~ours).sum(1)
+        assert torch.equal(extra, (torch.arange(s) >= W).long())
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels vs float64
+# ---------------------------------------------------------------------------------------------
+
+CASES = [
+    # s, b, H, G, d, alibi, window, config
+    (37, 2, 4, 2, 16, True, None, None),    # one tile, s not a power of two
+    (37, 2, 4, 2, 16, True, None, SMALL),   # many tiles, s not a multiple of the block
+    (45, 1, 4, 2, 16, False, 5, SMALL),     # band skipping in fwd/dq and dkv
+    (45, 1, 4, 2, 16, False, 17, SMALL),
+    (30, 2, 4, 2, 32, False, 64, None),     # s < window
+    (1, 2, 4, 2, 16, True, None, None),     # s = 1
+    (1, 1, 4, 2, 16, False, 128, SMALL),
+    (40, 1, 4, 4, 16, True, None, SMALL),   # MHA (1 head per group)
+    (40, 1, 4, 1, 16, False, 9, SMALL),     # MQA (4 heads per group)
+    (33, 1, 6, 2, 16, True, 7, SMALL),      # 3 heads per group: PACK = 3, padded packed rows
+    (33, 1, 8, 2, 16, True, None, tk.SinkAttentionConfig(  # PACK = 1 < H/G: head loop in dkv
+        fwd=tk.KernelTiles(16, 16), dq=tk.KernelTiles(16, 16), dkv=tk.KernelTiles(16, 16), pack=1)),
+    (33, 1, 8, 2, 16, False, 10, tk.SinkAttentionConfig(pack=2)),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("s,b,H,G,d,alibi,window,config", CASES)
+def test_triton_matches_reference(s, b, H, G, d, alibi, window, config):
+    q, k, v, sink = make(s, b, H, G, d)
+    slopes = alibi_slopes(H, device=DEV) if alibi else None
+    got, dout = triton_all(q, k, v, sink, slopes, window, config=config)
+    ref = reference_all(q, k, v, sink, slopes, window, dout)
+    assert got[0].dtype == q.dtype and got[1].dtype == torch.float32
+    assert_close_all(got, ref)
+
+
+@needs_triton
+def test_triton_lse_gradient():
+    s, b, H, G, d = 29, 2, 4, 2, 16
+    q, k, v, sink = make(s, b, H, G, d)
+    dlse = torch.randn(b, H, s, device=DEV)
+    got, dout = triton_all(q, k, v, sink, None, 6, config=SMALL, dlse=dlse)
+    ref = reference_all(q, k, v, sink, None, 6, dout, dlse=dlse)
+    assert_close_all(got, ref)
+
+
+@needs_triton
+def test_window_one_is_sigmoid_of_diagonal():
+    s, b, H, G, d = 21, 2, 4, 2, 16
+    q, k, v, sink = make(s, b, H, G, d)
+    out, _ = tk.sink_attention_fwd_triton(q, k, v, sink, None, 1, 1 / math.sqrt(d), config=SMALL)
+    kk = k.repeat_interleave(H // G, dim=2).double()
+    vv = v.repeat_interleave(H // G, dim=2).double()
+    s_ii = (q.double() * kk).sum(-1) / math.sqrt(d)  # [s, b, H]
+    expect = vv * torch.sigmoid(s_ii - sink.double())[..., None]
+    assert rel(out, expect) < TOL
+    # row 0 with any window follows the same formula
+    out_w, _ = tk.sink_attention_fwd_triton(q, k, v, sink, None, 8, 1 / math.sqrt(d))
+    assert rel(out_w[0], expect[0]) < TOL
+
+
+@needs_triton
+def test_window_at_least_s_equals_causal():
+    s, b, H, G, d = 26, 1, 4, 2, 16
+    q, k, v, sink = make(s, b, H, G, d)
+    dout = torch.randn(s, b, H, d, device=DEV)
+    causal, _ = triton_all(q, k, v, sink, None, None, dout=dout, config=SMALL)
+    for w in (s, s + 1, 4096):
+        windowed, _ = triton_all(q, k, v, sink, None, w, dout=dout, config=SMALL)
+        for a, c in zip(windowed, causal):
+            assert rel(a, c) < 1e-6
+
+
+@needs_triton
+def test_gqa_dkdv_is_sum_over_group_heads():
+    s, b, H, G, d = 24, 1, 4, 2, 16
+    q, k, v, sink = make(s, b, H, G, d)
+    k = k * torch.tensor([1.0, 3.0], device=DEV).view(1, 1, G, 1)  # make the groups very different
+    got, dout = triton_all(q, k, v, sink, alibi_slopes(H, device=DEV), None, config=SMALL)
+    ke, ve = k.repeat_interleave(H // G, 2), v.repeat_interleave(H // G, 2)
+    mha, _ = triton_all(q, ke, ve, sink, alibi_slopes(H, device=DEV), None, dout=dout, config=SMALL)
+    for idx in (0, 1, 2, 5):  # out, lse, dq, dsink identical to the expanded MHA problem
+        assert rel(got[idx], mha[idx]) < 1e-6
+    for idx in (3, 4):  # dk, dv = sum over the group's heads
+        assert rel(got[idx], mha[idx].view(s, b, G, H // G, d).sum(3)) < 1e-6
+
+
+@needs_triton
+def test_large_slopes_and_large_logits_stay_finite():
+    s, b, H, G, d = 40, 1, 4, 2, 16
+    q, k, v, sink = make(s, b, H, G, d)
+    slopes = torch.tensor([0.5, 8.0, 64.0, 1000.0], device=DEV)
+    got, dout = triton_all(q, k, v, sink, slopes, None, config=SMALL)
+    assert_close_all(got, reference_all(q, k, v, sink, slopes, None, dout))
+    q_big = q * 30.0  # |logits| ~ 1e2 .. 1e3
+    got, dout = triton_all(q_big, k, v, sink, None, 9, config=SMALL)
+    assert_close_all(got, reference_all(q_big, k, v, sink, None, 9, dout), tol=1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("window", [None, 5])
+def test_sink_minus_inf_is_plain_attention(window):
+    s, b, H, G, d = 35, 1, 4, 2, 16
+    q, k, v, _ = make(s, b, H, G, d)
+    sink = torch.full((H,), float("-inf"), device=DEV)
+    got, dout = triton_all(q, k, v, sink, None, window, config=SMALL)
+    # plain softmax attention, no sink
+    kk = k.repeat_interleave(H // G, 2).double().permute(1, 2, 0, 3)
+    vv = v.repeat_interleave(H // G, 2).double().permute(1, 2, 0, 3)
+    z = q.double().permute(1, 2, 0, 3) @ kk.transpose(-1, -2) / math.sqrt(d)
+    z = z.masked_fill(~visibility_mask(s, window, device=DEV), float("-inf"))
+    plain = (torch.softmax(z, -1) @ vv).permute(2, 0, 1, 3)
+    assert rel(got[0], plain) < TOL
+    assert rel(got[1], torch.logsumexp(z, -1)) < TOL
+    assert torch.isfinite(torch.stack([g.float().sum() for g in got[2:]])).all()
+    assert torch.all(got[5] == 0)
+    ref = reference_all(q, k, v, sink, None, window, dout)
+    assert_close_all(got[:5], ref[:5])
+
+
+@needs_triton
+def test_sink_plus_30_drives_output_to_zero_and_posthoc_identity():
+    s, b, H, G, d = 20, 1, 4, 2, 16
+    q, k, v, _ = make(s, b, H, G, d)
+    big = torch.full((H,), 30.0, device=DEV)
+    out, lse = tk.sink_attention_fwd_triton(q, k, v, big, None, None, 1 / math.sqrt(d))
+    assert out.abs().max().item() < 1e-8 * v.abs().max().item() * s
+    assert rel(lse, torch.full_like(lse, 30.0)) < 1e-6
+    # post-hoc identity: O = O0 * sigmoid(L0 - sink), L = logaddexp(L0, sink)
+    sink = torch.randn(H, device=DEV)
+    none = torch.full((H,), float("-inf"), device=DEV)
+    o0, l0 = tk.sink_attention_fwd_triton(q, k, v, none, None, None, 1 / math.sqrt(d))
+    o1, l1 = tk.sink_attention_fwd_triton(q, k, v, sink, None, None, 1 / math.sqrt(d))
+    sig = torch.sigmoid(l0 - sink.view(1, H, 1)).permute(2, 0, 1)[..., None]  # [s, b, H, 1]
+    assert rel(o1, o0 * sig) < TOL
+    assert rel(l1, torch.logaddexp(l0, sink.view(1, H, 1))) < TOL
+
+
+@needs_triton
+def test_noncontiguous_inputs():
+    s, b, H, G, d = 31, 2, 4, 2, 16
+    # q as a transposed [b, s, H, d] buffer, k/v as slices of a packed [s, b, G, 2, d] buffer.
+    q = torch.randn(b, s, H, d, device=DEV).transpose(0, 1)
+    kv = torch.randn(s, b, G, 2, d, device=DEV)
+    k, v = kv[:, :, :, 0], kv[:, :, :, 1]
+    sink = torch.randn(H, device=DEV)
+    dout = torch.randn(b, s, H, d, device=DEV).transpose(0, 1)
+    assert not (q.is_contiguous() or k.is_contiguous() or dout.is_contiguous())
+    got, _ = triton_all(q, k, v, sink, alibi_slopes(H, device=DEV), 12, dout=dout, config=SMALL)
+    assert_close_all(got, reference_all(q, k, v, sink, alibi_slopes(H, device=DEV), 12, dout))
+
+
+@needs_triton
+def test_dsink_deterministic():
+    s, b, H, G, d = 40, 2, 4, 2, 16
+    q, k, v, sink = make(s, b, H, G, d)
+    r1, dout = triton_all(q, k, v, sink, alibi_slopes(H, device=DEV), None, config=SMALL)
+    r2, _ = triton_all(q, k, v, sink, alibi_slopes(H, device=DEV), None, dout=dout, config=SMALL)
+    for a, c in zip(r1, r2):
+        assert torch.equal(a, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public ops (custom_op + autograd + compile)
+# ---------------------------------------------------------------------------------------------
+
+
+def _leaves(s, b, H, G, d, dtype=torch.float32, sink_dtype=torch.float32):
+    q, k, v, sink = make(s, b, H, G, d, dtype=dtype)
+    return [t.detach().clone().requires_grad_(True) for t in (q, k, v, sink.to(sink_dtype))]
+
+
+@needs_triton
+@pytest.mark.parametrize("flavour", ["alibi", "window"])
+def test_public_ops_autograd_triton_vs_reference(flavour):
+    s, b, H, G, d = 23, 2, 4, 2, 16
+    leaves = _leaves(s, b, H, G, d)
+    w = torch.randn(s, b, H, d, device=DEV)
+    grads = {}
+    for be in ("reference", "triton"):
+        for t in leaves:
+            t.grad = None
+        q, k, v, sink = leaves
+        if flavour == "alibi":
+            out = alibi_sink_attention(q, k, v, alibi_slopes(H, device=DEV), sink, backend=be)
+        else:
+            out = window_sink_attention(q, k, v, sink, 6, backend=be)
+        assert out.shape == (s, b, H, d) and out.dtype == q.dtype
+        (out * w).sum().backward()
+        grads[be] = [out.detach()] + [t.grad.clone() for t in leaves]
+    for a, c in zip(grads["triton"], grads["reference"]):
+        assert rel(a, c) < TOL
+
+
+@needs_triton
+def test_public_op_lse_autograd_and_bf16():
+    s, b, H, G, d = 19, 1, 4, 2, 16
+    # bf16 activations and a bf16 sink (Megatron parameter under --bf16)
+    leaves = _leaves(s, b, H, G, d, dtype=torch.bfloat16, sink_dtype=torch.bfloat16)
+    q, k, v, sink = leaves
+    out, lse = sink_attention_with_lse(q, k, v, sink, window=4, backend="triton")
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    (out.float().square().sum() + lse.sum()).backward()
+    assert sink.grad.dtype == torch.bfloat16 and q.grad.dtype == torch.bfloat16
+    q64, k64, v64, s64 = (t.detach().double().requires_grad_(True) for t in leaves)
+    o64, l64 = sink_attention_reference(q64, k64, v64, s64, window=4)
+    (o64.square().sum() + l64.sum()).backward()
+    assert rel(out, o64) < 1e-2
+    for t, r in zip(leaves, (q64, k64, v64, s64)):
+        assert rel(t.grad, r.grad) < 3e-2
+
+
+@needs_triton
+def test_raw_forward_backward_api():
+    s, b, H, G, d = 17, 1, 4, 2, 16
+    q, k, v, sink = make(s, b, H, G, d)
+    out, lse = sink_attention_forward(q, k, v, sink, window=5, backend="triton")
+    dout = torch.randn_like(out)
+    dq, dk, dv, dsink = sink_attention_backward(dout, q, k, v, sink, out, lse, window=5,
+                                                backend="triton")
+    ref = reference_all(q, k, v, sink, None, 5, dout)
+    assert_close_all((out, lse, dq, dk, dv, dsink), ref)
+
+
+@needs_triton
+def test_torch_compile_fullgraph_no_graph_break():
+    s, b, H, G, d = 16, 1, 4, 2, 16
+    leaves = _leaves(s, b, H, G, d)
+    slopes = alibi_slopes(H, device=DEV)
+
+    def f(q, k, v, sink):
+        o1 = alibi_sink_attention(q, k, v, slopes, sink, backend="triton")
+        o2 = window_sink_attention(q, k, v, sink, 5, backend="triton")
+        return (o1 * o2).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss_c = compiled(*leaves)
+    loss_c.backward()
+    g_c = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    loss_e = f(*leaves)
+    loss_e.backward()
+    assert rel(loss_c.detach(), loss_e.detach()) < 1e-6
+    for a, c in zip(g_c, [t.grad for t in leaves]):
+        assert rel(a, c) < 1e-6
+
+
+def test_auto_backend_on_cpu_is_reference():
+    s, b, H, G, d = 9, 1, 2, 1, 8  # d = 8: only the reference accepts it
+    q, k, v, sink = make(s, b, H, G, d, device="cpu")
+    out = window_sink_attention(q, k, v, sink, 3)  # backend="auto" -> reference on CPU
+    ref, _ = sink_attention_reference(q.double(), k.double(), v.double(), sink.double(), window=3)
+    assert rel(out, ref) < 1e-6
+
+
+def test_triton_on_cpu_without_interpreter_raises():
+    q, k, v, sink = make(8, 1, 2, 1, 16, device="cpu")
+    with mock.patch.object(tk, "_INTERPRET_AT_IMPORT", False):
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            sink_attention(q, k, v, sink, backend="triton")
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v, sink = make(8, 2, 4, 2, 16, device="cpu")
+    slopes = alibi_slopes(4)
+    with pytest.raises(ValueError, match="multiple of KV groups"):
+        sink_attention(q[:, :, :3], k, v, sink[:3])
+    with pytest.raises(ValueError, match=r"k/v"):
+        sink_attention(q, k[:4], v[:4], sink)
+    with pytest.raises(ValueError, match="differ"):
+        sink_attention(q, k, v[..., :8], sink)
+    with pytest.raises(ValueError, match=r"\[s, b, H, d\]"):
+        sink_attention(q[0], k, v, sink)
+    with pytest.raises(TypeError, match="dtypes differ"):
+        sink_attention(q, k.double(), v, sink)
+    with pytest.raises(ValueError, match="sink must have shape"):
+        sink_attention(q, k, v, sink[:2])
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        window_sink_attention(q, k, v, sink, 0)
+    with pytest.raises(TypeError, match="window must be an int"):
+        window_sink_attention(q, k, v, sink, True)
+    with pytest.raises(ValueError, match="window is required"):
+        window_sink_attention(q, k, v, sink, None)
+    with pytest.raises(ValueError, match="slopes must be a tensor of shape"):
+        alibi_sink_attention(q, k, v, slopes[:2], sink)
+    with pytest.raises(TypeError, match="slopes must be fp32"):
+        alibi_sink_attention(q, k, v, slopes.bfloat16(), sink)
+    with pytest.raises(ValueError, match="slopes .* are required"):
+        alibi_sink_attention(q, k, v, None, sink)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sink_attention(q, k, v, sink, backend="cuda")
+    with pytest.raises(ValueError, match="softmax_scale"):
+        sink_attention(q, k, v, sink, softmax_scale=-1.0)
+    with pytest.raises(TypeError):
+        sink_attention(q, k, v, sink, dropout_p=0.1)  # dropout is deliberately not an argument
+    if TRITON_OK:
+        qd, kd, vd, sd = make(8, 1, 2, 1, 24, device="cpu")
+        with pytest.raises(ValueError, match="power of two"):
+            sink_attention(qd, kd, vd, sd, backend="triton")
+        with pytest.raises(TypeError, match="float64 only with backend='reference'"):
+            sink_attention(q.double(), k.double(), v.double(), sink, backend="triton")

@@ -1,0 +1,540 @@
+"""Tests of the fused TPA local-attention op (spec ``tpa_attention.md`` section 7).
+
+CPU only: the Triton kernels run under ``TRITON_INTERPRET=1`` (set by ``tests/conftest.py``) in
+fp32, every result is compared with the float64 reference by relative Frobenius error. Inputs
+are fresh random draws (never zeros).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as Fn
+
+from vpmoe_compile.ops import tpa_reference as ref
+from vpmoe_compile.ops.tpa_attention import tpa_window_attention
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+needs_triton = pytest.mark.skipif(
+    not (INTERPRET or torch.cuda.is_available()), reason="needs CUDA or TRITON_INTERPRET=1"
+)
+NAMES = ("factors", "qkv_bias", "gamma_q", "gamma_k", "cos", "sin", "sink")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def make_inputs(s, b, H, G, d, Rq, R, *, bias=True, norm=True, dtype=torch.float64, sink_scale=1.0, gen=None):
+    """Random op inputs with realistic magnitudes (factors ~ N(0,1), bias ~ 0.5, gains ~ 1 +- 0.3)."""
+    Fw = ref.factor_width(H, G, d, Rq, R)
+    hpg = H // G
+    factors = torch.randn(s, b, Fw, generator=gen, dtype=torch.float64)
+    qkv_bias = 0.5 * torch.randn(G * (hpg + 2) * d, generator=gen, dtype=torch.float64) if bias else None
+    gq = 1 + 0.3 * torch.randn(d, generator=gen, dtype=torch.float64) if norm else None
+    gk = 1 + 0.3 * torch.randn(d, generator=gen, dtype=torch.float64) if norm else None
+    # GRAPE-M angles: base-10000 frequencies, perturbed (learned), times exact positions.
+    P = d // 2
+    log_freq = 16.0 * torch.log(10000.0 ** (-torch.arange(P, dtype=torch.float64) * 2 / d))
+    log_freq = log_freq + 0.5 * torch.randn(P, generator=gen, dtype=torch.float64)
+    theta = torch.arange(s, dtype=torch.float64)[:, None] * torch.exp(log_freq / 16.0)[None, :]
+    cos, sin = theta.cos(), theta.sin()
+    sink = sink_scale * torch.randn(H, generator=gen, dtype=torch.float64)
+    vals = [factors, qkv_bias, gq, gk, cos, sin, sink]
+    return [v.to(dtype) if v is not None else None for v in vals]
+
+
+def kw(H, G, d, Rq, R, W):
+    return dict(num_heads=H, num_groups=G, head_dim=d, q_rank=Rq, kv_rank=R, window=W)
+
+
+def run_op(inputs, *, backend, cfg, dtype, dout=None, eps=1e-5):
+    """Forward + backward of the op; returns ``(out, grads)`` with None for absent inputs."""
+    xs = [x.detach().to(dtype).requires_grad_(True) if x is not None else None for x in inputs]
+    out = tpa_window_attention(*xs, backend=backend, eps=eps, **cfg)
+    if dout is None:
+        return out, None
+    out.backward(dout.to(out.dtype))
+    return out, [x.grad if x is not None else None for x in xs]
+
+
+# --------------------------------------------------------------------------- independent direct computation
+
+
+def direct_forward(inputs, H, G, d, Rq, R, W, eps=1e-5):
+    """Per token / head / query-row loops, written from the spec without the reference helpers."""
+    factors, qkv_bias, gq, gk, cos, sin, sink = inputs
+    s, b, _ = factors.shape
+    hpg = H // G
+    P = d // 2
+    scale = 1.0 / math.sqrt(d)
+    out = torch.zeros(s, b, H * d, dtype=torch.float64)
+    for bi in range(b):
+        qs, ks, vs = [], [], []
+        for t in range(s):
+            f = factors[t, bi]
+            col = 0
+            aq = f[col:col + H * Rq].view(H, Rq); col += H * Rq
+            ak = f[col:col + G * R].view(G, R); col += G * R
+            av = f[col:col + G * R].view(G, R); col += G * R
+            bq = f[col:col + Rq * d].view(Rq, d); col += Rq * d
+            bk = f[col:col + R * d].view(R, d); col += R * d
+            bv = f[col:col + R * d].view(R, d)
+            mixed = []
+            for g in range(G):
+                for j in range(hpg):
+                    h = g * hpg + j
+                    mixed.append(sum(aq[h, r] * bq[r] for r in range(Rq)) / Rq)
+                mixed.append(sum(ak[g, r] * bk[r] for r in range(R)) / R)
+                mixed.append(sum(av[g, r] * bv[r] for r in range(R)) / R)
+            mixed = torch.cat(mixed)
+            if qkv_bias is not None:
+                mixed = mixed + qkv_bias
+            mixed = mixed.view(G, hpg + 2, d)
+
+            def nr(x, gam):
+                if gam is None:
+                    y = x
+                else:
+                    y = gam * x / torch.sqrt((x * x).mean() + eps)
+                c, sn = cos[t], sin[t]
+                return torch.cat([y[:P] * c - y[P:] * sn, y[P:] * c + y[:P] * sn])
+
+            qs.append(torch.stack([nr(mixed[h // hpg, h % hpg], gq) for h in range(H)]))
+            ks.append(torch.stack([nr(mixed[g, hpg], gk) for g in range(G)]))
+            vs.append(mixed[:, hpg + 1].clone())
+        for h in range(H):
+            g = h // hpg
+            for i in range(s):
+                js = [j for j in range(s) if 0 <= i - j <= W - 1]
+                logits = torch.stack([scale * torch.dot(qs[i][h], ks[j][g]) for j in js])
+                m = torch.maximum(logits.max(), sink[h])
+                e = torch.exp(logits - m)
+                z = e.sum() + torch.exp(sink[h] - m)
+                o = sum(e[n] * vs[j][g] for n, j in enumerate(js)) / z
+                out[i, bi, h * d:(h + 1) * d] = o
+    return out
+
+
+def test_reference_matches_direct_computation():
+    H, G, d, Rq, R, W = 4, 2, 8, 3, 2, 3
+    inp = make_inputs(6, 2, H, G, d, Rq, R)
+    want = direct_forward(inp, H, G, d, Rq, R, W)
+    got = ref.tpa_reference(*inp, **kw(H, G, d, Rq, R, W))
+    assert rel(got, want) < 1e-13
+    # Same through the registered op (reference backend) and without bias / norm.
+    got_op = tpa_window_attention(*inp, backend="reference", **kw(H, G, d, Rq, R, W))
+    assert rel(got_op, want) < 1e-13
+    inp2 = make_inputs(5, 1, H, G, d, Rq, R, bias=False, norm=False)
+    assert rel(ref.tpa_reference(*inp2, **kw(H, G, d, Rq, R, 2)), direct_forward(inp2, H, G, d, Rq, R, 2)) < 1e-13
+
+
+def test_dense_attention_matches_shared_reference():
+    """Our private dense attention == the project's ``sink_attention_reference`` (out and LSE)."""
+    ar = pytest.importorskip("vpmoe_compile.ops.attention_reference")
+    s, b, H, G, d = 11, 2, 4, 2, 8
+    q, k, v = torch.randn(s, b, H, d, dtype=torch.float64), torch.randn(s, b, G, d, dtype=torch.float64), \
+        torch.randn(s, b, G, d, dtype=torch.float64)
+    sink = torch.randn(H, dtype=torch.float64)
+    for W in (1, 4, 11, 30):
+        o1, l1 = ref.sink_attention_dense(q, k, v, sink, W, 0.3)
+        o2, l2 = ar.sink_attention_reference(q, k, v, sink, window=W, softmax_scale=0.3)
+        assert rel(o1, o2) < 1e-14 and rel(l1, l2) < 1e-14
+
+
+def test_window_mask_contract(monkeypatch):
+    """Ours == Megatron's (W-1, 0) window mask == the FlexAttention ``q - k < W`` form; ``<= W`` differs."""
+    for s in (1, 5, 127, 128, 129, 300):
+        i = torch.arange(s)[:, None]
+        j = torch.arange(s)[None, :]
+        for W in (1, 2, 64, 127, 128, 129, 4096):
+            ours = ref.window_mask(s, W)
+            flex = (i >= j) & (i - j < W)
+            fa = (j >= i - (W - 1)) & (j <= i)
+            assert torch.equal(ours, flex) and torch.equal(ours, fa)
+            wrong = (i >= j) & (i - j <= W)
+            if s > W:
+                assert torch.equal((wrong.sum(1) - ours.sum(1))[W:], torch.ones(s - W, dtype=torch.long))
+    mutils = pytest.importorskip("megatron.core.transformer.utils")
+    if not torch.cuda.is_available():  # Megatron hard-codes device="cuda" for the mask
+        real_ones = torch.ones
+        monkeypatch.setattr(torch, "ones", lambda *a, **k: real_ones(*a, **{**k, "device": "cpu"}))
+    for s, W in ((5, 2), (129, 128), (300, 64)):
+        # Megatron returns True where *masked*.
+        mask = mutils.get_sliding_window_causal_mask(s, s, (W - 1, 0)).cpu()
+        assert torch.equal(~mask.bool().view(s, s), ref.window_mask(s, W))
+
+
+# --------------------------------------------------------------------------- triton vs reference
+
+
+TRITON_CASES = [
+    # id, s, b, H, G, d, Rq, R, W, bias, norm
+    ("vpmoe_ratios", 37, 2, 8, 2, 32, 4, 2, 10, True, True),  # H/G = 4, s not a block multiple
+    ("window1", 21, 1, 4, 2, 32, 4, 2, 1, True, True),
+    ("window_ge_s", 19, 2, 4, 2, 32, 4, 2, 64, True, True),  # s < W: full causal
+    ("mha_G_eq_H", 33, 1, 4, 4, 32, 2, 2, 16, True, True),  # W == block, s = 2 blocks + 1
+    ("mqa_G1_odd_ranks", 24, 1, 4, 1, 32, 3, 1, 7, True, True),
+    ("no_bias_no_norm", 18, 2, 2, 1, 32, 2, 2, 5, False, False),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", TRITON_CASES, ids=[c[0] for c in TRITON_CASES])
+def test_triton_matches_reference_fwd_bwd(case, monkeypatch):
+    monkeypatch.setenv("VPMOE_TPA_ATTENTION", "own")
+    _, s, b, H, G, d, Rq, R, W, bias, norm = case
+    cfg = kw(H, G, d, Rq, R, W)
+    inp = make_inputs(s, b, H, G, d, Rq, R, bias=bias, norm=norm)
+    dout = torch.randn(s, b, H * d, dtype=torch.float64)
+    o64, g64 = run_op(inp, backend="reference", cfg=cfg, dtype=torch.float64, dout=dout)
+    o32, g32 = run_op(inp, backend="triton", cfg=cfg, dtype=torch.float32, dout=dout)
+    # A float32 PyTorch reference sets the error scale (tolerance rule of spec section 7).
+    assert o32.dtype == torch.float32 and o32.shape == (s, b, H * d)
+    assert torch.isfinite(o32).all()
+    assert rel(o32, o64) < 2e-5, rel(o32, o64)
+    for name, g, gr in zip(NAMES, g32, g64):
+        if gr is None:
+            assert g is None
+            continue
+        assert g is not None and g.dtype == torch.float32 and torch.isfinite(g).all(), name
+        assert rel(g, gr) < 5e-5, (name, rel(g, gr))
+    if W >= s:  # W >= s equals plain causal (W = s)
+        o_causal = ref.tpa_reference(*inp, **kw(H, G, d, Rq, R, s))
+        assert rel(o64, o_causal) < 1e-14
+
+
+@needs_triton
+def test_triton_shared_attention_middle_and_noncontiguous(monkeypatch):
+    """The project's shared sink-attention kernels as the middle; factors a strided view."""
+    pytest.importorskip("vpmoe_compile.ops.triton_sink_attention")
+    monkeypatch.setenv("VPMOE_TPA_ATTENTION", "shared")
+    s, b, H, G, d, Rq, R, W = 29, 2, 8, 2, 32, 4, 2, 9
+    cfg = kw(H, G, d, Rq, R, W)
+    inp = make_inputs(s, b, H, G, d, Rq, R)
+    dout = torch.randn(s, b, H * d, dtype=torch.float64)
+    o64, g64 = run_op(inp, backend="reference", cfg=cfg, dtype=torch.float64, dout=dout)
+    # factors as a [s, b, F] view of a [b, s, F+7] buffer (non-contiguous in s, b and padded).
+    Fw = inp[0].shape[-1]
+    buf = torch.randn(b, s, Fw + 7, dtype=torch.float32)
+    buf[..., 3:3 + Fw] = inp[0].transpose(0, 1).float()
+    fview = buf[..., 3:3 + Fw].transpose(0, 1).requires_grad_(False)
+    assert not fview.is_contiguous()
+    leaf = fview.detach().requires_grad_(True)
+    rest = [x.float().requires_grad_(True) for x in inp[1:]]
+    out = tpa_window_attention(leaf, *rest, backend="triton", **cfg)
+    out.backward(dout.float())
+    assert rel(out, o64) < 2e-5
+    for name, g, gr in zip(NAMES, [leaf.grad] + [x.grad for x in rest], g64):
+        assert rel(g, gr) < 5e-5, (name, rel(g, gr))
+
+
+@needs_triton
+def test_triton_lse_sink_limits_and_determinism(monkeypatch):
+    """Per-head sinks at the limits: -1e4 (vanilla softmax), 0 (softmax1), +30 (O ~ 0); LSE
+    includes the sink; two identical runs give bit-identical gradients."""
+    monkeypatch.setenv("VPMOE_TPA_ATTENTION", "own")
+    s, b, H, G, d, Rq, R, W = 20, 1, 4, 2, 32, 2, 2, 6
+    inp = make_inputs(s, b, H, G, d, Rq, R)
+    inp[6] = torch.tensor([-1e4, 0.0, 30.0, 0.7], dtype=torch.float64)
+    args = (H, G, d, Rq, R, W, 1e-5, 1 / math.sqrt(d), "triton")
+    f32 = [x.float() for x in inp]
+    out, lse = torch.ops.vpmoe.tpa_window_attention_fwd(*f32, *args)[:2]
+    q, k, v = ref.tpa_prologue_reference(*inp[:6], **{k_: v_ for k_, v_ in kw(H, G, d, Rq, R, W).items()
+                                                       if k_ != "window"})
+    o64, lse64 = ref.sink_attention_dense(q, k, v, inp[6], W, 1 / math.sqrt(d))
+    assert rel(lse, lse64) < 1e-6
+    o_nosink, lse_nosink = ref.sink_attention_dense(q, k, v, torch.full((H,), -math.inf, dtype=torch.float64),
+                                                    W, 1 / math.sqrt(d))
+    o4 = out.view(s, b, H, d)
+    assert rel(o4[:, :, 0], o_nosink[:, :, 0]) < 1e-5  # sink -1e4 == vanilla softmax
+    # sink 0: softmax1, i.e. the post-hoc identity O = O0 * sigmoid(L0 - 0), L = logaddexp(L0, 0)
+    assert rel(o4[:, :, 1], o_nosink[:, :, 1] * torch.sigmoid(lse_nosink[:, 1].T)[..., None]) < 1e-5
+    assert rel(lse[:, 1], torch.logaddexp(lse_nosink[:, 1], torch.zeros(()))) < 1e-6
+    assert o4[:, :, 2].abs().max() < 1e-9 * o4[:, :, 3].abs().max() + 1e-8  # sink +30 drives O to ~0
+    assert rel(o4[:, :, 3], o64[:, :, 3]) < 1e-5
+    dout = torch.randn(s, b, H * d)
+    _, g1 = run_op(inp, backend="triton", cfg=kw(H, G, d, Rq, R, W), dtype=torch.float32, dout=dout)
+    _, g2 = run_op(inp, backend="triton", cfg=kw(H, G, d, Rq, R, W), dtype=torch.float32, dout=dout)
+    for name, a, c in zip(NAMES, g1, g2):
+        assert torch.equal(a, c), name
+
+
+# --------------------------------------------------------------------------- reference-level properties
+
+
+def test_window_one_formula_and_row_zero():
+    """W = 1: o_i = v_i * sigmoid(s_ii - sigma_h); row 0 obeys it for any W."""
+    H, G, d, Rq, R = 4, 2, 8, 2, 2
+    s, b = 7, 2
+    inp = make_inputs(s, b, H, G, d, Rq, R)
+    cfgp = {k_: v_ for k_, v_ in kw(H, G, d, Rq, R, 1).items() if k_ != "window"}
+    q, k, v = ref.tpa_prologue_reference(*inp[:6], **cfgp)
+    kk = k.repeat_interleave(H // G, dim=2)
+    vv = v.repeat_interleave(H // G, dim=2)
+    sii = (q * kk).sum(-1) / math.sqrt(d)  # [s, b, H]
+    want = vv * torch.sigmoid(sii - inp[6])[..., None]
+    out1 = ref.tpa_reference(*inp, **kw(H, G, d, Rq, R, 1)).view(s, b, H, d)
+    assert rel(out1, want) < 1e-14
+    out5 = ref.tpa_reference(*inp, **kw(H, G, d, Rq, R, 5)).view(s, b, H, d)
+    assert rel(out5[0], want[0]) < 1e-14
+
+
+def test_gqa_grouping_heads_read_their_group():
+    """Heads 0-3 read KV group 0 and 4-7 group 1: perturbing group 1's factors moves only heads 4-7;
+    dk/dv of a group equal the sum over its heads."""
+    H, G, d, Rq, R, W = 8, 2, 8, 2, 2, 4
+    s, b = 6, 1
+    inp = make_inputs(s, b, H, G, d, Rq, R)
+    o = ref.tpa_reference(*inp, **kw(H, G, d, Rq, R, W)).view(s, b, H, d)
+    off = ref.factor_offsets(H, G, d, Rq, R)
+    f2 = inp[0].clone()
+    f2[..., off["a_k"] + R:off["a_k"] + 2 * R] += 3.0  # A_k of group 1
+    f2[..., off["a_v"] + R:off["a_v"] + 2 * R] -= 2.0  # A_v of group 1
+    o2 = ref.tpa_reference(f2, *inp[1:], **kw(H, G, d, Rq, R, W)).view(s, b, H, d)
+    assert torch.equal(o[:, :, :4], o2[:, :, :4])
+    assert (o[:, :, 4:] - o2[:, :, 4:]).abs().min() > 0
+    # dk of a group == sum over its heads (expanded-KV attention)
+    q, k, v = (torch.randn(s, b, H, d, dtype=torch.float64), torch.randn(s, b, G, d, dtype=torch.float64),
+               torch.randn(s, b, G, d, dtype=torch.float64))
+    k.requires_grad_(True)
+    ke = k.detach().repeat_interleave(H // G, dim=2).requires_grad_(True)
+    dout = torch.randn(s, b, H, d, dtype=torch.float64)
+    (ref.sink_attention_dense(q, k, v, inp[6], W, 0.3)[0] * dout).sum().backward()
+    (ref.sink_attention_dense(q, ke, v.repeat_interleave(H // G, dim=2), inp[6], W, 0.3)[0] * dout).sum().backward()
+    assert rel(k.grad, ke.grad.view(s, b, G, H // G, d).sum(3)) < 1e-14
+
+
+def test_sink_gradient_formula_vs_finite_differences():
+    """dsigma_h = -sum_{b,i} exp(sigma_h - L) * D  (spec 4.4) vs central differences."""
+    s, b, H, G, d, W = 9, 2, 2, 1, 8, 4
+    q, k, v = (torch.randn(s, b, H, d, dtype=torch.float64), torch.randn(s, b, G, d, dtype=torch.float64),
+               torch.randn(s, b, G, d, dtype=torch.float64))
+    sink = torch.randn(H, dtype=torch.float64)
+    dout = torch.randn(s, b, H, d, dtype=torch.float64)
+    o, lse = ref.sink_attention_dense(q, k, v, sink, W, 0.35)
+    D = (dout * o).sum(-1).permute(1, 2, 0)  # [b, H, s]
+    formula = -(torch.exp(sink[None, :, None] - lse) * D).sum(dim=(0, 2))
+    h = 1e-6
+    fd = torch.zeros(H, dtype=torch.float64)
+    for i in range(H):
+        e = torch.zeros(H, dtype=torch.float64)
+        e[i] = h
+        fp = (ref.sink_attention_dense(q, k, v, sink + e, W, 0.35)[0] * dout).sum()
+        fm = (ref.sink_attention_dense(q, k, v, sink - e, W, 0.35)[0] * dout).sum()
+        fd[i] = (fp - fm) / (2 * h)
+    assert rel(formula, fd) < 1e-7
+
+
+def test_gradcheck_reference_op():
+    """torch.autograd.gradcheck through the registered op (reference backend, float64)."""
+    H, G, d, Rq, R, W = 2, 1, 4, 2, 1, 3
+    inp = make_inputs(5, 1, H, G, d, Rq, R)
+    xs = tuple(x.requires_grad_(True) for x in inp)
+
+    def f(*a):
+        return tpa_window_attention(*a, backend="reference", **kw(H, G, d, Rq, R, W))
+
+    assert torch.autograd.gradcheck(f, xs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_factor_identity_and_its_limits():
+    """Spec 5.1 / 7.8: pre-rotation of gamma*B (and the rotated bias) with 1/rho afterwards equals the
+    post-contraction form; rotating raw B then applying gamma does not; Gram-form norm == direct norm;
+    without bias, gain and norm the paper's Theorem 3.1 holds."""
+    H, G, d, Rq, R = 4, 2, 16, 4, 2
+    s, b, P = 9, 2, 8
+    eps = 1e-5
+    factors, bias, gq, gk, cos, sin, _ = make_inputs(s, b, H, G, d, Rq, R)
+    a_q, _, _, b_q, _, _ = ref.split_factors(factors, H, G, d, Rq, R)
+    c_q = ref.split_qkv_bias(bias, H, G, d)[0]
+    cfgp = dict(num_heads=H, num_groups=G, head_dim=d, q_rank=Rq, kv_rank=R, eps=eps)
+    q_post = ref.tpa_prologue_reference(factors, bias, gq, gk, cos, sin, **cfgp)[0]
+
+    def rot(x):  # x [s, b, n, d]
+        c, sn = cos[:, None, None, :], sin[:, None, None, :]
+        return torch.cat([x[..., :P] * c - x[..., P:] * sn, x[..., P:] * c + x[..., :P] * sn], -1)
+
+    x = torch.matmul(a_q, b_q) / Rq + c_q  # [s, b, H, d], pre-norm
+    rho = torch.sqrt(x.pow(2).mean(-1) + eps)
+    rot_gb = rot(gq * b_q)  # [s, b, Rq, d]
+    rot_gc = rot((gq * c_q).expand(s, b, H, d))
+    q_pre = (torch.matmul(a_q, rot_gb) / Rq + rot_gc) / rho[..., None]
+    assert rel(q_pre, q_post) < 1e-13
+    # Wrong form: rotate raw B (and bias), then apply gamma.
+    q_wrong = gq * (torch.matmul(a_q, rot(b_q)) / Rq + rot(c_q.expand(s, b, H, d))) / rho[..., None]
+    assert rel(q_wrong, q_post) > 1e-2
+    # Gram form of ||q_h||^2 (a = A_q[h]; B = B_q; c = c_q[h]).
+    gram = torch.matmul(b_q, b_q.transpose(-1, -2))  # [s, b, Rq, Rq]
+    a = a_q
+    n2 = (torch.einsum("sbhr,sbrt,sbht->sbh", a, gram, a) / Rq ** 2
+          + 2 / Rq * torch.einsum("sbhr,sbrd,hd->sbh", a, b_q, c_q) + (c_q ** 2).sum(-1))
+    assert rel(n2, x.pow(2).sum(-1)) < 1e-13
+    # Theorem 3.1: no bias, no norm -> RoPE(A^T B)/Rq == A^T RoPE(B)/Rq.
+    q_plain = ref.tpa_prologue_reference(factors, None, None, None, cos, sin, **cfgp)[0]
+    assert rel(q_plain, torch.matmul(a_q, rot(b_q)) / Rq) < 1e-13
+
+
+# --------------------------------------------------------------------------- fork layout parity
+
+
+def _megatron_rope(x, theta):
+    """Megatron's unfused rotation ``x*cos(emb) + rotate_half(x)*sin(emb)``, emb = cat(theta, theta)."""
+    try:
+        from megatron.core.models.common.embeddings.rope_utils import _rotate_half
+    except Exception:  # pragma: no cover - megatron layout changed
+        def _rotate_half(t, rotary_interleaved=False):
+            t1, t2 = t.chunk(2, dim=-1)
+            return torch.cat((-t2, t1), dim=-1)
+    emb = torch.cat([theta, theta], dim=-1)[:, None, None, :]
+    return x * emb.cos().to(x.dtype) + _rotate_half(x, False) * emb.sin().to(x.dtype)
+
+
+@needs_triton
+def test_layout_parity_with_fork(monkeypatch):
+    """From fork-shaped weights: the packed-factor path reproduces the fork's mixed_qkv, q/k/v after
+    QK-norm and rotation, and the attention output (fp32 kernel and bf16 fork emulation vs fp64)."""
+    monkeypatch.setenv("VPMOE_TPA_ATTENTION", "own")
+    H, G, d, Rq, R, W = 4, 2, 32, 4, 2, 6
+    hpg = H // G
+    s, b, hidden = 23, 2, 48
+    dt = torch.float64
+    x = torch.randn(s, b, hidden, dtype=dt)
+    w = dict(
+        linear_a_q=0.2 * torch.randn(H * Rq, hidden, dtype=dt), linear_a_k=0.2 * torch.randn(G * R, hidden, dtype=dt),
+        linear_a_v=0.2 * torch.randn(G * R, hidden, dtype=dt), linear_b_q=0.2 * torch.randn(Rq * d, hidden, dtype=dt),
+        linear_b_k=0.2 * torch.randn(R * d, hidden, dtype=dt), linear_b_v=0.2 * torch.randn(R * d, hidden, dtype=dt),
+    )
+    bias = 0.3 * torch.randn(G * (hpg + 2) * d, dtype=dt)
+    gq, gk = 1 + 0.3 * torch.randn(d, dtype=dt), 1 + 0.3 * torch.randn(d, dtype=dt)
+    log_freq = 16.0 * torch.log(10000.0 ** (-torch.arange(d // 2, dtype=dt) * 2 / d))
+    theta = torch.arange(s, dtype=dt)[:, None] * torch.exp(log_freq / 16.0)[None, :]
+    sink = torch.randn(H, dtype=dt)
+    eps = 1e-5
+    # Fork side: six linears, interleaved mixed_qkv + bias, split, torch RMSNorm, Megatron RoPE.
+    mixed = ref.fork_mixed_qkv(x, *w.values(), bias, num_heads=H, num_groups=G, head_dim=d, q_rank=Rq, kv_rank=R)
+    qf, kf, vf = ref.split_mixed_qkv(mixed, H, G, d)
+    qf = _megatron_rope(Fn.rms_norm(qf, (d,), gq, eps), theta)
+    kf = _megatron_rope(Fn.rms_norm(kf, (d,), gk, eps), theta)
+    # Bias layout: head h's q bias at (h//hpg)*(hpg+2)*d + (h%hpg)*d, k at g*(hpg+2)*d + hpg*d.
+    c_q, c_k, c_v = ref.split_qkv_bias(bias, H, G, d)
+    for h in range(H):
+        o = (h // hpg) * (hpg + 2) * d + (h % hpg) * d
+        assert torch.equal(c_q[h], bias[o:o + d])
+    assert torch.equal(ref.merge_qkv_bias(c_q, c_k, c_v), bias)
+    # Our side: one packed GEMM.
+    factors = Fn.linear(x, ref.pack_fork_factor_weights(*w.values()))
+    assert factors.shape[-1] == ref.factor_width(H, G, d, Rq, R)
+    a_q, a_k, a_v, b_q, b_k, b_v = ref.split_factors(factors, H, G, d, Rq, R)
+    ours_mixed = torch.cat([(torch.matmul(a_q, b_q) / Rq).view(s, b, G, hpg, d),
+                            (torch.matmul(a_k, b_k) / R).view(s, b, G, 1, d),
+                            (torch.matmul(a_v, b_v) / R).view(s, b, G, 1, d)], 3).reshape(s, b, -1) + bias
+    assert rel(ours_mixed, mixed) < 1e-13
+    q, k, v = ref.tpa_prologue_reference(factors, bias, gq, gk, theta.cos(), theta.sin(), num_heads=H, num_groups=G,
+                                         head_dim=d, q_rank=Rq, kv_rank=R, eps=eps)
+    assert rel(q, qf) < 1e-13 and rel(k, kf) < 1e-13 and rel(v, vf) < 1e-13
+    # End to end.
+    o_fork64, _ = ref.sink_attention_dense(qf, kf, vf, sink, W, 1 / math.sqrt(d))
+    o_fork64 = o_fork64.reshape(s, b, H * d)
+    inputs = [factors, bias, gq, gk, theta.cos(), theta.sin(), sink]
+    cfg = kw(H, G, d, Rq, R, W)
+    o32 = tpa_window_attention(*[t.float() for t in inputs], backend="triton", **cfg)
+    assert rel(o32, o_fork64) < 2e-5
+    o_emul = ref.tpa_fork_emulation(*inputs, **cfg)
+    o_bf16_ref = ref.tpa_reference(*[t.to(torch.bfloat16) for t in inputs], **cfg)
+    e_emul, e_bf16 = rel(o_emul, o_fork64), rel(o_bf16_ref, o_fork64)
+    assert o_emul.dtype == torch.bfloat16 and 1e-4 < e_emul < 5e-2
+    assert e_bf16 < 2e-2
+
+
+# --------------------------------------------------------------------------- registration / compile / errors
+
+
+def test_opcheck_reference():
+    H, G, d, Rq, R, W = 2, 1, 4, 2, 1, 3
+    inp = make_inputs(4, 1, H, G, d, Rq, R, dtype=torch.float32)
+    inp = [t.requires_grad_(True) for t in inp]
+    args = (*inp, H, G, d, Rq, R, W, 1e-5, 0.5, "reference")
+    torch.library.opcheck(torch.ops.vpmoe.tpa_window_attention_fwd.default, args)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_torch_compile_fullgraph(backend, monkeypatch):
+    monkeypatch.setenv("VPMOE_TPA_ATTENTION", "own")
+    torch._dynamo.reset()
+    H, G, d, Rq, R, W = 2, 1, 32, 2, 1, 5
+    s, b = 16, 1
+    inp = make_inputs(s, b, H, G, d, Rq, R, dtype=torch.float32)
+    hidden = 24
+    x = torch.randn(s, b, hidden)
+    wpk = (0.2 * torch.randn(ref.factor_width(H, G, d, Rq, R), hidden)).requires_grad_(True)
+    params = [t.requires_grad_(True) for t in inp[1:]]
+
+    def step(x, wpk, *p):
+        factors = Fn.linear(x, wpk)
+        out = tpa_window_attention(factors, *p, backend=backend, **kw(H, G, d, Rq, R, W))
+        return (out * out).sum()
+
+    cstep = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss_c = cstep(x, wpk, *params)
+    grads_c = torch.autograd.grad(loss_c, [wpk, *params])
+    loss_e = step(x, wpk, *params)
+    grads_e = torch.autograd.grad(loss_e, [wpk, *params])
+    assert rel(loss_c, loss_e) < 1e-6
+    for a, c in zip(grads_c, grads_e):
+        assert rel(a, c) < 1e-5
+
+
+def test_clear_errors(monkeypatch):
+    H, G, d, Rq, R, W = 4, 2, 32, 4, 2, 4
+    inp = make_inputs(8, 1, H, G, d, Rq, R, dtype=torch.float32)
+    cfg = kw(H, G, d, Rq, R, W)
+
+    def call(*a, **k):
+        c = dict(cfg)
+        c.update(k)
+        return tpa_window_attention(*a, **c)
+
+    with pytest.raises(ValueError, match="factors last dim"):
+        call(inp[0][..., :-1], *inp[1:])
+    with pytest.raises(ValueError, match=r"\[s, b, F\]"):
+        call(inp[0][0], *inp[1:])
+    with pytest.raises(ValueError, match="factors last dim"):
+        call(*inp, q_rank=3)
+    with pytest.raises(ValueError, match="window"):
+        call(*inp, window=0)
+    with pytest.raises(ValueError, match="multiple of num_groups"):
+        call(*inp, num_groups=3)
+    with pytest.raises(ValueError, match="qkv_bias"):
+        call(inp[0], inp[1][:-1], *inp[2:])
+    with pytest.raises(ValueError, match="gamma_q"):
+        call(inp[0], inp[1], inp[2][:-2], *inp[3:])
+    with pytest.raises(ValueError, match="cos"):
+        call(*inp[:4], inp[4][:-1], *inp[5:])
+    with pytest.raises(TypeError, match="sin"):
+        call(*inp[:5], inp[5].half(), inp[6])
+    with pytest.raises(ValueError, match="sink"):
+        call(*inp[:6], inp[6][:2])
+    with pytest.raises(TypeError, match="floating"):
+        call(inp[0].long(), *inp[1:])
+    with pytest.raises(ValueError, match="backend"):
+        call(*inp, backend="cuda")
+    with pytest.raises(NotImplementedError, match="value residual"):
+        call(*inp, v1=torch.randn(8, 1, G, d))
+    with pytest.raises(TypeError, match="float64"):
+        call(*[t.double() for t in inp], backend="triton")
+    with pytest.raises(ValueError, match="power of two"):
+        Hs, Gs, ds = 2, 1, 12
+        i2 = make_inputs(8, 1, Hs, Gs, ds, 2, 1, dtype=torch.float32)
+        tpa_window_attention(*i2, backend="triton", **kw(Hs, Gs, ds, 2, 1, 4))
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            call(*inp, backend="triton")

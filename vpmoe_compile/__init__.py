@@ -1,0 +1,25 @@
+"""vpmoe-compile: turn a stock Megatron-Core GPT model into the vpMoE architecture.
+
+    model = megatron_base.build_stock_gpt("vpmoe-8l")      # or your own stock GPTModel
+    model = vpmoe_compile.transform(model, dump_dir="dump") # TPA + GRAPE + sink kernels
+    optimizer = vpmoe_compile.build_optimizer(model)        # NorMuon + Polar Express (+ AdamW)
+
+The kernels (``vpmoe_compile.ops``) and the optimizer (``vpmoe_compile.optim``) import without
+Megatron; ``transform`` and ``build_optimizer`` are imported lazily.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["transform", "build_optimizer", "TransformError", "__version__"]
+
+
+def __getattr__(name):
+    if name in ("transform", "TransformError"):
+        from vpmoe_compile import pipeline as _t
+
+        return getattr(_t, name)
+    if name == "build_optimizer":
+        from vpmoe_compile.optim import build_optimizer
+
+        return build_optimizer
+    raise AttributeError(f"module 'vpmoe_compile' has no attribute {name!r}")

@@ -1,0 +1,182 @@
+"""GRAPE positional encoding modules (spec/grape.md).
+
+* :class:`GrapeMRotaryEmbedding` — multiplicative GRAPE with canonical planes and learnable
+  frequencies, one ``log_freq [d/2]`` fp32 vector per model shared by all local layers and heads
+  (fork parametrisation, spec §2.2 / D1): ``freq = exp(log_freq / log_freq_scale)``,
+  initialised to RoPE with the config's base. It replaces the stock ``RotaryEmbedding`` at
+  ``model.rotary_pos_emb`` and keeps its call signature, so ``GPTModel`` hands its output (the
+  angle table ``[s, 1, 1, d]`` fp32, ``cat(angles, angles)`` like stock) to every layer. No
+  cache: every forward rebuilds the angles, so the gradient reaches ``log_freq``.
+* :func:`grape_m_cos_sin` / :func:`apply_grape_m` — fp32 tables and the rotation in Megatron's
+  non-interleaved layout (planes ``(p, p + d/2)``; ``y1 = x1 cos - x2 sin``,
+  ``y2 = x2 cos + x1 sin``), computed in fp32 and cast back.
+* :class:`GrapeA` — the ALiBi special case of additive GRAPE for global layers: a
+  non-persistent fp32 buffer of per-head slopes (not learnable, not in the state dict).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+
+class GrapeMRotaryEmbedding(nn.Module):
+    """Model-level GRAPE-M: learnable log-frequencies, drop-in for ``RotaryEmbedding``.
+
+    Args:
+        kv_channels: head dim ``d`` (even); ``d/2`` rotation planes.
+        rotary_base: RoPE base used for the initialisation (10000).
+        log_freq_scale: ``c`` in ``freq = exp(log_freq / c)`` (16; damps the effective lr).
+        learnable: learnable frequencies (default). Frozen mode uses the RoPE inverse
+            frequencies directly (bitwise equal to stock RoPE, spec D12).
+        share_across_heads: must be True (per-head frequencies cannot be fused with TPA's
+            shared B factors, spec tpa_attention.md §1.3).
+        cp_group: context-parallel group (angles are sliced like stock RoPE).
+    """
+
+    def __init__(
+        self,
+        kv_channels: int,
+        rotary_base: float = 10000.0,
+        log_freq_scale: float = 16.0,
+        learnable: bool = True,
+        share_across_heads: bool = True,
+        cp_group=None,
+        device=None,
+    ):
+        super().__init__()
+        if not share_across_heads:
+            raise ValueError(
+                "per-head GRAPE-M frequencies (grapem_share_across_heads = false) are not "
+                "supported: TPA rebuilds q/k from factors shared by all heads, which needs one "
+                "rotation per position. Set [grape] grapem_share_across_heads = true."
+            )
+        if kv_channels % 2:
+            raise ValueError(f"GRAPE-M needs an even head dim, got {kv_channels}")
+        self.kv_channels = kv_channels
+        self.rotary_base = float(rotary_base)
+        self.log_freq_scale = float(log_freq_scale)
+        self.learnable = learnable
+        self.cp_group = cp_group
+        inv_freq = 1.0 / (
+            self.rotary_base
+            ** (torch.arange(0, kv_channels, 2, dtype=torch.float32, device=device) / kv_channels)
+        )
+        if learnable:
+            self.log_freq = nn.Parameter(torch.log(inv_freq) * self.log_freq_scale)
+            self.log_freq.grape_log_freq = True  # routed to AdamW, no weight decay
+            self.register_buffer("inv_freq", None, persistent=False)
+        else:
+            self.log_freq = None
+            self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def frequencies(self) -> Tensor:
+        """``[d/2]`` fp32 frequencies (radians per token)."""
+        if self.log_freq is None:
+            return self.inv_freq.float()
+        return torch.exp(self.log_freq.float() / self.log_freq_scale)
+
+    def angles(self, seq_len: int, offset: int = 0) -> Tensor:
+        """``[s, d/2]`` fp32 angles ``theta[t, p] = (t + offset) * freq_p`` (exact integer
+        positions times fp32 frequencies, never accumulated)."""
+        freq = self.frequencies()
+        pos = torch.arange(seq_len, device=freq.device, dtype=torch.float32) + offset
+        return torch.outer(pos, freq)
+
+    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None) -> Tensor:
+        """``[s, 1, 1, d]`` fp32 angle table, ``cat(theta, theta)`` (stock RoPE's layout)."""
+        if packed_seq:
+            raise NotImplementedError("GRAPE-M with packed (THD) sequences is not supported yet")
+        theta = self.angles(max_seq_len, offset)
+        emb = torch.cat((theta, theta), dim=-1)[:, None, None, :]
+        cp_group = cp_group if cp_group is not None else self.cp_group
+        if cp_group is not None and cp_group.size() > 1:
+            from megatron.core.models.common.embeddings.rope_utils import get_pos_emb_on_this_cp_rank
+
+            emb = get_pos_emb_on_this_cp_rank(emb, 0, cp_group)
+        return emb
+
+    def get_rotary_seq_len(
+        self, inference_context, transformer, transformer_input, transformer_config, packed_seq_params=None, *, inference_params=None
+    ) -> int:
+        """Same rule as stock ``RotaryEmbedding.get_rotary_seq_len``."""
+        if packed_seq_params is not None:
+            return max(packed_seq_params.max_seqlen_q, packed_seq_params.max_seqlen_kv)
+        if inference_context is not None or inference_params is not None:
+            raise NotImplementedError("GRAPE-M inference (KV cache) is not supported yet")
+        if transformer is not None and getattr(transformer, "input_tensor", None) is not None:
+            seq = transformer.input_tensor.size(0)
+        else:
+            seq = transformer_input.size(0)
+        if transformer_config.sequence_parallel:
+            seq *= transformer_config.tensor_model_parallel_size
+        return seq * transformer_config.context_parallel_size
+
+    def _apply(self, fn, *args, **kwargs):
+        # Keep log_freq (and its grad) fp32 after module-wide casts such as model.bfloat16().
+        super()._apply(fn, *args, **kwargs)
+        if self.log_freq is not None and self.log_freq.dtype != torch.float32:
+            self.log_freq.data = self.log_freq.data.float()
+            if self.log_freq.grad is not None:
+                self.log_freq.grad = self.log_freq.grad.float()
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"kv_channels={self.kv_channels}, base={self.rotary_base:g}, "
+            f"log_freq_scale={self.log_freq_scale:g}, learnable={self.learnable}"
+        )
+
+
+def grape_m_cos_sin(rotary_pos_emb: Tensor, seq_len: int) -> Tuple[Tensor, Tensor]:
+    """fp32 ``cos, sin`` tables ``[s, d/2]`` from the ``[s', 1, 1, d]`` angle table."""
+    d = rotary_pos_emb.shape[-1]
+    theta = rotary_pos_emb[:seq_len, 0, 0, : d // 2].float()
+    return torch.cos(theta), torch.sin(theta)
+
+
+def apply_grape_m(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x [s, b, h, d]`` by the per-position planes, in fp32; returns ``x``'s dtype.
+
+    ``cos``/``sin`` are ``[s, d/2]`` fp32. Plane ``p`` couples ``(p, p + d/2)`` (Megatron's
+    non-interleaved "rotate-half" layout).
+    """
+    half = x.shape[-1] // 2
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    c = cos[:, None, None, :]
+    s_ = sin[:, None, None, :]
+    y = torch.cat((x1 * c - x2 * s_, x2 * c + x1 * s_), dim=-1)
+    return y.to(x.dtype)
+
+
+class GrapeA(nn.Module):
+    """ALiBi = GRAPE-A on global layers: fixed per-query-head slopes (non-persistent buffer).
+
+    ``slopes [H_local]`` are the slice of the standard slopes of all ``H`` heads held by this
+    tensor-parallel rank. The bias ``-slope_h * (i - j)`` is applied inside the attention kernel
+    after the softmax scale, in fp32.
+    """
+
+    def __init__(self, num_heads: int, tp_rank: int = 0, tp_size: int = 1, device=None):
+        super().__init__()
+        from vpmoe_compile.ops.alibi import alibi_slopes
+
+        if num_heads % tp_size:
+            raise ValueError(f"{num_heads} heads do not split over TP={tp_size}")
+        per = num_heads // tp_size
+        slopes = alibi_slopes(num_heads)[tp_rank * per : (tp_rank + 1) * per]
+        self.num_heads = num_heads
+        self.register_buffer("slopes", slopes.to(device=device, dtype=torch.float32), persistent=False)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.slopes.dtype != torch.float32:
+            self.slopes = self.slopes.float()
+        return self
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, slopes={[round(float(s), 6) for s in self.slopes[:4]]}..."

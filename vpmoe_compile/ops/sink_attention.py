@@ -1,0 +1,358 @@
+"""Public API: causal attention with a learnable sink, optional ALiBi and optional sliding window.
+
+Two entry points for the vpMoE layers, plus the generic one they share:
+
+* :func:`alibi_sink_attention` — global layers: full causal + ALiBi (GRAPE-A) + sink.
+* :func:`window_sink_attention` — local layers: sliding window ``W`` (``window_size=(W-1, 0)``) + sink.
+* :func:`sink_attention` — both switches; :func:`sink_attention_with_lse` also returns the LSE.
+
+Shapes (Megatron, sequence first; arbitrary strides accepted):
+``q [s, b, H, d]``, ``k, v [s, b, G, d]`` (``H % G == 0``, head ``h`` reads group ``h // (H/G)``),
+``sink [H]`` (the ``softmax_offset`` parameter, may be bf16; math in fp32, gradient returned in its
+dtype), ``slopes [H]`` fp32 (fixed, no gradient). Output ``[s, b, H, d]`` in ``q.dtype``.
+No dropout (vpMoE uses ``attention_dropout = 0``; there is deliberately no argument for it).
+
+The ops are registered with ``torch.library.custom_op`` (forward ``vpmoe::sink_attention_fwd``
+returning ``(out, lse)`` and backward ``vpmoe::sink_attention_bwd``) with fake implementations and
+registered autograd, so ``torch.compile(fullgraph=True)`` sees them without graph breaks and
+gradients reach ``q``, ``k``, ``v`` and ``sink`` (and also flow through the LSE when used).
+
+Backends: ``"reference"`` (dense PyTorch, float64 math; small shapes only), ``"triton"`` (the kernels
+of :mod:`vpmoe_compile.ops.triton_sink_attention`; on CPU this needs ``TRITON_INTERPRET=1`` set
+before import), ``"auto"`` (triton on CUDA tensors, reference on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from .attention_reference import sink_attention_reference, sink_attention_reference_backward
+
+__all__ = [
+    "alibi_sink_attention",
+    "window_sink_attention",
+    "sink_attention",
+    "sink_attention_with_lse",
+    "sink_attention_forward",
+    "sink_attention_backward",
+]
+
+_BACKENDS = ("auto", "reference", "triton")
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _resolve_backend(backend: str, q: torch.Tensor) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"sink attention: backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if q.device.type == "cuda" else "reference"
+    return backend
+
+
+def _validate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: torch.Tensor,
+    slopes: Optional[torch.Tensor],
+    window: Optional[int],
+    softmax_scale: Optional[float],
+    backend: str,
+) -> Tuple[str, float]:
+    for name, t in (("q", q), ("k", k), ("v", v), ("sink", sink)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"sink attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            "sink attention: expected q [s, b, H, d] and k, v [s, b, G, d]; got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    s, b, H, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"sink attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    if k.shape[0] != s or k.shape[1] != b or k.shape[3] != d:
+        raise ValueError(
+            f"sink attention: k/v {tuple(k.shape)} must be [s={s}, b={b}, G, d={d}] to match q "
+            f"{tuple(q.shape)}"
+        )
+    G = k.shape[2]
+    if s < 1 or b < 1 or H < 1 or G < 1 or d < 1:
+        raise ValueError(f"sink attention: empty dimension in q {tuple(q.shape)} / k {tuple(k.shape)}")
+    if H % G != 0:
+        raise ValueError(f"sink attention: query heads H={H} must be a multiple of KV groups G={G}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"sink attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.dtype.is_floating_point:
+        raise TypeError(f"sink attention: q/k/v must be floating point, got {q.dtype}")
+    if not (q.device == k.device == v.device == sink.device):
+        raise ValueError(
+            f"sink attention: tensors on different devices: q {q.device}, k {k.device}, "
+            f"v {v.device}, sink {sink.device}"
+        )
+    if sink.shape != (H,):
+        raise ValueError(f"sink attention: sink must have shape [H]=[{H}], got {tuple(sink.shape)}")
+    if not sink.dtype.is_floating_point:
+        raise TypeError(f"sink attention: sink must be floating point, got {sink.dtype}")
+    if slopes is not None:
+        if not isinstance(slopes, torch.Tensor) or slopes.shape != (H,):
+            raise ValueError(
+                f"sink attention: slopes must be a tensor of shape [H]=[{H}], got "
+                f"{tuple(slopes.shape) if isinstance(slopes, torch.Tensor) else type(slopes)}"
+            )
+        if slopes.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"sink attention: slopes must be fp32 (ALiBi math is fp32), got {slopes.dtype}")
+        if slopes.device != q.device:
+            raise ValueError(f"sink attention: slopes on {slopes.device}, q on {q.device}")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int):
+            raise TypeError(f"sink attention: window must be an int (W, incl. current token), got {window!r}")
+        if window < 1:
+            raise ValueError(f"sink attention: window must be >= 1, got {window}")
+    if softmax_scale is None:
+        scale = 1.0 / math.sqrt(d)
+    else:
+        scale = float(softmax_scale)
+        if not math.isfinite(scale) or scale <= 0.0:
+            raise ValueError(f"sink attention: softmax_scale must be finite and > 0, got {softmax_scale}")
+    be = _resolve_backend(backend, q)
+    if be == "triton":
+        if q.dtype not in _KERNEL_DTYPES:
+            raise TypeError(
+                f"sink attention (triton): dtype {q.dtype} unsupported; use bf16/fp16/fp32 "
+                "(float64 only with backend='reference')"
+            )
+        if d < 16 or d > 256 or d & (d - 1):
+            raise ValueError(f"sink attention (triton): head dim d={d} must be a power of two in [16, 256]")
+        if slopes is not None and slopes.dtype != torch.float32:
+            raise TypeError("sink attention (triton): slopes must be fp32")
+        from . import triton_sink_attention as _tk
+
+        _tk._check_runnable(q)
+    return be, scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw forward / backward (no autograd); consume / produce the sink-inclusive LSE
+# ---------------------------------------------------------------------------------------------
+
+
+def _fwd_impl(q, k, v, sink, slopes, window, scale, backend):
+    if backend == "reference":
+        return sink_attention_reference(
+            q, k, v, sink, slopes=slopes, window=window, softmax_scale=scale
+        )
+    from .triton_sink_attention import sink_attention_fwd_triton
+
+    return sink_attention_fwd_triton(q, k, v, sink, slopes, window, scale)
+
+
+def _bwd_impl(dout, q, k, v, sink, slopes, out, lse, dlse, window, scale, backend):
+    if backend == "reference":
+        return sink_attention_reference_backward(
+            dout, q, k, v, sink, slopes=slopes, window=window, softmax_scale=scale, dlse=dlse
+        )
+    from .triton_sink_attention import sink_attention_bwd_triton
+
+    return sink_attention_bwd_triton(dout, q, k, v, sink, slopes, out, lse, window, scale, dlse=dlse)
+
+
+def sink_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: torch.Tensor,
+    *,
+    slopes: Optional[torch.Tensor] = None,
+    window: Optional[int] = None,
+    softmax_scale: Optional[float] = None,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Raw forward (no autograd graph): ``out [s, b, H, d]``, ``lse [b, H, s]`` fp32 (sink-inclusive)."""
+    be, scale = _validate(q, k, v, sink, slopes, window, softmax_scale, backend)
+    with torch.no_grad():
+        return _fwd_impl(q, k, v, sink, slopes, window, scale, be)
+
+
+def sink_attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    slopes: Optional[torch.Tensor] = None,
+    window: Optional[int] = None,
+    softmax_scale: Optional[float] = None,
+    dlse: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw backward: ``(dq [s,b,H,d], dk [s,b,G,d], dv [s,b,G,d], dsink [H])`` from ``dout``
+    ``[s, b, H, d]``, the forward's ``out`` and sink-inclusive ``lse [b, H, s]``; optional ``dlse``."""
+    be, scale = _validate(q, k, v, sink, slopes, window, softmax_scale, backend)
+    if dout.shape != q.shape:
+        raise ValueError(f"sink attention: dout {tuple(dout.shape)} must match q {tuple(q.shape)}")
+    with torch.no_grad():
+        return _bwd_impl(dout, q, k, v, sink, slopes, out, lse, dlse, window, scale, be)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("vpmoe::sink_attention_fwd", mutates_args=())
+def _sink_attention_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: torch.Tensor,
+    slopes: Optional[torch.Tensor],
+    window: int,
+    softmax_scale: float,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    win = window if window > 0 else None
+    out, lse = _fwd_impl(q, k, v, sink, slopes, win, softmax_scale, backend)
+    return out.contiguous(), lse.contiguous()
+
+
+@_sink_attention_fwd_op.register_fake
+def _(q, k, v, sink, slopes, window, softmax_scale, backend):
+    s, b, H, d = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty((s, b, H, d)), q.new_empty((b, H, s), dtype=lse_dtype)
+
+
+@torch.library.custom_op("vpmoe::sink_attention_bwd", mutates_args=())
+def _sink_attention_bwd_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: torch.Tensor,
+    slopes: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: Optional[torch.Tensor],
+    window: int,
+    softmax_scale: float,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    win = window if window > 0 else None
+    dq, dk, dv, dsink = _bwd_impl(dout, q, k, v, sink, slopes, out, lse, dlse, win, softmax_scale, backend)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dsink.contiguous()
+
+
+@_sink_attention_bwd_op.register_fake
+def _(dout, q, k, v, sink, slopes, out, lse, dlse, window, softmax_scale, backend):
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+        sink.new_empty(sink.shape),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, sink, slopes, window, softmax_scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, sink, slopes, out, lse)
+    ctx.window = window
+    ctx.softmax_scale = softmax_scale
+    ctx.backend = backend
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, sink, slopes, out, lse = ctx.saved_tensors
+    dq, dk, dv, dsink = _sink_attention_bwd_op(
+        dout, q, k, v, sink, slopes, out, lse, dlse, ctx.window, ctx.softmax_scale, ctx.backend
+    )
+    return dq, dk, dv, dsink, None, None, None, None
+
+
+_sink_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------
+
+
+def sink_attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: torch.Tensor,
+    *,
+    slopes: Optional[torch.Tensor] = None,
+    window: Optional[int] = None,
+    softmax_scale: Optional[float] = None,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable ``(out [s, b, H, d], lse [b, H, s])``; lse is fp32, natural log, sink-inclusive."""
+    be, scale = _validate(q, k, v, sink, slopes, window, softmax_scale, backend)
+    return _sink_attention_fwd_op(q, k, v, sink, slopes, 0 if window is None else window, scale, be)
+
+
+def sink_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: torch.Tensor,
+    *,
+    slopes: Optional[torch.Tensor] = None,
+    window: Optional[int] = None,
+    softmax_scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Causal attention with a learnable sink; optional ALiBi ``slopes [H]`` and window ``W``.
+
+    ``q [s, b, H, d]``, ``k, v [s, b, G, d]``, ``sink [H]`` -> ``[s, b, H, d]``.
+    """
+    return sink_attention_with_lse(
+        q, k, v, sink, slopes=slopes, window=window, softmax_scale=softmax_scale, backend=backend
+    )[0]
+
+
+def alibi_sink_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    sink: torch.Tensor,
+    softmax_scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Global-layer attention: full causal + ALiBi (bias ``-slopes[h] * (i - j)`` after the scale)
+    + learnable sink. ``q [s,b,H,d]``, ``k, v [s,b,G,d]``, ``slopes [H]`` fp32, ``sink [H]`` ->
+    ``[s, b, H, d]``."""
+    if slopes is None:
+        raise ValueError("alibi_sink_attention: slopes [H] are required (use sink_attention without ALiBi)")
+    return sink_attention(q, k, v, sink, slopes=slopes, softmax_scale=softmax_scale, backend=backend)
+
+
+def window_sink_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: torch.Tensor,
+    window: int,
+    softmax_scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Local-layer attention: key ``j`` visible to query ``i`` iff ``0 <= i - j <= window - 1``
+    (Megatron ``window_size=(window-1, 0)``) + learnable sink. ``q [s,b,H,d]``, ``k, v [s,b,G,d]``,
+    ``sink [H]`` -> ``[s, b, H, d]``."""
+    if window is None:
+        raise ValueError("window_sink_attention: window is required (use sink_attention for full causal)")
+    return sink_attention(q, k, v, sink, window=window, softmax_scale=softmax_scale, backend=backend)

@@ -1,0 +1,690 @@
+"""Triton flash attention with a learnable sink: causal + optional ALiBi + optional sliding window.
+
+One kernel family serves both vpMoE attention flavours:
+
+* global layers: full causal + ALiBi (GRAPE-A) + sink   (``HAS_ALIBI=True,  HAS_WINDOW=False``)
+* local layers:  sliding window ``W`` + sink             (``HAS_ALIBI=False, HAS_WINDOW=True``)
+
+Layout (Megatron, sequence first, arbitrary strides): ``q [s, b, H, d]``, ``k, v [s, b, G, d]``,
+``sink [H]``, ``slopes [H]`` fp32. Outputs: ``o [s, b, H, d]`` (contiguous, input dtype) and
+``lse [b, H, s]`` fp32 (natural log, **sink-inclusive**). Semantics are those of
+:func:`vpmoe_compile.ops.attention_reference.sink_attention_reference`.
+
+Algorithm notes (our own code; ideas learned from public sources, nothing copied):
+
+* FlashAttention-2 (Dao, 2023) forward with online softmax in the exp2 domain (``log2 e`` folded
+  into the score scale, the ALiBi slope and the sink), as in Triton's fused-attention tutorial;
+  backward as two kernels (``dq`` over KV tiles, ``dk/dv`` over query tiles) after a ``delta =
+  rowsum(dO * O)`` pre-pass, also as in that tutorial and flash-linear-attention's
+  ``fla/ops/attn/parallel.py``.
+* Sink (``spec/tpa_attention.md`` §4.3): the running state starts at ``m = sink``, ``l = 1``, acc 0
+  (a virtual first key with value 0), so the state is finite from the start; the stored LSE
+  includes the sink (GPT-OSS's inference kernel stores one without it; we do not).
+  ``dsink_h = -sum_{b,i} exp(sink_h - L_{b,h,i}) * delta_{b,h,i}`` is reduced deterministically:
+  one fp32 partial per pre-pass program, then a fixed-order sum (no atomics).
+* GQA, FlashAttention-3 "PackGQA" style: one program owns ``PACK`` query heads of one KV group
+  (``PACK`` divides ``H/G``), packed into the M dimension (row ``r`` = token ``r // PACK``, head
+  ``r % PACK``), so each K/V tile is loaded once for all packed heads. The ``dk/dv`` program of a
+  KV block loops over the group's heads and accumulates their sum in registers: no per-query-head
+  fp32 ``dK/dV`` is ever written.
+* ALiBi bias ``slope_h * (j - i)`` is computed per tile in fp32 from absolute positions (never an
+  ``[s, s]`` tensor); no shortcut "add ``m_h j`` per row" (not shift-invariant with a sink).
+* Sliding window: the forward/``dq`` programs visit only the KV tiles inside the band
+  ``[t0 - W + 1, t1)``, the ``dkv`` programs only the query tiles ``[n0, n1 + W - 1)``
+  (``spec/tpa_attention.md`` §3). Causal tiles strictly below the diagonal skip the mask.
+* Fully-masked rows (only possible with ``sink = -inf``) are guarded: the exponent base is 0 when the
+  running max is still ``-inf``, so no ``-inf - -inf`` NaN.
+
+Under ``TRITON_INTERPRET=1`` (CPU tests) ``tl.dot`` on bf16 is wrong, so the launcher upcasts bf16 /
+fp16 inputs to fp32 there. On the GPU the fp32 accumulators and fp32 softmax state are kept, the
+``tl.dot`` operands are the input dtype (bf16 in training).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "KernelTiles",
+    "SinkAttentionConfig",
+    "interpreter_active",
+    "use_config",
+    "sink_attention_fwd_triton",
+    "sink_attention_bwd_triton",
+]
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def interpreter_active() -> bool:
+    """True when the kernels of this module were created in Triton interpreter mode."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+_INTERPRET_AT_IMPORT = interpreter_active()
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scores(
+    q, k, tok, offs_n, slope2, qk_scale, window,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Base-2 logits ``[BLOCK_M, BLOCK_N]`` of one tile: ``log2e * (scale q.k + bias)``, masked -inf."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    rel = tok[:, None] - offs_n[None, :]  # i - j
+    if HAS_ALIBI:
+        s = s - slope2[:, None] * rel.to(tl.float32)
+    if MASKED:
+        vis = rel >= 0
+        if HAS_WINDOW:
+            vis = vis & (rel < window)
+        s = tl.where(vis, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _fwd_tiles(
+    acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+    tok, slope2, qk_scale, window, seqlen, lo, hi,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
+):
+    dd = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = offs_n < seqlen
+        k = tl.load(k_base + offs_n[:, None] * stride_ks + dd[None, :] * stride_kd,
+                    mask=kv_ok[:, None], other=0.0)
+        s = _scores(q, k, tok, offs_n, slope2, qk_scale, window, HAS_ALIBI, HAS_WINDOW, MASKED)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Guard: m_new is -inf only if the sink is -inf and no key has been visible yet.
+        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_base)
+        p = tl.math.exp2(s - m_base[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + dd[None, :] * stride_vd,
+                    mask=kv_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _sink_attn_fwd_kernel(
+    Q, K, V, SINK, SLOPES, O, LSE,
+    stride_qs, stride_qb, stride_qh, stride_qd,
+    stride_ks, stride_kb, stride_kh, stride_kd,
+    stride_vs, stride_vb, stride_vh, stride_vd,
+    stride_os, stride_ob, stride_oh, stride_od,
+    seqlen, num_heads, qk_scale, window,
+    HPG: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    BLOCK_T: tl.constexpr = BLOCK_M // PACK  # tokens per program
+    n_tblocks = tl.cdiv(seqlen, BLOCK_T)
+    pid_t = n_tblocks - 1 - tl.program_id(0)  # longest (causal) rows first
+    pid_bh = tl.program_id(1)
+    n_hchunks = num_heads // PACK
+    bb = pid_bh // n_hchunks
+    h0 = (pid_bh % n_hchunks) * PACK
+    g = h0 // HPG
+    t0 = pid_t * BLOCK_T
+
+    r = tl.arange(0, BLOCK_M)
+    tok = t0 + r // PACK
+    head = h0 + r % PACK
+    row_ok = (r < BLOCK_T * PACK) & (tok < seqlen)
+    dd = tl.arange(0, HEAD_DIM)
+
+    q = tl.load(Q + bb * stride_qb + tok[:, None] * stride_qs + head[:, None] * stride_qh
+                + dd[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    # Online-softmax state starts with the sink counted: m = sink (base 2), l = 1, acc = 0.
+    m_i = tl.load(SINK + head).to(tl.float32) * 1.4426950408889634
+    l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if HAS_ALIBI:
+        slope2 = tl.load(SLOPES + head).to(tl.float32) * 1.4426950408889634
+    else:
+        slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    k_base = K + bb * stride_kb + g * stride_kh
+    v_base = V + bb * stride_vb + g * stride_vh
+    t_end = tl.minimum(t0 + BLOCK_T, seqlen)
+    if HAS_WINDOW:
+        lo = (tl.maximum(t0 - window + 1, 0) // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd,
+                                   stride_vs, stride_vd, tok, slope2, qk_scale, window, seqlen,
+                                   lo, t_end, HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, True)
+    else:
+        mid = (t0 // BLOCK_N) * BLOCK_N  # keys < t0 are visible to every row: no mask
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd,
+                                   stride_vs, stride_vd, tok, slope2, qk_scale, window, seqlen,
+                                   0, mid, HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, False)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd,
+                                   stride_vs, stride_vd, tok, slope2, qk_scale, window, seqlen,
+                                   mid, t_end, HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, True)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows with a -inf sink can reach 0
+    o = acc / l_safe[:, None]
+    tl.store(O + bb * stride_ob + tok[:, None] * stride_os + head[:, None] * stride_oh
+             + dd[None, :] * stride_od, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+    tl.store(LSE + (bb * num_heads + head) * seqlen + tok, lse, mask=row_ok)
+
+
+@triton.jit
+def _sink_attn_bwd_preprocess_kernel(
+    O, DO, LSE, DLSE, SINK, DELTA, DSINK_PART,
+    stride_os, stride_ob, stride_oh, stride_od,
+    stride_dos, stride_dob, stride_doh, stride_dod,
+    seqlen, batch, num_heads,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    """``delta = rowsum(dO * O) - dLSE`` and one deterministic fp32 partial of ``dsink`` per program."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bb = pid_bh // num_heads
+    h = pid_bh % num_heads
+    tok = pid_t * BLOCK + tl.arange(0, BLOCK)
+    ok = tok < seqlen
+    dd = tl.arange(0, HEAD_DIM)
+    o = tl.load(O + bb * stride_ob + h * stride_oh + tok[:, None] * stride_os + dd[None, :] * stride_od,
+                mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + bb * stride_dob + h * stride_doh + tok[:, None] * stride_dos
+                 + dd[None, :] * stride_dod, mask=ok[:, None], other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    row = (bb * num_heads + h) * seqlen + tok
+    if HAS_DLSE:
+        delta = delta - tl.load(DLSE + row, mask=ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + row, delta, mask=ok)
+    lse = tl.load(LSE + row, mask=ok, other=0.0)
+    sink = tl.load(SINK + h).to(tl.float32)
+    p_sink = tl.where(ok, tl.exp(sink - lse), 0.0)
+    part = -tl.sum(p_sink * delta, 0)
+    tl.store(DSINK_PART + (h * batch + bb) * tl.num_programs(0) + pid_t, part)
+
+
+@triton.jit
+def _dq_tiles(
+    dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+    tok, slope2, qk_scale, window, seqlen, lo, hi,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
+):
+    dd = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = offs_n < seqlen
+        k = tl.load(k_base + offs_n[:, None] * stride_ks + dd[None, :] * stride_kd,
+                    mask=kv_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + dd[None, :] * stride_vd,
+                    mask=kv_ok[:, None], other=0.0)
+        s = _scores(q, k, tok, offs_n, slope2, qk_scale, window, HAS_ALIBI, HAS_WINDOW, MASKED)
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit
+def _sink_attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, SLOPES, DQ,
+    stride_qs, stride_qb, stride_qh, stride_qd,
+    stride_ks, stride_kb, stride_kh, stride_kd,
+    stride_vs, stride_vb, stride_vh, stride_vd,
+    stride_dos, stride_dob, stride_doh, stride_dod,
+    stride_dqs, stride_dqb, stride_dqh, stride_dqd,
+    seqlen, num_heads, sm_scale, qk_scale, window,
+    HPG: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    BLOCK_T: tl.constexpr = BLOCK_M // PACK
+    n_tblocks = tl.cdiv(seqlen, BLOCK_T)
+    pid_t = n_tblocks - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n_hchunks = num_heads // PACK
+    bb = pid_bh // n_hchunks
+    h0 = (pid_bh % n_hchunks) * PACK
+    g = h0 // HPG
+    t0 = pid_t * BLOCK_T
+
+    r = tl.arange(0, BLOCK_M)
+    tok = t0 + r // PACK
+    head = h0 + r % PACK
+    row_ok = (r < BLOCK_T * PACK) & (tok < seqlen)
+    dd = tl.arange(0, HEAD_DIM)
+
+    q = tl.load(Q + bb * stride_qb + tok[:, None] * stride_qs + head[:, None] * stride_qh
+                + dd[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + bb * stride_dob + tok[:, None] * stride_dos + head[:, None] * stride_doh
+                 + dd[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
+    row = (bb * num_heads + head) * seqlen + tok
+    lse2 = tl.load(LSE + row, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
+    if HAS_ALIBI:
+        slope2 = tl.load(SLOPES + head).to(tl.float32) * 1.4426950408889634
+    else:
+        slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    k_base = K + bb * stride_kb + g * stride_kh
+    v_base = V + bb * stride_vb + g * stride_vh
+    t_end = tl.minimum(t0 + BLOCK_T, seqlen)
+    if HAS_WINDOW:
+        lo = (tl.maximum(t0 - window + 1, 0) // BLOCK_N) * BLOCK_N
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs,
+                       stride_vd, tok, slope2, qk_scale, window, seqlen, lo, t_end,
+                       HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, True)
+    else:
+        mid = (t0 // BLOCK_N) * BLOCK_N
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs,
+                       stride_vd, tok, slope2, qk_scale, window, seqlen, 0, mid,
+                       HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, False)
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs,
+                       stride_vd, tok, slope2, qk_scale, window, seqlen, mid, t_end,
+                       HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, True)
+    dq = dq * sm_scale
+    tl.store(DQ + bb * stride_dqb + tok[:, None] * stride_dqs + head[:, None] * stride_dqh
+             + dd[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkv_tiles(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+    stride_qs, stride_qh, stride_qd, stride_dos, stride_doh, stride_dod,
+    h0, offs_n, slope2, qk_scale, window, seqlen, lo, hi,
+    PACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
+):
+    BLOCK_T: tl.constexpr = BLOCK_M // PACK
+    r = tl.arange(0, BLOCK_M)
+    head = h0 + r % PACK
+    dd = tl.arange(0, HEAD_DIM)
+    for t0 in range(lo, hi, BLOCK_T):
+        tok = t0 + r // PACK
+        row_ok = (r < BLOCK_T * PACK) & (tok < seqlen)
+        q = tl.load(q_base + tok[:, None] * stride_qs + head[:, None] * stride_qh
+                    + dd[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_base + tok[:, None] * stride_dos + head[:, None] * stride_doh
+                     + dd[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
+        row = head * seqlen + tok
+        # Padding rows get lse = +inf, hence p = 0 and no contribution.
+        lse2 = tl.load(lse_base + row, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_base + row, mask=row_ok, other=0.0)
+        # Transposed tile: rows = keys [BLOCK_N], columns = packed query rows [BLOCK_M].
+        sT = tl.dot(k, tl.trans(q)) * qk_scale
+        rel = tok[None, :] - offs_n[:, None]  # i - j
+        if HAS_ALIBI:
+            sT = sT - slope2[None, :] * rel.to(tl.float32)
+        if MASKED:
+            vis = rel >= 0
+            if HAS_WINDOW:
+                vis = vis & (rel < window)
+            sT = tl.where(vis, sT, float("-inf"))
+        pT = tl.math.exp2(sT - lse2[None, :])
+        dv += tl.dot(pT.to(do.dtype), do)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.jit
+def _sink_attn_bwd_dkv_kernel(
+    Q, K, V, DO, LSE, DELTA, SLOPES, DK, DV,
+    stride_qs, stride_qb, stride_qh, stride_qd,
+    stride_ks, stride_kb, stride_kh, stride_kd,
+    stride_vs, stride_vb, stride_vh, stride_vd,
+    stride_dos, stride_dob, stride_doh, stride_dod,
+    stride_dks, stride_dkb, stride_dkh, stride_dkd,
+    stride_dvs, stride_dvb, stride_dvh, stride_dvd,
+    seqlen, num_heads, num_groups, sm_scale, qk_scale, window,
+    HPG: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    BLOCK_T: tl.constexpr = BLOCK_M // PACK
+    pid_n = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    bb = pid_bg // num_groups
+    g = pid_bg % num_groups
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    kv_ok = offs_n < seqlen
+    dd = tl.arange(0, HEAD_DIM)
+    k = tl.load(K + bb * stride_kb + g * stride_kh + offs_n[:, None] * stride_ks
+                + dd[None, :] * stride_kd, mask=kv_ok[:, None], other=0.0)
+    v = tl.load(V + bb * stride_vb + g * stride_vh + offs_n[:, None] * stride_vs
+                + dd[None, :] * stride_vd, mask=kv_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    q_base = Q + bb * stride_qb
+    do_base = DO + bb * stride_dob
+    lse_base = LSE + bb * num_heads * seqlen
+    delta_base = DELTA + bb * num_heads * seqlen
+    r = tl.arange(0, BLOCK_M)
+    t_lo = (n0 // BLOCK_T) * BLOCK_T
+    if HAS_WINDOW:
+        t_hi = tl.minimum(seqlen, n0 + BLOCK_N + window - 1)
+    else:
+        # Query tiles starting at or after n0 + BLOCK_N - 1 see the whole key block: no mask.
+        t_mid = t_lo + tl.cdiv(n0 + BLOCK_N - 1 - t_lo, BLOCK_T) * BLOCK_T
+    # The group's heads, PACK at a time; their dk/dv sum stays in registers.
+    for hc in range(HPG // PACK):
+        h0 = g * HPG + hc * PACK
+        head = h0 + r % PACK
+        if HAS_ALIBI:
+            slope2 = tl.load(SLOPES + head).to(tl.float32) * 1.4426950408889634
+        else:
+            slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if HAS_WINDOW:
+            dk, dv = _dkv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                stride_qs, stride_qh, stride_qd, stride_dos, stride_doh, stride_dod,
+                                h0, offs_n, slope2, qk_scale, window, seqlen, t_lo, t_hi,
+                                PACK, HEAD_DIM, BLOCK_M, HAS_ALIBI, HAS_WINDOW, True)
+        else:
+            dk, dv = _dkv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                stride_qs, stride_qh, stride_qd, stride_dos, stride_doh, stride_dod,
+                                h0, offs_n, slope2, qk_scale, window, seqlen, t_lo, t_mid,
+                                PACK, HEAD_DIM, BLOCK_M, HAS_ALIBI, HAS_WINDOW, True)
+            dk, dv = _dkv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                stride_qs, stride_qh, stride_qd, stride_dos, stride_doh, stride_dod,
+                                h0, offs_n, slope2, qk_scale, window, seqlen, t_mid, seqlen,
+                                PACK, HEAD_DIM, BLOCK_M, HAS_ALIBI, HAS_WINDOW, False)
+    dk = dk * sm_scale
+    tl.store(DK + bb * stride_dkb + g * stride_dkh + offs_n[:, None] * stride_dks
+             + dd[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_ok[:, None])
+    tl.store(DV + bb * stride_dvb + g * stride_dvh + offs_n[:, None] * stride_dvs
+             + dd[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelTiles:
+    """Tile shape of one kernel. ``block_m`` counts packed query rows (tokens x packed heads)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class SinkAttentionConfig:
+    """Fixed tiles for the three kernels (``None`` everywhere = autotune on GPU / heuristic on CPU).
+
+    ``pack``: query heads packed per program (must divide ``H / G``); ``None`` = largest divisor
+    of ``H / G`` that is ``<= 8``.
+    """
+
+    fwd: Optional[KernelTiles] = None
+    dq: Optional[KernelTiles] = None
+    dkv: Optional[KernelTiles] = None
+    pack: Optional[int] = None
+    preprocess_block: int = 64
+
+
+_CONFIG_OVERRIDE: Optional[SinkAttentionConfig] = None
+
+
+@contextlib.contextmanager
+def use_config(config: Optional[SinkAttentionConfig]) -> Iterator[None]:
+    """Temporarily force tile sizes for every call (tests use it to exercise many small blocks)."""
+    global _CONFIG_OVERRIDE
+    old = _CONFIG_OVERRIDE
+    _CONFIG_OVERRIDE = config
+    try:
+        yield
+    finally:
+        _CONFIG_OVERRIDE = old
+
+
+def _default_pack(hpg: int) -> int:
+    return max(p for p in range(1, min(hpg, 8) + 1) if hpg % p == 0)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _interpreter_tiles(seqlen: int, pack: int) -> KernelTiles:
+    # Interpreter cost ~ (#programs x #loop iterations x #ops): biggest tiles the shape allows,
+    # but >= 16 everywhere so the same code also compiles for the GPU.
+    tokens = min(64, max(16, _next_pow2(seqlen)))
+    rows = _next_pow2(tokens * pack)
+    return KernelTiles(block_m=rows, block_n=min(64, max(16, _next_pow2(seqlen))))
+
+
+_AUTOTUNE_KEY = ["seqlen", "HEAD_DIM", "HPG", "PACK", "HAS_ALIBI", "HAS_WINDOW"]
+
+
+def _cfgs(rows):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+            for (m, n, w, st) in rows]
+
+
+# H100 candidates for d = 128 (fwd: 128 packed rows = 32 tokens x 4 heads; bwd: register-bound).
+_FWD_CONFIGS = _cfgs([(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3)])
+_DQ_CONFIGS = _cfgs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 8, 2)])
+_DKV_CONFIGS = _cfgs([(64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 8, 2), (128, 64, 8, 2)])
+
+_fwd_autotuned = None
+_dq_autotuned = None
+_dkv_autotuned = None
+
+
+def _autotuned():
+    global _fwd_autotuned, _dq_autotuned, _dkv_autotuned
+    if _fwd_autotuned is None:
+        _fwd_autotuned = triton.autotune(_FWD_CONFIGS, key=_AUTOTUNE_KEY)(_sink_attn_fwd_kernel)
+        _dq_autotuned = triton.autotune(_DQ_CONFIGS, key=_AUTOTUNE_KEY)(_sink_attn_bwd_dq_kernel)
+        _dkv_autotuned = triton.autotune(_DKV_CONFIGS, key=_AUTOTUNE_KEY)(_sink_attn_bwd_dkv_kernel)
+    return _fwd_autotuned, _dq_autotuned, _dkv_autotuned
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_runnable(t: torch.Tensor) -> None:
+    if t.device.type == "cuda":
+        if _INTERPRET_AT_IMPORT:
+            raise RuntimeError(
+                "sink attention (triton): the kernels were created in TRITON_INTERPRET=1 mode; "
+                "unset TRITON_INTERPRET to run them on CUDA tensors."
+            )
+        return
+    if t.device.type == "cpu":
+        if not _INTERPRET_AT_IMPORT:
+            raise RuntimeError(
+                "sink attention backend='triton' on CPU tensors needs the Triton interpreter: set "
+                "TRITON_INTERPRET=1 in the environment before vpmoe_compile.ops is imported (or use "
+                "backend='reference' / 'auto' on CPU)."
+            )
+        return
+    raise RuntimeError(f"sink attention (triton): unsupported device {t.device}")
+
+
+def _kernel_dtype(x: torch.Tensor) -> torch.Tensor:
+    # The interpreter multiplies bf16 bit patterns in tl.dot: compute in fp32 there.
+    if _INTERPRET_AT_IMPORT and x.dtype in (torch.bfloat16, torch.float16):
+        return x.float()
+    return x
+
+
+def _resolve(config: Optional[SinkAttentionConfig], hpg: int):
+    cfg = config if config is not None else _CONFIG_OVERRIDE
+    if cfg is None:
+        cfg = SinkAttentionConfig()
+    pack = cfg.pack if cfg.pack is not None else _default_pack(hpg)
+    if hpg % pack != 0:
+        raise ValueError(f"sink attention: pack={pack} must divide heads per group {hpg}")
+    return cfg, pack
+
+
+def _tiles_for(tiles: Optional[KernelTiles], seqlen: int, pack: int, kind: str):
+    if tiles is not None:
+        if tiles.block_m // pack < 1:
+            raise ValueError(f"sink attention: block_m={tiles.block_m} < pack={pack}")
+        return tiles
+    if _INTERPRET_AT_IMPORT:
+        t = _interpreter_tiles(seqlen, pack)
+        if kind == "dkv":  # keys in N, packed query rows in M
+            return KernelTiles(block_m=t.block_m, block_n=t.block_n)
+        return t
+    return None  # autotune
+
+
+def sink_attention_fwd_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: torch.Tensor,
+    slopes: Optional[torch.Tensor],
+    window: Optional[int],
+    softmax_scale: float,
+    config: Optional[SinkAttentionConfig] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward. Returns ``out [s, b, H, d]`` (contiguous, ``q.dtype``) and ``lse [b, H, s]`` fp32.
+
+    Inputs are assumed validated (see :mod:`vpmoe_compile.ops.sink_attention`).
+    """
+    _check_runnable(q)
+    s, b, H, d = q.shape
+    G = k.shape[2]
+    hpg = H // G
+    out_dtype = q.dtype
+    q, k, v = _kernel_dtype(q), _kernel_dtype(k), _kernel_dtype(v)
+    cfg, pack = _resolve(config, hpg)
+    out = torch.empty((s, b, H, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, H, s), dtype=torch.float32, device=q.device)
+    has_alibi = slopes is not None
+    has_window = window is not None
+    slopes_t = slopes.contiguous() if has_alibi else sink  # dummy pointer when unused
+    sink_c = sink.contiguous()
+    args = (
+        q, k, v, sink_c, slopes_t, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        s, H, float(softmax_scale) * _LOG2E, int(window) if has_window else 0,
+    )
+    consts = dict(HPG=hpg, PACK=pack, HEAD_DIM=d, HAS_ALIBI=has_alibi, HAS_WINDOW=has_window)
+    tiles = _tiles_for(cfg.fwd, s, pack, "fwd")
+    if tiles is None:
+        kern = _autotuned()[0]
+        grid = lambda meta: (triton.cdiv(s, meta["BLOCK_M"] // pack), b * (H // pack))  # noqa: E731
+        kern[grid](*args, **consts)
+    else:
+        grid = (triton.cdiv(s, tiles.block_m // pack), b * (H // pack))
+        _sink_attn_fwd_kernel[grid](*args, **consts, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+                                    num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return out.to(out_dtype), lse
+
+
+def sink_attention_bwd_triton(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: torch.Tensor,
+    slopes: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    window: Optional[int],
+    softmax_scale: float,
+    dlse: Optional[torch.Tensor] = None,
+    config: Optional[SinkAttentionConfig] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward. Returns ``dq [s,b,H,d]``, ``dk, dv [s,b,G,d]`` (input dtypes) and ``dsink [H]``
+    (``sink.dtype``; computed in fp32 and reduced in a fixed order).
+
+    ``lse`` is the sink-inclusive LSE of the forward; ``dlse`` (optional ``[b, H, s]``) is a
+    gradient flowing into that LSE (it enters as ``delta - dlse``).
+    """
+    _check_runnable(q)
+    s, b, H, d = q.shape
+    G = k.shape[2]
+    hpg = H // G
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    q, k, v = _kernel_dtype(q), _kernel_dtype(k), _kernel_dtype(v)
+    dout, out = _kernel_dtype(dout), _kernel_dtype(out)
+    cfg, pack = _resolve(config, hpg)
+    lse = lse.contiguous().float()
+    sink_c = sink.contiguous()
+    has_alibi = slopes is not None
+    has_window = window is not None
+    slopes_t = slopes.contiguous() if has_alibi else sink_c
+    win = int(window) if has_window else 0
+    qk_scale = float(softmax_scale) * _LOG2E
+
+    # 1) delta = rowsum(dO * O) (- dlse), dsink partials.
+    blk = cfg.preprocess_block
+    n_pre = triton.cdiv(s, blk)
+    delta = torch.empty((b, H, s), dtype=torch.float32, device=q.device)
+    parts = torch.empty((H, b, n_pre), dtype=torch.float32, device=q.device)
+    dlse_t = dlse.contiguous().float() if dlse is not None else lse
+    _sink_attn_bwd_preprocess_kernel[(n_pre, b * H)](
+        out, dout, lse, dlse_t, sink_c, delta, parts,
+        *out.stride(), *dout.stride(), s, b, H,
+        HEAD_DIM=d, BLOCK=blk, HAS_DLSE=dlse is not None,
+    )
+    dsink = parts.sum(dim=(1, 2)).to(sink.dtype)  # fixed shape, fixed order: deterministic
+
+    consts = dict(HPG=hpg, PACK=pack, HEAD_DIM=d, HAS_ALIBI=has_alibi, HAS_WINDOW=has_window)
+    # 2) dq.
+    dq = torch.empty((s, b, H, d), dtype=q.dtype, device=q.device)
+    dq_args = (
+        q, k, v, dout, lse, delta, slopes_t, dq,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+        s, H, float(softmax_scale), qk_scale, win,
+    )
+    tiles = _tiles_for(cfg.dq, s, pack, "dq")
+    if tiles is None:
+        kern = _autotuned()[1]
+        grid = lambda meta: (triton.cdiv(s, meta["BLOCK_M"] // pack), b * (H // pack))  # noqa: E731
+        kern[grid](*dq_args, **consts)
+    else:
+        grid = (triton.cdiv(s, tiles.block_m // pack), b * (H // pack))
+        _sink_attn_bwd_dq_kernel[grid](*dq_args, **consts, BLOCK_M=tiles.block_m,
+                                       BLOCK_N=tiles.block_n, num_warps=tiles.num_warps,
+                                       num_stages=tiles.num_stages)
+    # 3) dk, dv (GQA sum over the group's heads inside each program).
+    dk = torch.empty((s, b, G, d), dtype=k.dtype, device=q.device)
+    dv = torch.empty((s, b, G, d), dtype=v.dtype, device=q.device)
+    dkv_args = (
+        q, k, v, dout, lse, delta, slopes_t, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+        s, H, G, float(softmax_scale), qk_scale, win,
+    )
+    tiles = _tiles_for(cfg.dkv, s, pack, "dkv")
+    if tiles is None:
+        kern = _autotuned()[2]
+        grid = lambda meta: (triton.cdiv(s, meta["BLOCK_N"]), b * G)  # noqa: E731
+        kern[grid](*dkv_args, **consts)
+    else:
+        grid = (triton.cdiv(s, tiles.block_n), b * G)
+        _sink_attn_bwd_dkv_kernel[grid](*dkv_args, **consts, BLOCK_M=tiles.block_m,
+                                        BLOCK_N=tiles.block_n, num_warps=tiles.num_warps,
+                                        num_stages=tiles.num_stages)
+    return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), dsink

@@ -1,0 +1,602 @@
+"""Triton kernels of the TPA local-attention op (bring-up design, spec 5.4 last paragraph).
+
+Pipeline (forward): ``prologue`` (factors -> q, k, v rows, all heads of a token block:
+contraction, exact ``/R``, bias, QK RMSNorm, fp32 GRAPE-M rotation; saves ``rstd``) ->
+``attention`` (sliding-window flash attention with a learnable sink, GQA, on the
+materialised q/k/v). Backward: ``attention dq`` (also ``D = rowsum(dO*O)`` and the sink
+partials) -> ``attention dkv`` (the 4 heads of a group summed in registers) ->
+``prologue backward`` (dq, dk, dv -> dfactors, and fixed-order partials of dbias, dgamma,
+dcos, dsin). All parameter-gradient reductions are per-program partials summed in a fixed
+order by PyTorch afterwards: deterministic, no atomics.
+
+Layouts (Megatron, sequence first; token ``(t, bi)`` is row ``t*b + bi``):
+``factors [s, b, F]`` (any strides), ``q [s, b, H, d]``, ``k``/``v`` ``[s, b, G, d]``,
+``o [s, b, H, d]``, ``lse``/``delta`` ``[b, H, s]`` fp32 (natural log, sink-inclusive),
+``cos``/``sin`` ``[s, d/2]`` fp32, ``rstd_q [s, b, H]``, ``rstd_k [s, b, G]`` fp32.
+
+Precision: fp32 for contraction, RMS, rotation, logits, softmax state and accumulators;
+``tl.dot`` operands in the activation dtype (bf16 on GPU; fp32 with IEEE precision for the
+interpreter tests). Requires ``d/2`` to be a power of two >= 16.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# ============================================================================ prologue
+
+
+@triton.jit
+def _load_b3(row_ptr, tmask, sF_f, OFF: tl.constexpr, RANK: tl.constexpr, RANKP: tl.constexpr,
+             D: tl.constexpr, P: tl.constexpr):
+    """B factor halves of a token block as ``[BT, RANKP, P]`` fp32 (padding ranks are 0)."""
+    r = tl.arange(0, RANKP)
+    p = tl.arange(0, P)
+    cols = OFF + r[None, :, None] * D + p[None, None, :]
+    mask = tmask[:, None, None] & (r < RANK)[None, :, None]
+    ptr = row_ptr[:, None, None] + cols.to(tl.int64) * sF_f
+    b1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    b2 = tl.load(ptr + P * sF_f, mask=mask, other=0.0).to(tl.float32)
+    return b1, b2
+
+
+@triton.jit
+def _load_a(row_ptr, tmask, sF_f, OFF: tl.constexpr, RANK: tl.constexpr, RANKP: tl.constexpr):
+    """A factor entries ``[BT, RANKP]`` fp32 of one head/group (columns ``OFF + r``)."""
+    r = tl.arange(0, RANKP)
+    mask = tmask[:, None] & (r < RANK)[None, :]
+    return tl.load(row_ptr[:, None] + (OFF + r[None, :]).to(tl.int64) * sF_f, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _tpa_prologue_fwd_kernel(
+    F_ptr, sF_s, sF_b, sF_f,
+    CQ_ptr, CK_ptr, CV_ptr, GQ_ptr, GK_ptr,
+    COS_ptr, SIN_ptr,
+    Q_ptr, K_ptr, V_ptr, RSQ_ptr, RSK_ptr,
+    S, B, eps,
+    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+    RQ: tl.constexpr, RQP: tl.constexpr, RK: tl.constexpr, RKP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NORM_Q: tl.constexpr, NORM_K: tl.constexpr,
+    BT: tl.constexpr,
+):
+    OFF_AK: tl.constexpr = H * RQ
+    OFF_AV: tl.constexpr = OFF_AK + G * RK
+    OFF_BQ: tl.constexpr = OFF_AV + G * RK
+    OFF_BK: tl.constexpr = OFF_BQ + RQ * D
+    OFF_BV: tl.constexpr = OFF_BK + RK * D
+
+    pid_t = tl.program_id(0)
+    bi = tl.program_id(1)
+    t = pid_t * BT + tl.arange(0, BT)
+    tmask = t < S
+    t64 = t.to(tl.int64)
+    row = F_ptr + t64 * sF_s + bi * sF_b
+    tok = t64 * B + bi  # row index in [s*b]
+    p = tl.arange(0, P)
+    m2 = tmask[:, None]
+
+    cs = tl.load(COS_ptr + t64[:, None] * P + p[None, :], mask=m2, other=0.0)
+    sn = tl.load(SIN_ptr + t64[:, None] * P + p[None, :], mask=m2, other=0.0)
+
+    # ---------------- queries: all H heads share B_q
+    b1, b2 = _load_b3(row, tmask, sF_f, OFF_BQ, RQ, RQP, D, P)
+    if NORM_Q:
+        gq1 = tl.load(GQ_ptr + p).to(tl.float32)
+        gq2 = tl.load(GQ_ptr + P + p).to(tl.float32)
+    for h in tl.static_range(H):
+        a = _load_a(row, tmask, sF_f, h * RQ, RQ, RQP)
+        x1 = tl.sum(a[:, :, None] * b1, axis=1) / RQ
+        x2 = tl.sum(a[:, :, None] * b2, axis=1) / RQ
+        if HAS_BIAS:
+            x1 += tl.load(CQ_ptr + h * D + p).to(tl.float32)[None, :]
+            x2 += tl.load(CQ_ptr + h * D + P + p).to(tl.float32)[None, :]
+        if NORM_Q:
+            rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)
+            tl.store(RSQ_ptr + tok * H + h, rstd, mask=tmask)
+            x1 = x1 * rstd[:, None] * gq1[None, :]
+            x2 = x2 * rstd[:, None] * gq2[None, :]
+        y1 = x1 * cs - x2 * sn
+        y2 = x2 * cs + x1 * sn
+        qp = Q_ptr + (tok * H + h)[:, None] * D + p[None, :]
+        tl.store(qp, y1.to(Q_ptr.dtype.element_ty), mask=m2)
+        tl.store(qp + P, y2.to(Q_ptr.dtype.element_ty), mask=m2)
+
+    # ---------------- keys
+    b1, b2 = _load_b3(row, tmask, sF_f, OFF_BK, RK, RKP, D, P)
+    if NORM_K:
+        gk1 = tl.load(GK_ptr + p).to(tl.float32)
+        gk2 = tl.load(GK_ptr + P + p).to(tl.float32)
+    for g in tl.static_range(G):
+        a = _load_a(row, tmask, sF_f, OFF_AK + g * RK, RK, RKP)
+        x1 = tl.sum(a[:, :, None] * b1, axis=1) / RK
+        x2 = tl.sum(a[:, :, None] * b2, axis=1) / RK
+        if HAS_BIAS:
+            x1 += tl.load(CK_ptr + g * D + p).to(tl.float32)[None, :]
+            x2 += tl.load(CK_ptr + g * D + P + p).to(tl.float32)[None, :]
+        if NORM_K:
+            rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)
+            tl.store(RSK_ptr + tok * G + g, rstd, mask=tmask)
+            x1 = x1 * rstd[:, None] * gk1[None, :]
+            x2 = x2 * rstd[:, None] * gk2[None, :]
+        y1 = x1 * cs - x2 * sn
+        y2 = x2 * cs + x1 * sn
+        kp = K_ptr + (tok * G + g)[:, None] * D + p[None, :]
+        tl.store(kp, y1.to(K_ptr.dtype.element_ty), mask=m2)
+        tl.store(kp + P, y2.to(K_ptr.dtype.element_ty), mask=m2)
+
+    # ---------------- values (no norm, no rotation)
+    b1, b2 = _load_b3(row, tmask, sF_f, OFF_BV, RK, RKP, D, P)
+    for g in tl.static_range(G):
+        a = _load_a(row, tmask, sF_f, OFF_AV + g * RK, RK, RKP)
+        x1 = tl.sum(a[:, :, None] * b1, axis=1) / RK
+        x2 = tl.sum(a[:, :, None] * b2, axis=1) / RK
+        if HAS_BIAS:
+            x1 += tl.load(CV_ptr + g * D + p).to(tl.float32)[None, :]
+            x2 += tl.load(CV_ptr + g * D + P + p).to(tl.float32)[None, :]
+        vp = V_ptr + (tok * G + g)[:, None] * D + p[None, :]
+        tl.store(vp, x1.to(V_ptr.dtype.element_ty), mask=m2)
+        tl.store(vp + P, x2.to(V_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _prologue_bwd_side(
+    row, tok, tmask, sF_f, dF_row, part_idx,
+    DX_ptr, C_ptr, GM_ptr, RS_ptr, DC_part, DG_part,
+    cs, sn, dcos, dsin,
+    NH: tl.constexpr, D: tl.constexpr, P: tl.constexpr, RANK: tl.constexpr, RANKP: tl.constexpr,
+    OFF_A: tl.constexpr, OFF_B: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr, BT: tl.constexpr,
+):
+    """Backward of one side (q, k or v) of the prologue for a token block.
+
+    Writes dA (per head) and dB (summed over heads) into dF, the per-program partials of the
+    bias and gain gradients, and returns the updated per-token ``dcos``/``dsin`` accumulators.
+    """
+    p = tl.arange(0, P)
+    r = tl.arange(0, RANKP)
+    m2 = tmask[:, None]
+    b1, b2 = _load_b3(row, tmask, sF_f, OFF_B, RANK, RANKP, D, P)
+    db1 = tl.zeros([BT, RANKP, P], dtype=tl.float32)
+    db2 = tl.zeros([BT, RANKP, P], dtype=tl.float32)
+    if NORM:
+        g1 = tl.load(GM_ptr + p).to(tl.float32)
+        g2 = tl.load(GM_ptr + P + p).to(tl.float32)
+        dg1 = tl.zeros([P], dtype=tl.float32)
+        dg2 = tl.zeros([P], dtype=tl.float32)
+    for h in tl.static_range(NH):
+        a = _load_a(row, tmask, sF_f, OFF_A + h * RANK, RANK, RANKP)
+        gp = DX_ptr + (tok * NH + h)[:, None] * D + p[None, :]
+        u1 = tl.load(gp, mask=m2, other=0.0).to(tl.float32)
+        u2 = tl.load(gp + P, mask=m2, other=0.0).to(tl.float32)
+        if ROTATE or NORM:
+            x1 = tl.sum(a[:, :, None] * b1, axis=1) / RANK
+            x2 = tl.sum(a[:, :, None] * b2, axis=1) / RANK
+            if HAS_BIAS:
+                x1 += tl.load(C_ptr + h * D + p).to(tl.float32)[None, :]
+                x2 += tl.load(C_ptr + h * D + P + p).to(tl.float32)[None, :]
+            if NORM:
+                rstd = tl.load(RS_ptr + tok * NH + h, mask=tmask, other=0.0)
+                n1 = x1 * rstd[:, None]
+                n2 = x2 * rstd[:, None]
+                z1 = n1 * g1[None, :]
+                z2 = n2 * g2[None, :]
+            else:
+                z1 = x1
+                z2 = x2
+        if ROTATE:
+            dcos += u1 * z1 + u2 * z2
+            dsin += u2 * z1 - u1 * z2
+            w1 = u1 * cs + u2 * sn
+            w2 = u2 * cs - u1 * sn
+            u1 = w1
+            u2 = w2
+        if NORM:
+            dg1 += tl.sum(u1 * n1, axis=0)
+            dg2 += tl.sum(u2 * n2, axis=0)
+            dn1 = u1 * g1[None, :]
+            dn2 = u2 * g2[None, :]
+            mdot = (tl.sum(dn1 * n1, axis=1) + tl.sum(dn2 * n2, axis=1)) / D
+            u1 = (dn1 - n1 * mdot[:, None]) * rstd[:, None]
+            u2 = (dn2 - n2 * mdot[:, None]) * rstd[:, None]
+        u1 = tl.where(m2, u1, 0.0)
+        u2 = tl.where(m2, u2, 0.0)
+        if HAS_BIAS:
+            dcp = DC_part + (part_idx * NH + h) * D + p
+            tl.store(dcp, tl.sum(u1, axis=0))
+            tl.store(dcp + P, tl.sum(u2, axis=0))
+        # contraction backward
+        da = (tl.sum(u1[:, None, :] * b1, axis=2) + tl.sum(u2[:, None, :] * b2, axis=2)) / RANK
+        tl.store(dF_row[:, None] + (OFF_A + h * RANK + r[None, :]), da.to(dF_row.dtype.element_ty),
+                 mask=m2 & (r < RANK)[None, :])
+        db1 += a[:, :, None] * u1[:, None, :]
+        db2 += a[:, :, None] * u2[:, None, :]
+    db1 = db1 / RANK
+    db2 = db2 / RANK
+    cols = OFF_B + r[None, :, None] * D + p[None, None, :]
+    mask3 = tmask[:, None, None] & (r < RANK)[None, :, None]
+    tl.store(dF_row[:, None, None] + cols, db1.to(dF_row.dtype.element_ty), mask=mask3)
+    tl.store(dF_row[:, None, None] + cols + P, db2.to(dF_row.dtype.element_ty), mask=mask3)
+    if NORM:
+        tl.store(DG_part + part_idx * D + p, dg1)
+        tl.store(DG_part + part_idx * D + P + p, dg2)
+    return dcos, dsin
+
+
+@triton.jit
+def _tpa_prologue_bwd_kernel(
+    F_ptr, sF_s, sF_b, sF_f, DF_ptr,
+    DQ_ptr, DK_ptr, DV_ptr,
+    CQ_ptr, CK_ptr, CV_ptr, GQ_ptr, GK_ptr, RSQ_ptr, RSK_ptr,
+    COS_ptr, SIN_ptr,
+    DCQ_part, DCK_part, DCV_part, DGQ_part, DGK_part, DCOS_tok, DSIN_tok,
+    S, B,
+    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+    RQ: tl.constexpr, RQP: tl.constexpr, RK: tl.constexpr, RKP: tl.constexpr,
+    FW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NORM_Q: tl.constexpr, NORM_K: tl.constexpr,
+    BT: tl.constexpr,
+):
+    OFF_AK: tl.constexpr = H * RQ
+    OFF_AV: tl.constexpr = OFF_AK + G * RK
+    OFF_BQ: tl.constexpr = OFF_AV + G * RK
+    OFF_BK: tl.constexpr = OFF_BQ + RQ * D
+    OFF_BV: tl.constexpr = OFF_BK + RK * D
+
+    pid_t = tl.program_id(0)
+    bi = tl.program_id(1)
+    part_idx = pid_t * B + bi
+    t = pid_t * BT + tl.arange(0, BT)
+    tmask = t < S
+    t64 = t.to(tl.int64)
+    row = F_ptr + t64 * sF_s + bi * sF_b
+    tok = t64 * B + bi
+    dF_row = DF_ptr + tok * FW
+    p = tl.arange(0, P)
+    m2 = tmask[:, None]
+    cs = tl.load(COS_ptr + t64[:, None] * P + p[None, :], mask=m2, other=0.0)
+    sn = tl.load(SIN_ptr + t64[:, None] * P + p[None, :], mask=m2, other=0.0)
+    dcos = tl.zeros([BT, P], dtype=tl.float32)
+    dsin = tl.zeros([BT, P], dtype=tl.float32)
+
+    dcos, dsin = _prologue_bwd_side(
+        row, tok, tmask, sF_f, dF_row, part_idx, DQ_ptr, CQ_ptr, GQ_ptr, RSQ_ptr, DCQ_part, DGQ_part,
+        cs, sn, dcos, dsin, H, D, P, RQ, RQP, 0, OFF_BQ, HAS_BIAS, NORM_Q, True, BT)
+    dcos, dsin = _prologue_bwd_side(
+        row, tok, tmask, sF_f, dF_row, part_idx, DK_ptr, CK_ptr, GK_ptr, RSK_ptr, DCK_part, DGK_part,
+        cs, sn, dcos, dsin, G, D, P, RK, RKP, OFF_AK, OFF_BK, HAS_BIAS, NORM_K, True, BT)
+    dcos, dsin = _prologue_bwd_side(
+        row, tok, tmask, sF_f, dF_row, part_idx, DV_ptr, CV_ptr, GK_ptr, RSK_ptr, DCV_part, DGK_part,
+        cs, sn, dcos, dsin, G, D, P, RK, RKP, OFF_AV, OFF_BV, HAS_BIAS, False, False, BT)
+    dp = (tok[:, None] * P + p[None, :])
+    tl.store(DCOS_tok + dp, dcos, mask=m2)
+    tl.store(DSIN_tok + dp, dsin, mask=m2)
+
+
+# ============================================================================ attention
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _swa_fwd_kernel(
+    Q_ptr, K_ptr, V_ptr, SINK_ptr, O_ptr, L_ptr,
+    S, B, W, qk_scale,
+    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+):
+    HPG: tl.constexpr = H // G
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bi = pid_bh // H
+    h = pid_bh % H
+    g = h // HPG
+    m0 = pid_m * BM
+    offs_m = m0 + tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    mmask = offs_m < S
+    qrow = (offs_m.to(tl.int64) * B + bi) * H + h
+    q = tl.load(Q_ptr + qrow[:, None] * D + offs_d[None, :], mask=mmask[:, None], other=0.0)
+    sink2 = tl.load(SINK_ptr + h).to(tl.float32) * 1.4426950408889634
+    m_i = tl.zeros([BM], dtype=tl.float32) + sink2
+    l_i = tl.zeros([BM], dtype=tl.float32) + 1.0
+    acc = tl.zeros([BM, D], dtype=tl.float32)
+    lo = tl.maximum(m0 - W + 1, 0) // BN * BN
+    hi = tl.minimum(m0 + BM, S)
+    for n0 in range(lo, hi, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        nmask = offs_n < S
+        krow = (offs_n.to(tl.int64) * B + bi) * G + g
+        k = tl.load(K_ptr + krow[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(V_ptr + krow[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale
+        diff = offs_m[:, None] - offs_n[None, :]
+        vis = (diff >= 0) & (diff < W) & nmask[None, :]
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        pr = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(pr, axis=1)
+        acc = acc * alpha[:, None] + _dot(pr.to(v.dtype), v, IEEE)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(O_ptr + qrow[:, None] * D + offs_d[None, :], out.to(O_ptr.dtype.element_ty), mask=mmask[:, None])
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    tl.store(L_ptr + pid_bh.to(tl.int64) * S + offs_m, lse, mask=mmask)
+
+
+@triton.jit
+def _swa_bwd_dq_kernel(
+    Q_ptr, K_ptr, V_ptr, O_ptr, DO_ptr, L_ptr, SINK_ptr,
+    DQ_ptr, DELTA_ptr, DSINK_part,
+    S, B, W, qk_scale, sm_scale,
+    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+):
+    HPG: tl.constexpr = H // G
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bi = pid_bh // H
+    h = pid_bh % H
+    g = h // HPG
+    m0 = pid_m * BM
+    offs_m = m0 + tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    mmask = offs_m < S
+    qrow = (offs_m.to(tl.int64) * B + bi) * H + h
+    qoff = qrow[:, None] * D + offs_d[None, :]
+    q = tl.load(Q_ptr + qoff, mask=mmask[:, None], other=0.0)
+    do = tl.load(DO_ptr + qoff, mask=mmask[:, None], other=0.0)
+    o = tl.load(O_ptr + qoff, mask=mmask[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    lse = tl.load(L_ptr + pid_bh.to(tl.int64) * S + offs_m, mask=mmask, other=0.0)
+    tl.store(DELTA_ptr + pid_bh.to(tl.int64) * S + offs_m, delta, mask=mmask)
+    sink = tl.load(SINK_ptr + h).to(tl.float32)
+    psink = tl.where(mmask, tl.exp(sink - lse), 0.0)
+    tl.store(DSINK_part + pid_m * (B * H) + pid_bh, -tl.sum(psink * delta, axis=0))
+    lse2 = lse * 1.4426950408889634
+    dq = tl.zeros([BM, D], dtype=tl.float32)
+    lo = tl.maximum(m0 - W + 1, 0) // BN * BN
+    hi = tl.minimum(m0 + BM, S)
+    for n0 in range(lo, hi, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        nmask = offs_n < S
+        krow = (offs_n.to(tl.int64) * B + bi) * G + g
+        k = tl.load(K_ptr + krow[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(V_ptr + krow[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale
+        diff = offs_m[:, None] - offs_n[None, :]
+        vis = (diff >= 0) & (diff < W) & nmask[None, :] & mmask[:, None]
+        pr = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = pr * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE)
+    dq = dq * sm_scale
+    tl.store(DQ_ptr + qoff, dq.to(DQ_ptr.dtype.element_ty), mask=mmask[:, None])
+
+
+@triton.jit
+def _swa_bwd_dkv_kernel(
+    Q_ptr, K_ptr, V_ptr, DO_ptr, L_ptr, DELTA_ptr,
+    DK_ptr, DV_ptr,
+    S, B, W, qk_scale, sm_scale,
+    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+):
+    HPG: tl.constexpr = H // G
+    pid_n = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    bi = pid_bg // G
+    g = pid_bg % G
+    n0 = pid_n * BN
+    offs_n = n0 + tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    nmask = offs_n < S
+    krow = (offs_n.to(tl.int64) * B + bi) * G + g
+    koff = krow[:, None] * D + offs_d[None, :]
+    k = tl.load(K_ptr + koff, mask=nmask[:, None], other=0.0)
+    v = tl.load(V_ptr + koff, mask=nmask[:, None], other=0.0)
+    dk = tl.zeros([BN, D], dtype=tl.float32)
+    dv = tl.zeros([BN, D], dtype=tl.float32)
+    lo = n0 // BM * BM
+    hi = tl.minimum(n0 + BN + W - 1, S)
+    for hh in range(HPG):
+        h = g * HPG + hh
+        bh = bi * H + h
+        for m0 in range(lo, hi, BM):
+            offs_m = m0 + tl.arange(0, BM)
+            mmask = offs_m < S
+            qrow = (offs_m.to(tl.int64) * B + bi) * H + h
+            qoff = qrow[:, None] * D + offs_d[None, :]
+            q = tl.load(Q_ptr + qoff, mask=mmask[:, None], other=0.0)
+            do = tl.load(DO_ptr + qoff, mask=mmask[:, None], other=0.0)
+            lse2 = tl.load(L_ptr + bh.to(tl.int64) * S + offs_m, mask=mmask, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA_ptr + bh.to(tl.int64) * S + offs_m, mask=mmask, other=0.0)
+            st = _dot(k, tl.trans(q), IEEE) * qk_scale  # [BN, BM]
+            diff = offs_m[None, :] - offs_n[:, None]
+            vis = (diff >= 0) & (diff < W) & mmask[None, :] & nmask[:, None]
+            pt = tl.where(vis, tl.exp2(st - lse2[None, :]), 0.0)
+            dv += _dot(pt.to(do.dtype), do, IEEE)
+            dpt = _dot(v, tl.trans(do), IEEE)
+            dst = pt * (dpt - delta[None, :])
+            dk += _dot(dst.to(q.dtype), q, IEEE)
+    dk = dk * sm_scale
+    tl.store(DK_ptr + koff, dk.to(DK_ptr.dtype.element_ty), mask=nmask[:, None])
+    tl.store(DV_ptr + koff, dv.to(DV_ptr.dtype.element_ty), mask=nmask[:, None])
+
+
+# ============================================================================ launchers
+
+
+def _blocks():
+    """Tile sizes: small tiles under the interpreter (speed, edge coverage), 64 on the GPU."""
+    if _interpreting():
+        return dict(BT=16, BM=16, BN=16, warps=1)
+    return dict(BT=16, BM=64, BN=64, warps=4)
+
+
+def _check_dims(head_dim: int):
+    P = head_dim // 2
+    if head_dim % 2 or P < 16 or (P & (P - 1)):
+        raise ValueError(f"triton TPA kernels need head_dim/2 to be a power of two >= 16, got head_dim={head_dim}")
+
+
+def prologue_fwd(factors, c_q, c_k, c_v, gamma_q, gamma_k, cos, sin, *, H, G, d, Rq, R, eps, act_dtype):
+    """Factors -> (q, k, v, rstd_q, rstd_k).
+
+    Args:
+        factors: ``[s, b, F]`` (any strides).
+        c_q, c_k, c_v: ``[H,d]``, ``[G,d]``, ``[G,d]`` contiguous or None (no bias).
+        gamma_q, gamma_k: ``[d]`` or None (no norm on that side).
+        cos, sin: ``[s, d/2]`` fp32 contiguous.
+
+    Returns:
+        ``q [s,b,H,d]``, ``k``/``v`` ``[s,b,G,d]`` in ``act_dtype``; ``rstd_q [s,b,H]``,
+        ``rstd_k [s,b,G]`` fp32 (empty when that side has no norm).
+    """
+    _check_dims(d)
+    s, b, _ = factors.shape
+    dev = factors.device
+    q = torch.empty(s, b, H, d, device=dev, dtype=act_dtype)
+    k = torch.empty(s, b, G, d, device=dev, dtype=act_dtype)
+    v = torch.empty(s, b, G, d, device=dev, dtype=act_dtype)
+    rs_q = torch.empty(s, b, H, device=dev, dtype=torch.float32) if gamma_q is not None else q.new_empty(0, dtype=torch.float32)
+    rs_k = torch.empty(s, b, G, device=dev, dtype=torch.float32) if gamma_k is not None else q.new_empty(0, dtype=torch.float32)
+    has_bias = c_q is not None
+    dummy = cos
+    blk = _blocks()
+    grid = (triton.cdiv(s, blk["BT"]), b)
+    _tpa_prologue_fwd_kernel[grid](
+        factors, factors.stride(0), factors.stride(1), factors.stride(2),
+        c_q if has_bias else dummy, c_k if has_bias else dummy, c_v if has_bias else dummy,
+        gamma_q if gamma_q is not None else dummy, gamma_k if gamma_k is not None else dummy,
+        cos, sin, q, k, v, rs_q if gamma_q is not None else dummy, rs_k if gamma_k is not None else dummy,
+        s, b, float(eps),
+        H=H, G=G, D=d, P=d // 2, RQ=Rq, RQP=_next_pow2(Rq), RK=R, RKP=_next_pow2(R),
+        HAS_BIAS=has_bias, NORM_Q=gamma_q is not None, NORM_K=gamma_k is not None,
+        BT=blk["BT"], num_warps=blk["warps"],
+    )
+    return q, k, v, rs_q, rs_k
+
+
+def prologue_bwd(dq, dk, dv, factors, c_q, c_k, c_v, gamma_q, gamma_k, rs_q, rs_k, cos, sin, *, H, G, d, Rq, R):
+    """Backward of :func:`prologue_fwd`.
+
+    Returns:
+        ``dfactors [s,b,F]`` (factors dtype, contiguous), ``dc_q [H,d]``, ``dc_k [G,d]``,
+        ``dc_v [G,d]`` (None without bias), ``dgamma_q``, ``dgamma_k`` ``[d]`` (None without
+        norm), ``dcos``, ``dsin`` ``[s, d/2]`` - all parameter gradients fp32, reduced in a fixed
+        order from per-program partials.
+    """
+    s, b, Fw = factors.shape
+    dev = factors.device
+    blk = _blocks()
+    BT = blk["BT"]
+    nT = triton.cdiv(s, BT)
+    P = d // 2
+    f32 = dict(device=dev, dtype=torch.float32)
+    has_bias = c_q is not None
+    dF = torch.empty(s, b, Fw, device=dev, dtype=factors.dtype)
+    dcq = torch.empty(nT, b, H, d, **f32) if has_bias else None
+    dck = torch.empty(nT, b, G, d, **f32) if has_bias else None
+    dcv = torch.empty(nT, b, G, d, **f32) if has_bias else None
+    dgq = torch.empty(nT, b, d, **f32) if gamma_q is not None else None
+    dgk = torch.empty(nT, b, d, **f32) if gamma_k is not None else None
+    dcos_t = torch.empty(s, b, P, **f32)
+    dsin_t = torch.empty(s, b, P, **f32)
+    dummy = cos
+
+    def _or(x):
+        return x if x is not None else dummy
+
+    _tpa_prologue_bwd_kernel[(nT, b)](
+        factors, factors.stride(0), factors.stride(1), factors.stride(2), dF,
+        dq, dk, dv,
+        _or(c_q), _or(c_k), _or(c_v), _or(gamma_q), _or(gamma_k),
+        rs_q if gamma_q is not None else dummy, rs_k if gamma_k is not None else dummy,
+        cos, sin,
+        _or(dcq), _or(dck), _or(dcv), _or(dgq), _or(dgk), dcos_t, dsin_t,
+        s, b,
+        H=H, G=G, D=d, P=P, RQ=Rq, RQP=_next_pow2(Rq), RK=R, RKP=_next_pow2(R), FW=Fw,
+        HAS_BIAS=has_bias, NORM_Q=gamma_q is not None, NORM_K=gamma_k is not None,
+        BT=BT, num_warps=blk["warps"],
+    )
+    red = (lambda x: x.sum(dim=(0, 1)) if x is not None else None)
+    return dF, red(dcq), red(dck), red(dcv), red(dgq), red(dgk), dcos_t.sum(1), dsin_t.sum(1)
+
+
+def swa_fwd(q, k, v, sink, window: int, softmax_scale: float):
+    """Sliding-window sink attention forward on materialised tensors.
+
+    Args:
+        q: ``[s,b,H,d]``, k, v: ``[s,b,G,d]`` contiguous; sink ``[H]``.
+
+    Returns:
+        ``o [s,b,H,d]`` (q dtype), ``lse [b,H,s]`` fp32 (natural log, sink-inclusive).
+    """
+    s, b, H, d = q.shape
+    G = k.shape[2]
+    blk = _blocks()
+    o = torch.empty_like(q)
+    lse = torch.empty(b, H, s, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(s, blk["BM"]), b * H)
+    _swa_fwd_kernel[grid](
+        q, k, v, sink, o, lse, s, b, int(window), float(softmax_scale) * LOG2E,
+        H=H, G=G, D=d, BM=blk["BM"], BN=blk["BN"], IEEE=q.dtype == torch.float32,
+        num_warps=blk["warps"], num_stages=2,
+    )
+    return o, lse
+
+
+def swa_bwd(do, q, k, v, o, lse, sink, window: int, softmax_scale: float):
+    """Backward of :func:`swa_fwd`.
+
+    Returns:
+        ``dq [s,b,H,d]``, ``dk``, ``dv`` ``[s,b,G,d]`` (q dtype) and ``dsink [H]`` fp32
+        (fixed-order sum of per-program partials).
+    """
+    s, b, H, d = q.shape
+    G = k.shape[2]
+    blk = _blocks()
+    BM, BN = blk["BM"], blk["BN"]
+    ieee = q.dtype == torch.float32
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    delta = torch.empty(b, H, s, device=q.device, dtype=torch.float32)
+    nM = triton.cdiv(s, BM)
+    dsink_part = torch.empty(nM, b, H, device=q.device, dtype=torch.float32)
+    qk_scale = float(softmax_scale) * LOG2E
+    _swa_bwd_dq_kernel[(nM, b * H)](
+        q, k, v, o, do, lse, sink, dq, delta, dsink_part,
+        s, b, int(window), qk_scale, float(softmax_scale),
+        H=H, G=G, D=d, BM=BM, BN=BN, IEEE=ieee, num_warps=blk["warps"], num_stages=2,
+    )
+    _swa_bwd_dkv_kernel[(triton.cdiv(s, BN), b * G)](
+        q, k, v, do, lse, delta, dk, dv,
+        s, b, int(window), qk_scale, float(softmax_scale),
+        H=H, G=G, D=d, BM=BM, BN=BN, IEEE=ieee, num_warps=blk["warps"], num_stages=2,
+    )
+    return dq, dk, dv, dsink_part.sum(dim=(0, 1))

@@ -1,0 +1,39 @@
+"""NorMuon + Polar Express optimizer for vpMoE (spec ``normuon.md``).
+
+Public API:
+
+* :func:`polar_express_coefficients` -- the offline Polar Express table generator (§2.3).
+* :func:`polar_express` -- batched bf16 orthogonalisation of ``[..., m, n]`` matrices (§1.2).
+* :class:`NorMuon` -- a plain ``torch.optim.Optimizer`` over 2-D tensors, batched by shape banks (§1.4).
+* :func:`routing_table` -- every parameter's optimizer, role, lr and weight decay, as data (§4.1).
+* :func:`build_optimizer` -- NorMuon + AdamW for a model: Megatron wrappers for Megatron-DDP
+  models on CUDA, a plain NorMuon + torch AdamW chain otherwise (see :mod:`.megatron`).
+
+Importable without CUDA; Megatron-Core is imported lazily, only on the Megatron path.
+"""
+
+from .megatron import NorMuonWithAuxAdamW, UnsupportedOptimizerSetup, build_optimizer
+from .normuon import NorMuon
+from .polar_express import (
+    DEFAULT_COEFFICIENTS,
+    PINNED_COEFFICIENTS,
+    polar_express,
+    polar_express_bounds,
+    polar_express_coefficients,
+)
+from .routing import RoutingError, classify_parameters, routing_table
+
+__all__ = [
+    "polar_express_coefficients",
+    "polar_express_bounds",
+    "polar_express",
+    "PINNED_COEFFICIENTS",
+    "DEFAULT_COEFFICIENTS",
+    "NorMuon",
+    "build_optimizer",
+    "routing_table",
+    "classify_parameters",
+    "RoutingError",
+    "NorMuonWithAuxAdamW",
+    "UnsupportedOptimizerSetup",
+]

@@ -1,0 +1,315 @@
+"""Megatron-Core 0.16.1 wiring of NorMuon (spec §5.3 / §5.4). Imported only on the CUDA path."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+from itertools import chain
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.optimizer import (
+    get_param_id_to_sharded_param_map,
+    make_sharded_optimizer_tensor,
+    optim_state_to_sharding_state,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer import (
+    ChainedOptimizer,
+    Float16OptimizerWithFloat16Params,
+    FP32Optimizer,
+)
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from .megatron import (
+    _aux_override,
+    _normuon_group,
+    _normuon_kwargs,
+    normuon_init_state,
+)
+from .normuon import NorMuon
+from .routing import ParamRoute
+
+logger = logging.getLogger(__name__)
+
+_V_KEY = "second_moment"
+
+
+def _second_moment_sharded(sh_param, v: torch.Tensor, prefix: str) -> ShardedTensor:
+    """ShardedTensor of a second moment: the param's, with the reduced axis collapsed to 1."""
+    if isinstance(sh_param, ShardedTensorFactory):
+        raise NotImplementedError(
+            f"{sh_param.key}: NorMuon second moments of factory-sharded params (gated MLP fc1 "
+            "under torch_dist) are not supported"
+        )
+    local = tuple(v.shape)
+    pre = sh_param.prepend_axis_num
+    gshape = list(sh_param.global_shape)
+    goff = list(sh_param.global_offset)
+    frag = list(sh_param.axis_fragmentations) if sh_param.axis_fragmentations else None
+    for ax, (lv, lp) in enumerate(zip(local, sh_param.local_shape)):
+        if lv != lp:
+            if lv != 1:
+                raise ValueError(f"second moment {local} vs param {sh_param.local_shape}")
+            gshape[pre + ax] = 1
+            goff[pre + ax] = 0
+            if frag is not None:
+                frag[pre + ax] = 1
+    sh = replace(
+        sh_param,
+        key=f"{prefix}.{sh_param.key}",
+        data=v,
+        dtype=v.dtype,
+        local_shape=local,
+        global_shape=tuple(gshape),
+        global_offset=tuple(goff),
+        axis_fragmentations=tuple(frag) if frag is not None else None,
+    )
+    sh.validate_metadata_integrity()
+    return sh
+
+
+def _optimizer_state_to_sharded(opt_sd: Dict, id_map: Dict) -> None:
+    """In place: momentum like Adam's moments, second moment with the collapsed axis."""
+    vs = {}
+    state = {}
+    for pid, st in opt_sd["state"].items():
+        st = dict(st)
+        if _V_KEY in st:
+            vs[pid] = st.pop(_V_KEY)
+        state[pid] = st
+    opt_sd["state"] = state
+    optim_state_to_sharding_state(opt_sd, id_map, exclude_keys=("step",))
+    for pid, v in vs.items():
+        opt_sd["state"][pid][_V_KEY] = _second_moment_sharded(
+            id_map[pid], v, prefix=f"optimizer.state.{_V_KEY}"
+        )
+
+
+class NorMuonFloat16Optimizer(Float16OptimizerWithFloat16Params):
+    """bf16 model params + fp32 main params; NorMuon-aware checkpoints, foreach main->model copy."""
+
+    def _model_params_in_slot_order(self) -> List[torch.Tensor]:
+        main_to_model = {}
+        for model_group, main_group in zip(self.float16_groups, self.fp32_from_float16_groups):
+            for model_p, main_p in zip(model_group, main_group):
+                main_to_model[id(main_p)] = model_p
+        return [
+            main_to_model.get(id(p), p) for g in self.optimizer.param_groups for p in g["params"]
+        ]
+
+    def _copy_main_params_to_model_params(self):
+        model_data, main_data = self._get_model_and_main_params_data_float16()
+        if model_data:
+            torch._foreach_copy_(model_data, main_data)
+
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
+        if is_loading:
+            self.init_state_fn(self.optimizer, self.config)
+        state_dict = self.state_dict()
+        # Slot-ordered map (correct also when a group mixes bf16 and fp32 params, e.g. the router).
+        id_map = get_param_id_to_sharded_param_map(
+            model_sharded_state_dict, self._model_params_in_slot_order()
+        )
+        groups = state_dict["optimizer"]["param_groups"]
+        main_ids = {
+            id(p) for g in self.fp32_from_float16_groups for p in g
+        }
+        fp32_sharded = []
+        for g_idx, (fp32_group, state_group) in enumerate(
+            zip(state_dict["fp32_from_fp16_params"], groups)
+        ):
+            slots = [
+                pid
+                for pid, p in zip(state_group["params"], self.optimizer.param_groups[g_idx]["params"])
+                if id(p) in main_ids
+            ]
+            fp32_sharded.append(
+                [
+                    make_sharded_optimizer_tensor(
+                        id_map[pid], fp32_param, prefix="optimizer.state.fp32_param"
+                    )
+                    for pid, fp32_param in zip(slots, fp32_group)
+                ]
+            )
+        state_dict["fp32_from_fp16_params"] = fp32_sharded
+        _optimizer_state_to_sharded(state_dict["optimizer"], id_map)
+        return state_dict
+
+
+class NorMuonFP32Optimizer(FP32Optimizer):
+    """fp32 training: NorMuon-aware ``torch_dist`` checkpoints."""
+
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
+        if is_loading:
+            self.init_state_fn(self.optimizer, self.config)
+        state_dict = self.state_dict()
+        id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, self.get_parameters())
+        _optimizer_state_to_sharded(state_dict, id_map)
+        return state_dict
+
+
+class NorMuonChainedOptimizer(ChainedOptimizer):
+    """Megatron ``ChainedOptimizer`` with the NaN policy of spec §5.4 (D12).
+
+    After Megatron's global grad norm (already a host sync), a non-finite norm returns
+    ``(False, grad_norm, None)`` before clipping or any update (``nan_policy="skip"``), or raises
+    naming the parameters with non-finite gradients (``"raise"``).
+    """
+
+    path = "megatron"
+
+    def __init__(self, chained_optimizers, nan_policy: str = "skip", names=None):
+        super().__init__(chained_optimizers)
+        self.nan_policy = nan_policy
+        self._names = names or {}
+
+    def _nonfinite_names(self) -> List[str]:
+        out = []
+        for opt in self.chained_optimizers:
+            for p in opt.get_parameters():
+                g = p.grad
+                if g is not None and not bool(torch.isfinite(g).all()):
+                    out.append(self._names.get(id(p), f"<param {tuple(p.shape)}>"))
+        return out
+
+    @torch.no_grad()
+    def step(self):
+        found_inf_flag = self.prepare_grads()
+        if found_inf_flag:
+            return False, None, None
+        grad_norm = self.get_grad_norm()
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            if self.nan_policy == "raise":
+                raise FloatingPointError(
+                    f"non-finite gradient norm {grad_norm}; parameters: {self._nonfinite_names()}"
+                )
+            return False, grad_norm, None
+        for optimizer in self.chained_optimizers:
+            if getattr(optimizer, "is_stub_optimizer", False):
+                continue
+            parameters = optimizer.get_parameters()
+            if len(parameters) == 0:
+                continue
+            if optimizer.config.clip_grad > 0.0:
+                from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+                clip_grad_by_total_norm_fp32(
+                    parameters,
+                    max_norm=optimizer.config.clip_grad,
+                    total_norm=grad_norm,
+                    use_decoupled_grad=(
+                        optimizer.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+                    ),
+                )
+        num_zeros_in_grad = self.count_zeros() if self.config.log_num_zeros_in_grad else None
+        update_successful = self.step_with_ready_grads()
+        return update_successful, grad_norm, num_zeros_in_grad
+
+
+def _default_optimizer_config(chunks, st) -> OptimizerConfig:
+    bf16 = any(p.dtype == torch.bfloat16 for c in chunks for p in c.parameters())
+    return OptimizerConfig(
+        optimizer="adam",
+        lr=st.lr,
+        min_lr=st.min_lr,
+        decoupled_lr=st.decoupled_lr,
+        decoupled_min_lr=st.decoupled_min_lr,
+        weight_decay=st.weight_decay,
+        adam_beta1=st.adam_beta1,
+        adam_beta2=st.adam_beta2,
+        adam_eps=st.adam_eps,
+        clip_grad=st.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=False,
+    )
+
+
+def build_megatron_optimizer(
+    chunks: List[torch.nn.Module],
+    routes: Sequence[ParamRoute],
+    st,
+    optimizer_config: Optional[OptimizerConfig],
+    pg_collection,
+    use_gloo_process_groups: bool,
+) -> NorMuonChainedOptimizer:
+    """Spec §5.3 steps 2-6 (the checks of step 1 ran in ``build_optimizer``)."""
+    config = optimizer_config if optimizer_config is not None else _default_optimizer_config(chunks, st)
+    config.optimizer = "adam"
+    groups = ProcessGroupCollection.setup_process_groups_for_optimizer(
+        pg_collection, chunks, use_gloo_process_groups
+    )
+    if pg_collection is None or not hasattr(pg_collection, "tp"):
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+    else:
+        tp_group = pg_collection.tp
+    nm = [r for r in routes if r.optimizer == "normuon"]
+    aux = [r for r in routes if r.optimizer == "adamw"]
+    names = {}
+    for r in routes:
+        names[id(r.param)] = r.name
+
+    optimizers = []
+    for expert in (False, True):
+        sel = [r for r in nm if r.is_expert_parallel == expert]
+        if not sel:
+            continue
+        inner = NorMuon(
+            [_normuon_group(sel, st, expert)],
+            lr=st.lr,
+            momentum=st.normuon_momentum,
+            beta2=st.normuon_beta2,
+            eps=st.normuon_eps,
+            weight_decay=st.weight_decay,
+            compile=bool(st.compile),
+            **_normuon_kwargs(st),
+        )
+        if config.bf16:
+            wrapped = NorMuonFloat16Optimizer(inner, config, None, normuon_init_state)
+        else:
+            wrapped = NorMuonFP32Optimizer(inner, config, normuon_init_state)
+        # Same groups as get_megatron_optimizer: mp for dense, expert tp-pp for expert params.
+        group = groups["expt_tp_pp_group"] if expert else groups["mp_group"]
+        setattr(wrapped, "grad_stats_parallel_group", group)
+        setattr(wrapped, "tp_group", tp_group)
+        optimizers.append(wrapped)
+        for r in sel:
+            main = getattr(r.param, "main_param", None)
+            if main is not None:
+                names[id(main)] = r.name
+
+    # AdamW part through Megatron's own builder, NorMuon (and frozen) params hidden.
+    overrides: Dict[ParamKey, Dict[str, Any]] = {}
+    buckets: Dict[Tuple, set] = {}
+    for r in aux:
+        key = tuple(sorted(_aux_override(r, st).items()))
+        buckets.setdefault(key, set()).add(id(r.param))
+    for i, (key, ids) in enumerate(sorted(buckets.items(), key=lambda kv: str(kv[0]))):
+        pred = ParamPredicate(name=f"vpmoe_aux_{i}_{key}", fn=lambda p, ids=ids: id(p) in ids)
+        overrides[ParamKey(predicate=pred)] = dict(key)
+    flipped = [r.param for r in nm if r.param.requires_grad]
+    for p in flipped:
+        p.requires_grad_(False)
+    try:
+        if aux:
+            aux_chain = get_megatron_optimizer(
+                config,
+                chunks,
+                config_overrides=overrides,
+                use_gloo_process_groups=use_gloo_process_groups,
+                pg_collection=pg_collection,
+            )
+            for o in aux_chain.chained_optimizers:
+                if getattr(o, "optimizer", None) is not None and o.get_parameters():
+                    optimizers.append(o)
+    finally:
+        for p in flipped:
+            p.requires_grad_(True)
+    chained = NorMuonChainedOptimizer(optimizers, nan_policy=st.nan_policy, names=names)
+    return chained

@@ -1,0 +1,151 @@
+"""Shape banks: NorMuon logical matrices grouped into batched ``[N, m, n]`` problems (spec §6.4 R1-R5).
+
+A *logical matrix* (``Member``) is a parameter or a set of row segments of one (a Q/K/V slice of a
+fused QKV weight, a TPA factor of a packed factor weight). Members with the same ``[m, n]``,
+the same param group, the same neuron axis, dtype and device form a ``Bank`` that owns contiguous
+fp32 buffers:
+
+* ``G``  ``[N, m, n]`` gathered gradients; re-used as the output buffer for the update ``-lr * Delta``.
+* ``M``  ``[N, m, n]`` momentum (authoritative optimizer state; whole-parameter members expose
+  ``M[i]`` as their ``momentum_buffer`` view).
+* ``V``  second moment in the *oriented* layout: ``[N, s, 1]`` or ``[N, 1, L]``
+  (``s = min(m, n)``, ``L = max(m, n)``), see :func:`bank_update`.
+
+The math of one step of one bank is :func:`bank_update`: elementwise prologue, Polar Express on
+the wide orientation, neuron-wise second moment and the fork's scale rule, written so that
+``torch.compile(dynamic=False, fullgraph=True)`` sees one graph per bank with hyper-parameters
+as 0-d tensors (an LR change never recompiles) and no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+
+from .polar_express import Coefficients, _pe_batched
+
+# (start row in the parameter, number of rows); a member's rows are its segments concatenated.
+Segment = Tuple[int, int]
+
+
+@dataclass
+class Member:
+    """One logical matrix: rows ``segments`` of parameter ``param_index`` of group ``group_index``."""
+
+    group_index: int
+    param_index: int
+    segments: Tuple[Segment, ...]
+    shape: Tuple[int, int]
+    whole: bool
+    name: str = ""
+
+
+@dataclass
+class Bank:
+    """Equal-shape members of one param group, processed together (one compiled graph)."""
+
+    group_index: int
+    shape: Tuple[int, int]  # [m, n] of every member, original [out, in] orientation
+    flip: bool  # m > n: PE runs on the transpose
+    stat_dim: int  # oriented axis reduced for the neuron statistic (-1: per oriented row)
+    stat_on_rows: bool  # neuron axis = original rows
+    members: List[Member]
+    G: torch.Tensor
+    M: torch.Tensor
+    V: torch.Tensor
+    shape_scale: float
+    # Precomputed views for the gather / scatter (rebuilt with the bank).
+    g_dst: List[torch.Tensor] = field(default_factory=list)
+    d_src: List[torch.Tensor] = field(default_factory=list)
+    w_dst: List[torch.Tensor] = field(default_factory=list)
+    seg_member: List[int] = field(default_factory=list)  # member index of each segment view
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    def member_v(self, i: int) -> torch.Tensor:
+        """Second moment of member ``i`` in original orientation (``[m, 1]`` or ``[1, n]``)."""
+        v = self.V[i]
+        return v.mT if self.flip else v
+
+
+def bank_layout(shape: Tuple[int, int], neuron_axis: str) -> Tuple[bool, bool, int]:
+    """``(flip, stat_on_rows, stat_dim)`` for an ``[m, n]`` member.
+
+    ``neuron_axis="rows"``: one statistic per output neuron (row of ``[out, in]``), spec D3.
+    ``neuron_axis="larger"``: one statistic per index of the larger dimension (rows when m >= n).
+    """
+    m, n = shape
+    flip = m > n
+    if neuron_axis == "rows":
+        on_rows = True
+    elif neuron_axis == "larger":
+        on_rows = m >= n
+    else:
+        raise ValueError(f"neuron_axis must be 'rows' or 'larger', got {neuron_axis!r}")
+    # Oriented tensor is the transpose when flipped: original rows are oriented columns.
+    if on_rows:
+        stat_dim = -2 if flip else -1
+    else:
+        stat_dim = -1 if flip else -2
+    return flip, on_rows, stat_dim
+
+
+def oriented_v_shape(shape: Tuple[int, int], flip: bool, stat_dim: int) -> Tuple[int, int]:
+    s, L = (shape[1], shape[0]) if flip else shape
+    return (s, 1) if stat_dim == -1 else (1, L)
+
+
+def bank_update(
+    G: torch.Tensor,
+    M: torch.Tensor,
+    V: torch.Tensor,
+    lr: torch.Tensor,
+    mu: torch.Tensor,
+    beta2: torch.Tensor,
+    eps: torch.Tensor,
+    flip: bool,
+    stat_dim: int,
+    table: Coefficients,
+    safety: float,
+    pe_eps: float,
+    compute_dtype: torch.dtype,
+    scale_mode: str,
+    shape_scale: float,
+    rms_scale: float,
+) -> None:
+    """One NorMuon step for a bank (spec §1.4 steps 1-9), in place.
+
+    Args:
+        G: ``[N, m, n]`` gradients (read), overwritten with ``-lr * Delta`` (original orientation).
+        M: ``[N, m, n]`` momentum, updated in place.
+        V: ``[N, s, 1]`` / ``[N, 1, L]`` second moment (oriented), updated in place.
+        lr, mu, beta2, eps: 0-d tensors (learning rate, momentum, second-moment decay, epsilon).
+        flip: members are tall; PE works on ``X = U^T`` (``[N, n, m]``).
+        stat_dim: oriented axis averaged for the per-neuron mean square.
+        table, safety, pe_eps, compute_dtype: Polar Express settings.
+        scale_mode: ``"shape"`` (fork: restore ``||O||_F`` then ``* sqrt(max(1, m/n))``) or
+            ``"rms0.2"`` (paper: ``0.2 * sqrt(mn) / ||O_hat||_F``).
+        shape_scale: ``sqrt(max(1, m/n))`` for ``"shape"``.
+        rms_scale: ``0.2 * sqrt(m n)`` for ``"rms0.2"``.
+    """
+    M.lerp_(G, 1.0 - mu)  # 1: M <- M + (1-mu)(G - M)
+    U = torch.lerp(G, M, mu)  # 2: Nesterov U = G + mu (M - G)
+    X = U.mT if flip else U
+    O = _pe_batched(X, table, safety, pe_eps, compute_dtype).to(M.dtype)  # 3 (oriented)
+    r = O.square().mean(dim=stat_dim, keepdim=True)  # 4: per-neuron mean square
+    V.lerp_(r, 1.0 - beta2)  # 5
+    s = torch.rsqrt(V + eps)  # 6
+    length = O.shape[stat_dim]
+    R = r.sum(dim=(-2, -1), keepdim=True) * length  # ||O||_F^2
+    S = (r * s * s).sum(dim=(-2, -1), keepdim=True) * length  # ||s * O||_F^2
+    if scale_mode == "shape":
+        k = s * (torch.sqrt(R) / torch.clamp_min(torch.sqrt(S), eps)) * shape_scale  # 7-9
+    else:
+        k = s * (rms_scale / torch.clamp_min(torch.sqrt(S), eps))
+    delta = (k * O) * (-lr)
+    G.copy_(delta.mT if flip else delta)

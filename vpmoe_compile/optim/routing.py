@@ -1,0 +1,315 @@
+"""Parameter routing: which optimizer, which logical matrices, which lr / weight decay (spec §4.1).
+
+The role is decided by an explicit rule table (Megatron parameter name + attributes), never by
+``ndim`` alone:
+
+======================================================  ==========  =========  =================
+parameter                                               optimizer   wd_mult    logical matrices
+======================================================  ==========  =========  =================
+``rotary_pos_emb.log_freq`` / attr ``grape_log_freq``   AdamW       0          --
+attr ``is_embedding_or_output_parameter``               AdamW       1          --
+``*.bias``, every 0-d / 1-d tensor (norms, sinks...)    AdamW       0          --
+``*.router.weight``                                     per config  1          whole
+2-D with attr ``tpa_factor_rows``                       NorMuon     1          one per row block
+global ``*.linear_qkv.weight``                          NorMuon     1          per ``qkv_split``
+``linear_proj`` / ``linear_fc1`` / ``linear_fc2``       NorMuon     1          whole (fc1 of a
+(dense, shared expert, each SequentialMLP expert,                              gated MLP: gate
+TEGroupedMLP ``weight{e}``)                                                    and up halves)
+any other 2-D or >2-D parameter                         error       --         --
+======================================================  ==========  =========  =================
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+Segment = Tuple[int, int]
+Blocks = Optional[Tuple[Tuple[Segment, ...], ...]]
+
+__all__ = ["ParamRoute", "classify_parameters", "routing_table", "optimizer_settings", "RoutingError"]
+
+
+class RoutingError(ValueError):
+    """A parameter has no known optimizer role."""
+
+
+_DEFAULTS: Dict[str, Any] = dict(
+    name="normuon",
+    lr=3e-3,
+    min_lr=3e-4,
+    normuon_aux_lr=3e-4,
+    normuon_aux_min_lr=None,
+    weight_decay=0.01,
+    adam_beta1=0.9,
+    adam_beta2=0.95,
+    adam_eps=1e-8,
+    normuon_momentum=0.95,
+    normuon_beta2=0.95,
+    normuon_eps=1e-10,
+    polar_express_safety_factor=2e-2,
+    polar_express_steps=5,
+    qkv_split="qkv",
+    router_optimizer="normuon",
+    scale_mode="shape",
+    neuron_axis="rows",
+    clip_grad=1.0,
+    nan_policy="skip",
+    compile=True,
+    decoupled_lr=None,
+    decoupled_min_lr=None,
+)
+
+
+@dataclass
+class OptimizerSettings:
+    """Resolved optimizer settings (``cfg.optimizer`` fields with their defaults)."""
+
+    values: Dict[str, Any]
+
+    def __getattr__(self, item):
+        try:
+            return self.values[item]
+        except KeyError as e:
+            raise AttributeError(item) from e
+
+    @property
+    def aux_lr(self) -> float:
+        return self.lr if self.normuon_aux_lr is None else self.normuon_aux_lr
+
+    @property
+    def aux_min_lr(self) -> float:
+        # Fork semantics, field by field: the aux value when set, else the NorMuon one.
+        return self.min_lr if self.normuon_aux_min_lr is None else self.normuon_aux_min_lr
+
+
+def optimizer_settings(cfg: Any = None) -> OptimizerSettings:
+    """Read the optimizer section from a ``VpMoEConfig``, its ``optimizer`` section, or ``None``."""
+    section = cfg
+    if cfg is not None and not isinstance(getattr(cfg, "optimizer", "x"), str):
+        section = cfg.optimizer
+    values = {k: getattr(section, k, v) if section is not None else v for k, v in _DEFAULTS.items()}
+    for key, allowed in (
+        ("qkv_split", ("qkv", "fused", "head")),
+        ("router_optimizer", ("normuon", "adamw")),
+        ("scale_mode", ("shape", "rms0.2")),
+        ("neuron_axis", ("rows", "larger")),
+        ("nan_policy", ("skip", "raise")),
+    ):
+        if values[key] not in allowed:
+            raise ValueError(f"optimizer.{key} must be one of {allowed}, got {values[key]!r}")
+    return OptimizerSettings(values)
+
+
+@dataclass
+class ParamRoute:
+    """Routing decision for one parameter."""
+
+    name: str
+    param: torch.nn.Parameter = field(repr=False)
+    optimizer: str  # "normuon" | "adamw" | "frozen"
+    role: str
+    wd_mult: float
+    blocks: Blocks = None  # NorMuon logical matrices (row segments); None -> whole matrix
+    block_names: Tuple[str, ...] = ()
+    is_expert_parallel: bool = False
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(self.param.shape)
+
+
+_NORM_RE = re.compile(r"(layernorm|layer_norm|final_norm|\.norm)\.(weight|bias)$")
+_EXPERT_RE = re.compile(r"\.experts\.")
+_FFN_RE = re.compile(r"\.linear_fc[12]\.weight\d*$")
+
+
+def _model_config(model: torch.nn.Module):
+    cfg = getattr(model, "config", None)
+    if cfg is None and hasattr(model, "module"):
+        cfg = getattr(model.module, "config", None)
+    return cfg
+
+
+def _qkv_blocks(param: torch.Tensor, name: str, mcfg, mode: str) -> Tuple[Blocks, Tuple[str, ...]]:
+    if mcfg is None:
+        raise RoutingError(f"{name}: a fused QKV weight needs model.config for its geometry")
+    heads = mcfg.num_attention_heads
+    groups = mcfg.num_query_groups or heads
+    d = mcfg.kv_channels
+    per_group = heads // groups
+    rows_per_group = (per_group + 2) * d
+    if param.shape[0] != groups * rows_per_group:
+        raise RoutingError(
+            f"{name}: {tuple(param.shape)} does not match the interleaved QKV layout "
+            f"{groups} groups x ({per_group} q + k + v) x {d} rows (tensor parallel > 1?)"
+        )
+    if mode == "fused":
+        return None, ("qkv",)
+    if mode == "qkv":
+        q = tuple((g * rows_per_group, per_group * d) for g in range(groups))
+        k = tuple((g * rows_per_group + per_group * d, d) for g in range(groups))
+        v = tuple((g * rows_per_group + (per_group + 1) * d, d) for g in range(groups))
+        return (q, k, v), ("q", "k", "v")
+    if mode == "head":
+        blocks, names = [], []
+        for g in range(groups):
+            base = g * rows_per_group
+            for h in range(per_group):
+                blocks.append(((base + h * d, d),))
+                names.append(f"q{g * per_group + h}")
+            blocks.append(((base + per_group * d, d),))
+            names.append(f"k{g}")
+            blocks.append(((base + (per_group + 1) * d, d),))
+            names.append(f"v{g}")
+        return tuple(blocks), tuple(names)
+    raise ValueError(f"qkv_split must be 'qkv', 'fused' or 'head', got {mode!r}")
+
+
+def _tpa_blocks(param: torch.Tensor, name: str) -> Tuple[Blocks, Tuple[str, ...]]:
+    spec = getattr(param, "tpa_factor_rows")
+    blocks, names, row = [], [], 0
+    for block_name, rows in spec:
+        blocks.append(((row, int(rows)),))
+        names.append(str(block_name))
+        row += int(rows)
+    if row != param.shape[0]:
+        raise RoutingError(f"{name}: tpa_factor_rows sum to {row}, the weight has {param.shape[0]} rows")
+    return tuple(blocks), tuple(names)
+
+
+def _named_parameters(model) -> Iterable[Tuple[str, torch.nn.Parameter]]:
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    seen = set()
+    for ci, chunk in enumerate(chunks):
+        for name, p in chunk.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            yield (name if len(chunks) == 1 else f"chunk{ci}.{name}"), p, chunk
+
+
+def classify_parameters(model, cfg: Any = None) -> List[ParamRoute]:
+    """Route every parameter of ``model`` (a module or a list of model chunks), spec §4.1.
+
+    Raises:
+        RoutingError: naming every 2-D (or higher) parameter that matches no rule.
+    """
+    st = optimizer_settings(cfg)
+    routes: List[ParamRoute] = []
+    unknown: List[str] = []
+    for name, p, chunk in _named_parameters(model):
+        ep = not getattr(p, "allreduce", True)
+        if not p.requires_grad:
+            routes.append(ParamRoute(name, p, "frozen", "frozen", 0.0, is_expert_parallel=ep))
+            continue
+        if getattr(p, "grape_log_freq", False) or name.endswith("log_freq"):
+            routes.append(ParamRoute(name, p, "adamw", "grape_log_freq", 0.0, is_expert_parallel=ep))
+            continue
+        if getattr(p, "is_embedding_or_output_parameter", False):
+            role = "output" if "output_layer" in name else "embedding"
+            routes.append(ParamRoute(name, p, "adamw", role, 1.0, is_expert_parallel=ep))
+            continue
+        if name.endswith(".bias") or p.ndim < 2:
+            if name.endswith(".bias") and not _NORM_RE.search(name):
+                role = "bias"
+            elif _NORM_RE.search(name):
+                role = "norm"
+            elif name.endswith("softmax_offset"):
+                role = "sink"
+            else:
+                role = "scalar" if p.ndim == 0 else "vector"
+            routes.append(ParamRoute(name, p, "adamw", role, 0.0, is_expert_parallel=ep))
+            continue
+        if p.ndim != 2:
+            unknown.append(f"{name} {tuple(p.shape)}")
+            continue
+        if name.endswith(".router.weight"):
+            opt = st.router_optimizer
+            routes.append(
+                ParamRoute(name, p, opt, "router", 1.0, None, ("router",), is_expert_parallel=ep)
+            )
+            continue
+        if hasattr(p, "tpa_factor_rows"):
+            blocks, names = _tpa_blocks(p, name)
+            routes.append(ParamRoute(name, p, "normuon", "tpa_factors", 1.0, blocks, names, ep))
+            continue
+        if name.endswith(".linear_qkv.weight"):
+            blocks, names = _qkv_blocks(p, name, _model_config(chunk), st.qkv_split)
+            routes.append(ParamRoute(name, p, "normuon", "qkv", 1.0, blocks, names, ep))
+            continue
+        if name.endswith(".linear_proj.weight"):
+            routes.append(ParamRoute(name, p, "normuon", "attn_proj", 1.0, None, ("proj",), ep))
+            continue
+        if _FFN_RE.search(name):
+            if _EXPERT_RE.search(name) and "shared_experts" not in name:
+                role = "expert"
+            elif "shared_experts" in name:
+                role = "shared_expert"
+            else:
+                role = "dense_mlp"
+            blocks, names = None, ("fc2",) if ".linear_fc2." in name else ("fc1",)
+            mcfg = _model_config(chunk)
+            if ".linear_fc1." in name and getattr(mcfg, "gated_linear_unit", False):
+                half = p.shape[0] // 2
+                blocks, names = (((0, half),), ((half, half),)), ("gate", "up")
+            routes.append(ParamRoute(name, p, "normuon", role, 1.0, blocks, names, ep))
+            continue
+        unknown.append(f"{name} {tuple(p.shape)}")
+    if unknown:
+        raise RoutingError(
+            "no optimizer role for these parameters (add a rule in vpmoe_compile/optim/routing.py "
+            "or mark them with an attribute): " + ", ".join(unknown)
+        )
+    return routes
+
+
+def routing_table(model, cfg: Any = None) -> List[Dict[str, Any]]:
+    """Routing as data for the debug dump: one dict per parameter.
+
+    Keys: ``name``, ``shape``, ``dtype``, ``group`` ("normuon" | "adamw" | "frozen"), ``role``,
+    ``lr``, ``min_lr`` (the scheduler's ``max_lr`` / ``min_lr`` of that group), ``wd`` (weight
+    decay applied = ``weight_decay * wd_mult``), ``wd_mult``, ``is_expert_parallel`` and
+    ``matrices``: the logical NorMuon matrices as ``[name, rows, cols]`` (empty for AdamW).
+    """
+    st = optimizer_settings(cfg)
+    table = []
+    for r in classify_parameters(model, cfg):
+        if r.optimizer == "normuon":
+            lr, min_lr = st.lr, st.min_lr
+            if r.blocks is None:
+                mats = [[(r.block_names or ("matrix",))[0], int(r.shape[0]), int(r.shape[1])]]
+            else:
+                mats = [
+                    [n, int(sum(length for _, length in segs)), int(r.shape[1])]
+                    for n, segs in zip(r.block_names, r.blocks)
+                ]
+        elif r.optimizer == "adamw":
+            mats = []
+            if r.role in ("embedding", "output") and st.decoupled_lr is not None:
+                lr = st.decoupled_lr
+                min_lr = st.decoupled_min_lr if st.decoupled_min_lr is not None else st.min_lr
+            else:
+                lr, min_lr = st.aux_lr, st.aux_min_lr
+        else:
+            lr = min_lr = 0.0
+            mats = []
+        table.append(
+            dict(
+                name=r.name,
+                shape=list(r.shape),
+                dtype=str(r.param.dtype).replace("torch.", ""),
+                group=r.optimizer,
+                role=r.role,
+                lr=lr,
+                min_lr=min_lr,
+                wd=st.weight_decay * r.wd_mult if r.optimizer != "frozen" else 0.0,
+                wd_mult=r.wd_mult,
+                is_expert_parallel=r.is_expert_parallel,
+                matrices=mats,
+            )
+        )
+    return table

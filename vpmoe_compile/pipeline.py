@@ -1,0 +1,246 @@
+"""``transform(model)``: rewrite a stock Megatron-Core GPT model into vpMoE, in place.
+
+The default pipeline (each pass in its own file under ``passes/``)::
+
+    layer_plan        read-only: per layer local/global, dense/MoE, sites
+    global_attention  global layers: DotProductAttention -> flash kernel (causal + sink)
+    grape             GRAPE-M on local layers, GRAPE-A (ALiBi) on global layers
+    tpa               local layers: TPA factor projection + fused window/sink kernel
+    optimizer_routing read-only: the NorMuon/AdamW routing table of every parameter
+
+``transform`` must run before DDP / distributed-optimizer / Float16Module wrapping (parameters
+created afterwards would never be reduced or updated) and refuses a wrapped model, a model that
+is not a ``GPTModel`` and a model it already transformed. It is all-or-nothing: on any error the
+model's modules, parameters and buffers are exactly as before.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from megatron_base.config import VpMoEConfig, load_config
+from passes.base import Pass, PassContext, PassError, PassManager, PassResult
+
+DUMP_ENV = "VPMOE_DUMP_DIR"
+
+
+class TransformError(PassError):
+    """``transform`` refused the model; nothing was changed."""
+
+
+@dataclass
+class TransformRecord:
+    """Attached to a transformed model as ``model.vpmoe_transform``."""
+
+    passes: List[str]
+    results: List[PassResult]
+    config_source: str
+    time_s: float
+    dump_dir: Optional[str] = None
+    plan: Any = None
+
+    def summary(self) -> str:
+        lines = [f"vpmoe_compile.transform: {len(self.passes)} passes in {self.time_s:.2f} s"]
+        for r in self.results:
+            delta = ""
+            if r.params_added or r.params_removed:
+                delta = f"  [+{r.params_added_count:,} / -{r.params_removed_count:,} params]"
+            lines.append(f"  {r.name:<18} {r.summary}{delta}")
+        if self.dump_dir:
+            lines.append(f"  debug dump: {self.dump_dir}/index.md")
+        return "\n".join(lines)
+
+
+def available_passes(backend: str = "auto") -> Dict[str, Pass]:
+    from passes import GlobalAttentionPass, GrapePass, LayerPlanPass, OptimizerRoutingPass, TPAPass
+
+    return {
+        "layer_plan": LayerPlanPass(),
+        "global_attention": GlobalAttentionPass(backend=backend),
+        "grape": GrapePass(),
+        "tpa": TPAPass(backend=backend),
+        "optimizer_routing": OptimizerRoutingPass(),
+    }
+
+
+def default_pipeline(cfg: VpMoEConfig, backend: str = "auto") -> List[Pass]:
+    """The passes the config asks for, in order."""
+    allp = available_passes(backend)
+    names = ["layer_plan", "global_attention"]
+    if cfg.attention.position_embedding_type == "grapem":
+        names.append("grape")
+        if cfg.tpa.use_tpa:
+            names.append("tpa")
+    elif cfg.tpa.use_tpa:
+        raise TransformError(
+            "[tpa] use_tpa = true needs [attention] position_embedding_type = 'grapem' (the fused "
+            "TPA kernel rotates q/k with GRAPE-M)"
+        )
+    names.append("optimizer_routing")
+    return [allp[n] for n in names]
+
+
+def _refuse(model) -> None:
+    from megatron.core.models.gpt import GPTModel
+
+    wrappers = ("DistributedDataParallel", "FullyShardedDataParallel", "Float16Module", "MegatronFSDP")
+    cls_names = [c.__name__ for c in type(model).__mro__]
+    if any(w in cls_names for w in wrappers) or any(n.startswith("FSDP") for n in cls_names):
+        raise TransformError(
+            f"transform() got a {type(model).__name__}: it must run on the bare GPTModel BEFORE "
+            "DDP / FSDP / Float16Module wrapping and before the optimizer is built, because "
+            "parameters created afterwards would never be reduced or updated. Call "
+            "vpmoe_compile.transform(model) first, then wrap the model."
+        )
+    if isinstance(model, (list, tuple)):
+        raise TransformError("transform() takes one model chunk; call it once per chunk")
+    if not isinstance(model, GPTModel):
+        raise TransformError(
+            f"transform() needs a megatron.core.models.gpt.GPTModel, got {type(model).__name__}"
+        )
+    if getattr(model, "vpmoe_transform", None) is not None:
+        raise TransformError(
+            "this model was already transformed by vpmoe_compile (passes: "
+            f"{model.vpmoe_transform.passes}); transform a freshly built stock model instead"
+        )
+
+
+def config_from_model(model) -> VpMoEConfig:
+    """A :class:`VpMoEConfig` read off a stock model's ``TransformerConfig`` (for models not
+    built by :func:`megatron_base.build_stock_gpt`); ``[tpa]``/``[grape]`` keep their defaults."""
+    tc = model.config
+    cfg = VpMoEConfig()
+    m, a, moe = cfg.model, cfg.attention, cfg.moe
+    m.num_layers, m.hidden_size = tc.num_layers, tc.hidden_size
+    m.num_attention_heads = tc.num_attention_heads
+    m.num_query_groups = tc.num_query_groups or tc.num_attention_heads
+    m.head_dim, m.ffn_hidden_size = tc.kv_channels, tc.ffn_hidden_size
+    m.qk_layernorm, m.softmax_type = tc.qk_layernorm, tc.softmax_type
+    m.add_bias_linear, m.add_qkv_bias = tc.add_bias_linear, tc.add_qkv_bias
+    m.layernorm_epsilon, m.init_method_std = tc.layernorm_epsilon, tc.init_method_std
+    a.attention_dropout = tc.attention_dropout
+    if tc.window_size is not None:
+        a.window_size = tc.window_size[0] + 1
+    if isinstance(tc.window_attn_skip_freq, int):
+        a.window_attn_skip_freq = tc.window_attn_skip_freq
+    rope = getattr(model, "rotary_pos_emb", None)
+    if rope is not None and getattr(rope, "inv_freq", None) is not None:
+        inv = rope.inv_freq.float().cpu()
+        if inv.numel() > 1:
+            a.rotary_base = float(round(float(1.0 / inv[1]) ** (tc.kv_channels / 2.0)))
+    moe.num_experts = tc.num_moe_experts or 0
+    moe.topk = tc.moe_router_topk
+    a.max_sequence_length = getattr(model, "max_sequence_length", a.max_sequence_length)
+    cfg.tokenizer.vocab_size = model.vocab_size
+    cfg.source = "<derived from model.config>"
+    return cfg
+
+
+def _check_cfg_matches(cfg: VpMoEConfig, model) -> None:
+    tc = model.config
+    pairs = [
+        ("[model] num_layers", cfg.model.num_layers, tc.num_layers),
+        ("[model] hidden_size", cfg.model.hidden_size, tc.hidden_size),
+        ("[model] num_attention_heads", cfg.model.num_attention_heads, tc.num_attention_heads),
+        ("[model] num_query_groups", cfg.model.num_query_groups, tc.num_query_groups or tc.num_attention_heads),
+        ("[model] head_dim", cfg.model.head_dim, tc.kv_channels),
+        ("[attention] window_size", cfg.megatron_window_size, tuple(tc.window_size) if tc.window_size else None),
+    ]
+    bad = [f"{k}: config {c} vs model {m}" for k, c, m in pairs if c != m]
+    if bad:
+        raise TransformError(
+            "the config does not describe this model (" + "; ".join(bad) + "); pass the config the "
+            "model was built from, or cfg=None to read it off the model"
+        )
+
+
+def _resolve_passes(passes, cfg, backend) -> List[Pass]:
+    if passes is None:
+        return default_pipeline(cfg, backend)
+    allp = available_passes(backend)
+    out = []
+    for p in passes:
+        if isinstance(p, Pass):
+            out.append(p)
+        elif isinstance(p, str):
+            if p not in allp:
+                raise TransformError(f"unknown pass {p!r}; available: {', '.join(allp)}")
+            out.append(allp[p])
+        else:
+            raise TransformError(f"passes must be names or Pass instances, got {type(p).__name__}")
+    return out
+
+
+def transform(
+    model: nn.Module,
+    cfg: Union[VpMoEConfig, str, os.PathLike, None] = None,
+    *,
+    passes: Optional[Sequence[Union[str, Pass]]] = None,
+    dump_dir: Union[str, os.PathLike, None] = None,
+    verify: str = "auto",
+    backend: str = "auto",
+    progress: Optional[bool] = None,
+) -> nn.Module:
+    """Rewrite a stock Megatron-Core ``GPTModel`` into the vpMoE architecture, in place.
+
+    Args:
+        model: a bare (unwrapped) stock ``GPTModel``.
+        cfg: the :class:`VpMoEConfig` (or preset name / TOML path) the model was built from.
+            Default: the config ``build_stock_gpt`` attached, else one read off ``model.config``.
+        passes: pass names or :class:`passes.base.Pass` objects, in order. Default: the
+            pipeline the config asks for (:func:`default_pipeline`).
+        dump_dir: write the debug dump here (also taken from ``$VPMOE_DUMP_DIR``).
+        verify: ``"auto"`` | ``"forward"`` | ``"params"`` (see :class:`PassManager`).
+        backend: kernel backend of the new attention modules: ``"auto"`` (Triton on CUDA, the
+            PyTorch reference on CPU), ``"triton"`` or ``"reference"``.
+        progress: print one line per pass (default: when stderr is a terminal).
+
+    Returns:
+        the same ``model`` object, transformed; ``model.vpmoe_transform`` holds the record.
+
+    Raises:
+        TransformError / PassError: the model or config is refused; nothing was changed.
+    """
+    t0 = time.perf_counter()
+    _refuse(model)
+    if cfg is None:
+        cfg = getattr(model, "vpmoe_config", None) or config_from_model(model)
+    else:
+        cfg = load_config(cfg)
+    _check_cfg_matches(cfg, model)
+    pipeline = _resolve_passes(passes, cfg, backend)
+    if dump_dir is None and os.environ.get(DUMP_ENV):
+        dump_dir = os.environ[DUMP_ENV]
+    if progress is None:
+        progress = sys.stderr.isatty()
+    show = (lambda name, i, n: print(f"[vpmoe_compile] pass {i + 1}/{n}: {name}", file=sys.stderr)) if progress else None
+    mgr = PassManager(pipeline, verify=verify, capture_graphs=dump_dir is not None, progress=show)
+    ctx = PassContext(model=model, cfg=cfg)
+
+    def finish(ctx: PassContext) -> None:
+        record = TransformRecord(
+            passes=[p.name for p in pipeline],
+            results=ctx.results,
+            config_source=cfg.source,
+            time_s=time.perf_counter() - t0,
+            dump_dir=str(dump_dir) if dump_dir is not None else None,
+            plan=ctx.plan,
+        )
+        if dump_dir is not None:
+            from vpmoe_compile.dump import write_dump
+
+            write_dump(dump_dir, model, cfg, record)
+        model.vpmoe_transform = record
+        model.vpmoe_config = cfg
+        if "optimizer_routing" in ctx.options:
+            model.vpmoe_optimizer_routing = ctx.options["optimizer_routing"]
+
+    mgr.run(ctx, on_success=finish)
+    return model
