@@ -40,10 +40,16 @@ Loss mask (D6; ``HarmonyRenderConfig.mask_policy``)
   ``mask_policy="assistant"`` marks every assistant token (the vpMoE fork's rule).
 * The EOD the dataset builder appends is 0.
 
-Determinism (spec §4.4): nothing reads the clock. ``SystemContent`` must set
-``conversation_start_date`` explicitly (``None`` or a fixed date string); harmony's default of
-``None`` is accepted only when set explicitly (JSON: the key must be present), unless
-``require_explicit_date=False``. ``auto_drop_analysis`` defaults to ``False`` (D7: keep the
+JSON form: follows openai-harmony's own serialization (``Message.to_dict`` drops null fields
+and its Rust side reads an absent field as None), so an absent ``system_content`` /
+``developer_content`` field means null - *not* the Python-side default (``SystemContent()``'s
+identity, cutoff, effort and channels). Unknown keys are errors.
+
+Determinism (spec §4.4): nothing reads the clock; a ``Current date:`` line appears only when
+``conversation_start_date`` is given. A ``SystemContent`` *object* must set
+``conversation_start_date`` explicitly (``None`` or a fixed date string, e.g. via
+:func:`make_system_content`) unless ``require_explicit_date=False``, so that a dataset never
+silently depends on defaults. ``auto_drop_analysis`` defaults to ``False`` (D7: keep the
 chain of thought for distillation); pass ``True`` for harmony's own default.
 """
 
@@ -241,13 +247,12 @@ def _parse_content_item(item, where: str, require_date: bool):
                 f"{where}: unknown {kind} keys {sorted(unknown)}; allowed: "
                 f"{sorted(cls.model_fields)}"
             )
-        if kind == "system_content" and require_date and "conversation_start_date" not in fields:
-            raise HarmonyFormatError(
-                f"{where}: system_content must set 'conversation_start_date' explicitly "
-                "(null or a fixed 'YYYY-MM-DD'; dates are never taken from the clock)"
-            )
+        # openai-harmony's JSON form (``to_json`` drops nulls; Rust's serde reads an absent
+        # field as None): absent = null, never the Python-side default.
+        values = {f: None for f in cls.model_fields}
+        values.update(fields)
         try:
-            return cls(**fields)
+            return cls(**values)
         except Exception as exc:  # pydantic.ValidationError
             raise HarmonyFormatError(f"{where}: invalid {kind}: {exc}") from None
     raise HarmonyFormatError(
@@ -404,8 +409,9 @@ class HarmonyRenderer:
         self.tokenizer = tokenizer
         self._lib = lib
         self._enc_cache: Dict[str, List[int]] = {}
-        self._harmony_cache: Dict[Tuple[str, bool], List[int]] = {}
-        self.preamble_hashes: Dict[str, int] = {}
+        self._harmony_cache: Dict[Tuple[str, bool], Tuple[List[int], str]] = {}
+        #: sha256 of every system/developer message rendered by openai-harmony (for manifests).
+        self.preamble_hashes: set = set()
 
     # -- text segments ---------------------------------------------------------------------
 
@@ -427,39 +433,41 @@ class HarmonyRenderer:
 
         key_json = msg.to_json()
         key = (key_json, has_function_tools)
-        ids = self._harmony_cache.get(key)
-        if ids is None:
-            for s in _walk_strings(msg.to_dict()):
-                m = _LONE_SURROGATE_RE.search(s)
-                if m is not None:
-                    raise HarmonyFormatError(
-                        f"messages[{index}]: text contains a lone surrogate "
-                        f"U+{ord(m.group()):04X} (invalid Unicode)"
-                    )
-                if _LONG_WS_FOR_HARMONY.search(s):
-                    raise HarmonyFormatError(
-                        f"messages[{index}]: a system/developer message contains a whitespace "
-                        "run of >= 50,000 characters, which openai-harmony's renderer cannot "
-                        "encode (quadratic / panics); shorten it"
-                    )
-            enc = load_harmony_encoding_offline()
-            try:
-                ids = list(
-                    enc.render(
-                        msg, RenderOptions(conversation_has_function_tools=has_function_tools)
-                    )
-                )
-            except Exception as exc:  # HarmonyError
+        hit = self._harmony_cache.get(key)
+        if hit is not None:
+            self.preamble_hashes.add(hit[1])
+            return hit[0]
+        for s in _walk_strings(msg.to_dict()):
+            m = _LONE_SURROGATE_RE.search(s)
+            if m is not None:
                 raise HarmonyFormatError(
-                    f"messages[{index}]: openai-harmony cannot render this message: {exc}"
-                ) from None
-            if len(self._harmony_cache) > 1024:
-                self._harmony_cache.clear()
-            self._harmony_cache[key] = ids
-            digest = hashlib.sha256(
-                (key_json + ("|functions" if has_function_tools else "")).encode()
-            ).hexdigest()
-            self.preamble_hashes[digest] = self.preamble_hashes.get(digest, 0) + 1
+                    f"messages[{index}]: text contains a lone surrogate "
+                    f"U+{ord(m.group()):04X} (invalid Unicode)"
+                )
+            if _LONG_WS_FOR_HARMONY.search(s):
+                raise HarmonyFormatError(
+                    f"messages[{index}]: a system/developer message contains a whitespace "
+                    "run of >= 50,000 characters, which openai-harmony's renderer cannot "
+                    "encode (quadratic / panics); shorten it"
+                )
+        enc = load_harmony_encoding_offline()
+        try:
+            ids = list(
+                enc.render(
+                    msg, RenderOptions(conversation_has_function_tools=has_function_tools)
+                )
+            )
+        except Exception as exc:  # HarmonyError
+            raise HarmonyFormatError(
+                f"messages[{index}]: openai-harmony cannot render this message: {exc}"
+            ) from None
+        if len(self._harmony_cache) > 1024:
+            self._harmony_cache.clear()
+        digest = hashlib.sha256(
+            (key_json + ("|functions" if has_function_tools else "")).encode()
+        ).hexdigest()
+        self._harmony_cache[key] = (ids, digest)
+        self.preamble_hashes.add(digest)
         return ids
 
     # -- one message -----------------------------------------------------------------------

@@ -215,8 +215,9 @@ def build_stock_gpt(
             position_embedding_type=pos,
             rotary_base=int(cfg.attention.rotary_base),
         )
-    if not meta:
-        model = model.to(device)
+    # Megatron allocates a few tensors on an explicit device (softmax_offset, router buffers):
+    # move everything, so a meta model is entirely meta.
+    model = model.to(device)
     model.vpmoe_config = cfg  # the config it was built from (read by transform())
     return model
 

@@ -22,3 +22,36 @@ import pytest  # noqa: E402
 def _seed():
     torch.manual_seed(1234)
     yield
+
+
+@pytest.fixture(scope="session")
+def megatron_env():
+    """torch.distributed (gloo, world size 1) + Megatron parallel state, once per session."""
+    from megatron_base import init_process
+
+    init_process(seed=1234)
+    yield
+
+
+@pytest.fixture()
+def tiny_cfg():
+    from megatron_base import load_config
+
+    return load_config("tiny")
+
+
+@pytest.fixture()
+def tiny_model(megatron_env, tiny_cfg):
+    """A freshly built stock tiny GPTModel (fp32, CPU)."""
+    from megatron_base import build_stock_gpt
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(0)
+    return build_stock_gpt(tiny_cfg, device="cpu")
+
+
+def make_batch(b=2, s=32, vocab=201088, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, s), generator=g)
+    pos = torch.arange(s).unsqueeze(0).expand(b, s)
+    return ids, pos

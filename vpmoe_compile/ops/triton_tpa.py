@@ -450,11 +450,21 @@ def _swa_bwd_dkv_kernel(
 # ============================================================================ launchers
 
 
-def _blocks():
-    """Tile sizes: small tiles under the interpreter (speed, edge coverage), 64 on the GPU."""
+# GPU tile choices (tokens per prologue program and its warps; attention tiles). Module-level so a
+# benchmark can sweep them; the interpreter always uses 16-wide tiles.
+GPU_TILES = dict(BT_FWD=16, WARPS_FWD=4, BT_BWD=16, WARPS_BWD=4, BM=64, BN=64, WARPS_ATTN=4, STAGES_ATTN=2)
+
+
+def _blocks(kind: str = "attn"):
+    """Tile sizes: small tiles under the interpreter (speed, edge coverage), ``GPU_TILES`` on GPU."""
     if _interpreting():
-        return dict(BT=16, BM=16, BN=16, warps=1)
-    return dict(BT=16, BM=64, BN=64, warps=4)
+        return dict(BT=16, BM=16, BN=16, warps=1, stages=1)
+    t = GPU_TILES
+    if kind == "prologue_fwd":
+        return dict(BT=t["BT_FWD"], warps=t["WARPS_FWD"])
+    if kind == "prologue_bwd":
+        return dict(BT=t["BT_BWD"], warps=t["WARPS_BWD"])
+    return dict(BM=t["BM"], BN=t["BN"], warps=t["WARPS_ATTN"], stages=t["STAGES_ATTN"])
 
 
 def _check_dims(head_dim: int):
@@ -486,7 +496,7 @@ def prologue_fwd(factors, c_q, c_k, c_v, gamma_q, gamma_k, cos, sin, *, H, G, d,
     rs_k = torch.empty(s, b, G, device=dev, dtype=torch.float32) if gamma_k is not None else q.new_empty(0, dtype=torch.float32)
     has_bias = c_q is not None
     dummy = cos
-    blk = _blocks()
+    blk = _blocks("prologue_fwd")
     grid = (triton.cdiv(s, blk["BT"]), b)
     _tpa_prologue_fwd_kernel[grid](
         factors, factors.stride(0), factors.stride(1), factors.stride(2),
@@ -512,7 +522,7 @@ def prologue_bwd(dq, dk, dv, factors, c_q, c_k, c_v, gamma_q, gamma_k, rs_q, rs_
     """
     s, b, Fw = factors.shape
     dev = factors.device
-    blk = _blocks()
+    blk = _blocks("prologue_bwd")
     BT = blk["BT"]
     nT = triton.cdiv(s, BT)
     P = d // 2
@@ -556,6 +566,9 @@ def swa_fwd(q, k, v, sink, window: int, softmax_scale: float):
     Returns:
         ``o [s,b,H,d]`` (q dtype), ``lse [b,H,s]`` fp32 (natural log, sink-inclusive).
     """
+    if _interpreting() and q.dtype != torch.float32:  # the interpreter's bf16 tl.dot is wrong
+        o, lse = swa_fwd(q.float(), k.float(), v.float(), sink, window, softmax_scale)
+        return o.to(q.dtype), lse
     s, b, H, d = q.shape
     G = k.shape[2]
     blk = _blocks()
@@ -565,7 +578,7 @@ def swa_fwd(q, k, v, sink, window: int, softmax_scale: float):
     _swa_fwd_kernel[grid](
         q, k, v, sink, o, lse, s, b, int(window), float(softmax_scale) * LOG2E,
         H=H, G=G, D=d, BM=blk["BM"], BN=blk["BN"], IEEE=q.dtype == torch.float32,
-        num_warps=blk["warps"], num_stages=2,
+        num_warps=blk["warps"], num_stages=blk["stages"],
     )
     return o, lse
 
@@ -577,6 +590,10 @@ def swa_bwd(do, q, k, v, o, lse, sink, window: int, softmax_scale: float):
         ``dq [s,b,H,d]``, ``dk``, ``dv`` ``[s,b,G,d]`` (q dtype) and ``dsink [H]`` fp32
         (fixed-order sum of per-program partials).
     """
+    if _interpreting() and q.dtype != torch.float32:  # the interpreter's bf16 tl.dot is wrong
+        dq, dk, dv, dsink = swa_bwd(do.float(), q.float(), k.float(), v.float(), o.float(), lse, sink, window,
+                                    softmax_scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsink
     s, b, H, d = q.shape
     G = k.shape[2]
     blk = _blocks()
@@ -592,11 +609,11 @@ def swa_bwd(do, q, k, v, o, lse, sink, window: int, softmax_scale: float):
     _swa_bwd_dq_kernel[(nM, b * H)](
         q, k, v, o, do, lse, sink, dq, delta, dsink_part,
         s, b, int(window), qk_scale, float(softmax_scale),
-        H=H, G=G, D=d, BM=BM, BN=BN, IEEE=ieee, num_warps=blk["warps"], num_stages=2,
+        H=H, G=G, D=d, BM=BM, BN=BN, IEEE=ieee, num_warps=blk["warps"], num_stages=blk["stages"],
     )
     _swa_bwd_dkv_kernel[(triton.cdiv(s, BN), b * G)](
         q, k, v, do, lse, delta, dk, dv,
         s, b, int(window), qk_scale, float(softmax_scale),
-        H=H, G=G, D=d, BM=BM, BN=BN, IEEE=ieee, num_warps=blk["warps"], num_stages=2,
+        H=H, G=G, D=d, BM=BM, BN=BN, IEEE=ieee, num_warps=blk["warps"], num_stages=blk["stages"],
     )
     return dq, dk, dv, dsink_part.sum(dim=(0, 1))

@@ -253,12 +253,15 @@ CASES = [
     (37, 2, 4, 2, 16, True, None, SMALL),   # many tiles, s not a multiple of the block
     (45, 1, 4, 2, 16, False, 5, SMALL),     # band skipping in fwd/dq and dkv
     (45, 1, 4, 2, 16, False, 17, SMALL),
+    (45, 1, 4, 2, 16, True, 2, SMALL),      # W = 2 mod 4: band edges fall on tile edges
+    (45, 1, 4, 2, 16, False, 14, SMALL),
     (30, 2, 4, 2, 32, False, 64, None),     # s < window
     (1, 2, 4, 2, 16, True, None, None),     # s = 1
     (1, 1, 4, 2, 16, False, 128, SMALL),
     (40, 1, 4, 4, 16, True, None, SMALL),   # MHA (1 head per group)
     (40, 1, 4, 1, 16, False, 9, SMALL),     # MQA (4 heads per group)
     (33, 1, 6, 2, 16, True, 7, SMALL),      # 3 heads per group: PACK = 3, padded packed rows
+    (33, 1, 6, 2, 16, True, None, SMALL),   # ...causal: 5-token tiles, diagonal split off-grid
     (33, 1, 8, 2, 16, True, None, tk.SinkAttentionConfig(  # PACK = 1 < H/G: head loop in dkv
         fwd=tk.KernelTiles(16, 16), dq=tk.KernelTiles(16, 16), dkv=tk.KernelTiles(16, 16), pack=1)),
     (33, 1, 8, 2, 16, False, 10, tk.SinkAttentionConfig(pack=2)),

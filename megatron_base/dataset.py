@@ -1,0 +1,603 @@
+"""JSONL -> Megatron ``.bin/.idx`` dataset builder (tokens, aligned loss masks, manifest).
+
+Input: a JSONL file, one document per line, either
+
+* ``{"text": "..."}`` - a pretraining document, encoded with ``encode_ordinary`` semantics
+  (special-token text stays text, D2); every token has loss mask 1, or
+* ``{"messages": [...]}`` - a Harmony conversation (openai-harmony's JSON form, see
+  :mod:`megatron_base.harmony`), rendered exactly like openai-harmony's
+  ``render_conversation_for_training``; loss mask per :class:`HarmonyRenderConfig`.
+
+(Optional keys ``"id"`` and ``"meta"`` are ignored; any other key is a schema error. Blank
+lines are skipped and counted.) Every document is followed by EOD ``<|endoftext|>`` = 199,999
+with mask 0.
+
+Output for ``--output PREFIX``:
+
+* ``PREFIX.bin`` / ``PREFIX.idx`` - token ids, ``int32`` (DType code 4), written with
+  Megatron's ``IndexedDatasetBuilder``, one sequence per document;
+* ``PREFIX_loss_mask.bin`` / ``.idx`` - ``uint8`` 0/1, aligned token by token with the ids
+  (identical sequence lengths and document indices). ``mask[i] == 1`` means *token i* is a
+  training target, so the mask of Megatron's ``labels = text[1:]`` is ``mask[1:]``
+  (:class:`LossMaskedGPTDataset` does this);
+* ``PREFIX.manifest.json`` - tokenizer identity and vocab hash, render config and mask rule,
+  library versions, input sha256, counts (documents, tokens, trained tokens, bad lines with
+  line numbers), sha256 of the four output files, hashes of the distinct system/developer
+  preambles.
+
+Determinism: each line is processed independently and results are written in input order, so
+the four outputs and the manifest are byte-identical for the same input on every run and for
+every number of worker processes (the manifest holds no paths, times or worker counts).
+Bad lines (invalid UTF-8 or JSON, wrong schema, unknown role, lone surrogate, ...) are reported
+with their 1-based line number and skipped (counted in the manifest), or abort the build with
+``strict=True``; no good line is lost. Outputs are written under temporary names and renamed
+only when complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version as _pkg_version
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from megatron.core.datasets.gpt_dataset import GPTDataset
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+from megatron_base.harmony import HarmonyFormatError, HarmonyRenderConfig, HarmonyRenderer
+from megatron_base.tokenizer import (
+    EOD_ID,
+    O200K_BASE_SHA256,
+    O200K_HARMONY_VOCAB_SIZE,
+    O200kHarmonyTokenizer,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DatasetBuildConfig",
+    "DatasetBuildError",
+    "BuildResult",
+    "build_dataset",
+    "build_demo_dataset",
+    "open_dataset",
+    "LossMaskedGPTDataset",
+    "DEMO_CORPUS_PATH",
+    "LOSS_MASK_SUFFIX",
+    "MANIFEST_SUFFIX",
+]
+
+LOSS_MASK_SUFFIX = "_loss_mask"
+MANIFEST_SUFFIX = ".manifest.json"
+MANIFEST_FORMAT = "vpmoe-compile/dataset-manifest/v1"
+DEMO_CORPUS_PATH = Path(__file__).resolve().parent / "sample_data" / "demo.jsonl"
+
+_CHUNK_LINES = 256
+_CHUNK_BYTES = 4 << 20
+_MAX_REPORTED_ERRORS = 100
+_TEXT_DOC_KEYS = {"text"}
+_EXTRA_DOC_KEYS = {"id", "meta"}
+
+MASK_RULE_TEXT = (
+    "text documents: every token 1; conversations: system/developer/user/tool messages 0, "
+    "assistant messages 1 (all channels, including <|call|> and the final <|return|>)"
+)
+MASK_RULE_GENERATED = (
+    "; the <|start|> and role tokens of an assistant message that follows a non-assistant "
+    "message are 0 (prompt-supplied)"
+)
+
+
+class DatasetBuildError(RuntimeError):
+    """The build failed (bad line under ``strict``, unreadable input, bad output prefix)."""
+
+
+@dataclass
+class DatasetBuildConfig:
+    """Configuration of :func:`build_dataset`.
+
+    Attributes:
+        input_path: the JSONL file.
+        output_prefix: path prefix of the outputs (no ``.bin``/``.idx`` suffix); missing parent
+            directories are created.
+        workers: worker processes; ``None`` = all cores (``os.cpu_count()``); 1 = in-process.
+            Does not affect the output.
+        strict: abort on the first bad line instead of skipping it.
+        render: Harmony rendering / mask policy.
+        vocab_path: o200k_base asset (default: the vendored copy).
+        progress: show a tqdm progress bar on stderr.
+    """
+
+    input_path: str
+    output_prefix: str
+    workers: Optional[int] = None
+    strict: bool = False
+    render: HarmonyRenderConfig = field(default_factory=HarmonyRenderConfig)
+    vocab_path: Optional[str] = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.workers is None:
+            self.workers = os.cpu_count() or 1
+        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1:
+            raise ValueError(f"workers must be a positive integer, got {self.workers!r}")
+        prefix = os.fspath(self.output_prefix)
+        if not prefix or prefix.endswith(("/", os.sep)):
+            raise ValueError(f"output prefix {prefix!r} must name a file prefix, not a directory")
+        if prefix.endswith((".bin", ".idx")):
+            raise ValueError(
+                f"output prefix {prefix!r} ends in .bin/.idx; give the prefix without the suffix"
+            )
+        self.output_prefix = prefix
+        self.input_path = os.fspath(self.input_path)
+
+
+@dataclass
+class BuildResult:
+    """What :func:`build_dataset` produced (``manifest`` is what was written to disk)."""
+
+    prefix: str
+    manifest_path: str
+    manifest: Dict[str, Any]
+    seconds: float
+    input_bytes: int
+
+    @property
+    def mb_per_s(self) -> float:
+        """Input throughput in MB/s (10^6 bytes)."""
+        return self.input_bytes / 1e6 / max(self.seconds, 1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-line processing (runs in workers)
+# --------------------------------------------------------------------------------------------
+
+
+class _LineProcessor:
+    def __init__(self, render_cfg: HarmonyRenderConfig, vocab_path: Optional[str]) -> None:
+        self.tokenizer = O200kHarmonyTokenizer(
+            vocab_path, surrogate_errors=render_cfg.surrogate_errors
+        )
+        self.renderer = HarmonyRenderer(render_cfg, tokenizer=self.tokenizer)
+        self._lib = self.tokenizer._tokenizer
+
+    def document(self, line: bytes) -> Tuple[str, Optional[np.ndarray], Optional[np.ndarray]]:
+        """-> (kind, ids, mask); kind in {"text", "conversation", "blank"}; raises ValueError."""
+        try:
+            s = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"invalid UTF-8 at byte {exc.start}") from None
+        if not s.strip():
+            return "blank", None, None
+        try:
+            obj = json.loads(s)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"invalid JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise ValueError(
+                f'a line must be a JSON object {{"text": ...}} or {{"messages": [...]}}, got '
+                f"{type(obj).__name__}"
+            )
+        if "text" in obj and "messages" not in obj:
+            unknown = set(obj) - _TEXT_DOC_KEYS - _EXTRA_DOC_KEYS
+            if unknown:
+                raise ValueError(
+                    f"unknown keys {sorted(unknown)} in a text document (allowed: text, id, meta)"
+                )
+            text = obj["text"]
+            if not isinstance(text, str):
+                raise ValueError(f"'text' must be a string, got {type(text).__name__}")
+            ids = self._lib.encode(text)
+            arr = np.empty(len(ids) + 1, dtype=np.int32)
+            arr[:-1] = ids
+            arr[-1] = EOD_ID
+            mask = np.ones(len(arr), dtype=np.uint8)
+            mask[-1] = 0
+            return "text", arr, mask
+        if "messages" in obj and "text" not in obj:
+            ids, m = self.renderer.render(obj)
+            arr = np.empty(len(ids) + 1, dtype=np.int32)
+            arr[:-1] = ids
+            arr[-1] = EOD_ID
+            mask = np.empty(len(arr), dtype=np.uint8)
+            mask[:-1] = m
+            mask[-1] = 0
+            return "conversation", arr, mask
+        raise ValueError(
+            'a line must be {"text": "..."} or {"messages": [...]} (exactly one of the two), '
+            f"got keys {sorted(obj)}"
+        )
+
+    def chunk(self, first_line: int, lines: List[bytes]):
+        toks: List[np.ndarray] = []
+        masks: List[np.ndarray] = []
+        lengths: List[int] = []
+        errors: List[Tuple[int, str]] = []
+        kinds = collections.Counter()
+        self.renderer.preamble_hashes.clear()
+        for k, line in enumerate(lines):
+            try:
+                kind, ids, mask = self.document(line)
+            except (HarmonyFormatError, ValueError, TypeError) as exc:
+                errors.append((first_line + k, str(exc)))
+                continue
+            kinds[kind] += 1
+            if ids is None:
+                continue
+            toks.append(ids)
+            masks.append(mask)
+            lengths.append(len(ids))
+        tok_arr = np.concatenate(toks) if toks else np.empty(0, np.int32)
+        mask_arr = np.concatenate(masks) if masks else np.empty(0, np.uint8)
+        if tok_arr.size and (tok_arr.min() < 0 or tok_arr.max() >= O200K_HARMONY_VOCAB_SIZE):
+            raise RuntimeError("token id out of range [0, 201088)")  # pragma: no cover
+        return (
+            tok_arr,
+            mask_arr,
+            np.asarray(lengths, dtype=np.int64),
+            errors,
+            dict(kinds),
+            sorted(self.renderer.preamble_hashes),
+            sum(len(x) for x in lines),
+        )
+
+
+_WORKER: Optional[_LineProcessor] = None
+
+
+def _worker_init(render_cfg: HarmonyRenderConfig, vocab_path: Optional[str]) -> None:
+    global _WORKER
+    _WORKER = _LineProcessor(render_cfg, vocab_path)
+
+
+def _worker_chunk(args):
+    return _WORKER.chunk(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def _read_chunks(path: str, hasher) -> Iterator[Tuple[int, List[bytes]]]:
+    with open(path, "rb") as f:
+        line_no = 1
+        lines: List[bytes] = []
+        nbytes = 0
+        first = 1
+        for line in f:
+            hasher.update(line)
+            if not lines:
+                first = line_no
+            lines.append(line)
+            nbytes += len(line)
+            line_no += 1
+            if len(lines) >= _CHUNK_LINES or nbytes >= _CHUNK_BYTES:
+                yield first, lines
+                lines, nbytes = [], 0
+        if lines:
+            yield first, lines
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _versions() -> Dict[str, str]:
+    out = {}
+    for pkg in ("tiktoken", "openai-harmony", "megatron-core"):
+        try:
+            out[pkg] = _pkg_version(pkg)
+        except Exception:  # pragma: no cover
+            out[pkg] = "unknown"
+    return out
+
+
+def _ordered_results(cfg: DatasetBuildConfig, chunks):
+    """Yield chunk results in input order, with a bounded number in flight."""
+    if cfg.workers == 1:
+        proc = _LineProcessor(cfg.render, cfg.vocab_path)
+        for c in chunks:
+            yield proc.chunk(*c)
+        return
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
+    with ctx.Pool(cfg.workers, _worker_init, (cfg.render, cfg.vocab_path)) as pool:
+        pending = collections.deque()
+        for c in chunks:
+            pending.append(pool.apply_async(_worker_chunk, (c,)))
+            if len(pending) >= 3 * cfg.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def build_dataset(config: DatasetBuildConfig) -> BuildResult:
+    """Build ``PREFIX.bin/.idx``, ``PREFIX_loss_mask.bin/.idx`` and ``PREFIX.manifest.json``.
+
+    Raises:
+        DatasetBuildError: unreadable input; a bad line under ``strict`` (message names the
+            line number and the problem); nothing is left at the output paths then.
+        ValueError: invalid configuration.
+    """
+    cfg = config
+    if not os.path.isfile(cfg.input_path):
+        raise DatasetBuildError(
+            f"input file {cfg.input_path!r} does not exist or is not a regular file"
+        )
+    prefix = cfg.output_prefix
+    parent = os.path.dirname(os.path.abspath(prefix))
+    os.makedirs(parent, exist_ok=True)
+    mask_prefix = prefix + LOSS_MASK_SUFFIX
+    final = {
+        "tokens_bin": prefix + ".bin",
+        "tokens_idx": prefix + ".idx",
+        "mask_bin": mask_prefix + ".bin",
+        "mask_idx": mask_prefix + ".idx",
+        "manifest": prefix + MANIFEST_SUFFIX,
+    }
+    tmp = {k: v + f".partial-{os.getpid()}" for k, v in final.items()}
+    input_size = os.path.getsize(cfg.input_path)
+    t0 = time.perf_counter()
+    hasher = hashlib.sha256()
+    counts = collections.Counter()
+    errors: List[Dict[str, Any]] = []
+    preambles = set()
+    n_bad = 0
+    tok_builder = IndexedDatasetBuilder(tmp["tokens_bin"], dtype=np.int32)
+    mask_builder = IndexedDatasetBuilder(tmp["mask_bin"], dtype=np.uint8)
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=input_size,
+            unit="B",
+            unit_scale=True,
+            desc=f"build-dataset {os.path.basename(cfg.input_path)}",
+            disable=not cfg.progress,
+            file=sys.stderr,
+        )
+        with bar:
+            for tok_arr, mask_arr, lengths, errs, kinds, pre, nbytes in _ordered_results(
+                cfg, _read_chunks(cfg.input_path, hasher)
+            ):
+                for line_no, msg in errs:
+                    n_bad += 1
+                    if cfg.strict:
+                        raise DatasetBuildError(
+                            f"{cfg.input_path}: line {line_no}: {msg} (--strict: aborting; "
+                            "nothing was written)"
+                        )
+                    logger.warning("%s: line %d skipped: %s", cfg.input_path, line_no, msg)
+                    if len(errors) < _MAX_REPORTED_ERRORS:
+                        errors.append({"line": line_no, "error": msg})
+                counts.update(kinds)
+                preambles.update(pre)
+                offset = 0
+                for n in lengths.tolist():
+                    tok_builder.add_document(tok_arr[offset : offset + n], [n])
+                    mask_builder.add_document(mask_arr[offset : offset + n], [n])
+                    offset += n
+                counts["tokens"] += int(tok_arr.size)
+                counts["trained_tokens"] += int(mask_arr.sum(dtype=np.int64))
+                bar.update(nbytes)
+        tok_builder.finalize(tmp["tokens_idx"])
+        mask_builder.finalize(tmp["mask_idx"])
+        if n_bad:
+            print(
+                f"build-dataset: skipped {n_bad} bad line(s) of {cfg.input_path} (see the "
+                f"manifest; --strict makes them fatal)",
+                file=sys.stderr,
+            )
+        n_docs = counts.get("text", 0) + counts.get("conversation", 0)
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "tokenizer": {
+                "name": "o200k_harmony",
+                "class": "megatron_base.tokenizer.O200kHarmonyTokenizer",
+                "vocab_file": "o200k_base.tiktoken",
+                "vocab_sha256": O200K_BASE_SHA256,
+                "vocab_size": O200K_HARMONY_VOCAB_SIZE,
+                "eod": EOD_ID,
+                "text_special_tokens": "ordinary",
+            },
+            "versions": _versions(),
+            "render": {
+                **cfg.render.to_dict(),
+                "mask_rule": MASK_RULE_TEXT
+                + (MASK_RULE_GENERATED if cfg.render.mask_policy == "generated" else ""),
+                "eod_appended": True,
+                "eod_mask": 0,
+                "label_mask": "mask[1:] of a sample's tokens (mask is aligned with tokens)",
+            },
+            "input": {
+                "name": os.path.basename(cfg.input_path),
+                "sha256": hasher.hexdigest(),
+                "bytes": input_size,
+            },
+            "counts": {
+                "documents": n_docs,
+                "text_documents": counts.get("text", 0),
+                "conversations": counts.get("conversation", 0),
+                "blank_lines": counts.get("blank", 0),
+                "bad_lines": n_bad,
+                "tokens": counts["tokens"],
+                "trained_tokens": counts["trained_tokens"],
+            },
+            "bad_lines": errors,
+            "bad_lines_truncated": n_bad > len(errors),
+            "preamble_sha256": sorted(preambles),
+            "outputs": {
+                "tokens": {
+                    "bin": os.path.basename(final["tokens_bin"]),
+                    "idx": os.path.basename(final["tokens_idx"]),
+                    "dtype": "int32",
+                    "bin_sha256": _sha256_file(tmp["tokens_bin"]),
+                    "idx_sha256": _sha256_file(tmp["tokens_idx"]),
+                },
+                "loss_mask": {
+                    "bin": os.path.basename(final["mask_bin"]),
+                    "idx": os.path.basename(final["mask_idx"]),
+                    "dtype": "uint8",
+                    "bin_sha256": _sha256_file(tmp["mask_bin"]),
+                    "idx_sha256": _sha256_file(tmp["mask_idx"]),
+                },
+            },
+        }
+        with open(tmp["manifest"], "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True, ensure_ascii=False)
+            f.write("\n")
+        for k in ("tokens_bin", "tokens_idx", "mask_bin", "mask_idx", "manifest"):
+            os.replace(tmp[k], final[k])
+    except BaseException:
+        for p in tmp.values():
+            try:
+                os.remove(p)
+            except OSError:
+                pass
+        raise
+    seconds = time.perf_counter() - t0
+    return BuildResult(prefix, final["manifest"], manifest, seconds, input_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading back
+# --------------------------------------------------------------------------------------------
+
+
+def open_dataset(prefix: str):
+    """Open ``(tokens, loss_mask)`` as Megatron ``IndexedDataset``s and check their alignment.
+
+    Raises:
+        DatasetBuildError: missing files, wrong dtypes, or masks not aligned with the tokens.
+    """
+    for p in (prefix, prefix + LOSS_MASK_SUFFIX):
+        if not (os.path.exists(p + ".bin") and os.path.exists(p + ".idx")):
+            raise DatasetBuildError(f"missing {p}.bin/.idx; build it with build-dataset")
+    toks = IndexedDataset(prefix)
+    masks = IndexedDataset(prefix + LOSS_MASK_SUFFIX)
+    if toks.index.dtype != np.int32 or masks.index.dtype != np.uint8:
+        raise DatasetBuildError(
+            f"{prefix}: expected int32 tokens and uint8 masks, got {toks.index.dtype} and "
+            f"{masks.index.dtype}"
+        )
+    if not (
+        np.array_equal(toks.sequence_lengths, masks.sequence_lengths)
+        and np.array_equal(toks.document_indices, masks.document_indices)
+    ):
+        raise DatasetBuildError(f"{prefix}: loss masks are not aligned with the tokens")
+    return toks, masks
+
+
+class LossMaskedGPTDataset(GPTDataset):
+    """``GPTDataset`` whose ``loss_mask`` also applies the stored per-token loss masks.
+
+    Use it as the dataset class of ``BlendedMegatronDatasetBuilder`` on a prefix written by
+    :func:`build_dataset`. Samples are cut exactly as stock ``GPTDataset`` cuts them (same
+    indices, packing across documents); the mask dataset ``PREFIX_loss_mask`` is sliced with the
+    same sample index, shifted to label alignment and multiplied into Megatron's own
+    ``loss_mask`` (padding, ``eod_mask_loss``).
+    """
+
+    def __init__(
+        self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config
+    ) -> None:
+        super().__init__(
+            indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config
+        )
+        prefix = indexed_dataset.path_prefix
+        if not os.path.exists(prefix + LOSS_MASK_SUFFIX + ".idx"):
+            raise DatasetBuildError(
+                f"{prefix}: no loss-mask dataset {prefix + LOSS_MASK_SUFFIX}.bin/.idx next to "
+                "the tokens; build the data with build-dataset"
+            )
+        self.mask_dataset = IndexedDataset(prefix + LOSS_MASK_SUFFIX, mmap=config.mmap_bin_files)
+        if not (
+            np.array_equal(indexed_dataset.sequence_lengths, self.mask_dataset.sequence_lengths)
+            and np.array_equal(
+                indexed_dataset.document_indices, self.mask_dataset.document_indices
+            )
+        ):
+            raise DatasetBuildError(f"{prefix}: loss masks are not aligned with the tokens")
+
+    def __getitem__(self, idx: Optional[int]) -> Dict[str, torch.Tensor]:
+        sample = super().__getitem__(idx)
+        tokens_dataset = self.dataset
+        self.dataset = self.mask_dataset
+        try:
+            m, _ = self._query_document_sample_shuffle_indices(0 if idx is None else idx)
+        finally:
+            self.dataset = tokens_dataset
+        m = torch.from_numpy(np.clip(m, 0, 1)).float()  # padding (-1) -> 0
+        if self.config.add_extra_token_to_sequence:
+            label_mask = m[1:]
+        else:
+            label_mask = torch.roll(m, shifts=-1, dims=0)
+            label_mask[-1] = 0
+        sample["loss_mask"] = sample["loss_mask"] * label_mask
+        return sample
+
+
+# --------------------------------------------------------------------------------------------
+# The demo dataset
+# --------------------------------------------------------------------------------------------
+
+
+def build_demo_dataset(out_dir, workers: Optional[int] = None, progress: bool = False) -> str:
+    """Build (or reuse) the ``.bin/.idx`` of the shipped demo corpus and return its prefix.
+
+    The prefix is ``out_dir/demo-<first 12 hex of the corpus sha256>``; an existing build is
+    reused when its manifest matches the corpus hash, the vocabulary hash and the render config
+    and the four output files still have the recorded sha256 (otherwise it is rebuilt). Read it
+    back with :func:`open_dataset` or Megatron's ``IndexedDataset(prefix)``.
+    """
+    corpus = DEMO_CORPUS_PATH
+    if not corpus.is_file():
+        raise DatasetBuildError(f"the demo corpus {corpus} is missing from the package")
+    digest = _sha256_file(str(corpus))
+    out = Path(out_dir)
+    prefix = str(out / f"demo-{digest[:12]}")
+    cfg = DatasetBuildConfig(
+        input_path=str(corpus),
+        output_prefix=prefix,
+        workers=workers or min(os.cpu_count() or 1, 4),
+        strict=True,
+        progress=progress,
+    )
+    mpath = prefix + MANIFEST_SUFFIX
+    if os.path.exists(mpath):
+        try:
+            with open(mpath, encoding="utf-8") as f:
+                m = json.load(f)
+            ok = (
+                m.get("input", {}).get("sha256") == digest
+                and m.get("tokenizer", {}).get("vocab_sha256") == O200K_BASE_SHA256
+                and {k: m["render"].get(k) for k in cfg.render.to_dict()} == cfg.render.to_dict()
+            )
+            if ok:
+                outs = m["outputs"]
+                for part, p in (("tokens", prefix), ("loss_mask", prefix + LOSS_MASK_SUFFIX)):
+                    for ext in ("bin", "idx"):
+                        if _sha256_file(f"{p}.{ext}") != outs[part][f"{ext}_sha256"]:
+                            ok = False
+            if ok:
+                return prefix
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        logger.info("demo dataset at %s is stale or damaged; rebuilding", prefix)
+    build_dataset(cfg)
+    return prefix

@@ -1,0 +1,168 @@
+"""GRAPE, global-attention and TPA passes on the tiny model: semantics, parity, gradients."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import vpmoe_compile
+from passes.base import PassError
+from tests.conftest import make_batch
+from vpmoe_compile.modules.attention import SinkCoreAttention, VpMoESelfAttention
+from vpmoe_compile.modules.grape import GrapeA, GrapeMRotaryEmbedding
+from vpmoe_compile.modules.tpa import TPACoreAttention, TPAFactorProjection, TPASelfAttention
+
+
+def _logits(model, ids, pos):
+    with torch.no_grad():
+        return model(ids, pos, None).double()
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_global_attention_pass_alone_keeps_semantics(tiny_model):
+    ids, pos = make_batch()
+    with torch.no_grad():
+        for l in tiny_model.decoder.layers:
+            l.self_attention.core_attention.softmax_offset.normal_(0, 1.0)
+    ref = _logits(tiny_model, ids, pos)
+    sink = tiny_model.decoder.layers[3].self_attention.core_attention.softmax_offset
+    vpmoe_compile.transform(tiny_model, passes=["layer_plan", "global_attention"])
+    core = tiny_model.decoder.layers[3].self_attention.core_attention
+    assert isinstance(core, SinkCoreAttention) and core.softmax_offset is sink
+    assert type(tiny_model.decoder.layers[0].self_attention.core_attention).__name__ == "DotProductAttention"
+    assert _rel(_logits(tiny_model, ids, pos), ref) < 1e-5
+
+
+def test_grape_m_at_init_equals_stock_rope(tiny_model, tiny_cfg):
+    """Without GRAPE-A, the GRAPE pass at init reproduces the stock model (RoPE local, NoPE global)."""
+    ids, pos = make_batch()
+    ref = _logits(tiny_model, ids, pos)
+    cfg = dataclasses.replace(tiny_cfg, grape=dataclasses.replace(tiny_cfg.grape, grape_a=False))
+    vpmoe_compile.transform(tiny_model, cfg, passes=["layer_plan", "global_attention", "grape"])
+    assert isinstance(tiny_model.rotary_pos_emb, GrapeMRotaryEmbedding)
+    assert _rel(_logits(tiny_model, ids, pos), ref) < 1e-4
+    # and a changed frequency is live
+    with torch.no_grad():
+        tiny_model.rotary_pos_emb.log_freq.add_(3.0)
+    assert _rel(_logits(tiny_model, ids, pos), ref) > 1e-4
+
+
+def test_grape_pass_sites_and_untouched_layers(tiny_model):
+    mlps = [l.mlp for l in tiny_model.decoder.layers]
+    projs = [l.self_attention.linear_proj for l in tiny_model.decoder.layers]
+    norms = [l.input_layernorm for l in tiny_model.decoder.layers]
+    emb, out = tiny_model.embedding, tiny_model.output_layer
+    vpmoe_compile.transform(tiny_model, passes=["layer_plan", "global_attention", "grape"])
+    layers = tiny_model.decoder.layers
+    for i, l in enumerate(layers):
+        assert l.mlp is mlps[i] and l.self_attention.linear_proj is projs[i] and l.input_layernorm is norms[i]
+        assert isinstance(l.self_attention, VpMoESelfAttention)
+        assert l.self_attention.rotate == (i != 3)
+    assert tiny_model.embedding is emb and tiny_model.output_layer is out
+    grape_a = layers[3].self_attention.core_attention.grape_a
+    assert isinstance(grape_a, GrapeA)
+    assert torch.equal(grape_a.slopes, torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
+    assert "slopes" not in tiny_model.state_dict().keys().__str__()  # non-persistent buffer
+    assert "rotary_pos_emb.log_freq" in tiny_model.state_dict()
+
+
+def _alibi_sink_ref(q, k, v, sink, slopes, scale):
+    s, b, H, d = q.shape
+    G = k.shape[2]
+    i = torch.arange(s)[:, None]
+    j = torch.arange(s)[None, :]
+    out = torch.empty(s, b, H, d, dtype=torch.float64)
+    for h in range(H):
+        g = h // (H // G)
+        z = torch.einsum("ibd,jbd->bij", q[:, :, h].double(), k[:, :, g].double()) * scale
+        z = z - slopes[h].double() * (i - j)
+        z = z.masked_fill(j > i, float("-inf"))
+        cat = torch.cat([z, sink[h].double().expand(b, s, 1)], dim=-1)
+        p = torch.softmax(cat, dim=-1)[..., :-1]
+        out[:, :, h] = torch.einsum("bij,jbd->ibd", p, v[:, :, g].double())
+    return out.reshape(s, b, H * d)
+
+
+def test_global_layer_uses_alibi_and_sink(tiny_model):
+    vpmoe_compile.transform(tiny_model, passes=["layer_plan", "global_attention", "grape"])
+    core = tiny_model.decoder.layers[3].self_attention.core_attention
+    with torch.no_grad():
+        core.softmax_offset.normal_(0, 1.0)
+    q, k, v = torch.randn(20, 2, 8, 16), torch.randn(20, 2, 2, 16), torch.randn(20, 2, 2, 16)
+    got = core(q, k, v, None)
+    want = _alibi_sink_ref(q, k, v, core.softmax_offset.detach(), core.grape_a.slopes, core.softmax_scale)
+    assert _rel(got.double(), want) < 1e-6
+
+
+def test_full_transform_backward_reaches_every_new_parameter(tiny_model):
+    vpmoe_compile.transform(tiny_model)
+    ids, pos = make_batch()
+    tiny_model(ids, pos, None, labels=ids).mean().backward()
+    lf = tiny_model.rotary_pos_emb.log_freq
+    assert lf.dtype == torch.float32 and lf.grad is not None and lf.grad.abs().sum() > 0
+    for i in range(3):
+        sa = tiny_model.decoder.layers[i].self_attention
+        assert isinstance(sa, TPASelfAttention)
+        for p in (sa.linear_qkv.weight, sa.linear_qkv.bias, sa.q_layernorm.weight, sa.k_layernorm.weight, sa.core_attention.softmax_offset):
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    tiny_model.bfloat16()
+    assert tiny_model.rotary_pos_emb.log_freq.dtype == torch.float32
+
+
+def test_tpa_local_layer_matches_the_fork_order_of_operations(tiny_model, tiny_cfg):
+    """Ours (packed factors + fused op) vs the fork's chain from the same parameters:
+    six projections -> contraction /R -> bias -> RMSNorm -> rotate (Megatron's own rotary code)
+    -> stock DotProductAttention (window + sink) -> linear_proj."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from vpmoe_compile.ops.tpa_reference import fork_mixed_qkv, split_mixed_qkv
+
+    vpmoe_compile.transform(tiny_model)
+    sa = tiny_model.decoder.layers[1].self_attention
+    with torch.no_grad():
+        sa.linear_qkv.bias.normal_(0, 0.5)
+        sa.q_layernorm.weight.normal_(1, 0.2)
+        sa.k_layernorm.weight.normal_(1, 0.2)
+        sa.core_attention.softmax_offset.normal_(0, 1.0)
+        tiny_model.rotary_pos_emb.log_freq.add_(torch.randn(8))
+    s, b = 40, 2
+    x = torch.randn(s, b, 64)
+    emb = tiny_model.rotary_pos_emb(s)
+    with torch.no_grad():
+        ours, _ = sa(x, None, rotary_pos_emb=emb)
+        rows = dict(sa.linear_qkv.rows)
+        w = torch.split(sa.linear_qkv.weight, [n for _, n in sa.linear_qkv.rows])
+        mixed = fork_mixed_qkv(x, *w, sa.linear_qkv.bias, num_heads=8, num_groups=2, head_dim=16, q_rank=4, kv_rank=2)
+        q, k, v = split_mixed_qkv(mixed, 8, 2, 16)
+        q, k = sa.q_layernorm(q), sa.k_layernorm(k)
+        q = _apply_rotary_pos_emb_bshd(q, emb)
+        k = _apply_rotary_pos_emb_bshd(k, emb)
+        dpa = DotProductAttention(tiny_model.config, layer_number=2, attn_mask_type=AttnMaskType.causal, attention_type="self")
+        dpa.softmax_offset.copy_(sa.core_attention.softmax_offset)
+        fork, _ = sa.linear_proj(dpa(q, k, v, None, attn_mask_type=AttnMaskType.causal))
+    assert rows["a_q"] == 32 and rows["b_q"] == 64
+    assert _rel(ours.double(), fork.double()) < 1e-5
+
+
+def test_tpa_refuses_tensor_parallel_before_touching(tiny_model, monkeypatch):
+    monkeypatch.setattr(tiny_model.config, "tensor_model_parallel_size", 2)
+    classes = [type(m).__name__ for m in tiny_model.modules()]
+    with pytest.raises(PassError, match=r"TP=2|tensor_model_parallel_size = 1"):
+        vpmoe_compile.transform(tiny_model)
+    assert classes == [type(m).__name__ for m in tiny_model.modules()]
+
+
+def test_tpa_factor_init_options(tiny_model, tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, tpa=dataclasses.replace(tiny_cfg.tpa, tpa_init="xavier"))
+    vpmoe_compile.transform(tiny_model, cfg)
+    proj = tiny_model.decoder.layers[0].self_attention.linear_qkv
+    assert isinstance(proj, TPAFactorProjection)
+    a_q = proj.weight[:32]
+    bound = (6.0 / (32 + 64)) ** 0.5
+    assert a_q.abs().max() <= bound and a_q.abs().max() > 0.5 * bound
+    assert proj.weight.tpa_factor_rows[0] == ("a_q", 32)

@@ -1,0 +1,169 @@
+"""The pass manager and transform(): ordering, refusals, all-or-nothing, records."""
+
+import pytest
+import torch
+
+import vpmoe_compile
+from passes.base import ModelSnapshot, Pass, PassError, PassManager, PassContext
+from vpmoe_compile.pipeline import TransformError, default_pipeline
+from tests.conftest import make_batch
+
+
+def _structure(model):
+    """Everything transform must leave untouched on failure."""
+    mods = [(n, type(m).__name__, id(m)) for n, m in model.named_modules()]
+    params = [(n, id(p), p.detach().clone()) for n, p in model.named_parameters()]
+    bufs = [(n, id(b)) for n, b in model.named_buffers()]
+    return mods, params, bufs
+
+
+def _assert_same(a, b):
+    assert a[0] == b[0]
+    assert [(n, i) for n, i, _ in a[1]] == [(n, i) for n, i, _ in b[1]]
+    assert all(torch.equal(x, y) for (_, _, x), (_, _, y) in zip(a[1], b[1]))
+    assert a[2] == b[2]
+
+
+class ExplodingPass(Pass):
+    """Replaces some modules and adds a parameter, then fails midway."""
+
+    name = "exploding"
+    requires = ("layer_plan",)
+
+    def run(self, ctx, result):
+        for layer in ctx.plan.layers[:2]:
+            self.replace_module(ctx.model, layer.mlp_path, torch.nn.Identity(), result)
+        ctx.model.decoder.register_parameter("bogus", torch.nn.Parameter(torch.zeros(3)))
+        ctx.model.some_flag = True
+        raise RuntimeError("boom midway")
+
+
+class InPlacePass(Pass):
+    name = "in_place"
+
+    def run(self, ctx, result):
+        with torch.no_grad():
+            ctx.model.output_layer.weight.mul_(2.0)
+
+
+def test_default_transform_runs_and_records(tiny_model, tiny_cfg):
+    model = vpmoe_compile.transform(tiny_model)
+    assert model is tiny_model
+    rec = model.vpmoe_transform
+    assert rec.passes == ["layer_plan", "global_attention", "grape", "tpa", "optimizer_routing"]
+    by = {r.name: r for r in rec.results}
+    assert by["layer_plan"].replaced == [] and by["layer_plan"].params_added == []
+    assert len(by["global_attention"].replaced) == 1
+    tpa = by["tpa"]
+    assert {p.name for p in tpa.params_removed} == {f"decoder.layers.{i}.self_attention.linear_qkv.weight" for i in range(3)}
+    assert tpa.params_added_count == 3 * 168 * 64 and tpa.params_removed_count == 3 * 192 * 64
+    assert by["grape"].params_added[0].name == "rotary_pos_emb.log_freq"
+    assert all(r.time_s >= 0 and "forward" in r.verified for r in rec.results)
+    ids, pos = make_batch()
+    loss = model(ids, pos, None, labels=ids).mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert "vpmoe_compile.transform" in rec.summary()
+
+
+def test_failing_pass_leaves_model_exactly_as_before(tiny_model):
+    ids, pos = make_batch()
+    with torch.no_grad():
+        ref = tiny_model(ids, pos, None)
+    before = _structure(tiny_model)
+    with pytest.raises(RuntimeError, match="boom midway"):
+        vpmoe_compile.transform(tiny_model, passes=["layer_plan", "global_attention", "grape", ExplodingPass()])
+    _assert_same(before, _structure(tiny_model))
+    assert not hasattr(tiny_model, "some_flag") and getattr(tiny_model, "vpmoe_transform", None) is None
+    with torch.no_grad():
+        assert torch.equal(tiny_model(ids, pos, None), ref)
+    # and it can still be transformed afterwards
+    vpmoe_compile.transform(tiny_model)
+
+
+def test_failing_dump_also_rolls_back(tiny_model, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    before = _structure(tiny_model)
+    with pytest.raises(OSError):
+        vpmoe_compile.transform(tiny_model, passes=["layer_plan", "global_attention"], dump_dir=blocker / "dump")
+    _assert_same(before, _structure(tiny_model))
+
+
+def test_in_place_modification_is_refused_and_undone(tiny_model):
+    before = _structure(tiny_model)
+    with pytest.raises(PassError, match="in place"):
+        vpmoe_compile.transform(tiny_model, passes=["layer_plan", InPlacePass()])
+    assert [n for n, *_ in before[1]] == [n for n, *_ in _structure(tiny_model)[1]]
+
+
+def test_missing_prerequisite_refused_before_any_change(tiny_model):
+    before = _structure(tiny_model)
+    with pytest.raises(PassError, match=r"'tpa' requires \['layer_plan', 'grape'\]"):
+        vpmoe_compile.transform(tiny_model, passes=["tpa"])
+    with pytest.raises(PassError, match="requires"):
+        vpmoe_compile.transform(tiny_model, passes=["layer_plan", "grape"])
+    _assert_same(before, _structure(tiny_model))
+
+
+def test_refuses_already_transformed(tiny_model):
+    vpmoe_compile.transform(tiny_model, passes=["layer_plan", "global_attention"])
+    with pytest.raises(TransformError, match="already transformed"):
+        vpmoe_compile.transform(tiny_model)
+
+
+def test_refuses_non_gpt_and_wrapped(tiny_model):
+    with pytest.raises(TransformError, match="needs a megatron.core.models.gpt.GPTModel"):
+        vpmoe_compile.transform(torch.nn.Linear(4, 4))
+    ddp = torch.nn.parallel.DistributedDataParallel(tiny_model)
+    with pytest.raises(TransformError, match="BEFORE DDP"):
+        vpmoe_compile.transform(ddp)
+
+    class Float16Module(torch.nn.Module):  # same name as Megatron's wrapper
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+    with pytest.raises(TransformError, match="before the optimizer"):
+        vpmoe_compile.transform(Float16Module(tiny_model))
+
+
+def test_config_mismatch_and_unknown_pass(tiny_model):
+    with pytest.raises(TransformError, match="does not describe this model"):
+        vpmoe_compile.transform(tiny_model, "vpmoe-8l")
+    with pytest.raises(TransformError, match="unknown pass 'nope'"):
+        vpmoe_compile.transform(tiny_model, passes=["layer_plan", "nope"])
+
+
+def test_unsupported_config_refused_before_touching(tiny_model, tiny_cfg):
+    import dataclasses
+
+    bad = dataclasses.replace(tiny_cfg, tpa=dataclasses.replace(tiny_cfg.tpa, tpa_rank=3))
+    before = _structure(tiny_model)
+    with pytest.raises(PassError, match="power-of-two rank"):
+        vpmoe_compile.transform(tiny_model, bad)
+    _assert_same(before, _structure(tiny_model))
+    per_head = dataclasses.replace(tiny_cfg, grape=dataclasses.replace(tiny_cfg.grape, grapem_share_across_heads=False))
+    with pytest.raises(PassError, match="per-head GRAPE-M"):
+        vpmoe_compile.transform(tiny_model, per_head)
+    _assert_same(before, _structure(tiny_model))
+
+
+def test_meta_device_transform_counts(megatron_env):
+    from megatron_base import build_stock_gpt, count_parameters
+
+    m = build_stock_gpt("tiny", device="meta")
+    vpmoe_compile.transform(m, verify="params")
+    assert all(p.is_meta for p in m.parameters())
+    assert "parameter accounting" in m.vpmoe_transform.results[-1].verified
+    with pytest.raises(PassError, match="meta"):
+        PassManager([], verify="forward")._do_forward(PassContext(model=m, cfg=None))
+
+
+def test_snapshot_restores_detached_submodules(tiny_model):
+    snap = ModelSnapshot(tiny_model)
+    old = tiny_model.decoder.layers[0].mlp
+    tiny_model.decoder.layers[0].mlp = torch.nn.Identity()
+    old.linear_fc1 = torch.nn.Identity()
+    snap.restore()
+    assert tiny_model.decoder.layers[0].mlp is old and type(old.linear_fc1).__name__ == "ColumnParallelLinear"

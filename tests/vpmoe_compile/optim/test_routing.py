@@ -1,0 +1,118 @@
+"""Routing of every parameter (T6) on a vpMoE-like parameter tree with Megatron names."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vpmoe_compile.optim import RoutingError, classify_parameters, routing_table
+
+from ._fake import D, EXPERTS, GROUPS, HEADS, QKV_ROWS, TPA_ROWS, FakeVpMoE
+
+
+def _by_name(table):
+    return {row["name"]: row for row in table}
+
+
+def test_every_parameter_has_the_spec_role():
+    model = FakeVpMoE()
+    table = _by_name(routing_table(model))
+    assert set(table) == {n for n, _ in model.named_parameters()}
+    for name, row in table.items():
+        p = dict(model.named_parameters())[name]
+        assert row["shape"] == list(p.shape)
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            assert (row["group"], row["wd_mult"], row["lr"]) == ("adamw", 1.0, 3e-4)
+        elif name == "rotary_pos_emb.log_freq":
+            assert (row["group"], row["role"], row["wd"]) == ("adamw", "grape_log_freq", 0.0)
+        elif name.endswith(".bias") or p.ndim < 2:
+            assert row["group"] == "adamw" and row["wd_mult"] == 0.0 and row["wd"] == 0.0
+            assert row["lr"] == 3e-4 and row["min_lr"] == 3e-4
+        else:
+            assert row["group"] == "normuon", name
+            assert row["wd"] == pytest.approx(0.01) and row["lr"] == 3e-3 and row["min_lr"] == 3e-4
+    assert table["decoder.layers.0.self_attention.core_attention.softmax_offset"]["role"] == "sink"
+    assert table["decoder.layers.1.input_layernorm.weight"]["role"] == "norm"
+    assert table["decoder.layers.1.self_attention.q_layernorm.weight"]["role"] == "norm"
+    assert table["decoder.final_layernorm.weight"]["role"] == "norm"
+    # per expert, expert-parallel flag from `allreduce=False`
+    for e in range(EXPERTS):
+        row = table[f"decoder.layers.2.mlp.experts.local_experts.{e}.linear_fc2.weight"]
+        assert row["role"] == "expert" and row["is_expert_parallel"] is True
+        assert row["matrices"] == [["fc2", 32, 8]]
+    assert table["decoder.layers.1.mlp.shared_experts.linear_fc1.weight"]["role"] == "shared_expert"
+    assert table["decoder.layers.0.mlp.linear_fc1.weight"]["role"] == "dense_mlp"
+    assert table["decoder.layers.1.mlp.router.weight"]["group"] == "normuon"  # D7 default
+    # TPA factors as their own matrices, in row order
+    tpa = table["decoder.layers.0.self_attention.linear_qkv.weight"]
+    assert tpa["role"] == "tpa_factors"
+    assert tpa["matrices"] == [[n, r, 32] for n, r in TPA_ROWS]
+    # global fused QKV split per Q / K / V (default qkv_split="qkv")
+    qkv = table["decoder.layers.1.self_attention.linear_qkv.weight"]
+    assert qkv["matrices"] == [["q", HEADS * D, 32], ["k", GROUPS * D, 32], ["v", GROUPS * D, 32]]
+
+
+def test_qkv_split_modes_gather_the_interleaved_rows():
+    model = FakeVpMoE()
+    name = "decoder.layers.1.self_attention.linear_qkv.weight"
+    routes = {r.name: r for r in classify_parameters(model, SimpleNamespace(qkv_split="qkv"))}
+    q, k, v = routes[name].blocks
+    rpg = QKV_ROWS // GROUPS
+    assert q == ((0, 16), (rpg, 16)) and k == ((16, 8), (rpg + 16, 8)) and v == ((24, 8), (rpg + 24, 8))
+    fused = {r.name: r for r in classify_parameters(model, SimpleNamespace(qkv_split="fused"))}
+    assert fused[name].blocks is None
+    head = {r.name: r for r in classify_parameters(model, SimpleNamespace(qkv_split="head"))}
+    assert head[name].block_names == ("q0", "q1", "k0", "v0", "q2", "q3", "k1", "v1")
+    rows = sorted(seg for blk in head[name].blocks for seg in blk)
+    assert sum(n for _, n in rows) == QKV_ROWS
+
+
+def test_router_optimizer_option_and_decoupled_lr():
+    model = FakeVpMoE()
+    cfg = SimpleNamespace(router_optimizer="adamw", decoupled_lr=1e-3, decoupled_min_lr=1e-5,
+                          normuon_aux_lr=None)
+    table = _by_name(routing_table(model, cfg))
+    router = table["decoder.layers.1.mlp.router.weight"]
+    assert router["group"] == "adamw" and router["wd_mult"] == 1.0 and router["lr"] == 3e-3
+    emb = table["embedding.word_embeddings.weight"]
+    assert (emb["lr"], emb["min_lr"]) == (1e-3, 1e-5)
+    bias = table["decoder.layers.1.self_attention.linear_qkv.bias"]
+    assert (bias["lr"], bias["min_lr"]) == (3e-3, 3e-4)  # aux lr None -> lr / min_lr
+
+
+def test_log_freq_stays_adamw_when_2d_and_zero_dim_gets_no_decay():
+    model = FakeVpMoE()
+    model.rotary_pos_emb.log_freq = torch.nn.Parameter(torch.zeros(HEADS, D // 2))
+    model.rotary_pos_emb.log_freq.grape_log_freq = True
+    model.decoder.layers[0].value_residual_logit = torch.nn.Parameter(torch.tensor(0.0))
+    table = _by_name(routing_table(model))
+    assert table["rotary_pos_emb.log_freq"]["group"] == "adamw"
+    assert table["rotary_pos_emb.log_freq"]["wd"] == 0.0
+    row = table["decoder.layers.0.value_residual_logit"]
+    assert (row["group"], row["role"], row["wd"]) == ("adamw", "scalar", 0.0)
+
+
+def test_unknown_matrices_raise_naming_them():
+    model = FakeVpMoE()
+    model.decoder.layers[0].mystery = torch.nn.Parameter(torch.randn(4, 4))
+    model.decoder.layers[1].mystery3d = torch.nn.Parameter(torch.randn(2, 4, 4))
+    with pytest.raises(RoutingError, match=r"decoder\.layers\.0\.mystery .*decoder\.layers\.1\.mystery3d"):
+        routing_table(model)
+
+
+def test_bad_geometry_and_tpa_rows_raise():
+    model = FakeVpMoE()
+    model.config.num_query_groups = 4  # QKV rows no longer match the layout
+    with pytest.raises(RoutingError, match="interleaved QKV layout"):
+        classify_parameters(model)
+    model = FakeVpMoE()
+    model.decoder.layers[0].self_attention.linear_qkv.weight.tpa_factor_rows = (("a_q", 3),)
+    with pytest.raises(RoutingError, match="tpa_factor_rows"):
+        classify_parameters(model)
+
+
+def test_frozen_params_are_listed_not_optimised():
+    model = FakeVpMoE()
+    model.output_layer.weight.requires_grad_(False)
+    table = _by_name(routing_table(model))
+    assert table["output_layer.weight"]["group"] == "frozen"

@@ -1,0 +1,238 @@
+"""Command line: ``python -m vpmoe_compile {demo,dump,params,build-dataset} ...``.
+
+* ``demo``   build the stock model (GPU if present, else CPU), transform it (printing the pass
+             summary and the dump location), then train N steps eager and N steps under
+             ``torch.compile`` on the shipped demo corpus; prints loss and median step time.
+* ``dump``   write the debug dump of a config's transform, no code needed.
+* ``params`` total / active parameter counts of a config, stock and transformed (meta device).
+* ``build-dataset``  JSONL -> Megatron ``.bin/.idx`` with the o200k Harmony tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+
+class CLIError(Exception):
+    """A bad argument; printed as ``error: ...`` with exit status 2."""
+
+
+def _quiet_imports() -> None:
+    # Megatron warns loudly about missing TE/Apex at import; the CLI says so once itself.
+    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _load_cfg(name: str):
+    from megatron_base.config import ConfigError, load_config
+
+    try:
+        return load_config(name)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# params
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_params(args) -> int:
+    import torch
+
+    import vpmoe_compile
+    from megatron_base import build_stock_gpt, count_parameters, init_process
+
+    cfg = _load_cfg(args.config)
+    init_process()
+    model = build_stock_gpt(cfg, device="meta")
+    sc = count_parameters(model).as_dict()
+    vpmoe_compile.transform(model, cfg, verify="params", progress=False)
+    tc = count_parameters(model).as_dict()
+    out = {"config": cfg.source, "stock": sc, "transformed": tc}
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print(f"parameter counts for config {cfg.source!r} (meta device, nothing allocated)")
+    print(f"{'':28}{'stock GPTModel':>18}{'after transform':>18}")
+    for key in ("total", "active", "embedding_and_output", "routed_experts", "routed_experts_active", "total_no_embedding", "active_no_embedding"):
+        print(f"{key:28}{sc[key]:>18,}{tc[key]:>18,}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# dump
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_dump(args) -> int:
+    import vpmoe_compile
+    from megatron_base import build_stock_gpt, init_process
+
+    cfg = _load_cfg(args.config)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise CLIError(f"--out {out} exists and is not empty; pass --force to overwrite")
+    init_process()
+    device = args.device or ("meta" if cfg.model.num_layers > 8 else None)
+    model = build_stock_gpt(cfg, device=device)
+    vpmoe_compile.transform(model, cfg, dump_dir=out, progress=True)
+    print(model.vpmoe_transform.summary())
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------------
+
+
+def _demo_tokens(cache_dir: Path):
+    """Token ids and loss mask of the shipped demo corpus (built once, cached by input hash)."""
+    import numpy as np
+
+    from megatron_base.dataset import build_demo_dataset, read_dataset
+
+    prefix = build_demo_dataset(cache_dir)
+    tokens, mask = read_dataset(prefix)
+    return np.asarray(tokens), np.asarray(mask)
+
+
+def cmd_demo(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    import vpmoe_compile
+    from megatron_base import build_stock_gpt, init_process
+    from vpmoe_compile.training import CompiledModel, TokenBatches, train_step
+
+    if args.steps < 1:
+        raise CLIError(f"--steps must be >= 1, got {args.steps}")
+    if args.seq_len < 2 or args.batch_size < 1:
+        raise CLIError("--seq-len must be >= 2 and --batch-size >= 1")
+    cfg = _load_cfg(args.config)
+    if args.seq_len > cfg.attention.max_sequence_length:
+        raise CLIError(
+            f"--seq-len {args.seq_len} exceeds [attention] max_sequence_length "
+            f"{cfg.attention.max_sequence_length} of config {cfg.source!r}"
+        )
+    on_gpu = torch.cuda.is_available() and args.device != "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda given but no CUDA device is available")
+    device = torch.device("cuda" if on_gpu else "cpu")
+    print(f"[demo] config {cfg.source!r} on {device} ({torch.cuda.get_device_name() if on_gpu else 'CPU'})")
+    init_process(seed=args.seed)
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    model = build_stock_gpt(cfg, device=device, params_dtype=dtype)
+    dump_dir = Path(args.dump_dir)
+    vpmoe_compile.transform(model, cfg, dump_dir=dump_dir, progress=True)
+    print(model.vpmoe_transform.summary())
+    print(f"[demo] debug dump written to {dump_dir.resolve()}/index.md")
+
+    cache = Path(args.data_cache or (Path(tempfile.gettempdir()) / "vpmoe_compile_demo_data"))
+    tokens, mask = _demo_tokens(cache)
+    print(f"[demo] demo corpus: {tokens.size:,} tokens (o200k Harmony), loss on {int(mask.sum()):,}")
+    batches = TokenBatches(tokens, args.batch_size, args.seq_len, mask, device=device)
+    optimizer = vpmoe_compile.build_optimizer(model, cfg)
+    results = {}
+    for mode in ("eager", "compiled"):
+        if mode == "compiled":
+            if args.no_compile:
+                break
+            print(f"[demo] compiling (torch.compile, backend={args.compile_backend}); the first step includes compilation")
+            forward = CompiledModel(model, backend=args.compile_backend)
+        else:
+            forward = model
+        losses, times = [], []
+        bar = tqdm(range(args.steps), desc=f"{mode:>8}", unit="step", file=sys.stderr, dynamic_ncols=True)
+        for _ in bar:
+            loss, dt = train_step(forward, model, optimizer, next(batches))
+            losses.append(loss)
+            times.append(dt)
+            bar.set_postfix(loss=f"{loss:.3f}", ms=f"{dt * 1e3:.0f}")
+        steady = times[1:] if len(times) > 1 else times
+        results[mode] = {
+            "first_loss": losses[0],
+            "last_loss": losses[-1],
+            "median_step_s": statistics.median(steady),
+            "first_step_s": times[0],
+        }
+        print(
+            f"[demo] {mode:>8}: loss {losses[0]:.4f} -> {losses[-1]:.4f}; median step "
+            f"{statistics.median(steady) * 1e3:.1f} ms (first step {times[0]:.2f} s)"
+        )
+    if "compiled" in results:
+        ratio = results["eager"]["median_step_s"] / results["compiled"]["median_step_s"]
+        print(f"[demo] compiled / eager speed-up: {ratio:.2f}x (median step time, this machine)")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vpmoe_compile", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    d = sub.add_parser("demo", help="build, transform, and train eager vs compiled on the demo corpus")
+    d.add_argument("--config", default="tiny", help="preset (tiny, vpmoe-8l, vpmoe) or TOML path [tiny]")
+    d.add_argument("--steps", type=int, default=20, help="steps per mode [20]")
+    d.add_argument("--batch-size", type=int, default=2, help="micro-batch size [2]")
+    d.add_argument("--seq-len", type=int, default=64, help="sequence length [64]")
+    d.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    d.add_argument("--dump-dir", default="vpmoe-demo-dump", help="where the debug dump goes [vpmoe-demo-dump]")
+    d.add_argument("--data-cache", default=None, help="where the tokenized demo corpus is cached")
+    d.add_argument("--compile-backend", default="inductor", help="torch.compile backend [inductor]")
+    d.add_argument("--no-compile", action="store_true", help="skip the compiled run")
+    d.add_argument("--seed", type=int, default=1234)
+    d.add_argument("--json-out", default=None, help="also write the results as JSON")
+    d.set_defaults(func=cmd_demo)
+
+    u = sub.add_parser("dump", help="write the debug dump of a config's transform")
+    u.add_argument("--config", default="tiny")
+    u.add_argument("--out", required=True, help="output directory")
+    u.add_argument("--device", choices=("cpu", "cuda", "meta"), default=None,
+                   help="default: meta for configs over 8 layers (no graphs), else cpu/cuda")
+    u.add_argument("--force", action="store_true", help="write into a non-empty directory")
+    u.set_defaults(func=cmd_dump)
+
+    q = sub.add_parser("params", help="total / active parameter counts (stock and transformed)")
+    q.add_argument("--config", default="vpmoe")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_params)
+
+    try:
+        from vpmoe_compile.cli_data import add_build_dataset_parser
+    except ImportError:  # pragma: no cover - tokenizer not installed
+        add_build_dataset_parser = None
+    if add_build_dataset_parser is not None:
+        add_build_dataset_parser(sub)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    _quiet_imports()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
