@@ -34,6 +34,28 @@ class CompiledModel:
             return self._fn(*args, **kwargs)
 
 
+class CompiledModule(nn.Module):
+    """:class:`CompiledModel` as an ``nn.Module`` (to put inside Megatron's Float16Module/DDP).
+
+    The wrapped model is a child (``inner``), so parameters keep their objects; wrap AFTER the
+    optimizer/DDP have collected them if parameter names matter.
+    """
+
+    def __init__(self, model: nn.Module, backend: str = "inductor", mode: Optional[str] = None, dynamic: bool = False):
+        super().__init__()
+        self.inner = model
+        self._compiled = CompiledModel(model, backend=backend, mode=mode, dynamic=dynamic)
+
+    def forward(self, *args, **kwargs):
+        return self._compiled(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+
 @dataclass
 class Batch:
     tokens: torch.Tensor  # [b, s] int64

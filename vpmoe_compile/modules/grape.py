@@ -77,13 +77,16 @@ class GrapeMRotaryEmbedding(nn.Module):
         """``[d/2]`` fp32 frequencies (radians per token)."""
         if self.log_freq is None:
             return self.inv_freq.float()
-        return torch.exp(self.log_freq.float() / self.log_freq_scale)
+        lf = self.log_freq
+        if lf.dtype != torch.float64:  # fp32 math (float64 is kept for exact tests)
+            lf = lf.float()
+        return torch.exp(lf / self.log_freq_scale)
 
     def angles(self, seq_len: int, offset: int = 0) -> Tensor:
         """``[s, d/2]`` fp32 angles ``theta[t, p] = (t + offset) * freq_p`` (exact integer
         positions times fp32 frequencies, never accumulated)."""
         freq = self.frequencies()
-        pos = torch.arange(seq_len, device=freq.device, dtype=torch.float32) + offset
+        pos = torch.arange(seq_len, device=freq.device, dtype=freq.dtype) + offset
         return torch.outer(pos, freq)
 
     def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None) -> Tensor:
@@ -118,7 +121,7 @@ class GrapeMRotaryEmbedding(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # Keep log_freq (and its grad) fp32 after module-wide casts such as model.bfloat16().
         super()._apply(fn, *args, **kwargs)
-        if self.log_freq is not None and self.log_freq.dtype != torch.float32:
+        if self.log_freq is not None and self.log_freq.dtype not in (torch.float32, torch.float64):
             self.log_freq.data = self.log_freq.data.float()
             if self.log_freq.grad is not None:
                 self.log_freq.grad = self.log_freq.grad.float()

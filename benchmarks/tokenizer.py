@@ -1,0 +1,276 @@
+"""o200k Harmony tokenizer throughput: ours vs raw tiktoken, the dataset builder, Harmony render.
+
+Question: does wrapping tiktoken for Megatron (policies, panic-safe whitespace handling,
+surrogate checks) cost throughput, and how fast are the dataset builder and the Harmony
+renderer? Goal (issue #3): ours >= 0.95x raw tiktoken.
+
+Corpus (generated offline, deterministic for a given interpreter): the running interpreter's
+stdlib ``.py`` sources (sorted, first ``--stdlib-mb`` MB), the prose of the shipped demo corpus,
+and the synthetic multi-script generator of the test suite (seed 1234). Same list of documents
+for every configuration.
+
+Configurations (all on the same ``tiktoken.Encoding`` built from the verified asset):
+
+* ``tiktoken_loop``: ``enc.encode_ordinary(doc)`` per document (raw tiktoken), 1 thread;
+* ``ours_loop``: ``O200kHarmonyTokenizer.tokenize(doc)``, 1 thread;
+* ``tiktoken_batch``: ``enc.encode_ordinary_batch(docs, num_threads=cores)``;
+* ``ours_batch``: ``tokenize_batch(docs, num_threads=cores)``;
+* ``builder``: ``build_dataset`` on a JSONL of the corpus documents plus the demo
+  conversations, ``workers=cores`` (MB/s of JSONL input, including process start-up), and
+  ``workers=1``;
+* Harmony render: ours vs openai-harmony's ``render_conversation_for_training`` on the demo
+  conversations (MB/s of rendered content), and the time to render one message holding a single
+  unbroken piece of 25k ... 100k characters (harmony is quadratic there) and 1 MB (ours only).
+
+Method: warm-up pass, then ``--reps`` trials per configuration in interleaved random order;
+the median is reported (best too). Timings exclude loading. CPU only.
+
+Usage: ``python benchmarks/tokenizer.py [--out benchmarks/results] [--reps 7]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _corpus(stdlib_mb: float):
+    import sysconfig
+
+    from tests.megatron_base.test_tokenizer import synthetic_docs
+
+    docs, total = [], 0
+    for p in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+        if "test" in p.parts or "idlelib" in p.parts:
+            continue
+        try:
+            t = p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        docs.append(t)
+        total += len(t.encode())
+        if total >= stdlib_mb * 1e6:
+            break
+    from megatron_base.dataset import DEMO_CORPUS_PATH
+
+    convs = []
+    for line in DEMO_CORPUS_PATH.read_text(encoding="utf-8").splitlines():
+        obj = json.loads(line)
+        if "text" in obj:
+            docs.append(obj["text"])
+        else:
+            convs.append(obj)
+    docs += synthetic_docs(1234, 600)
+    return docs, convs
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--stdlib-mb", type=float, default=4.0)
+    args = ap.parse_args()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import tiktoken
+    from openai_harmony import Conversation, RenderConversationConfig
+
+    from megatron_base.dataset import DatasetBuildConfig, build_dataset
+    from megatron_base.harmony import HarmonyRenderer, load_harmony_encoding_offline
+    from megatron_base.tokenizer import O200kHarmonyTokenizer
+
+    cores = os.cpu_count() or 1
+    t0 = time.perf_counter()
+    tok = O200kHarmonyTokenizer()
+    load_s = time.perf_counter() - t0
+    enc = tok.encoding  # the raw tiktoken.Encoding (same verified file)
+    docs, convs = _corpus(args.stdlib_mb)
+    nbytes = sum(len(d.encode()) for d in docs)
+    ntok = sum(len(x) for x in enc.encode_ordinary_batch(docs, num_threads=cores))
+    assert [tok.tokenize(d) for d in docs] == [enc.encode_ordinary(d) for d in docs]
+    print(f"corpus: {len(docs)} documents, {nbytes / 1e6:.2f} MB, {ntok} tokens; "
+          f"{cores} cores; tokenizer load {load_s:.2f}s", flush=True)
+
+    configs = {
+        "tiktoken_loop": lambda: [enc.encode_ordinary(d) for d in docs],
+        "ours_loop": lambda: [tok.tokenize(d) for d in docs],
+        "tiktoken_batch": lambda: enc.encode_ordinary_batch(docs, num_threads=cores),
+        "ours_batch": lambda: tok.tokenize_batch(docs, num_threads=cores),
+    }
+    for fn in configs.values():
+        fn()  # warm-up
+    times = {k: [] for k in configs}
+    rnd = random.Random(0)
+    for _ in range(args.reps):
+        order = list(configs)
+        rnd.shuffle(order)
+        for k in order:
+            times[k].append(_time(configs[k]))
+    results = {}
+    for k, ts in times.items():
+        results[k] = {
+            "median_s": statistics.median(ts),
+            "best_s": min(ts),
+            "mb_per_s": nbytes / 1e6 / statistics.median(ts),
+            "best_mb_per_s": nbytes / 1e6 / min(ts),
+            "trials": ts,
+        }
+        print(f"{k:16s} {results[k]['mb_per_s']:7.2f} MB/s (best {results[k]['best_mb_per_s']:.2f})",
+              flush=True)
+    ratio_loop = results["ours_loop"]["mb_per_s"] / results["tiktoken_loop"]["mb_per_s"]
+    ratio_batch = results["ours_batch"]["mb_per_s"] / results["tiktoken_batch"]["mb_per_s"]
+    print(f"ratio ours/tiktoken: loop {ratio_loop:.3f}, batch {ratio_batch:.3f}", flush=True)
+
+    # ---- dataset builder --------------------------------------------------------------------
+    builder = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        inp = Path(tmp) / "bench.jsonl"
+        with open(inp, "w", encoding="utf-8") as f:
+            for i, d in enumerate(docs):
+                f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+                if i % 4 == 0 and convs:
+                    f.write(json.dumps(convs[(i // 4) % len(convs)], ensure_ascii=False) + "\n")
+        in_bytes = inp.stat().st_size
+        for workers in sorted({1, cores}):
+            ts = []
+            for r in range(max(3, args.reps // 2)):
+                res = build_dataset(DatasetBuildConfig(
+                    str(inp), str(Path(tmp) / f"o{workers}_{r}" / "d"), workers=workers,
+                    progress=False))
+                ts.append(res.seconds)
+            builder[f"workers_{workers}"] = {
+                "median_s": statistics.median(ts),
+                "mb_per_s": in_bytes / 1e6 / statistics.median(ts),
+                "trials": ts,
+                "documents": res.manifest["counts"]["documents"],
+                "tokens": res.manifest["counts"]["tokens"],
+            }
+            print(f"builder workers={workers}: {builder[f'workers_{workers}']['mb_per_s']:.2f} MB/s "
+                  f"of JSONL ({in_bytes / 1e6:.2f} MB)", flush=True)
+
+    # ---- Harmony rendering --------------------------------------------------------------------
+    henc = load_harmony_encoding_offline()
+    rend = HarmonyRenderer(tokenizer=tok)
+    cfg = RenderConversationConfig(auto_drop_analysis=False)
+    conv_objs = [Conversation.from_json(json.dumps(c)) for c in convs]
+    content_bytes = sum(
+        len(x.get("text", "").encode()) for c in convs for m in c["messages"]
+        for x in (m["content"] if isinstance(m["content"], list) else [{"text": m["content"]}])
+    )
+    for c in conv_objs:
+        assert rend.render(c)[0] == henc.render_conversation_for_training(c, cfg)
+    rt = {"ours": [], "openai_harmony": []}
+    for _ in range(args.reps):
+        rt["ours"].append(_time(lambda: [rend.render(c) for c in conv_objs]))
+        rt["openai_harmony"].append(
+            _time(lambda: [henc.render_conversation_for_training(c, cfg) for c in conv_objs]))
+    render = {k: {"median_s": statistics.median(v), "conversations": len(conv_objs),
+                  "content_mb_per_s": content_bytes / 1e6 / statistics.median(v)}
+              for k, v in rt.items()}
+    print(f"render demo conversations: ours {render['ours']['content_mb_per_s']:.2f} MB/s, "
+          f"openai-harmony {render['openai_harmony']['content_mb_per_s']:.2f} MB/s", flush=True)
+
+    from openai_harmony import Message, Role
+
+    long_piece = {}
+    for n in (25_000, 50_000, 100_000, 1_000_000):
+        conv = Conversation.from_messages([
+            Message.from_role_and_content(Role.USER, "Repeat this."),
+            Message.from_role_and_content(Role.ASSISTANT, "x" * n).with_channel("final"),
+        ])
+        ours_s = min(_time(lambda: rend.render(conv)) for _ in range(3))
+        entry = {"chars": n, "ours_s": ours_s}
+        if n <= 100_000:
+            ref = henc.render_conversation_for_training(conv, cfg)
+            assert rend.render(conv)[0] == ref
+            entry["openai_harmony_s"] = _time(lambda: henc.render_conversation_for_training(conv, cfg))
+        long_piece[str(n)] = entry
+        print(f"one {n}-char piece: ours {ours_s:.3f}s"
+              + (f", openai-harmony {entry['openai_harmony_s']:.2f}s" if "openai_harmony_s" in entry else ""),
+              flush=True)
+
+    out = {
+        "question": "o200k Harmony tokenizer throughput vs raw tiktoken; builder; Harmony render",
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpu_count": cores, "python": sys.version.split()[0],
+                    "tiktoken": tiktoken.__version__ if hasattr(tiktoken, "__version__") else None},
+        "corpus": {"documents": len(docs), "bytes": nbytes, "tokens": ntok,
+                   "bytes_per_token": nbytes / ntok},
+        "reps": args.reps,
+        "tokenizer_load_s": load_s,
+        "encode": results,
+        "ratio_ours_over_tiktoken": {"loop": ratio_loop, "batch": ratio_batch},
+        "goal_ratio": 0.95,
+        "goal_met": ratio_loop >= 0.95 and ratio_batch >= 0.95,
+        "builder": builder,
+        "render": render,
+        "render_single_piece": long_piece,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, "tokenizer")
+    with open(stem + ".json", "w") as f:
+        json.dump(out, f, indent=2)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    names = ["tiktoken_loop", "ours_loop", "tiktoken_batch", "ours_batch"]
+    vals = [results[k]["mb_per_s"] for k in names]
+    ax = axes[0]
+    bars = ax.bar(names, vals, color=["#888", "#1f77b4", "#888", "#1f77b4"])
+    for b, v in zip(bars, vals):
+        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom")
+    ax.set_ylabel("MB/s (median)")
+    ax.set_title(f"encode, {nbytes / 1e6:.1f} MB corpus, {cores} cores\n"
+                 f"ours/tiktoken: loop {ratio_loop:.3f}, batch {ratio_batch:.3f}")
+    ax.tick_params(axis="x", rotation=20)
+    ax = axes[1]
+    bnames = list(builder) + ["render ours", "render harmony"]
+    bvals = [builder[k]["mb_per_s"] for k in builder] + [
+        render["ours"]["content_mb_per_s"], render["openai_harmony"]["content_mb_per_s"]]
+    bars = ax.bar(bnames, bvals, color=["#2ca02c"] * len(builder) + ["#1f77b4", "#888"])
+    for b, v in zip(bars, bvals):
+        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom")
+    ax.set_ylabel("MB/s")
+    ax.set_title("dataset builder (JSONL input) / Harmony render (content)")
+    ax.tick_params(axis="x", rotation=20)
+    ax = axes[2]
+    xs = [long_piece[k]["chars"] for k in long_piece]
+    ax.loglog(xs, [long_piece[k]["ours_s"] for k in long_piece], "o-", label="ours (tiktoken)")
+    hx = [long_piece[k]["chars"] for k in long_piece if "openai_harmony_s" in long_piece[k]]
+    ax.loglog(hx, [long_piece[k]["openai_harmony_s"] for k in long_piece
+                   if "openai_harmony_s" in long_piece[k]], "s-", color="#888",
+              label="openai-harmony")
+    ax.set_xlabel("characters in one unbroken piece")
+    ax.set_ylabel("render seconds")
+    ax.set_title("one long message")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=110)
+    print(f"wrote {stem}.json and {stem}.png", flush=True)
+
+
+if __name__ == "__main__":
+    main()

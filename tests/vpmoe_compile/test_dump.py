@@ -1,0 +1,59 @@
+"""The debug dump of the tiny config: readable index and per-pass pages, complete JSON twin."""
+
+import json
+
+import pytest
+
+import vpmoe_compile
+
+
+@pytest.fixture()
+def dumped(tiny_model, tmp_path):
+    d = tmp_path / "dump"
+    vpmoe_compile.transform(tiny_model, dump_dir=d)
+    return d, tiny_model
+
+
+def test_index_and_pages(dumped):
+    d, model = dumped
+    index = (d / "index.md").read_text()
+    names = model.vpmoe_transform.passes
+    for i, name in enumerate(names, 1):
+        page = d / f"{i:02d}-{name}.md"
+        assert page.exists() and f"({page.name})" in index
+    assert "## Layer plan" in index and "| 4 | global | moe |" in index
+    tpa = (d / "04-tpa.md").read_text()
+    assert "TPAFactorProjection" in tpa and "## Parameter-table diff" in tpa
+    assert "| + | `decoder.layers.0.self_attention.linear_qkv.weight` | [168, 64]" in tpa
+    assert "| - | `decoder.layers.0.self_attention.linear_qkv.weight` | [192, 64]" in tpa
+    assert "```diff" in tpa and "+        self_attention: TPASelfAttention" in tpa
+    # graphs: stock attention before (baddbmm inside DotProductAttention), our fused op after
+    assert "### `decoder.layers.0.self_attention`" in tpa
+    before, after = tpa.split("### `decoder.layers.0.self_attention`")[1].split("After (")[:2]
+    assert "baddbmm" in before and "vpmoe" in after and "baddbmm" not in after.split("###")[0]
+    grape = (d / "03-grape.md").read_text()
+    assert "rotary_pos_emb.log_freq" in grape and "GrapeMRotaryEmbedding" in grape
+    routing = (d / "05-optimizer_routing.md").read_text()
+    assert "rotary_pos_emb.log_freq" in routing
+
+
+def test_json_twin_is_complete(dumped):
+    d, model = dumped
+    data = json.loads((d / "dump.json").read_text())
+    assert [p["name"] for p in data["passes"]] == model.vpmoe_transform.passes
+    assert data["config"]["model"]["num_layers"] == 4 and len(data["plan"]) == 4
+    by = {p["name"]: p for p in data["passes"]}
+    tpa = by["tpa"]
+    assert tpa["params_added_count"] == 3 * 168 * 64 and tpa["params_removed_count"] == 3 * 192 * 64
+    assert len(tpa["replaced"]) == 9 and all({"path", "old", "new"} <= set(r) for r in tpa["replaced"])
+    assert {g["site"] for g in tpa["graphs"]} == {f"decoder.layers.{i}.self_attention" for i in range(3)}
+    assert all(g["before"] and g["after"] for g in tpa["graphs"])
+    assert by["optimizer_routing"]["data"]["routing"]
+    assert data["parameters"]["total"] == sum(p.numel() for p in model.parameters())
+    assert "te_general_gemm" in data["compat"]
+
+
+def test_env_var_enables_dump(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("VPMOE_DUMP_DIR", str(tmp_path / "envdump"))
+    vpmoe_compile.transform(tiny_model, passes=["layer_plan", "global_attention"])
+    assert (tmp_path / "envdump" / "index.md").exists()
