@@ -101,11 +101,13 @@ def _demo_tokens(cache_dir: Path):
     """Token ids and loss mask of the shipped demo corpus (built once, cached by input hash)."""
     import numpy as np
 
-    from megatron_base.dataset import build_demo_dataset, read_dataset
+    from megatron_base.dataset import build_demo_dataset, open_dataset
 
     prefix = build_demo_dataset(cache_dir)
-    tokens, mask = read_dataset(prefix)
-    return np.asarray(tokens), np.asarray(mask)
+    toks, masks = open_dataset(prefix)  # Megatron IndexedDatasets, documents end with EOD
+    tokens = np.concatenate([np.asarray(toks[i]) for i in range(len(toks))])
+    mask = np.concatenate([np.asarray(masks[i]) for i in range(len(masks))])
+    return tokens.astype(np.int64), mask.astype(np.float32)
 
 
 def cmd_demo(args) -> int:

@@ -165,15 +165,6 @@ def test_tensor_parallel_refused(monkeypatch):
         build_optimizer(FakeVpMoE())
 
 
-@pytest.fixture(scope="module")
-def megatron_world():
-    from megatron_base import destroy_process, init_process
-
-    init_process(seed=1234)
-    yield
-    destroy_process()
-
-
 def test_stock_tiny_model_routes_and_trains(megatron_world):
     from megatron_base import build_stock_gpt, load_config
 
