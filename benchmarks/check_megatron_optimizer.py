@@ -239,11 +239,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--no-transform", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the NorMuon banks (benchmarks/optimizer.py checks compile)")
     args = ap.parse_args()
     from megatron_base import init_process, load_config
 
     init_process(seed=1234)
     cfg = load_config("tiny")
+    cfg.optimizer.compile = bool(args.compile)
+    RESULTS["compile"] = args.compile
     with tempfile.TemporaryDirectory() as tmp:
         for tag, tr in (("stock", False), ("transformed", True)):
             if tr and args.no_transform:

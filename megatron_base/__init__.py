@@ -11,7 +11,31 @@ from megatron_base.model import (
 )
 from megatron_base.parallel import destroy_process, init_process
 
-__all__ = [
+_LAZY = {
+    # tokenizer (imports megatron.core: loaded on first use)
+    "O200kHarmonyTokenizer": "tokenizer", "O200kHarmonyLibrary": "tokenizer", "VocabFileError": "tokenizer",
+    "O200K_BASE_SHA256": "tokenizer", "O200K_HARMONY_VOCAB_SIZE": "tokenizer", "SPECIAL_TOKEN_IDS": "tokenizer",
+    "HARMONY_STOP_TOKEN_IDS": "tokenizer", "padded_vocab_size": "tokenizer",
+    # Harmony rendering
+    "HarmonyRenderer": "harmony", "HarmonyRenderConfig": "harmony", "HarmonyFormatError": "harmony",
+    "render_harmony": "harmony", "make_system_content": "harmony", "load_harmony_encoding_offline": "harmony",
+    # dataset builder
+    "build_dataset": "dataset", "DatasetBuildConfig": "dataset", "DatasetBuildError": "dataset",
+    "BuildResult": "dataset", "build_demo_dataset": "dataset", "open_dataset": "dataset",
+    "LossMaskedGPTDataset": "dataset",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        mod = importlib.import_module(f"megatron_base.{_LAZY[name]}")
+        return getattr(mod, "render" if name == "render_harmony" else name)
+    raise AttributeError(f"module 'megatron_base' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY) + [
     "ConfigError",
     "ParamCount",
     "UnsupportedConfigError",

@@ -25,10 +25,15 @@ what runs on a GPU machine):
 * The CUDA RNG tracker (H8, fix S3) is not patched: :func:`megatron_base.parallel.init_process`
   seeds Megatron's *inference* RNG tracker on CPU (public API, a null ``fork()``).
 
-Dynamo (used by :func:`dynamo_config`, applied around every compile/capture, any device):
-``RowParallelLinear`` calls ``warnings.warn`` on rank 0 on every forward (deprecated
-``tp_group=None``), and MoE permutation has data-dependent shapes; without three dynamo flags
-the stock model breaks into ~18 graphs (spec §6.2).
+* ``tp_group_warning`` (spec §6.2 break cause 1): ``get_tensor_model_parallel_group_if_none``
+  calls ``warnings.warn`` on rank 0 on *every* forward of a Megatron linear layer (deprecated
+  ``tp_group=None``). Dynamo cannot trace ``warnings.warn``, so every ``RowParallelLinear``
+  breaks the graph, and only on rank 0 (ranks would capture different graphs). The fix installs,
+  in every ``megatron.*`` namespace that imported it by name, an equivalent that returns the same
+  group without the warning.
+
+Dynamo (used by :func:`dynamo_config`, applied around every compile/capture, any device): MoE
+permutation has data-dependent shapes; two capture flags keep it in one graph (spec §6.2).
 """
 
 from __future__ import annotations
@@ -100,6 +105,33 @@ def _fix_cuda_current_device(record: list) -> None:
     _set(record, torch.cuda, "current_device", _cpu_current_device)
 
 
+def tp_group_if_none(tp_group, is_expert=False, check_initialized=True):
+    """``get_tensor_model_parallel_group_if_none`` of megatron-core 0.16.1 without the per-call
+    deprecation warning (same return value in every case)."""
+    from megatron.core import parallel_state
+
+    if not torch.distributed.is_initialized():
+        return None
+    if not parallel_state.is_initialized():
+        return tp_group
+    if tp_group is None:
+        if is_expert:
+            return parallel_state.get_expert_tensor_parallel_group(check_initialized=check_initialized)
+        return parallel_state.get_tensor_model_parallel_group(check_initialized=check_initialized)
+    return tp_group
+
+
+def _fix_tp_group_warning(record: list) -> None:
+    import sys
+
+    original = importlib.import_module("megatron.core.utils").get_tensor_model_parallel_group_if_none
+    importlib.import_module("megatron.core.tensor_parallel.layers")
+    importlib.import_module("megatron.core.tensor_parallel.mappings")
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("megatron.") and getattr(mod, "get_tensor_model_parallel_group_if_none", None) is original:
+            _set(record, mod, "get_tensor_model_parallel_group_if_none", tp_group_if_none)
+
+
 def _fix_mask_builders(record: list) -> None:
     for mod_name in ("megatron.core.fusions.fused_softmax", "megatron.core.transformer.utils"):
         mod = importlib.import_module(mod_name)
@@ -109,6 +141,7 @@ def _fix_mask_builders(record: list) -> None:
 
 _FIXES: Dict[str, Tuple[Callable[[list], None], str]] = {
     "te_general_gemm": (_fix_te_general_gemm, "any"),
+    "tp_group_warning": (_fix_tp_group_warning, "any"),
     "cuda_current_device": (_fix_cuda_current_device, "cpu"),
     "cpu_mask_builders": (_fix_mask_builders, "cpu"),
 }
@@ -156,19 +189,16 @@ def applied() -> List[str]:
 def dynamo_config():
     """Dynamo flags that let stock Megatron models capture as one graph (spec §6.2).
 
-    ``ignore_logging_functions`` (``ignore_logger_methods`` on older torch) skips the rank-0
-    ``warnings.warn`` in every RowParallelLinear forward; the two capture flags let MoE
-    permutation's data-dependent shapes stay in the graph. Apply around every compiled call:
-    a recompile re-traces.
+    The two capture flags let MoE permutation's data-dependent shapes stay in the graph (the
+    rank-0 ``warnings.warn`` of Megatron's linears is removed by the ``tp_group_warning`` fix, so
+    ``ignore_logging_functions`` is not needed). Apply around every compiled call: a recompile
+    re-traces.
     """
     import torch._dynamo
 
+    apply()
     cfg = torch._dynamo.config.get_config_copy()
     patch = {}
-    if "ignore_logging_functions" in cfg:
-        patch["ignore_logging_functions"] = set(cfg["ignore_logging_functions"]) | {warnings.warn}
-    elif "ignore_logger_methods" in cfg:  # pragma: no cover - older torch
-        patch["ignore_logger_methods"] = set(cfg["ignore_logger_methods"]) | {warnings.warn}
     patch["capture_dynamic_output_shape_ops"] = True
     patch["capture_scalar_outputs"] = True
     if "cache_size_limit" in cfg:

@@ -44,7 +44,7 @@ import multiprocessing
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib.metadata import version as _pkg_version
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -54,12 +54,18 @@ import torch
 from megatron.core.datasets.gpt_dataset import GPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
-from megatron_base.harmony import HarmonyFormatError, HarmonyRenderConfig, HarmonyRenderer
+from megatron_base.harmony import (
+    HarmonyFormatError,
+    HarmonyRenderConfig,
+    HarmonyRenderer,
+    load_harmony_encoding_offline,
+)
 from megatron_base.tokenizer import (
     EOD_ID,
     O200K_BASE_SHA256,
     O200K_HARMONY_VOCAB_SIZE,
     O200kHarmonyTokenizer,
+    build_o200k_harmony_encoding,
 )
 
 logger = logging.getLogger(__name__)
@@ -315,6 +321,10 @@ def _ordered_results(cfg: DatasetBuildConfig, chunks):
             yield proc.chunk(*c)
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    if method == "fork":
+        # Build the encodings once here; forked workers inherit them (copy-on-write).
+        build_o200k_harmony_encoding(cfg.vocab_path)
+        load_harmony_encoding_offline(cfg.vocab_path)
     ctx = multiprocessing.get_context(method)
     with ctx.Pool(cfg.workers, _worker_init, (cfg.render, cfg.vocab_path)) as pool:
         pending = collections.deque()
@@ -557,13 +567,15 @@ class LossMaskedGPTDataset(GPTDataset):
 # --------------------------------------------------------------------------------------------
 
 
-def build_demo_dataset(out_dir, workers: Optional[int] = None, progress: bool = False) -> str:
+def build_demo_dataset(out_dir, workers: int = 1, progress: bool = False) -> str:
     """Build (or reuse) the ``.bin/.idx`` of the shipped demo corpus and return its prefix.
 
     The prefix is ``out_dir/demo-<first 12 hex of the corpus sha256>``; an existing build is
     reused when its manifest matches the corpus hash, the vocabulary hash and the render config
     and the four output files still have the recorded sha256 (otherwise it is rebuilt). Read it
-    back with :func:`open_dataset` or Megatron's ``IndexedDataset(prefix)``.
+    back with :func:`open_dataset` or Megatron's ``IndexedDataset(prefix)``. The corpus is
+    small (< 300 KB, well under a second in-process), so ``workers`` defaults to 1: no
+    processes are forked from a caller that may already hold a GPU context.
     """
     corpus = DEMO_CORPUS_PATH
     if not corpus.is_file():
@@ -574,7 +586,7 @@ def build_demo_dataset(out_dir, workers: Optional[int] = None, progress: bool = 
     cfg = DatasetBuildConfig(
         input_path=str(corpus),
         output_prefix=prefix,
-        workers=workers or min(os.cpu_count() or 1, 4),
+        workers=workers,
         strict=True,
         progress=progress,
     )

@@ -40,6 +40,9 @@ Loss mask (D6; ``HarmonyRenderConfig.mask_policy``)
   ``mask_policy="assistant"`` marks every assistant token (the vpMoE fork's rule).
 * The EOD the dataset builder appends is 0.
 
+:meth:`HarmonyRenderer.render_with_spans` also returns a span id per token (the fork's
+``span_id``: 0 context, 1 analysis, 2 final; here also 3 commentary, 4 other assistant).
+
 JSON form: follows openai-harmony's own serialization (``Message.to_dict`` drops null fields
 and its Rust side reads an absent field as None), so an absent ``system_content`` /
 ``developer_content`` field means null - *not* the Python-side default (``SystemContent()``'s
@@ -58,18 +61,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import threading
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
+
+from openai_harmony import (
+    Author,
+    ChannelConfig,
+    Conversation,
+    DeveloperContent,
+    HarmonyEncodingName,
+    Message,
+    ReasoningEffort,
+    RenderConversationConfig,
+    RenderOptions,
+    Role,
+    SystemContent,
+    TextContent,
+    load_harmony_encoding,
+)
 
 from megatron_base.tokenizer import (
-    O200K_BASE_SHA256,
     O200kHarmonyTokenizer,
     _LONE_SURROGATE_RE,
-    _WS_NO_NEWLINE,
+    find_long_whitespace_runs,
     load_o200k_base_bytes,
 )
 
@@ -88,6 +105,11 @@ __all__ = [
     "CONSTRAIN",
     "RETURN",
     "CALL",
+    "SPAN_CONTEXT",
+    "SPAN_ANALYSIS",
+    "SPAN_FINAL",
+    "SPAN_COMMENTARY",
+    "SPAN_ASSISTANT_OTHER",
 ]
 
 START = 200_006
@@ -104,6 +126,15 @@ _MESSAGE_KEYS = {"role", "name", "content", "channel", "recipient", "content_typ
 _DOC_EXTRA_KEYS = {"id", "meta"}
 
 
+#: Span ids of :meth:`HarmonyRenderer.render_with_spans`.
+SPAN_CONTEXT = 0
+SPAN_ANALYSIS = 1
+SPAN_FINAL = 2
+SPAN_COMMENTARY = 3
+SPAN_ASSISTANT_OTHER = 4
+_CHANNEL_SPANS = {"analysis": SPAN_ANALYSIS, "final": SPAN_FINAL, "commentary": SPAN_COMMENTARY}
+
+
 class HarmonyFormatError(ValueError):
     """A conversation does not follow the Harmony schema (message says where and what)."""
 
@@ -117,17 +148,17 @@ class HarmonyRenderConfig:
             the last assistant message is ``final`` (harmony's default is True; D7: False).
         mask_policy: ``"generated"`` (D6, default) or ``"assistant"`` (see module doc).
         require_explicit_date: ``SystemContent`` must set ``conversation_start_date``.
-        cross_check_rate: fraction of conversations (selected deterministically by content
-            hash) also rendered by openai-harmony and compared; a mismatch raises
-            ``RuntimeError``. Conversations with a text piece over 20,000 characters are not
-            cross-checked (harmony is quadratic there).
+        cross_check_rate: fraction of conversations (selected deterministically by a hash of
+            their ids) also rendered by openai-harmony and compared; a mismatch raises
+            ``RuntimeError``. Default 0.001 (spec §4.6). Conversations with a text piece over
+            20,000 characters are not cross-checked (harmony is quadratic there).
         surrogate_errors: ``"strict"`` (lone surrogates raise, D10) or ``"replace"``.
     """
 
     auto_drop_analysis: bool = False
     mask_policy: Literal["generated", "assistant"] = "generated"
     require_explicit_date: bool = True
-    cross_check_rate: float = 0.0
+    cross_check_rate: float = 0.001
     surrogate_errors: Literal["strict", "replace"] = "strict"
 
     def __post_init__(self):
@@ -169,8 +200,6 @@ def load_harmony_encoding_offline(vocab_path=None):
     with _HARMONY_LOCK:
         if _HARMONY_ENCODING is not None:
             return _HARMONY_ENCODING
-        from openai_harmony import HarmonyEncodingName, load_harmony_encoding
-
         data, _ = load_o200k_base_bytes(vocab_path)
         tmp = tempfile.mkdtemp(prefix="vpmoe-harmony-")
         old = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
@@ -200,8 +229,6 @@ def make_system_content(
 ):
     """A ``SystemContent`` with every field explicit (the date is required: ``None`` or a
     fixed ``YYYY-MM-DD``; never the clock)."""
-    from openai_harmony import ChannelConfig, ReasoningEffort, SystemContent
-
     return SystemContent(
         model_identity=model_identity,
         reasoning_effort=ReasoningEffort(reasoning_effort),
@@ -224,8 +251,6 @@ def _opt_str(value, where: str) -> Optional[str]:
 
 
 def _parse_content_item(item, where: str, require_date: bool):
-    from openai_harmony import DeveloperContent, SystemContent, TextContent
-
     if not isinstance(item, dict):
         raise HarmonyFormatError(f"{where} must be an object, got {type(item).__name__}")
     kind = item.get("type")
@@ -262,8 +287,6 @@ def _parse_content_item(item, where: str, require_date: bool):
 
 
 def _message_from_dict(raw, index: int, require_date: bool):
-    from openai_harmony import Author, Message, Role
-
     where = f"messages[{index}]"
     if not isinstance(raw, dict):
         raise HarmonyFormatError(f"{where} must be an object, got {type(raw).__name__}")
@@ -298,8 +321,6 @@ def _message_from_dict(raw, index: int, require_date: bool):
 
 
 def _check_message(msg, index: int, require_date: bool) -> None:
-    from openai_harmony import DeveloperContent, SystemContent
-
     where = f"messages[{index}]"
     role = msg.author.role.value
     if role == "tool" and msg.author.name is None:
@@ -325,15 +346,14 @@ def _check_message(msg, index: int, require_date: bool) -> None:
 def parse_conversation(conversation, require_explicit_date: bool = True):
     """Validate and convert a conversation to ``openai_harmony.Conversation``.
 
-    Accepts a ``Conversation``, a dict ``{"messages": [...]}`` or its JSON string.
+    Accepts a ``Conversation``, a dict ``{"messages": [...]}``, its JSON string, or a bare
+    list of message dicts (chat-API style, e.g. ``[{"role": "user", "content": "hi"}]``).
 
     Raises:
         HarmonyFormatError: with the message index and what is wrong (unknown role, unknown
             key, wrong type, tool message without a name, misplaced system/developer content,
             SystemContent without an explicit date).
     """
-    from openai_harmony import Conversation
-
     if isinstance(conversation, Conversation):
         if not conversation.messages:
             raise HarmonyFormatError("conversation has no messages")
@@ -345,6 +365,8 @@ def parse_conversation(conversation, require_explicit_date: bool = True):
             conversation = json.loads(conversation)
         except (ValueError, UnicodeDecodeError) as exc:
             raise HarmonyFormatError(f"conversation is not valid JSON: {exc}") from None
+    if isinstance(conversation, list):  # a bare list of messages (chat-API style)
+        conversation = {"messages": conversation}
     if not isinstance(conversation, dict):
         raise HarmonyFormatError(
             f"conversation must be an object with 'messages', got {type(conversation).__name__}"
@@ -369,7 +391,7 @@ def parse_conversation(conversation, require_explicit_date: bool = True):
 # Renderer
 # --------------------------------------------------------------------------------------------
 
-_LONG_WS_FOR_HARMONY = re.compile(f"[{_WS_NO_NEWLINE}]{{50000,}}")
+_HARMONY_MAX_WS_RUN = 50_000
 
 
 def _walk_strings(obj):
@@ -429,8 +451,6 @@ class HarmonyRenderer:
     # -- harmony-rendered messages ---------------------------------------------------------
 
     def _render_with_harmony(self, msg, has_function_tools: bool, index: int) -> List[int]:
-        from openai_harmony import RenderOptions
-
         key_json = msg.to_json()
         key = (key_json, has_function_tools)
         hit = self._harmony_cache.get(key)
@@ -444,7 +464,7 @@ class HarmonyRenderer:
                     f"messages[{index}]: text contains a lone surrogate "
                     f"U+{ord(m.group()):04X} (invalid Unicode)"
                 )
-            if _LONG_WS_FOR_HARMONY.search(s):
+            if find_long_whitespace_runs(s, _HARMONY_MAX_WS_RUN):
                 raise HarmonyFormatError(
                     f"messages[{index}]: a system/developer message contains a whitespace "
                     "run of >= 50,000 characters, which openai-harmony's renderer cannot "
@@ -475,8 +495,6 @@ class HarmonyRenderer:
     def _render_message(self, msg, has_function_tools: bool, index: int) -> Tuple[List[int], int]:
         """Ids of one message and the number of leading prompt-supplied header tokens
         (``<|start|>`` + role tokens)."""
-        from openai_harmony import TextContent
-
         if not all(isinstance(c, TextContent) for c in msg.content):
             return self._render_with_harmony(msg, has_function_tools, index), 0
         role = msg.author.role.value
@@ -516,8 +534,6 @@ class HarmonyRenderer:
     # -- conversations ---------------------------------------------------------------------
 
     def _selected_messages(self, messages):
-        from openai_harmony import DeveloperContent
-
         has_function_tools = any(
             isinstance(c, DeveloperContent)
             and c.tools is not None
@@ -540,7 +556,7 @@ class HarmonyRenderer:
         ]
         return keep, has_function_tools
 
-    def _render_into(self, messages, with_mask: bool):
+    def _render_into(self, messages, with_mask: bool, spans: Optional[List[int]] = None):
         keep, has_tools = self._selected_messages(messages)
         ids: List[int] = []
         mask: List[int] = []
@@ -549,8 +565,9 @@ class HarmonyRenderer:
         for i, m in keep:
             mids, n_head = self._render_message(m, has_tools, i)
             ids += mids
+            is_assistant = m.author.role.value == "assistant"
             if with_mask:
-                if m.author.role.value == "assistant":
+                if is_assistant:
                     if generated_policy and not prev_assistant:
                         mask += [0] * n_head
                         mask += [1] * (len(mids) - n_head)
@@ -558,7 +575,12 @@ class HarmonyRenderer:
                         mask += [1] * len(mids)
                 else:
                     mask += [0] * len(mids)
-            prev_assistant = m.author.role.value == "assistant"
+            if spans is not None:
+                code = SPAN_CONTEXT
+                if is_assistant:
+                    code = _CHANNEL_SPANS.get(m.channel, SPAN_ASSISTANT_OTHER)
+                spans += [code] * len(mids)
+            prev_assistant = is_assistant
         return ids, mask
 
     def render(self, conversation) -> Tuple[List[int], List[int]]:
@@ -569,15 +591,29 @@ class HarmonyRenderer:
             HarmonyFormatError: invalid conversation (see :func:`parse_conversation`).
             ValueError: lone surrogate in the text (``surrogate_errors="strict"``).
         """
+        ids, mask, _ = self._render_training(conversation, with_spans=False)
+        return ids, mask
+
+    def render_with_spans(self, conversation) -> Tuple[List[int], List[int], List[int]]:
+        """:meth:`render` plus a span id per token (the vpMoE fork's ``span_id``, D6):
+        :data:`SPAN_CONTEXT` (0) for non-assistant messages, :data:`SPAN_ANALYSIS` (1) and
+        :data:`SPAN_FINAL` (2) for assistant messages on those channels,
+        :data:`SPAN_COMMENTARY` (3) for ``commentary`` (preambles, tool calls) and
+        :data:`SPAN_ASSISTANT_OTHER` (4) for assistant messages on any other / no channel.
+        Header tokens carry their message's span whatever their mask."""
+        return self._render_training(conversation, with_spans=True)
+
+    def _render_training(self, conversation, with_spans: bool):
         conv = parse_conversation(conversation, self.config.require_explicit_date)
         messages = conv.messages
-        ids, mask = self._render_into(messages, with_mask=True)
+        spans: Optional[List[int]] = [] if with_spans else None
+        ids, mask = self._render_into(messages, with_mask=True, spans=spans)
         last = messages[-1]
         if last.author.role.value == "assistant" and last.channel == "final" and ids:
             ids[-1] = RETURN
         if self.config.cross_check_rate > 0:
             self._maybe_cross_check(conv, ids)
-        return ids, mask
+        return ids, mask, spans
 
     def render_for_completion(self, conversation, next_turn_role: str = "assistant") -> List[int]:
         """Prompt ids: the conversation + ``<|start|>`` + role (openai-harmony's
@@ -590,15 +626,12 @@ class HarmonyRenderer:
         return ids + [START] + self._text(role)
 
     def _maybe_cross_check(self, conv, ids: List[int]) -> None:
-        payload = conv.to_json()
-        h = int.from_bytes(hashlib.sha256(payload.encode("utf-8", "surrogatepass")).digest()[:8], "big")
-        if h / 2**64 >= self.config.cross_check_rate:
+        # Deterministic selection by the rendered ids (int-tuple hashing is not salted).
+        if (hash(tuple(ids)) & 0xFFFFFFFF) / 2**32 >= self.config.cross_check_rate:
             return
         for s in _walk_strings(conv.to_dict()):
             if len(s) > 20_000:
                 return
-        from openai_harmony import RenderConversationConfig
-
         ref = load_harmony_encoding_offline().render_conversation_for_training(
             conv, RenderConversationConfig(auto_drop_analysis=self.config.auto_drop_analysis)
         )

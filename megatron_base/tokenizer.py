@@ -109,6 +109,7 @@ __all__ = [
     "build_o200k_harmony_encoding",
     "o200k_harmony_special_tokens",
     "padded_vocab_size",
+    "find_long_whitespace_runs",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -170,6 +171,42 @@ HARMONY_ASSISTANT_ACTION_STOP_TOKEN_IDS: Tuple[int, ...] = (200_002, 200_012)
 _WS_NO_NEWLINE = (
     "\t\x0b\x0c \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 )
+_WS_CHARS = (
+    "\t\x0b\x0c \x85\xa0\u1680"
+    + "".join(chr(c) for c in range(0x2000, 0x200B))
+    + "\u2028\u2029\u202f\u205f\u3000"
+)
+_WS_SET = frozenset(_WS_CHARS)
+_WS_RUN_RE = re.compile(f"[{_WS_NO_NEWLINE}]*")
+
+
+def find_long_whitespace_runs(text: str, threshold: int) -> List[Tuple[int, int]]:
+    """Maximal runs ``[start, end)`` of >= ``threshold`` non-newline whitespace characters.
+
+    Linear and cheap: a run that long covers an index that is a multiple of ``threshold``, so
+    only those ``len(text) / threshold`` characters are probed (a regex search would be
+    quadratic in the length of shorter runs).
+    """
+    if threshold < 1:
+        raise ValueError("threshold must be >= 1")
+    runs: List[Tuple[int, int]] = []
+    n = len(text)
+    if n < threshold:
+        return runs
+    pos = 0
+    ws = _WS_SET
+    for i in range(0, n, threshold):
+        if i < pos or text[i] not in ws:
+            continue
+        seg = text[pos:i]
+        start = i - (len(seg) - len(seg.rstrip(_WS_CHARS)))
+        end = _WS_RUN_RE.match(text, i).end()
+        if end - start >= threshold:
+            runs.append((start, end))
+        pos = end
+    return runs
+
+
 #: Runs of at least this many such characters bypass the regex engine (tiktoken 0.14 panics
 #: at 999,999); a 10x margin. Tests lower it (``_long_run_threshold``) to prove the cut exact.
 LONG_WHITESPACE_RUN = 100_000
@@ -435,25 +472,18 @@ class O200kHarmonyLibrary(MegatronTokenizerTextAbstract):
 
     # -- encoding --------------------------------------------------------------------------
 
-    def _long_run_regex(self) -> "re.Pattern[str]":
-        t = self._long_run_threshold
-        if t < 2:
-            raise ValueError("_long_run_threshold must be >= 2")
-        pat = _LONG_RUN_PATTERNS.get(t)
-        if pat is None:
-            pat = _LONG_RUN_PATTERNS[t] = re.compile(f"[{_WS_NO_NEWLINE}]{{{t},}}")
-        return pat
-
     def _encode_segment(self, text: str) -> List[int]:
         """``encode_ordinary`` of valid Unicode, with long whitespace runs cut (module doc)."""
         core = self._core
-        if len(text) < self._long_run_threshold:
+        t = self._long_run_threshold
+        if len(text) < t:
             return core.encode_ordinary(text)
+        if t < 2:  # the cut below relies on runs of >= 2 characters
+            raise ValueError("_long_run_threshold must be >= 2")
         out: Optional[List[int]] = None
         pos = 0
         n = len(text)
-        for m in self._long_run_regex().finditer(text):
-            start, end = m.span()
+        for start, end in find_long_whitespace_runs(text, t):
             if end < n and text[end] in "\r\n":
                 # ``\s*[\r\n]+`` (a linear regex-crate branch) takes the run: no panic.
                 continue
@@ -766,9 +796,6 @@ class O200kHarmonyLibrary(MegatronTokenizerTextAbstract):
         self.encoding, _ = build_o200k_harmony_encoding(self.path)
         self._core = self.encoding._core_bpe
         self._vocab = self._inv_vocab = None
-
-
-_LONG_RUN_PATTERNS: Dict[int, "re.Pattern[str]"] = {}
 
 
 def _special_regex(tokens: frozenset) -> "re.Pattern[str]":

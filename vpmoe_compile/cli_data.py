@@ -98,9 +98,9 @@ def add_build_dataset_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mask-policy", choices=("generated", "assistant"), default="generated",
                    help="'generated' (default): assistant tokens except the prompt-supplied "
                         "<|start|>assistant of a turn; 'assistant': every assistant token")
-    p.add_argument("--cross-check-rate", type=_rate, default=0.0, metavar="F",
+    p.add_argument("--cross-check-rate", type=_rate, default=0.001, metavar="F",
                    help="fraction of conversations also rendered by openai-harmony and "
-                        "compared (default 0)")
+                        "compared, a mismatch aborts (default 0.001)")
     p.add_argument("--vocab", default=None, metavar="PATH",
                    help="o200k_base.tiktoken(.gz) to use instead of the vendored copy")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -32,6 +32,46 @@ class CompiledModel:
 
         with dynamo_config():
             return self._fn(*args, **kwargs)
+
+
+def compile_regions(model: nn.Module, backend: str = "inductor", mode: Optional[str] = None) -> List[str]:
+    """Regional ``torch.compile`` of a (transformed) Megatron GPT model, in place.
+
+    Compiles, with ``nn.Module.compile`` (module tree, parameter names and state-dict keys are
+    unchanged), every region with static shapes: each layer's ``input_layernorm``,
+    ``self_attention`` (QKV/factor GEMM, norms, rotation around the Triton attention op,
+    ``linear_proj``), ``pre_mlp_layernorm``, the dense MLP, and in MoE layers the ``router`` and
+    ``shared_experts``; then ``final_layernorm`` and ``output_layer``. The routed-expert dispatch
+    (data-dependent token counts per expert, 256 experts) stays eager: compiling it whole
+    re-specialises per expert and costs minutes of compile time for little gain (see README).
+    Returns the compiled module paths.
+    """
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_base import compat
+
+    compat.apply()
+    kw = dict(backend=backend, mode=mode, dynamic=False)
+    done = []
+
+    def comp(path: str):
+        mod = model.get_submodule(path)
+        mod.compile(**kw)
+        done.append(path)
+
+    for i, layer in enumerate(model.decoder.layers):
+        p = f"decoder.layers.{i}"
+        for name in ("input_layernorm", "self_attention", "pre_mlp_layernorm"):
+            comp(f"{p}.{name}")
+        if isinstance(layer.mlp, MoELayer):
+            comp(f"{p}.mlp.router")
+            if getattr(layer.mlp, "shared_experts", None) is not None:
+                comp(f"{p}.mlp.shared_experts")
+        else:
+            comp(f"{p}.mlp")
+    comp("decoder.final_layernorm")
+    comp("output_layer")
+    return done
 
 
 class CompiledModule(nn.Module):

@@ -12,7 +12,6 @@ from openai_harmony import (
     DeveloperContent,
     Message,
     RenderConversationConfig,
-    RenderOptions,
     Role,
     SystemContent,
     TextContent,
@@ -25,6 +24,7 @@ from megatron_base.harmony import (
     END,
     MESSAGE,
     RETURN,
+    SPAN_CONTEXT,
     START,
     HarmonyFormatError,
     HarmonyRenderConfig,
@@ -248,6 +248,26 @@ def test_mask_example(renderers, tok):
     assert ids[-1] == RETURN and mask[-1] == 1
 
 
+def test_render_with_spans(renderers, tok):
+    rend = renderers[False]
+    for name in ("function_tools", "multi_turn_cot", "no_channel_assistant", "minimal"):
+        ids, mask, spans = rend.render_with_spans(CONVS[name])
+        assert (ids, mask) == rend.render(CONVS[name]) and len(spans) == len(ids)
+        for s, e in _segments(ids):
+            head_end = next(i for i in range(s, e) if ids[i] in (CHANNEL_ID, MESSAGE, CONSTRAIN_ID))
+            header = tok.detokenize(ids[s + 1 : head_end])
+            channel = None
+            if ids[head_end] == CHANNEL_ID:
+                stop = next(i for i in range(head_end, e) if ids[i] in (MESSAGE, CONSTRAIN_ID))
+                channel = tok.detokenize(ids[head_end + 1 : stop]).split(" ")[0]
+            if header.split(" to=")[0] != "assistant":
+                want = SPAN_CONTEXT
+            else:
+                want = {"analysis": 1, "final": 2, "commentary": 3}.get(channel, 4)
+            assert spans[s:e] == [want] * (e - s), (name, header, channel)
+    assert set(rend.render_with_spans(CONVS["function_tools"])[2]) == {0, 1, 2, 3}
+
+
 def test_deterministic_and_cached(tok):
     a = HarmonyRenderer(tokenizer=tok).render(CONVS["function_tools"])
     b = HarmonyRenderer(tokenizer=tok).render(CONVS["function_tools"])
@@ -260,10 +280,25 @@ def test_cross_check(tok):
         rend.render(CONVS[name])
 
 
+def test_cross_check_detects_a_mismatch(tok):
+    class Broken(HarmonyRenderer):
+        def _text(self, s):
+            return super()._text(s.upper() if s == "assistant" else s)
+
+    with pytest.raises(RuntimeError, match="cross-check failed"):
+        Broken(HarmonyRenderConfig(cross_check_rate=1.0), tokenizer=tok).render(CONVS["minimal"])
+    # Off by default for this rate: same broken renderer, no reference call.
+    Broken(HarmonyRenderConfig(cross_check_rate=0.0), tokenizer=tok).render(CONVS["minimal"])
+
+
 def test_apply_chat_template(tok, r2):
     conv = CONVS["developer_instructions"]
     assert tok.apply_chat_template(conv) == r2.render_conversation_for_completion(
         conv, Role.ASSISTANT, RenderConversationConfig(auto_drop_analysis=False)
+    )
+    chat = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(chat) == r2.render_conversation_for_completion(
+        parse_conversation({"messages": chat}), Role.ASSISTANT
     )
     assert tok.apply_chat_template(conv, add_generation_prompt=False) == (
         r2.render_conversation_for_training(conv, RenderConversationConfig(auto_drop_analysis=False))
@@ -281,10 +316,15 @@ def test_long_piece_is_fast(tok, r1):
     assert body == r1.encode_ordinary(content)
 
 
-def test_million_space_content(tok):
+def test_long_whitespace_content(tok, r1):
+    """Content with a whitespace run past the tokenizer's cut threshold (tiktoken panics from
+    ~1M; the cut applies from 100k) renders through the panic-safe path, ids equal."""
     rend = HarmonyRenderer(tokenizer=tok)
-    ids, _ = rend.render({"messages": [{"role": "user", "content": " " * 1_000_000 + "?"}]})
-    assert tok.detokenize(ids).endswith(" " * 1_000_000 + "?<|end|>")
+    content = "a" + " " * 200_000 + "?"
+    ids, _ = rend.render([{"role": "user", "content": content}])
+    body = ids[ids.index(MESSAGE) + 1 : -1]
+    assert body == r1.encode_ordinary(content)
+    assert tok.detokenize(ids).endswith(content + "<|end|>")
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from megatron_base.tokenizer import (
     SPECIAL_TOKEN_IDS,
     VocabFileError,
     O200kHarmonyLibrary,
+    find_long_whitespace_runs,
     O200kHarmonyTokenizer,
     padded_vocab_size,
 )
@@ -198,6 +199,26 @@ def test_parity_with_tiktoken_and_harmony(tok, r1, r2, corpus):
         assert ids == r1.encode_ordinary(d), repr(d[:80])
         assert ids == r2.encode(d, disallowed_special=()), repr(d[:80])
         assert tok.detokenize(ids) == d
+
+
+def test_parity_large(tok, r1, r2):
+    """>= 5 MB (spec §7 parity_large): the interpreter's stdlib sources, all subpackages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs, total = [], 0
+    for p in sorted(root.rglob("*.py")):
+        try:
+            docs.append(p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+        total += len(docs[-1].encode())
+        if total >= 5_000_000:
+            break
+    assert total >= 5_000_000
+    ours = tok.tokenize_batch(docs, num_threads=2)
+    assert ours == r1.encode_ordinary_batch(docs, num_threads=2)
+    for d, ids in zip(docs, ours):
+        assert ids == r2.encode(d, disallowed_special=())
+    assert [tok.detokenize(ids) for ids in ours] == docs
 
 
 def test_batch_and_numpy_paths(tok, r1, corpus):
@@ -556,3 +577,22 @@ def test_whitespace_run_of_a_million(tok, r1):
     # A long run that ends in a newline is handled by tiktoken's own (linear) branch.
     text2 = "x" + "\t" * 200_000 + "\n" + "y"
     assert tok.tokenize(text2) == r1.encode_ordinary(text2)
+
+
+def test_find_long_whitespace_runs():
+    import re
+    import time
+
+    ws = "".join(c for c in WHITESPACE if c not in "\r\n") + "\u2001\u2009"
+    pat = {t: re.compile(f"(?<![{ws}])[{ws}]{{{t},}}|^[{ws}]{{{t},}}") for t in (1, 2, 3, 7)}
+    rnd = random.Random(5)
+    alphabet = list(ws) + ["a", "\n", "\r", "\u200b", "\x1c"]
+    for _ in range(300):
+        text = "".join(rnd.choice(alphabet) * rnd.randint(1, 9) for _ in range(rnd.randint(0, 30)))
+        for t, p in pat.items():
+            assert find_long_whitespace_runs(text, t) == [m.span() for m in p.finditer(text)]
+    # No quadratic trap: many runs just below the threshold are scanned in linear time.
+    text = (" " * 99_999 + "x") * 20
+    t0 = time.perf_counter()
+    assert find_long_whitespace_runs(text, 100_000) == []
+    assert time.perf_counter() - t0 < 0.5

@@ -137,16 +137,13 @@ def _attention_middle():
 def _fwd_triton(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq, R, window, eps, scale):
     from vpmoe_compile.ops import triton_tpa as tk
 
-    if qkv_bias is not None:
-        c_q, c_k, c_v = (c.contiguous() for c in _ref.split_qkv_bias(qkv_bias, H, G, d))
-    else:
-        c_q = c_k = c_v = None
+    bias = qkv_bias.contiguous() if qkv_bias is not None else None
     cos32 = cos.float().contiguous()
     sin32 = sin.float().contiguous()
     gq = gamma_q.contiguous() if gamma_q is not None else None
     gk = gamma_k.contiguous() if gamma_k is not None else None
     q, k, v, rs_q, rs_k = tk.prologue_fwd(
-        factors, c_q, c_k, c_v, gq, gk, cos32, sin32, H=H, G=G, d=d, Rq=Rq, R=R, eps=eps,
+        factors, bias, gq, gk, cos32, sin32, H=H, G=G, d=d, Rq=Rq, R=R, eps=eps,
         act_dtype=factors.dtype,
     )
     attn_fwd, _ = _attention_middle()
@@ -164,17 +161,14 @@ def _bwd_triton(dout, factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, 
     o = out.view(s, b, H, d)
     _, attn_bwd = _attention_middle()
     dq, dk, dv, dsink = attn_bwd(do, q, k, v, o, lse, sink.contiguous(), window, scale)
-    if qkv_bias is not None:
-        c_q, c_k, c_v = (c.contiguous() for c in _ref.split_qkv_bias(qkv_bias, H, G, d))
-    else:
-        c_q = c_k = c_v = None
+    bias = qkv_bias.contiguous() if qkv_bias is not None else None
     gq = gamma_q.contiguous() if gamma_q is not None else None
     gk = gamma_k.contiguous() if gamma_k is not None else None
-    dF, dcq, dck, dcv, dgq, dgk, dcos, dsin = tk.prologue_bwd(
-        dq, dk, dv, factors, c_q, c_k, c_v, gq, gk, rs_q, rs_k,
+    dF, dbias, dgq, dgk, dcos, dsin = tk.prologue_bwd(
+        dq, dk, dv, factors, bias, gq, gk, rs_q, rs_k,
         cos.float().contiguous(), sin.float().contiguous(), H=H, G=G, d=d, Rq=Rq, R=R,
     )
-    dbias = _ref.merge_qkv_bias(dcq, dck, dcv).to(qkv_bias.dtype) if qkv_bias is not None else _empty(factors)
+    dbias = dbias.to(qkv_bias.dtype) if qkv_bias is not None else _empty(factors)
     dgq = dgq.to(gamma_q.dtype) if gamma_q is not None else _empty(factors)
     dgk = dgk.to(gamma_k.dtype) if gamma_k is not None else _empty(factors)
     return dF, dbias, dgq, dgk, dcos.to(cos.dtype), dsin.to(sin.dtype), dsink.to(sink.dtype)

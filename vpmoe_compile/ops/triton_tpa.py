@@ -67,7 +67,7 @@ def _load_a(row_ptr, tmask, sF_f, OFF: tl.constexpr, RANK: tl.constexpr, RANKP: 
 @triton.jit
 def _tpa_prologue_fwd_kernel(
     F_ptr, sF_s, sF_b, sF_f,
-    CQ_ptr, CK_ptr, CV_ptr, GQ_ptr, GK_ptr,
+    BIAS_ptr, GQ_ptr, GK_ptr,
     COS_ptr, SIN_ptr,
     Q_ptr, K_ptr, V_ptr, RSQ_ptr, RSK_ptr,
     S, B, eps,
@@ -81,6 +81,8 @@ def _tpa_prologue_fwd_kernel(
     OFF_BQ: tl.constexpr = OFF_AV + G * RK
     OFF_BK: tl.constexpr = OFF_BQ + RQ * D
     OFF_BV: tl.constexpr = OFF_BK + RK * D
+    HPG: tl.constexpr = H // G
+    GW: tl.constexpr = (HPG + 2) * D  # width of one group in the interleaved bias
 
     pid_t = tl.program_id(0)
     bi = tl.program_id(1)
@@ -105,8 +107,9 @@ def _tpa_prologue_fwd_kernel(
         x1 = tl.sum(a[:, :, None] * b1, axis=1) / RQ
         x2 = tl.sum(a[:, :, None] * b2, axis=1) / RQ
         if HAS_BIAS:
-            x1 += tl.load(CQ_ptr + h * D + p).to(tl.float32)[None, :]
-            x2 += tl.load(CQ_ptr + h * D + P + p).to(tl.float32)[None, :]
+            cq = BIAS_ptr + (h // HPG) * GW + (h % HPG) * D
+            x1 += tl.load(cq + p).to(tl.float32)[None, :]
+            x2 += tl.load(cq + P + p).to(tl.float32)[None, :]
         if NORM_Q:
             rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)
             tl.store(RSQ_ptr + tok * H + h, rstd, mask=tmask)
@@ -128,8 +131,9 @@ def _tpa_prologue_fwd_kernel(
         x1 = tl.sum(a[:, :, None] * b1, axis=1) / RK
         x2 = tl.sum(a[:, :, None] * b2, axis=1) / RK
         if HAS_BIAS:
-            x1 += tl.load(CK_ptr + g * D + p).to(tl.float32)[None, :]
-            x2 += tl.load(CK_ptr + g * D + P + p).to(tl.float32)[None, :]
+            ck = BIAS_ptr + g * GW + HPG * D
+            x1 += tl.load(ck + p).to(tl.float32)[None, :]
+            x2 += tl.load(ck + P + p).to(tl.float32)[None, :]
         if NORM_K:
             rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)
             tl.store(RSK_ptr + tok * G + g, rstd, mask=tmask)
@@ -148,8 +152,9 @@ def _tpa_prologue_fwd_kernel(
         x1 = tl.sum(a[:, :, None] * b1, axis=1) / RK
         x2 = tl.sum(a[:, :, None] * b2, axis=1) / RK
         if HAS_BIAS:
-            x1 += tl.load(CV_ptr + g * D + p).to(tl.float32)[None, :]
-            x2 += tl.load(CV_ptr + g * D + P + p).to(tl.float32)[None, :]
+            cv = BIAS_ptr + g * GW + (HPG + 1) * D
+            x1 += tl.load(cv + p).to(tl.float32)[None, :]
+            x2 += tl.load(cv + P + p).to(tl.float32)[None, :]
         vp = V_ptr + (tok * G + g)[:, None] * D + p[None, :]
         tl.store(vp, x1.to(V_ptr.dtype.element_ty), mask=m2)
         tl.store(vp + P, x2.to(V_ptr.dtype.element_ty), mask=m2)
@@ -158,16 +163,19 @@ def _tpa_prologue_fwd_kernel(
 @triton.jit
 def _prologue_bwd_side(
     row, tok, tmask, sF_f, dF_row, part_idx,
-    DX_ptr, C_ptr, GM_ptr, RS_ptr, DC_part, DG_part,
+    DX_ptr, BIAS_ptr, GM_ptr, RS_ptr, PART_ptr,
     cs, sn, dcos, dsin,
     NH: tl.constexpr, D: tl.constexpr, P: tl.constexpr, RANK: tl.constexpr, RANKP: tl.constexpr,
     OFF_A: tl.constexpr, OFF_B: tl.constexpr,
+    NPG: tl.constexpr, GW: tl.constexpr, SLOT: tl.constexpr, NPART: tl.constexpr, OFF_DG: tl.constexpr,
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr, BT: tl.constexpr,
 ):
     """Backward of one side (q, k or v) of the prologue for a token block.
 
     Writes dA (per head) and dB (summed over heads) into dF, the per-program partials of the
-    bias and gain gradients, and returns the updated per-token ``dcos``/``dsin`` accumulators.
+    bias (at its interleaved offset ``(h // NPG)*GW + (h % NPG + SLOT)*D``) and gain (at
+    ``OFF_DG``) gradients into row ``part_idx`` of ``PART [programs, NPART]``, and returns the
+    updated per-token ``dcos``/``dsin`` accumulators.
     """
     p = tl.arange(0, P)
     r = tl.arange(0, RANKP)
@@ -189,8 +197,9 @@ def _prologue_bwd_side(
             x1 = tl.sum(a[:, :, None] * b1, axis=1) / RANK
             x2 = tl.sum(a[:, :, None] * b2, axis=1) / RANK
             if HAS_BIAS:
-                x1 += tl.load(C_ptr + h * D + p).to(tl.float32)[None, :]
-                x2 += tl.load(C_ptr + h * D + P + p).to(tl.float32)[None, :]
+                cb = BIAS_ptr + (h // NPG) * GW + (h % NPG + SLOT) * D
+                x1 += tl.load(cb + p).to(tl.float32)[None, :]
+                x2 += tl.load(cb + P + p).to(tl.float32)[None, :]
             if NORM:
                 rstd = tl.load(RS_ptr + tok * NH + h, mask=tmask, other=0.0)
                 n1 = x1 * rstd[:, None]
@@ -218,7 +227,7 @@ def _prologue_bwd_side(
         u1 = tl.where(m2, u1, 0.0)
         u2 = tl.where(m2, u2, 0.0)
         if HAS_BIAS:
-            dcp = DC_part + (part_idx * NH + h) * D + p
+            dcp = PART_ptr + part_idx * NPART + (h // NPG) * GW + (h % NPG + SLOT) * D + p
             tl.store(dcp, tl.sum(u1, axis=0))
             tl.store(dcp + P, tl.sum(u2, axis=0))
         # contraction backward
@@ -234,8 +243,8 @@ def _prologue_bwd_side(
     tl.store(dF_row[:, None, None] + cols, db1.to(dF_row.dtype.element_ty), mask=mask3)
     tl.store(dF_row[:, None, None] + cols + P, db2.to(dF_row.dtype.element_ty), mask=mask3)
     if NORM:
-        tl.store(DG_part + part_idx * D + p, dg1)
-        tl.store(DG_part + part_idx * D + P + p, dg2)
+        tl.store(PART_ptr + part_idx * NPART + OFF_DG + p, dg1)
+        tl.store(PART_ptr + part_idx * NPART + OFF_DG + P + p, dg2)
     return dcos, dsin
 
 
@@ -243,9 +252,9 @@ def _prologue_bwd_side(
 def _tpa_prologue_bwd_kernel(
     F_ptr, sF_s, sF_b, sF_f, DF_ptr,
     DQ_ptr, DK_ptr, DV_ptr,
-    CQ_ptr, CK_ptr, CV_ptr, GQ_ptr, GK_ptr, RSQ_ptr, RSK_ptr,
+    BIAS_ptr, GQ_ptr, GK_ptr, RSQ_ptr, RSK_ptr,
     COS_ptr, SIN_ptr,
-    DCQ_part, DCK_part, DCV_part, DGQ_part, DGK_part, DCOS_tok, DSIN_tok,
+    PART_ptr, CS_tok,
     S, B,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     RQ: tl.constexpr, RQP: tl.constexpr, RK: tl.constexpr, RKP: tl.constexpr,
@@ -258,6 +267,10 @@ def _tpa_prologue_bwd_kernel(
     OFF_BQ: tl.constexpr = OFF_AV + G * RK
     OFF_BK: tl.constexpr = OFF_BQ + RQ * D
     OFF_BV: tl.constexpr = OFF_BK + RK * D
+    HPG: tl.constexpr = H // G
+    GW: tl.constexpr = (HPG + 2) * D
+    LB: tl.constexpr = G * GW
+    NPART: tl.constexpr = LB + 2 * D
 
     pid_t = tl.program_id(0)
     bi = tl.program_id(1)
@@ -276,17 +289,20 @@ def _tpa_prologue_bwd_kernel(
     dsin = tl.zeros([BT, P], dtype=tl.float32)
 
     dcos, dsin = _prologue_bwd_side(
-        row, tok, tmask, sF_f, dF_row, part_idx, DQ_ptr, CQ_ptr, GQ_ptr, RSQ_ptr, DCQ_part, DGQ_part,
-        cs, sn, dcos, dsin, H, D, P, RQ, RQP, 0, OFF_BQ, HAS_BIAS, NORM_Q, True, BT)
+        row, tok, tmask, sF_f, dF_row, part_idx, DQ_ptr, BIAS_ptr, GQ_ptr, RSQ_ptr, PART_ptr,
+        cs, sn, dcos, dsin, H, D, P, RQ, RQP, 0, OFF_BQ, HPG, GW, 0, NPART, LB,
+        HAS_BIAS, NORM_Q, True, BT)
     dcos, dsin = _prologue_bwd_side(
-        row, tok, tmask, sF_f, dF_row, part_idx, DK_ptr, CK_ptr, GK_ptr, RSK_ptr, DCK_part, DGK_part,
-        cs, sn, dcos, dsin, G, D, P, RK, RKP, OFF_AK, OFF_BK, HAS_BIAS, NORM_K, True, BT)
+        row, tok, tmask, sF_f, dF_row, part_idx, DK_ptr, BIAS_ptr, GK_ptr, RSK_ptr, PART_ptr,
+        cs, sn, dcos, dsin, G, D, P, RK, RKP, OFF_AK, OFF_BK, 1, GW, HPG, NPART, LB + D,
+        HAS_BIAS, NORM_K, True, BT)
     dcos, dsin = _prologue_bwd_side(
-        row, tok, tmask, sF_f, dF_row, part_idx, DV_ptr, CV_ptr, GK_ptr, RSK_ptr, DCV_part, DGK_part,
-        cs, sn, dcos, dsin, G, D, P, RK, RKP, OFF_AV, OFF_BV, HAS_BIAS, False, False, BT)
-    dp = (tok[:, None] * P + p[None, :])
-    tl.store(DCOS_tok + dp, dcos, mask=m2)
-    tl.store(DSIN_tok + dp, dsin, mask=m2)
+        row, tok, tmask, sF_f, dF_row, part_idx, DV_ptr, BIAS_ptr, GK_ptr, RSK_ptr, PART_ptr,
+        cs, sn, dcos, dsin, G, D, P, RK, RKP, OFF_AV, OFF_BV, 1, GW, HPG + 1, NPART, LB + D,
+        HAS_BIAS, False, False, BT)
+    dp = (tok[:, None] * (2 * P) + p[None, :])
+    tl.store(CS_tok + dp, dcos, mask=m2)
+    tl.store(CS_tok + dp + P, dsin, mask=m2)
 
 
 # ============================================================================ attention
@@ -473,13 +489,13 @@ def _check_dims(head_dim: int):
         raise ValueError(f"triton TPA kernels need head_dim/2 to be a power of two >= 16, got head_dim={head_dim}")
 
 
-def prologue_fwd(factors, c_q, c_k, c_v, gamma_q, gamma_k, cos, sin, *, H, G, d, Rq, R, eps, act_dtype):
+def prologue_fwd(factors, qkv_bias, gamma_q, gamma_k, cos, sin, *, H, G, d, Rq, R, eps, act_dtype):
     """Factors -> (q, k, v, rstd_q, rstd_k).
 
     Args:
         factors: ``[s, b, F]`` (any strides).
-        c_q, c_k, c_v: ``[H,d]``, ``[G,d]``, ``[G,d]`` contiguous or None (no bias).
-        gamma_q, gamma_k: ``[d]`` or None (no norm on that side).
+        qkv_bias: ``[G*(H/G+2)*d]`` contiguous, Megatron's interleaved layout, or None.
+        gamma_q, gamma_k: ``[d]`` contiguous or None (no norm on that side).
         cos, sin: ``[s, d/2]`` fp32 contiguous.
 
     Returns:
@@ -492,33 +508,36 @@ def prologue_fwd(factors, c_q, c_k, c_v, gamma_q, gamma_k, cos, sin, *, H, G, d,
     q = torch.empty(s, b, H, d, device=dev, dtype=act_dtype)
     k = torch.empty(s, b, G, d, device=dev, dtype=act_dtype)
     v = torch.empty(s, b, G, d, device=dev, dtype=act_dtype)
-    rs_q = torch.empty(s, b, H, device=dev, dtype=torch.float32) if gamma_q is not None else q.new_empty(0, dtype=torch.float32)
-    rs_k = torch.empty(s, b, G, device=dev, dtype=torch.float32) if gamma_k is not None else q.new_empty(0, dtype=torch.float32)
-    has_bias = c_q is not None
+    f32 = dict(device=dev, dtype=torch.float32)
+    rs_q = torch.empty(s, b, H, **f32) if gamma_q is not None else torch.empty(0, **f32)
+    rs_k = torch.empty(s, b, G, **f32) if gamma_k is not None else torch.empty(0, **f32)
     dummy = cos
     blk = _blocks("prologue_fwd")
     grid = (triton.cdiv(s, blk["BT"]), b)
     _tpa_prologue_fwd_kernel[grid](
         factors, factors.stride(0), factors.stride(1), factors.stride(2),
-        c_q if has_bias else dummy, c_k if has_bias else dummy, c_v if has_bias else dummy,
+        qkv_bias if qkv_bias is not None else dummy,
         gamma_q if gamma_q is not None else dummy, gamma_k if gamma_k is not None else dummy,
         cos, sin, q, k, v, rs_q if gamma_q is not None else dummy, rs_k if gamma_k is not None else dummy,
         s, b, float(eps),
         H=H, G=G, D=d, P=d // 2, RQ=Rq, RQP=_next_pow2(Rq), RK=R, RKP=_next_pow2(R),
-        HAS_BIAS=has_bias, NORM_Q=gamma_q is not None, NORM_K=gamma_k is not None,
+        HAS_BIAS=qkv_bias is not None, NORM_Q=gamma_q is not None, NORM_K=gamma_k is not None,
         BT=blk["BT"], num_warps=blk["warps"],
     )
     return q, k, v, rs_q, rs_k
 
 
-def prologue_bwd(dq, dk, dv, factors, c_q, c_k, c_v, gamma_q, gamma_k, rs_q, rs_k, cos, sin, *, H, G, d, Rq, R):
+def prologue_bwd(dq, dk, dv, factors, qkv_bias, gamma_q, gamma_k, rs_q, rs_k, cos, sin, *, H, G, d, Rq, R):
     """Backward of :func:`prologue_fwd`.
 
+    The kernel writes ``dfactors`` completely, one row per program of fp32 partials
+    ``[dqkv_bias (interleaved) | dgamma_q | dgamma_k]`` and per-token ``[dcos | dsin]``; PyTorch then
+    sums them in a fixed order (deterministic, no atomics).
+
     Returns:
-        ``dfactors [s,b,F]`` (factors dtype, contiguous), ``dc_q [H,d]``, ``dc_k [G,d]``,
-        ``dc_v [G,d]`` (None without bias), ``dgamma_q``, ``dgamma_k`` ``[d]`` (None without
-        norm), ``dcos``, ``dsin`` ``[s, d/2]`` - all parameter gradients fp32, reduced in a fixed
-        order from per-program partials.
+        ``dfactors [s,b,F]`` (factors dtype, contiguous), ``dqkv_bias [G*(H/G+2)*d]`` (None without
+        bias), ``dgamma_q``, ``dgamma_k`` ``[d]`` (None without norm), ``dcos``, ``dsin``
+        ``[s, d/2]``; parameter gradients in fp32.
     """
     s, b, Fw = factors.shape
     dev = factors.device
@@ -526,16 +545,11 @@ def prologue_bwd(dq, dk, dv, factors, c_q, c_k, c_v, gamma_q, gamma_k, rs_q, rs_
     BT = blk["BT"]
     nT = triton.cdiv(s, BT)
     P = d // 2
+    LB = G * (H // G + 2) * d
     f32 = dict(device=dev, dtype=torch.float32)
-    has_bias = c_q is not None
     dF = torch.empty(s, b, Fw, device=dev, dtype=factors.dtype)
-    dcq = torch.empty(nT, b, H, d, **f32) if has_bias else None
-    dck = torch.empty(nT, b, G, d, **f32) if has_bias else None
-    dcv = torch.empty(nT, b, G, d, **f32) if has_bias else None
-    dgq = torch.empty(nT, b, d, **f32) if gamma_q is not None else None
-    dgk = torch.empty(nT, b, d, **f32) if gamma_k is not None else None
-    dcos_t = torch.empty(s, b, P, **f32)
-    dsin_t = torch.empty(s, b, P, **f32)
+    part = torch.empty(nT * b, LB + 2 * d, **f32)
+    cs_tok = torch.empty(s, b, 2 * P, **f32)
     dummy = cos
 
     def _or(x):
@@ -544,17 +558,19 @@ def prologue_bwd(dq, dk, dv, factors, c_q, c_k, c_v, gamma_q, gamma_k, rs_q, rs_
     _tpa_prologue_bwd_kernel[(nT, b)](
         factors, factors.stride(0), factors.stride(1), factors.stride(2), dF,
         dq, dk, dv,
-        _or(c_q), _or(c_k), _or(c_v), _or(gamma_q), _or(gamma_k),
+        _or(qkv_bias), _or(gamma_q), _or(gamma_k),
         rs_q if gamma_q is not None else dummy, rs_k if gamma_k is not None else dummy,
-        cos, sin,
-        _or(dcq), _or(dck), _or(dcv), _or(dgq), _or(dgk), dcos_t, dsin_t,
+        cos, sin, part, cs_tok,
         s, b,
         H=H, G=G, D=d, P=P, RQ=Rq, RQP=_next_pow2(Rq), RK=R, RKP=_next_pow2(R), FW=Fw,
-        HAS_BIAS=has_bias, NORM_Q=gamma_q is not None, NORM_K=gamma_k is not None,
+        HAS_BIAS=qkv_bias is not None, NORM_Q=gamma_q is not None, NORM_K=gamma_k is not None,
         BT=BT, num_warps=blk["warps"],
     )
-    red = (lambda x: x.sum(dim=(0, 1)) if x is not None else None)
-    return dF, red(dcq), red(dck), red(dcv), red(dgq), red(dgk), dcos_t.sum(1), dsin_t.sum(1)
+    # fixed-order reductions (separate outputs: the op may not return aliasing tensors)
+    dbias = part[:, :LB].sum(0) if qkv_bias is not None else None
+    dgq = part[:, LB:LB + d].sum(0) if gamma_q is not None else None
+    dgk = part[:, LB + d:].sum(0) if gamma_k is not None else None
+    return dF, dbias, dgq, dgk, cs_tok[..., :P].sum(1), cs_tok[..., P:].sum(1)
 
 
 def swa_fwd(q, k, v, sink, window: int, softmax_scale: float):

@@ -75,7 +75,10 @@ def _second_moment_sharded(sh_param, v: torch.Tensor, prefix: str) -> ShardedTen
 
 
 def _optimizer_state_to_sharded(opt_sd: Dict, id_map: Dict) -> None:
-    """In place: momentum like Adam's moments, second moment with the collapsed axis."""
+    """In place: every state tensor like Adam's moments, except NorMuon's second moment, which
+    gets the parameter's ShardedTensor with the reduced axis collapsed; per-param ``step`` is
+    replaced by one ``common_step`` (Megatron's convention)."""
+    step = MegatronOptimizerSteps.common_step(opt_sd)
     vs = {}
     state = {}
     for pid, st in opt_sd["state"].items():
@@ -89,10 +92,29 @@ def _optimizer_state_to_sharded(opt_sd: Dict, id_map: Dict) -> None:
         opt_sd["state"][pid][_V_KEY] = _second_moment_sharded(
             id_map[pid], v, prefix=f"optimizer.state.{_V_KEY}"
         )
+    if step:
+        opt_sd["state"]["common_step"] = step
+
+
+class MegatronOptimizerSteps:
+    @staticmethod
+    def common_step(opt_sd):
+        from megatron.core.optimizer.optimizer import MegatronOptimizer
+
+        return MegatronOptimizer._extract_common_per_param_step(opt_sd)
 
 
 class NorMuonFloat16Optimizer(Float16OptimizerWithFloat16Params):
-    """bf16 model params + fp32 main params; NorMuon-aware checkpoints, foreach main->model copy."""
+    """``Float16OptimizerWithFloat16Params`` with slot-ordered ``torch_dist`` state mapping.
+
+    Used for the NorMuon parts and (by class swap) for Megatron's Adam parts:
+
+    * the optimizer-state-id -> model ShardedTensor map follows the optimizer's own slots, so it
+      is right also when a group mixes bf16 params and fp32 params (GRAPE ``log_freq``, an fp32
+      router): Megatron 0.16.1 enumerates only the bf16 params and shifts every later id;
+    * NorMuon's ``[m, 1]`` second moment is saved with the input axis collapsed (spec §5.4);
+    * main -> model param copy with one ``torch._foreach_copy_`` instead of a per-tensor loop.
+    """
 
     def _model_params_in_slot_order(self) -> List[torch.Tensor]:
         main_to_model = {}
@@ -112,14 +134,11 @@ class NorMuonFloat16Optimizer(Float16OptimizerWithFloat16Params):
         if is_loading:
             self.init_state_fn(self.optimizer, self.config)
         state_dict = self.state_dict()
-        # Slot-ordered map (correct also when a group mixes bf16 and fp32 params, e.g. the router).
         id_map = get_param_id_to_sharded_param_map(
             model_sharded_state_dict, self._model_params_in_slot_order()
         )
         groups = state_dict["optimizer"]["param_groups"]
-        main_ids = {
-            id(p) for g in self.fp32_from_float16_groups for p in g
-        }
+        main_ids = {id(p) for g in self.fp32_from_float16_groups for p in g}
         fp32_sharded = []
         for g_idx, (fp32_group, state_group) in enumerate(
             zip(state_dict["fp32_from_fp16_params"], groups)
@@ -143,7 +162,7 @@ class NorMuonFloat16Optimizer(Float16OptimizerWithFloat16Params):
 
 
 class NorMuonFP32Optimizer(FP32Optimizer):
-    """fp32 training: NorMuon-aware ``torch_dist`` checkpoints."""
+    """``FP32Optimizer`` that also saves NorMuon's ``[m, 1]`` second moment in ``torch_dist``."""
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
         if is_loading:
@@ -307,6 +326,11 @@ def build_megatron_optimizer(
             )
             for o in aux_chain.chained_optimizers:
                 if getattr(o, "optimizer", None) is not None and o.get_parameters():
+                    # Same wrapper, slot-safe torch_dist mapping (see NorMuonFloat16Optimizer).
+                    if type(o) is Float16OptimizerWithFloat16Params:
+                        o.__class__ = NorMuonFloat16Optimizer
+                    elif type(o) is FP32Optimizer:
+                        o.__class__ = NorMuonFP32Optimizer
                     optimizers.append(o)
     finally:
         for p in flipped:

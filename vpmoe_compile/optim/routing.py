@@ -260,9 +260,15 @@ def classify_parameters(model, cfg: Any = None) -> List[ParamRoute]:
             continue
         unknown.append(f"{name} {tuple(p.shape)}")
     if unknown:
+        hint = ""
+        if any(re.search(r"\.experts\.weight[12] ", u) for u in unknown):
+            hint = (
+                " (legacy GroupedMLP weight1/weight2 store all experts in one 2-D tensor and are "
+                "not supported: use SequentialMLP or TEGroupedMLP, spec D5)"
+            )
         raise RoutingError(
             "no optimizer role for these parameters (add a rule in vpmoe_compile/optim/routing.py "
-            "or mark them with an attribute): " + ", ".join(unknown)
+            "or mark them with an attribute): " + ", ".join(unknown) + hint
         )
     return routes
 

@@ -188,3 +188,34 @@ def test_stock_tiny_model_routes_and_trains(megatron_world):
         assert ok and math.isfinite(norm)
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_transformed_tiny_model_routes_and_trains(megatron_world):
+    """vpmoe_compile.transform output: packed TPA factors, GRAPE log_freq, sinks -> routed; trains."""
+    import vpmoe_compile
+    from megatron_base import build_stock_gpt, load_config
+
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    model = vpmoe_compile.transform(build_stock_gpt(cfg, device="cpu"))
+    opt = build_optimizer(model, cfg)
+    table = {row["name"]: row for row in opt.routing_table()}
+    assert set(table) == {n for n, p in model.named_parameters()}
+    local = table["decoder.layers.0.self_attention.linear_qkv.weight"]
+    assert local["role"] == "tpa_factors"
+    assert [m[0] for m in local["matrices"]] == ["a_q", "a_k", "a_v", "b_q", "b_k", "b_v"]
+    grape = [r for n, r in table.items() if n.endswith("log_freq")]
+    assert grape and all(r["group"] == "adamw" and r["wd"] == 0.0 for r in grape)
+    sinks = [r for n, r in table.items() if n.endswith("softmax_offset")]
+    assert sinks and all(r["group"] == "adamw" and r["wd"] == 0.0 for r in sinks)
+    tokens = torch.randint(0, 1000, (2, 17))
+    pos = torch.arange(16).unsqueeze(0).expand(2, -1)
+    losses = []
+    for _ in range(4):
+        opt.zero_grad()
+        loss = model(tokens[:, :-1], pos, None, labels=tokens[:, 1:]).float().mean()
+        loss.backward()
+        ok, norm, _ = opt.step()
+        assert ok and math.isfinite(norm)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3

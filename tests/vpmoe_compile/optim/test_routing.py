@@ -116,3 +116,25 @@ def test_frozen_params_are_listed_not_optimised():
     model.output_layer.weight.requires_grad_(False)
     table = _by_name(routing_table(model))
     assert table["output_layer.weight"]["group"] == "frozen"
+
+
+def test_te_grouped_expert_names_per_expert_and_legacy_grouped_refused():
+    model = FakeVpMoE()
+    experts = model.decoder.layers[1].mlp.experts
+    del experts.local_experts
+    for e in range(EXPERTS):  # TEGroupedMLP: linear_fc1.weight{e} / linear_fc2.weight{e}
+        setattr(experts, "linear_fc1", getattr(experts, "linear_fc1", torch.nn.Module()))
+        setattr(experts, "linear_fc2", getattr(experts, "linear_fc2", torch.nn.Module()))
+        p1 = torch.nn.Parameter(torch.randn(8, 32))
+        p1.allreduce = False
+        p2 = torch.nn.Parameter(torch.randn(32, 8))
+        p2.allreduce = False
+        experts.linear_fc1.register_parameter(f"weight{e}", p1)
+        experts.linear_fc2.register_parameter(f"weight{e}", p2)
+    table = _by_name(routing_table(model))
+    for e in range(EXPERTS):
+        row = table[f"decoder.layers.1.mlp.experts.linear_fc2.weight{e}"]
+        assert (row["group"], row["role"], row["is_expert_parallel"]) == ("normuon", "expert", True)
+    experts.weight1 = torch.nn.Parameter(torch.randn(32, EXPERTS * 8))  # legacy GroupedMLP
+    with pytest.raises(RoutingError, match=r"experts\.weight1"):
+        routing_table(model)
