@@ -272,6 +272,77 @@ def suite_tpa(r: Runner, a, results):
         results["tpa_floor_error"] = str(e)[:300]
 
 
+def _profile_kernels(fn, iters=3):
+    """Average CUDA time (us) per kernel name over ``iters`` calls of ``fn`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None)
+        if t is None:
+            t = getattr(evt, "cuda_time_total", 0)
+        if t and t > 0:
+            out[evt.key[:60]] = round(t / iters, 1)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def kernel_sweep(a, results):
+    """Per-kernel times of ours (fwd+bwd) for the autotuned and a few fixed tile triples."""
+    ops = import_op_module("sink_attention")
+    alibi = import_op_module("alibi")
+    tk = import_op_module("triton_sink_attention")
+    KT, SC = tk.KernelTiles, tk.SinkAttentionConfig
+    triples = {
+        "autotuned": None,
+        "f128x64w8|dq128x64w8|dkv64x64w8": SC(fwd=KT(128, 64, 8, 3), dq=KT(128, 64, 8, 3), dkv=KT(64, 64, 8, 2)),
+        "f64x64w4|dq64x64w4|dkv32x64w4": SC(fwd=KT(64, 64, 4, 3), dq=KT(64, 64, 4, 3), dkv=KT(32, 64, 4, 2)),
+        "f128x128w8|dq64x32w4|dkv32x128w8": SC(fwd=KT(128, 128, 8, 2), dq=KT(64, 32, 4, 2), dkv=KT(32, 128, 8, 2)),
+        "f64x128w4|dq64x128w8|dkv16x64w4": SC(fwd=KT(64, 128, 4, 2), dq=KT(64, 128, 8, 2), dkv=KT(16, 64, 4, 2)),
+        "f128x64w4|dq128x64w4s2|dkv64x128w8s1": SC(fwd=KT(128, 64, 4, 2), dq=KT(128, 64, 4, 2),
+                                                   dkv=KT(64, 128, 8, 1)),
+    }
+    q, k, v, sink, dout = make_inputs(a.b, a.s, a.H, a.G, a.d)
+    slopes = alibi.alibi_slopes(a.H, device="cuda")
+    sweep = {}
+    for flavour in ("window", "global"):
+        for name, cfg in triples.items():
+            def step(cfg=cfg, flavour=flavour):
+                with tk.use_config(cfg):
+                    if flavour == "global":
+                        o = ops.alibi_sink_attention(q, k, v, slopes, sink)
+                    else:
+                        o = ops.window_sink_attention(q, k, v, sink, a.window)
+                    torch.autograd.grad(o, (q, k, v, sink), dout)
+            try:
+                t0 = time.time()
+                prof = _profile_kernels(step)
+                sweep[f"{flavour}:{name}"] = prof
+                top = {kk: vv for kk, vv in prof.items() if "sink_attn" in kk}
+                print(f"[sweep] {flavour:6s} {name:40s} " + "  ".join(
+                    f"{kk.replace('_sink_attn_', '')[:14]}={vv:.0f}" for kk, vv in top.items())
+                    + f"  ({time.time() - t0:.0f}s)", flush=True)
+            except Exception as e:
+                sweep[f"{flavour}:{name}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                print(f"[sweep] {flavour} {name} ERROR {e}", flush=True)
+    try:
+        best = {}
+        for nm in ("_fwd_autotuned", "_dq_autotuned", "_dkv_autotuned"):
+            at = getattr(tk, nm)
+            if at is not None:
+                best[nm] = {str(kk): str(vv) for kk, vv in at.cache.items()}
+        results["autotune_choices"] = best
+        print("[sweep] autotune choices:", json.dumps(best, indent=1), flush=True)
+    except Exception as e:
+        results["autotune_choices_error"] = str(e)[:300]
+    results["kernel_sweep_us"] = sweep
+
+
 def plot(rows, results, path):
     import matplotlib
 
@@ -319,7 +390,7 @@ def plot(rows, results, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=["global", "window", "tpa", "all"], default="all")
+    p.add_argument("--suite", choices=["global", "window", "tpa", "all", "none"], default="all")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--b", type=int, default=8)
     p.add_argument("--s", type=int, default=4096)
@@ -329,6 +400,8 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=128)
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetitions (ms)")
+    p.add_argument("--kernel-sweep", action="store_true",
+                   help="also profile ours per kernel for the autotuned and several fixed tile triples")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("attention benchmark needs a CUDA GPU")
@@ -347,7 +420,11 @@ def main(argv=None):
     }
     results["copy_bandwidth_TBps"] = _copy_bandwidth(a.warmup, a.rep)
     r = Runner(a)
-    suites = ["global", "window", "tpa"] if a.suite == "all" else [a.suite]
+    if a.kernel_sweep:
+        kernel_sweep(a, results)
+        with open(os.path.join(a.out, f"attention_{a.suite}.json"), "w") as fh:
+            json.dump(results, fh, indent=2)
+    suites = {"all": ["global", "window", "tpa"], "none": []}.get(a.suite, [a.suite])
     for suite in suites:
         try:
             if suite == "global":

@@ -53,13 +53,16 @@ LR, WD, MU, BETA2, EPS = 3e-3, 0.01, 0.95, 0.95, 1e-10
 
 
 # ------------------------------------------------------------------------------------ shapes
-def vpmoe_8l_matrices(small: bool = False) -> List[Dict]:
-    """Parameters of vpMoE-8L as dicts {name, shape, blocks, block_shapes, expert}."""
+def vpmoe_8l_matrices(small: bool = False, layers: int = 8, local_experts: int = 256) -> List[Dict]:
+    """Parameters of vpMoE-8L as dicts {name, shape, blocks, expert}.
+
+    ``layers=80, local_experts=32``: the full vpMoE's per-GPU set at EP = 8 (spec §6.2 probe).
+    """
     if small:
         L, h, H, G, d, E, F, S, Fd, V = 4, 64, 4, 2, 16, 8, 16, 32, 16, 512
         rq, r = 2, 1
     else:
-        L, h, H, G, d, E, F, S, Fd, V = 8, 1024, 8, 2, 128, 256, 128, 512, 128, 201088
+        L, h, H, G, d, E, F, S, Fd, V = layers, 1024, 8, 2, 128, local_experts, 128, 512, 128, 201088
         rq, r = 4, 2
     out = []
 
@@ -224,15 +227,20 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--skip-fork", action="store_true")
     ap.add_argument("--tag", default=None)
+    ap.add_argument("--set", default="8l", choices=["8l", "ep8"],
+                    help="8l: vpMoE-8L, all 256 experts; ep8: full 80-layer vpMoE, 32 experts per GPU")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
-    tag = args.tag or ("small" if args.small else "vpmoe-8l")
+    tag = args.tag or ("small" if args.small else ("vpmoe-8l" if args.set == "8l" else "vpmoe-ep8"))
     res: Dict = {"config": tag, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                  "torch": torch.__version__, "hyper": dict(lr=LR, wd=WD, mu=MU, beta2=BETA2, eps=EPS)}
     print(f"device {res['device']} torch {torch.__version__}", flush=True)
 
-    spec, vocab, hidden = vpmoe_8l_matrices(args.small)
+    if args.set == "ep8" and not args.small:
+        spec, vocab, hidden = vpmoe_8l_matrices(layers=80, local_experts=32)
+    else:
+        spec, vocab, hidden = vpmoe_8l_matrices(args.small)
     shapes = logical_shapes(spec)
     numel = sum(m * n for m, n in shapes)
     flops = pe_flops(shapes)
@@ -330,7 +338,9 @@ def main(argv=None):
                 compiled_step()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        res["host_syncs_in_step"] = sum("synchroniz" in str(w.message) for w in caught)
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        res["host_syncs_in_step"] = len(syncs)
+        res["host_sync_sites"] = sorted({f"{os.path.basename(w.filename)}:{w.lineno}" for w in syncs})
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

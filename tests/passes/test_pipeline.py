@@ -167,3 +167,32 @@ def test_snapshot_restores_detached_submodules(tiny_model):
     old.linear_fc1 = torch.nn.Identity()
     snap.restore()
     assert tiny_model.decoder.layers[0].mlp is old and type(old.linear_fc1).__name__ == "ColumnParallelLinear"
+
+
+def test_transformed_model_checkpoint_keys(tiny_model):
+    """Megatron's sharded_state_dict (torch_dist checkpoints) covers every parameter of the
+    transformed model under its state_dict name; plain state_dict round-trips exactly."""
+    from megatron_base import build_stock_gpt
+
+    vpmoe_compile.transform(tiny_model)
+    sharded = tiny_model.sharded_state_dict()
+    params = {n for n, _ in tiny_model.named_parameters()}
+    assert params <= set(sharded)
+    assert "rotary_pos_emb.log_freq" in sharded and "decoder.layers.0.self_attention.linear_qkv.weight" in sharded
+    other = vpmoe_compile.transform(build_stock_gpt("tiny"))
+    missing, unexpected = other.load_state_dict(tiny_model.state_dict(), strict=True)
+    assert not missing and not unexpected
+    for (n, a), (_, b) in zip(tiny_model.state_dict().items(), other.state_dict().items()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), n
+
+
+def test_init_process_is_idempotent(megatron_env):
+    from megatron.core import parallel_state
+
+    from megatron_base import init_process
+
+    init_process()
+    init_process()
+    assert torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()
+    assert torch.distributed.get_world_size() == 1

@@ -486,9 +486,9 @@ def _cfgs(rows):
 
 # H100 candidates for d = 128, chosen from the sm_90 resource report (no local-memory spills with
 # ALiBi on; 255 registers/thread at most). fwd: 128 packed rows = 32 tokens x 4 heads.
-_FWD_CONFIGS = _cfgs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)])
-_DQ_CONFIGS = _cfgs([(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
-_DKV_CONFIGS = _cfgs([(64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 1)])
+_FWD_CONFIGS = _cfgs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2)])
+_DQ_CONFIGS = _cfgs([(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 128, 8, 2)])
+_DKV_CONFIGS = _cfgs([(64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 1), (32, 64, 4, 2), (16, 64, 4, 2)])
 
 _fwd_autotuned = None
 _dq_autotuned = None

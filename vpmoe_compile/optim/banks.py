@@ -62,6 +62,10 @@ class Bank:
     d_src: List[torch.Tensor] = field(default_factory=list)
     w_dst: List[torch.Tensor] = field(default_factory=list)
     seg_member: List[int] = field(default_factory=list)  # member index of each segment view
+    g_whole: List[torch.Tensor] = field(default_factory=list)  # G[i] views (whole-member banks)
+    params: List[torch.Tensor] = field(default_factory=list)  # parameter of each member
+    whole: bool = True  # every member is a whole parameter
+    W: Optional[torch.Tensor] = None  # [N, m, n] re-homed parameters (p.data = W[i]) or None
 
     @property
     def size(self) -> int:
@@ -104,6 +108,8 @@ def bank_update(
     G: torch.Tensor,
     M: torch.Tensor,
     V: torch.Tensor,
+    W: Optional[torch.Tensor],
+    decay: torch.Tensor,
     lr: torch.Tensor,
     mu: torch.Tensor,
     beta2: torch.Tensor,
@@ -121,9 +127,13 @@ def bank_update(
     """One NorMuon step for a bank (spec §1.4 steps 1-9), in place.
 
     Args:
-        G: ``[N, m, n]`` gradients (read), overwritten with ``-lr * Delta`` (original orientation).
+        G: ``[N, m, n]`` gradients (read); when ``W`` is None overwritten with ``-lr * Delta``
+            (original orientation) for the caller to add to the parameters.
         M: ``[N, m, n]`` momentum, updated in place.
         V: ``[N, s, 1]`` / ``[N, 1, L]`` second moment (oriented), updated in place.
+        W: ``[N, m, n]`` parameters (re-homed bank) updated in place,
+            ``W <- W * decay - lr * Delta`` (step 10), or None.
+        decay: 0-d tensor ``1 - lr * weight_decay``.
         lr, mu, beta2, eps: 0-d tensors (learning rate, momentum, second-moment decay, epsilon).
         flip: members are tall; PE works on ``X = U^T`` (``[N, n, m]``).
         stat_dim: oriented axis averaged for the per-neuron mean square.
@@ -148,4 +158,8 @@ def bank_update(
     else:
         k = s * (rms_scale / torch.clamp_min(torch.sqrt(S), eps))
     delta = (k * O) * (-lr)
-    G.copy_(delta.mT if flip else delta)
+    delta = delta.mT if flip else delta
+    if W is None:
+        G.copy_(delta)
+    else:
+        W.copy_(W * decay + delta)  # 10: W (1 - lr wd) - lr Delta

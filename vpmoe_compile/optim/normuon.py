@@ -67,6 +67,11 @@ class NorMuon(torch.optim.Optimizer):
         compile: ``False``, ``True`` (inductor) or a backend name for ``torch.compile`` of the
             per-bank function. ``None`` -> compile only on CUDA.
         max_bank_size: most members in one bank (bounds workspace memory), spec R1.
+        rehome: store whole-matrix fp32 (fp64) parameters as views of their bank's contiguous
+            ``[N, m, n]`` storage (``p.data = bank.W[i]``, spec R3), so that weight decay and the
+            update run inside the bank kernel; parameters whose ``.data`` is later replaced are
+            detected and the banks rebuilt. Split (QKV / TPA) and low-precision parameters are
+            never re-homed (updated through foreach ops instead).
     """
 
     def __init__(
@@ -87,6 +92,7 @@ class NorMuon(torch.optim.Optimizer):
         neuron_axis: str = "rows",
         compile: Union[bool, str, None] = False,
         max_bank_size: int = 2048,
+        rehome: bool = True,
     ):
         if lr < 0.0:
             raise ValueError(f"invalid lr {lr}")
@@ -112,10 +118,14 @@ class NorMuon(torch.optim.Optimizer):
         self.neuron_axis = neuron_axis
         self.max_bank_size = int(max_bank_size)
         self.compile_mode = compile
+        self.rehome = bool(rehome)
         for group in self.param_groups:
             self._check_group(group)
         self._banks: Optional[List[Bank]] = None
         self._bank_signature: Optional[Tuple] = None
+        self._flat: List[torch.Tensor] = []
+        self._ptrs: List[int] = []
+        self._decay_lists: Dict[int, Dict[Tuple, List[torch.Tensor]]] = {}
         self._hyper: Dict[Tuple[int, torch.device, torch.dtype], Dict[str, Any]] = {}
         self._fn = None
 
@@ -186,10 +196,12 @@ class NorMuon(torch.optim.Optimizer):
             self._fn = bank_update
         return self._fn
 
-    def _signature(self) -> Tuple:
-        return tuple(
-            (id(p), p.data_ptr(), p.device, p.dtype) for g in self.param_groups for p in g["params"]
-        )
+    def _params_changed(self) -> bool:
+        """Parameters replaced (e.g. Megatron's fp32 main params) or their ``.data`` re-bound."""
+        flat = [p for g in self.param_groups for p in g["params"]]
+        if len(flat) != len(self._flat) or any(a is not b for a, b in zip(flat, self._flat)):
+            return True
+        return [p.data_ptr() for p in flat] != self._ptrs
 
     # ------------------------------------------------------------------ banks
     def _members(self) -> List[Member]:
@@ -215,10 +227,12 @@ class NorMuon(torch.optim.Optimizer):
         buckets: Dict[Tuple, List[Member]] = {}
         for mem in self._members():
             p = self.param_groups[mem.group_index]["params"][mem.param_index]
-            key = (mem.group_index, mem.shape, p.device, _state_dtype(p))
+            sdtype = _state_dtype(p)
+            rehome = self.rehome and mem.whole and p.dtype == sdtype
+            key = (mem.group_index, mem.shape, p.device, sdtype, rehome)
             buckets.setdefault(key, []).append(mem)
         banks: List[Bank] = []
-        for (gi, shape, device, sdtype), mems in buckets.items():
+        for (gi, shape, device, sdtype, rehome), mems in buckets.items():
             flip, on_rows, stat_dim = bank_layout(shape, self.neuron_axis)
             vshape = oriented_v_shape(shape, flip, stat_dim)
             m, n = shape
@@ -237,10 +251,27 @@ class NorMuon(torch.optim.Optimizer):
                     V=torch.zeros((N, *vshape), dtype=sdtype, device=device),
                     shape_scale=math.sqrt(max(1.0, m / n)),
                 )
+                bank.params = [self._param_of(mem) for mem in chunk]
+                bank.whole = all(mem.whole for mem in chunk)
+                if rehome:
+                    bank.W = torch.empty((N, m, n), dtype=sdtype, device=device)
+                    for i, p in enumerate(bank.params):
+                        bank.W[i].copy_(p.detach())
+                        p.data = bank.W[i]
                 banks.append(bank)
         self._banks = banks
         self._import_state()
-        self._bank_signature = self._signature()
+        # Weight decay of the parameters not updated inside a bank kernel, once per parameter.
+        rehomed = {id(p) for b in banks if b.W is not None for p in b.params}
+        self._decay_lists = {}
+        for gi, group in enumerate(self.param_groups):
+            lists: Dict[Tuple, List[torch.Tensor]] = {}
+            for p in group["params"]:
+                if id(p) not in rehomed:
+                    lists.setdefault((p.device, _state_dtype(p)), []).append(p)
+            self._decay_lists[gi] = lists
+        self._flat = [p for g in self.param_groups for p in g["params"]]
+        self._ptrs = [p.data_ptr() for p in self._flat]
         self._fn = None
 
     def _param_of(self, mem: Member) -> torch.Tensor:
@@ -252,6 +283,7 @@ class NorMuon(torch.optim.Optimizer):
         split_params = {}
         for bank in self._banks:
             bank.g_dst, bank.d_src, bank.w_dst, bank.seg_member = [], [], [], []
+            bank.g_whole = [bank.G[i] for i in range(bank.size)]
             for i, mem in enumerate(bank.members):
                 p = self._param_of(mem)
                 st = source.get(p, {}) if hasattr(source, "get") else {}
@@ -303,7 +335,7 @@ class NorMuon(torch.optim.Optimizer):
                     row += length
 
     def _ensure_banks(self) -> None:
-        if self._banks is None or self._bank_signature != self._signature():
+        if self._banks is None or self._params_changed():
             self._build_banks()
 
     def init_state(self) -> None:
@@ -335,90 +367,113 @@ class NorMuon(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
-        """One NorMuon step over all banks; returns ``closure()`` if given."""
+        """One NorMuon step over all banks; returns ``closure()`` if given.
+
+        No host synchronisation: hyper-parameters reach the kernels as 0-d device tensors.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._ensure_banks()
         fn = self._get_fn()
+        all_present = True
+        for p in self._flat:
+            if p.grad is None:
+                all_present = False
+            elif p.grad.is_sparse:
+                raise RuntimeError("NorMuon does not support sparse gradients")
+        active = None if all_present else {id(p) for p in self._flat if p.grad is not None}
 
-        # Which parameters take part (grad not None), weight decay first (once per parameter).
-        active: Dict[int, bool] = {}
+        # Weight decay of parameters updated outside the bank kernels (split / low precision).
         for gi, group in enumerate(self.param_groups):
-            decay_list: Dict[Tuple, List[torch.Tensor]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("NorMuon does not support sparse gradients")
-                active[id(p)] = True
-                if float(group["weight_decay"]) != 0.0:
-                    decay_list.setdefault((p.device, _state_dtype(p)), []).append(p)
-            for (device, sdtype), plist in decay_list.items():
-                h = self._hyper_tensors(gi, device, sdtype)
-                torch._foreach_mul_([p.detach() for p in plist], h["decay"])
+            if float(group["weight_decay"]) == 0.0:
+                continue
+            for (device, sdtype), plist in self._decay_lists[gi].items():
+                if active is not None:
+                    plist = [p for p in plist if id(p) in active]
+                if plist:
+                    h = self._hyper_tensors(gi, device, sdtype)
+                    torch._foreach_mul_([p.detach() for p in plist], h["decay"])
 
         for bank in self._banks:
-            gi = bank.group_index
-            group = self.param_groups[gi]
-            h = self._hyper_tensors(gi, bank.G.device, bank.G.dtype)
-            params = [self._param_of(mem) for mem in bank.members]
-            present = [id(p) in active for p in params]
-            if not any(present):
-                continue
-            masked = not all(present)
+            self._step_bank(bank, fn, active)
+        for group in self.param_groups:
+            if active is None or any(id(p) in active for p in group["params"]):
+                group["normuon_step"] = int(group.get("normuon_step", 0)) + 1
+        self._export_state()  # keep self.state of split (QKV / TPA) parameters current
+        return loss
+
+    def _step_bank(self, bank: Bank, fn, active: Optional[set]) -> None:
+        gi = bank.group_index
+        h = self._hyper_tensors(gi, bank.G.device, bank.G.dtype)
+        params = bank.params
+        present = None if active is None else [id(p) in active for p in params]
+        if present is not None and not any(present):
+            return
+        masked = present is not None and not all(present)
+        if masked:
+            bank.G.zero_()
+            keep = [i for i, ok in enumerate(present) if not ok]
+            saved = [(i, bank.M[i].clone(), bank.V[i].clone(),
+                      bank.W[i].clone() if bank.W is not None else None) for i in keep]
+        if bank.whole and not masked:
+            src = [p.grad for p in params]
+            dst = bank.g_whole
+        else:
             src, dst = [], []
-            if masked:
-                bank.G.zero_()
-                saved_m = {i: bank.M[i].clone() for i, ok in enumerate(present) if not ok}
-                saved_v = {i: bank.V[i].clone() for i, ok in enumerate(present) if not ok}
             seg = 0
             for i, mem in enumerate(bank.members):
                 g = params[i].grad
                 for start, length in mem.segments:
-                    if present[i]:
+                    if present is None or present[i]:
                         src.append(g if mem.whole else g[start : start + length])
                         dst.append(bank.g_dst[seg])
                     seg += 1
+        if dst and dst[0].dtype == src[0].dtype:
             torch._foreach_copy_(dst, src)
-            m, n = bank.shape
-            fn(
-                bank.G,
-                bank.M,
-                bank.V,
-                h["lr"],
-                h["momentum"],
-                h["beta2"],
-                h["eps"],
-                bank.flip,
-                bank.stat_dim,
-                self.table,
-                self.safety,
-                self.pe_eps,
-                self._compute_dtype(params[0]),
-                self.scale_mode,
-                bank.shape_scale,
-                0.2 * math.sqrt(m * n),
-            )
-            if masked:
-                for i in saved_m:
-                    bank.M[i].copy_(saved_m[i])
-                    bank.V[i].copy_(saved_v[i])
-                w = [t for t, j in zip(bank.w_dst, bank.seg_member) if present[j]]
-                d = [t for t, j in zip(bank.d_src, bank.seg_member) if present[j]]
-            else:
-                w, d = bank.w_dst, bank.d_src
-            if w[0].dtype == d[0].dtype:
-                torch._foreach_add_(w, d)
-            else:
-                for wt, dt in zip(w, d):
-                    wt.add_(dt.to(wt.dtype))
-        for group in self.param_groups:
-            if any(id(p) in active for p in group["params"]):
-                group["normuon_step"] = int(group.get("normuon_step", 0)) + 1
-        self._export_state()  # keep self.state of split (QKV / TPA) parameters current
-        return loss
+        else:
+            for d, g in zip(dst, src):
+                d.copy_(g)
+        m, n = bank.shape
+        fn(
+            bank.G,
+            bank.M,
+            bank.V,
+            bank.W,
+            h["decay"],
+            h["lr"],
+            h["momentum"],
+            h["beta2"],
+            h["eps"],
+            bank.flip,
+            bank.stat_dim,
+            self.table,
+            self.safety,
+            self.pe_eps,
+            self._compute_dtype(params[0]),
+            self.scale_mode,
+            bank.shape_scale,
+            0.2 * math.sqrt(m * n),
+        )
+        if masked:
+            for i, mi, vi, wi in saved:
+                bank.M[i].copy_(mi)
+                bank.V[i].copy_(vi)
+                if wi is not None:
+                    bank.W[i].copy_(wi)
+        if bank.W is not None:
+            return
+        if masked:
+            w = [t for t, j in zip(bank.w_dst, bank.seg_member) if present[j]]
+            d = [t for t, j in zip(bank.d_src, bank.seg_member) if present[j]]
+        else:
+            w, d = bank.w_dst, bank.d_src
+        if w[0].dtype == d[0].dtype:
+            torch._foreach_add_(w, d)
+        else:
+            for wt, dt in zip(w, d):
+                wt.add_(dt.to(wt.dtype))
 
     # ------------------------------------------------------------------ state dict
     def state_dict(self) -> Dict[str, Any]:
