@@ -44,6 +44,12 @@ def _bench(fn, warmup, rep):
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e3
 
 
+def _bench_graph(fn, rep):
+    import triton
+
+    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3
+
+
 def _rel(a, b):
     a, b = a.detach().float(), b.detach().float()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -54,7 +60,9 @@ class Runner:
         self.args = args
         self.rows = []
 
-    def case(self, suite, name, fwd, fwd_bwd, note="", flops_fwd=None, compare=None):
+    def case(self, suite, name, fwd, fwd_bwd, note="", flops_fwd=None, compare=None, graph=True):
+        """``*_us``: do_bench (host launch overhead included: what an eager step sees when the GPU
+        waits for Python); ``*_us_graph``: the same calls replayed from a CUDA graph (GPU time)."""
         row = {"suite": suite, "name": name, "note": note}
         for key, fn in (("fwd_us", fwd), ("fwd_bwd_us", fwd_bwd)):
             if fn is None:
@@ -68,18 +76,27 @@ class Runner:
                 row[key] = None
                 row[key + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
                 traceback.print_exc(limit=2)
+                continue
+            if graph and not self.args.no_graph:
+                try:
+                    row[key + "_graph"] = _bench_graph(fn, self.args.rep)
+                except Exception as e:
+                    row[key + "_graph"] = None
+                    row[key + "_graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                    torch.cuda.synchronize()
         if flops_fwd is not None:
-            if row["fwd_us"]:
-                row["fwd_tflops"] = flops_fwd / row["fwd_us"] / 1e6
-            if row["fwd_bwd_us"]:
-                row["fwd_bwd_tflops"] = 3.5 * flops_fwd / row["fwd_bwd_us"] / 1e6
+            for key, mult in (("fwd_us", 1.0), ("fwd_bwd_us", 3.5), ("fwd_us_graph", 1.0),
+                              ("fwd_bwd_us_graph", 3.5)):
+                if row.get(key):
+                    row[key.replace("_us", "_tflops")] = mult * flops_fwd / row[key] / 1e6
         if compare is not None:
             try:
                 row["rel_diff_vs_ours"] = compare()
             except Exception as e:
                 row["rel_diff_vs_ours_error"] = f"{type(e).__name__}: {e}"[:300]
         self.rows.append(row)
-        print(f"[{suite}] {name:48s} fwd {row['fwd_us']} us  fwd+bwd {row['fwd_bwd_us']} us", flush=True)
+        print(f"[{suite}] {name:48s} fwd {row['fwd_us']} us (graph {row.get('fwd_us_graph')})  fwd+bwd "
+              f"{row['fwd_bwd_us']} us (graph {row.get('fwd_bwd_us_graph')})", flush=True)
         torch.cuda.empty_cache()
         return row
 
@@ -200,7 +217,7 @@ def suite_global(r: Runner, a):
 
     r.case("global", "fork path: fp32 [s,s] bias + unfused softmax + sink col (eager)", fork,
            lambda: torch.autograd.grad(fork(), (qb, ke, ve, sf), dob), flops_fwd=flops,
-           note="KV expanded (repeat_interleave, not timed); bias cached, not timed",
+           note="KV expanded (repeat_interleave, not timed); bias cached, not timed", graph=False,
            compare=lambda: _rel(fork().permute(2, 0, 1, 3), ours_out))
 
 
@@ -307,6 +324,8 @@ def kernel_sweep(a, results):
         "f128x64w4|dq128x64w4s2|dkv64x128w8s1": SC(fwd=KT(128, 64, 4, 2), dq=KT(128, 64, 4, 2),
                                                    dkv=KT(64, 128, 8, 1)),
     }
+    if not a.kernel_sweep_all:
+        triples = {"autotuned": None}
     q, k, v, sink, dout = make_inputs(a.b, a.s, a.H, a.G, a.d)
     slopes = alibi.alibi_slopes(a.H, device="cuda")
     sweep = {}
@@ -352,16 +371,22 @@ def plot(rows, results, path):
     suites = [s for s in ("global", "window", "tpa") if any(r["suite"] == s and r.get("fwd_us") for r in rows)]
     if not suites:
         return
-    fig, axes = plt.subplots(len(suites), 1, figsize=(11, 3.2 + 0.55 * max(
+    fig, axes = plt.subplots(len(suites), 1, figsize=(15, 3.2 + 0.55 * max(
         sum(1 for r in rows if r["suite"] == s) for s in suites) * len(suites)), squeeze=False)
     for ax, suite in zip(axes[:, 0], suites):
         rs = [r for r in rows if r["suite"] == suite and (r.get("fwd_us") or r.get("fwd_bwd_us"))]
         names = [r["name"] for r in rs]
         y = range(len(rs))
-        f = [r.get("fwd_us") or 0 for r in rs]
-        fb = [r.get("fwd_bwd_us") or 0 for r in rs]
-        ax.barh([i + 0.2 for i in y], f, height=0.4, label="fwd")
-        ax.barh([i - 0.2 for i in y], fb, height=0.4, label="fwd+bwd")
+        f = [r.get("fwd_us_graph") or r.get("fwd_us") or 0 for r in rs]
+        fb = [r.get("fwd_bwd_us_graph") or r.get("fwd_bwd_us") or 0 for r in rs]
+        ax.barh([i + 0.2 for i in y], f, height=0.4, label="fwd (CUDA-graph replay; eager if none)")
+        ax.barh([i - 0.2 for i in y], fb, height=0.4, label="fwd+bwd (CUDA-graph replay; eager if none)")
+        fw = [r.get("fwd_us") for r in rs]
+        fbw = [r.get("fwd_bwd_us") for r in rs]
+        ax.scatter([x for x in fw if x], [i + 0.2 for i, x in zip(y, fw) if x], marker="|", s=120, color="k",
+                   label="eager do_bench (incl. host launch gaps)", zorder=3)
+        ax.scatter([x for x in fbw if x], [i - 0.2 for i, x in zip(y, fbw) if x], marker="|", s=120, color="k",
+                   zorder=3)
         for i in y:
             for val, off in ((f[i], 0.2), (fb[i], -0.2)):
                 if val:
@@ -382,7 +407,7 @@ def plot(rows, results, path):
         if suite == "tpa" and isinstance(results.get("tpa_floor_us"), dict):
             for j, (kname, val) in enumerate(results["tpa_floor_us"].items()):
                 ax.axvline(val, color=f"C{j + 2}", ls=":", lw=1, label=f"{kname} {val:.0f} us")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -401,7 +426,10 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetitions (ms)")
     p.add_argument("--kernel-sweep", action="store_true",
-                   help="also profile ours per kernel for the autotuned and several fixed tile triples")
+                   help="also profile ours per kernel (torch.profiler), autotuned tiles")
+    p.add_argument("--kernel-sweep-all", action="store_true",
+                   help="with --kernel-sweep: also several fixed tile triples")
+    p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay timings")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("attention benchmark needs a CUDA GPU")
@@ -440,12 +468,11 @@ def main(argv=None):
         with open(os.path.join(a.out, f"attention_{a.suite}.json"), "w") as fh:
             json.dump(results, fh, indent=2)
     plot(r.rows, results, os.path.join(a.out, f"attention_{a.suite}.png"))
-    print("\n%-70s %10s %10s" % ("case", "fwd us", "fwd+bwd us"))
+    print("\n%-66s %9s %9s %11s %11s" % ("case (us, median)", "fwd", "fwd graph", "fwd+bwd", "f+b graph"))
     for row in r.rows:
-        f = row.get("fwd_us")
-        fb = row.get("fwd_bwd_us")
-        print("%-70s %10s %10s" % (f"[{row['suite']}] {row['name']}"[:70], f"{f:.1f}" if f else "-",
-                                   f"{fb:.1f}" if fb else "-"))
+        vals = [row.get(kk) for kk in ("fwd_us", "fwd_us_graph", "fwd_bwd_us", "fwd_bwd_us_graph")]
+        print("%-66s %9s %9s %11s %11s" % ((f"[{row['suite']}] {row['name']}"[:66],)
+                                           + tuple(f"{x:.1f}" if x else "-" for x in vals)))
     if "window_floor" in results:
         fl = results["window_floor"]["measured_bw"]
         print(f"window byte floor @ {fl['bandwidth_TBps']:.2f} TB/s: fwd {fl['fwd_us']:.1f} us, "

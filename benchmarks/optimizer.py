@@ -40,7 +40,7 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 

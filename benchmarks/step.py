@@ -14,7 +14,9 @@ p90) step time, tokens/s and MFU, and writes ``step.json`` and ``step.png``.
 Variants:
   stock_eager         stock Megatron-Core GPTModel (local spec, no TE): RoPE, dense QKV,
                       unfused masked softmax with the sink column
-  transformed_eager   after vpmoe_compile.transform (TPA + GRAPE + sink kernels)
+  transformed_eager_expert_loop  transform without the batched-experts pass (TPA + GRAPE +
+                      sink kernels; routed experts still run Megatron's per-expert loop)
+  transformed_eager   after vpmoe_compile.transform (default pipeline, batched experts included)
   transformed_compiled  the same, with vpmoe_compile.training.compile_regions (inductor):
                       attention blocks, norms, dense MLP, router, shared expert, output layer
                       compiled; the routed-expert dispatch stays eager
@@ -83,7 +85,11 @@ def run_variant(name: str, args, cfg) -> dict:
     dev = torch.device(args.device)
     model = build_stock_gpt(cfg, device=dev, params_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, max_sequence_length=args.seq_len)
     t0 = time.perf_counter()
-    if name != "stock_eager":
+    if name == "transformed_eager_expert_loop":  # everything but the batched-experts pass
+        from vpmoe_compile.pipeline import default_pipeline
+
+        vpmoe_compile.transform(model, cfg, passes=[p for p in default_pipeline(cfg) if p.name != "batched_experts"], progress=False)
+    elif name != "stock_eager":
         vpmoe_compile.transform(model, cfg, progress=False)
     transform_s = time.perf_counter() - t0
     flops = model_flops_per_token(model, cfg, args.seq_len)
@@ -170,8 +176,8 @@ def plot(results: list, path: Path, title: str) -> None:
 
     names = [r["variant"] for r in results]
     med = [r["median_s"] * 1e3 for r in results]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    bars = ax.bar(names, med, color=["#888888", "#4c72b0", "#55a868"][: len(names)])
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    bars = ax.bar(names, med, color=["#888888", "#8172b2", "#4c72b0", "#55a868"][: len(names)])
     base = med[0]
     for bar_, r in zip(bars, results):
         ax.annotate(
@@ -179,6 +185,7 @@ def plot(results: list, path: Path, title: str) -> None:
             (bar_.get_x() + bar_.get_width() / 2, bar_.get_height()), ha="center", va="bottom", fontsize=9,
         )
     ax.set_ylabel("median step time (ms), lower is better")
+    ax.tick_params(axis="x", labelsize=8)
     ax.set_title(title, fontsize=10)
     ax.set_ylim(0, max(med) * 1.25)
     fig.tight_layout()
@@ -193,7 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--variants", default="stock_eager,transformed_eager,transformed_compiled")
+    p.add_argument("--variants", default="stock_eager,transformed_eager_expert_loop,transformed_eager,transformed_compiled")
     p.add_argument("--path", choices=("megatron", "plain"), default="megatron")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", default="benchmarks/results")

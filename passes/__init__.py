@@ -1,5 +1,6 @@
 """Model-rewriting passes over a stock Megatron-Core GPT model (one pass per file)."""
 
+from passes.batched_experts import BatchedExpertsPass
 from passes.base import Pass, PassContext, PassError, PassManager, PassResult
 from passes.global_attention import GlobalAttentionPass
 from passes.grape import GrapePass
@@ -8,6 +9,7 @@ from passes.optimizer_routing import OptimizerRoutingPass
 from passes.tpa import TPAPass
 
 __all__ = [
+    "BatchedExpertsPass",
     "GlobalAttentionPass",
     "GrapePass",
     "LayerInfo",

@@ -6,6 +6,8 @@ The default pipeline (each pass in its own file under ``passes/``)::
     global_attention  global layers: DotProductAttention -> flash kernel (causal + sink)
     grape             GRAPE-M on local layers, GRAPE-A (ALiBi) on global layers
     tpa               local layers: TPA factor projection + fused window/sink kernel
+    batched_experts   MoE layers: the per-expert loop of SequentialMLP -> two batched GEMMs
+                      (same parameters; a speed pass, not an architecture change)
     optimizer_routing read-only: the NorMuon/AdamW routing table of every parameter
 
 ``transform`` must run before DDP / distributed-optimizer / Float16Module wrapping (parameters
@@ -59,13 +61,14 @@ class TransformRecord:
 
 
 def available_passes(backend: str = "auto") -> Dict[str, Pass]:
-    from passes import GlobalAttentionPass, GrapePass, LayerPlanPass, OptimizerRoutingPass, TPAPass
+    from passes import BatchedExpertsPass, GlobalAttentionPass, GrapePass, LayerPlanPass, OptimizerRoutingPass, TPAPass
 
     return {
         "layer_plan": LayerPlanPass(),
         "global_attention": GlobalAttentionPass(backend=backend),
         "grape": GrapePass(),
         "tpa": TPAPass(backend=backend),
+        "batched_experts": BatchedExpertsPass(),
         "optimizer_routing": OptimizerRoutingPass(),
     }
 
@@ -83,6 +86,8 @@ def default_pipeline(cfg: VpMoEConfig, backend: str = "auto") -> List[Pass]:
             "[tpa] use_tpa = true needs [attention] position_embedding_type = 'grapem' (the fused "
             "TPA kernel rotates q/k with GRAPE-M)"
         )
+    if cfg.moe.num_experts > 1:
+        names.append("batched_experts")
     names.append("optimizer_routing")
     return [allp[n] for n in names]
 

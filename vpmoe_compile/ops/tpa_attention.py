@@ -104,8 +104,10 @@ def _attention_middle():
 
     ``VPMOE_TPA_ATTENTION`` selects them: ``"shared"`` = the project's
     :mod:`vpmoe_compile.ops.triton_sink_attention` launchers (PackGQA, autotuned), ``"own"`` =
-    the small kernels of :mod:`vpmoe_compile.ops.triton_tpa`, ``"auto"`` (default) = shared when
-    importable, else own. Read at call time (inside the opaque op).
+    the per-head kernels of :mod:`vpmoe_compile.ops.triton_tpa`. ``"auto"`` (default) = own:
+    on the H100 at the vpMoE shape they measured faster (fwd+bwd of the attention 459 us vs
+    538 us, ``benchmarks/results/tpa_bench_h100_run2.json``). Read at call time (inside the
+    opaque op).
 
     Returns:
         ``(fwd(q, k, v, sink, window, scale) -> (o, lse), bwd(do, q, k, v, o, lse, sink, window, scale)
@@ -116,21 +118,17 @@ def _attention_middle():
     choice = os.environ.get("VPMOE_TPA_ATTENTION", "auto")
     if choice not in ("auto", "shared", "own"):
         raise ValueError(f"VPMOE_TPA_ATTENTION must be auto|shared|own, got {choice!r}")
-    if choice != "own":
-        try:
-            from vpmoe_compile.ops import triton_sink_attention as sa
-        except ImportError:
-            if choice == "shared":
-                raise
-        else:
-            def fwd(q, k, v, sink, window, scale):
-                return sa.sink_attention_fwd_triton(q, k, v, sink, None, window, scale)
+    if choice == "shared":
+        from vpmoe_compile.ops import triton_sink_attention as sa
 
-            def bwd(do, q, k, v, o, lse, sink, window, scale):
-                dq, dk, dv, dsink = sa.sink_attention_bwd_triton(do, q, k, v, sink, None, o, lse, window, scale)
-                return dq, dk, dv, dsink.float()
+        def fwd(q, k, v, sink, window, scale):
+            return sa.sink_attention_fwd_triton(q, k, v, sink, None, window, scale)
 
-            return fwd, bwd
+        def bwd(do, q, k, v, o, lse, sink, window, scale):
+            dq, dk, dv, dsink = sa.sink_attention_bwd_triton(do, q, k, v, sink, None, o, lse, window, scale)
+            return dq, dk, dv, dsink.float()
+
+        return fwd, bwd
     return tk.swa_fwd, tk.swa_bwd
 
 
@@ -142,12 +140,18 @@ def _fwd_triton(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq
     sin32 = sin.float().contiguous()
     gq = gamma_q.contiguous() if gamma_q is not None else None
     gk = gamma_k.contiguous() if gamma_k is not None else None
-    q, k, v, rs_q, rs_k = tk.prologue_fwd(
-        factors, bias, gq, gk, cos32, sin32, H=H, G=G, d=d, Rq=Rq, R=R, eps=eps,
-        act_dtype=factors.dtype,
-    )
-    attn_fwd, _ = _attention_middle()
-    o, lse = attn_fwd(q, k, v, sink.contiguous(), window, scale)
+    if tk.use_fused_forward(factors.dtype) and os.environ.get("VPMOE_TPA_ATTENTION", "auto") != "shared":
+        o, lse, q, k, v, rs_q, rs_k = tk.fused_fwd(
+            factors, bias, gq, gk, cos32, sin32, sink.contiguous(), H=H, G=G, d=d, Rq=Rq, R=R, eps=eps,
+            window=window, softmax_scale=scale, act_dtype=factors.dtype,
+        )
+    else:
+        q, k, v, rs_q, rs_k = tk.prologue_fwd(
+            factors, bias, gq, gk, cos32, sin32, H=H, G=G, d=d, Rq=Rq, R=R, eps=eps,
+            act_dtype=factors.dtype,
+        )
+        attn_fwd, _ = _attention_middle()
+        o, lse = attn_fwd(q, k, v, sink.contiguous(), window, scale)
     s, b = factors.shape[:2]
     return o.view(s, b, H * d), lse, q, k, v, rs_q, rs_k
 
@@ -277,12 +281,17 @@ def _setup_context(ctx, inputs, output):
     factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink = inputs[:7]
     consts = inputs[7:]
     out, lse, q, k, v, rq, rk = output
+    # lse and the saved activations are internal outputs: no zero-filled gradients for them
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(lse, q, k, v, rq, rk)
     ctx.consts = consts
     ctx.present = [t is not None for t in (qkv_bias, gamma_q, gamma_k)]
     ctx.save_for_backward(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v, rq, rk)
 
 
 def _backward(ctx, dout, *_aux_grads):
+    if dout is None:  # the output's gradient is undefined: nothing flows back
+        return (None,) * (7 + len(_CONST_NAMES))
     factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v, rq, rk = ctx.saved_tensors
     grads = _tpa_bwd_op(dout.contiguous(), factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse,
                         q, k, v, rq, rk, *ctx.consts)
@@ -359,7 +368,7 @@ def tpa_window_attention(
             raise TypeError("backend='triton' takes fp32/bf16/fp16 factors; use backend='reference' for float64")
         from vpmoe_compile.ops import triton_tpa
 
-        triton_tpa._check_dims(d)
+        triton_tpa._check_dims(d, Rq, R)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
     out = _tpa_fwd_op(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq, R, int(window),
                       float(eps), scale, be)[0]

@@ -14,14 +14,14 @@ Algorithm notes (our own code; ideas learned from public sources, nothing copied
 
 * FlashAttention-2 (Dao, 2023) forward with online softmax in the exp2 domain (``log2 e`` folded
   into the score scale, the ALiBi slope and the sink), as in Triton's fused-attention tutorial;
-  backward as two kernels (``dq`` over KV tiles, ``dk/dv`` over query tiles) after a ``delta =
-  rowsum(dO * O)`` pre-pass, also as in that tutorial and flash-linear-attention's
-  ``fla/ops/attn/parallel.py``.
+  backward as two kernels (``dq`` over KV tiles, ``dk/dv`` over query tiles) as in that tutorial
+  and flash-linear-attention's ``fla/ops/attn/parallel.py``; ``delta = rowsum(dO * O)`` is computed
+  inside the ``dq`` kernel (which owns exactly those rows) instead of a separate pre-pass.
 * Sink (``spec/tpa_attention.md`` §4.3): the running state starts at ``m = sink``, ``l = 1``, acc 0
   (a virtual first key with value 0), so the state is finite from the start; the stored LSE
   includes the sink (GPT-OSS's inference kernel stores one without it; we do not).
   ``dsink_h = -sum_{b,i} exp(sink_h - L_{b,h,i}) * delta_{b,h,i}`` is reduced deterministically:
-  one fp32 partial per pre-pass program, then a fixed-order sum (no atomics).
+  the ``dq`` kernel writes the per-row fp32 terms ``[b, H, s]``, then one fixed-shape sum (no atomics).
 * GQA, FlashAttention-3 "PackGQA" style: one program owns ``PACK`` query heads of one KV group
   (``PACK`` divides ``H/G``), packed into the M dimension (row ``r`` = token ``r // PACK``, head
   ``r % PACK``), so each K/V tile is loaded once for all packed heads. The ``dk/dv`` program of a
@@ -187,38 +187,6 @@ def _sink_attn_fwd_kernel(
 
 
 @triton.jit
-def _sink_attn_bwd_preprocess_kernel(
-    O, DO, LSE, DLSE, SINK, DELTA, DSINK_PART,
-    stride_os, stride_ob, stride_oh, stride_od,
-    stride_dos, stride_dob, stride_doh, stride_dod,
-    seqlen, batch, num_heads,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr,
-):
-    """``delta = rowsum(dO * O) - dLSE`` and one deterministic fp32 partial of ``dsink`` per program."""
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    bb = pid_bh // num_heads
-    h = pid_bh % num_heads
-    tok = pid_t * BLOCK + tl.arange(0, BLOCK)
-    ok = tok < seqlen
-    dd = tl.arange(0, HEAD_DIM)
-    o = tl.load(O + bb * stride_ob + h * stride_oh + tok[:, None] * stride_os + dd[None, :] * stride_od,
-                mask=ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + bb * stride_dob + h * stride_doh + tok[:, None] * stride_dos
-                 + dd[None, :] * stride_dod, mask=ok[:, None], other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, 1)
-    row = (bb * num_heads + h) * seqlen + tok
-    if HAS_DLSE:
-        delta = delta - tl.load(DLSE + row, mask=ok, other=0.0).to(tl.float32)
-    tl.store(DELTA + row, delta, mask=ok)
-    lse = tl.load(LSE + row, mask=ok, other=0.0)
-    sink = tl.load(SINK + h).to(tl.float32)
-    p_sink = tl.where(ok, tl.exp(sink - lse), 0.0)
-    part = -tl.sum(p_sink * delta, 0)
-    tl.store(DSINK_PART + (h * batch + bb) * tl.num_programs(0) + pid_t, part)
-
-
-@triton.jit
 def _dq_tiles(
     dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
     tok, slope2, qk_scale, window, seqlen, lo, hi,
@@ -243,17 +211,21 @@ def _dq_tiles(
 
 @triton.jit
 def _sink_attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, SLOPES, DQ,
+    Q, K, V, O, DO, LSE, DLSE, SINK, SLOPES, DQ, DELTA, PSINK,
     stride_qs, stride_qb, stride_qh, stride_qd,
     stride_ks, stride_kb, stride_kh, stride_kd,
     stride_vs, stride_vb, stride_vh, stride_vd,
+    stride_os, stride_ob, stride_oh, stride_od,
     stride_dos, stride_dob, stride_doh, stride_dod,
     stride_dqs, stride_dqb, stride_dqh, stride_dqd,
     seqlen, num_heads, sm_scale, qk_scale, window,
     HPG: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DLSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """dq for a packed query block; also computes ``delta = rowsum(dO * O) - dLSE`` for its rows
+    (stored for the dk/dv kernel, which runs after this one) and the per-row sink terms
+    ``exp(sink - L) * delta`` (summed later in a fixed order: deterministic dsink)."""
     BLOCK_T: tl.constexpr = BLOCK_M // PACK
     n_tblocks = tl.cdiv(seqlen, BLOCK_T)
     pid_t = n_tblocks - 1 - tl.program_id(0)
@@ -274,9 +246,17 @@ def _sink_attn_bwd_dq_kernel(
                 + dd[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + bb * stride_dob + tok[:, None] * stride_dos + head[:, None] * stride_doh
                  + dd[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
+    o = tl.load(O + bb * stride_ob + tok[:, None] * stride_os + head[:, None] * stride_oh
+                + dd[None, :] * stride_od, mask=row_ok[:, None], other=0.0)
     row = (bb * num_heads + head) * seqlen + tok
-    lse2 = tl.load(LSE + row, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + row, mask=row_ok, other=0.0)
+    lse2 = lse * 1.4426950408889634
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta = delta - tl.load(DLSE + row, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + row, delta, mask=row_ok)
+    sink = tl.load(SINK + head).to(tl.float32)
+    tl.store(PSINK + row, tl.exp(sink - lse) * delta, mask=row_ok)
     if HAS_ALIBI:
         slope2 = tl.load(SLOPES + head).to(tl.float32) * 1.4426950408889634
     else:
@@ -442,7 +422,6 @@ class SinkAttentionConfig:
     dq: Optional[KernelTiles] = None
     dkv: Optional[KernelTiles] = None
     pack: Optional[int] = None
-    preprocess_block: int = 64
 
 
 _CONFIG_OVERRIDE: Optional[SinkAttentionConfig] = None
@@ -486,9 +465,13 @@ def _cfgs(rows):
 
 # H100 candidates for d = 128, chosen from the sm_90 resource report (no local-memory spills with
 # ALiBi on; 255 registers/thread at most). fwd: 128 packed rows = 32 tokens x 4 heads.
+# Picked on the H100 (b=8, s=4096, H=8, G=2, bf16; benchmarks/results/attention_*.json):
+# causal+ALiBi fwd (128, 64, 8w), dq (128, 64, 8w), dkv (32, 64, 4w); window W=128 fwd (64, 64, 4w),
+# dq (64, 32, 4w), dkv (32, 64, 4w).
 _FWD_CONFIGS = _cfgs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2)])
 _DQ_CONFIGS = _cfgs([(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 128, 8, 2)])
-_DKV_CONFIGS = _cfgs([(64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 1), (32, 64, 4, 2), (16, 64, 4, 2)])
+_DKV_CONFIGS = _cfgs([(32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 1),
+                      (16, 64, 4, 2)])
 
 _fwd_autotuned = None
 _dq_autotuned = None
@@ -639,38 +622,31 @@ def sink_attention_bwd_triton(
     win = int(window) if has_window else 0
     qk_scale = float(softmax_scale) * _LOG2E
 
-    # 1) delta = rowsum(dO * O) (- dlse), dsink partials.
-    blk = cfg.preprocess_block
-    n_pre = triton.cdiv(s, blk)
-    delta = torch.empty((b, H, s), dtype=torch.float32, device=q.device)
-    parts = torch.empty((H, b, n_pre), dtype=torch.float32, device=q.device)
-    dlse_t = dlse.contiguous().float() if dlse is not None else lse
-    _sink_attn_bwd_preprocess_kernel[(n_pre, b * H)](
-        out, dout, lse, dlse_t, sink_c, delta, parts,
-        *out.stride(), *dout.stride(), s, b, H,
-        HEAD_DIM=d, BLOCK=blk, HAS_DLSE=dlse is not None,
-    )
-    dsink = parts.sum(dim=(1, 2)).to(sink.dtype)  # fixed shape, fixed order: deterministic
-
     consts = dict(HPG=hpg, PACK=pack, HEAD_DIM=d, HAS_ALIBI=has_alibi, HAS_WINDOW=has_window)
-    # 2) dq.
+    # 1) dq, delta = rowsum(dO * O) - dlse, per-row sink terms exp(sink - L) * delta.
+    delta = torch.empty((b, H, s), dtype=torch.float32, device=q.device)
+    psink = torch.empty((b, H, s), dtype=torch.float32, device=q.device)
+    dlse_t = dlse.contiguous().float() if dlse is not None else lse
     dq = torch.empty((s, b, H, d), dtype=q.dtype, device=q.device)
     dq_args = (
-        q, k, v, dout, lse, delta, slopes_t, dq,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+        q, k, v, out, dout, lse, dlse_t, sink_c, slopes_t, dq, delta, psink,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
         s, H, float(softmax_scale), qk_scale, win,
     )
+    consts_dq = dict(consts, HAS_DLSE=dlse is not None)
     tiles = _tiles_for(cfg.dq, s, pack, "dq")
     if tiles is None:
         kern = _autotuned()[1]
         grid = lambda meta: (triton.cdiv(s, meta["BLOCK_M"] // pack), b * (H // pack))  # noqa: E731
-        kern[grid](*dq_args, **consts)
+        kern[grid](*dq_args, **consts_dq)
     else:
         grid = (triton.cdiv(s, tiles.block_m // pack), b * (H // pack))
-        _sink_attn_bwd_dq_kernel[grid](*dq_args, **consts, BLOCK_M=tiles.block_m,
+        _sink_attn_bwd_dq_kernel[grid](*dq_args, **consts_dq, BLOCK_M=tiles.block_m,
                                        BLOCK_N=tiles.block_n, num_warps=tiles.num_warps,
                                        num_stages=tiles.num_stages)
-    # 3) dk, dv (GQA sum over the group's heads inside each program).
+    # Fixed shape, fixed order reduction (no atomics): deterministic.
+    dsink = (-psink.sum(dim=(0, 2))).to(sink.dtype)
+    # 2) dk, dv (GQA sum over the group's heads inside each program).
     dk = torch.empty((s, b, G, d), dtype=k.dtype, device=q.device)
     dv = torch.empty((s, b, G, d), dtype=v.dtype, device=q.device)
     dkv_args = (

@@ -305,6 +305,334 @@ def _tpa_prologue_bwd_kernel(
     tl.store(CS_tok + dp + P, dsin, mask=m2)
 
 
+# ---------------------------------------------------------------------------- 2-D prologue
+# The default prologue kernels keep every tile 2-D ([tokens, d/2]); ranks (<= 4) are unrolled at
+# compile time, so no 3-D tile and no layout conversion is needed (the 3-D kernels above spill on
+# the GPU). A tile of an absent rank aliases rank 0 and is never used.
+
+
+@triton.jit
+def _ld_half(row, tmask, sF_f, col0, P: tl.constexpr, ALIGNED: tl.constexpr = False):
+    """``[BT, P]`` fp32 factor columns ``col0 .. col0+P-1`` of a token block.
+
+    ``ALIGNED``: the factor columns are contiguous (``sF_f == 1``) and every row and ``col0`` start
+    on a 16-byte boundary, which lets the compiler vectorise the loads (and pick a layout whose
+    rows sit inside one warp, so row reductions need no barrier).
+    """
+    p = tl.arange(0, P)
+    if ALIGNED:
+        cols = tl.max_contiguous(tl.multiple_of(col0 + p, 8), P)
+        return tl.load(row[:, None] + cols[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+    return tl.load(row[:, None] + (col0 + p[None, :]).to(tl.int64) * sF_f, mask=tmask[:, None],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _ld_col(row, tmask, sF_f, col):
+    """``[BT]`` fp32 factor column ``col`` of a token block."""
+    return tl.load(row + col * sF_f, mask=tmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _ld_b(row, tmask, sF_f, OFFB: tl.constexpr, RANK: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+          ALIGNED: tl.constexpr = False):
+    """The two halves of each of the (<= 4) B rows of a token block."""
+    b01 = _ld_half(row, tmask, sF_f, OFFB, P, ALIGNED)
+    b02 = _ld_half(row, tmask, sF_f, OFFB + P, P, ALIGNED)
+    b11 = b01
+    b12 = b02
+    b21 = b01
+    b22 = b02
+    b31 = b01
+    b32 = b02
+    if RANK > 1:
+        b11 = _ld_half(row, tmask, sF_f, OFFB + D, P, ALIGNED)
+        b12 = _ld_half(row, tmask, sF_f, OFFB + D + P, P, ALIGNED)
+    if RANK > 2:
+        b21 = _ld_half(row, tmask, sF_f, OFFB + 2 * D, P, ALIGNED)
+        b22 = _ld_half(row, tmask, sF_f, OFFB + 2 * D + P, P, ALIGNED)
+    if RANK > 3:
+        b31 = _ld_half(row, tmask, sF_f, OFFB + 3 * D, P, ALIGNED)
+        b32 = _ld_half(row, tmask, sF_f, OFFB + 3 * D + P, P, ALIGNED)
+    return b01, b02, b11, b12, b21, b22, b31, b32
+
+
+@triton.jit
+def _ld_a(row, tmask, sF_f, COLA, RANK: tl.constexpr):
+    """A entries ``[BT]`` of one head/group for ranks 0..3 (absent ranks alias rank 0)."""
+    a0 = _ld_col(row, tmask, sF_f, COLA)
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    if RANK > 1:
+        a1 = _ld_col(row, tmask, sF_f, COLA + 1)
+    if RANK > 2:
+        a2 = _ld_col(row, tmask, sF_f, COLA + 2)
+    if RANK > 3:
+        a3 = _ld_col(row, tmask, sF_f, COLA + 3)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _contract2(a0, a1, a2, a3, b01, b02, b11, b12, b21, b22, b31, b32, RANK: tl.constexpr):
+    """``x = (1/RANK) sum_r a_r B_r`` as two ``[BT, P]`` halves (fp32)."""
+    x1 = a0[:, None] * b01
+    x2 = a0[:, None] * b02
+    if RANK > 1:
+        x1 += a1[:, None] * b11
+        x2 += a1[:, None] * b12
+    if RANK > 2:
+        x1 += a2[:, None] * b21
+        x2 += a2[:, None] * b22
+    if RANK > 3:
+        x1 += a3[:, None] * b31
+        x2 += a3[:, None] * b32
+    return x1 / RANK, x2 / RANK
+
+
+@triton.jit
+def _prologue_fwd_side2(
+    row, tok, tmask, sF_f, OUT_ptr, RS_ptr, BIAS_ptr, GM_ptr, eps, cs, sn,
+    NH: tl.constexpr, D: tl.constexpr, P: tl.constexpr, RANK: tl.constexpr,
+    OFF_A: tl.constexpr, OFF_B: tl.constexpr, NPG: tl.constexpr, GW: tl.constexpr, SLOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr, ALIGNED: tl.constexpr = False,
+):
+    p = tl.arange(0, P)
+    m2 = tmask[:, None]
+    b01, b02, b11, b12, b21, b22, b31, b32 = _ld_b(row, tmask, sF_f, OFF_B, RANK, D, P, ALIGNED)
+    if NORM:
+        g1 = tl.load(GM_ptr + p).to(tl.float32)
+        g2 = tl.load(GM_ptr + P + p).to(tl.float32)
+    for h in tl.static_range(NH):
+        a0, a1, a2, a3 = _ld_a(row, tmask, sF_f, OFF_A + h * RANK, RANK)
+        x1, x2 = _contract2(a0, a1, a2, a3, b01, b02, b11, b12, b21, b22, b31, b32, RANK)
+        if HAS_BIAS:
+            cb = BIAS_ptr + (h // NPG) * GW + (h % NPG + SLOT) * D
+            x1 += tl.load(cb + p).to(tl.float32)[None, :]
+            x2 += tl.load(cb + P + p).to(tl.float32)[None, :]
+        if NORM:
+            rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)
+            tl.store(RS_ptr + tok * NH + h, rstd, mask=tmask)
+            x1 = x1 * rstd[:, None] * g1[None, :]
+            x2 = x2 * rstd[:, None] * g2[None, :]
+        if ROTATE:
+            y1 = x1 * cs - x2 * sn
+            y2 = x2 * cs + x1 * sn
+        else:
+            y1 = x1
+            y2 = x2
+        op = OUT_ptr + (tok * NH + h)[:, None] * D + p[None, :]
+        tl.store(op, y1.to(OUT_ptr.dtype.element_ty), mask=m2)
+        tl.store(op + P, y2.to(OUT_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _tpa_prologue_fwd2_kernel(
+    F_ptr, sF_s, sF_b, sF_f,
+    BIAS_ptr, GQ_ptr, GK_ptr,
+    COS_ptr, SIN_ptr,
+    Q_ptr, K_ptr, V_ptr, RSQ_ptr, RSK_ptr,
+    S, B, eps,
+    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+    RQ: tl.constexpr, RK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NORM_Q: tl.constexpr, NORM_K: tl.constexpr,
+    BT: tl.constexpr, ALIGNED: tl.constexpr = False,
+):
+    OFF_AK: tl.constexpr = H * RQ
+    OFF_AV: tl.constexpr = OFF_AK + G * RK
+    OFF_BQ: tl.constexpr = OFF_AV + G * RK
+    OFF_BK: tl.constexpr = OFF_BQ + RQ * D
+    OFF_BV: tl.constexpr = OFF_BK + RK * D
+    HPG: tl.constexpr = H // G
+    GW: tl.constexpr = (HPG + 2) * D
+
+    pid_t = tl.program_id(0)
+    bi = tl.program_id(1)
+    t = pid_t * BT + tl.arange(0, BT)
+    tmask = t < S
+    t64 = t.to(tl.int64)
+    if ALIGNED:
+        row = F_ptr + tl.multiple_of(t64 * sF_s + bi * sF_b, 8)
+    else:
+        row = F_ptr + t64 * sF_s + bi * sF_b
+    tok = t64 * B + bi
+    p = tl.arange(0, P)
+    m2 = tmask[:, None]
+    cs = tl.load(COS_ptr + t64[:, None] * P + p[None, :], mask=m2, other=0.0)
+    sn = tl.load(SIN_ptr + t64[:, None] * P + p[None, :], mask=m2, other=0.0)
+    _prologue_fwd_side2(row, tok, tmask, sF_f, Q_ptr, RSQ_ptr, BIAS_ptr, GQ_ptr, eps, cs, sn,
+                        H, D, P, RQ, 0, OFF_BQ, HPG, GW, 0, HAS_BIAS, NORM_Q, True, ALIGNED)
+    _prologue_fwd_side2(row, tok, tmask, sF_f, K_ptr, RSK_ptr, BIAS_ptr, GK_ptr, eps, cs, sn,
+                        G, D, P, RK, OFF_AK, OFF_BK, 1, GW, HPG, HAS_BIAS, NORM_K, True, ALIGNED)
+    _prologue_fwd_side2(row, tok, tmask, sF_f, V_ptr, RSK_ptr, BIAS_ptr, GK_ptr, eps, cs, sn,
+                        G, D, P, RK, OFF_AV, OFF_BV, 1, GW, HPG + 1, HAS_BIAS, False, False, ALIGNED)
+
+
+@triton.jit
+def _prologue_bwd_side2(
+    row, tok, tmask, sF_f, dF_row, part_idx,
+    DX_ptr, BIAS_ptr, GM_ptr, RS_ptr, PART_ptr,
+    cs, sn, dcos, dsin,
+    NH: tl.constexpr, D: tl.constexpr, P: tl.constexpr, RANK: tl.constexpr,
+    OFF_A: tl.constexpr, OFF_B: tl.constexpr,
+    NPG: tl.constexpr, GW: tl.constexpr, SLOT: tl.constexpr, NPART: tl.constexpr, OFF_DG: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr, BT: tl.constexpr,
+    ALIGNED: tl.constexpr = False,
+):
+    """2-D backward of one side (q, k or v); same contract as :func:`_prologue_bwd_side`."""
+    p = tl.arange(0, P)
+    m2 = tmask[:, None]
+    b01, b02, b11, b12, b21, b22, b31, b32 = _ld_b(row, tmask, sF_f, OFF_B, RANK, D, P, ALIGNED)
+    d01 = tl.zeros([BT, P], dtype=tl.float32)
+    d02 = tl.zeros([BT, P], dtype=tl.float32)
+    d11 = tl.zeros([BT, P], dtype=tl.float32)
+    d12 = tl.zeros([BT, P], dtype=tl.float32)
+    d21 = tl.zeros([BT, P], dtype=tl.float32)
+    d22 = tl.zeros([BT, P], dtype=tl.float32)
+    d31 = tl.zeros([BT, P], dtype=tl.float32)
+    d32 = tl.zeros([BT, P], dtype=tl.float32)
+    if NORM:
+        g1 = tl.load(GM_ptr + p).to(tl.float32)
+        g2 = tl.load(GM_ptr + P + p).to(tl.float32)
+        dg1 = tl.zeros([P], dtype=tl.float32)
+        dg2 = tl.zeros([P], dtype=tl.float32)
+    for h in tl.static_range(NH):
+        a0, a1, a2, a3 = _ld_a(row, tmask, sF_f, OFF_A + h * RANK, RANK)
+        gp = DX_ptr + (tok * NH + h)[:, None] * D + p[None, :]
+        u1 = tl.load(gp, mask=m2, other=0.0).to(tl.float32)
+        u2 = tl.load(gp + P, mask=m2, other=0.0).to(tl.float32)
+        if ROTATE or NORM:
+            x1, x2 = _contract2(a0, a1, a2, a3, b01, b02, b11, b12, b21, b22, b31, b32, RANK)
+            if HAS_BIAS:
+                cb = BIAS_ptr + (h // NPG) * GW + (h % NPG + SLOT) * D
+                x1 += tl.load(cb + p).to(tl.float32)[None, :]
+                x2 += tl.load(cb + P + p).to(tl.float32)[None, :]
+            if NORM:
+                rstd = tl.load(RS_ptr + tok * NH + h, mask=tmask, other=0.0)
+                n1 = x1 * rstd[:, None]
+                n2 = x2 * rstd[:, None]
+                z1 = n1 * g1[None, :]
+                z2 = n2 * g2[None, :]
+            else:
+                z1 = x1
+                z2 = x2
+        if ROTATE:
+            dcos += u1 * z1 + u2 * z2
+            dsin += u2 * z1 - u1 * z2
+            w1 = u1 * cs + u2 * sn
+            w2 = u2 * cs - u1 * sn
+            u1 = w1
+            u2 = w2
+        if NORM:
+            dg1 += tl.sum(u1 * n1, axis=0)
+            dg2 += tl.sum(u2 * n2, axis=0)
+            dn1 = u1 * g1[None, :]
+            dn2 = u2 * g2[None, :]
+            mdot = (tl.sum(dn1 * n1, axis=1) + tl.sum(dn2 * n2, axis=1)) / D
+            u1 = (dn1 - n1 * mdot[:, None]) * rstd[:, None]
+            u2 = (dn2 - n2 * mdot[:, None]) * rstd[:, None]
+        u1 = tl.where(m2, u1, 0.0)
+        u2 = tl.where(m2, u2, 0.0)
+        if HAS_BIAS:
+            dcp = PART_ptr + part_idx * NPART + (h // NPG) * GW + (h % NPG + SLOT) * D + p
+            tl.store(dcp, tl.sum(u1, axis=0))
+            tl.store(dcp + P, tl.sum(u2, axis=0))
+        # contraction backward: dA[h, r] = u . B_r / RANK ; dB_r += A[h, r] u / RANK
+        col = OFF_A + h * RANK
+        ty = dF_row.dtype.element_ty
+        tl.store(dF_row + col, ((tl.sum(u1 * b01, axis=1) + tl.sum(u2 * b02, axis=1)) / RANK).to(ty), mask=tmask)
+        d01 += a0[:, None] * u1
+        d02 += a0[:, None] * u2
+        if RANK > 1:
+            tl.store(dF_row + col + 1, ((tl.sum(u1 * b11, axis=1) + tl.sum(u2 * b12, axis=1)) / RANK).to(ty),
+                     mask=tmask)
+            d11 += a1[:, None] * u1
+            d12 += a1[:, None] * u2
+        if RANK > 2:
+            tl.store(dF_row + col + 2, ((tl.sum(u1 * b21, axis=1) + tl.sum(u2 * b22, axis=1)) / RANK).to(ty),
+                     mask=tmask)
+            d21 += a2[:, None] * u1
+            d22 += a2[:, None] * u2
+        if RANK > 3:
+            tl.store(dF_row + col + 3, ((tl.sum(u1 * b31, axis=1) + tl.sum(u2 * b32, axis=1)) / RANK).to(ty),
+                     mask=tmask)
+            d31 += a3[:, None] * u1
+            d32 += a3[:, None] * u2
+    ty = dF_row.dtype.element_ty
+    dp = dF_row[:, None] + (OFF_B + p)[None, :]
+    tl.store(dp, (d01 / RANK).to(ty), mask=m2)
+    tl.store(dp + P, (d02 / RANK).to(ty), mask=m2)
+    if RANK > 1:
+        tl.store(dp + D, (d11 / RANK).to(ty), mask=m2)
+        tl.store(dp + D + P, (d12 / RANK).to(ty), mask=m2)
+    if RANK > 2:
+        tl.store(dp + 2 * D, (d21 / RANK).to(ty), mask=m2)
+        tl.store(dp + 2 * D + P, (d22 / RANK).to(ty), mask=m2)
+    if RANK > 3:
+        tl.store(dp + 3 * D, (d31 / RANK).to(ty), mask=m2)
+        tl.store(dp + 3 * D + P, (d32 / RANK).to(ty), mask=m2)
+    if NORM:
+        tl.store(PART_ptr + part_idx * NPART + OFF_DG + p, dg1)
+        tl.store(PART_ptr + part_idx * NPART + OFF_DG + P + p, dg2)
+    return dcos, dsin
+
+
+@triton.jit
+def _tpa_prologue_bwd2_kernel(
+    F_ptr, sF_s, sF_b, sF_f, DF_ptr,
+    DQ_ptr, DK_ptr, DV_ptr,
+    BIAS_ptr, GQ_ptr, GK_ptr, RSQ_ptr, RSK_ptr,
+    COS_ptr, SIN_ptr,
+    PART_ptr, CS_tok,
+    S, B,
+    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+    RQ: tl.constexpr, RK: tl.constexpr, FW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NORM_Q: tl.constexpr, NORM_K: tl.constexpr,
+    BT: tl.constexpr, ALIGNED: tl.constexpr = False,
+):
+    OFF_AK: tl.constexpr = H * RQ
+    OFF_AV: tl.constexpr = OFF_AK + G * RK
+    OFF_BQ: tl.constexpr = OFF_AV + G * RK
+    OFF_BK: tl.constexpr = OFF_BQ + RQ * D
+    OFF_BV: tl.constexpr = OFF_BK + RK * D
+    HPG: tl.constexpr = H // G
+    GW: tl.constexpr = (HPG + 2) * D
+    LB: tl.constexpr = G * GW
+    NPART: tl.constexpr = LB + 2 * D
+
+    pid_t = tl.program_id(0)
+    bi = tl.program_id(1)
+    part_idx = pid_t * B + bi
+    t = pid_t * BT + tl.arange(0, BT)
+    tmask = t < S
+    t64 = t.to(tl.int64)
+    if ALIGNED:
+        row = F_ptr + tl.multiple_of(t64 * sF_s + bi * sF_b, 8)
+    else:
+        row = F_ptr + t64 * sF_s + bi * sF_b
+    tok = t64 * B + bi
+    dF_row = DF_ptr + tok * FW
+    p = tl.arange(0, P)
+    m2 = tmask[:, None]
+    cs = tl.load(COS_ptr + t64[:, None] * P + p[None, :], mask=m2, other=0.0)
+    sn = tl.load(SIN_ptr + t64[:, None] * P + p[None, :], mask=m2, other=0.0)
+    dcos = tl.zeros([BT, P], dtype=tl.float32)
+    dsin = tl.zeros([BT, P], dtype=tl.float32)
+    dcos, dsin = _prologue_bwd_side2(
+        row, tok, tmask, sF_f, dF_row, part_idx, DQ_ptr, BIAS_ptr, GQ_ptr, RSQ_ptr, PART_ptr,
+        cs, sn, dcos, dsin, H, D, P, RQ, 0, OFF_BQ, HPG, GW, 0, NPART, LB, HAS_BIAS, NORM_Q, True, BT, ALIGNED)
+    dcos, dsin = _prologue_bwd_side2(
+        row, tok, tmask, sF_f, dF_row, part_idx, DK_ptr, BIAS_ptr, GK_ptr, RSK_ptr, PART_ptr,
+        cs, sn, dcos, dsin, G, D, P, RK, OFF_AK, OFF_BK, 1, GW, HPG, NPART, LB + D, HAS_BIAS, NORM_K, True, BT, ALIGNED)
+    dcos, dsin = _prologue_bwd_side2(
+        row, tok, tmask, sF_f, dF_row, part_idx, DV_ptr, BIAS_ptr, GK_ptr, RSK_ptr, PART_ptr,
+        cs, sn, dcos, dsin, G, D, P, RK, OFF_AV, OFF_BV, 1, GW, HPG + 1, NPART, LB + D, HAS_BIAS, False, False,
+        BT, ALIGNED)
+    dp = (tok[:, None] * (2 * P) + p[None, :])
+    tl.store(CS_tok + dp, dcos, mask=m2)
+    tl.store(CS_tok + dp + P, dsin, mask=m2)
+
+
 # ============================================================================ attention
 
 
@@ -463,30 +791,179 @@ def _swa_bwd_dkv_kernel(
     tl.store(DV_ptr + koff, dv.to(DV_ptr.dtype.element_ty), mask=nmask[:, None])
 
 
+# ---------------------------------------------------------------------------- fused forward
+# Spec 5.3: the prologue folded into the attention forward. Each program rebuilds its query rows
+# and every K/V tile it visits from the factors in registers (contraction, /R, bias, RMSNorm,
+# fp32 rotation), so the forward reads the factors instead of materialised q/k/v. It still writes
+# q, k, v and rstd once (q by every program for its rows, k/v by the first head of each group for
+# its own token block) because the backward kernels consume them. q.k is computed as two dots
+# over the rotation halves (q1.k1 + q2.k2), and the output as two halves (P v1, P v2).
+
+
+@triton.jit
+def _build_rows(row, tmask, sF_f, BIAS_ptr, GM_ptr, eps, cs, sn, idx,
+                D: tl.constexpr, P: tl.constexpr, RANK: tl.constexpr, OFF_A: tl.constexpr,
+                OFF_B: tl.constexpr, NPG: tl.constexpr, GW: tl.constexpr, SLOT: tl.constexpr,
+                HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr):
+    """Rows of head/group ``idx`` for a token block: returns the two halves (fp32) and rstd."""
+    p = tl.arange(0, P)
+    b01, b02, b11, b12, b21, b22, b31, b32 = _ld_b(row, tmask, sF_f, OFF_B, RANK, D, P)
+    a0, a1, a2, a3 = _ld_a(row, tmask, sF_f, OFF_A + idx * RANK, RANK)
+    x1, x2 = _contract2(a0, a1, a2, a3, b01, b02, b11, b12, b21, b22, b31, b32, RANK)
+    if HAS_BIAS:
+        cb = BIAS_ptr + (idx // NPG) * GW + (idx % NPG + SLOT) * D
+        x1 += tl.load(cb + p).to(tl.float32)[None, :]
+        x2 += tl.load(cb + P + p).to(tl.float32)[None, :]
+    rstd = tl.sum(x1, axis=1) * 0.0 + 1.0
+    if NORM:
+        rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)
+        x1 = x1 * rstd[:, None] * tl.load(GM_ptr + p).to(tl.float32)[None, :]
+        x2 = x2 * rstd[:, None] * tl.load(GM_ptr + P + p).to(tl.float32)[None, :]
+    if ROTATE:
+        y1 = x1 * cs - x2 * sn
+        y2 = x2 * cs + x1 * sn
+    else:
+        y1 = x1
+        y2 = x2
+    return y1, y2, rstd
+
+
+@triton.jit
+def _tpa_fused_fwd_kernel(
+    F_ptr, sF_s, sF_b, sF_f,
+    BIAS_ptr, GQ_ptr, GK_ptr, COS_ptr, SIN_ptr, SINK_ptr,
+    O_ptr, L_ptr, Q_ptr, K_ptr, V_ptr, RSQ_ptr, RSK_ptr,
+    S, B, W, qk_scale, eps,
+    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+    RQ: tl.constexpr, RK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NORM_Q: tl.constexpr, NORM_K: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+):
+    OFF_AK: tl.constexpr = H * RQ
+    OFF_AV: tl.constexpr = OFF_AK + G * RK
+    OFF_BQ: tl.constexpr = OFF_AV + G * RK
+    OFF_BK: tl.constexpr = OFF_BQ + RQ * D
+    OFF_BV: tl.constexpr = OFF_BK + RK * D
+    HPG: tl.constexpr = H // G
+    GW: tl.constexpr = (HPG + 2) * D
+    act = Q_ptr.dtype.element_ty
+
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bi = pid_bh // H
+    h = pid_bh % H
+    g = h // HPG
+    m0 = pid_m * BM
+    p = tl.arange(0, P)
+    offs_m = m0 + tl.arange(0, BM)
+    mmask = offs_m < S
+    tm = offs_m.to(tl.int64)
+    rowq = F_ptr + tm * sF_s + bi * sF_b
+    tokq = tm * B + bi
+    csq = tl.load(COS_ptr + tm[:, None] * P + p[None, :], mask=mmask[:, None], other=0.0)
+    snq = tl.load(SIN_ptr + tm[:, None] * P + p[None, :], mask=mmask[:, None], other=0.0)
+    y1, y2, rsq = _build_rows(rowq, mmask, sF_f, BIAS_ptr, GQ_ptr, eps, csq, snq, h,
+                              D, P, RQ, 0, OFF_BQ, HPG, GW, 0, HAS_BIAS, NORM_Q, True)
+    q1 = y1.to(act)
+    q2 = y2.to(act)
+    qp = Q_ptr + (tokq * H + h)[:, None] * D + p[None, :]
+    tl.store(qp, q1, mask=mmask[:, None])
+    tl.store(qp + P, q2, mask=mmask[:, None])
+    if NORM_Q:
+        tl.store(RSQ_ptr + tokq * H + h, rsq, mask=mmask)
+
+    sink2 = tl.load(SINK_ptr + h).to(tl.float32) * 1.4426950408889634
+    m_i = tl.zeros([BM], dtype=tl.float32) + sink2
+    l_i = tl.zeros([BM], dtype=tl.float32) + 1.0
+    acc1 = tl.zeros([BM, P], dtype=tl.float32)
+    acc2 = tl.zeros([BM, P], dtype=tl.float32)
+    lo = tl.maximum(m0 - W + 1, 0) // BN * BN
+    hi = tl.minimum(m0 + BM, S)
+    for n0 in range(lo, hi, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        nmask = offs_n < S
+        tn = offs_n.to(tl.int64)
+        rowk = F_ptr + tn * sF_s + bi * sF_b
+        csk = tl.load(COS_ptr + tn[:, None] * P + p[None, :], mask=nmask[:, None], other=0.0)
+        snk = tl.load(SIN_ptr + tn[:, None] * P + p[None, :], mask=nmask[:, None], other=0.0)
+        k1, k2, _r = _build_rows(rowk, nmask, sF_f, BIAS_ptr, GK_ptr, eps, csk, snk, g,
+                                 D, P, RK, OFF_AK, OFF_BK, 1, GW, HPG, HAS_BIAS, NORM_K, True)
+        sc = (_dot(q1, tl.trans(k1.to(act)), IEEE) + _dot(q2, tl.trans(k2.to(act)), IEEE)) * qk_scale
+        diff = offs_m[:, None] - offs_n[None, :]
+        vis = (diff >= 0) & (diff < W) & nmask[None, :]
+        sc = tl.where(vis, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        pr = tl.exp2(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(pr, axis=1)
+        v1, v2, _r2 = _build_rows(rowk, nmask, sF_f, BIAS_ptr, GK_ptr, eps, csk, snk, g,
+                                  D, P, RK, OFF_AV, OFF_BV, 1, GW, HPG + 1, HAS_BIAS, False, False)
+        pa = pr.to(act)
+        acc1 = acc1 * alpha[:, None] + _dot(pa, v1.to(act), IEEE)
+        acc2 = acc2 * alpha[:, None] + _dot(pa, v2.to(act), IEEE)
+        m_i = m_new
+    op = O_ptr + (tokq * H + h)[:, None] * D + p[None, :]
+    tl.store(op, (acc1 / l_i[:, None]).to(O_ptr.dtype.element_ty), mask=mmask[:, None])
+    tl.store(op + P, (acc2 / l_i[:, None]).to(O_ptr.dtype.element_ty), mask=mmask[:, None])
+    tl.store(L_ptr + pid_bh.to(tl.int64) * S + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mmask)
+
+    # k, v (and rstd_k) of this token block, written once per group by its first head
+    if h % HPG == 0:
+        for n0 in range(m0, tl.minimum(m0 + BM, S), BN):
+            offs_n = n0 + tl.arange(0, BN)
+            nmask = offs_n < S
+            tn = offs_n.to(tl.int64)
+            rowk = F_ptr + tn * sF_s + bi * sF_b
+            tokk = tn * B + bi
+            csk = tl.load(COS_ptr + tn[:, None] * P + p[None, :], mask=nmask[:, None], other=0.0)
+            snk = tl.load(SIN_ptr + tn[:, None] * P + p[None, :], mask=nmask[:, None], other=0.0)
+            k1, k2, rsk = _build_rows(rowk, nmask, sF_f, BIAS_ptr, GK_ptr, eps, csk, snk, g,
+                                      D, P, RK, OFF_AK, OFF_BK, 1, GW, HPG, HAS_BIAS, NORM_K, True)
+            kp = K_ptr + (tokk * G + g)[:, None] * D + p[None, :]
+            tl.store(kp, k1.to(act), mask=nmask[:, None])
+            tl.store(kp + P, k2.to(act), mask=nmask[:, None])
+            if NORM_K:
+                tl.store(RSK_ptr + tokk * G + g, rsk, mask=nmask)
+            v1, v2, _r3 = _build_rows(rowk, nmask, sF_f, BIAS_ptr, GK_ptr, eps, csk, snk, g,
+                                      D, P, RK, OFF_AV, OFF_BV, 1, GW, HPG + 1, HAS_BIAS, False, False)
+            vp = V_ptr + (tokk * G + g)[:, None] * D + p[None, :]
+            tl.store(vp, v1.to(act), mask=nmask[:, None])
+            tl.store(vp + P, v2.to(act), mask=nmask[:, None])
+
+
 # ============================================================================ launchers
 
 
 # GPU tile choices (tokens per prologue program and its warps; attention tiles). Module-level so a
 # benchmark can sweep them; the interpreter always uses 16-wide tiles.
-GPU_TILES = dict(BT_FWD=16, WARPS_FWD=4, BT_BWD=16, WARPS_BWD=4, BM=64, BN=64, WARPS_ATTN=4, STAGES_ATTN=2)
+GPU_TILES = dict(BT_FWD=16, WARPS_FWD=4, BT_BWD=16, WARPS_BWD=4, PROLOGUE="2d",
+                 BM=64, BN=64, WARPS_ATTN=4, STAGES_ATTN=2,
+                 BM_BWD=64, BN_BWD=64, WARPS_ATTN_BWD=4, STAGES_ATTN_BWD=2,
+                 FUSED_FWD=False, BM_FUSED=64, BN_FUSED=32, WARPS_FUSED=8, STAGES_FUSED=2)
 
 
 def _blocks(kind: str = "attn"):
     """Tile sizes: small tiles under the interpreter (speed, edge coverage), ``GPU_TILES`` on GPU."""
     if _interpreting():
-        return dict(BT=16, BM=16, BN=16, warps=1, stages=1)
+        return dict(BT=16, BM=16, BN=16, warps=1, stages=1, impl=GPU_TILES["PROLOGUE"])
     t = GPU_TILES
     if kind == "prologue_fwd":
-        return dict(BT=t["BT_FWD"], warps=t["WARPS_FWD"])
+        return dict(BT=t["BT_FWD"], warps=t["WARPS_FWD"], impl=t["PROLOGUE"])
     if kind == "prologue_bwd":
-        return dict(BT=t["BT_BWD"], warps=t["WARPS_BWD"])
+        return dict(BT=t["BT_BWD"], warps=t["WARPS_BWD"], impl=t["PROLOGUE"])
+    if kind == "fused_fwd":
+        return dict(BM=t["BM_FUSED"], BN=t["BN_FUSED"], warps=t["WARPS_FUSED"], stages=t["STAGES_FUSED"])
+    if kind == "attn_bwd":
+        return dict(BM=t["BM_BWD"], BN=t["BN_BWD"], warps=t["WARPS_ATTN_BWD"], stages=t["STAGES_ATTN_BWD"])
     return dict(BM=t["BM"], BN=t["BN"], warps=t["WARPS_ATTN"], stages=t["STAGES_ATTN"])
 
 
-def _check_dims(head_dim: int):
+def _check_dims(head_dim: int, q_rank: int = 1, kv_rank: int = 1):
     P = head_dim // 2
     if head_dim % 2 or P < 16 or (P & (P - 1)):
         raise ValueError(f"triton TPA kernels need head_dim/2 to be a power of two >= 16, got head_dim={head_dim}")
+    if max(q_rank, kv_rank) > 4:
+        raise ValueError(f"triton TPA prologue supports ranks <= 4, got q_rank={q_rank}, kv_rank={kv_rank}")
 
 
 def prologue_fwd(factors, qkv_bias, gamma_q, gamma_k, cos, sin, *, H, G, d, Rq, R, eps, act_dtype):
@@ -514,6 +991,18 @@ def prologue_fwd(factors, qkv_bias, gamma_q, gamma_k, cos, sin, *, H, G, d, Rq, 
     dummy = cos
     blk = _blocks("prologue_fwd")
     grid = (triton.cdiv(s, blk["BT"]), b)
+    if blk["impl"] == "2d":
+        _tpa_prologue_fwd2_kernel[grid](
+            factors, factors.stride(0), factors.stride(1), factors.stride(2),
+            qkv_bias if qkv_bias is not None else dummy,
+            gamma_q if gamma_q is not None else dummy, gamma_k if gamma_k is not None else dummy,
+            cos, sin, q, k, v, rs_q if gamma_q is not None else dummy, rs_k if gamma_k is not None else dummy,
+            s, b, float(eps),
+            H=H, G=G, D=d, P=d // 2, RQ=Rq, RK=R,
+            HAS_BIAS=qkv_bias is not None, NORM_Q=gamma_q is not None, NORM_K=gamma_k is not None,
+            BT=blk["BT"], num_warps=blk["warps"],
+        )
+        return q, k, v, rs_q, rs_k
     _tpa_prologue_fwd_kernel[grid](
         factors, factors.stride(0), factors.stride(1), factors.stride(2),
         qkv_bias if qkv_bias is not None else dummy,
@@ -555,22 +1044,69 @@ def prologue_bwd(dq, dk, dv, factors, qkv_bias, gamma_q, gamma_k, rs_q, rs_k, co
     def _or(x):
         return x if x is not None else dummy
 
-    _tpa_prologue_bwd_kernel[(nT, b)](
-        factors, factors.stride(0), factors.stride(1), factors.stride(2), dF,
-        dq, dk, dv,
-        _or(qkv_bias), _or(gamma_q), _or(gamma_k),
-        rs_q if gamma_q is not None else dummy, rs_k if gamma_k is not None else dummy,
-        cos, sin, part, cs_tok,
-        s, b,
-        H=H, G=G, D=d, P=P, RQ=Rq, RQP=_next_pow2(Rq), RK=R, RKP=_next_pow2(R), FW=Fw,
-        HAS_BIAS=qkv_bias is not None, NORM_Q=gamma_q is not None, NORM_K=gamma_k is not None,
-        BT=BT, num_warps=blk["warps"],
-    )
+    args = (factors, factors.stride(0), factors.stride(1), factors.stride(2), dF,
+            dq, dk, dv,
+            _or(qkv_bias), _or(gamma_q), _or(gamma_k),
+            rs_q if gamma_q is not None else dummy, rs_k if gamma_k is not None else dummy,
+            cos, sin, part, cs_tok,
+            s, b)
+    flags = dict(HAS_BIAS=qkv_bias is not None, NORM_Q=gamma_q is not None, NORM_K=gamma_k is not None,
+                 BT=BT, num_warps=blk["warps"])
+    if blk["impl"] == "2d":
+        _tpa_prologue_bwd2_kernel[(nT, b)](*args, H=H, G=G, D=d, P=P, RQ=Rq, RK=R, FW=Fw, **flags)
+    else:
+        _tpa_prologue_bwd_kernel[(nT, b)](*args, H=H, G=G, D=d, P=P, RQ=Rq, RQP=_next_pow2(Rq), RK=R,
+                                          RKP=_next_pow2(R), FW=Fw, **flags)
     # fixed-order reductions (separate outputs: the op may not return aliasing tensors)
     dbias = part[:, :LB].sum(0) if qkv_bias is not None else None
     dgq = part[:, LB:LB + d].sum(0) if gamma_q is not None else None
     dgk = part[:, LB + d:].sum(0) if gamma_k is not None else None
     return dF, dbias, dgq, dgk, cs_tok[..., :P].sum(1), cs_tok[..., P:].sum(1)
+
+
+def use_fused_forward(dtype: torch.dtype) -> bool:
+    """Whether :func:`fused_fwd` serves the forward (``GPU_TILES["FUSED_FWD"]``; under the
+    interpreter only for fp32, whose ``tl.dot`` is exact there)."""
+    if _interpreting():
+        return GPU_TILES["FUSED_FWD"] and dtype == torch.float32
+    return bool(GPU_TILES["FUSED_FWD"])
+
+
+def fused_fwd(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, *, H, G, d, Rq, R, eps, window,
+              softmax_scale, act_dtype):
+    """Factors -> attention output in one kernel (spec 5.3), also writing q/k/v/rstd for backward.
+
+    Returns:
+        ``o [s,b,H,d]``, ``lse [b,H,s]`` fp32, ``q``, ``k``, ``v``, ``rstd_q``, ``rstd_k`` (as
+        :func:`prologue_fwd`).
+    """
+    _check_dims(d, Rq, R)
+    s, b, _ = factors.shape
+    dev = factors.device
+    q = torch.empty(s, b, H, d, device=dev, dtype=act_dtype)
+    k = torch.empty(s, b, G, d, device=dev, dtype=act_dtype)
+    v = torch.empty(s, b, G, d, device=dev, dtype=act_dtype)
+    o = torch.empty(s, b, H, d, device=dev, dtype=act_dtype)
+    f32 = dict(device=dev, dtype=torch.float32)
+    lse = torch.empty(b, H, s, **f32)
+    rs_q = torch.empty(s, b, H, **f32) if gamma_q is not None else torch.empty(0, **f32)
+    rs_k = torch.empty(s, b, G, **f32) if gamma_k is not None else torch.empty(0, **f32)
+    dummy = cos
+    blk = _blocks("fused_fwd")
+    grid = (triton.cdiv(s, blk["BM"]), b * H)
+    _tpa_fused_fwd_kernel[grid](
+        factors, factors.stride(0), factors.stride(1), factors.stride(2),
+        qkv_bias if qkv_bias is not None else dummy,
+        gamma_q if gamma_q is not None else dummy, gamma_k if gamma_k is not None else dummy,
+        cos, sin, sink, o, lse, q, k, v,
+        rs_q if gamma_q is not None else dummy, rs_k if gamma_k is not None else dummy,
+        s, b, int(window), float(softmax_scale) * LOG2E, float(eps),
+        H=H, G=G, D=d, P=d // 2, RQ=Rq, RK=R,
+        HAS_BIAS=qkv_bias is not None, NORM_Q=gamma_q is not None, NORM_K=gamma_k is not None,
+        BM=blk["BM"], BN=blk["BN"], IEEE=act_dtype == torch.float32,
+        num_warps=blk["warps"], num_stages=blk["stages"],
+    )
+    return o, lse, q, k, v, rs_q, rs_k
 
 
 def swa_fwd(q, k, v, sink, window: int, softmax_scale: float):
@@ -612,7 +1148,7 @@ def swa_bwd(do, q, k, v, o, lse, sink, window: int, softmax_scale: float):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsink
     s, b, H, d = q.shape
     G = k.shape[2]
-    blk = _blocks()
+    blk = _blocks("attn_bwd")
     BM, BN = blk["BM"], blk["BN"]
     ieee = q.dtype == torch.float32
     dq = torch.empty_like(q)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import replace
-from itertools import chain
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch

@@ -19,7 +19,6 @@ as 0-d tensors (an LR change never recompiles) and no host synchronisation.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 

@@ -17,9 +17,12 @@ weight). The second moment of such a parameter stays ``[m, 1]`` in the parameter
 
 Execution: members are grouped into banks (:mod:`.banks`) and each bank runs one batched,
 optionally ``torch.compile``-d function; hyper-parameters live in persistent 0-d tensors updated
-with ``fill_`` (no recompilation when the scheduler changes ``lr`` / ``weight_decay``), and the
-step has no host synchronisation. Parameters whose ``grad`` is ``None`` are skipped exactly
-(no state change, no weight decay), as in the reference fork.
+with ``fill_`` (no recompilation when the scheduler changes ``lr`` / ``weight_decay``), and our
+code issues no host synchronisation (no ``.item()``, no branching on tensor values). Whole fp32
+parameters are re-homed into their bank's contiguous storage (``rehome=True``) so momentum,
+PE, second moment, weight decay and the update of a bank run as one batched function; split
+(QKV / TPA) parameters are gathered / scattered with foreach ops. Parameters whose ``grad`` is
+``None`` are skipped exactly (no state change, no weight decay), as in the reference fork.
 
 State (``state_dict``): per parameter ``momentum_buffer`` (param shape) and ``second_moment``
 (``[m, 1]``, or ``[1, n]`` for ``neuron_axis="larger"`` on wide matrices), both fp32 (fp64 for
@@ -104,13 +107,16 @@ class NorMuon(torch.optim.Optimizer):
             raise ValueError(f"scale_mode must be 'shape' or 'rms0.2', got {scale_mode!r}")
         if neuron_axis not in ("rows", "larger"):
             raise ValueError(f"neuron_axis must be 'rows' or 'larger', got {neuron_axis!r}")
-        if coefficients is None and safety != 2e-2 and pe_steps == 5:
-            pass  # generated for this safety below; the normalisation uses the same value
         defaults = dict(
             lr=lr, momentum=momentum, beta2=beta2, eps=eps, weight_decay=weight_decay
         )
         super().__init__(params, defaults)
         self.table = resolve_coefficients(coefficients, steps=pe_steps, safety=safety)
+        self.pe_record = (
+            dict(steps=int(pe_steps), safety=float(safety), ell=1e-3, cushion=2e-2, eps=float(pe_eps))
+            if coefficients is None
+            else dict(table=[list(t) for t in self.table], safety=float(safety), eps=float(pe_eps))
+        )
         self.safety = float(safety)
         self.pe_eps = float(pe_eps)
         self.pe_dtype = pe_dtype
@@ -122,7 +128,6 @@ class NorMuon(torch.optim.Optimizer):
         for group in self.param_groups:
             self._check_group(group)
         self._banks: Optional[List[Bank]] = None
-        self._bank_signature: Optional[Tuple] = None
         self._flat: List[torch.Tensor] = []
         self._ptrs: List[int] = []
         self._decay_lists: Dict[int, Dict[Tuple, List[torch.Tensor]]] = {}
@@ -137,6 +142,8 @@ class NorMuon(torch.optim.Optimizer):
         elif len(blocks) != len(group["params"]):
             raise ValueError("group 'blocks' must be aligned with group 'params'")
         group.setdefault("normuon_step", 0)
+        # Spec §2.3: the table's generating parameters travel with it (checkpoints, logs).
+        group["polar_express"] = dict(self.pe_record)
         for p, blk in zip(group["params"], group["blocks"]):
             if p.ndim != 2:
                 raise ValueError(

@@ -546,3 +546,47 @@ def test_bad_inputs_raise_clear_errors():
             sink_attention(qd, kd, vd, sd, backend="triton")
         with pytest.raises(TypeError, match="float64 only with backend='reference'"):
             sink_attention(q.double(), k.double(), v.double(), sink, backend="triton")
+
+
+@needs_triton
+def test_custom_op_eager_autograd_matches_function_path():
+    s, b, H, G, d = 21, 1, 4, 2, 16
+    leaves = _leaves(s, b, H, G, d)
+    w = torch.randn(s, b, H, d, device=DEV)
+    out, lse = torch.ops.vpmoe.sink_attention_fwd(*leaves, None, 6, 1 / math.sqrt(d), "triton")
+    ((out * w).sum() + lse.sum()).backward()
+    g_op = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    out2, lse2 = sink_attention_with_lse(*leaves, window=6, backend="triton")
+    ((out2 * w).sum() + lse2.sum()).backward()
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    for a, c in zip(g_op, [t.grad for t in leaves]):
+        assert torch.equal(a, c)
+
+
+def test_custom_op_opcheck():
+    q, k, v, sink = (t.double() for t in make(6, 2, 4, 2, 8, device="cpu"))
+    args = (q, k, v, sink.requires_grad_(True), alibi_slopes(4), 3, 0.3, "reference")
+    torch.library.opcheck(torch.ops.vpmoe.sink_attention_fwd.default, args)
+    dout = torch.randn_like(q)
+    out, lse = sink_attention_forward(q, k, v, sink.detach(), slopes=alibi_slopes(4), window=3,
+                                      softmax_scale=0.3, backend="reference")
+    torch.library.opcheck(torch.ops.vpmoe.sink_attention_bwd.default,
+                          (dout, q, k, v, sink.detach(), alibi_slopes(4), out, lse, None, 3, 0.3,
+                           "reference"))
+
+
+def test_make_fx_sees_one_custom_op_node():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    q, k, v, sink = make(8, 1, 4, 2, 16, device="cpu")
+
+    def f(q, k, v, sink):
+        return window_sink_attention(q, k, v, sink, 3, backend="reference") * 2
+
+    for mode in ("real", "fake"):
+        gm = make_fx(f, tracing_mode=mode)(q, k, v, sink)
+        targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        assert any("vpmoe.sink_attention_fwd" in t for t in targets), targets
+        assert not any("logsumexp" in t for t in targets)  # the reference was not traced into

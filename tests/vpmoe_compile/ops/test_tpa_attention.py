@@ -211,6 +211,61 @@ def test_triton_matches_reference_fwd_bwd(case, monkeypatch):
         assert rel(o64, o_causal) < 1e-14
 
 
+FUSED_CASES = [
+    ("vpmoe_ratios", 37, 2, 8, 2, 32, 4, 2, 10, True, True),
+    ("mqa_window1_odd_ranks", 21, 1, 4, 1, 32, 3, 1, 1, True, True),
+    ("no_bias_no_norm_W_ge_s", 18, 2, 2, 2, 32, 2, 2, 40, False, False),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", FUSED_CASES, ids=[c[0] for c in FUSED_CASES])
+def test_triton_fused_forward(case, monkeypatch):
+    """Spec 5.3 fused forward (prologue inside the attention kernel): same output, LSE and saved
+    q/k/v/rstd as the two-kernel path, and the backward from its saved tensors matches fp64."""
+    from vpmoe_compile.ops import triton_tpa
+
+    monkeypatch.setenv("VPMOE_TPA_ATTENTION", "own")
+    _, s, b, H, G, d, Rq, R, W, bias, norm = case
+    cfg = kw(H, G, d, Rq, R, W)
+    inp = make_inputs(s, b, H, G, d, Rq, R, bias=bias, norm=norm)
+    args = (H, G, d, Rq, R, W, 1e-5, 1 / math.sqrt(d), "triton")
+    f32 = [x.float() if x is not None else None for x in inp]
+    monkeypatch.setitem(triton_tpa.GPU_TILES, "FUSED_FWD", False)
+    two = torch.ops.vpmoe.tpa_window_attention_fwd(*f32, *args)
+    monkeypatch.setitem(triton_tpa.GPU_TILES, "FUSED_FWD", True)
+    one = torch.ops.vpmoe.tpa_window_attention_fwd(*f32, *args)
+    for name, a, c in zip(("out", "lse", "q", "k", "v", "rstd_q", "rstd_k"), one, two):
+        assert a.shape == c.shape, name
+        if c.numel():
+            assert rel(a, c) < 1e-6, (name, rel(a, c))
+    dout = torch.randn(s, b, H * d, dtype=torch.float64)
+    o64, g64 = run_op(inp, backend="reference", cfg=cfg, dtype=torch.float64, dout=dout)
+    o32, g32 = run_op(inp, backend="triton", cfg=cfg, dtype=torch.float32, dout=dout)
+    assert rel(o32, o64) < 2e-5
+    for name, g, gr in zip(NAMES, g32, g64):
+        if gr is not None:
+            assert rel(g, gr) < 5e-5, (name, rel(g, gr))
+
+
+@needs_triton
+def test_triton_3d_prologue_variant(monkeypatch):
+    """The alternative (3-D tile) prologue kernels compute the same function."""
+    from vpmoe_compile.ops import triton_tpa
+
+    monkeypatch.setenv("VPMOE_TPA_ATTENTION", "own")
+    monkeypatch.setitem(triton_tpa.GPU_TILES, "PROLOGUE", "3d")
+    s, b, H, G, d, Rq, R, W = 21, 2, 4, 2, 32, 3, 2, 6
+    cfg = kw(H, G, d, Rq, R, W)
+    inp = make_inputs(s, b, H, G, d, Rq, R)
+    dout = torch.randn(s, b, H * d, dtype=torch.float64)
+    o64, g64 = run_op(inp, backend="reference", cfg=cfg, dtype=torch.float64, dout=dout)
+    o32, g32 = run_op(inp, backend="triton", cfg=cfg, dtype=torch.float32, dout=dout)
+    assert rel(o32, o64) < 2e-5
+    for name, g, gr in zip(NAMES, g32, g64):
+        assert rel(g, gr) < 5e-5, (name, rel(g, gr))
+
+
 @needs_triton
 def test_triton_shared_attention_middle_and_noncontiguous(monkeypatch):
     """The project's shared sink-attention kernels as the middle; factors a strided view."""
@@ -534,6 +589,9 @@ def test_clear_errors(monkeypatch):
         Hs, Gs, ds = 2, 1, 12
         i2 = make_inputs(8, 1, Hs, Gs, ds, 2, 1, dtype=torch.float32)
         tpa_window_attention(*i2, backend="triton", **kw(Hs, Gs, ds, 2, 1, 4))
+    with pytest.raises(ValueError, match="ranks <= 4"):
+        i3 = make_inputs(8, 1, 2, 1, 32, 5, 1, dtype=torch.float32)
+        tpa_window_attention(*i3, backend="triton", **kw(2, 1, 32, 5, 1, 4))
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):

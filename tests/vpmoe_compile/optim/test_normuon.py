@@ -334,3 +334,10 @@ def test_compiled_step_matches_eager_without_recompiling():
     # one graph per bank (2 banks), compiled once each; lr changes never recompile
     assert counters["stats"]["unique_graphs"] == 2
     torch._dynamo.reset()
+
+
+def test_table_parameters_recorded_in_state_dict():
+    opt = NorMuon([torch.nn.Parameter(torch.randn(4, 8))], pe_steps=6, safety=1e-2)
+    rec = opt.state_dict()["param_groups"][0]["polar_express"]
+    assert rec["steps"] == 6 and rec["safety"] == 1e-2 and rec["ell"] == 1e-3
+    assert len(opt.table) == 6

@@ -1,6 +1,5 @@
 """Polar Express: coefficient generator (T1), orthogonality band (T2), batched == per-matrix (T3)."""
 
-import math
 
 import numpy as np
 import pytest
