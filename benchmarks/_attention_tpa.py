@@ -12,12 +12,12 @@ Cases, all at one local layer's shape (``[s, b, ...]`` Megatron layout, bf16 act
 
 Each case is ``dict(name, fwd, fwd_bwd)``; the callables take no arguments. ``fwd_bwd`` runs the
 forward and ``torch.autograd.grad`` for every differentiable input (factors, qkv bias, both gains,
-cos, sin, sink). :func:`floor_us` computes the byte/FLOP floors of spec ``tpa_attention.md`` 5.5.
+cos, sin, sink). :func:`floor_us` gives the headline byte/FLOP floors of spec ``tpa_attention.md`` 5.5 (microseconds),
+:func:`floor_details` every term (bytes, FLOPs, per design and pass).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, List
 
 import torch
@@ -25,7 +25,7 @@ import torch
 from vpmoe_compile.ops import tpa_reference as ref
 from vpmoe_compile.ops.tpa_attention import tpa_window_attention
 
-__all__ = ["make_tpa_inputs", "tpa_cases", "floor_us"]
+__all__ = ["make_tpa_inputs", "tpa_cases", "floor_us", "floor_details"]
 
 Q_RANK = 4
 KV_RANK = 2
@@ -84,9 +84,22 @@ def tpa_cases(b: int, s: int, H: int, G: int, d: int, W: int, device) -> List[Di
     ]
 
 
-def floor_us(b: int = 8, s: int = 4096, H: int = 8, G: int = 2, d: int = 128, W: int = 128,
-             q_rank: int = Q_RANK, kv_rank: int = KV_RANK, bandwidth: float = 3.0e12,
-             flops: float = 800e12, value_residual: bool = False) -> Dict[str, float]:
+def floor_us(**shape) -> Dict[str, float]:
+    """The headline floors (microseconds) of spec 5.5 at the vpMoE shape (or ``**shape``, the keyword
+    arguments of :func:`floor_details`): one entry per line to draw on a timing plot."""
+    f = floor_details(**shape)
+    return {
+        "floor SWA on ready q/k/v fwd+bwd": f["swa_only_fwd_bwd"],
+        "floor two-kernel (ours) fwd": f["bringup_fwd"],
+        "floor two-kernel (ours) fwd+bwd": f["bringup_fwd_bwd"],
+        "floor fused (theoretical) fwd": f["fused_theoretical_fwd"],
+        "floor fused (theoretical) fwd+bwd": f["fused_theoretical_fwd_bwd"],
+    }
+
+
+def floor_details(b: int = 8, s: int = 4096, H: int = 8, G: int = 2, d: int = 128, W: int = 128,
+                  q_rank: int = Q_RANK, kv_rank: int = KV_RANK, bandwidth: float = 3.0e12,
+                  flops: float = 800e12, value_residual: bool = False) -> Dict[str, float]:
     """Byte and FLOP floors (microseconds) of spec 5.5, computed from the shape.
 
     ``bandwidth`` (bytes/s, read + write) and ``flops`` (bf16 dense) default to the H100

@@ -14,12 +14,13 @@ p90) step time, tokens/s and MFU, and writes ``step.json`` and ``step.png``.
 Variants:
   stock_eager         stock Megatron-Core GPTModel (local spec, no TE): RoPE, dense QKV,
                       unfused masked softmax with the sink column
-  transformed_eager_expert_loop  transform without the batched-experts pass (TPA + GRAPE +
-                      sink kernels; routed experts still run Megatron's per-expert loop)
-  transformed_eager   after vpmoe_compile.transform (default pipeline, batched experts included)
-  transformed_compiled  the same, with vpmoe_compile.training.compile_regions (inductor):
-                      attention blocks, norms, dense MLP, router, shared expert, output layer
-                      compiled; the routed-expert dispatch stays eager
+  transformed_eager   after vpmoe_compile.transform (default pipeline: TPA + GRAPE + sink
+                      kernels; routed experts still run Megatron's per-expert loop)
+  transformed_eager_batched_experts      + the opt-in batched_experts pass
+  transformed_compiled_batched_experts   the same, with vpmoe_compile.training.compile_regions
+                      (inductor): attention blocks, norms, dense MLP, router, shared expert and
+                      output layer compiled; the routed-expert dispatch stays eager
+  (any name: stock_eager | transformed_{eager,compiled}[_batched_experts])
 
 FLOP count used for MFU (stated in the JSON): per token, 6 x (active matrix parameters touched
 by a token: attention projections, dense/shared/top-k expert MLPs, router, output layer; not
@@ -85,12 +86,13 @@ def run_variant(name: str, args, cfg) -> dict:
     dev = torch.device(args.device)
     model = build_stock_gpt(cfg, device=dev, params_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, max_sequence_length=args.seq_len)
     t0 = time.perf_counter()
-    if name == "transformed_eager_expert_loop":  # everything but the batched-experts pass
+    if name.startswith("transformed"):
         from vpmoe_compile.pipeline import default_pipeline
 
-        vpmoe_compile.transform(model, cfg, passes=[p for p in default_pipeline(cfg) if p.name != "batched_experts"], progress=False)
+        extra = ("batched_experts",) if name.endswith("_batched_experts") else ()
+        vpmoe_compile.transform(model, cfg, passes=default_pipeline(cfg, extra=extra), progress=False)
     elif name != "stock_eager":
-        vpmoe_compile.transform(model, cfg, progress=False)
+        raise ValueError(f"unknown variant {name!r}")
     transform_s = time.perf_counter() - t0
     flops = model_flops_per_token(model, cfg, args.seq_len)
     tcfg = model.config
@@ -102,7 +104,7 @@ def run_variant(name: str, args, cfg) -> dict:
     else:
         optimizer = vpmoe_compile.build_optimizer(model, cfg)
         top = model
-    if name == "transformed_compiled":
+    if "_compiled" in name:
         compiled_regions = compile_regions(model)  # in place: names and wrappers unchanged
     g = torch.Generator(device="cpu").manual_seed(0)
     V = cfg.tokenizer.vocab_size
@@ -174,17 +176,19 @@ def plot(results: list, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["variant"] for r in results]
+    names = [r["variant"].replace("_batched_experts", "\n+ batched experts") for r in results]
     med = [r["median_s"] * 1e3 for r in results]
+    lo = [m - r["p10_s"] * 1e3 for m, r in zip(med, results)]
+    hi = [r["p90_s"] * 1e3 - m for m, r in zip(med, results)]
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    bars = ax.bar(names, med, color=["#888888", "#8172b2", "#4c72b0", "#55a868"][: len(names)])
+    bars = ax.bar(names, med, yerr=[lo, hi], capsize=4, color=["#888888", "#8172b2", "#4c72b0", "#55a868"][: len(names)])
     base = med[0]
     for bar_, r in zip(bars, results):
         ax.annotate(
             f"{r['median_s'] * 1e3:.0f} ms\n{base / (r['median_s'] * 1e3):.2f}x · MFU {r['mfu'] * 100:.1f}%",
             (bar_.get_x() + bar_.get_width() / 2, bar_.get_height()), ha="center", va="bottom", fontsize=9,
         )
-    ax.set_ylabel("median step time (ms), lower is better")
+    ax.set_ylabel("median step time (ms, bars p10-p90), lower is better")
     ax.tick_params(axis="x", labelsize=8)
     ax.set_title(title, fontsize=10)
     ax.set_ylim(0, max(med) * 1.25)
@@ -200,7 +204,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--variants", default="stock_eager,transformed_eager_expert_loop,transformed_eager,transformed_compiled")
+    p.add_argument("--variants", default="stock_eager,transformed_eager,transformed_eager_batched_experts,transformed_compiled_batched_experts")
     p.add_argument("--path", choices=("megatron", "plain"), default="megatron")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", default="benchmarks/results")

@@ -27,6 +27,12 @@ def _pow2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
 
+def triton_kernel_supports(head_dim: int, q_rank: int, kv_rank: int) -> bool:
+    """The Triton TPA kernels tile the two rotation halves with ``tl.dot``: they need
+    ``head_dim / 2`` a power of two >= 16 and ranks <= 4 (the reference backend takes any)."""
+    return _pow2(head_dim // 2) and head_dim // 2 >= 16 and q_rank <= 4 and kv_rank <= 4
+
+
 class TPAPass(Pass):
     name = "tpa"
     requires = ("layer_plan", "grape")
@@ -54,8 +60,14 @@ class TPAPass(Pass):
         if tcfg.window_size is None or tcfg.window_size[1] != 0:
             raise PassError(f"TPA local layers need a causal window (W-1, 0); got window_size={tcfg.window_size}")
         d = tcfg.kv_channels
-        if d < 16 or not _pow2(d):
-            raise PassError(f"the TPA kernel needs a power-of-two head dim >= 16, got {d}")
+        if not _pow2(d):
+            raise PassError(f"the TPA op needs a power-of-two head dim, got {d}")
+        if self.backend == "triton" and not triton_kernel_supports(d, t.tpa_q_rank, t.tpa_rank):
+            raise PassError(
+                f"backend='triton': the TPA Triton kernels need head_dim/2 a power of two >= 16 and "
+                f"ranks <= 4 (got head_dim {d}, q rank {t.tpa_q_rank}, kv rank {t.tpa_rank}); use "
+                "backend='auto' (falls back to the PyTorch reference) or a larger head dim"
+            )
         if tcfg.qk_layernorm and tcfg.normalization != "RMSNorm":
             raise PassError("TPA's fused QK-norm is RMSNorm; the model uses " + tcfg.normalization)
         if getattr(tcfg, "qk_l2_norm", False):
@@ -72,6 +84,13 @@ class TPAPass(Pass):
         tcfg = model.config
         device = next(model.parameters()).device
         window = tcfg.window_size[0] + 1
+        backend = self.backend
+        if backend == "auto" and not triton_kernel_supports(plan.head_dim, cfg.tpa.tpa_q_rank, cfg.tpa.tpa_rank):
+            backend = "reference"
+            result.notes.append(
+                f"head_dim {plan.head_dim} / ranks ({cfg.tpa.tpa_q_rank}, {cfg.tpa.tpa_rank}) are outside the "
+                "Triton kernels' tiles: the local layers use the PyTorch reference of the fused op"
+            )
         for layer in plan.local_layers:
             prev = model.get_submodule(layer.attention_path)
             if not isinstance(prev, VpMoESelfAttention) or not prev.rotate:
@@ -100,7 +119,7 @@ class TPAPass(Pass):
             self.replace_module(model, layer.attention_path + ".linear_qkv", proj, result)
             core = TPACoreAttention(
                 prev.core_attention, window=window, q_rank=cfg.tpa.tpa_q_rank, kv_rank=cfg.tpa.tpa_rank,
-                eps=eps, backend=self.backend,
+                eps=eps, backend=backend,
             )
             self.replace_module(model, layer.attention_path + ".core_attention", core, result)
             result.sites.append(layer.attention_path)

@@ -116,7 +116,7 @@ def cmd_demo(args) -> int:
 
     import vpmoe_compile
     from megatron_base import build_stock_gpt, init_process
-    from vpmoe_compile.training import CompiledModel, TokenBatches, train_step
+    from vpmoe_compile.training import TokenBatches, compile_regions, train_step
 
     if args.steps < 1:
         raise CLIError(f"--steps must be >= 1, got {args.steps}")
@@ -151,10 +151,12 @@ def cmd_demo(args) -> int:
         if mode == "compiled":
             if args.no_compile:
                 break
-            print(f"[demo] compiling (torch.compile, backend={args.compile_backend}); the first step includes compilation")
-            forward = CompiledModel(model, backend=args.compile_backend)
-        else:
-            forward = model
+            regions = compile_regions(model, backend=args.compile_backend)
+            print(
+                f"[demo] torch.compile (backend={args.compile_backend}) of {len(regions)} regions "
+                "(attention, norms, dense MLP, router, shared expert, output layer); the first step includes compilation"
+            )
+        forward = model
         losses, times = [], []
         bar = tqdm(range(args.steps), desc=f"{mode:>8}", unit="step", file=sys.stderr, dynamic_ncols=True)
         for _ in bar:

@@ -6,9 +6,11 @@ The default pipeline (each pass in its own file under ``passes/``)::
     global_attention  global layers: DotProductAttention -> flash kernel (causal + sink)
     grape             GRAPE-M on local layers, GRAPE-A (ALiBi) on global layers
     tpa               local layers: TPA factor projection + fused window/sink kernel
-    batched_experts   MoE layers: the per-expert loop of SequentialMLP -> two batched GEMMs
-                      (same parameters; a speed pass, not an architecture change)
     optimizer_routing read-only: the NorMuon/AdamW routing table of every parameter
+
+Opt-in (``passes=[..., "batched_experts", ...]``): ``batched_experts`` replaces the per-expert
+loop of ``SequentialMLP`` by two batched GEMMs (same parameters; a speed pass, not an
+architecture change; no GPU speed-up measured yet, see README).
 
 ``transform`` must run before DDP / distributed-optimizer / Float16Module wrapping (parameters
 created afterwards would never be reduced or updated) and refuses a wrapped model, a model that
@@ -73,8 +75,9 @@ def available_passes(backend: str = "auto") -> Dict[str, Pass]:
     }
 
 
-def default_pipeline(cfg: VpMoEConfig, backend: str = "auto") -> List[Pass]:
-    """The passes the config asks for, in order."""
+def default_pipeline(cfg: VpMoEConfig, backend: str = "auto", extra: Sequence[str] = ()) -> List[Pass]:
+    """The passes the config asks for, in order; ``extra`` adds opt-in passes (e.g.
+    ``"batched_experts"``) before the final routing pass."""
     allp = available_passes(backend)
     names = ["layer_plan", "global_attention"]
     if cfg.attention.position_embedding_type == "grapem":
@@ -86,8 +89,11 @@ def default_pipeline(cfg: VpMoEConfig, backend: str = "auto") -> List[Pass]:
             "[tpa] use_tpa = true needs [attention] position_embedding_type = 'grapem' (the fused "
             "TPA kernel rotates q/k with GRAPE-M)"
         )
-    if cfg.moe.num_experts > 1:
-        names.append("batched_experts")
+    for name in extra:
+        if name not in allp:
+            raise TransformError(f"unknown pass {name!r}; available: {', '.join(allp)}")
+        if name not in names:
+            names.append(name)
     names.append("optimizer_routing")
     return [allp[n] for n in names]
 

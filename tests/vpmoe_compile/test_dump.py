@@ -33,7 +33,7 @@ def test_index_and_pages(dumped):
     assert "baddbmm" in before and "vpmoe" in after and "baddbmm" not in after.split("###")[0]
     grape = (d / "03-grape.md").read_text()
     assert "rotary_pos_emb.log_freq" in grape and "GrapeMRotaryEmbedding" in grape
-    routing = (d / "06-optimizer_routing.md").read_text()
+    routing = (d / "05-optimizer_routing.md").read_text()
     assert "rotary_pos_emb.log_freq" in routing
 
 

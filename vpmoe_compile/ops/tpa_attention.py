@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -105,9 +105,9 @@ def _attention_middle():
     ``VPMOE_TPA_ATTENTION`` selects them: ``"shared"`` = the project's
     :mod:`vpmoe_compile.ops.triton_sink_attention` launchers (PackGQA, autotuned), ``"own"`` =
     the per-head kernels of :mod:`vpmoe_compile.ops.triton_tpa`. ``"auto"`` (default) = own:
-    on the H100 at the vpMoE shape they measured faster (fwd+bwd of the attention 459 us vs
-    538 us, ``benchmarks/results/tpa_bench_h100_run2.json``). Read at call time (inside the
-    opaque op).
+    on the H100 at the vpMoE shape they measured faster (attention fwd + bwd 122 + 337 us vs
+    122 + 416 us; whole op fwd+bwd 1687 vs 2030 us, ``benchmarks/results/tpa_bench_h100_run2.json``).
+    Read at call time (inside the opaque op).
 
     Returns:
         ``(fwd(q, k, v, sink, window, scale) -> (o, lse), bwd(do, q, k, v, o, lse, sink, window, scale)

@@ -41,6 +41,7 @@ __all__ = [
     "pack_fork_factor_weights",
     "fork_mixed_qkv",
     "split_mixed_qkv",
+    "fork_qkv",
     "window_mask",
     "sink_attention_dense",
     "tpa_prologue_reference",
@@ -213,6 +214,52 @@ def split_mixed_qkv(mixed: Tensor, num_heads: int, num_groups: int, head_dim: in
     k = per[:, :, :, hpg]
     v = per[:, :, :, hpg + 1]
     return q, k, v
+
+
+def fork_qkv(
+    x: Tensor,
+    linear_a_q: Tensor,
+    linear_a_k: Tensor,
+    linear_a_v: Tensor,
+    linear_b_q: Tensor,
+    linear_b_k: Tensor,
+    linear_b_v: Tensor,
+    qkv_bias: Optional[Tensor],
+    gamma_q: Optional[Tensor],
+    gamma_k: Optional[Tensor],
+    cos: Tensor,
+    sin: Tensor,
+    *,
+    num_heads: int,
+    num_groups: int,
+    head_dim: int,
+    q_rank: int,
+    kv_rank: int,
+    eps: float = 1e-5,
+):
+    """The fork's q/k/v from its six unpacked factor weights (spec 2.3 steps 1-6).
+
+    :func:`fork_mixed_qkv`, Megatron's split, QK RMSNorm and the GRAPE-M rotation, in
+    ``max(float32, x.dtype)`` math. Equals :func:`tpa_prologue_reference` applied to
+    ``F.linear(x, pack_fork_factor_weights(...))``.
+
+    Args:
+        x: hidden states ``[s, b, hidden]``; weights as in :func:`pack_fork_factor_weights`.
+        cos, sin: ``[s, d/2]`` GRAPE-M tables.
+
+    Returns:
+        ``q [s,b,H,d]``, ``k [s,b,G,d]``, ``v [s,b,G,d]`` in the compute dtype.
+    """
+    dt = torch.promote_types(x.dtype, torch.float32)
+    ws = [w.to(dt) for w in (linear_a_q, linear_a_k, linear_a_v, linear_b_q, linear_b_k, linear_b_v)]
+    mixed = fork_mixed_qkv(
+        x.to(dt), *ws, None if qkv_bias is None else qkv_bias.to(dt),
+        num_heads=num_heads, num_groups=num_groups, head_dim=head_dim, q_rank=q_rank, kv_rank=kv_rank,
+    )
+    q, k, v = split_mixed_qkv(mixed, num_heads, num_groups, head_dim)
+    q, _ = _rms_norm(q, None if gamma_q is None else gamma_q.to(dt), eps)
+    k, _ = _rms_norm(k, None if gamma_k is None else gamma_k.to(dt), eps)
+    return _rotate(q, cos.to(dt), sin.to(dt)), _rotate(k, cos.to(dt), sin.to(dt)), v
 
 
 # --------------------------------------------------------------------------- attention

@@ -21,7 +21,6 @@ interpreter tests). Requires ``d/2`` to be a power of two >= 16.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -312,17 +311,9 @@ def _tpa_prologue_bwd_kernel(
 
 
 @triton.jit
-def _ld_half(row, tmask, sF_f, col0, P: tl.constexpr, ALIGNED: tl.constexpr = False):
-    """``[BT, P]`` fp32 factor columns ``col0 .. col0+P-1`` of a token block.
-
-    ``ALIGNED``: the factor columns are contiguous (``sF_f == 1``) and every row and ``col0`` start
-    on a 16-byte boundary, which lets the compiler vectorise the loads (and pick a layout whose
-    rows sit inside one warp, so row reductions need no barrier).
-    """
+def _ld_half(row, tmask, sF_f, col0, P: tl.constexpr):
+    """``[BT, P]`` fp32 factor columns ``col0 .. col0+P-1`` of a token block."""
     p = tl.arange(0, P)
-    if ALIGNED:
-        cols = tl.max_contiguous(tl.multiple_of(col0 + p, 8), P)
-        return tl.load(row[:, None] + cols[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
     return tl.load(row[:, None] + (col0 + p[None, :]).to(tl.int64) * sF_f, mask=tmask[:, None],
                    other=0.0).to(tl.float32)
 
@@ -334,11 +325,10 @@ def _ld_col(row, tmask, sF_f, col):
 
 
 @triton.jit
-def _ld_b(row, tmask, sF_f, OFFB: tl.constexpr, RANK: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-          ALIGNED: tl.constexpr = False):
+def _ld_b(row, tmask, sF_f, OFFB: tl.constexpr, RANK: tl.constexpr, D: tl.constexpr, P: tl.constexpr):
     """The two halves of each of the (<= 4) B rows of a token block."""
-    b01 = _ld_half(row, tmask, sF_f, OFFB, P, ALIGNED)
-    b02 = _ld_half(row, tmask, sF_f, OFFB + P, P, ALIGNED)
+    b01 = _ld_half(row, tmask, sF_f, OFFB, P)
+    b02 = _ld_half(row, tmask, sF_f, OFFB + P, P)
     b11 = b01
     b12 = b02
     b21 = b01
@@ -346,14 +336,14 @@ def _ld_b(row, tmask, sF_f, OFFB: tl.constexpr, RANK: tl.constexpr, D: tl.conste
     b31 = b01
     b32 = b02
     if RANK > 1:
-        b11 = _ld_half(row, tmask, sF_f, OFFB + D, P, ALIGNED)
-        b12 = _ld_half(row, tmask, sF_f, OFFB + D + P, P, ALIGNED)
+        b11 = _ld_half(row, tmask, sF_f, OFFB + D, P)
+        b12 = _ld_half(row, tmask, sF_f, OFFB + D + P, P)
     if RANK > 2:
-        b21 = _ld_half(row, tmask, sF_f, OFFB + 2 * D, P, ALIGNED)
-        b22 = _ld_half(row, tmask, sF_f, OFFB + 2 * D + P, P, ALIGNED)
+        b21 = _ld_half(row, tmask, sF_f, OFFB + 2 * D, P)
+        b22 = _ld_half(row, tmask, sF_f, OFFB + 2 * D + P, P)
     if RANK > 3:
-        b31 = _ld_half(row, tmask, sF_f, OFFB + 3 * D, P, ALIGNED)
-        b32 = _ld_half(row, tmask, sF_f, OFFB + 3 * D + P, P, ALIGNED)
+        b31 = _ld_half(row, tmask, sF_f, OFFB + 3 * D, P)
+        b32 = _ld_half(row, tmask, sF_f, OFFB + 3 * D + P, P)
     return b01, b02, b11, b12, b21, b22, b31, b32
 
 
@@ -395,11 +385,11 @@ def _prologue_fwd_side2(
     row, tok, tmask, sF_f, OUT_ptr, RS_ptr, BIAS_ptr, GM_ptr, eps, cs, sn,
     NH: tl.constexpr, D: tl.constexpr, P: tl.constexpr, RANK: tl.constexpr,
     OFF_A: tl.constexpr, OFF_B: tl.constexpr, NPG: tl.constexpr, GW: tl.constexpr, SLOT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr, ALIGNED: tl.constexpr = False,
+    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr,
 ):
     p = tl.arange(0, P)
     m2 = tmask[:, None]
-    b01, b02, b11, b12, b21, b22, b31, b32 = _ld_b(row, tmask, sF_f, OFF_B, RANK, D, P, ALIGNED)
+    b01, b02, b11, b12, b21, b22, b31, b32 = _ld_b(row, tmask, sF_f, OFF_B, RANK, D, P)
     if NORM:
         g1 = tl.load(GM_ptr + p).to(tl.float32)
         g2 = tl.load(GM_ptr + P + p).to(tl.float32)
@@ -436,7 +426,7 @@ def _tpa_prologue_fwd2_kernel(
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     RQ: tl.constexpr, RK: tl.constexpr,
     HAS_BIAS: tl.constexpr, NORM_Q: tl.constexpr, NORM_K: tl.constexpr,
-    BT: tl.constexpr, ALIGNED: tl.constexpr = False,
+    BT: tl.constexpr,
 ):
     OFF_AK: tl.constexpr = H * RQ
     OFF_AV: tl.constexpr = OFF_AK + G * RK
@@ -451,21 +441,18 @@ def _tpa_prologue_fwd2_kernel(
     t = pid_t * BT + tl.arange(0, BT)
     tmask = t < S
     t64 = t.to(tl.int64)
-    if ALIGNED:
-        row = F_ptr + tl.multiple_of(t64 * sF_s + bi * sF_b, 8)
-    else:
-        row = F_ptr + t64 * sF_s + bi * sF_b
+    row = F_ptr + t64 * sF_s + bi * sF_b
     tok = t64 * B + bi
     p = tl.arange(0, P)
     m2 = tmask[:, None]
     cs = tl.load(COS_ptr + t64[:, None] * P + p[None, :], mask=m2, other=0.0)
     sn = tl.load(SIN_ptr + t64[:, None] * P + p[None, :], mask=m2, other=0.0)
     _prologue_fwd_side2(row, tok, tmask, sF_f, Q_ptr, RSQ_ptr, BIAS_ptr, GQ_ptr, eps, cs, sn,
-                        H, D, P, RQ, 0, OFF_BQ, HPG, GW, 0, HAS_BIAS, NORM_Q, True, ALIGNED)
+                        H, D, P, RQ, 0, OFF_BQ, HPG, GW, 0, HAS_BIAS, NORM_Q, True)
     _prologue_fwd_side2(row, tok, tmask, sF_f, K_ptr, RSK_ptr, BIAS_ptr, GK_ptr, eps, cs, sn,
-                        G, D, P, RK, OFF_AK, OFF_BK, 1, GW, HPG, HAS_BIAS, NORM_K, True, ALIGNED)
+                        G, D, P, RK, OFF_AK, OFF_BK, 1, GW, HPG, HAS_BIAS, NORM_K, True)
     _prologue_fwd_side2(row, tok, tmask, sF_f, V_ptr, RSK_ptr, BIAS_ptr, GK_ptr, eps, cs, sn,
-                        G, D, P, RK, OFF_AV, OFF_BV, 1, GW, HPG + 1, HAS_BIAS, False, False, ALIGNED)
+                        G, D, P, RK, OFF_AV, OFF_BV, 1, GW, HPG + 1, HAS_BIAS, False, False)
 
 
 @triton.jit
@@ -477,12 +464,11 @@ def _prologue_bwd_side2(
     OFF_A: tl.constexpr, OFF_B: tl.constexpr,
     NPG: tl.constexpr, GW: tl.constexpr, SLOT: tl.constexpr, NPART: tl.constexpr, OFF_DG: tl.constexpr,
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr, BT: tl.constexpr,
-    ALIGNED: tl.constexpr = False,
 ):
     """2-D backward of one side (q, k or v); same contract as :func:`_prologue_bwd_side`."""
     p = tl.arange(0, P)
     m2 = tmask[:, None]
-    b01, b02, b11, b12, b21, b22, b31, b32 = _ld_b(row, tmask, sF_f, OFF_B, RANK, D, P, ALIGNED)
+    b01, b02, b11, b12, b21, b22, b31, b32 = _ld_b(row, tmask, sF_f, OFF_B, RANK, D, P)
     d01 = tl.zeros([BT, P], dtype=tl.float32)
     d02 = tl.zeros([BT, P], dtype=tl.float32)
     d11 = tl.zeros([BT, P], dtype=tl.float32)
@@ -588,7 +574,7 @@ def _tpa_prologue_bwd2_kernel(
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     RQ: tl.constexpr, RK: tl.constexpr, FW: tl.constexpr,
     HAS_BIAS: tl.constexpr, NORM_Q: tl.constexpr, NORM_K: tl.constexpr,
-    BT: tl.constexpr, ALIGNED: tl.constexpr = False,
+    BT: tl.constexpr,
 ):
     OFF_AK: tl.constexpr = H * RQ
     OFF_AV: tl.constexpr = OFF_AK + G * RK
@@ -606,10 +592,7 @@ def _tpa_prologue_bwd2_kernel(
     t = pid_t * BT + tl.arange(0, BT)
     tmask = t < S
     t64 = t.to(tl.int64)
-    if ALIGNED:
-        row = F_ptr + tl.multiple_of(t64 * sF_s + bi * sF_b, 8)
-    else:
-        row = F_ptr + t64 * sF_s + bi * sF_b
+    row = F_ptr + t64 * sF_s + bi * sF_b
     tok = t64 * B + bi
     dF_row = DF_ptr + tok * FW
     p = tl.arange(0, P)
@@ -620,14 +603,14 @@ def _tpa_prologue_bwd2_kernel(
     dsin = tl.zeros([BT, P], dtype=tl.float32)
     dcos, dsin = _prologue_bwd_side2(
         row, tok, tmask, sF_f, dF_row, part_idx, DQ_ptr, BIAS_ptr, GQ_ptr, RSQ_ptr, PART_ptr,
-        cs, sn, dcos, dsin, H, D, P, RQ, 0, OFF_BQ, HPG, GW, 0, NPART, LB, HAS_BIAS, NORM_Q, True, BT, ALIGNED)
+        cs, sn, dcos, dsin, H, D, P, RQ, 0, OFF_BQ, HPG, GW, 0, NPART, LB, HAS_BIAS, NORM_Q, True, BT)
     dcos, dsin = _prologue_bwd_side2(
         row, tok, tmask, sF_f, dF_row, part_idx, DK_ptr, BIAS_ptr, GK_ptr, RSK_ptr, PART_ptr,
-        cs, sn, dcos, dsin, G, D, P, RK, OFF_AK, OFF_BK, 1, GW, HPG, NPART, LB + D, HAS_BIAS, NORM_K, True, BT, ALIGNED)
+        cs, sn, dcos, dsin, G, D, P, RK, OFF_AK, OFF_BK, 1, GW, HPG, NPART, LB + D, HAS_BIAS, NORM_K, True, BT)
     dcos, dsin = _prologue_bwd_side2(
         row, tok, tmask, sF_f, dF_row, part_idx, DV_ptr, BIAS_ptr, GK_ptr, RSK_ptr, PART_ptr,
         cs, sn, dcos, dsin, G, D, P, RK, OFF_AV, OFF_BV, 1, GW, HPG + 1, NPART, LB + D, HAS_BIAS, False, False,
-        BT, ALIGNED)
+        BT)
     dp = (tok[:, None] * (2 * P) + p[None, :])
     tl.store(CS_tok + dp, dcos, mask=m2)
     tl.store(CS_tok + dp + P, dsin, mask=m2)
@@ -935,9 +918,11 @@ def _tpa_fused_fwd_kernel(
 
 
 # GPU tile choices (tokens per prologue program and its warps; attention tiles). Module-level so a
-# benchmark can sweep them; the interpreter always uses 16-wide tiles.
-GPU_TILES = dict(BT_FWD=16, WARPS_FWD=4, BT_BWD=16, WARPS_BWD=4, PROLOGUE="2d",
-                 BM=64, BN=64, WARPS_ATTN=4, STAGES_ATTN=2,
+# benchmark can sweep them (benchmarks/tpa_check.py --tune); the interpreter always uses 16-wide
+# tiles. Defaults = the choice of the H100 tuning run (benchmarks/results/tpa_bench_h100_run3.json):
+# the fused forward measured slower there (642 us vs 204 us for prologue + attention), so it is off.
+GPU_TILES = dict(BT_FWD=16, WARPS_FWD=8, BT_BWD=16, WARPS_BWD=4, PROLOGUE="2d",
+                 BM=64, BN=32, WARPS_ATTN=4, STAGES_ATTN=2,
                  BM_BWD=64, BN_BWD=64, WARPS_ATTN_BWD=4, STAGES_ATTN_BWD=2,
                  FUSED_FWD=False, BM_FUSED=64, BN_FUSED=32, WARPS_FUSED=8, STAGES_FUSED=2)
 

@@ -495,6 +495,9 @@ def test_layout_parity_with_fork(monkeypatch):
     q, k, v = ref.tpa_prologue_reference(factors, bias, gq, gk, theta.cos(), theta.sin(), num_heads=H, num_groups=G,
                                          head_dim=d, q_rank=Rq, kv_rank=R, eps=eps)
     assert rel(q, qf) < 1e-13 and rel(k, kf) < 1e-13 and rel(v, vf) < 1e-13
+    q2, k2, v2 = ref.fork_qkv(x, *w.values(), bias, gq, gk, theta.cos(), theta.sin(), num_heads=H, num_groups=G,
+                              head_dim=d, q_rank=Rq, kv_rank=R, eps=eps)
+    assert rel(q2, qf) < 1e-13 and rel(k2, kf) < 1e-13 and rel(v2, vf) < 1e-13
     # End to end.
     o_fork64, _ = ref.sink_attention_dense(qf, kf, vf, sink, W, 1 / math.sqrt(d))
     o_fork64 = o_fork64.reshape(s, b, H * d)
