@@ -166,3 +166,18 @@ def test_tpa_factor_init_options(tiny_model, tiny_cfg):
     bound = (6.0 / (32 + 64)) ** 0.5
     assert a_q.abs().max() <= bound and a_q.abs().max() > 0.5 * bound
     assert proj.weight.tpa_factor_rows[0] == ("a_q", 32)
+
+
+def test_global_core_ignores_causal_mask_with_one_warning(tiny_model):
+    vpmoe_compile.transform(tiny_model, passes=["layer_plan", "global_attention"])
+    core = tiny_model.decoder.layers[3].self_attention.core_attention
+    q, k, v = torch.randn(12, 1, 8, 16), torch.randn(12, 1, 2, 16), torch.randn(12, 1, 2, 16)
+    causal = torch.triu(torch.ones(12, 12, dtype=torch.bool), 1)[None, None]
+    with pytest.warns(UserWarning, match="ignores the attention_mask"):
+        a = core(q, k, v, causal)
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        b = core(q, k, v, causal)  # warned once only
+    assert torch.equal(a, core(q, k, v, None)) and torch.equal(a, b)

@@ -18,6 +18,7 @@ keeps its own forward small and traceable (kernels are ``torch.library`` custom 
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -128,8 +129,9 @@ class SinkCoreAttention(MegatronModule):
             ``"reference"``.
 
     ``forward(query [s, b, H, d], key [s, b, G, d], value [s, b, G, d], attention_mask, ...)``
-    returns ``[s, b, H*d]``. The attention mask must be None or causal: the kernel is causal by
-    construction (no ``[s, s]`` mask or bias is ever materialised).
+    returns ``[s, b, H*d]``. The kernel is causal by construction (no ``[s, s]`` mask or bias is
+    ever materialised); a given ``attention_mask`` (Megatron-LM passes the causal one) is ignored
+    with a one-time warning, so padding / document masks are not supported.
     """
 
     def __init__(self, stock, backend: str = "auto"):
@@ -153,6 +155,7 @@ class SinkCoreAttention(MegatronModule):
         else:
             self.softmax_offset = None
         self.grape_a = None  # set by the GRAPE pass on global layers
+        self._mask_warned = False
 
     def sink(self, like: Tensor) -> Tensor:
         if self.softmax_offset is None:
@@ -175,10 +178,17 @@ class SinkCoreAttention(MegatronModule):
 
         if attention_bias is not None or packed_seq_params is not None:
             raise _unsupported("attention_bias / packed sequences")
-        if attention_mask is not None:
-            raise _unsupported(
-                "an explicit attention mask (the kernel is causal; document masking is not built yet)"
+        if attention_mask is not None and not self._mask_warned:
+            # Megatron-LM's GPT data path passes the standard causal mask; the kernel is causal
+            # by construction, so it is not needed. Padding / document masks are not supported
+            # (stock Megatron ignores them on window layers too): say so once.
+            warnings.warn(
+                f"layer {self.layer_number}: SinkCoreAttention ignores the attention_mask argument "
+                "and applies causal masking in the kernel (document/padding masks are not "
+                "supported; pass attention_mask=None to silence this)",
+                stacklevel=2,
             )
+            self._mask_warned = True
         slopes = self.grape_a.slopes if self.grape_a is not None else None
         out = sink_attention(
             query, key, value, self.sink(query), slopes=slopes, softmax_scale=self.softmax_scale, backend=self.backend
