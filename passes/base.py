@@ -316,7 +316,20 @@ def capture_graph(module: nn.Module, args: tuple, kwargs: dict) -> Tuple[str, in
         (f"# ---- graph {i + 1} of {len(graphs)} ----\n" if len(graphs) > 1 else "") + g
         for i, g in enumerate(graphs)
     )
-    return text, len(graphs)
+    return _short_paths(text), len(graphs)
+
+
+def _short_paths(text: str) -> str:
+    """Source locations in graph comments, relative to site-packages / this project."""
+    import os
+    import sysconfig
+
+    for prefix, label in (
+        (sysconfig.get_paths()["purelib"], "<site-packages>"),
+        (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "<vpmoe-compile>"),
+    ):
+        text = text.replace(prefix.rstrip("/") + "/", label + "/")
+    return text
 
 
 def _signature(module: nn.Module, args, kwargs) -> Tuple:

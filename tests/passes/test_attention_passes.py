@@ -181,3 +181,19 @@ def test_global_core_ignores_causal_mask_with_one_warning(tiny_model):
         _w.simplefilter("error")
         b = core(q, k, v, causal)  # warned once only
     assert torch.equal(a, core(q, k, v, None)) and torch.equal(a, b)
+
+
+def test_bf16_transformed_model_forward_backward(megatron_env, tiny_cfg):
+    """bf16 parameters (the GPU training dtype) through every new module; log_freq stays fp32."""
+    from megatron_base import build_stock_gpt
+
+    model = build_stock_gpt(tiny_cfg, device="cpu", params_dtype=torch.bfloat16)
+    vpmoe_compile.transform(model)
+    assert model.rotary_pos_emb.log_freq.dtype == torch.float32
+    assert model.decoder.layers[0].self_attention.linear_qkv.weight.dtype == torch.bfloat16
+    ids, pos = make_batch(b=1, s=24)
+    loss = model(ids, pos, None, labels=ids)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    loss.mean().backward()
+    assert model.rotary_pos_emb.log_freq.grad.dtype == torch.float32
+    assert model.decoder.layers[0].self_attention.linear_qkv.weight.grad.dtype == torch.bfloat16
