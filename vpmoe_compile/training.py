@@ -40,8 +40,8 @@ def compile_regions(model: nn.Module, backend: str = "inductor", mode: Optional[
     Compiles, with ``nn.Module.compile`` (module tree, parameter names and state-dict keys are
     unchanged), every region with static shapes: each layer's ``input_layernorm``,
     ``self_attention`` (QKV/factor GEMM, norms, rotation around the Triton attention op,
-    ``linear_proj``), ``pre_mlp_layernorm``, the dense MLP, and in MoE layers the ``router`` and
-    ``shared_experts``; then ``final_layernorm`` and ``output_layer``. The routed-expert dispatch
+    ``linear_proj``), ``pre_mlp_layernorm``, the dense MLP, and in MoE layers the ``router`` (on
+    GPU) and ``shared_experts``; then ``final_layernorm`` and ``output_layer``. The routed-expert dispatch
     (data-dependent token counts per expert, 256 experts) stays eager: compiling it whole
     re-specialises per expert and costs minutes of compile time for little gain (see README).
     Returns the compiled module paths.
@@ -64,7 +64,10 @@ def compile_regions(model: nn.Module, backend: str = "inductor", mode: Optional[
         for name in ("input_layernorm", "self_attention", "pre_mlp_layernorm"):
             comp(f"{p}.{name}")
         if isinstance(layer.mlp, MoELayer):
-            comp(f"{p}.mlp.router")
+            # On CPU the compat fix for torch.cuda.current_device (the router calls it) returns
+            # a string, which breaks dynamo's graph: compile the router on GPU only.
+            if next(layer.mlp.router.parameters()).is_cuda:
+                comp(f"{p}.mlp.router")
             if getattr(layer.mlp, "shared_experts", None) is not None:
                 comp(f"{p}.mlp.shared_experts")
         else:
