@@ -237,7 +237,7 @@ class VpMoEConfig:
 
     def validate(self) -> "VpMoEConfig":
         """Cross-field checks (single fields are checked while parsing)."""
-        m, a, t, moe = self.model, self.attention, self.tpa, self.moe
+        m, t, moe = self.model, self.tpa, self.moe
         if m.num_attention_heads % m.num_query_groups:
             raise ConfigError(
                 f"[model] num_attention_heads ({m.num_attention_heads}) must be a multiple of "
@@ -265,9 +265,6 @@ class VpMoEConfig:
                 f"[tokenizer] vocab_size must be a multiple of 128 (tensor-parallel padding), got "
                 f"{self.tokenizer.vocab_size}"
             )
-        if a.window_size > a.max_sequence_length and a.window_size != 1:
-            # Allowed (the window then equals full causal attention) but almost surely a typo.
-            pass
         return self
 
 

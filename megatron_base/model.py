@@ -124,7 +124,13 @@ def transformer_config_from_vpmoe(
         attention_dropout=a.attention_dropout,
         window_size=cfg.megatron_window_size,
         window_attn_skip_freq=a.window_attn_skip_freq,
-        no_rope_freq=a.window_attn_skip_freq if a.position_embedding_type == "grapem" else None,
+        # global layers NoPE (where GRAPE-A goes); the list form mirrors is_layer_window_attention
+        # and has no divisibility constraint on num_layers (the int form has)
+        no_rope_freq=(
+            [int(not cfg.is_local_layer(i + 1)) for i in range(m.num_layers)]
+            if a.position_embedding_type == "grapem"
+            else None
+        ),
         apply_rope_fusion=False,
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
@@ -193,6 +199,13 @@ def build_stock_gpt(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if device.type == "cpu" and torch.cuda.is_available():
+        raise UnsupportedConfigError(
+            "build_stock_gpt(device='cpu') on a machine with a visible CUDA device: stock "
+            "megatron-core 0.16.1 moves tensors to torch.cuda.current_device() inside forward "
+            "(rotary tables, router, attention masks), so a CPU model there fails mid-forward. Use "
+            "device='cuda', or hide the GPUs with CUDA_VISIBLE_DEVICES='' for a CPU run."
+        )
     meta = device.type == "meta"
     tcfg = transformer_config_from_vpmoe(
         cfg,
@@ -213,7 +226,7 @@ def build_stock_gpt(
             post_process=True,
             share_embeddings_and_output_weights=not cfg.model.untied_embeddings,
             position_embedding_type=pos,
-            rotary_base=int(cfg.attention.rotary_base),
+            rotary_base=cfg.attention.rotary_base,
         )
     # Megatron allocates a few tensors on an explicit device (softmax_offset, router buffers):
     # move everything, so a meta model is entirely meta.

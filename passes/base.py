@@ -178,10 +178,14 @@ class ModelSnapshot:
         self.modules: List[Tuple[nn.Module, dict, dict, dict, dict]] = []
         self.tensors: List[Tuple[torch.Tensor, dict, int]] = []
         seen = set()
+        self.rng = torch.random.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         for _, m in root.named_modules(remove_duplicate=True):
-            self.modules.append(
-                (m, dict(m.__dict__), dict(m._modules), dict(m._parameters), dict(m._buffers))
-            )
+            attrs = {
+                k: (type(v)(v) if isinstance(v, (dict, set)) and k not in ("_modules", "_parameters", "_buffers") else v)
+                for k, v in m.__dict__.items()
+            }
+            self.modules.append((m, attrs, dict(m._modules), dict(m._parameters), dict(m._buffers)))
             for t in list(m._parameters.values()) + list(m._buffers.values()):
                 if t is None or id(t) in seen:
                     continue
@@ -189,6 +193,10 @@ class ModelSnapshot:
                 self.tensors.append((t, dict(getattr(t, "__dict__", {})), t._version))
 
     def restore(self) -> None:
+        """Undo everything (module structure, hooks, attributes, tensor attributes, RNG state)."""
+        torch.random.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
         for m, attrs, mods, params, bufs in self.modules:
             m.__dict__.clear()
             m.__dict__.update(attrs)
@@ -431,7 +439,7 @@ class PassManager:
             before_graphs = _capture_sites(ctx.model, site_inputs)
         pre = ModelSnapshot(ctx.model)
         p.run(ctx, result)
-        bad = pre.changed_in_place(allowed=getattr(result, "_allowed_in_place", ()))
+        bad = pre.changed_in_place()
         if bad:
             raise PassError(
                 f"pass {p.name!r} modified existing tensors in place ({bad[:5]}); passes must "
@@ -482,15 +490,17 @@ def _sample_batch(ctx: PassContext):
 
 
 def _forward(model: nn.Module, batch):
-    """Forward without side effects: eval mode, no grad, buffers restored afterwards."""
+    """Forward without side effects: eval mode, no grad, buffers and every module's training
+    flag restored afterwards."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
             return model(batch[0], batch[1], None)
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
         with torch.no_grad():
             for b, saved in buffers:
                 if b.shape == saved.shape:

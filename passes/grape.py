@@ -50,6 +50,16 @@ class GrapePass(Pass):
             )
         if tcfg.kv_channels % 2:
             raise PassError(f"GRAPE-M needs an even head dim, got {tcfg.kv_channels}")
+        if getattr(tcfg, "attention_output_gate", False):
+            raise PassError("attention_output_gate is not supported by the vpMoE attention modules")
+        if getattr(tcfg, "recompute_granularity", None) == "selective" and "core_attn" in (
+            getattr(tcfg, "recompute_modules", None) or []
+        ):
+            raise PassError(
+                "selective recompute of core_attn is not supported by the vpMoE attention modules "
+                "(the flash kernels already avoid storing [s, s] scores); remove 'core_attn' from "
+                "recompute_modules"
+            )
 
     def sites(self, ctx: PassContext) -> List[str]:
         return ["rotary_pos_emb"] + [l.attention_path for l in ctx.plan.layers]

@@ -82,7 +82,6 @@ class TPAPass(Pass):
 
         model, cfg, plan = ctx.model, ctx.cfg, ctx.plan
         tcfg = model.config
-        device = next(model.parameters()).device
         window = tcfg.window_size[0] + 1
         backend = self.backend
         if backend == "auto" and not triton_kernel_supports(plan.head_dim, cfg.tpa.tpa_q_rank, cfg.tpa.tpa_rank):
@@ -114,7 +113,8 @@ class TPAPass(Pass):
                 kv_rank=cfg.tpa.tpa_rank,
                 bias=getattr(prev.linear_qkv, "bias", None),
                 init=cfg.tpa.tpa_init,
-                device=device,
+                device=prev.linear_qkv.weight.device,
+                dtype=prev.linear_qkv.weight.dtype,
             )
             self.replace_module(model, layer.attention_path + ".linear_qkv", proj, result)
             core = TPACoreAttention(

@@ -131,6 +131,11 @@ def cmd_demo(args) -> int:
     on_gpu = torch.cuda.is_available() and args.device != "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda given but no CUDA device is available")
+    if args.device == "cpu" and torch.cuda.is_available():
+        raise CLIError(
+            "--device cpu with a visible GPU: stock megatron-core 0.16.1 hardcodes CUDA inside "
+            "forward; run with CUDA_VISIBLE_DEVICES='' for a CPU demo"
+        )
     device = torch.device("cuda" if on_gpu else "cpu")
     print(f"[demo] config {cfg.source!r} on {device} ({torch.cuda.get_device_name() if on_gpu else 'CPU'})")
     init_process(seed=args.seed)

@@ -116,6 +116,12 @@ def _refuse(model) -> None:
         raise TransformError(
             f"transform() needs a megatron.core.models.gpt.GPTModel, got {type(model).__name__}"
         )
+    if any(hasattr(p, "main_grad") or hasattr(p, "grad_added_to_main_grad") for p in model.parameters()):
+        raise TransformError(
+            "the model's parameters are already registered with Megatron DDP (they have main_grad): "
+            "transform() must run BEFORE DDP / optimizer construction, or the parameters it creates "
+            "are never reduced or updated. Transform the bare model, then wrap it."
+        )
     if getattr(model, "vpmoe_transform", None) is not None:
         raise TransformError(
             "this model was already transformed by vpmoe_compile (passes: "
@@ -162,8 +168,9 @@ def _check_cfg_matches(cfg: VpMoEConfig, model) -> None:
         ("[model] num_attention_heads", cfg.model.num_attention_heads, tc.num_attention_heads),
         ("[model] num_query_groups", cfg.model.num_query_groups, tc.num_query_groups or tc.num_attention_heads),
         ("[model] head_dim", cfg.model.head_dim, tc.kv_channels),
-        ("[attention] window_size", cfg.megatron_window_size, tuple(tc.window_size) if tc.window_size else None),
     ]
+    if tc.window_size is not None:  # a model without a window is refused by the passes that need one
+        pairs.append(("[attention] window_size", cfg.megatron_window_size, tuple(tc.window_size)))
     bad = [f"{k}: config {c} vs model {m}" for k, c, m in pairs if c != m]
     if bad:
         raise TransformError(

@@ -197,3 +197,52 @@ def test_bf16_transformed_model_forward_backward(megatron_env, tiny_cfg):
     loss.mean().backward()
     assert model.rotary_pos_emb.log_freq.grad.dtype == torch.float32
     assert model.decoder.layers[0].self_attention.linear_qkv.weight.grad.dtype == torch.bfloat16
+
+
+def test_bf16_cast_does_not_round_grape_parameters():
+    """model.bfloat16() / Float16Module must leave log_freq, frozen inv_freq and slopes exact."""
+    g = GrapeMRotaryEmbedding(128)
+    before = g.log_freq.detach().clone()
+    g.bfloat16()
+    assert g.log_freq.dtype == torch.float32 and torch.equal(g.log_freq.detach(), before)
+    frozen = GrapeMRotaryEmbedding(128, learnable=False)
+    ref = frozen.inv_freq.clone()
+    frozen.bfloat16()
+    assert frozen.inv_freq.dtype == torch.float32 and torch.equal(frozen.inv_freq, ref)
+    from vpmoe_compile.ops.alibi import alibi_slopes
+
+    a = GrapeA(12).bfloat16()
+    assert a.slopes.dtype == torch.float32 and torch.equal(a.slopes, alibi_slopes(12))
+
+
+def test_query_key_layer_scaling_scale_is_kept(megatron_env, tiny_cfg):
+    """With apply_query_key_layer_scaling stock divides the scale by layer_number and multiplies
+    it back in its softmax; the replacement must apply the same effective scale."""
+    import dataclasses as dc
+
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_base.model import transformer_config_from_vpmoe
+
+    tcfg = dc.replace(transformer_config_from_vpmoe(tiny_cfg), apply_query_key_layer_scaling=True, window_size=None)
+    stock = DotProductAttention(tcfg, layer_number=4, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    ours = SinkCoreAttention(stock)
+    q, k, v = torch.randn(20, 1, 8, 16) * 3, torch.randn(20, 1, 2, 16) * 3, torch.randn(20, 1, 2, 16)
+    with torch.no_grad():
+        assert _rel(ours(q, k, v, None).double(), stock(q, k, v, None, attn_mask_type=AttnMaskType.causal).double()) < 1e-5
+
+
+def test_refuses_parameters_already_in_megatron_ddp(tiny_model):
+    for p in tiny_model.parameters():
+        p.main_grad = torch.zeros_like(p)
+    with pytest.raises(vpmoe_compile.TransformError, match="main_grad"):
+        vpmoe_compile.transform(tiny_model)
+
+
+def test_checkpoint_keys_of_surviving_modules_are_kept(tiny_model):
+    keys = set(tiny_model.state_dict())
+    vpmoe_compile.transform(tiny_model)
+    after = set(tiny_model.state_dict())
+    assert keys - after == set()  # nothing a stock checkpoint has disappears (incl. _extra_state)
+    assert after - keys == {"rotary_pos_emb.log_freq"}

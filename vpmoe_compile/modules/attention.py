@@ -30,6 +30,14 @@ from megatron.core.transformer.module import MegatronModule
 from vpmoe_compile.modules.grape import apply_grape_m, grape_m_cos_sin
 
 
+def effective_softmax_scale(stock_core) -> float:
+    """The scale stock ``DotProductAttention`` really applies to ``q.k``: with
+    ``apply_query_key_layer_scaling`` it stores ``1/(sqrt(d) * layer_number)`` and multiplies by
+    ``layer_number`` again inside its softmax, so both factors are taken."""
+    coeff = getattr(getattr(stock_core, "scale_mask_softmax", None), "scale", None)
+    return float(stock_core.softmax_scale) * (float(coeff) if coeff is not None else 1.0)
+
+
 def _unsupported(what: str) -> NotImplementedError:
     return NotImplementedError(
         f"{what} is not supported by the vpMoE attention modules yet (training forward only)"
@@ -145,7 +153,8 @@ class SinkCoreAttention(MegatronModule):
         self.num_attention_heads_per_partition = stock.num_attention_heads_per_partition
         self.num_query_groups_per_partition = stock.num_query_groups_per_partition
         self.hidden_size_per_attention_head = stock.hidden_size_per_attention_head
-        self.softmax_scale = float(stock.softmax_scale)
+        self.softmax_scale = effective_softmax_scale(stock)
+        self.tp_group = getattr(stock, "tp_group", None)
         self.backend = backend
         self.softmax_type = stock.config.softmax_type
         if stock.config.softmax_type == "learnable":
@@ -178,7 +187,7 @@ class SinkCoreAttention(MegatronModule):
 
         if attention_bias is not None or packed_seq_params is not None:
             raise _unsupported("attention_bias / packed sequences")
-        if attention_mask is not None and not self._mask_warned:
+        if attention_mask is not None and not self._mask_warned and not torch.compiler.is_compiling():
             # Megatron-LM's GPT data path passes the standard causal mask; the kernel is causal
             # by construction, so it is not needed. Padding / document masks are not supported
             # (stock Megatron ignores them on window layers too): say so once.
@@ -203,5 +212,5 @@ class SinkCoreAttention(MegatronModule):
         state_dict = {"softmax_offset": self.softmax_offset} if self.softmax_type == "learnable" else {}
         return make_sharded_tensors_for_checkpoint(
             state_dict, prefix, {"softmax_offset": 0}, sharded_offsets,
-            dp_cp_group=(metadata or {}).get("dp_cp_group"),
+            tp_group=self.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"),
         )

@@ -61,10 +61,7 @@ class GrapeMRotaryEmbedding(nn.Module):
         self.log_freq_scale = float(log_freq_scale)
         self.learnable = learnable
         self.cp_group = cp_group
-        inv_freq = 1.0 / (
-            self.rotary_base
-            ** (torch.arange(0, kv_channels, 2, dtype=torch.float32, device=device) / kv_channels)
-        )
+        inv_freq = self._rope_inv_freq(device)
         if learnable:
             self.log_freq = nn.Parameter(torch.log(inv_freq) * self.log_freq_scale)
             self.log_freq.grape_log_freq = True  # routed to AdamW, no weight decay
@@ -119,13 +116,22 @@ class GrapeMRotaryEmbedding(nn.Module):
         return seq * transformer_config.context_parallel_size
 
     def _apply(self, fn, *args, **kwargs):
-        # Keep log_freq (and its grad) fp32 after module-wide casts such as model.bfloat16().
+        # Module-wide casts such as model.bfloat16() / Float16Module must not round the
+        # frequencies: keep exact fp32 copies across the cast and put them back on the new device.
+        lf = self.log_freq.detach().clone() if self.log_freq is not None else None
+        grad = self.log_freq.grad.detach().clone() if lf is not None and self.log_freq.grad is not None else None
         super()._apply(fn, *args, **kwargs)
-        if self.log_freq is not None and self.log_freq.dtype not in (torch.float32, torch.float64):
-            self.log_freq.data = self.log_freq.data.float()
-            if self.log_freq.grad is not None:
-                self.log_freq.grad = self.log_freq.grad.float()
+        if lf is not None and self.log_freq.dtype not in (torch.float32, torch.float64):
+            self.log_freq.data = lf.to(device=self.log_freq.device, dtype=torch.float32)
+            if grad is not None:
+                self.log_freq.grad = grad.to(device=self.log_freq.device, dtype=torch.float32)
+        if self.inv_freq is not None and self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self._rope_inv_freq(self.inv_freq.device)
         return self
+
+    def _rope_inv_freq(self, device=None) -> Tensor:
+        d = self.kv_channels
+        return 1.0 / (self.rotary_base ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
 
     def extra_repr(self) -> str:
         return (
@@ -172,13 +178,17 @@ class GrapeA(nn.Module):
             raise ValueError(f"{num_heads} heads do not split over TP={tp_size}")
         per = num_heads // tp_size
         slopes = alibi_slopes(num_heads)[tp_rank * per : (tp_rank + 1) * per]
-        self.num_heads = num_heads
+        self.num_heads, self.tp_rank, self.tp_size = num_heads, tp_rank, tp_size
         self.register_buffer("slopes", slopes.to(device=device, dtype=torch.float32), persistent=False)
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        if self.slopes.dtype != torch.float32:
-            self.slopes = self.slopes.float()
+        if self.slopes.dtype != torch.float32:  # recompute: a bf16 cast would have rounded them
+            from vpmoe_compile.ops.alibi import alibi_slopes
+
+            per = self.num_heads // self.tp_size
+            exact = alibi_slopes(self.num_heads)[self.tp_rank * per : (self.tp_rank + 1) * per]
+            self.slopes = exact.to(device=self.slopes.device)
         return self
 
     def extra_repr(self) -> str:

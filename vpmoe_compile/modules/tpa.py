@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from megatron.core.transformer.module import MegatronModule
 
-from vpmoe_compile.modules.attention import VpMoESelfAttention, _unsupported
+from vpmoe_compile.modules.attention import VpMoESelfAttention, _unsupported, effective_softmax_scale
 from vpmoe_compile.modules.grape import grape_m_cos_sin
 
 
@@ -66,6 +66,7 @@ class TPAFactorProjection(MegatronModule):
         bias: Optional[nn.Parameter],
         init: str = "normal",
         device=None,
+        dtype: Optional[torch.dtype] = None,
     ):
         super().__init__(config=config)
         self.num_heads, self.num_groups, self.head_dim = num_heads, num_groups, head_dim
@@ -73,7 +74,7 @@ class TPAFactorProjection(MegatronModule):
         self.rows = tpa_factor_rows(num_heads, num_groups, head_dim, q_rank, kv_rank)
         out_features = sum(n for _, n in self.rows)
         self.out_features, self.in_features = out_features, config.hidden_size
-        weight = torch.empty(out_features, config.hidden_size, dtype=config.params_dtype, device=device)
+        weight = torch.empty(out_features, config.hidden_size, dtype=dtype or config.params_dtype, device=device)
         if weight.device.type != "meta" and config.perform_initialization:
             with torch.no_grad():
                 start = 0
@@ -95,6 +96,13 @@ class TPAFactorProjection(MegatronModule):
         self.weight.allreduce = True
         self.weight.tpa_factor_rows = self.rows
         self.bias = bias
+
+    # Keep the ``linear_qkv._extra_state`` checkpoint key of the ColumnParallelLinear it replaces.
+    def get_extra_state(self):
+        return None
+
+    def set_extra_state(self, state):
+        return None
 
     def forward(self, hidden_states: Tensor):
         """``[s, b, h]`` -> ``(factors [s, b, F], bias)``."""
@@ -120,7 +128,8 @@ class TPACoreAttention(MegatronModule):
         self.num_heads = stock_core.num_attention_heads_per_partition
         self.num_groups = stock_core.num_query_groups_per_partition
         self.head_dim = stock_core.hidden_size_per_attention_head
-        self.softmax_scale = float(stock_core.softmax_scale)
+        self.softmax_scale = effective_softmax_scale(stock_core)
+        self.tp_group = getattr(stock_core, "tp_group", None)
         self.window = int(window)
         self.q_rank, self.kv_rank, self.eps = q_rank, kv_rank, float(eps)
         self.backend = backend
@@ -151,7 +160,7 @@ class TPACoreAttention(MegatronModule):
         state_dict = {"softmax_offset": self.softmax_offset} if self.softmax_type == "learnable" else {}
         return make_sharded_tensors_for_checkpoint(
             state_dict, prefix, {"softmax_offset": 0}, sharded_offsets,
-            dp_cp_group=(metadata or {}).get("dp_cp_group"),
+            tp_group=self.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"),
         )
 
     def extra_repr(self) -> str:
