@@ -68,11 +68,6 @@ def model_flops_per_token(model, cfg, seq_len: int) -> dict:
             "total_flops_per_token": 6 * matmul_params + attn}
 
 
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def run_variant(name: str, args, cfg) -> dict:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -80,7 +75,7 @@ def run_variant(name: str, args, cfg) -> dict:
 
     import vpmoe_compile
     from megatron_base import build_stock_gpt
-    from vpmoe_compile.training import compile_regions
+    from vpmoe_compile.training import compile_regions, sync as _sync
 
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)

@@ -1,7 +1,6 @@
 """Small training utilities shared by the demo and ``benchmarks/step.py``.
 
-* :class:`CompiledModel` — ``torch.compile`` of a Megatron GPT model with the dynamo flags of
-  :func:`megatron_base.compat.dynamo_config` applied on *every* call (a recompile re-traces).
+* :func:`compile_regions` — regional ``torch.compile`` of a (transformed) GPT model, in place.
 * :class:`TokenBatches` — deterministic next-token micro-batches ``[b, s]`` from a 1-D token
   stream (and an aligned loss mask).
 * :func:`train_step` — one forward/backward/optimizer step of a Megatron ``GPTModel`` (labels
@@ -18,20 +17,6 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 from torch import nn
-
-
-class CompiledModel:
-    """``torch.compile(model)`` called under the dynamo flags stock Megatron needs."""
-
-    def __init__(self, model: nn.Module, backend: str = "inductor", mode: Optional[str] = None, dynamic: bool = False):
-        self.model = model
-        self._fn = torch.compile(model, backend=backend, mode=mode, dynamic=dynamic)
-
-    def __call__(self, *args, **kwargs):
-        from megatron_base.compat import dynamo_config
-
-        with dynamo_config():
-            return self._fn(*args, **kwargs)
 
 
 def compile_regions(model: nn.Module, backend: str = "inductor", mode: Optional[str] = None) -> List[str]:
@@ -75,28 +60,6 @@ def compile_regions(model: nn.Module, backend: str = "inductor", mode: Optional[
     comp("decoder.final_layernorm")
     comp("output_layer")
     return done
-
-
-class CompiledModule(nn.Module):
-    """:class:`CompiledModel` as an ``nn.Module`` (to put inside Megatron's Float16Module/DDP).
-
-    The wrapped model is a child (``inner``), so parameters keep their objects; wrap AFTER the
-    optimizer/DDP have collected them if parameter names matter.
-    """
-
-    def __init__(self, model: nn.Module, backend: str = "inductor", mode: Optional[str] = None, dynamic: bool = False):
-        super().__init__()
-        self.inner = model
-        self._compiled = CompiledModel(model, backend=backend, mode=mode, dynamic=dynamic)
-
-    def forward(self, *args, **kwargs):
-        return self._compiled(*args, **kwargs)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)
 
 
 @dataclass
@@ -152,7 +115,7 @@ def update_router_expert_bias(model: nn.Module) -> None:
         _update_router_expert_bias([model], config)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -160,7 +123,7 @@ def _sync(device: torch.device) -> None:
 def train_step(forward: Callable, model: nn.Module, optimizer, batch: Batch) -> Tuple[float, float]:
     """One step; returns ``(loss, seconds)`` (the loss is read after the timer stops)."""
     device = batch.tokens.device
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     per_token = forward(batch.tokens, batch.position_ids, None, labels=batch.labels)
     loss = (per_token.float() * batch.loss_mask).sum() / batch.loss_mask.sum().clamp_min(1.0)
@@ -168,6 +131,6 @@ def train_step(forward: Callable, model: nn.Module, optimizer, batch: Batch) -> 
     update_router_expert_bias(model)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    _sync(device)
+    sync(device)
     dt = time.perf_counter() - t0
     return float(loss.detach()), dt

@@ -9,6 +9,7 @@ import vpmoe_compile
 from passes.base import PassError
 from tests.conftest import make_batch
 from vpmoe_compile.modules.attention import SinkCoreAttention, VpMoESelfAttention
+from vpmoe_compile.ops.attention_reference import sink_attention_reference
 from vpmoe_compile.modules.grape import GrapeA, GrapeMRotaryEmbedding
 from vpmoe_compile.modules.tpa import TPACoreAttention, TPAFactorProjection, TPASelfAttention
 
@@ -69,23 +70,6 @@ def test_grape_pass_sites_and_untouched_layers(tiny_model):
     assert "rotary_pos_emb.log_freq" in tiny_model.state_dict()
 
 
-def _alibi_sink_ref(q, k, v, sink, slopes, scale):
-    s, b, H, d = q.shape
-    G = k.shape[2]
-    i = torch.arange(s)[:, None]
-    j = torch.arange(s)[None, :]
-    out = torch.empty(s, b, H, d, dtype=torch.float64)
-    for h in range(H):
-        g = h // (H // G)
-        z = torch.einsum("ibd,jbd->bij", q[:, :, h].double(), k[:, :, g].double()) * scale
-        z = z - slopes[h].double() * (i - j)
-        z = z.masked_fill(j > i, float("-inf"))
-        cat = torch.cat([z, sink[h].double().expand(b, s, 1)], dim=-1)
-        p = torch.softmax(cat, dim=-1)[..., :-1]
-        out[:, :, h] = torch.einsum("bij,jbd->ibd", p, v[:, :, g].double())
-    return out.reshape(s, b, H * d)
-
-
 def test_global_layer_uses_alibi_and_sink(tiny_model):
     vpmoe_compile.transform(tiny_model, passes=["layer_plan", "global_attention", "grape"])
     core = tiny_model.decoder.layers[3].self_attention.core_attention
@@ -93,8 +77,11 @@ def test_global_layer_uses_alibi_and_sink(tiny_model):
         core.softmax_offset.normal_(0, 1.0)
     q, k, v = torch.randn(20, 2, 8, 16), torch.randn(20, 2, 2, 16), torch.randn(20, 2, 2, 16)
     got = core(q, k, v, None)
-    want = _alibi_sink_ref(q, k, v, core.softmax_offset.detach(), core.grape_a.slopes, core.softmax_scale)
-    assert _rel(got.double(), want) < 1e-6
+    want, _ = sink_attention_reference(
+        q.double(), k.double(), v.double(), core.softmax_offset.detach().double(),
+        slopes=core.grape_a.slopes.double(), softmax_scale=core.softmax_scale,
+    )
+    assert _rel(got.double(), want.reshape(20, 2, -1)) < 1e-6
 
 
 def test_full_transform_backward_reaches_every_new_parameter(tiny_model):

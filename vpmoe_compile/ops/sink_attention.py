@@ -277,14 +277,17 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, dout, dlse):
+def _grads(bwd, ctx, dout, dlse):
+    """Shared by the custom op's autograd and the eager autograd.Function."""
     q, k, v, sink, slopes, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv, dsink = _sink_attention_bwd_op(
-        dout, q, k, v, sink, slopes, out, lse, dlse, ctx.window, ctx.softmax_scale, ctx.backend
-    )
+    dq, dk, dv, dsink = bwd(dout, q, k, v, sink, slopes, out, lse, dlse, ctx.window, ctx.softmax_scale, ctx.backend)
     return dq, dk, dv, dsink, None, None, None, None
+
+
+def _backward(ctx, dout, dlse):
+    return _grads(_sink_attention_bwd_op, ctx, dout, dlse)
 
 
 _sink_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -318,13 +321,7 @@ class _SinkAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, sink, slopes, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv, dsink = _bwd_impl(
-            dout, q, k, v, sink, slopes, out, lse, dlse, ctx.window, ctx.softmax_scale, ctx.backend
-        )
-        return dq, dk, dv, dsink, None, None, None, None
+        return _grads(_bwd_impl, ctx, dout, dlse)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -177,16 +177,7 @@ def test_stock_tiny_model_routes_and_trains(megatron_world):
     assert table["embedding.word_embeddings.weight"]["group"] == "adamw"
     assert table["decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight"]["group"] == "normuon"
     assert table["decoder.layers.3.self_attention.linear_qkv.weight"]["matrices"][0][0] == "q"
-    tokens = torch.randint(0, 1000, (2, 17))
-    pos = torch.arange(16).unsqueeze(0).expand(2, -1)
-    losses = []
-    for _ in range(5):
-        opt.zero_grad()
-        loss = model(tokens[:, :-1], pos, None, labels=tokens[:, 1:]).float().mean()
-        loss.backward()
-        ok, norm, _ = opt.step()
-        assert ok and math.isfinite(norm)
-        losses.append(loss.item())
+    losses = _train_gpt(model, opt, steps=5)
     assert losses[-1] < losses[0] - 0.5
 
 
@@ -208,14 +199,20 @@ def test_transformed_tiny_model_routes_and_trains(megatron_world):
     assert grape and all(r["group"] == "adamw" and r["wd"] == 0.0 for r in grape)
     sinks = [r for n, r in table.items() if n.endswith("softmax_offset")]
     assert sinks and all(r["group"] == "adamw" and r["wd"] == 0.0 for r in sinks)
+    losses = _train_gpt(model, opt, steps=4)
+    assert losses[-1] < losses[0] - 0.3
+
+
+def _train_gpt(model, opt, steps):
+    """A few steps of next-token training on a fixed random batch; returns the losses."""
     tokens = torch.randint(0, 1000, (2, 17))
     pos = torch.arange(16).unsqueeze(0).expand(2, -1)
     losses = []
-    for _ in range(4):
+    for _ in range(steps):
         opt.zero_grad()
         loss = model(tokens[:, :-1], pos, None, labels=tokens[:, 1:]).float().mean()
         loss.backward()
         ok, norm, _ = opt.step()
         assert ok and math.isfinite(norm)
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.3
+    return losses
