@@ -13,7 +13,7 @@ dtype), ``slopes [H]`` fp32 (fixed, no gradient). Output ``[s, b, H, d]`` in ``q
 No dropout (vpMoE uses ``attention_dropout = 0``; there is deliberately no argument for it).
 
 The ops are registered with ``torch.library.custom_op`` (forward ``vpmoe::sink_attention_fwd``
-returning ``(out, lse)`` and backward ``vpmoe::sink_attention_bwd``) with fake implementations and
+returning ``(out, lse, out_lo)`` and backward ``vpmoe::sink_attention_bwd``) with fake implementations and
 registered autograd, so ``torch.compile(fullgraph=True)`` sees them without graph breaks and
 gradients reach ``q``, ``k``, ``v`` and ``sink`` (and also flow through the LSE when used).
 In eager mode the same implementations run through a plain ``torch.autograd.Function`` (lower
@@ -21,6 +21,9 @@ host overhead); under ``torch.compile``, ``make_fx``/export, fake tensors or any
 mode the custom op is used (one opaque node for every tracer).
 Both are exercised by the tests. The ops can also be called directly:
 ``torch.ops.vpmoe.sink_attention_fwd(q, k, v, sink, slopes, window_or_0, scale, backend)``.
+``out_lo`` is the bf16 rounding residual of a 16-bit ``out`` (an empty tensor for fp32 outputs and
+the reference backend); the backward uses it for an fp32-accurate ``delta = rowsum(dO * O)``
+(see :func:`vpmoe_compile.ops.triton_sink_attention.sink_attention_fwd_triton`).
 
 Backends: ``"reference"`` (dense PyTorch, float64 math; small shapes only), ``"triton"`` (the kernels
 of :mod:`vpmoe_compile.ops.triton_sink_attention`; on CPU this needs ``TRITON_INTERPRET=1`` set
@@ -150,23 +153,26 @@ def _validate(
 
 
 def _fwd_impl(q, k, v, sink, slopes, window, scale, backend):
+    """``(out, lse, out_lo)``; ``out_lo`` is ``None`` where no residual is needed."""
     if backend == "reference":
-        return sink_attention_reference(
+        out, lse = sink_attention_reference(
             q, k, v, sink, slopes=slopes, window=window, softmax_scale=scale
         )
+        return out, lse, None
     from .triton_sink_attention import sink_attention_fwd_triton
 
-    return sink_attention_fwd_triton(q, k, v, sink, slopes, window, scale)
+    return sink_attention_fwd_triton(q, k, v, sink, slopes, window, scale, return_residual=True)
 
 
-def _bwd_impl(dout, q, k, v, sink, slopes, out, lse, dlse, window, scale, backend):
+def _bwd_impl(dout, q, k, v, sink, slopes, out, lse, dlse, window, scale, backend, out_lo=None):
     if backend == "reference":
         return sink_attention_reference_backward(
             dout, q, k, v, sink, slopes=slopes, window=window, softmax_scale=scale, dlse=dlse
         )
     from .triton_sink_attention import sink_attention_bwd_triton
 
-    return sink_attention_bwd_triton(dout, q, k, v, sink, slopes, out, lse, window, scale, dlse=dlse)
+    return sink_attention_bwd_triton(dout, q, k, v, sink, slopes, out, lse, window, scale,
+                                     dlse=dlse, out_lo=out_lo)
 
 
 def sink_attention_forward(
@@ -180,10 +186,14 @@ def sink_attention_forward(
     softmax_scale: Optional[float] = None,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Raw forward (no autograd graph): ``out [s, b, H, d]``, ``lse [b, H, s]`` fp32 (sink-inclusive)."""
+    """Raw forward (no autograd graph): ``out [s, b, H, d]``, ``lse [b, H, s]`` fp32 (sink-inclusive).
+
+    For the most accurate 16-bit backward use the autograd path (:func:`sink_attention_with_lse`),
+    which also keeps the output's rounding residual; :func:`sink_attention_backward` then rounds
+    ``delta = rowsum(dO * O)`` through the 16-bit ``out``."""
     be, scale = _validate(q, k, v, sink, slopes, window, softmax_scale, backend)
     with torch.no_grad():
-        return _fwd_impl(q, k, v, sink, slopes, window, scale, be)
+        return _fwd_impl(q, k, v, sink, slopes, window, scale, be)[:2]
 
 
 def sink_attention_backward(
@@ -225,17 +235,28 @@ def _sink_attention_fwd_op(
     window: int,
     softmax_scale: float,
     backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     win = window if window > 0 else None
-    out, lse = _fwd_impl(q, k, v, sink, slopes, win, softmax_scale, backend)
-    return out.contiguous(), lse.contiguous()
+    out, lse, out_lo = _fwd_impl(q, k, v, sink, slopes, win, softmax_scale, backend)
+    out_lo = q.new_empty((0,)) if out_lo is None else out_lo.contiguous()
+    return out.contiguous(), lse.contiguous(), out_lo
+
+
+def _residual_dtype(q: torch.Tensor, backend: str) -> Optional[torch.dtype]:
+    if backend == "reference":
+        return None
+    from .triton_sink_attention import output_residual_dtype
+
+    return output_residual_dtype(q.dtype)
 
 
 @_sink_attention_fwd_op.register_fake
 def _(q, k, v, sink, slopes, window, softmax_scale, backend):
     s, b, H, d = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty((s, b, H, d)), q.new_empty((b, H, s), dtype=lse_dtype)
+    res_dtype = _residual_dtype(q, backend)
+    out_lo = q.new_empty((0,)) if res_dtype is None else q.new_empty((s, b, H, d), dtype=res_dtype)
+    return q.new_empty((s, b, H, d)), q.new_empty((b, H, s), dtype=lse_dtype), out_lo
 
 
 @torch.library.custom_op("vpmoe::sink_attention_bwd", mutates_args=())
@@ -252,14 +273,17 @@ def _sink_attention_bwd_op(
     window: int,
     softmax_scale: float,
     backend: str,
+    out_lo: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     win = window if window > 0 else None
-    dq, dk, dv, dsink = _bwd_impl(dout, q, k, v, sink, slopes, out, lse, dlse, win, softmax_scale, backend)
+    lo = out_lo if out_lo is not None and out_lo.numel() > 0 else None
+    dq, dk, dv, dsink = _bwd_impl(dout, q, k, v, sink, slopes, out, lse, dlse, win, softmax_scale,
+                                  backend, lo)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dsink.contiguous()
 
 
 @_sink_attention_bwd_op.register_fake
-def _(dout, q, k, v, sink, slopes, out, lse, dlse, window, softmax_scale, backend):
+def _(dout, q, k, v, sink, slopes, out, lse, dlse, window, softmax_scale, backend, out_lo=None):
     return (
         q.new_empty(q.shape),
         k.new_empty(k.shape),
@@ -270,8 +294,8 @@ def _(dout, q, k, v, sink, slopes, out, lse, dlse, window, softmax_scale, backen
 
 def _setup_context(ctx, inputs, output):
     q, k, v, sink, slopes, window, softmax_scale, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, sink, slopes, out, lse)
+    out, lse, out_lo = output
+    ctx.save_for_backward(q, k, v, sink, slopes, out, lse, out_lo)
     ctx.window = window
     ctx.softmax_scale = softmax_scale
     ctx.backend = backend
@@ -279,14 +303,15 @@ def _setup_context(ctx, inputs, output):
 
 def _grads(bwd, ctx, dout, dlse):
     """Shared by the custom op's autograd and the eager autograd.Function."""
-    q, k, v, sink, slopes, out, lse = ctx.saved_tensors
+    q, k, v, sink, slopes, out, lse, out_lo = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv, dsink = bwd(dout, q, k, v, sink, slopes, out, lse, dlse, ctx.window, ctx.softmax_scale, ctx.backend)
+    dq, dk, dv, dsink = bwd(dout, q, k, v, sink, slopes, out, lse, dlse, ctx.window,
+                            ctx.softmax_scale, ctx.backend, out_lo)
     return dq, dk, dv, dsink, None, None, None, None
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, dout_lo=None):
     return _grads(_sink_attention_bwd_op, ctx, dout, dlse)
 
 
@@ -313,8 +338,8 @@ class _SinkAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sink, slopes, window, softmax_scale, backend):
         win = window if window > 0 else None
-        out, lse = _fwd_impl(q, k, v, sink, slopes, win, softmax_scale, backend)
-        ctx.save_for_backward(q, k, v, sink, slopes, out, lse)
+        out, lse, out_lo = _fwd_impl(q, k, v, sink, slopes, win, softmax_scale, backend)
+        ctx.save_for_backward(q, k, v, sink, slopes, out, lse, out_lo)
         ctx.window, ctx.softmax_scale, ctx.backend = win, softmax_scale, backend
         ctx.set_materialize_grads(False)
         return out, lse
@@ -345,7 +370,8 @@ def sink_attention_with_lse(
     win = 0 if window is None else window
     if _plain_eager(q):
         return _SinkAttentionFunction.apply(q, k, v, sink, slopes, win, scale, be)
-    return _sink_attention_fwd_op(q, k, v, sink, slopes, win, scale, be)
+    out, lse, _ = _sink_attention_fwd_op(q, k, v, sink, slopes, win, scale, be)
+    return out, lse
 
 
 def sink_attention(

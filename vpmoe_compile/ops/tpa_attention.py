@@ -13,7 +13,8 @@ Backends:
 * ``"reference"``: plain PyTorch (:mod:`vpmoe_compile.ops.tpa_reference`); backward through
   autograd of the reference (recompute).
 * ``"triton"``: the kernels of :mod:`vpmoe_compile.ops.triton_tpa` (prologue kernel ->
-  sliding-window sink flash attention; backward dq/dkv kernels -> prologue-backward kernel).
+  sliding-window sink flash attention, which also saves the bf16 rounding residual of its
+  output; backward dq/dkv kernels -> prologue-backward kernel).
   On CPU this needs ``TRITON_INTERPRET=1``.
 * ``"auto"``: ``"triton"`` for CUDA tensors, ``"reference"`` otherwise.
 """
@@ -107,11 +108,12 @@ def _attention_middle():
     the per-head kernels of :mod:`vpmoe_compile.ops.triton_tpa`. ``"auto"`` (default) = own:
     on the H100 at the vpMoE shape they measured faster (attention fwd + bwd 122 + 337 us vs
     122 + 416 us; whole op fwd+bwd 1687 vs 2030 us, ``benchmarks/results/tpa_bench_h100_run2.json``).
-    Read at call time (inside the opaque op).
+    Read at call time (inside the opaque op). Both store the output's bf16 rounding residual
+    ``o_lo`` for 16-bit outputs and use it in the backward (fp32-accurate ``delta``).
 
     Returns:
-        ``(fwd(q, k, v, sink, window, scale) -> (o, lse), bwd(do, q, k, v, o, lse, sink, window, scale)
-        -> (dq, dk, dv, dsink fp32))``.
+        ``(fwd(q, k, v, sink, window, scale) -> (o, lse, o_lo or None),
+        bwd(do, q, k, v, o, lse, sink, window, scale, o_lo) -> (dq, dk, dv, dsink fp32))``.
     """
     from vpmoe_compile.ops import triton_tpa as tk
 
@@ -122,10 +124,11 @@ def _attention_middle():
         from vpmoe_compile.ops import triton_sink_attention as sa
 
         def fwd(q, k, v, sink, window, scale):
-            return sa.sink_attention_fwd_triton(q, k, v, sink, None, window, scale)
+            return sa.sink_attention_fwd_triton(q, k, v, sink, None, window, scale, return_residual=True)
 
-        def bwd(do, q, k, v, o, lse, sink, window, scale):
-            dq, dk, dv, dsink = sa.sink_attention_bwd_triton(do, q, k, v, sink, None, o, lse, window, scale)
+        def bwd(do, q, k, v, o, lse, sink, window, scale, o_lo):
+            dq, dk, dv, dsink = sa.sink_attention_bwd_triton(do, q, k, v, sink, None, o, lse, window, scale,
+                                                             out_lo=o_lo)
             return dq, dk, dv, dsink.float()
 
         return fwd, bwd
@@ -140,23 +143,17 @@ def _fwd_triton(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq
     sin32 = sin.float().contiguous()
     gq = gamma_q.contiguous() if gamma_q is not None else None
     gk = gamma_k.contiguous() if gamma_k is not None else None
-    if tk.use_fused_forward(factors.dtype) and os.environ.get("VPMOE_TPA_ATTENTION", "auto") != "shared":
-        o, lse, q, k, v, rs_q, rs_k = tk.fused_fwd(
-            factors, bias, gq, gk, cos32, sin32, sink.contiguous(), H=H, G=G, d=d, Rq=Rq, R=R, eps=eps,
-            window=window, softmax_scale=scale, act_dtype=factors.dtype,
-        )
-    else:
-        q, k, v, rs_q, rs_k = tk.prologue_fwd(
-            factors, bias, gq, gk, cos32, sin32, H=H, G=G, d=d, Rq=Rq, R=R, eps=eps,
-            act_dtype=factors.dtype,
-        )
-        attn_fwd, _ = _attention_middle()
-        o, lse = attn_fwd(q, k, v, sink.contiguous(), window, scale)
+    q, k, v, rs_q, rs_k = tk.prologue_fwd(
+        factors, bias, gq, gk, cos32, sin32, H=H, G=G, d=d, Rq=Rq, R=R, eps=eps, act_dtype=factors.dtype,
+    )
+    attn_fwd, _ = _attention_middle()
+    o, lse, o_lo = attn_fwd(q, k, v, sink.contiguous(), window, scale)
     s, b = factors.shape[:2]
-    return o.view(s, b, H * d), lse, q, k, v, rs_q, rs_k
+    o_lo = o_lo.view(s, b, H * d) if o_lo is not None else _empty(lse)
+    return o.view(s, b, H * d), lse, q, k, v, rs_q, rs_k, o_lo
 
 
-def _bwd_triton(dout, factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v, rs_q, rs_k,
+def _bwd_triton(dout, factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v, rs_q, rs_k, o_lo,
                 H, G, d, Rq, R, window, scale):
     from vpmoe_compile.ops import triton_tpa as tk
 
@@ -164,7 +161,8 @@ def _bwd_triton(dout, factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, 
     do = dout.reshape(s, b, H, d).to(q.dtype).contiguous()
     o = out.view(s, b, H, d)
     _, attn_bwd = _attention_middle()
-    dq, dk, dv, dsink = attn_bwd(do, q, k, v, o, lse, sink.contiguous(), window, scale)
+    o_lo = o_lo.view(s, b, H, d) if o_lo.numel() else None
+    dq, dk, dv, dsink = attn_bwd(do, q, k, v, o, lse, sink.contiguous(), window, scale, o_lo)
     bias = qkv_bias.contiguous() if qkv_bias is not None else None
     gq = gamma_q.contiguous() if gamma_q is not None else None
     gk = gamma_k.contiguous() if gamma_k is not None else None
@@ -189,11 +187,12 @@ def _tpa_fwd_op(
     cos: Tensor, sin: Tensor, sink: Tensor,
     num_heads: int, num_groups: int, head_dim: int, q_rank: int, kv_rank: int, window: int,
     eps: float, softmax_scale: float, backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Forward op. Returns ``(out [s,b,H*d], lse [b,H,s] fp32, q, k, v, rstd_q, rstd_k)``.
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward op. Returns ``(out [s,b,H*d], lse [b,H,s] fp32, q, k, v, rstd_q, rstd_k, out_lo)``.
 
-    ``q, k, v, rstd_*`` are saved activations for the Triton backward (empty for the reference
-    backend, which recomputes).
+    ``q, k, v, rstd_*`` and ``out_lo`` (the bf16 rounding residual of a 16-bit ``out``, see
+    :func:`vpmoe_compile.ops.triton_tpa.swa_fwd`) are saved activations for the Triton backward
+    (empty for the reference backend, which recomputes, and ``out_lo`` empty for fp32 outputs).
     """
     args = (num_heads, num_groups, head_dim, q_rank, kv_rank, window)
     if backend == "triton":
@@ -203,7 +202,7 @@ def _tpa_fwd_op(
         **_ref_kwargs(*args, eps, softmax_scale),
     )
     e = _empty(factors)
-    return out.contiguous(), lse.float().contiguous(), e, e.clone(), e.clone(), e.clone(), e.clone()
+    return out.contiguous(), lse.float().contiguous(), e, e.clone(), e.clone(), e.clone(), e.clone(), e.clone()
 
 
 @_tpa_fwd_op.register_fake
@@ -219,9 +218,11 @@ def _tpa_fwd_fake(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, num_heads
         v = factors.new_empty(s, b, G, d)
         rq = factors.new_empty((s, b, H) if gamma_q is not None else (0,), dtype=torch.float32)
         rk = factors.new_empty((s, b, G) if gamma_k is not None else (0,), dtype=torch.float32)
-        return out, lse, q, k, v, rq, rk
-    e = factors.new_empty(0)
-    return out, lse, e, factors.new_empty(0), factors.new_empty(0), factors.new_empty(0), factors.new_empty(0)
+        lo = factors.new_empty((s, b, H * d) if factors.dtype in (torch.bfloat16, torch.float16) else (0,),
+                               dtype=torch.bfloat16 if factors.dtype in (torch.bfloat16, torch.float16)
+                               else torch.float32)
+        return out, lse, q, k, v, rq, rk, lo
+    return out, lse, *(factors.new_empty(0) for _ in range(6))
 
 
 def _autograd_inside_op():
@@ -241,7 +242,7 @@ def _autograd_inside_op():
 def _tpa_bwd_op(
     dout: Tensor, factors: Tensor, qkv_bias: Optional[Tensor], gamma_q: Optional[Tensor],
     gamma_k: Optional[Tensor], cos: Tensor, sin: Tensor, sink: Tensor,
-    out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, rstd_q: Tensor, rstd_k: Tensor,
+    out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, rstd_q: Tensor, rstd_k: Tensor, out_lo: Tensor,
     num_heads: int, num_groups: int, head_dim: int, q_rank: int, kv_rank: int, window: int,
     eps: float, softmax_scale: float, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -250,7 +251,7 @@ def _tpa_bwd_op(
     args = (num_heads, num_groups, head_dim, q_rank, kv_rank, window)
     if backend == "triton":
         return _bwd_triton(dout, factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v,
-                           rstd_q, rstd_k, *args, softmax_scale)
+                           rstd_q, rstd_k, out_lo, *args, softmax_scale)
     inputs = [factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink]
     with _autograd_inside_op(), torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) if t is not None else None for t in inputs]
@@ -266,7 +267,7 @@ def _tpa_bwd_op(
 
 @_tpa_bwd_op.register_fake
 def _tpa_bwd_fake(dout, factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v, rstd_q, rstd_k,
-                  num_heads, num_groups, head_dim, q_rank, kv_rank, window, eps, softmax_scale, backend):
+                  out_lo, num_heads, num_groups, head_dim, q_rank, kv_rank, window, eps, softmax_scale, backend):
     def like(t):
         return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else factors.new_empty(0)
 
@@ -280,21 +281,21 @@ _CONST_NAMES = ("num_heads", "num_groups", "head_dim", "q_rank", "kv_rank", "win
 def _setup_context(ctx, inputs, output):
     factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink = inputs[:7]
     consts = inputs[7:]
-    out, lse, q, k, v, rq, rk = output
+    out, lse, q, k, v, rq, rk, lo = output
     # lse and the saved activations are internal outputs: no zero-filled gradients for them
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(lse, q, k, v, rq, rk)
+    ctx.mark_non_differentiable(lse, q, k, v, rq, rk, lo)
     ctx.consts = consts
     ctx.present = [t is not None for t in (qkv_bias, gamma_q, gamma_k)]
-    ctx.save_for_backward(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v, rq, rk)
+    ctx.save_for_backward(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v, rq, rk, lo)
 
 
 def _backward(ctx, dout, *_aux_grads):
     if dout is None:  # the output's gradient is undefined: nothing flows back
         return (None,) * (7 + len(_CONST_NAMES))
-    factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v, rq, rk = ctx.saved_tensors
+    factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v, rq, rk, lo = ctx.saved_tensors
     grads = _tpa_bwd_op(dout.contiguous(), factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse,
-                        q, k, v, rq, rk, *ctx.consts)
+                        q, k, v, rq, rk, lo, *ctx.consts)
     dF, dbias, dgq, dgk, dcos, dsin, dsink = grads
     has_b, has_gq, has_gk = ctx.present
     return (dF, dbias if has_b else None, dgq if has_gq else None, dgk if has_gk else None, dcos, dsin, dsink,

@@ -15,8 +15,10 @@ Algorithm notes (our own code; ideas learned from public sources, nothing copied
 * FlashAttention-2 (Dao, 2023) forward with online softmax in the exp2 domain (``log2 e`` folded
   into the score scale, the ALiBi slope and the sink), as in Triton's fused-attention tutorial;
   backward as two kernels (``dq`` over KV tiles, ``dk/dv`` over query tiles) as in that tutorial
-  and flash-linear-attention's ``fla/ops/attn/parallel.py``; ``delta = rowsum(dO * O)`` is computed
-  inside the ``dq`` kernel (which owns exactly those rows) instead of a separate pre-pass.
+  and flash-linear-attention's ``fla/ops/attn/parallel.py``. The ``dq`` kernel (which owns whole
+  query rows) forms ``dS`` with ``delta = rowsum(dO * O)`` (no pre-pass kernel) and accumulates the
+  exact ``sum_j P_ij dP_ij`` over the same tiles in fp32; that exact ``delta`` is what it stores
+  for the ``dk/dv`` kernel and the sink gradient (16-bit accuracy: see :func:`residual_helps`).
 * Sink (``spec/tpa_attention.md`` §4.3): the running state starts at ``m = sink``, ``l = 1``, acc 0
   (a virtual first key with value 0), so the state is finite from the start; the stored LSE
   includes the sink (GPT-OSS's inference kernel stores one without it; we do not).
@@ -58,6 +60,9 @@ __all__ = [
     "use_config",
     "sink_attention_fwd_triton",
     "sink_attention_bwd_triton",
+    "output_residual_dtype",
+    "residual_helps",
+    "mean_keys_per_row",
 ]
 
 _LOG2E = 1.4426950408889634
@@ -124,14 +129,14 @@ def _fwd_tiles(
 
 @triton.jit
 def _sink_attn_fwd_kernel(
-    Q, K, V, SINK, SLOPES, O, LSE,
+    Q, K, V, SINK, SLOPES, O, O_LO, LSE,
     stride_qs, stride_qb, stride_qh, stride_qd,
     stride_ks, stride_kb, stride_kh, stride_kd,
     stride_vs, stride_vb, stride_vh, stride_vd,
     stride_os, stride_ob, stride_oh, stride_od,
     seqlen, num_heads, qk_scale, window,
     HPG: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, STORE_LO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = BLOCK_M // PACK  # tokens per program
@@ -180,15 +185,21 @@ def _sink_attn_fwd_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows with a -inf sink can reach 0
     o = acc / l_safe[:, None]
-    tl.store(O + bb * stride_ob + tok[:, None] * stride_os + head[:, None] * stride_oh
-             + dd[None, :] * stride_od, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    o_hi = o.to(O.dtype.element_ty)
+    o_off = bb * stride_ob + tok[:, None] * stride_os + head[:, None] * stride_oh + dd[None, :] * stride_od
+    tl.store(O + o_off, o_hi, mask=row_ok[:, None])
+    if STORE_LO:
+        # Rounding residual of the 16-bit output (O_LO has O's strides): hi + lo carries ~16 more
+        # mantissa bits, so the backward's delta = rowsum(dO * O) is fp32-accurate.
+        tl.store(O_LO + o_off, (o - o_hi.to(tl.float32)).to(O_LO.dtype.element_ty),
+                 mask=row_ok[:, None])
     lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
     tl.store(LSE + (bb * num_heads + head) * seqlen + tok, lse, mask=row_ok)
 
 
 @triton.jit
 def _dq_tiles(
-    dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+    dq, dsum, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
     tok, slope2, qk_scale, window, seqlen, lo, hi,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
@@ -204,14 +215,16 @@ def _dq_tiles(
         s = _scores(q, k, tok, offs_n, slope2, qk_scale, window, HAS_ALIBI, HAS_WINDOW, MASKED)
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
+        pdp = p * dp
+        dsum += tl.sum(pdp, 1)  # exact delta = sum_j P_ij dP_ij (fp32 P, not the rounded O)
+        ds = pdp - p * delta[:, None]
         dq += tl.dot(ds.to(k.dtype), k)
-    return dq
+    return dq, dsum
 
 
 @triton.jit
 def _sink_attn_bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, DLSE, SINK, SLOPES, DQ, DELTA, PSINK,
+    Q, K, V, O, O_LO, DO, LSE, DLSE, SINK, SLOPES, DQ, DELTA, PSINK,
     stride_qs, stride_qb, stride_qh, stride_qd,
     stride_ks, stride_kb, stride_kh, stride_kd,
     stride_vs, stride_vb, stride_vh, stride_vd,
@@ -221,9 +234,10 @@ def _sink_attn_bwd_dq_kernel(
     seqlen, num_heads, sm_scale, qk_scale, window,
     HPG: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DLSE: tl.constexpr,
+    HAS_LO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dq for a packed query block; also computes ``delta = rowsum(dO * O) - dLSE`` for its rows
+    """dq for a packed query block; also the exact ``delta = sum_j P_ij dP_ij - dLSE`` of its rows
     (stored for the dk/dv kernel, which runs after this one) and the per-row sink terms
     ``exp(sink - L) * delta`` (summed later in a fixed order: deterministic dsink)."""
     BLOCK_T: tl.constexpr = BLOCK_M // PACK
@@ -246,17 +260,20 @@ def _sink_attn_bwd_dq_kernel(
                 + dd[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + bb * stride_dob + tok[:, None] * stride_dos + head[:, None] * stride_doh
                  + dd[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
-    o = tl.load(O + bb * stride_ob + tok[:, None] * stride_os + head[:, None] * stride_oh
-                + dd[None, :] * stride_od, mask=row_ok[:, None], other=0.0)
+    o_off = bb * stride_ob + tok[:, None] * stride_os + head[:, None] * stride_oh + dd[None, :] * stride_od
+    o = tl.load(O + o_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    if HAS_LO:
+        o += tl.load(O_LO + o_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
     row = (bb * num_heads + head) * seqlen + tok
     lse = tl.load(LSE + row, mask=row_ok, other=0.0)
     lse2 = lse * 1.4426950408889634
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    delta = tl.sum(o * do.to(tl.float32), 1)
     if HAS_DLSE:
-        delta = delta - tl.load(DLSE + row, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(DELTA + row, delta, mask=row_ok)
-    sink = tl.load(SINK + head).to(tl.float32)
-    tl.store(PSINK + row, tl.exp(sink - lse) * delta, mask=row_ok)
+        dlse = tl.load(DLSE + row, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        dlse = tl.zeros([BLOCK_M], dtype=tl.float32)
+    delta = delta - dlse
+    dsum = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_ALIBI:
         slope2 = tl.load(SLOPES + head).to(tl.float32) * 1.4426950408889634
     else:
@@ -268,17 +285,25 @@ def _sink_attn_bwd_dq_kernel(
     t_end = tl.minimum(t0 + BLOCK_T, seqlen)
     if HAS_WINDOW:
         lo = (tl.maximum(t0 - window + 1, 0) // BLOCK_N) * BLOCK_N
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs,
+        dq, dsum = _dq_tiles(dq, dsum, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs,
                        stride_vd, tok, slope2, qk_scale, window, seqlen, lo, t_end,
                        HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, True)
     else:
         mid = (t0 // BLOCK_N) * BLOCK_N
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs,
+        dq, dsum = _dq_tiles(dq, dsum, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs,
                        stride_vd, tok, slope2, qk_scale, window, seqlen, 0, mid,
                        HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, False)
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs,
+        dq, dsum = _dq_tiles(dq, dsum, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs,
                        stride_vd, tok, slope2, qk_scale, window, seqlen, mid, t_end,
                        HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, True)
+    # The dk/dv kernel and the sink gradient take delta from sum_j P_ij dP_ij, accumulated above
+    # in fp32 over the very tiles (fp32 P) of this row: rowsum(dO * O) through the 16-bit O carries
+    # O's rounding (and P's bf16 rounding inside P @ V), which dsink = -sum_i p_sink,i delta_i
+    # accumulates over all rows (measured 3-6x the fp32-math reference's error on the H100).
+    delta_x = dsum - dlse
+    tl.store(DELTA + row, delta_x, mask=row_ok)
+    sink = tl.load(SINK + head).to(tl.float32)
+    tl.store(PSINK + row, tl.exp(sink - lse) * delta_x, mask=row_ok)
     dq = dq * sm_scale
     tl.store(DQ + bb * stride_dqb + tok[:, None] * stride_dqs + head[:, None] * stride_dqh
              + dd[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -471,7 +496,7 @@ def _cfgs(rows):
 _FWD_CONFIGS = _cfgs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2)])
 _DQ_CONFIGS = _cfgs([(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 128, 8, 2)])
 _DKV_CONFIGS = _cfgs([(32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 1),
-                      (16, 64, 4, 2)])
+                      (16, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2)])
 
 _fwd_autotuned = None
 _dq_autotuned = None
@@ -490,6 +515,36 @@ def _autotuned():
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
+
+
+def output_residual_dtype(out_dtype: torch.dtype) -> Optional[torch.dtype]:
+    """dtype of the forward's output rounding residual: bf16 for 16-bit outputs (bf16's exponent
+    range also holds fp16's residuals), ``None`` (no residual needed) for fp32 outputs."""
+    return torch.bfloat16 if out_dtype in (torch.bfloat16, torch.float16) else None
+
+
+# Store the output residual when rows see at most this many keys on average (see
+# :func:`residual_helps`; 8 from the interpreter sweep in the tests: without the residual the dq
+# error ratio vs the fp32-math reference is 2.0-2.4 at 1 key, 1.5-1.8 at 2, <= 1.4 from 4 on).
+RESIDUAL_MAX_MEAN_KEYS = 8.0
+
+
+def mean_keys_per_row(seqlen: int, window: Optional[int]) -> float:
+    """Average number of visible keys of a query row (causal, optional window ``W``)."""
+    w = seqlen if window is None else min(int(window), seqlen)
+    return (w * (w + 1) / 2 + (seqlen - w) * w) / seqlen
+
+
+def residual_helps(seqlen: int, window: Optional[int]) -> bool:
+    """Whether the forward should keep O's rounding residual for the backward's ``dq``.
+
+    The ``dq`` kernel forms ``dS = P * (dP - delta)`` with ``delta = rowsum(dO * O)`` taken before
+    it sees the row's tiles (dk/dv and dsink use the exact ``sum_j P_ij dP_ij`` it accumulates
+    along the way). Where a row has few keys, one ``P_ij ~ 1 - p_sink`` dominates and ``dP - delta``
+    cancels, so ``delta`` needs O to better than 16 bits. With many keys the rounding averages out
+    and the residual's extra write + read of O's size (~11 % of the W=128 window fwd+bwd) buys
+    nothing measurable."""
+    return mean_keys_per_row(seqlen, window) <= RESIDUAL_MAX_MEAN_KEYS
 
 
 def _check_runnable(t: torch.Tensor) -> None:
@@ -550,8 +605,19 @@ def sink_attention_fwd_triton(
     window: Optional[int],
     softmax_scale: float,
     config: Optional[SinkAttentionConfig] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward. Returns ``out [s, b, H, d]`` (contiguous, ``q.dtype``) and ``lse [b, H, s]`` fp32.
+    return_residual: bool = False,
+    store_residual: Optional[bool] = None,
+):
+    """Forward. Returns ``out [s, b, H, d]`` (contiguous, ``q.dtype``) and ``lse [b, H, s]`` fp32;
+    with ``return_residual=True`` also ``out_lo`` (``None`` where not stored).
+
+    ``out_lo [s, b, H, d]`` bf16 is the rounding residual ``o_fp32 - float(out)`` of a 16-bit
+    output, stored when ``store_residual`` (default: :func:`residual_helps`) and the output is
+    16-bit. Passed back to :func:`sink_attention_bwd_triton`, it makes the ``dq`` kernel's
+    ``delta = rowsum(dO * O)`` fp32-accurate: without it ``dP - delta`` cancels where one key holds
+    almost all of a row's mass (window 1, s = 1), measured on the H100 in bf16 as dq 2.2-2.5x the
+    error of an fp32-math reference. It costs one extra bf16 write (forward) and read (backward)
+    of ``O``'s size.
 
     Inputs are assumed validated (see :mod:`vpmoe_compile.ops.sink_attention`).
     """
@@ -562,18 +628,28 @@ def sink_attention_fwd_triton(
     out_dtype = q.dtype
     q, k, v = _kernel_dtype(q), _kernel_dtype(k), _kernel_dtype(v)
     cfg, pack = _resolve(config, hpg)
-    out = torch.empty((s, b, H, d), dtype=q.dtype, device=q.device)
+    res_dtype = None
+    if return_residual and (store_residual if store_residual is not None else residual_helps(s, window)):
+        res_dtype = output_residual_dtype(out_dtype)
+    # The interpreter's fp32 -> 16-bit casts truncate (the GPU rounds to nearest even), so there the
+    # kernel writes fp32 and the launcher rounds and forms the residual with torch (RNE, as on GPU).
+    emulate_store = _INTERPRET_AT_IMPORT and out_dtype != q.dtype
+    out = torch.empty((s, b, H, d), dtype=q.dtype if emulate_store else out_dtype, device=q.device)
+    out_lo = None
+    if res_dtype is not None and not emulate_store:
+        out_lo = torch.empty_like(out, dtype=res_dtype)
     lse = torch.empty((b, H, s), dtype=torch.float32, device=q.device)
     has_alibi = slopes is not None
     has_window = window is not None
     slopes_t = slopes.contiguous() if has_alibi else sink  # dummy pointer when unused
     sink_c = sink.contiguous()
     args = (
-        q, k, v, sink_c, slopes_t, out, lse,
+        q, k, v, sink_c, slopes_t, out, out_lo if out_lo is not None else out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         s, H, float(softmax_scale) * _LOG2E, int(window) if has_window else 0,
     )
-    consts = dict(HPG=hpg, PACK=pack, HEAD_DIM=d, HAS_ALIBI=has_alibi, HAS_WINDOW=has_window)
+    consts = dict(HPG=hpg, PACK=pack, HEAD_DIM=d, HAS_ALIBI=has_alibi, HAS_WINDOW=has_window,
+                  STORE_LO=out_lo is not None)
     tiles = _tiles_for(cfg.fwd, s, pack, "fwd")
     if tiles is None:
         kern = _autotuned()[0]
@@ -583,7 +659,13 @@ def sink_attention_fwd_triton(
         grid = (triton.cdiv(s, tiles.block_m // pack), b * (H // pack))
         _sink_attn_fwd_kernel[grid](*args, **consts, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
                                     num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    return out.to(out_dtype), lse
+    if emulate_store:
+        out32, out = out, out.to(out_dtype)
+        if res_dtype is not None:
+            out_lo = (out32 - out.float()).to(res_dtype)
+    if return_residual:
+        return out, lse, out_lo
+    return out, lse
 
 
 def sink_attention_bwd_triton(
@@ -599,20 +681,26 @@ def sink_attention_bwd_triton(
     softmax_scale: float,
     dlse: Optional[torch.Tensor] = None,
     config: Optional[SinkAttentionConfig] = None,
+    out_lo: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward. Returns ``dq [s,b,H,d]``, ``dk, dv [s,b,G,d]`` (input dtypes) and ``dsink [H]``
     (``sink.dtype``; computed in fp32 and reduced in a fixed order).
 
     ``lse`` is the sink-inclusive LSE of the forward; ``dlse`` (optional ``[b, H, s]``) is a
-    gradient flowing into that LSE (it enters as ``delta - dlse``).
+    gradient flowing into that LSE (it enters as ``delta - dlse``). ``out_lo`` (optional, same
+    shape as ``out``) is the forward's output rounding residual; pass it for 16-bit outputs.
     """
     _check_runnable(q)
     s, b, H, d = q.shape
     G = k.shape[2]
     hpg = H // G
     dtypes = (q.dtype, k.dtype, v.dtype)
+    if out_lo is not None and out_lo.stride() != out.stride():
+        out, out_lo = out.contiguous(), out_lo.contiguous()
     q, k, v = _kernel_dtype(q), _kernel_dtype(k), _kernel_dtype(v)
-    dout, out = _kernel_dtype(dout), _kernel_dtype(out)
+    dout = _kernel_dtype(dout)
+    if out_lo is not None and out_lo.shape != out.shape:
+        raise ValueError(f"sink attention: out_lo {tuple(out_lo.shape)} must match out {tuple(out.shape)}")
     cfg, pack = _resolve(config, hpg)
     lse = lse.contiguous().float()
     sink_c = sink.contiguous()
@@ -629,11 +717,12 @@ def sink_attention_bwd_triton(
     dlse_t = dlse.contiguous().float() if dlse is not None else lse
     dq = torch.empty((s, b, H, d), dtype=q.dtype, device=q.device)
     dq_args = (
-        q, k, v, out, dout, lse, dlse_t, sink_c, slopes_t, dq, delta, psink,
+        q, k, v, out, out_lo if out_lo is not None else out, dout, lse, dlse_t, sink_c, slopes_t,
+        dq, delta, psink,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
         s, H, float(softmax_scale), qk_scale, win,
     )
-    consts_dq = dict(consts, HAS_DLSE=dlse is not None)
+    consts_dq = dict(consts, HAS_DLSE=dlse is not None, HAS_LO=out_lo is not None)
     tiles = _tiles_for(cfg.dq, s, pack, "dq")
     if tiles is None:
         kern = _autotuned()[1]

@@ -24,7 +24,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .polar_express import Coefficients, _pe_batched
+from .polar_express import Coefficients, _pe_polynomial
 
 # (start row in the parameter, number of rows); a member's rows are its segments concatenated.
 Segment = Tuple[int, int]
@@ -65,6 +65,8 @@ class Bank:
     params: List[torch.Tensor] = field(default_factory=list)  # parameter of each member
     whole: bool = True  # every member is a whole parameter
     W: Optional[torch.Tensor] = None  # [N, m, n] re-homed parameters (p.data = W[i]) or None
+    fused: bool = False  # Polar Express through the fused Triton kernel (pe_triton)
+    compute_dtype: torch.dtype = torch.float32  # Polar Express compute dtype
 
     @property
     def size(self) -> int:
@@ -103,6 +105,99 @@ def oriented_v_shape(shape: Tuple[int, int], flip: bool, stat_dim: int) -> Tuple
     return (s, 1) if stat_dim == -1 else (1, L)
 
 
+def bank_prologue(
+    G: torch.Tensor,
+    M: torch.Tensor,
+    mu: torch.Tensor,
+    flip: bool,
+    safety: float,
+    pe_eps: float,
+    compute_dtype: torch.dtype,
+    normalize: bool,
+):
+    """Spec §1.4 steps 1-2 and the Polar Express input (§1.2), in the oriented layout.
+
+    Args:
+        G: ``[N, m, n]`` gradients (read only).
+        M: ``[N, m, n]`` momentum, updated in place (``M <- M + (1 - mu)(G - M)``).
+        mu: 0-d tensor, the momentum.
+        flip: members are tall (``m > n``): the oriented input is ``U^T`` (``[N, n, m]``).
+        normalize: True -> return ``X0 = round(U / ((1 + safety) ||U||_F + pe_eps))``, the
+            input of :func:`~.polar_express._pe_batched` (``norm2`` is None); False -> return
+            ``round(U)`` contiguous and ``norm2 = ||U||_F^2`` (fp32 ``[N]``), the input of the
+            fused kernel (:func:`~.pe_triton.polar_express_fused_`), which normalises itself.
+
+    Returns:
+        ``(X, norm2)``: ``X`` ``[N, s, L]`` in ``compute_dtype`` (``s = min(m, n)``).
+    """
+    M.lerp_(G, 1.0 - mu)  # 1: M <- M + (1-mu)(G - M)
+    U = torch.lerp(G, M, mu)  # 2: Nesterov U = G + mu (M - G)
+    X = U.mT if flip else U
+    acc = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    Xa = X.to(acc)
+    if normalize:
+        norm = torch.linalg.vector_norm(Xa, dim=(-2, -1), keepdim=True)
+        return (Xa / ((1.0 + safety) * norm + pe_eps)).to(compute_dtype), None
+    norm2 = Xa.square().sum(dim=(-2, -1)).to(torch.float32)
+    return X.to(compute_dtype).contiguous(), norm2
+
+
+def bank_epilogue(
+    O: torch.Tensor,
+    r_sum: Optional[torch.Tensor],
+    G: torch.Tensor,
+    V: torch.Tensor,
+    W: Optional[torch.Tensor],
+    decay: torch.Tensor,
+    lr: torch.Tensor,
+    beta2: torch.Tensor,
+    eps: torch.Tensor,
+    flip: bool,
+    stat_dim: int,
+    scale_mode: str,
+    shape_scale: float,
+    rms_scale: float,
+) -> None:
+    """Spec §1.4 steps 4-10 for a bank, in place.
+
+    Args:
+        O: ``[N, s, L]`` Polar Express output (oriented, compute dtype).
+        r_sum: per-neuron sums of ``O^2`` along ``stat_dim`` (``[N, s]`` for ``stat_dim=-1``,
+            ``[N, L]`` for ``-2``, fp32) when the fused kernel computed them, else None.
+        G: ``[N, m, n]``; when ``W`` is None overwritten with ``-lr * Delta`` (original
+            orientation) for the caller to add to the parameters.
+        V: ``[N, s, 1]`` / ``[N, 1, L]`` second moment (oriented), updated in place.
+        W: ``[N, m, n]`` parameters (re-homed bank) updated in place,
+            ``W <- W * decay - lr * Delta`` (step 10), or None.
+        decay, lr, beta2, eps: 0-d tensors (``1 - lr * wd``, learning rate, second-moment
+            decay, epsilon).
+        stat_dim: oriented axis averaged for the per-neuron mean square.
+        scale_mode: ``"shape"`` (fork: restore ``||O||_F`` then ``* sqrt(max(1, m/n))``) or
+            ``"rms0.2"`` (paper: ``0.2 * sqrt(mn) / ||O_hat||_F``).
+        shape_scale: ``sqrt(max(1, m/n))``; rms_scale: ``0.2 * sqrt(m n)``.
+    """
+    O = O.to(V.dtype)  # 3: caller's fp32 (fp64) copy of the PE output
+    length = O.shape[stat_dim]
+    if r_sum is None:
+        r = O.square().mean(dim=stat_dim, keepdim=True)  # 4: per-neuron mean square
+    else:
+        r = (r_sum.to(V.dtype) / length).unsqueeze(stat_dim)
+    V.lerp_(r, 1.0 - beta2)  # 5
+    s = torch.rsqrt(V + eps)  # 6
+    R = r.sum(dim=(-2, -1), keepdim=True) * length  # ||O||_F^2
+    S = (r * s * s).sum(dim=(-2, -1), keepdim=True) * length  # ||s * O||_F^2
+    if scale_mode == "shape":
+        k = s * (torch.sqrt(R) / torch.clamp_min(torch.sqrt(S), eps)) * shape_scale  # 7-9
+    else:
+        k = s * (rms_scale / torch.clamp_min(torch.sqrt(S), eps))
+    delta = (k * O) * (-lr)
+    delta = delta.mT if flip else delta
+    if W is None:
+        G.copy_(delta)
+    else:
+        W.copy_(W * decay + delta)  # 10: W (1 - lr wd) - lr Delta
+
+
 def bank_update(
     G: torch.Tensor,
     M: torch.Tensor,
@@ -123,42 +218,14 @@ def bank_update(
     shape_scale: float,
     rms_scale: float,
 ) -> None:
-    """One NorMuon step for a bank (spec §1.4 steps 1-9), in place.
+    """One NorMuon step for a bank (spec §1.4 steps 1-10), in place, PyTorch Polar Express.
 
-    Args:
-        G: ``[N, m, n]`` gradients (read); when ``W`` is None overwritten with ``-lr * Delta``
-            (original orientation) for the caller to add to the parameters.
-        M: ``[N, m, n]`` momentum, updated in place.
-        V: ``[N, s, 1]`` / ``[N, 1, L]`` second moment (oriented), updated in place.
-        W: ``[N, m, n]`` parameters (re-homed bank) updated in place,
-            ``W <- W * decay - lr * Delta`` (step 10), or None.
-        decay: 0-d tensor ``1 - lr * weight_decay``.
-        lr, mu, beta2, eps: 0-d tensors (learning rate, momentum, second-moment decay, epsilon).
-        flip: members are tall; PE works on ``X = U^T`` (``[N, n, m]``).
-        stat_dim: oriented axis averaged for the per-neuron mean square.
-        table, safety, pe_eps, compute_dtype: Polar Express settings.
-        scale_mode: ``"shape"`` (fork: restore ``||O||_F`` then ``* sqrt(max(1, m/n))``) or
-            ``"rms0.2"`` (paper: ``0.2 * sqrt(mn) / ||O_hat||_F``).
-        shape_scale: ``sqrt(max(1, m/n))`` for ``"shape"``.
-        rms_scale: ``0.2 * sqrt(m n)`` for ``"rms0.2"``.
+    ``bank_prologue`` -> :func:`~.polar_express._pe_batched` -> ``bank_epilogue``; see those
+    for the arguments (``G`` ``[N, m, n]`` gradients, ``M`` momentum, ``V`` oriented second
+    moment, ``W`` re-homed parameters or None, hyper-parameters as 0-d tensors).
     """
-    M.lerp_(G, 1.0 - mu)  # 1: M <- M + (1-mu)(G - M)
-    U = torch.lerp(G, M, mu)  # 2: Nesterov U = G + mu (M - G)
-    X = U.mT if flip else U
-    O = _pe_batched(X, table, safety, pe_eps, compute_dtype).to(M.dtype)  # 3 (oriented)
-    r = O.square().mean(dim=stat_dim, keepdim=True)  # 4: per-neuron mean square
-    V.lerp_(r, 1.0 - beta2)  # 5
-    s = torch.rsqrt(V + eps)  # 6
-    length = O.shape[stat_dim]
-    R = r.sum(dim=(-2, -1), keepdim=True) * length  # ||O||_F^2
-    S = (r * s * s).sum(dim=(-2, -1), keepdim=True) * length  # ||s * O||_F^2
-    if scale_mode == "shape":
-        k = s * (torch.sqrt(R) / torch.clamp_min(torch.sqrt(S), eps)) * shape_scale  # 7-9
-    else:
-        k = s * (rms_scale / torch.clamp_min(torch.sqrt(S), eps))
-    delta = (k * O) * (-lr)
-    delta = delta.mT if flip else delta
-    if W is None:
-        G.copy_(delta)
-    else:
-        W.copy_(W * decay + delta)  # 10: W (1 - lr wd) - lr Delta
+    X, _ = bank_prologue(G, M, mu, flip, safety, pe_eps, compute_dtype, True)
+    O = _pe_polynomial(X, table, compute_dtype)
+    bank_epilogue(
+        O, None, G, V, W, decay, lr, beta2, eps, flip, stat_dim, scale_mode, shape_scale, rms_scale
+    )

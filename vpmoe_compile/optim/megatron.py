@@ -71,6 +71,7 @@ def _normuon_group(routes: Sequence[ParamRoute], st, expert: bool) -> Dict[str, 
     return {
         "params": [r.param for r in routes],
         "blocks": [r.blocks for r in routes],
+        "layouts": [r.layout for r in routes],
         "is_expert_parallel": expert,
         "default_config": True,
         "wd_mult": 1.0,

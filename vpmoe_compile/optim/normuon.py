@@ -14,15 +14,33 @@ A parameter can hold several logical matrices: a group may carry ``"blocks"`` (a
 with ``"params"``), each entry ``None`` (whole matrix) or a tuple of logical matrices, each a
 tuple of ``(row_start, num_rows)`` segments (e.g. the Q rows of every query group of a fused QKV
 weight). The second moment of such a parameter stays ``[m, 1]`` in the parameter's row order.
+A group may also carry ``"layouts"`` (aligned with ``"params"``): ``None`` (the parameter is an
+``[out, in]`` matrix) or ``(E, in, out)`` for Megatron's legacy ``GroupedMLP`` storage, whose
+memory viewed as ``[E, in, out]`` holds expert ``e``'s weight transposed; its logical matrix is
+``[E * out, in]`` (row ``e * out + j`` = output neuron ``j`` of expert ``e``), blocks index those
+rows (default: one logical matrix per expert) and never cross an expert, and every read or write
+goes through strided per-expert views (spec §4.2). Its second moment is ``[E * out, 1]``.
 
 Execution: members are grouped into banks (:mod:`.banks`) and each bank runs one batched,
-optionally ``torch.compile``-d function; hyper-parameters live in persistent 0-d tensors updated
+optionally ``torch.compile``-d function (or, for banks of short-wide matrices on CUDA,
+a compiled prologue, the fused Polar Express kernel of :mod:`.pe_triton` and a compiled
+epilogue); hyper-parameters live in persistent 0-d tensors updated
 with ``fill_`` (no recompilation when the scheduler changes ``lr`` / ``weight_decay``), and our
 code issues no host synchronisation (no ``.item()``, no branching on tensor values). Whole fp32
 parameters are re-homed into their bank's contiguous storage (``rehome=True``) so momentum,
 PE, second moment, weight decay and the update of a bank run as one batched function; split
 (QKV / TPA) parameters are gathered / scattered with foreach ops. Parameters whose ``grad`` is
 ``None`` are skipped exactly (no state change, no weight decay), as in the reference fork.
+
+CUDA graphs (``cuda_graph=True``, spec R6): the first step with all gradients present runs
+eagerly (compilation, autotuning, workspaces), the next one captures the whole bank computation
+(weight decay, every bank, the update, split-parameter state) into one graph and later steps
+replay it; the gradient gather is a second graph, captured once the gradients' addresses are
+the same on two consecutive steps (Megatron's ``main_grad`` buffers) and replayed while they
+stay there (otherwise the gather runs eagerly). Hyper-parameters are written into their 0-d
+tensors before the replay, so schedules apply. Graphs are dropped and re-captured whenever the
+banks are rebuilt (new parameters, re-bound ``.data``, ``load_state_dict``). A step with some
+gradients ``None`` runs eagerly.
 
 State (``state_dict``): per parameter ``momentum_buffer`` (param shape) and ``second_moment``
 (``[m, 1]``, or ``[1, n]`` for ``neuron_axis="larger"`` on wide matrices), both fp32 (fp64 for
@@ -37,24 +55,56 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .banks import Bank, Member, bank_layout, bank_update, oriented_v_shape
+from .banks import Bank, Member, bank_epilogue, bank_layout, bank_prologue, bank_update, oriented_v_shape
 from .polar_express import PE_EPS, resolve_coefficients
 
 __all__ = ["NorMuon"]
 
 _HYPER_KEYS = ("lr", "momentum", "beta2", "eps", "weight_decay")
 
+Layout = Optional[Tuple[int, int, int]]
+
 
 def _state_dtype(p: torch.Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _logical_shape(p: torch.Tensor, layout: Layout) -> Tuple[int, int]:
+    """``[rows, cols]`` of a parameter's logical ``[out, in]`` matrix (see module docstring)."""
+    if layout is None:
+        return int(p.shape[0]), int(p.shape[1])
+    E, fin, fout = layout
+    return E * fout, fin
+
+
+def _rows(t: torch.Tensor, layout: Layout, start: int, length: int) -> torch.Tensor:
+    """View of rows ``[start, start + length)`` of the logical matrix of ``t`` (param-shaped)."""
+    if layout is None:
+        return t[start : start + length]
+    E, fin, fout = layout
+    e, j = divmod(start, fout)
+    return t.view(E, fin, fout)[e].mT[j : j + length]
+
+
+class _Graphs:
+    """CUDA graphs of one bank set (see module docstring)."""
+
+    def __init__(self):
+        self.warm = False
+        self.compute: Optional[torch.cuda.CUDAGraph] = None
+        self.gather: Optional[torch.cuda.CUDAGraph] = None
+        self.gather_key: Optional[Tuple[int, ...]] = None
+        self.last_ptrs: Optional[Tuple[int, ...]] = None
+        self.captures = 0
 
 
 class NorMuon(torch.optim.Optimizer):
     """NorMuon + Polar Express over 2-D parameters.
 
     Args:
-        params: parameters or param groups (2-D tensors only). A group may carry ``"blocks"``
-            (see module docstring) and any Megatron scheduler keys (``max_lr``, ``wd_mult``...).
+        params: parameters or param groups (2-D tensors only). A group may carry ``"blocks"`` and
+            ``"layouts"`` (see module docstring) and any Megatron scheduler keys (``max_lr``,
+            ``wd_mult``...).
         lr: learning rate (fork scale: RMS of an update is about ``lr / sqrt(fan_in)``).
         momentum: ``mu`` of the EMA momentum (Nesterov).
         beta2: decay of the per-neuron second moment.
@@ -68,13 +118,18 @@ class NorMuon(torch.optim.Optimizer):
         scale_mode: ``"shape"`` (fork, default) or ``"rms0.2"`` (paper).
         neuron_axis: ``"rows"`` (default) or ``"larger"``.
         compile: ``False``, ``True`` (inductor) or a backend name for ``torch.compile`` of the
-            per-bank function. ``None`` -> compile only on CUDA.
+            per-bank functions. ``None`` -> compile only on CUDA.
         max_bank_size: most members in one bank (bounds workspace memory), spec R1.
         rehome: store whole-matrix fp32 (fp64) parameters as views of their bank's contiguous
             ``[N, m, n]`` storage (``p.data = bank.W[i]``, spec R3), so that weight decay and the
             update run inside the bank kernel; parameters whose ``.data`` is later replaced are
-            detected and the banks rebuilt. Split (QKV / TPA) and low-precision parameters are
-            never re-homed (updated through foreach ops instead).
+            detected and the banks rebuilt. Split (QKV / TPA / GroupedMLP) and low-precision
+            parameters are never re-homed (updated through foreach ops instead).
+        pe_backend: ``"auto"`` (the fused Triton kernel of :mod:`.pe_triton` for CUDA banks with
+            ``min(m, n) <= 128`` in bf16 / fp32, PyTorch ``bmm`` otherwise), ``"torch"``
+            (always PyTorch), ``"triton"`` (the fused kernel wherever it applies, also under
+            ``TRITON_INTERPRET=1`` on the CPU in fp32; PyTorch for the other banks).
+        cuda_graph: capture the step into CUDA graphs (CUDA parameters only; spec R6).
     """
 
     def __init__(
@@ -96,6 +151,8 @@ class NorMuon(torch.optim.Optimizer):
         compile: Union[bool, str, None] = False,
         max_bank_size: int = 2048,
         rehome: bool = True,
+        pe_backend: str = "auto",
+        cuda_graph: bool = False,
     ):
         if lr < 0.0:
             raise ValueError(f"invalid lr {lr}")
@@ -107,6 +164,8 @@ class NorMuon(torch.optim.Optimizer):
             raise ValueError(f"scale_mode must be 'shape' or 'rms0.2', got {scale_mode!r}")
         if neuron_axis not in ("rows", "larger"):
             raise ValueError(f"neuron_axis must be 'rows' or 'larger', got {neuron_axis!r}")
+        if pe_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"pe_backend must be 'auto', 'torch' or 'triton', got {pe_backend!r}")
         defaults = dict(
             lr=lr, momentum=momentum, beta2=beta2, eps=eps, weight_decay=weight_decay
         )
@@ -125,6 +184,8 @@ class NorMuon(torch.optim.Optimizer):
         self.max_bank_size = int(max_bank_size)
         self.compile_mode = compile
         self.rehome = bool(rehome)
+        self.pe_backend = pe_backend
+        self.cuda_graph = bool(cuda_graph)
         for group in self.param_groups:
             self._check_group(group)
         self._banks: Optional[List[Bank]] = None
@@ -132,40 +193,71 @@ class NorMuon(torch.optim.Optimizer):
         self._ptrs: List[int] = []
         self._decay_lists: Dict[int, Dict[Tuple, List[torch.Tensor]]] = {}
         self._hyper: Dict[Tuple[int, torch.device, torch.dtype], Dict[str, Any]] = {}
-        self._fn = None
+        self._hyper_keys: List[Tuple[int, torch.device, torch.dtype]] = []
+        self._fns = None
+        self._graphs: Optional[_Graphs] = None
 
     # ------------------------------------------------------------------ setup helpers
     def _check_group(self, group: Dict[str, Any]) -> None:
+        n_params = len(group["params"])
+        layouts = group.get("layouts")
+        if layouts is None:
+            group["layouts"] = [None] * n_params
+        elif len(layouts) != n_params:
+            raise ValueError("group 'layouts' must be aligned with group 'params'")
+        group["layouts"] = [None if lay is None else tuple(int(v) for v in lay) for lay in group["layouts"]]
         blocks = group.get("blocks")
         if blocks is None:
-            group["blocks"] = [None] * len(group["params"])
-        elif len(blocks) != len(group["params"]):
+            group["blocks"] = [None] * n_params
+        elif len(blocks) != n_params:
             raise ValueError("group 'blocks' must be aligned with group 'params'")
+        else:
+            group["blocks"] = list(blocks)
         group.setdefault("normuon_step", 0)
         # Spec §2.3: the table's generating parameters travel with it (checkpoints, logs).
         group["polar_express"] = dict(self.pe_record)
-        for p, blk in zip(group["params"], group["blocks"]):
+        for i, (p, blk, lay) in enumerate(zip(group["params"], group["blocks"], group["layouts"])):
             if p.ndim != 2:
                 raise ValueError(
                     f"NorMuon only takes 2-D parameters, got shape {tuple(p.shape)}; "
                     "route other tensors to AdamW"
                 )
+            if lay is not None:
+                E, fin, fout = lay
+                if min(lay) <= 0 or E * fin * fout != p.numel():
+                    raise ValueError(
+                        f"layout (E, in, out) = {lay} does not match a parameter of "
+                        f"{p.numel()} elements ({tuple(p.shape)})"
+                    )
+                if not p.is_contiguous():
+                    raise ValueError("a parameter with a GroupedMLP layout must be contiguous")
+                if blk is None:  # default: one logical matrix per expert
+                    blk = tuple(((e * fout, fout),) for e in range(E))
+                    group["blocks"][i] = blk
+                for member in blk:
+                    for start, length in member:
+                        if start // fout != (start + length - 1) // fout:
+                            raise ValueError(
+                                f"block segment {(start, length)} crosses an expert boundary "
+                                f"(rows per expert {fout})"
+                            )
+            rows, cols = _logical_shape(p, lay)
             if blk is not None:
-                rows = sorted(seg for member in blk for seg in member)
+                segs = sorted(seg for member in blk for seg in member)
                 covered = 0
-                for start, length in rows:
+                for start, length in segs:
                     if start != covered or length <= 0:
-                        raise ValueError(f"blocks {blk} do not tile the {p.shape[0]} rows")
+                        raise ValueError(f"blocks {blk} do not tile the {rows} rows")
                     covered += length
-                if covered != p.shape[0]:
-                    raise ValueError(f"blocks {blk} cover {covered} of {p.shape[0]} rows")
+                if covered != rows:
+                    raise ValueError(f"blocks {blk} cover {covered} of {rows} rows")
                 if self.neuron_axis == "larger":
                     for member in blk:
                         m = sum(length for _, length in member)
-                        if m < p.shape[1]:
+                        if m < cols:
                             raise NotImplementedError(
                                 "neuron_axis='larger' with per-column statistics is not "
-                                "supported for split (QKV / TPA) parameters"
+                                "supported for split (QKV / TPA / GroupedMLP) parameters"
                             )
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -181,9 +273,23 @@ class NorMuon(torch.optim.Optimizer):
             return self.pe_dtype
         return torch.bfloat16 if p.is_cuda else torch.float32
 
-    def _get_fn(self):
-        if self._fn is not None:
-            return self._fn
+    def _use_fused(self, shape: Tuple[int, int], device: torch.device, dtype: torch.dtype) -> bool:
+        if self.pe_backend == "torch" or dtype == torch.float64:
+            return False
+        if self.pe_backend == "auto" and device.type != "cuda":
+            return False
+        try:
+            from .pe_triton import fused_pe_supported
+        except Exception:  # pragma: no cover - triton missing or broken
+            if self.pe_backend == "triton":
+                raise
+            return False
+        return fused_pe_supported(shape, device, dtype)
+
+    def _get_fns(self):
+        """``(update, prologue, epilogue)``: compiled (or plain) bank functions."""
+        if self._fns is not None:
+            return self._fns
         mode = self.compile_mode
         if mode is None:
             mode = torch.cuda.is_available()
@@ -198,10 +304,13 @@ class NorMuon(torch.optim.Optimizer):
                     cfg.accumulated_cache_size_limit, 4 * n_banks + 64
                 )
             backend = mode if isinstance(mode, str) else "inductor"
-            self._fn = torch.compile(bank_update, dynamic=False, fullgraph=True, backend=backend)
+            self._fns = tuple(
+                torch.compile(f, dynamic=False, fullgraph=True, backend=backend)
+                for f in (bank_update, bank_prologue, bank_epilogue)
+            )
         else:
-            self._fn = bank_update
-        return self._fn
+            self._fns = (bank_update, bank_prologue, bank_epilogue)
+        return self._fns
 
     def _params_changed(self) -> bool:
         """Parameters replaced (e.g. Megatron's fp32 main params) or their ``.data`` re-bound."""
@@ -214,17 +323,16 @@ class NorMuon(torch.optim.Optimizer):
     def _members(self) -> List[Member]:
         members = []
         for gi, group in enumerate(self.param_groups):
-            for pi, (p, blk) in enumerate(zip(group["params"], group["blocks"])):
+            for pi, (p, blk, lay) in enumerate(zip(group["params"], group["blocks"], group["layouts"])):
+                rows, cols = _logical_shape(p, lay)
                 if blk is None:
-                    members.append(
-                        Member(gi, pi, ((0, p.shape[0]),), (p.shape[0], p.shape[1]), True)
-                    )
+                    members.append(Member(gi, pi, ((0, rows),), (rows, cols), True))
                 else:
                     for segs in blk:
                         segs = tuple((int(s), int(n)) for s, n in segs)
                         m = sum(n for _, n in segs)
-                        whole = len(blk) == 1 and segs == ((0, p.shape[0]),)
-                        members.append(Member(gi, pi, segs, (m, p.shape[1]), whole))
+                        whole = lay is None and len(blk) == 1 and segs == ((0, rows),)
+                        members.append(Member(gi, pi, segs, (m, cols), whole))
         return members
 
     def _build_banks(self) -> None:
@@ -236,13 +344,14 @@ class NorMuon(torch.optim.Optimizer):
             p = self.param_groups[mem.group_index]["params"][mem.param_index]
             sdtype = _state_dtype(p)
             rehome = self.rehome and mem.whole and p.dtype == sdtype
-            key = (mem.group_index, mem.shape, p.device, sdtype, rehome)
+            key = (mem.group_index, mem.shape, p.device, sdtype, rehome, self._compute_dtype(p))
             buckets.setdefault(key, []).append(mem)
         banks: List[Bank] = []
-        for (gi, shape, device, sdtype, rehome), mems in buckets.items():
+        for (gi, shape, device, sdtype, rehome, cdtype), mems in buckets.items():
             flip, on_rows, stat_dim = bank_layout(shape, self.neuron_axis)
             vshape = oriented_v_shape(shape, flip, stat_dim)
             m, n = shape
+            fused = self._use_fused(shape, device, cdtype)
             for start in range(0, len(mems), self.max_bank_size):
                 chunk = mems[start : start + self.max_bank_size]
                 N = len(chunk)
@@ -257,6 +366,8 @@ class NorMuon(torch.optim.Optimizer):
                     M=torch.zeros((N, m, n), dtype=sdtype, device=device),
                     V=torch.zeros((N, *vshape), dtype=sdtype, device=device),
                     shape_scale=math.sqrt(max(1.0, m / n)),
+                    fused=fused,
+                    compute_dtype=cdtype,
                 )
                 bank.params = [self._param_of(mem) for mem in chunk]
                 bank.whole = all(mem.whole for mem in chunk)
@@ -271,18 +382,25 @@ class NorMuon(torch.optim.Optimizer):
         # Weight decay of the parameters not updated inside a bank kernel, once per parameter.
         rehomed = {id(p) for b in banks if b.W is not None for p in b.params}
         self._decay_lists = {}
+        keys = {(b.group_index, b.G.device, b.G.dtype) for b in banks}
         for gi, group in enumerate(self.param_groups):
             lists: Dict[Tuple, List[torch.Tensor]] = {}
             for p in group["params"]:
                 if id(p) not in rehomed:
                     lists.setdefault((p.device, _state_dtype(p)), []).append(p)
             self._decay_lists[gi] = lists
+            keys.update((gi, d, dt) for d, dt in lists)
+        self._hyper_keys = sorted(keys, key=str)
         self._flat = [p for g in self.param_groups for p in g["params"]]
         self._ptrs = [p.data_ptr() for p in self._flat]
-        self._fn = None
+        self._fns = None
+        self._graphs = None
 
     def _param_of(self, mem: Member) -> torch.Tensor:
         return self.param_groups[mem.group_index]["params"][mem.param_index]
+
+    def _layout_of(self, mem: Member) -> Layout:
+        return self.param_groups[mem.group_index]["layouts"][mem.param_index]
 
     def _import_state(self, source: Optional[Dict[torch.Tensor, Dict[str, torch.Tensor]]] = None):
         """Copy per-parameter state into the banks and point ``self.state`` at bank views."""
@@ -293,12 +411,13 @@ class NorMuon(torch.optim.Optimizer):
             bank.g_whole = [bank.G[i] for i in range(bank.size)]
             for i, mem in enumerate(bank.members):
                 p = self._param_of(mem)
+                lay = self._layout_of(mem)
                 st = source.get(p, {}) if hasattr(source, "get") else {}
                 mom, v = st.get("momentum_buffer"), st.get("second_moment")
                 row = 0
                 for start, length in mem.segments:
                     if mom is not None:
-                        bank.M[i, row : row + length].copy_(mom[start : start + length])
+                        bank.M[i, row : row + length].copy_(_rows(mom, lay, start, length))
                     if v is not None:
                         if bank.stat_on_rows:
                             bank.member_v(i)[row : row + length].copy_(v[start : start + length])
@@ -306,18 +425,20 @@ class NorMuon(torch.optim.Optimizer):
                             bank.member_v(i).copy_(v)
                     bank.g_dst.append(bank.G[i, row : row + length])
                     bank.d_src.append(bank.G[i, row : row + length])
-                    bank.w_dst.append(p.detach()[start : start + length])
+                    bank.w_dst.append(_rows(p.detach(), lay, start, length))
                     bank.seg_member.append(i)
                     row += length
                 if mem.whole:
                     self.state[p] = {"momentum_buffer": bank.M[i], "second_moment": bank.member_v(i)}
                 else:
-                    split_params[p] = True
-        for p in split_params:
+                    split_params[p] = lay
+        for p, lay in split_params.items():
             sdt = _state_dtype(p)
             self.state[p] = {
                 "momentum_buffer": torch.zeros(p.shape, dtype=sdt, device=p.device),
-                "second_moment": torch.zeros((p.shape[0], 1), dtype=sdt, device=p.device),
+                "second_moment": torch.zeros(
+                    (_logical_shape(p, lay)[0], 1), dtype=sdt, device=p.device
+                ),
             }
         self._export_state()
 
@@ -330,12 +451,15 @@ class NorMuon(torch.optim.Optimizer):
                 if mem.whole:
                     continue
                 p = self._param_of(mem)
+                lay = self._layout_of(mem)
                 st = self.state.get(p)
                 if st is None or "momentum_buffer" not in st:
                     continue
                 row = 0
                 for start, length in mem.segments:
-                    st["momentum_buffer"][start : start + length].copy_(bank.M[i, row : row + length])
+                    _rows(st["momentum_buffer"], lay, start, length).copy_(
+                        bank.M[i, row : row + length]
+                    )
                     st["second_moment"][start : start + length].copy_(
                         bank.member_v(i)[row : row + length]
                     )
@@ -349,8 +473,18 @@ class NorMuon(torch.optim.Optimizer):
         """Allocate (zero) state for every parameter (Megatron ``init_state_fn``)."""
         self._ensure_banks()
 
+    def bank_summary(self) -> List[Dict[str, Any]]:
+        """One dict per bank: shape ``[m, n]``, members, group, flip, fused, re-homed."""
+        self._ensure_banks()
+        return [
+            dict(shape=list(b.shape), members=b.size, group=b.group_index, flip=b.flip,
+                 fused=b.fused, rehomed=b.W is not None, compute_dtype=str(b.compute_dtype))
+            for b in self._banks
+        ]
+
     # ------------------------------------------------------------------ hyper-parameters
     def _hyper_tensors(self, gi: int, device: torch.device, dtype: torch.dtype) -> Dict[str, Any]:
+        """The 0-d hyper-parameter tensors of ``(group, device, dtype)``, refreshed from the group."""
         key = (gi, device, dtype)
         group = self.param_groups[gi]
         entry = self._hyper.get(key)
@@ -371,6 +505,10 @@ class NorMuon(torch.optim.Optimizer):
             entry["decay"].fill_(1.0 - float(group["lr"]) * float(group["weight_decay"]))
         return entry
 
+    def _refresh_hyper(self) -> None:
+        for key in self._hyper_keys:
+            self._hyper_tensors(*key)
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
@@ -383,47 +521,57 @@ class NorMuon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._ensure_banks()
-        fn = self._get_fn()
         all_present = True
         for p in self._flat:
-            if p.grad is None:
+            g = p.grad
+            if g is None:
                 all_present = False
-            elif p.grad.is_sparse:
+            elif g.is_sparse:
                 raise RuntimeError("NorMuon does not support sparse gradients")
         active = None if all_present else {id(p) for p in self._flat if p.grad is not None}
+        self._refresh_hyper()
+        if active is None and self.cuda_graph:
+            self._graph_step()
+        else:
+            self._apply_decay(active, skip_zero=True)
+            for bank in self._banks:
+                present = self._present(bank, active)
+                if present is not None and not any(present):
+                    continue
+                self._gather_bank(bank, present)
+                self._compute_bank(bank, present)
+            self._export_state()  # keep self.state of split (QKV / TPA) parameters current
+        for group in self.param_groups:
+            if active is None or any(id(p) in active for p in group["params"]):
+                group["normuon_step"] = int(group.get("normuon_step", 0)) + 1
+        return loss
 
-        # Weight decay of parameters updated outside the bank kernels (split / low precision).
+    @staticmethod
+    def _present(bank: Bank, active: Optional[set]) -> Optional[List[bool]]:
+        return None if active is None else [id(p) in active for p in bank.params]
+
+    def _apply_decay(self, active: Optional[set], skip_zero: bool) -> None:
+        """Weight decay of parameters updated outside the bank kernels (split / low precision).
+
+        ``skip_zero``: skip groups with ``weight_decay == 0`` (eager path); the CUDA-graph path
+        always multiplies (by exactly 1.0 then), so the captured work does not depend on it.
+        """
         for gi, group in enumerate(self.param_groups):
-            if float(group["weight_decay"]) == 0.0:
+            if skip_zero and float(group["weight_decay"]) == 0.0:
                 continue
             for (device, sdtype), plist in self._decay_lists[gi].items():
                 if active is not None:
                     plist = [p for p in plist if id(p) in active]
                 if plist:
-                    h = self._hyper_tensors(gi, device, sdtype)
+                    h = self._hyper[(gi, device, sdtype)]
                     torch._foreach_mul_([p.detach() for p in plist], h["decay"])
 
-        for bank in self._banks:
-            self._step_bank(bank, fn, active)
-        for group in self.param_groups:
-            if active is None or any(id(p) in active for p in group["params"]):
-                group["normuon_step"] = int(group.get("normuon_step", 0)) + 1
-        self._export_state()  # keep self.state of split (QKV / TPA) parameters current
-        return loss
-
-    def _step_bank(self, bank: Bank, fn, active: Optional[set]) -> None:
-        gi = bank.group_index
-        h = self._hyper_tensors(gi, bank.G.device, bank.G.dtype)
+    def _gather_bank(self, bank: Bank, present: Optional[List[bool]]) -> None:
+        """Copy the members' gradients into ``bank.G`` (zeros for absent members)."""
         params = bank.params
-        present = None if active is None else [id(p) in active for p in params]
-        if present is not None and not any(present):
-            return
         masked = present is not None and not all(present)
         if masked:
             bank.G.zero_()
-            keep = [i for i, ok in enumerate(present) if not ok]
-            saved = [(i, bank.M[i].clone(), bank.V[i].clone(),
-                      bank.W[i].clone() if bank.W is not None else None) for i in keep]
         if bank.whole and not masked:
             src = [p.grad for p in params]
             dst = bank.g_whole
@@ -432,9 +580,10 @@ class NorMuon(torch.optim.Optimizer):
             seg = 0
             for i, mem in enumerate(bank.members):
                 g = params[i].grad
+                lay = self._layout_of(mem)
                 for start, length in mem.segments:
                     if present is None or present[i]:
-                        src.append(g if mem.whole else g[start : start + length])
+                        src.append(g if mem.whole else _rows(g, lay, start, length))
                         dst.append(bank.g_dst[seg])
                     seg += 1
         if dst and dst[0].dtype == src[0].dtype:
@@ -442,27 +591,44 @@ class NorMuon(torch.optim.Optimizer):
         else:
             for d, g in zip(dst, src):
                 d.copy_(g)
+
+    def _gather_all(self) -> None:
+        for bank in self._banks:
+            self._gather_bank(bank, None)
+
+    def _compute_bank(self, bank: Bank, present: Optional[List[bool]]) -> None:
+        """Momentum, Polar Express, second moment and update of one bank (``bank.G`` gathered)."""
+        gi = bank.group_index
+        h = self._hyper[(gi, bank.G.device, bank.G.dtype)]
+        masked = present is not None and not all(present)
+        if masked:
+            keep = [i for i, ok in enumerate(present) if not ok]
+            saved = [(i, bank.M[i].clone(), bank.V[i].clone(),
+                      bank.W[i].clone() if bank.W is not None else None) for i in keep]
+        update, prologue, epilogue = self._get_fns()
         m, n = bank.shape
-        fn(
-            bank.G,
-            bank.M,
-            bank.V,
-            bank.W,
-            h["decay"],
-            h["lr"],
-            h["momentum"],
-            h["beta2"],
-            h["eps"],
-            bank.flip,
-            bank.stat_dim,
-            self.table,
-            self.safety,
-            self.pe_eps,
-            self._compute_dtype(params[0]),
-            self.scale_mode,
-            bank.shape_scale,
-            0.2 * math.sqrt(m * n),
-        )
+        rms_scale = 0.2 * math.sqrt(m * n)
+        if bank.fused:
+            from .pe_triton import polar_express_fused_
+
+            X, norm2 = prologue(
+                bank.G, bank.M, h["momentum"], bank.flip, self.safety, self.pe_eps,
+                bank.compute_dtype, False,
+            )
+            r = polar_express_fused_(
+                X, norm2, self.table, self.safety, self.pe_eps,
+                stat=1 if bank.stat_dim == -1 else 2,
+            )
+            epilogue(
+                X, r, bank.G, bank.V, bank.W, h["decay"], h["lr"], h["beta2"], h["eps"],
+                bank.flip, bank.stat_dim, self.scale_mode, bank.shape_scale, rms_scale,
+            )
+        else:
+            update(
+                bank.G, bank.M, bank.V, bank.W, h["decay"], h["lr"], h["momentum"], h["beta2"],
+                h["eps"], bank.flip, bank.stat_dim, self.table, self.safety, self.pe_eps,
+                bank.compute_dtype, self.scale_mode, bank.shape_scale, rms_scale,
+            )
         if masked:
             for i, mi, vi, wi in saved:
                 bank.M[i].copy_(mi)
@@ -481,6 +647,53 @@ class NorMuon(torch.optim.Optimizer):
         else:
             for wt, dt in zip(w, d):
                 wt.add_(dt.to(wt.dtype))
+
+    def _compute_all(self) -> None:
+        """Everything after the gather, for all banks (the captured part of a graph step)."""
+        self._apply_decay(None, skip_zero=False)
+        for bank in self._banks:
+            self._compute_bank(bank, None)
+        self._export_state()
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _graph_step(self) -> None:
+        if any(not b.G.is_cuda for b in self._banks) or any(
+            not p.is_cuda for lists in self._decay_lists.values() for pl in lists.values() for p in pl
+        ):
+            raise RuntimeError("NorMuon(cuda_graph=True) needs every parameter on a CUDA device")
+        gs = self._graphs
+        if gs is None:
+            gs = self._graphs = _Graphs()
+        ptrs = tuple(p.grad.data_ptr() for p in self._flat)
+        if gs.gather is not None and gs.gather_key == ptrs:
+            gs.gather.replay()
+        else:
+            self._gather_all()
+            if gs.warm and ptrs == gs.last_ptrs:
+                gs.gather = self._capture(self._gather_all)
+                gs.gather_key = ptrs
+        gs.last_ptrs = ptrs
+        if gs.compute is not None:
+            gs.compute.replay()
+        elif not gs.warm:
+            self._compute_all()  # warm-up: compilation, autotuning, lazy workspaces
+            gs.warm = True
+        else:
+            gs.compute = self._capture(self._compute_all)
+            gs.compute.replay()
+
+    def _capture(self, fn) -> torch.cuda.CUDAGraph:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        if self._graphs is not None:
+            self._graphs.captures += 1
+        return graph
+
+    @property
+    def graph_captures(self) -> int:
+        """How many CUDA graphs were captured for the current banks (diagnostics)."""
+        return 0 if self._graphs is None else self._graphs.captures
 
     # ------------------------------------------------------------------ state dict
     def state_dict(self) -> Dict[str, Any]:
@@ -501,8 +714,11 @@ class NorMuon(torch.optim.Optimizer):
                 originals[index_to_param[idx]] = {
                     k: v for k, v in st.items() if k in ("momentum_buffer", "second_moment")
                 }
+        layouts = [g.get("layouts") for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
+        for group, lay in zip(self.param_groups, layouts):
+            if group.get("layouts") is None:  # saved before layouts existed
+                group["layouts"] = lay
             self._check_group(group)
         self._banks = None
         self._build_banks_from(originals)

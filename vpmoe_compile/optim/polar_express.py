@@ -200,6 +200,12 @@ def _pe_batched(
     Xa = X.to(acc)
     norm = torch.linalg.vector_norm(Xa, dim=(-2, -1), keepdim=True)
     X = (Xa / ((1.0 + safety) * norm + eps)).to(compute_dtype)
+    return _pe_polynomial(X, table, compute_dtype)
+
+
+def _pe_polynomial(X: torch.Tensor, table: Coefficients, compute_dtype: torch.dtype) -> torch.Tensor:
+    """The Polar Express steps on a normalised wide batch ``[N, s, L]`` in ``compute_dtype``."""
+    X = X.to(compute_dtype)
     for a, b, c in table:
         A = torch.bmm(X, X.mT)  # [N, s, s]
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2

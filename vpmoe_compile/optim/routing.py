@@ -15,8 +15,19 @@ global ``*.linear_qkv.weight``                          NorMuon     1          p
 ``linear_proj`` / ``linear_fc1`` / ``linear_fc2``       NorMuon     1          whole (fc1 of a
 (dense, shared expert, each SequentialMLP expert,                              gated MLP: gate
 TEGroupedMLP ``weight{e}``)                                                    and up halves)
+legacy ``GroupedMLP`` ``experts.weight1`` / ``weight2``  NorMuon     1          per expert (and
+                                                                               gate / up), on
+                                                                               strided views
 any other 2-D or >2-D parameter                         error       --         --
 ======================================================  ==========  =========  =================
+
+Legacy ``GroupedMLP`` (Megatron-Core 0.16.1 ``experts.py``) stores all local experts in two 2-D
+parameters: ``weight1`` ``[hidden, E * F1]`` used as ``weight1.view(E, hidden, F1)`` and
+``weight2`` ``[E * ffn, hidden]`` used as ``weight2.view(E, ffn, hidden)`` (``F1 = 2 ffn`` when
+gated, ``[gate | up]`` along ``F1``). Each expert's block is its ``[in, out]`` weight, so the
+2-D shape mixes experts (spec §3 defect 1). The route carries ``layout = (E, in, out)`` and one
+logical matrix per expert (``[out, in]``, the transpose of the block; gate and up separately),
+see :mod:`.normuon`.
 """
 
 from __future__ import annotations
@@ -116,6 +127,7 @@ class ParamRoute:
     blocks: Blocks = None  # NorMuon logical matrices (row segments); None -> whole matrix
     block_names: Tuple[str, ...] = ()
     is_expert_parallel: bool = False
+    layout: Optional[Tuple[int, int, int]] = None  # (E, in, out) for legacy GroupedMLP storage
 
     @property
     def shape(self) -> Tuple[int, ...]:
@@ -125,6 +137,7 @@ class ParamRoute:
 _NORM_RE = re.compile(r"(layernorm|layer_norm|final_norm|\.norm)\.(weight|bias)$")
 _EXPERT_RE = re.compile(r"\.experts\.")
 _FFN_RE = re.compile(r"\.linear_fc[12]\.weight\d*$")
+_GROUPED_RE = re.compile(r"\.experts\.weight([12])$")
 
 
 def _model_config(model: torch.nn.Module):
@@ -179,6 +192,47 @@ def _tpa_blocks(param: torch.Tensor, name: str) -> Tuple[Blocks, Tuple[str, ...]
     if row != param.shape[0]:
         raise RoutingError(f"{name}: tpa_factor_rows sum to {row}, the weight has {param.shape[0]} rows")
     return tuple(blocks), tuple(names)
+
+
+def _grouped_mlp(
+    param: torch.Tensor, name: str, which: int, chunk, mcfg
+) -> Tuple[Blocks, Tuple[str, ...], Tuple[int, int, int]]:
+    """Per-expert logical matrices of a legacy ``GroupedMLP`` ``weight1`` / ``weight2``."""
+    module = None
+    try:
+        module = chunk.get_submodule(name.rsplit(".", 1)[0])
+    except AttributeError:
+        pass
+    cfg = mcfg if mcfg is not None else getattr(module, "config", None)
+    ffn = getattr(cfg, "moe_ffn_hidden_size", None) or getattr(cfg, "ffn_hidden_size", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    if not ffn or not hidden:
+        raise RoutingError(
+            f"{name}: a GroupedMLP weight needs model.config.hidden_size and moe_ffn_hidden_size "
+            "for its per-expert layout"
+        )
+    gated = bool(getattr(cfg, "gated_linear_unit", False))
+    f1 = ffn * (2 if gated else 1)
+    fin, fout = (hidden, f1) if which == 1 else (ffn, hidden)
+    per_expert = fin * fout
+    E = getattr(module, "num_local_experts", None)
+    if E is None:
+        E = param.numel() // per_expert
+    expected = (hidden, E * f1) if which == 1 else (E * ffn, hidden)
+    if E < 1 or tuple(param.shape) != expected:
+        raise RoutingError(
+            f"{name}: shape {tuple(param.shape)} does not match GroupedMLP storage {expected} "
+            f"(experts {E}, hidden {hidden}, ffn {ffn}, gated {gated}; tensor parallel > 1?)"
+        )
+    blocks, names = [], []
+    for e in range(E):
+        if which == 1 and gated:
+            blocks += [((e * fout, ffn),), ((e * fout + ffn, ffn),)]
+            names += [f"e{e}.gate", f"e{e}.up"]
+        else:
+            blocks.append(((e * fout, fout),))
+            names.append(f"e{e}.fc{which}")
+    return tuple(blocks), tuple(names), (int(E), int(fin), int(fout))
 
 
 def _named_parameters(model) -> Iterable[Tuple[str, torch.nn.Parameter]]:
@@ -244,6 +298,15 @@ def classify_parameters(model, cfg: Any = None) -> List[ParamRoute]:
         if name.endswith(".linear_proj.weight"):
             routes.append(ParamRoute(name, p, "normuon", "attn_proj", 1.0, None, ("proj",), ep))
             continue
+        grouped = _GROUPED_RE.search(name)
+        if grouped:
+            blocks, names, layout = _grouped_mlp(
+                p, name, int(grouped.group(1)), chunk, _model_config(chunk)
+            )
+            routes.append(
+                ParamRoute(name, p, "normuon", "expert", 1.0, blocks, names, ep, layout=layout)
+            )
+            continue
         if _FFN_RE.search(name):
             if _EXPERT_RE.search(name) and "shared_experts" not in name:
                 role = "expert"
@@ -260,15 +323,9 @@ def classify_parameters(model, cfg: Any = None) -> List[ParamRoute]:
             continue
         unknown.append(f"{name} {tuple(p.shape)}")
     if unknown:
-        hint = ""
-        if any(re.search(r"\.experts\.weight[12] ", u) for u in unknown):
-            hint = (
-                " (legacy GroupedMLP weight1/weight2 store all experts in one 2-D tensor and are "
-                "not supported: use SequentialMLP or TEGroupedMLP, spec D5)"
-            )
         raise RoutingError(
             "no optimizer role for these parameters (add a rule in vpmoe_compile/optim/routing.py "
-            "or mark them with an attribute): " + ", ".join(unknown) + hint
+            "or mark them with an attribute): " + ", ".join(unknown)
         )
     return routes
 
@@ -286,11 +343,12 @@ def routing_table(model, cfg: Any = None) -> List[Dict[str, Any]]:
     for r in classify_parameters(model, cfg):
         if r.optimizer == "normuon":
             lr, min_lr = st.lr, st.min_lr
+            cols = int(r.layout[1]) if r.layout is not None else int(r.shape[1])
             if r.blocks is None:
-                mats = [[(r.block_names or ("matrix",))[0], int(r.shape[0]), int(r.shape[1])]]
+                mats = [[(r.block_names or ("matrix",))[0], int(r.shape[0]), cols]]
             else:
                 mats = [
-                    [n, int(sum(length for _, length in segs)), int(r.shape[1])]
+                    [n, int(sum(length for _, length in segs)), cols]
                     for n, segs in zip(r.block_names, r.blocks)
                 ]
         elif r.optimizer == "adamw":
