@@ -19,6 +19,8 @@ import difflib
 import json
 import os
 import platform
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -86,12 +88,36 @@ def _pass_markdown(i: int, r) -> str:
 
 
 def write_dump(dump_dir, model, cfg, record) -> Path:
-    """Write the dump for a finished transform (see module docstring); returns the directory."""
+    """Write the dump for a finished transform (see module docstring); returns the directory.
+
+    All-or-nothing: the pages are written into a hidden sibling directory first and moved into
+    ``dump_dir`` (one ``os.replace`` per file) only once every page is written, so an error half
+    way leaves an existing dump untouched and no partial one. Files of ours from an earlier dump
+    that the new one does not have (``NN-<pass>.md``) are removed; other files are left alone.
+    """
+    d = Path(dump_dir)
+    if d.exists() and not d.is_dir():
+        raise NotADirectoryError(f"debug dump: {d} exists and is not a directory; pass another dump_dir")
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.partial-", dir=d.parent))
+    try:
+        _write_pages(tmp, model, cfg, record)
+        d.mkdir(exist_ok=True)
+        new = {f.name for f in tmp.iterdir()}
+        for old in d.glob("[0-9][0-9]-*.md"):
+            if old.name not in new:
+                old.unlink()
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, d / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return d
+
+
+def _write_pages(d: Path, model, cfg, record) -> None:
     from megatron_base import compat
     from megatron_base.model import count_parameters
 
-    d = Path(dump_dir)
-    d.mkdir(parents=True, exist_ok=True)
     counts = count_parameters(model).as_dict()
     index = [
         "# vpmoe-compile debug dump\n",
@@ -128,4 +154,3 @@ def write_dump(dump_dir, model, cfg, record) -> Path:
         "passes": [dict(r.to_json(), file=f) for r, f in zip(record.results, files)],
     }
     (d / "dump.json").write_text(json.dumps(payload, indent=1, default=str))
-    return d

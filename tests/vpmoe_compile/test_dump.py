@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 import pytest
 
 import vpmoe_compile
@@ -57,3 +59,41 @@ def test_env_var_enables_dump(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("VPMOE_DUMP_DIR", str(tmp_path / "envdump"))
     vpmoe_compile.transform(tiny_model, passes=["layer_plan", "global_attention"])
     assert (tmp_path / "envdump" / "index.md").exists()
+
+
+def test_failed_dump_leaves_old_dump_and_model_untouched(tiny_model, tmp_path, monkeypatch):
+    from vpmoe_compile import dump as dump_mod
+
+    d = tmp_path / "dump"
+    d.mkdir()
+    (d / "index.md").write_text("old index\n")
+    (d / "09-stale.md").write_text("stale page\n")
+    (d / "notes.txt").write_text("user notes\n")
+    calls = []
+    real = dump_mod._pass_markdown
+
+    def flaky(i, r):
+        calls.append(i)
+        if i == 3:
+            raise OSError("disk full (simulated)")
+        return real(i, r)
+
+    monkeypatch.setattr(dump_mod, "_pass_markdown", flaky)
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    with pytest.raises(Exception, match="disk full"):
+        vpmoe_compile.transform(tiny_model, dump_dir=d)
+    assert calls == [1, 2, 3]
+    assert sorted(p.name for p in d.iterdir()) == ["09-stale.md", "index.md", "notes.txt"]
+    assert (d / "index.md").read_text() == "old index\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".dump.partial-")]
+    assert not hasattr(tiny_model, "vpmoe_transform")
+    after = dict(tiny_model.named_parameters())
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+
+    # A successful dump into the same directory replaces our pages, drops the stale one and
+    # keeps the user's file.
+    monkeypatch.setattr(dump_mod, "_pass_markdown", real)
+    vpmoe_compile.transform(tiny_model, dump_dir=d)
+    names = {p.name for p in d.iterdir()}
+    assert "09-stale.md" not in names and "notes.txt" in names and "01-layer_plan.md" in names
+    assert (d / "index.md").read_text().startswith("# vpmoe-compile debug dump")
