@@ -15,6 +15,11 @@ On one GPU (world size 1, nccl): the tiny vpMoE config as a stock Megatron-Core 
 5. ``torch_dist`` format: ``sharded_state_dict`` -> ``dist_checkpointing.save`` -> fresh
    model/optimizer ``sharded_state_dict(is_loading=True)`` -> ``dist_checkpointing.load`` ->
    ``load_state_dict`` -> identical states (incl. the ``[m, 1]`` second moments) and next step.
+6. with ``--cuda-graph``: every check above with ``optimizer.cuda_graph = true``, plus
+   ``graph_equals_eager``: two identical models, NorMuon with and without CUDA graphs, five
+   steps (gradients written into the DDP buffers, lr changing) -> bitwise identical models and
+   the compute graph (and the gather graph, if any bank gathers) captured once (Megatron's
+   ``main_grad`` views keep their addresses).
 
 Prints one line per check and writes ``check_megatron_optimizer.json`` to ``--out``.
 """
@@ -222,6 +227,30 @@ def run_suite(cfg, transform: bool, tag: str, tmp: str):
     RESULTS[f"{tag}.routing_rows"] = len(opt.routing_table())
 
 
+def graph_equals_eager(cfg, transform: bool, tag: str):
+    from vpmoe_compile.optim import build_optimizer
+
+    runs = []
+    for use_graph in (True, False):
+        c = copy.deepcopy(cfg)
+        c.optimizer.cuda_graph = use_graph
+        model, ddp = build(c, transform, seed=5)
+        opt = build_optimizer(ddp, c)
+        for step in range(5):
+            for g in opt.param_groups:
+                g["lr"] = g["max_lr"] * (1.0 - 0.1 * step)
+            ddp.zero_grad_buffer()
+            fixed_grads(ddp, 100 + step)
+            opt.step()
+        nm = [o.optimizer for o in opt.chained_optimizers if type(o.optimizer).__name__ == "NorMuon"]
+        runs.append((model, [o.graph_captures for o in nm]))
+    (m_g, caps), (m_e, _) = runs
+    same = all(torch.equal(a, b) for a, b in zip(m_g.parameters(), m_e.parameters()))
+    # compute graph + gather graph (none when every bank reads its gradients in place)
+    record(f"{tag}.graph_equals_eager", same and all(c in (1, 2) for c in caps), captures=caps,
+           params_identical=same)
+
+
 def _keys(d, prefix=""):
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
@@ -241,13 +270,17 @@ def main():
     ap.add_argument("--no-transform", action="store_true")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the NorMuon banks (benchmarks/optimizer.py checks compile)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="NorMuon with CUDA graphs (optimizer.cuda_graph) + the graph-vs-eager check")
     args = ap.parse_args()
     from megatron_base import init_process, load_config
 
     init_process(seed=1234)
     cfg = load_config("tiny")
     cfg.optimizer.compile = bool(args.compile)
+    cfg.optimizer.cuda_graph = bool(args.cuda_graph)
     RESULTS["compile"] = args.compile
+    RESULTS["cuda_graph"] = args.cuda_graph
     with tempfile.TemporaryDirectory() as tmp:
         for tag, tr in (("stock", False), ("transformed", True)):
             if tr and args.no_transform:
@@ -258,11 +291,14 @@ def main():
                     c = copy.deepcopy(cfg)
                     c.model.head_dim = 32
                 run_suite(c, tr, tag, tmp)
+                if args.cuda_graph:
+                    graph_equals_eager(c, tr, tag)
             except Exception as e:
                 traceback.print_exc()
                 record(f"{tag}.suite", False, error=f"{type(e).__name__}: {e}"[:500])
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "check_megatron_optimizer.json"), "w") as f:
+    name = "check_megatron_optimizer_graph.json" if args.cuda_graph else "check_megatron_optimizer.json"
+    with open(os.path.join(args.out, name), "w") as f:
         json.dump(RESULTS, f, indent=2, default=str)
     n_fail = sum(1 for v in RESULTS.values() if isinstance(v, dict) and not v["ok"])
     print("CHECK SUMMARY", {k: v["ok"] for k, v in RESULTS.items() if isinstance(v, dict)}, flush=True)

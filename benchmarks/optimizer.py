@@ -1,4 +1,4 @@
-"""One NorMuon step for the vpMoE-8L parameter set: fork-style loop vs batched eager vs compiled.
+"""One NorMuon step for the vpMoE-8L parameter set: fork-style loop vs our batched variants.
 
 Question: how far is our batched, compiled NorMuon step from its roofline floor, and how much
 faster is it than the reference fork's per-matrix Python loop?
@@ -10,35 +10,52 @@ fused QKV ``[1536, 1024]`` split per Q/K/V, 6 local with packed TPA factors q-ra
 router ``[256, 1024]``, 256 experts ``[128, 1024]`` / ``[1024, 128]`` and a shared expert 512.
 Random fp32 weights and gradients; expert params form a separate (expert-parallel) group.
 
-Variants (same matrices, same hyper-parameters):
+Variants (same matrices, same hyper-parameters, same random gradients):
 * ``fork_loop``: one Python iteration per matrix (fork semantics: fused QKV whole, TPA factors as
   separate weights), PE in bf16 per matrix -- the shape of the vpMoE fork's ``NormuonWithAuxAdam``.
-* ``batched_eager``: :class:`vpmoe_compile.optim.NorMuon` with ``compile=False`` (shape banks).
+* ``batched_eager``: :class:`vpmoe_compile.optim.NorMuon`, shape banks, PyTorch ``bmm`` Polar
+  Express, no compile, no graph.
 * ``batched_compiled``: the same with ``torch.compile(dynamic=False, fullgraph=True)`` per bank.
+* ``pe_kernel``: for the banks with ``min(m, n) <= 128`` (``pe_backend="auto"``) a compiled
+  prologue, the fused Triton Polar Express kernel and a compiled epilogue (``fused_bank=False``);
+  compiled ``bmm`` banks for the others.
+* ``bank_kernel``: the same banks run the whole NorMuon step in one Triton kernel per bank
+  (``fused_bank=True``, the default); ``*_direct``: that kernel reads each member's gradient
+  in place instead of a gathered copy (``direct_grads=True``, opt-in).
+* ``*_graph``: the same, with the step captured in CUDA graphs (``cuda_graph=True``);
+  ``bank_kernel_graph`` is the recommended configuration.
 * ``floor``: max(PE FLOPs / bf16 GEMM rate, minimal bytes / copy bandwidth), spec §6.1, with the
   rates measured on the same device (a 8192^3 bf16 GEMM and a 2 GiB device copy) and with the
   datasheet rates (H100 SXM: 989 dense TFLOP/s bf16, 3.35 TB/s) for reference. Minimal bytes:
   20 B / element (read fp32 grad, read+write fp32 momentum, read+write fp32 param; the model's
-  bf16 copy is not part of this standalone step).
+  bf16 copy is not part of this standalone step). The floor assumes perfect overlap of the
+  Polar Express arithmetic with the state traffic; it is a lower bound, not a prediction.
 
-Also checked / reported (spec T3, T11, T12): compiled vs eager update, bf16 bank vs fp64 REF,
-recompilations after LR changes (dynamo counters), cudaMalloc segments in steady state, kernel
-launches per step (profiler), host syncs inside the step (``torch.cuda.set_sync_debug_mode``),
-and the AdamW part (torch fused AdamW over embedding + output ``2 x [201088, 1024]``).
+Also checked / reported (spec T3, T11, T12), per variant: update vs ``batched_eager`` after three
+steps with a changing lr, recompilations after lr changes (dynamo counters), allocator calls and
+new cudaMalloc segments per steady-state step, host syncs inside the step with their Python stacks
+(``torch.cuda.set_sync_debug_mode``), kernels and launch calls per step and the kernel-time
+table (``torch.profiler``), the per-phase device time (``normuon.*`` profiler ranges), CUDA-graph
+replay-only time; bf16 bank vs fp64 REF on sample matrices; a launch-configuration sweep of the
+fused Polar Express kernel on the expert bank; the AdamW part (torch fused AdamW over embedding
++ output ``2 x [201088, 1024]``).
 
-Usage: ``python benchmarks/optimizer.py --out benchmarks/results`` (GPU);
+Usage: ``python benchmarks/optimizer.py --out benchmarks/results`` (GPU; ``--skip-fork`` and
+``--variants a,b`` for shorter runs, ``--pe-tune`` for the kernel sweep);
 ``python benchmarks/optimizer.py --small --device cpu`` (a smoke run of the script on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
 import statistics
 import sys
 import time
+import traceback
 import warnings
 from typing import Dict, List, Tuple
 
@@ -46,6 +63,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import vpmoe_compile.optim.normuon as normuon_mod  # noqa: E402
 from vpmoe_compile.optim import NorMuon, polar_express  # noqa: E402
 from vpmoe_compile.optim.reference import normuon_reference_update  # noqa: E402
 
@@ -167,16 +185,18 @@ def measure_ceilings(device) -> Dict[str, float]:
 
 # ------------------------------------------------------------------------------------ variants
 def make_params(spec, device, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    """Random fp32 weights (std 0.02) and gradients (std 1e-3), drawn on ``device``."""
+    g = torch.Generator(device=device).manual_seed(seed)
     params, grads = [], []
     for s in spec:
-        w = (torch.randn(*s["shape"], generator=g) * 0.02).to(device)
+        w = torch.randn(*s["shape"], generator=g, device=device) * 0.02
         params.append(torch.nn.Parameter(w))
-        grads.append((torch.randn(*s["shape"], generator=g) * 1e-3).to(device))
+        grads.append(torch.randn(*s["shape"], generator=g, device=device) * 1e-3)
     return params, grads
 
 
-def build_normuon(spec, params, grads, compile_mode):
+def build_normuon(spec, params, grads, compile_mode, pe_backend="torch", cuda_graph=False,
+                  fused_bank=True, direct_grads=True):
     groups = []
     for expert in (False, True):
         idx = [i for i, s in enumerate(spec) if s["expert"] == expert]
@@ -185,18 +205,19 @@ def build_normuon(spec, params, grads, compile_mode):
     for p, gr in zip(params, grads):
         p.grad = gr
     return NorMuon(groups, lr=LR, momentum=MU, beta2=BETA2, eps=EPS, weight_decay=WD,
-                   compile=compile_mode)
+                   compile=compile_mode, pe_backend=pe_backend, cuda_graph=cuda_graph,
+                   fused_bank=fused_bank, direct_grads=direct_grads)
 
 
 class ForkLoop:
     """Per-matrix loop with the fork's semantics (own implementation)."""
 
     def __init__(self, spec, device, seed=1):
-        g = torch.Generator(device="cpu").manual_seed(seed)
+        g = torch.Generator(device=device).manual_seed(seed)
         self.items = []
         for m, n in logical_shapes(spec, fork=True):
-            W = (torch.randn(m, n, generator=g) * 0.02).to(device)
-            G = (torch.randn(m, n, generator=g) * 1e-3).to(device)
+            W = torch.randn(m, n, generator=g, device=device) * 0.02
+            G = torch.randn(m, n, generator=g, device=device) * 1e-3
             self.items.append((W, G, torch.zeros_like(W), torch.zeros(m, 1, device=device)))
         self.pe_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -217,15 +238,280 @@ def rel(a, b):
     return ((a - b).double().norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+# ------------------------------------------------------------------------------------ diagnostics
+VARIANTS = {
+    # name: (compile, pe_backend, cuda_graph, fused_bank, direct_grads)
+    "batched_eager": (False, "torch", False, False, False),
+    "batched_compiled": (True, "torch", False, False, False),
+    "pe_kernel": (True, "auto", False, False, False),
+    "pe_kernel_graph": (True, "auto", True, False, False),
+    "bank_kernel": (True, "auto", False, True, False),
+    "bank_kernel_graph": (True, "auto", True, True, False),
+    "bank_kernel_graph_direct": (True, "auto", True, True, True),
+}
+HEADLINE = "bank_kernel_graph"
+CHECK_STEPS = 3
+
+
+def lr_at(k: int) -> float:
+    return LR * (1.0 - 0.05 * (k % 10))
+
+
+def set_lr(opt, k):
+    for g in opt.param_groups:
+        g["lr"] = lr_at(k)
+
+
+def sync_sites(fn) -> List[Dict]:
+    """Host synchronisations inside ``fn()`` with the Python stack where each happened."""
+    sites: List[Dict] = []
+
+    def hook(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        # the only real hits are "called a synchronizing CUDA operation"; set_sync_debug_mode
+        # itself warns once that it "is a prototype feature" (torch/cuda/__init__.py), which an
+        # earlier version of this script counted as a sync
+        if "synchroniz" not in text or "prototype feature" in text:
+            return
+        stack = traceback.extract_stack()[:-1]
+        sites.append({
+            "where": f"{filename}:{lineno}",
+            "message": str(message)[:200],
+            "stack": [f"{f.filename}:{f.lineno} {f.name}" for f in stack[-14:]],
+        })
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = hook
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sites
+
+
+KERNEL_CLASSES = (
+    ("normuon_bank_triton", ("_normuon_bank_kernel",)),
+    ("pe_fused_triton", ("_pe_fused_kernel",)),
+    ("gemm_cublas", ("nvjet", "gemm", "cutlass", "sm90_xmma", "Kernel2")),
+    ("memcpy", ("Memcpy", "Memset")),
+    ("foreach_copy", ("Copy<",)),
+    ("foreach_other", ("multi_tensor_apply",)),
+    ("inductor_triton", ("triton_",)),
+    ("aten_elementwise", ("elementwise_kernel", "vectorized_", "reduce_kernel")),
+)
+
+
+def kernel_class(name: str) -> str:
+    for cls, keys in KERNEL_CLASSES:
+        if any(k in name for k in keys):
+            return cls
+    return "other"
+
+
+def profile_step(fn, device) -> Dict:
+    """Kernel table, kernel classes, phase ranges and launch calls of one ``fn()`` call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    normuon_mod.PROFILE_RANGES = True
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize(device)
+    finally:
+        normuon_mod.PROFILE_RANGES = False
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    # drop gpu_user_annotation spans (our ranges, the optimizer's step range)
+    kernels = [e for e in kernels if not e.name.startswith(("normuon.", "Optimizer."))]
+    by_name: Dict[str, float] = {}
+    by_class: Dict[str, float] = {}
+    for e in kernels:
+        ms = e.device_time_total / 1e3
+        by_name[e.name] = by_name.get(e.name, 0.0) + ms
+        c = kernel_class(e.name)
+        by_class[c] = by_class.get(c, 0.0) + ms
+    phases = {}
+    launches = {}
+    averages = prof.key_averages()
+    cpu_top = sorted(averages, key=lambda a: -a.self_cpu_time_total)[:12]
+    step_cpu = [a.cpu_time_total / 1e3 for a in averages if a.key.startswith("Optimizer.step#")]
+    for a in averages:
+        if a.key.startswith("normuon."):
+            phases[a.key] = {"device_ms": a.device_time_total / 1e3, "calls": a.count}
+        if "Launch" in a.key or a.key.startswith("cudaMemcpy") or a.key.startswith("cudaMemset"):
+            launches[a.key] = a.count
+    return {
+        "kernels": len(kernels),
+        "kernel_time_ms": sum(by_name.values()),
+        "kernel_classes_ms": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
+        "top_kernels_ms": {k[:160]: v for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:15]},
+        "phases": phases,
+        "launch_calls": launches,
+        "step_cpu_ms": step_cpu[0] if step_cpu else None,
+        "cpu_top_self_ms": {a.key[:100]: [a.self_cpu_time_total / 1e3, a.count] for a in cpu_top},
+    }
+
+
+def run_variant(name, spec, device, reps, delta_eager, init, diagnose=True) -> Tuple[Dict, Dict, object]:
+    """Build, check and time one NorMuon variant; returns (timing, info, deltas after checks)."""
+    from torch._dynamo import reset as dynamo_reset
+    from torch._dynamo.utils import counters
+
+    compile_mode, backend, graph, fused_bank, direct = VARIANTS[name]
+    dynamo_reset()
+    counters.clear()
+    params, grads = make_params(spec, device)
+    opt = build_normuon(spec, params, grads, compile_mode, backend, graph, fused_bank, direct)
+    info: Dict = {"compile": bool(compile_mode), "pe_backend": backend, "cuda_graph": graph,
+                  "fused_bank": fused_bank, "direct_grads": direct}
+    _sync(device)
+    t0 = time.perf_counter()
+    set_lr(opt, 0)
+    opt.step()
+    _sync(device)
+    info["first_step_s"] = time.perf_counter() - t0
+    graphs0 = counters["stats"]["unique_graphs"]
+    for k in range(1, CHECK_STEPS):
+        set_lr(opt, k)
+        opt.step()
+    _sync(device)
+    delta = [p.detach() - w for p, w in zip(params, init)]
+    if delta_eager is not None:
+        info["vs_eager_rel_err_max"] = max(rel(a, b) for a, b in zip(delta, delta_eager))
+    info["banks"] = opt.bank_summary()
+    counter = iter(range(CHECK_STEPS, 10**6))
+
+    def step():
+        set_lr(opt, next(counter))
+        opt.step()
+
+    timing = time_fn(step, device, warmup=2, reps=reps)
+    if device.type == "cuda":
+        # host time to issue one step (the GPU runs behind; measured without a sync inside)
+        host = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            host.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+        info["host_issue_ms"] = statistics.median(host)
+    if compile_mode:
+        info["recompiles_after_lr_changes"] = counters["stats"]["unique_graphs"] - graphs0
+        info["unique_graphs"] = graphs0
+    info["graph_captures"] = opt.graph_captures
+    if device.type == "cuda" and diagnose:
+        torch.cuda.synchronize()
+        stats0 = torch.cuda.memory_stats()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        stats1 = torch.cuda.memory_stats()
+        info["steady_state_new_segments"] = stats1["segment.all.allocated"] - stats0["segment.all.allocated"]
+        info["steady_state_allocator_calls_per_step"] = (
+            stats1["allocation.all.allocated"] - stats0["allocation.all.allocated"]) / 3
+        sites = sync_sites(step)
+        info["host_syncs_in_step"] = len(sites)
+        info["host_sync_sites"] = sites[:6]
+        info["profile"] = profile_step(step, device)
+        if graph and opt._graphs is not None and opt._graphs.compute is not None:
+            gs = opt._graphs
+
+            def replay_only():
+                if gs.gather is not None:
+                    gs.gather.replay()
+                gs.compute.replay()
+
+            info["graph_replay_only"] = time_fn(replay_only, device, warmup=2, reps=reps)
+        info["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print(name, json.dumps(timing), json.dumps({k: v for k, v in info.items()
+                                                 if k not in ("banks", "profile", "host_sync_sites")}),
+          flush=True)
+    del opt, params, grads
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return timing, info, delta
+
+
+def kernel_sweep(device, reps) -> Dict:
+    """Launch configurations of the fused kernels on one expert bank (1792 x [128, 1024] and
+    1792 x [1024, 128]): the Polar Express kernel (vs the PyTorch bmm path) and the one-kernel
+    bank step (bytes: 22 B / element = the floor's 20 + the bf16 workspace write)."""
+    from vpmoe_compile.optim.pe_triton import normuon_bank_fused_, polar_express_fused_
+    from vpmoe_compile.optim.polar_express import PINNED_COEFFICIENTS, _pe_polynomial
+
+    out = {}
+    N, S, L = 1792, 128, 1024
+    flops = N * 5 * (4 * S * S * L + 2 * S**3)
+    U = torch.randn(N, S, L, device=device)
+    norm2 = U.square().sum((-2, -1))
+    Xb = U.to(torch.bfloat16)
+    X0 = (U / (1.02 * norm2.sqrt()[:, None, None] + 1e-6)).to(torch.bfloat16)
+    t = time_fn(lambda: _pe_polynomial(X0, PINNED_COEFFICIENTS, torch.bfloat16), device,
+                warmup=2, reps=reps)
+    out["pe_torch_bmm"] = {**t, "tflops": flops / (t["median_ms"] * 1e-3) / 1e12}
+    ref = _pe_polynomial(X0, PINNED_COEFFICIENTS, torch.bfloat16).float()
+    work = torch.empty_like(Xb)
+    tc = time_fn(lambda: work.copy_(Xb), device, warmup=2, reps=reps)["median_ms"]
+    for bl, nw, ns in ((64, 8, 3), (32, 8, 3), (64, 8, 4)):
+        key = f"pe_bl{bl}_w{nw}_s{ns}"
+        try:
+            def run():
+                work.copy_(Xb)
+                polar_express_fused_(work, norm2, PINNED_COEFFICIENTS, 0.02, 1e-6, stat=1,
+                                     block_l=bl, num_warps=nw, num_stages=ns)
+
+            run()
+            err = rel(work.float(), ref)
+            ms = time_fn(run, device, warmup=2, reps=reps)["median_ms"] - tc
+            out[key] = {"median_ms": ms, "tflops": flops / (ms * 1e-3) / 1e12, "rel_vs_torch": err}
+        except Exception as e:  # a configuration that does not compile must not end the sweep
+            out[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        print("sweep", key, out[key], flush=True)
+    del U, Xb, X0, ref, work
+    hyper = {k: torch.tensor(v, device=device) for k, v in
+             dict(momentum=MU, lr=LR, decay=1 - LR * WD, beta2=BETA2, eps=EPS).items()}
+    for flip in (False, True):
+        shape = (N, L, S) if flip else (N, S, L)
+        G = torch.randn(shape, device=device) * 1e-3
+        M = torch.zeros(shape, device=device)
+        W = torch.randn(shape, device=device) * 0.02
+        X = torch.empty(shape, device=device, dtype=torch.bfloat16)
+        V = torch.zeros((N, L) if flip else (N, S), device=device)
+        for bl, nw, ns in ((64, 8, 2), (64, 8, 3), (32, 8, 3), (32, 8, 4)):
+            key = f"bank_{'tall' if flip else 'wide'}_bl{bl}_w{nw}_s{ns}"
+            try:
+                def run():
+                    normuon_bank_fused_(G, M, V, W, X, hyper, PINNED_COEFFICIENTS, 0.02, 1e-6,
+                                        flip, -2 if flip else -1, "shape", math.sqrt(8.0) if flip else 1.0,
+                                        0.0, block_l=bl, num_warps=nw, num_stages=ns)
+
+                t = time_fn(run, device, warmup=2, reps=reps)
+                ms = t["median_ms"]
+                out[key] = {"median_ms": ms, "tflops": flops / (ms * 1e-3) / 1e12,
+                            "tb_s_at_22B": 22 * N * S * L / (ms * 1e-3) / 1e12,
+                            "finite": bool(torch.isfinite(W).all())}
+            except Exception as e:
+                out[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            print("sweep", key, out[key], flush=True)
+        del G, M, W, X, V
+    torch.cuda.empty_cache()
+    return out
+
+
 # ------------------------------------------------------------------------------------ main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true", help="scaled-down shapes (script smoke run)")
-    ap.add_argument("--compile-backend", default="inductor")
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--skip-fork", action="store_true")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--pe-tune", action="store_true", help="launch-configuration sweep of the fused PE")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--set", default="8l", choices=["8l", "ep8"],
                     help="8l: vpMoE-8L, all 256 experts; ep8: full 80-layer vpMoE, 32 experts per GPU")
@@ -234,7 +520,14 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     tag = args.tag or ("small" if args.small else ("vpmoe-8l" if args.set == "8l" else "vpmoe-ep8"))
     res: Dict = {"config": tag, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                 "torch": torch.__version__, "hyper": dict(lr=LR, wd=WD, mu=MU, beta2=BETA2, eps=EPS)}
+                 "torch": torch.__version__, "hyper": dict(lr=LR, wd=WD, mu=MU, beta2=BETA2, eps=EPS),
+                 "command": "python benchmarks/optimizer.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    try:
+        import triton
+
+        res["triton"] = triton.__version__
+    except Exception:
+        pass
     print(f"device {res['device']} torch {torch.__version__}", flush=True)
 
     if args.set == "ep8" and not args.small:
@@ -261,102 +554,68 @@ def main(argv=None):
     res["min_bytes"] = min_bytes
     print(json.dumps(res["matrices"]), json.dumps(floors), flush=True)
 
-    results = {}
-    # -------------------------------------------------- batched eager
-    params_e, grads_e = make_params(spec, device)
-    init = [p.detach().clone() for p in params_e]
-    opt_e = build_normuon(spec, params_e, grads_e, False)
-    opt_e.step()
-    delta_eager = [p.detach() - w for p, w in zip(params_e, init)]
-    results["batched_eager"] = time_fn(opt_e.step, device, warmup=1, reps=args.reps)
-    res["banks"] = [
-        {"shape": list(b.shape), "members": b.size, "group": b.group_index} for b in opt_e._banks
-    ]
-    print("batched_eager", results["batched_eager"], flush=True)
+    stem = os.path.join(args.out, f"optimizer_{tag}")
 
-    # -------------------------------------------------- check vs fp64 REF (sample of matrices)
-    ref_err = {}
-    samples = [i for i, s in enumerate(spec) if ("local_experts.0." in s["name"] and "layers.1." in s["name"])
-               or s["name"].endswith("layers.3.self_attention.linear_qkv.weight")
-               or s["name"].endswith("layers.0.self_attention.linear_qkv.weight")
-               or s["name"].endswith("layers.0.self_attention.linear_proj.weight")]
-    for i in samples:
-        W = init[i].double().cpu().clone()
-        M = torch.zeros_like(W)
-        v = torch.zeros(W.shape[0], 1, dtype=torch.float64)
-        normuon_reference_update(W, grads_e[i].double().cpu(), M, v, lr=LR, weight_decay=WD,
-                                 blocks=spec[i]["blocks"])
-        ref_err[spec[i]["name"]] = rel(delta_eager[i].cpu(), W - init[i].double().cpu())
-    res["bank_vs_fp64_ref_rel_err"] = ref_err
-    print("bank vs REF", ref_err, flush=True)
-    del opt_e, params_e, grads_e
+    def dump():  # partial results survive a time limit
+        with open(stem + ".json", "w") as f:
+            json.dump(res, f, indent=2, default=str)
+
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
+    if device.type != "cuda":
+        variants = [v for v in variants if not VARIANTS[v][2] and not VARIANTS[v][0]]
+    init = None
+    results: Dict = {}
+    details: Dict = {}
+    delta_eager = None
+    for v in ["batched_eager"] + [v for v in variants if v != "batched_eager"]:
+        if init is None:
+            p0, _ = make_params(spec, device)
+            init = [p.detach().clone() for p in p0]
+            del p0
+        try:
+            timing, info, delta = run_variant(v, spec, device, args.reps, delta_eager, init)
+        except Exception as e:
+            traceback.print_exc()
+            details[v] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            continue
+        results[v] = timing
+        details[v] = info
+        res["results"], res["variants"] = results, details
+        dump()
+        if v == "batched_eager":
+            delta_eager = delta
+        if v == HEADLINE:
+            res["banks"] = info["banks"]
+            # T3 on the real shapes: the headline variant's 3-step update vs fp64 REF
+            ref_err = {}
+            samples = [i for i, s in enumerate(spec)
+                       if ("local_experts.0." in s["name"] and "layers.1." in s["name"])
+                       or s["name"].endswith("layers.3.self_attention.linear_qkv.weight")
+                       or s["name"].endswith("layers.0.self_attention.linear_qkv.weight")
+                       or s["name"].endswith("layers.0.self_attention.linear_proj.weight")]
+            _, grads = make_params(spec, device)
+            grads = {i: grads[i].cpu() for i in samples}
+            for i in samples:
+                W = init[i].double().cpu().clone()
+                M = torch.zeros_like(W)
+                vv = torch.zeros(W.shape[0], 1, dtype=torch.float64)
+                for k in range(CHECK_STEPS):
+                    normuon_reference_update(W, grads[i].double(), M, vv, lr=lr_at(k), weight_decay=WD,
+                                             blocks=spec[i]["blocks"])
+                ref_err[spec[i]["name"]] = rel(delta[i].cpu(), W - init[i].double().cpu())
+            res["headline_vs_fp64_ref_rel_err"] = ref_err
+            print(HEADLINE, "vs REF", ref_err, flush=True)
+        del delta
+    del delta_eager
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    # -------------------------------------------------- batched compiled
-    from torch._dynamo import reset as dynamo_reset
-    from torch._dynamo.utils import counters
-
-    dynamo_reset()
-    counters.clear()
-    params_c, grads_c = make_params(spec, device)
-    opt_c = build_normuon(spec, params_c, grads_c, args.compile_backend)
-    _sync(device)
-    t0 = time.perf_counter()
-    opt_c.step()
-    _sync(device)
-    res["compile_first_step_s"] = time.perf_counter() - t0
-    delta_comp = [p.detach() - w for p, w in zip(params_c, init)]
-    res["compiled_vs_eager_rel_err_max"] = max(rel(a, b) for a, b in zip(delta_comp, delta_eager))
-    graphs0 = counters["stats"]["unique_graphs"]
-    lrs = iter([LR * (0.5 + 0.1 * k) for k in range(1000)])
-
-    def compiled_step():
-        lr = next(lrs)
-        for g in opt_c.param_groups:
-            g["lr"] = lr
-        opt_c.step()
-
-    results["batched_compiled"] = time_fn(compiled_step, device, warmup=2, reps=args.reps)
-    res["recompiles_after_lr_changes"] = counters["stats"]["unique_graphs"] - graphs0
-    res["unique_graphs"] = graphs0
-    print("batched_compiled", results["batched_compiled"], "compile", res["compile_first_step_s"],
-          flush=True)
-    if device.type == "cuda":
-        stats0 = torch.cuda.memory_stats()
-        for _ in range(3):
-            compiled_step()
-        torch.cuda.synchronize()
-        stats1 = torch.cuda.memory_stats()
-        res["steady_state_new_segments"] = stats1["segment.all.allocated"] - stats0["segment.all.allocated"]
-        res["steady_state_allocator_calls_per_step"] = (
-            stats1["allocation.all.allocated"] - stats0["allocation.all.allocated"]) / 3
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                compiled_step()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        syncs = [w for w in caught if "synchroniz" in str(w.message)]
-        res["host_syncs_in_step"] = len(syncs)
-        res["host_sync_sites"] = sorted({f"{os.path.basename(w.filename)}:{w.lineno}" for w in syncs})
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            compiled_step()
-            torch.cuda.synchronize()
-        kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
-        res["kernels_per_step"] = len(kernels)
-        by_name: Dict[str, float] = {}
-        for e in kernels:
-            by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time_total / 1e3
-        res["top_kernels_ms"] = dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:12])
-        res["kernel_time_total_ms"] = sum(by_name.values())
-        res["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    del opt_c, params_c, grads_c
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    if args.pe_tune and device.type == "cuda" and not args.small:
+        res["kernel_sweep"] = kernel_sweep(device, args.reps)
+        dump()
 
     # -------------------------------------------------- fork-style loop
     if not args.skip_fork:
@@ -376,42 +635,50 @@ def main(argv=None):
         torch.cuda.empty_cache()
 
     res["results"] = results
+    res["variants"] = details
     fl = floors.get("measured") or floors.get("datasheet")
-    if fl:
-        res["compiled_over_floor"] = results["batched_compiled"]["median_ms"] / fl["floor_ms"]
-        res["goal_compiled_le_2x_floor"] = res["compiled_over_floor"] <= 2.0
-    if "fork_loop" in results:
-        res["speedup_compiled_vs_fork"] = results["fork_loop"]["median_ms"] / results["batched_compiled"]["median_ms"]
-    res["speedup_compiled_vs_eager"] = results["batched_eager"]["median_ms"] / results["batched_compiled"]["median_ms"]
+    best = min((k for k in results if k in VARIANTS), key=lambda k: results[k]["median_ms"], default=None)
+    res["best_variant"] = best
+    if fl and best:
+        res["best_over_floor"] = results[best]["median_ms"] / fl["floor_ms"]
+        res["goal_best_le_2x_floor"] = res["best_over_floor"] <= 2.0
+        res["over_floor"] = {k: results[k]["median_ms"] / fl["floor_ms"] for k in results if k in VARIANTS}
+    if "fork_loop" in results and best:
+        res["speedup_best_vs_fork"] = results["fork_loop"]["median_ms"] / results[best]["median_ms"]
+    if best and "batched_eager" in results:
+        res["speedup_best_vs_eager"] = results["batched_eager"]["median_ms"] / results[best]["median_ms"]
 
-    stem = os.path.join(args.out, f"optimizer_{tag}")
-    with open(stem + ".json", "w") as f:
-        json.dump(res, f, indent=2)
+    dump()
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        names = [k for k in ("fork_loop", "batched_eager", "batched_compiled") if k in results]
+        names = [k for k in ("fork_loop",) + tuple(VARIANTS) if k in results]
         vals = [results[k]["median_ms"] for k in names]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        bars = ax.bar(names, vals, color=["#b04040", "#4070b0", "#40a060"][: len(names)])
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        colors = {"fork_loop": "#b04040", "batched_eager": "#4070b0", "batched_compiled": "#40a060",
+                  HEADLINE: "#d08030"}
+        bars = ax.bar(range(len(names)), vals, color=[colors.get(k, "#e0b070") for k in names])
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([k.replace("_", "\n", 1) for k in names], fontsize=8)
         for b, v in zip(bars, vals):
-            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f} ms", ha="center", va="bottom")
+            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f} ms", ha="center", va="bottom", fontsize=8)
         if fl:
-            ax.axhline(fl["floor_ms"], color="k", ls="--", label=f"roofline floor {fl['floor_ms']:.1f} ms")
+            ax.axhline(fl["floor_ms"], color="k", ls="--", label=f"roofline floor {fl['floor_ms']:.2f} ms")
             ax.axhline(2 * fl["floor_ms"], color="gray", ls=":", label="goal: 2x floor")
-            ax.legend()
+            ax.legend(fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("ms per NorMuon step (median)")
-        ax.set_title(f"NorMuon step, {tag}: {len(shapes)} matrices, {numel / 1e6:.0f} M elements\n{res['device']}")
+        ax.set_title(f"NorMuon step, {tag}: {len(shapes)} matrices, {numel / 1e6:.0f} M elements\n{res['device']}",
+                     fontsize=9)
         fig.tight_layout()
         fig.savefig(stem + ".png", dpi=120)
     except Exception as e:  # plotting must not lose the numbers
         print("plot failed:", e)
-    print("SUMMARY", json.dumps({k: v["median_ms"] for k, v in results.items()}),
-          "floor", json.dumps(fl), "over_floor", res.get("compiled_over_floor"), flush=True)
+    print("SUMMARY", json.dumps({k: round(v["median_ms"], 3) for k, v in results.items()}),
+          "floor", json.dumps(fl), "best", best, "over_floor", res.get("best_over_floor"), flush=True)
     return res
 
 

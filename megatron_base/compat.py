@@ -34,6 +34,15 @@ what runs on a GPU machine):
 
 Dynamo (used by :func:`dynamo_config`, applied around every compile/capture, any device): MoE
 permutation has data-dependent shapes; two capture flags keep it in one graph (spec §6.2).
+
+* ``cuda_rng_under_dynamo`` (GPU only, scoped to :func:`dynamo_config`): Megatron's
+  ``CudaRNGStatesTracker.fork()`` (around DotProductAttention's dropout) calls
+  ``_set_cuda_rng_state``, which runs its callback through ``torch.cuda._lazy_call`` while holding
+  torch's non-reentrant ``_initialization_lock``. Under ``torch.compile`` dynamo converts the
+  callback's frame, and its global-state guard calls ``torch.cuda.set_rng_state`` ->
+  ``_lazy_call`` again: a deadlock (seen on the H100, torch 2.11, capturing stock attention for the
+  debug dump). Fix: for the duration of the capture the setter runs with dynamo disabled (one
+  graph break at the fork; the setter itself runs eagerly, as without compile).
 """
 
 from __future__ import annotations
@@ -203,5 +212,27 @@ def dynamo_config():
     patch["capture_scalar_outputs"] = True
     if "cache_size_limit" in cfg:
         patch["cache_size_limit"] = max(cfg["cache_size_limit"], 64)
-    with torch._dynamo.config.patch(**patch):
+    with torch._dynamo.config.patch(**patch), _dynamo_safe_cuda_rng():
         yield
+
+
+@contextlib.contextmanager
+def _dynamo_safe_cuda_rng():
+    """``cuda_rng_under_dynamo`` (see the module docstring); a no-op without CUDA."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    from megatron.core.tensor_parallel import random as mrandom
+    from torch import _dynamo
+
+    orig = mrandom._set_cuda_rng_state
+    if getattr(orig, "_vpmoe_dynamo_disabled", False):  # nested dynamo_config()
+        yield
+        return
+    safe = _dynamo.disable(orig)
+    safe._vpmoe_dynamo_disabled = True
+    mrandom._set_cuda_rng_state = safe
+    try:
+        yield
+    finally:
+        mrandom._set_cuda_rng_state = orig

@@ -179,6 +179,11 @@ class OptimizerSection:
     clip_grad: float = field(default=1.0, metadata={"min": 0.0})
     nan_policy: str = field(default="skip", metadata=_choice("skip", "raise"))
     compile: bool = True
+    #: Capture the NorMuon step into CUDA graphs (CUDA only; spec R6).
+    cuda_graph: bool = False
+    #: Polar Express kernels: "auto" (fused Triton kernel for min(m, n) <= 128 on CUDA),
+    #: "torch" (batched bmm only) or "triton".
+    pe_backend: str = field(default="auto", metadata=_choice("auto", "torch", "triton"))
 
 
 _SECTIONS = {

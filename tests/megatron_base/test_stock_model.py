@@ -204,3 +204,27 @@ def test_compat_fixes(megatron_env):
 
     m = fs.get_sliding_window_causal_mask(6, 6, (2, 0))
     assert m.device.type == "cpu" and m.sum(-1).tolist() == [5, 4, 3, 3, 3, 3]
+
+
+def test_dynamo_config_guards_megatron_cuda_rng_setter(megatron_env, monkeypatch):
+    """``cuda_rng_under_dynamo``: inside dynamo_config() Megatron's CUDA RNG setter runs with
+    dynamo disabled (else compile deadlocks in torch.cuda._lazy_call on GPU); restored after, and
+    untouched without CUDA."""
+    from unittest import mock
+
+    from megatron.core.tensor_parallel import random as mrandom
+
+    from megatron_base import compat
+
+    orig = mrandom._set_cuda_rng_state
+    with mock.patch.object(torch.cuda, "is_available", return_value=False):
+        with compat.dynamo_config():
+            assert mrandom._set_cuda_rng_state is orig
+    with mock.patch.object(torch.cuda, "is_available", return_value=True):
+        with compat.dynamo_config():
+            patched = mrandom._set_cuda_rng_state
+            assert patched is not orig and getattr(patched, "_vpmoe_dynamo_disabled", False)
+            with compat.dynamo_config():  # nested: no double wrapping
+                assert mrandom._set_cuda_rng_state is patched
+            assert mrandom._set_cuda_rng_state is patched
+    assert mrandom._set_cuda_rng_state is orig

@@ -242,11 +242,15 @@ def _sink_attention_fwd_op(
     return out.contiguous(), lse.contiguous(), out_lo
 
 
-def _residual_dtype(q: torch.Tensor, backend: str) -> Optional[torch.dtype]:
+def _residual_dtype(q: torch.Tensor, window: int, backend: str) -> Optional[torch.dtype]:
+    """dtype of the forward's ``out_lo`` (``None``: an empty tensor), the same decision as the
+    Triton launcher's (:func:`~vpmoe_compile.ops.triton_sink_attention.residual_helps`)."""
     if backend == "reference":
         return None
-    from .triton_sink_attention import output_residual_dtype
+    from .triton_sink_attention import output_residual_dtype, residual_helps
 
+    if not residual_helps(q.shape[0], window if window > 0 else None):
+        return None
     return output_residual_dtype(q.dtype)
 
 
@@ -254,7 +258,7 @@ def _residual_dtype(q: torch.Tensor, backend: str) -> Optional[torch.dtype]:
 def _(q, k, v, sink, slopes, window, softmax_scale, backend):
     s, b, H, d = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    res_dtype = _residual_dtype(q, backend)
+    res_dtype = _residual_dtype(q, window, backend)
     out_lo = q.new_empty((0,)) if res_dtype is None else q.new_empty((s, b, H, d), dtype=res_dtype)
     return q.new_empty((s, b, H, d)), q.new_empty((b, H, s), dtype=lse_dtype), out_lo
 

@@ -13,8 +13,7 @@ Backends:
 * ``"reference"``: plain PyTorch (:mod:`vpmoe_compile.ops.tpa_reference`); backward through
   autograd of the reference (recompute).
 * ``"triton"``: the kernels of :mod:`vpmoe_compile.ops.triton_tpa` (prologue kernel ->
-  sliding-window sink flash attention, which also saves the bf16 rounding residual of its
-  output; backward dq/dkv kernels -> prologue-backward kernel).
+  sliding-window sink flash attention; backward dq/dkv kernels -> prologue-backward kernel).
   On CPU this needs ``TRITON_INTERPRET=1``.
 * ``"auto"``: ``"triton"`` for CUDA tensors, ``"reference"`` otherwise.
 """
@@ -108,8 +107,9 @@ def _attention_middle():
     the per-head kernels of :mod:`vpmoe_compile.ops.triton_tpa`. ``"auto"`` (default) = own:
     on the H100 at the vpMoE shape they measured faster (attention fwd + bwd 122 + 337 us vs
     122 + 416 us; whole op fwd+bwd 1687 vs 2030 us, ``benchmarks/results/tpa_bench_h100_run2.json``).
-    Read at call time (inside the opaque op). Both store the output's bf16 rounding residual
-    ``o_lo`` for 16-bit outputs and use it in the backward (fp32-accurate ``delta``).
+    Read at call time (inside the opaque op). Both give an fp32-accurate ``delta = rowsum(dO*O)``
+    for 16-bit outputs: the own kernels recompute it as ``rowsum(P*dP)``, the shared ones keep the
+    output's bf16 rounding residual ``o_lo`` (saved by the op as ``out_lo``).
 
     Returns:
         ``(fwd(q, k, v, sink, window, scale) -> (o, lse, o_lo or None),
@@ -132,7 +132,14 @@ def _attention_middle():
             return dq, dk, dv, dsink.float()
 
         return fwd, bwd
-    return tk.swa_fwd, tk.swa_bwd
+
+    def own_fwd(q, k, v, sink, window, scale):
+        return (*tk.swa_fwd(q, k, v, sink, window, scale), None)
+
+    def own_bwd(do, q, k, v, o, lse, sink, window, scale, o_lo):
+        return tk.swa_bwd(do, q, k, v, o, lse, sink, window, scale)
+
+    return own_fwd, own_bwd
 
 
 def _fwd_triton(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq, R, window, eps, scale):
@@ -190,9 +197,10 @@ def _tpa_fwd_op(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward op. Returns ``(out [s,b,H*d], lse [b,H,s] fp32, q, k, v, rstd_q, rstd_k, out_lo)``.
 
-    ``q, k, v, rstd_*`` and ``out_lo`` (the bf16 rounding residual of a 16-bit ``out``, see
-    :func:`vpmoe_compile.ops.triton_tpa.swa_fwd`) are saved activations for the Triton backward
-    (empty for the reference backend, which recomputes, and ``out_lo`` empty for fp32 outputs).
+    ``q, k, v, rstd_*`` and ``out_lo`` are saved activations for the Triton backward (empty for
+    the reference backend, which recomputes). ``out_lo`` is the bf16 rounding residual of a 16-bit
+    ``out`` when the shared attention middle serves the op (``VPMOE_TPA_ATTENTION=shared``), else
+    empty: the own middle recomputes ``delta`` instead (:func:`vpmoe_compile.ops.triton_tpa.swa_bwd`).
     """
     args = (num_heads, num_groups, head_dim, q_rank, kv_rank, window)
     if backend == "triton":
@@ -218,9 +226,9 @@ def _tpa_fwd_fake(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, num_heads
         v = factors.new_empty(s, b, G, d)
         rq = factors.new_empty((s, b, H) if gamma_q is not None else (0,), dtype=torch.float32)
         rk = factors.new_empty((s, b, G) if gamma_k is not None else (0,), dtype=torch.float32)
-        lo = factors.new_empty((s, b, H * d) if factors.dtype in (torch.bfloat16, torch.float16) else (0,),
-                               dtype=torch.bfloat16 if factors.dtype in (torch.bfloat16, torch.float16)
-                               else torch.float32)
+        has_lo = (os.environ.get("VPMOE_TPA_ATTENTION", "auto") == "shared"
+                  and factors.dtype in (torch.bfloat16, torch.float16))
+        lo = factors.new_empty((s, b, H * d) if has_lo else (0,), dtype=torch.bfloat16 if has_lo else torch.float32)
         return out, lse, q, k, v, rq, rk, lo
     return out, lse, *(factors.new_empty(0) for _ in range(6))
 

@@ -3,8 +3,8 @@
 Pipeline (forward): ``prologue`` (factors -> q, k, v rows, all heads of a token block:
 contraction, exact ``/R``, bias, QK RMSNorm, fp32 GRAPE-M rotation; saves ``rstd``) ->
 ``attention`` (sliding-window flash attention with a learnable sink, GQA, on the
-materialised q/k/v; also stores the bf16 rounding residual ``o_lo`` of a 16-bit output).
-Backward: ``attention dq`` (also ``D = rowsum(dO*(O_hi + O_lo))`` and the sink partials) ->
+materialised q/k/v). Backward: ``attention dq`` (also ``D = rowsum(dO*O)``, recomputed as
+``rowsum(P*dP)`` for 16-bit outputs, and the sink partials) ->
 ``attention dkv`` (the heads of a group summed in registers) -> ``prologue backward``
 (dq, dk, dv -> dfactors, and fixed-order partials of dbias, dgamma, dcos, dsin). All
 parameter-gradient reductions are per-program partials summed in a fixed order by PyTorch
@@ -12,7 +12,7 @@ afterwards: deterministic, no atomics.
 
 Layouts (Megatron, sequence first; token ``(t, bi)`` is row ``t*b + bi``):
 ``factors [s, b, F]`` (any strides), ``q [s, b, H, d]``, ``k``/``v`` ``[s, b, G, d]``,
-``o``/``o_lo [s, b, H, d]``, ``lse``/``delta`` ``[b, H, s]`` fp32 (natural log,
+``o [s, b, H, d]``, ``lse``/``delta`` ``[b, H, s]`` fp32 (natural log,
 sink-inclusive), ``cos``/``sin`` ``[s, d/2]`` fp32, ``rstd_q [s, b, H]``, ``rstd_k [s, b, G]`` fp32.
 
 Precision: fp32 for contraction, RMS, rotation, logits, softmax state and accumulators;
@@ -22,8 +22,8 @@ interpreter tests). Requires ``d/2`` to be a power of two >= 16 and ranks <= 4.
 Prologue kernels (one program = ``BT`` tokens of one sample, all heads): every tile is 2-D
 ``[BT, d/2]`` (the two rotation halves are separate tiles, so the planes ``(p, p + d/2)`` need
 no gather); ranks are unrolled at compile time, heads run in a dynamic (not unrolled) loop.
-When the factor rows are 16-byte aligned (``ALIGNED``: unit column stride, row strides and
-block offsets multiples of 8 elements) the loads carry that alignment, so Triton vectorises
+When the factor rows are 16-byte aligned (``ALIGN``: unit column stride, row strides and
+block offsets multiples of 16 bytes) the loads carry that alignment, so Triton vectorises
 them and lays a tile out with whole rows inside one warp: the per-token row reductions of the
 backward (``dA = u . B_r``, the RMSNorm dot) are then warp shuffles instead of cross-warp
 shared-memory round trips (``benchmarks/results/tpa_notes.md``).
@@ -48,19 +48,20 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _row_offsets(t64, bi, sF_s, sF_b, ALIGNED: tl.constexpr):
-    """Element offset of each token's factor row (``[BT]`` int64), with its alignment hint."""
+def _row_offsets(t64, bi, sF_s, sF_b, ALIGN: tl.constexpr):
+    """Element offset of each token's factor row (``[BT]`` int64), with its alignment hint
+    (``ALIGN`` elements = 16 bytes when the launcher checked it, else 1 = no hint)."""
     roff = t64 * sF_s + bi * sF_b
-    if ALIGNED:
-        roff = tl.multiple_of(roff, 8)
+    if ALIGN > 1:
+        roff = tl.multiple_of(roff, ALIGN)
     return roff
 
 
 @triton.jit
-def _ld_half(F_ptr, roff, tmask, sF_f, col0, P: tl.constexpr, ALIGNED: tl.constexpr):
+def _ld_half(F_ptr, roff, tmask, sF_f, col0, P: tl.constexpr, ALIGN: tl.constexpr):
     """``[BT, P]`` fp32 factor columns ``col0 .. col0+P-1`` of a token block."""
     p = tl.arange(0, P)
-    if ALIGNED:  # unit column stride, 16-byte aligned rows and column offsets
+    if ALIGN > 1:  # unit column stride, 16-byte aligned rows and column offsets
         ptr = F_ptr + (roff[:, None] + col0) + p[None, :]
     else:
         ptr = F_ptr + roff[:, None] + (col0 + p[None, :]).to(tl.int64) * sF_f
@@ -75,11 +76,11 @@ def _ld_col(F_ptr, roff, tmask, sF_f, col):
 
 @triton.jit
 def _ld_b(F_ptr, roff, tmask, sF_f, OFFB: tl.constexpr, RANK: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-          ALIGNED: tl.constexpr):
+          ALIGN: tl.constexpr):
     """The two halves of each of the (<= 4) B rows of a token block (absent ranks alias rank 0
     and are never used)."""
-    b01 = _ld_half(F_ptr, roff, tmask, sF_f, OFFB, P, ALIGNED)
-    b02 = _ld_half(F_ptr, roff, tmask, sF_f, OFFB + P, P, ALIGNED)
+    b01 = _ld_half(F_ptr, roff, tmask, sF_f, OFFB, P, ALIGN)
+    b02 = _ld_half(F_ptr, roff, tmask, sF_f, OFFB + P, P, ALIGN)
     b11 = b01
     b12 = b02
     b21 = b01
@@ -87,14 +88,14 @@ def _ld_b(F_ptr, roff, tmask, sF_f, OFFB: tl.constexpr, RANK: tl.constexpr, D: t
     b31 = b01
     b32 = b02
     if RANK > 1:
-        b11 = _ld_half(F_ptr, roff, tmask, sF_f, OFFB + D, P, ALIGNED)
-        b12 = _ld_half(F_ptr, roff, tmask, sF_f, OFFB + D + P, P, ALIGNED)
+        b11 = _ld_half(F_ptr, roff, tmask, sF_f, OFFB + D, P, ALIGN)
+        b12 = _ld_half(F_ptr, roff, tmask, sF_f, OFFB + D + P, P, ALIGN)
     if RANK > 2:
-        b21 = _ld_half(F_ptr, roff, tmask, sF_f, OFFB + 2 * D, P, ALIGNED)
-        b22 = _ld_half(F_ptr, roff, tmask, sF_f, OFFB + 2 * D + P, P, ALIGNED)
+        b21 = _ld_half(F_ptr, roff, tmask, sF_f, OFFB + 2 * D, P, ALIGN)
+        b22 = _ld_half(F_ptr, roff, tmask, sF_f, OFFB + 2 * D + P, P, ALIGN)
     if RANK > 3:
-        b31 = _ld_half(F_ptr, roff, tmask, sF_f, OFFB + 3 * D, P, ALIGNED)
-        b32 = _ld_half(F_ptr, roff, tmask, sF_f, OFFB + 3 * D + P, P, ALIGNED)
+        b31 = _ld_half(F_ptr, roff, tmask, sF_f, OFFB + 3 * D, P, ALIGN)
+        b32 = _ld_half(F_ptr, roff, tmask, sF_f, OFFB + 3 * D + P, P, ALIGN)
     return b01, b02, b11, b12, b21, b22, b31, b32
 
 
@@ -136,7 +137,7 @@ def _prologue_fwd_side(
     F_ptr, roff, tok, tmask, sF_f, OUT_ptr, RS_ptr, BIAS_ptr, GM_ptr, eps, cs, sn,
     NH: tl.constexpr, D: tl.constexpr, P: tl.constexpr, RANK: tl.constexpr,
     OFF_A: tl.constexpr, OFF_B: tl.constexpr, NPG: tl.constexpr, GW: tl.constexpr, SLOT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """Rows of one side (q: NH = H heads; k or v: NH = G groups) for a token block.
 
@@ -145,7 +146,7 @@ def _prologue_fwd_side(
     """
     p = tl.arange(0, P)
     m2 = tmask[:, None]
-    b01, b02, b11, b12, b21, b22, b31, b32 = _ld_b(F_ptr, roff, tmask, sF_f, OFF_B, RANK, D, P, ALIGNED)
+    b01, b02, b11, b12, b21, b22, b31, b32 = _ld_b(F_ptr, roff, tmask, sF_f, OFF_B, RANK, D, P, ALIGN)
     if NORM:
         g1 = tl.load(GM_ptr + p).to(tl.float32)
         g2 = tl.load(GM_ptr + P + p).to(tl.float32)
@@ -157,7 +158,7 @@ def _prologue_fwd_side(
             x1 += tl.load(cb + p).to(tl.float32)[None, :]
             x2 += tl.load(cb + P + p).to(tl.float32)[None, :]
         if NORM:
-            rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)
+            rstd = 1.0 / tl.sqrt(tl.sum(x1 * x1 + x2 * x2, axis=1) / D + eps)
             tl.store(RS_ptr + tok * NH + h, rstd, mask=tmask)
             x1 = x1 * rstd[:, None] * g1[None, :]
             x2 = x2 * rstd[:, None] * g2[None, :]
@@ -182,7 +183,7 @@ def _tpa_prologue_fwd_kernel(
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     RQ: tl.constexpr, RK: tl.constexpr,
     HAS_BIAS: tl.constexpr, NORM_Q: tl.constexpr, NORM_K: tl.constexpr,
-    BT: tl.constexpr, ALIGNED: tl.constexpr,
+    BT: tl.constexpr, ALIGN: tl.constexpr,
 ):
     OFF_AK: tl.constexpr = H * RQ
     OFF_AV: tl.constexpr = OFF_AK + G * RK
@@ -197,29 +198,38 @@ def _tpa_prologue_fwd_kernel(
     t = pid_t * BT + tl.arange(0, BT)
     tmask = t < S
     t64 = t.to(tl.int64)
-    roff = _row_offsets(t64, bi, sF_s, sF_b, ALIGNED)
+    roff = _row_offsets(t64, bi, sF_s, sF_b, ALIGN)
     tok = t64 * B + bi  # row index in [s*b]
     p = tl.arange(0, P)
     m2 = tmask[:, None]
     cs = tl.load(COS_ptr + t64[:, None] * P + p[None, :], mask=m2, other=0.0)
     sn = tl.load(SIN_ptr + t64[:, None] * P + p[None, :], mask=m2, other=0.0)
     _prologue_fwd_side(F_ptr, roff, tok, tmask, sF_f, Q_ptr, RSQ_ptr, BIAS_ptr, GQ_ptr, eps, cs, sn,
-                       H, D, P, RQ, 0, OFF_BQ, HPG, GW, 0, HAS_BIAS, NORM_Q, True, ALIGNED)
+                       H, D, P, RQ, 0, OFF_BQ, HPG, GW, 0, HAS_BIAS, NORM_Q, True, ALIGN)
     _prologue_fwd_side(F_ptr, roff, tok, tmask, sF_f, K_ptr, RSK_ptr, BIAS_ptr, GK_ptr, eps, cs, sn,
-                       G, D, P, RK, OFF_AK, OFF_BK, 1, GW, HPG, HAS_BIAS, NORM_K, True, ALIGNED)
+                       G, D, P, RK, OFF_AK, OFF_BK, 1, GW, HPG, HAS_BIAS, NORM_K, True, ALIGN)
     _prologue_fwd_side(F_ptr, roff, tok, tmask, sF_f, V_ptr, RSK_ptr, BIAS_ptr, GK_ptr, eps, cs, sn,
-                       G, D, P, RK, OFF_AV, OFF_BV, 1, GW, HPG + 1, HAS_BIAS, False, False, ALIGNED)
+                       G, D, P, RK, OFF_AV, OFF_BV, 1, GW, HPG + 1, HAS_BIAS, False, False, ALIGN)
+
+
+@triton.jit
+def _acc_store(ptr, val, j, BPP: tl.constexpr):
+    """Store a program's partial; from its second batch iteration on, add to the stored value."""
+    if BPP > 1:
+        val += tl.load(ptr, mask=(tl.zeros(val.shape, dtype=tl.int32) + j) > 0, other=0.0)
+    tl.store(ptr, val)
 
 
 @triton.jit
 def _prologue_bwd_side(
-    F_ptr, roff, tok, tmask, sF_f, dF_row, part_idx,
+    F_ptr, roff, tok, tmask, sF_f, dF_row, part_idx, j,
     DX_ptr, BIAS_ptr, GM_ptr, RS_ptr, PART_ptr,
     cs, sn, dcos, dsin,
     NH: tl.constexpr, D: tl.constexpr, P: tl.constexpr, RANK: tl.constexpr,
     OFF_A: tl.constexpr, OFF_B: tl.constexpr,
     NPG: tl.constexpr, GW: tl.constexpr, SLOT: tl.constexpr, NPART: tl.constexpr, OFF_DG: tl.constexpr,
-    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr, BT: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr, BT: tl.constexpr, ALIGN: tl.constexpr,
+    BPP: tl.constexpr,
 ):
     """Backward of one side (q, k or v) of the prologue for a token block.
 
@@ -230,13 +240,15 @@ def _prologue_bwd_side(
     contraction backward ``dA[h, r] = (u . B_r)/RANK`` (written) and ``dB_r += A[h, r] u/RANK``
     (summed over heads in registers, written after the loop). ``dgamma`` is accumulated as a
     ``[BT, d]`` tile over heads and reduced over tokens once. Partials go to row ``part_idx`` of
-    ``PART [programs, NPART]`` (bias at its interleaved offset, gain at ``OFF_DG``); returns the
-    updated per-token ``dcos``/``dsin`` accumulators.
+    ``PART [programs, NPART]`` (bias at its interleaved offset, gain at ``OFF_DG``); for the
+    program's batch iteration ``j > 0`` they are added to what the earlier iterations stored there
+    (the caller separates iterations with a barrier). Returns the updated per-token
+    ``dcos``/``dsin`` accumulators.
     """
     p = tl.arange(0, P)
     m2 = tmask[:, None]
     ty = dF_row.dtype.element_ty
-    b01, b02, b11, b12, b21, b22, b31, b32 = _ld_b(F_ptr, roff, tmask, sF_f, OFF_B, RANK, D, P, ALIGNED)
+    b01, b02, b11, b12, b21, b22, b31, b32 = _ld_b(F_ptr, roff, tmask, sF_f, OFF_B, RANK, D, P, ALIGN)
     d01 = tl.zeros([BT, P], dtype=tl.float32)
     d02 = tl.zeros([BT, P], dtype=tl.float32)
     d11 = tl.zeros([BT, P], dtype=tl.float32)
@@ -282,32 +294,32 @@ def _prologue_bwd_side(
             dg2 += u2 * n2
             dn1 = u1 * g1[None, :]
             dn2 = u2 * g2[None, :]
-            mdot = (tl.sum(dn1 * n1, axis=1) + tl.sum(dn2 * n2, axis=1)) / D
+            mdot = tl.sum(dn1 * n1 + dn2 * n2, axis=1) / D
             u1 = (dn1 - n1 * mdot[:, None]) * rstd[:, None]
             u2 = (dn2 - n2 * mdot[:, None]) * rstd[:, None]
         u1 = tl.where(m2, u1, 0.0)
         u2 = tl.where(m2, u2, 0.0)
         if HAS_BIAS:
             dcp = PART_ptr + part_idx * NPART + (h // NPG) * GW + (h % NPG + SLOT) * D + p
-            tl.store(dcp, tl.sum(u1, axis=0))
-            tl.store(dcp + P, tl.sum(u2, axis=0))
+            _acc_store(dcp, tl.sum(u1, axis=0), j, BPP)
+            _acc_store(dcp + P, tl.sum(u2, axis=0), j, BPP)
         # contraction backward: dA[h, r] = u . B_r / RANK ; dB_r += A[h, r] u / RANK
         col = OFF_A + h * RANK
-        tl.store(dF_row + col, ((tl.sum(u1 * b01, axis=1) + tl.sum(u2 * b02, axis=1)) / RANK).to(ty), mask=tmask)
+        tl.store(dF_row + col, (tl.sum(u1 * b01 + u2 * b02, axis=1) / RANK).to(ty), mask=tmask)
         d01 += a0[:, None] * u1
         d02 += a0[:, None] * u2
         if RANK > 1:
-            tl.store(dF_row + col + 1, ((tl.sum(u1 * b11, axis=1) + tl.sum(u2 * b12, axis=1)) / RANK).to(ty),
+            tl.store(dF_row + col + 1, (tl.sum(u1 * b11 + u2 * b12, axis=1) / RANK).to(ty),
                      mask=tmask)
             d11 += a1[:, None] * u1
             d12 += a1[:, None] * u2
         if RANK > 2:
-            tl.store(dF_row + col + 2, ((tl.sum(u1 * b21, axis=1) + tl.sum(u2 * b22, axis=1)) / RANK).to(ty),
+            tl.store(dF_row + col + 2, (tl.sum(u1 * b21 + u2 * b22, axis=1) / RANK).to(ty),
                      mask=tmask)
             d21 += a2[:, None] * u1
             d22 += a2[:, None] * u2
         if RANK > 3:
-            tl.store(dF_row + col + 3, ((tl.sum(u1 * b31, axis=1) + tl.sum(u2 * b32, axis=1)) / RANK).to(ty),
+            tl.store(dF_row + col + 3, (tl.sum(u1 * b31 + u2 * b32, axis=1) / RANK).to(ty),
                      mask=tmask)
             d31 += a3[:, None] * u1
             d32 += a3[:, None] * u2
@@ -324,8 +336,8 @@ def _prologue_bwd_side(
         tl.store(dp + 3 * D, (d31 / RANK).to(ty), mask=m2)
         tl.store(dp + 3 * D + P, (d32 / RANK).to(ty), mask=m2)
     if NORM:
-        tl.store(PART_ptr + part_idx * NPART + OFF_DG + p, tl.sum(dg1, axis=0))
-        tl.store(PART_ptr + part_idx * NPART + OFF_DG + P + p, tl.sum(dg2, axis=0))
+        _acc_store(PART_ptr + part_idx * NPART + OFF_DG + p, tl.sum(dg1, axis=0), j, BPP)
+        _acc_store(PART_ptr + part_idx * NPART + OFF_DG + P + p, tl.sum(dg2, axis=0), j, BPP)
     return dcos, dsin
 
 
@@ -335,13 +347,19 @@ def _tpa_prologue_bwd_kernel(
     DQ_ptr, DK_ptr, DV_ptr,
     BIAS_ptr, GQ_ptr, GK_ptr, RSQ_ptr, RSK_ptr,
     COS_ptr, SIN_ptr,
-    PART_ptr, CS_tok,
+    PART_ptr, CS_ptr,
     S, B,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     RQ: tl.constexpr, RK: tl.constexpr, FW: tl.constexpr,
     HAS_BIAS: tl.constexpr, NORM_Q: tl.constexpr, NORM_K: tl.constexpr,
-    BT: tl.constexpr, ALIGNED: tl.constexpr,
+    BT: tl.constexpr, BPP: tl.constexpr, ALIGN: tl.constexpr,
 ):
+    """One program = ``BT`` tokens x ``BPP`` consecutive samples (a dynamic loop), all heads.
+
+    Per-program partials (one ``PART`` row: bias and gains, summed over the program's samples)
+    and per-(token, sample chunk) ``[dcos | dsin]`` rows of ``CS [chunks, s, d]`` are reduced by
+    the launcher in a fixed order.
+    """
     OFF_AK: tl.constexpr = H * RQ
     OFF_AV: tl.constexpr = OFF_AK + G * RK
     OFF_BQ: tl.constexpr = OFF_AV + G * RK
@@ -353,34 +371,39 @@ def _tpa_prologue_bwd_kernel(
     NPART: tl.constexpr = LB + 2 * D
 
     pid_t = tl.program_id(0)
-    bi = tl.program_id(1)
-    part_idx = pid_t * B + bi
+    pid_c = tl.program_id(1)
+    part_idx = pid_t * tl.num_programs(1) + pid_c
     t = pid_t * BT + tl.arange(0, BT)
-    tmask = t < S
     t64 = t.to(tl.int64)
-    roff = _row_offsets(t64, bi, sF_s, sF_b, ALIGNED)
-    tok = t64 * B + bi
-    dF_row = DF_ptr + tok * FW
     p = tl.arange(0, P)
-    m2 = tmask[:, None]
-    cs = tl.load(COS_ptr + t64[:, None] * P + p[None, :], mask=m2, other=0.0)
-    sn = tl.load(SIN_ptr + t64[:, None] * P + p[None, :], mask=m2, other=0.0)
+    m2s = (t < S)[:, None]
+    cs = tl.load(COS_ptr + t64[:, None] * P + p[None, :], mask=m2s, other=0.0)
+    sn = tl.load(SIN_ptr + t64[:, None] * P + p[None, :], mask=m2s, other=0.0)
     dcos = tl.zeros([BT, P], dtype=tl.float32)
     dsin = tl.zeros([BT, P], dtype=tl.float32)
-    dcos, dsin = _prologue_bwd_side(
-        F_ptr, roff, tok, tmask, sF_f, dF_row, part_idx, DQ_ptr, BIAS_ptr, GQ_ptr, RSQ_ptr, PART_ptr,
-        cs, sn, dcos, dsin, H, D, P, RQ, 0, OFF_BQ, HPG, GW, 0, NPART, LB, HAS_BIAS, NORM_Q, True, BT, ALIGNED)
-    dcos, dsin = _prologue_bwd_side(
-        F_ptr, roff, tok, tmask, sF_f, dF_row, part_idx, DK_ptr, BIAS_ptr, GK_ptr, RSK_ptr, PART_ptr,
-        cs, sn, dcos, dsin, G, D, P, RK, OFF_AK, OFF_BK, 1, GW, HPG, NPART, LB + D, HAS_BIAS, NORM_K, True, BT,
-        ALIGNED)
-    dcos, dsin = _prologue_bwd_side(
-        F_ptr, roff, tok, tmask, sF_f, dF_row, part_idx, DV_ptr, BIAS_ptr, GK_ptr, RSK_ptr, PART_ptr,
-        cs, sn, dcos, dsin, G, D, P, RK, OFF_AV, OFF_BV, 1, GW, HPG + 1, NPART, LB + D, HAS_BIAS, False, False,
-        BT, ALIGNED)
-    dp = (tok[:, None] * (2 * P) + p[None, :])
-    tl.store(CS_tok + dp, dcos, mask=m2)
-    tl.store(CS_tok + dp + P, dsin, mask=m2)
+    for j in range(BPP):
+        bi = pid_c * BPP + j
+        tmask = (t < S) & ((t * 0 + bi) < B)
+        roff = _row_offsets(t64, bi, sF_s, sF_b, ALIGN)
+        tok = t64 * B + bi
+        dF_row = DF_ptr + tok * FW
+        dcos, dsin = _prologue_bwd_side(
+            F_ptr, roff, tok, tmask, sF_f, dF_row, part_idx, j, DQ_ptr, BIAS_ptr, GQ_ptr, RSQ_ptr, PART_ptr,
+            cs, sn, dcos, dsin, H, D, P, RQ, 0, OFF_BQ, HPG, GW, 0, NPART, LB, HAS_BIAS, NORM_Q, True, BT, ALIGN,
+            BPP)
+        dcos, dsin = _prologue_bwd_side(
+            F_ptr, roff, tok, tmask, sF_f, dF_row, part_idx, j, DK_ptr, BIAS_ptr, GK_ptr, RSK_ptr, PART_ptr,
+            cs, sn, dcos, dsin, G, D, P, RK, OFF_AK, OFF_BK, 1, GW, HPG, NPART, LB + D, HAS_BIAS, NORM_K, True, BT,
+            ALIGN, BPP)
+        dcos, dsin = _prologue_bwd_side(
+            F_ptr, roff, tok, tmask, sF_f, dF_row, part_idx, j, DV_ptr, BIAS_ptr, GK_ptr, RSK_ptr, PART_ptr,
+            cs, sn, dcos, dsin, G, D, P, RK, OFF_AV, OFF_BV, 1, GW, HPG + 1, NPART, LB + D, HAS_BIAS, False, False,
+            BT, ALIGN, BPP)
+        if BPP > 1:
+            tl.debug_barrier()  # this iteration's partial stores before the next one's loads
+    dp = (pid_c * S + t64)[:, None] * (2 * P) + p[None, :]
+    tl.store(CS_ptr + dp, dcos, mask=m2s)
+    tl.store(CS_ptr + dp + P, dsin, mask=m2s)
 
 
 # ============================================================================ attention
@@ -396,10 +419,10 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def _swa_fwd_kernel(
-    Q_ptr, K_ptr, V_ptr, SINK_ptr, O_ptr, OLO_ptr, L_ptr,
+    Q_ptr, K_ptr, V_ptr, SINK_ptr, O_ptr, L_ptr,
     S, B, W, qk_scale,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, STORE_LO: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
 ):
     """One program = ``BM`` query rows of one (sample, head); visits only the KV tiles of the band."""
     HPG: tl.constexpr = H // G
@@ -437,28 +460,27 @@ def _swa_fwd_kernel(
         acc = acc * alpha[:, None] + _dot(pr.to(v.dtype), v, IEEE)
         m_i = m_new
     out = acc / l_i[:, None]
-    out_hi = out.to(O_ptr.dtype.element_ty)
-    ooff = qrow[:, None] * D + offs_d[None, :]
-    tl.store(O_ptr + ooff, out_hi, mask=mmask[:, None])
-    if STORE_LO:
-        # rounding residual of the 16-bit output: hi + lo carries ~16 more mantissa bits, so the
-        # backward's delta = rowsum(dO * O) is fp32-accurate (see swa_fwd)
-        tl.store(OLO_ptr + ooff, (out - out_hi.to(tl.float32)).to(OLO_ptr.dtype.element_ty), mask=mmask[:, None])
+    tl.store(O_ptr + qrow[:, None] * D + offs_d[None, :], out.to(O_ptr.dtype.element_ty), mask=mmask[:, None])
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
     tl.store(L_ptr + pid_bh.to(tl.int64) * S + offs_m, lse, mask=mmask)
 
 
 @triton.jit
 def _swa_bwd_dq_kernel(
-    Q_ptr, K_ptr, V_ptr, O_ptr, OLO_ptr, DO_ptr, L_ptr, SINK_ptr,
+    Q_ptr, K_ptr, V_ptr, O_ptr, DO_ptr, L_ptr, SINK_ptr,
     DQ_ptr, DELTA_ptr, DSINK_part,
     S, B, W, qk_scale, sm_scale,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, HAS_LO: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, RECOMPUTE_DELTA: tl.constexpr,
 ):
-    """dq of ``BM`` query rows of one (sample, head); also ``delta = rowsum(dO * O)`` (stored for the
-    dkv kernel, with ``O = O_hi + O_lo`` when the residual exists) and the program's partial of
-    ``dsink_h = -sum_i exp(sink_h - L_i) * delta_i``."""
+    """dq of ``BM`` query rows of one (sample, head); also ``delta`` (stored for the dkv kernel) and
+    the program's partial of ``dsink_h = -sum_i exp(sink_h - L_i) * delta_i``.
+
+    ``RECOMPUTE_DELTA``: ``delta = rowsum(P * dP)`` over the band in a first pass (exactly the
+    quantity ``dS`` needs, from the same fp32 ``P`` and ``dP`` as the second pass; ``O`` is not
+    read); otherwise ``rowsum(dO * O)`` from the stored ``O`` (the FlashAttention-2 way, exact
+    enough only for an fp32 ``O``: see :func:`swa_bwd`).
+    """
     HPG: tl.constexpr = H // G
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -473,19 +495,31 @@ def _swa_bwd_dq_kernel(
     qoff = qrow[:, None] * D + offs_d[None, :]
     q = tl.load(Q_ptr + qoff, mask=mmask[:, None], other=0.0)
     do = tl.load(DO_ptr + qoff, mask=mmask[:, None], other=0.0)
-    o = tl.load(O_ptr + qoff, mask=mmask[:, None], other=0.0).to(tl.float32)
-    if HAS_LO:
-        o += tl.load(OLO_ptr + qoff, mask=mmask[:, None], other=0.0).to(tl.float32)
-    delta = tl.sum(do.to(tl.float32) * o, axis=1)
     lse = tl.load(L_ptr + pid_bh.to(tl.int64) * S + offs_m, mask=mmask, other=0.0)
+    lse2 = lse * 1.4426950408889634
+    lo = tl.maximum(m0 - W + 1, 0) // BN * BN
+    hi = tl.minimum(m0 + BM, S)
+    if RECOMPUTE_DELTA:
+        delta = tl.zeros([BM], dtype=tl.float32)
+        for n0 in range(lo, hi, BN):
+            offs_n = n0 + tl.arange(0, BN)
+            nmask = offs_n < S
+            krow = (offs_n.to(tl.int64) * B + bi) * G + g
+            k = tl.load(K_ptr + krow[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
+            v = tl.load(V_ptr + krow[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
+            s = _dot(q, tl.trans(k), IEEE) * qk_scale
+            diff = offs_m[:, None] - offs_n[None, :]
+            vis = (diff >= 0) & (diff < W) & nmask[None, :] & mmask[:, None]
+            pr = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+            delta += tl.sum(pr * _dot(do, tl.trans(v), IEEE), axis=1)
+    else:
+        o = tl.load(O_ptr + qoff, mask=mmask[:, None], other=0.0).to(tl.float32)
+        delta = tl.sum(do.to(tl.float32) * o, axis=1)
     tl.store(DELTA_ptr + pid_bh.to(tl.int64) * S + offs_m, delta, mask=mmask)
     sink = tl.load(SINK_ptr + h).to(tl.float32)
     psink = tl.where(mmask, tl.exp(sink - lse), 0.0)
     tl.store(DSINK_part + pid_m * (B * H) + pid_bh, -tl.sum(psink * delta, axis=0))
-    lse2 = lse * 1.4426950408889634
     dq = tl.zeros([BM, D], dtype=tl.float32)
-    lo = tl.maximum(m0 - W + 1, 0) // BN * BN
-    hi = tl.minimum(m0 + BM, S)
     for n0 in range(lo, hi, BN):
         offs_n = n0 + tl.arange(0, BN)
         nmask = offs_n < S
@@ -561,20 +595,22 @@ def _swa_bwd_dkv_kernel(
 # GPU tile choices (tokens per prologue program and its warps; attention tiles). Module-level so a
 # benchmark can sweep them (benchmarks/tpa_check.py --tune); the interpreter always uses 16-wide
 # tiles. Defaults = the choice of the H100 tuning run recorded in benchmarks/results/tpa_notes.md.
-GPU_TILES = dict(BT_FWD=16, WARPS_FWD=8, BT_BWD=16, WARPS_BWD=8,
-                 BM=64, BN=32, WARPS_ATTN=4, STAGES_ATTN=2,
-                 BM_BWD=64, BN_BWD=64, WARPS_ATTN_BWD=4, STAGES_ATTN_BWD=2)
+# ``DELTA`` picks how the attention backward gets ``delta = rowsum(dO * O)`` (see swa_bwd); it
+# applies under the interpreter too.
+GPU_TILES = dict(BT_FWD=8, WARPS_FWD=4, BT_BWD=4, WARPS_BWD=1, BPP_BWD=1,
+                 BM=64, BN=64, WARPS_ATTN=4, STAGES_ATTN=2,
+                 BM_BWD=64, BN_BWD=64, WARPS_ATTN_BWD=4, STAGES_ATTN_BWD=2, DELTA="auto")
 
 
 def _blocks(kind: str = "attn"):
     """Tile sizes: small tiles under the interpreter (speed, edge coverage), ``GPU_TILES`` on GPU."""
     if _interpreting():
-        return dict(BT=16, BM=16, BN=16, warps=1, stages=1)
+        return dict(BT=16, BM=16, BN=16, warps=1, stages=1, BPP=2)
     t = GPU_TILES
     if kind == "prologue_fwd":
         return dict(BT=t["BT_FWD"], warps=t["WARPS_FWD"])
     if kind == "prologue_bwd":
-        return dict(BT=t["BT_BWD"], warps=t["WARPS_BWD"])
+        return dict(BT=t["BT_BWD"], warps=t["WARPS_BWD"], BPP=t["BPP_BWD"])
     if kind == "attn_bwd":
         return dict(BM=t["BM_BWD"], BN=t["BN_BWD"], warps=t["WARPS_ATTN_BWD"], stages=t["STAGES_ATTN_BWD"])
     return dict(BM=t["BM"], BN=t["BN"], warps=t["WARPS_ATTN"], stages=t["STAGES_ATTN"])
@@ -590,12 +626,17 @@ def _check_dims(head_dim: int, q_rank: int = 1, kv_rank: int = 1):
 
 def factors_aligned(factors: torch.Tensor, H: int, G: int, Rq: int, R: int) -> bool:
     """Whether every B-factor row segment of ``factors [s, b, F]`` starts 16-byte aligned with unit
-    column stride (the prologue kernels then use vectorised loads; ``ALIGNED``)."""
+    column stride (the prologue kernels then use vectorised loads; ``ALIGN``)."""
     e = factors.element_size()
     n = max(1, 16 // e)  # elements per 16 bytes
     off_bq = H * Rq + 2 * G * R
     return (factors.stride(2) == 1 and factors.stride(0) % n == 0 and factors.stride(1) % n == 0
             and factors.data_ptr() % 16 == 0 and off_bq % n == 0)
+
+
+def _align(factors, H, G, Rq, R) -> int:
+    """The prologue kernels' ``ALIGN``: elements per 16 bytes if :func:`factors_aligned`, else 1."""
+    return max(1, 16 // factors.element_size()) if factors_aligned(factors, H, G, Rq, R) else 1
 
 
 def prologue_fwd(factors, qkv_bias, gamma_q, gamma_k, cos, sin, *, H, G, d, Rq, R, eps, act_dtype):
@@ -631,7 +672,7 @@ def prologue_fwd(factors, qkv_bias, gamma_q, gamma_k, cos, sin, *, H, G, d, Rq, 
         s, b, float(eps),
         H=H, G=G, D=d, P=d // 2, RQ=Rq, RK=R,
         HAS_BIAS=qkv_bias is not None, NORM_Q=gamma_q is not None, NORM_K=gamma_k is not None,
-        BT=blk["BT"], ALIGNED=factors_aligned(factors, H, G, Rq, R), num_warps=blk["warps"],
+        BT=blk["BT"], ALIGN=_align(factors, H, G, Rq, R), num_warps=blk["warps"],
     )
     return q, k, v, rs_q, rs_k
 
@@ -639,9 +680,10 @@ def prologue_fwd(factors, qkv_bias, gamma_q, gamma_k, cos, sin, *, H, G, d, Rq, 
 def prologue_bwd(dq, dk, dv, factors, qkv_bias, gamma_q, gamma_k, rs_q, rs_k, cos, sin, *, H, G, d, Rq, R):
     """Backward of :func:`prologue_fwd`.
 
-    The kernel writes ``dfactors`` completely, one row per program of fp32 partials
-    ``[dqkv_bias (interleaved) | dgamma_q | dgamma_k]`` and per-token ``[dcos | dsin]``; PyTorch then
-    sums them in a fixed order (deterministic, no atomics).
+    The kernel writes ``dfactors`` completely, one row per program (``BT`` tokens x ``BPP``
+    samples) of fp32 partials ``[dqkv_bias (interleaved) | dgamma_q | dgamma_k]`` and
+    ``[dcos | dsin]`` per token and sample chunk; PyTorch then sums them in a fixed order
+    (deterministic, no atomics).
 
     Args:
         dq: ``[s,b,H,d]``, dk, dv: ``[s,b,G,d]`` contiguous (gradients of the prologue outputs);
@@ -655,89 +697,88 @@ def prologue_bwd(dq, dk, dv, factors, qkv_bias, gamma_q, gamma_k, rs_q, rs_k, co
     s, b, Fw = factors.shape
     dev = factors.device
     blk = _blocks("prologue_bwd")
-    BT = blk["BT"]
+    BT, BPP = blk["BT"], min(blk["BPP"], b)
     nT = triton.cdiv(s, BT)
+    nC = triton.cdiv(b, BPP)
     P = d // 2
     LB = G * (H // G + 2) * d
     f32 = dict(device=dev, dtype=torch.float32)
     dF = torch.empty(s, b, Fw, device=dev, dtype=factors.dtype)
-    part = torch.empty(nT * b, LB + 2 * d, **f32)
-    cs_tok = torch.empty(s, b, 2 * P, **f32)
+    part = torch.empty(nT * nC, LB + 2 * d, **f32)
+    cs_part = torch.empty(nC, s, 2 * P, **f32)
     dummy = cos
 
     def _or(x):
         return x if x is not None else dummy
 
-    _tpa_prologue_bwd_kernel[(nT, b)](
+    _tpa_prologue_bwd_kernel[(nT, nC)](
         factors, factors.stride(0), factors.stride(1), factors.stride(2), dF,
         dq, dk, dv,
         _or(qkv_bias), _or(gamma_q), _or(gamma_k),
         rs_q if gamma_q is not None else dummy, rs_k if gamma_k is not None else dummy,
-        cos, sin, part, cs_tok,
+        cos, sin, part, cs_part,
         s, b,
         H=H, G=G, D=d, P=P, RQ=Rq, RK=R, FW=Fw,
         HAS_BIAS=qkv_bias is not None, NORM_Q=gamma_q is not None, NORM_K=gamma_k is not None,
-        BT=BT, ALIGNED=factors_aligned(factors, H, G, Rq, R), num_warps=blk["warps"],
+        BT=BT, BPP=BPP, ALIGN=_align(factors, H, G, Rq, R), num_warps=blk["warps"],
     )
-    # fixed-order reductions (separate outputs: the op may not return aliasing tensors)
-    dbias = part[:, :LB].sum(0) if qkv_bias is not None else None
-    dgq = part[:, LB:LB + d].sum(0) if gamma_q is not None else None
-    dgk = part[:, LB + d:].sum(0) if gamma_k is not None else None
-    return dF, dbias, dgq, dgk, cs_tok[..., :P].sum(1), cs_tok[..., P:].sum(1)
-
-
-def output_residual_dtype(out_dtype: torch.dtype):
-    """dtype of the forward's output rounding residual ``o_lo``: bf16 for 16-bit outputs (bf16's
-    exponent range also holds fp16's residuals), ``None`` for fp32 outputs (none needed)."""
-    return torch.bfloat16 if out_dtype in (torch.bfloat16, torch.float16) else None
+    # fixed-order reductions, one launch per buffer over its full contiguous rows; the pieces are
+    # copied apart (the op may not return aliasing tensors)
+    tot = part.sum(0)
+    dbias = tot[:LB] if qkv_bias is not None else None
+    dgq = tot[LB:LB + d].clone() if gamma_q is not None else None
+    dgk = tot[LB + d:].clone() if gamma_k is not None else None
+    cs = cs_part.sum(0)
+    return dF, dbias, dgq, dgk, cs[:, :P].contiguous(), cs[:, P:].clone(memory_format=torch.contiguous_format)
 
 
 def swa_fwd(q, k, v, sink, window: int, softmax_scale: float):
     """Sliding-window sink attention forward on materialised tensors.
 
-    For a 16-bit output it also returns ``o_lo``, the bf16 rounding residual
-    ``o_fp32 - float(o)``. :func:`swa_bwd` uses ``o + o_lo`` for ``delta = rowsum(dO * O)``:
-    with the rounded ``o`` alone, ``dS = P (dP - delta)`` cancels catastrophically where one key
-    holds almost all of a row's mass (window 1, the first row, peaked attention), which made
-    dq/dk about 2.5x less accurate than a PyTorch reference with bf16 inputs and fp32 math.
-    Costs one extra bf16 write of ``o``'s size (and one read in the backward).
-
     Args:
         q: ``[s,b,H,d]``, k, v: ``[s,b,G,d]`` (made contiguous); sink ``[H]``.
 
     Returns:
-        ``o [s,b,H,d]`` (q dtype), ``lse [b,H,s]`` fp32 (natural log, sink-inclusive),
-        ``o_lo [s,b,H,d]`` bf16 or None (fp32 output).
+        ``o [s,b,H,d]`` (q dtype), ``lse [b,H,s]`` fp32 (natural log, sink-inclusive).
     """
     out_dtype = q.dtype
     if _interpreting() and q.dtype != torch.float32:
         # the interpreter's 16-bit tl.dot is wrong: compute in fp32 there; o keeps the caller's
-        # dtype (16-bit stores are exact), so its rounding and residual are the GPU's
+        # dtype (16-bit stores are exact; the fp32 -> bf16 conversion truncates there), so the
+        # backward sees a 16-bit o as on the GPU
         q, k, v = q.float(), k.float(), v.float()
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     s, b, H, d = q.shape
     G = k.shape[2]
     blk = _blocks()
     o = torch.empty(s, b, H, d, device=q.device, dtype=out_dtype)
-    lo_dtype = output_residual_dtype(out_dtype)
-    o_lo = torch.empty_like(o, dtype=lo_dtype) if lo_dtype is not None else None
     lse = torch.empty(b, H, s, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(s, blk["BM"]), b * H)
     _swa_fwd_kernel[grid](
-        q, k, v, sink.contiguous(), o, o_lo if o_lo is not None else o, lse, s, b, int(window),
-        float(softmax_scale) * LOG2E,
-        H=H, G=G, D=d, BM=blk["BM"], BN=blk["BN"], IEEE=q.dtype == torch.float32, STORE_LO=o_lo is not None,
+        q, k, v, sink.contiguous(), o, lse, s, b, int(window), float(softmax_scale) * LOG2E,
+        H=H, G=G, D=d, BM=blk["BM"], BN=blk["BN"], IEEE=q.dtype == torch.float32,
         num_warps=blk["warps"], num_stages=blk["stages"],
     )
-    return o, lse, o_lo
+    return o, lse
 
 
-def swa_bwd(do, q, k, v, o, lse, sink, window: int, softmax_scale: float, o_lo=None):
+def swa_bwd(do, q, k, v, o, lse, sink, window: int, softmax_scale: float):
     """Backward of :func:`swa_fwd`.
 
+    ``delta = rowsum(dO * O)`` enters ``dS = P (dP - delta)``. From a 16-bit ``o`` this cancels
+    catastrophically where one key holds almost all of a row's mass (window 1, the first row,
+    peaked attention): dq/dk were 2.5-2.7x less accurate than a PyTorch implementation with bf16
+    inputs and fp32 math (H100, W = 1). So for a 16-bit ``o`` the dq kernel recomputes
+    ``delta = rowsum(P * dP)`` over the band in a first pass: the exact quantity ``dS`` needs,
+    from the same fp32 ``P``, ``dP``; two extra dots per KV tile, ``o`` is not read and the
+    forward saves nothing extra. (Storing the bf16 rounding residual of ``o`` in the forward
+    instead, as ``triton_sink_attention`` does, was as fast on the H100 at the vpMoE shape,
+    499 vs 503 us attention fwd+bwd, but saves one more ``o``-sized tensor per layer for the
+    backward.) An fp32 ``o`` gives ``delta`` from ``o`` directly. ``GPU_TILES["DELTA"]``:
+    ``"auto"`` (that rule), ``"recompute"`` or ``"output"`` (force one; tests, benchmarks).
+
     Args:
-        do: ``[s,b,H,d]``; q, k, v, o, lse, sink as for/from :func:`swa_fwd`; ``o_lo`` the
-            forward's output residual (pass it for 16-bit outputs: fp32-accurate ``delta``).
+        do: ``[s,b,H,d]``; q, k, v, o, lse, sink as for/from :func:`swa_fwd`.
 
     Returns:
         ``dq [s,b,H,d]``, ``dk``, ``dv`` ``[s,b,G,d]`` (q dtype) and ``dsink [H]`` fp32
@@ -747,15 +788,15 @@ def swa_bwd(do, q, k, v, o, lse, sink, window: int, softmax_scale: float, o_lo=N
     if _interpreting() and q.dtype != torch.float32:  # the interpreter's 16-bit tl.dot is wrong
         q, k, v, do = q.float(), k.float(), v.float(), do.float()
     q, k, v, do, o = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous(), o.contiguous()
-    if o_lo is not None:
-        if o_lo.shape != o.shape:
-            raise ValueError(f"o_lo {tuple(o_lo.shape)} must match o {tuple(o.shape)}")
-        o_lo = o_lo.contiguous()
     s, b, H, d = q.shape
     G = k.shape[2]
     blk = _blocks("attn_bwd")
     BM, BN = blk["BM"], blk["BN"]
     ieee = q.dtype == torch.float32
+    mode = GPU_TILES["DELTA"]
+    if mode not in ("auto", "recompute", "output"):
+        raise ValueError(f"GPU_TILES['DELTA'] must be auto|recompute|output, got {mode!r}")
+    recompute = mode == "recompute" or (mode == "auto" and o.dtype != torch.float32)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -764,9 +805,9 @@ def swa_bwd(do, q, k, v, o, lse, sink, window: int, softmax_scale: float, o_lo=N
     dsink_part = torch.empty(nM, b, H, device=q.device, dtype=torch.float32)
     qk_scale = float(softmax_scale) * LOG2E
     _swa_bwd_dq_kernel[(nM, b * H)](
-        q, k, v, o, o_lo if o_lo is not None else o, do, lse, sink.contiguous(), dq, delta, dsink_part,
+        q, k, v, o, do, lse, sink.contiguous(), dq, delta, dsink_part,
         s, b, int(window), qk_scale, float(softmax_scale),
-        H=H, G=G, D=d, BM=BM, BN=BN, IEEE=ieee, HAS_LO=o_lo is not None,
+        H=H, G=G, D=d, BM=BM, BN=BN, IEEE=ieee, RECOMPUTE_DELTA=recompute,
         num_warps=blk["warps"], num_stages=blk["stages"],
     )
     _swa_bwd_dkv_kernel[(triton.cdiv(s, BN), b * G)](

@@ -43,8 +43,9 @@ def _second_moment_sharded(sh_param, v: torch.Tensor, prefix: str) -> ShardedTen
     """ShardedTensor of a second moment: the param's, with the reduced axis collapsed to 1."""
     if isinstance(sh_param, ShardedTensorFactory):
         raise NotImplementedError(
-            f"{sh_param.key}: NorMuon second moments of factory-sharded params (gated MLP fc1 "
-            "under torch_dist) are not supported"
+            f"{sh_param.key}: NorMuon second moments of factory-sharded params (gated MLP fc1, "
+            "legacy GroupedMLP weight1/weight2) are not supported in the torch_dist format; "
+            "use the legacy torch checkpoint format or SequentialMLP / TEGroupedMLP experts"
         )
     local = tuple(v.shape)
     pre = sh_param.prepend_axis_num
@@ -286,6 +287,7 @@ def build_megatron_optimizer(
             eps=st.normuon_eps,
             weight_decay=st.weight_decay,
             compile=bool(st.compile),
+            cuda_graph=bool(st.cuda_graph),
             **_normuon_kwargs(st),
         )
         if config.bf16:

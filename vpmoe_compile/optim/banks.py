@@ -65,7 +65,12 @@ class Bank:
     params: List[torch.Tensor] = field(default_factory=list)  # parameter of each member
     whole: bool = True  # every member is a whole parameter
     W: Optional[torch.Tensor] = None  # [N, m, n] re-homed parameters (p.data = W[i]) or None
-    fused: bool = False  # Polar Express through the fused Triton kernel (pe_triton)
+    fused: bool = False  # Polar Express through the fused Triton kernels (pe_triton)
+    X: Optional[torch.Tensor] = None  # [N, m, n] workspace of the one-kernel bank step
+    direct: bool = False  # the bank kernel reads the members' gradients in place (no gather)
+    gptr: Optional[torch.Tensor] = None  # [N] int64 device addresses of those gradients
+    gptr_host: Optional[torch.Tensor] = None  # host copy in flight (kept alive)
+    flat_idx: List[int] = field(default_factory=list)  # members' index in NorMuon._flat
     compute_dtype: torch.dtype = torch.float32  # Polar Express compute dtype
 
     @property
@@ -122,24 +127,25 @@ def bank_prologue(
         M: ``[N, m, n]`` momentum, updated in place (``M <- M + (1 - mu)(G - M)``).
         mu: 0-d tensor, the momentum.
         flip: members are tall (``m > n``): the oriented input is ``U^T`` (``[N, n, m]``).
-        normalize: True -> return ``X0 = round(U / ((1 + safety) ||U||_F + pe_eps))``, the
-            input of :func:`~.polar_express._pe_batched` (``norm2`` is None); False -> return
-            ``round(U)`` contiguous and ``norm2 = ||U||_F^2`` (fp32 ``[N]``), the input of the
-            fused kernel (:func:`~.pe_triton.polar_express_fused_`), which normalises itself.
+        normalize: True -> return ``X0 = round(U / ((1 + safety) ||U||_F + pe_eps))``
+            oriented (``[N, s, L]``), the input of :func:`~.polar_express._pe_batched`
+            (``norm2`` is None); False -> return ``round(U)`` contiguous in the *original*
+            ``[N, m, n]`` layout (no transpose is materialised; the caller passes ``X.mT`` for
+            tall banks) and ``norm2 = ||U||_F^2`` (fp32 ``[N]``), the input of the fused kernel
+            (:func:`~.pe_triton.polar_express_fused_`), which normalises itself.
 
     Returns:
-        ``(X, norm2)``: ``X`` ``[N, s, L]`` in ``compute_dtype`` (``s = min(m, n)``).
+        ``(X, norm2)`` with ``X`` in ``compute_dtype``.
     """
     M.lerp_(G, 1.0 - mu)  # 1: M <- M + (1-mu)(G - M)
     U = torch.lerp(G, M, mu)  # 2: Nesterov U = G + mu (M - G)
-    X = U.mT if flip else U
     acc = torch.float64 if compute_dtype == torch.float64 else torch.float32
-    Xa = X.to(acc)
-    if normalize:
-        norm = torch.linalg.vector_norm(Xa, dim=(-2, -1), keepdim=True)
-        return (Xa / ((1.0 + safety) * norm + pe_eps)).to(compute_dtype), None
-    norm2 = Xa.square().sum(dim=(-2, -1)).to(torch.float32)
-    return X.to(compute_dtype).contiguous(), norm2
+    if not normalize:
+        norm2 = U.to(acc).square().sum(dim=(-2, -1)).to(torch.float32)
+        return U.to(compute_dtype).contiguous(), norm2
+    Xa = (U.mT if flip else U).to(acc)
+    norm = torch.linalg.vector_norm(Xa, dim=(-2, -1), keepdim=True)
+    return (Xa / ((1.0 + safety) * norm + pe_eps)).to(compute_dtype), None
 
 
 def bank_epilogue(

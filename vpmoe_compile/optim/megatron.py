@@ -20,8 +20,8 @@ Two paths, chosen from the model, never silently mixed:
   :class:`NorMuonWithAuxAdamW`: the same :class:`NorMuon` plus ``torch.optim.AdamW`` with the
   same routing, groups (incl. Megatron scheduler keys ``max_lr / min_lr / wd_mult``), global
   grad-norm clipping and NaN policy, and the same ``step() -> (ok, grad_norm, None)`` contract.
-  ``torch.compile`` of the NorMuon bank step is used on this path only when the parameters are
-  on CUDA (Inductor on a CPU takes minutes).
+  ``torch.compile`` of the NorMuon bank step (and ``cuda_graph``) is used on this path only when
+  the parameters are on CUDA (Inductor on a CPU takes minutes).
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def _normuon_kwargs(st) -> Dict[str, Any]:
         safety=float(st.polar_express_safety_factor),
         scale_mode=st.scale_mode,
         neuron_axis=st.neuron_axis,
+        pe_backend=st.pe_backend,
     )
 
 
@@ -323,6 +324,7 @@ def _build_plain(routes: Sequence[ParamRoute], st) -> NorMuonWithAuxAdamW:
             eps=st.normuon_eps,
             weight_decay=st.weight_decay,
             compile=bool(st.compile) and on_cuda,
+            cuda_graph=bool(st.cuda_graph) and on_cuda,
             **_normuon_kwargs(st),
         )
     adamw = None

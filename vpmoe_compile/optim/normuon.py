@@ -22,9 +22,9 @@ rows (default: one logical matrix per expert) and never cross an expert, and eve
 goes through strided per-expert views (spec §4.2). Its second moment is ``[E * out, 1]``.
 
 Execution: members are grouped into banks (:mod:`.banks`) and each bank runs one batched,
-optionally ``torch.compile``-d function (or, for banks of short-wide matrices on CUDA,
-a compiled prologue, the fused Polar Express kernel of :mod:`.pe_triton` and a compiled
-epilogue); hyper-parameters live in persistent 0-d tensors updated
+optionally ``torch.compile``-d function (for banks of short-wide matrices on CUDA, one Triton
+kernel for the whole bank step, or a compiled prologue, the fused Polar Express kernel and a
+compiled epilogue: :mod:`.pe_triton`); hyper-parameters live in persistent 0-d tensors updated
 with ``fill_`` (no recompilation when the scheduler changes ``lr`` / ``weight_decay``), and our
 code issues no host synchronisation (no ``.item()``, no branching on tensor values). Whole fp32
 parameters are re-homed into their bank's contiguous storage (``rehome=True``) so momentum,
@@ -50,7 +50,9 @@ exactly.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import operator
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -63,6 +65,14 @@ __all__ = ["NorMuon"]
 _HYPER_KEYS = ("lr", "momentum", "beta2", "eps", "weight_decay")
 
 Layout = Optional[Tuple[int, int, int]]
+
+#: Set to True (benchmarks) to wrap the step's phases in ``torch.profiler.record_function``
+#: ranges ``normuon.{decay,gather,prologue,pe,epilogue,update,scatter,export}``.
+PROFILE_RANGES = False
+
+
+def _range(name: str):
+    return torch.profiler.record_function(name) if PROFILE_RANGES else contextlib.nullcontext()
 
 
 def _state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -93,8 +103,8 @@ class _Graphs:
         self.warm = False
         self.compute: Optional[torch.cuda.CUDAGraph] = None
         self.gather: Optional[torch.cuda.CUDAGraph] = None
-        self.gather_key: Optional[Tuple[int, ...]] = None
-        self.last_ptrs: Optional[Tuple[int, ...]] = None
+        self.gather_key: Optional[List[int]] = None
+        self.last_ptrs: Optional[List[int]] = None
         self.captures = 0
 
 
@@ -130,6 +140,16 @@ class NorMuon(torch.optim.Optimizer):
             (always PyTorch), ``"triton"`` (the fused kernel wherever it applies, also under
             ``TRITON_INTERPRET=1`` on the CPU in fp32; PyTorch for the other banks).
         cuda_graph: capture the step into CUDA graphs (CUDA parameters only; spec R6).
+        fused_bank: for the banks of the fused kernel, run the whole bank step (momentum,
+            Polar Express, second moment, update) in one kernel
+            (:func:`~.pe_triton.normuon_bank_fused_`); False: compiled prologue, the fused
+            Polar Express kernel and a compiled epilogue.
+        direct_grads: the one-kernel bank step of a bank of whole, re-homed parameters reads
+            each member's gradient where it is (a table of addresses, refreshed when they
+            change) instead of gathering them into the bank first; gradients must then be
+            contiguous, 16-byte aligned fp32 tensors of the parameter's shape (otherwise that
+            bank gathers). Off by default: validated under the Triton interpreter only, not yet
+            on a GPU.
     """
 
     def __init__(
@@ -153,6 +173,8 @@ class NorMuon(torch.optim.Optimizer):
         rehome: bool = True,
         pe_backend: str = "auto",
         cuda_graph: bool = False,
+        fused_bank: bool = True,
+        direct_grads: bool = False,
     ):
         if lr < 0.0:
             raise ValueError(f"invalid lr {lr}")
@@ -186,6 +208,8 @@ class NorMuon(torch.optim.Optimizer):
         self.rehome = bool(rehome)
         self.pe_backend = pe_backend
         self.cuda_graph = bool(cuda_graph)
+        self.fused_bank = bool(fused_bank)
+        self.direct_grads = bool(direct_grads)
         for group in self.param_groups:
             self._check_group(group)
         self._banks: Optional[List[Bank]] = None
@@ -196,6 +220,10 @@ class NorMuon(torch.optim.Optimizer):
         self._hyper_keys: List[Tuple[int, torch.device, torch.dtype]] = []
         self._fns = None
         self._graphs: Optional[_Graphs] = None
+        self._dense_grads: Optional[List[torch.Tensor]] = None  # last all-present dense grads
+        self._table_key: Optional[List[int]] = None  # gradient addresses in the banks' tables
+        self._all_cuda = False
+        self._any_direct = False
 
     # ------------------------------------------------------------------ setup helpers
     def _check_group(self, group: Dict[str, Any]) -> None:
@@ -315,9 +343,9 @@ class NorMuon(torch.optim.Optimizer):
     def _params_changed(self) -> bool:
         """Parameters replaced (e.g. Megatron's fp32 main params) or their ``.data`` re-bound."""
         flat = [p for g in self.param_groups for p in g["params"]]
-        if len(flat) != len(self._flat) or any(a is not b for a, b in zip(flat, self._flat)):
+        if len(flat) != len(self._flat) or not all(map(operator.is_, flat, self._flat)):
             return True
-        return [p.data_ptr() for p in flat] != self._ptrs
+        return list(map(torch.Tensor.data_ptr, flat)) != self._ptrs
 
     # ------------------------------------------------------------------ banks
     def _members(self) -> List[Member]:
@@ -392,9 +420,22 @@ class NorMuon(torch.optim.Optimizer):
             keys.update((gi, d, dt) for d, dt in lists)
         self._hyper_keys = sorted(keys, key=str)
         self._flat = [p for g in self.param_groups for p in g["params"]]
-        self._ptrs = [p.data_ptr() for p in self._flat]
+        self._ptrs = list(map(torch.Tensor.data_ptr, self._flat))
+        self._all_cuda = all(p.is_cuda for p in self._flat)
+        index = {id(p): i for i, p in enumerate(self._flat)}
+        for bank in banks:
+            bank.flat_idx = [index[id(p)] for p in bank.params]
+            bank.direct = (
+                self.direct_grads and bank.fused and self.fused_bank and bank.whole
+                and bank.W is not None and bank.G.dtype == torch.float32
+            )
+            if bank.direct:
+                bank.gptr = torch.zeros(bank.size, dtype=torch.int64, device=bank.G.device)
+        self._any_direct = any(b.direct for b in banks)
+        self._table_key = None
         self._fns = None
         self._graphs = None
+        self._dense_grads = None
 
     def _param_of(self, mem: Member) -> torch.Tensor:
         return self.param_groups[mem.group_index]["params"][mem.param_index]
@@ -474,11 +515,13 @@ class NorMuon(torch.optim.Optimizer):
         self._ensure_banks()
 
     def bank_summary(self) -> List[Dict[str, Any]]:
-        """One dict per bank: shape ``[m, n]``, members, group, flip, fused, re-homed."""
+        """One dict per bank: shape ``[m, n]``, members, group, flip, fused kernels, gradients
+        read in place, re-homed, Polar Express dtype."""
         self._ensure_banks()
         return [
             dict(shape=list(b.shape), members=b.size, group=b.group_index, flip=b.flip,
-                 fused=b.fused, rehomed=b.W is not None, compute_dtype=str(b.compute_dtype))
+                 fused=b.fused, direct_grads=b.direct, rehomed=b.W is not None,
+                 compute_dtype=str(b.compute_dtype))
             for b in self._banks
         ]
 
@@ -521,17 +564,28 @@ class NorMuon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._ensure_banks()
-        all_present = True
-        for p in self._flat:
-            g = p.grad
-            if g is None:
-                all_present = False
-            elif g.is_sparse:
-                raise RuntimeError("NorMuon does not support sparse gradients")
-        active = None if all_present else {id(p) for p in self._flat if p.grad is not None}
+        grads = [p.grad for p in self._flat]
+        last = self._dense_grads
+        if last is not None and len(last) == len(grads) and all(map(operator.is_, grads, last)):
+            active = None  # the very gradient tensors of the last full step: present and dense
+        else:
+            all_present = True
+            for g in grads:
+                if g is None:
+                    all_present = False
+                elif g.is_sparse:
+                    raise RuntimeError("NorMuon does not support sparse gradients")
+            active = None if all_present else {id(p) for p in self._flat if p.grad is not None}
+            self._dense_grads = grads if all_present else None
         self._refresh_hyper()
+        ptrs = None
+        if active is None and (self.cuda_graph or self._any_direct):
+            ptrs = list(map(torch.Tensor.data_ptr, grads))
+            if self._any_direct and ptrs != self._table_key:
+                self._refresh_tables(grads)
+                self._table_key = ptrs
         if active is None and self.cuda_graph:
-            self._graph_step()
+            self._graph_step(ptrs)
         else:
             self._apply_decay(active, skip_zero=True)
             for bank in self._banks:
@@ -545,6 +599,30 @@ class NorMuon(torch.optim.Optimizer):
             if active is None or any(id(p) in active for p in group["params"]):
                 group["normuon_step"] = int(group.get("normuon_step", 0)) + 1
         return loss
+
+    def _refresh_tables(self, grads: List[torch.Tensor]) -> None:
+        """Point the direct banks' address tables at the current gradients (asynchronous
+        copy from pinned memory, no host sync). A bank whose gradients are not contiguous,
+        16-byte aligned fp32 tensors of the parameters' shapes falls back to gathering for good
+        (and its graphs are re-made)."""
+        for bank in self._banks:
+            if not bank.direct:
+                continue
+            gl = [grads[i] for i in bank.flat_idx]
+            ok = all(
+                g.dtype == torch.float32 and g.is_contiguous() and g.shape == p.shape
+                and g.device == p.device and g.data_ptr() % 16 == 0
+                for g, p in zip(gl, bank.params)
+            )
+            if not ok:
+                bank.direct = False
+                self._graphs = None
+                continue
+            host = torch.tensor([g.data_ptr() for g in gl], dtype=torch.int64)
+            if bank.gptr.is_cuda:
+                host = host.pin_memory()
+            bank.gptr.copy_(host, non_blocking=True)
+            bank.gptr_host = host  # alive until the copy has run (the allocator tracks it too)
 
     @staticmethod
     def _present(bank: Bank, active: Optional[set]) -> Optional[List[bool]]:
@@ -564,10 +642,14 @@ class NorMuon(torch.optim.Optimizer):
                     plist = [p for p in plist if id(p) in active]
                 if plist:
                     h = self._hyper[(gi, device, sdtype)]
-                    torch._foreach_mul_([p.detach() for p in plist], h["decay"])
+                    with _range("normuon.decay"):
+                        torch._foreach_mul_([p.detach() for p in plist], h["decay"])
 
     def _gather_bank(self, bank: Bank, present: Optional[List[bool]]) -> None:
-        """Copy the members' gradients into ``bank.G`` (zeros for absent members)."""
+        """Copy the members' gradients into ``bank.G`` (zeros for absent members); nothing for
+        a direct bank in a full step (its kernel reads the gradients in place)."""
+        if bank.direct and present is None:
+            return
         params = bank.params
         masked = present is not None and not all(present)
         if masked:
@@ -586,11 +668,12 @@ class NorMuon(torch.optim.Optimizer):
                         src.append(g if mem.whole else _rows(g, lay, start, length))
                         dst.append(bank.g_dst[seg])
                     seg += 1
-        if dst and dst[0].dtype == src[0].dtype:
-            torch._foreach_copy_(dst, src)
-        else:
-            for d, g in zip(dst, src):
-                d.copy_(g)
+        with _range("normuon.gather"):
+            if dst and dst[0].dtype == src[0].dtype:
+                torch._foreach_copy_(dst, src)
+            else:
+                for d, g in zip(dst, src):
+                    d.copy_(g)
 
     def _gather_all(self) -> None:
         for bank in self._banks:
@@ -608,27 +691,43 @@ class NorMuon(torch.optim.Optimizer):
         update, prologue, epilogue = self._get_fns()
         m, n = bank.shape
         rms_scale = 0.2 * math.sqrt(m * n)
-        if bank.fused:
+        if bank.fused and self.fused_bank:
+            from .pe_triton import normuon_bank_fused_
+
+            if bank.X is None:
+                bank.X = torch.empty(bank.G.shape, dtype=bank.compute_dtype, device=bank.G.device)
+            with _range("normuon.bank_kernel"):
+                normuon_bank_fused_(
+                    bank.G, bank.M, bank.V, bank.W, bank.X, h, self.table, self.safety,
+                    self.pe_eps, bank.flip, bank.stat_dim, self.scale_mode, bank.shape_scale,
+                    rms_scale, grad_ptrs=bank.gptr if bank.direct and present is None else None,
+                )
+        elif bank.fused:
             from .pe_triton import polar_express_fused_
 
-            X, norm2 = prologue(
-                bank.G, bank.M, h["momentum"], bank.flip, self.safety, self.pe_eps,
-                bank.compute_dtype, False,
-            )
-            r = polar_express_fused_(
-                X, norm2, self.table, self.safety, self.pe_eps,
-                stat=1 if bank.stat_dim == -1 else 2,
-            )
-            epilogue(
-                X, r, bank.G, bank.V, bank.W, h["decay"], h["lr"], h["beta2"], h["eps"],
-                bank.flip, bank.stat_dim, self.scale_mode, bank.shape_scale, rms_scale,
-            )
+            with _range("normuon.prologue"):
+                X, norm2 = prologue(
+                    bank.G, bank.M, h["momentum"], bank.flip, self.safety, self.pe_eps,
+                    bank.compute_dtype, False,
+                )
+            X = X.mT if bank.flip else X  # oriented view, no copy
+            with _range("normuon.pe"):
+                r = polar_express_fused_(
+                    X, norm2, self.table, self.safety, self.pe_eps,
+                    stat=1 if bank.stat_dim == -1 else 2,
+                )
+            with _range("normuon.epilogue"):
+                epilogue(
+                    X, r, bank.G, bank.V, bank.W, h["decay"], h["lr"], h["beta2"], h["eps"],
+                    bank.flip, bank.stat_dim, self.scale_mode, bank.shape_scale, rms_scale,
+                )
         else:
-            update(
-                bank.G, bank.M, bank.V, bank.W, h["decay"], h["lr"], h["momentum"], h["beta2"],
-                h["eps"], bank.flip, bank.stat_dim, self.table, self.safety, self.pe_eps,
-                bank.compute_dtype, self.scale_mode, bank.shape_scale, rms_scale,
-            )
+            with _range("normuon.update"):
+                update(
+                    bank.G, bank.M, bank.V, bank.W, h["decay"], h["lr"], h["momentum"],
+                    h["beta2"], h["eps"], bank.flip, bank.stat_dim, self.table, self.safety,
+                    self.pe_eps, bank.compute_dtype, self.scale_mode, bank.shape_scale, rms_scale,
+                )
         if masked:
             for i, mi, vi, wi in saved:
                 bank.M[i].copy_(mi)
@@ -642,30 +741,34 @@ class NorMuon(torch.optim.Optimizer):
             d = [t for t, j in zip(bank.d_src, bank.seg_member) if present[j]]
         else:
             w, d = bank.w_dst, bank.d_src
-        if w[0].dtype == d[0].dtype:
-            torch._foreach_add_(w, d)
-        else:
-            for wt, dt in zip(w, d):
-                wt.add_(dt.to(wt.dtype))
+        with _range("normuon.scatter"):
+            if w[0].dtype == d[0].dtype:
+                torch._foreach_add_(w, d)
+            else:
+                for wt, dt in zip(w, d):
+                    wt.add_(dt.to(wt.dtype))
 
     def _compute_all(self) -> None:
         """Everything after the gather, for all banks (the captured part of a graph step)."""
         self._apply_decay(None, skip_zero=False)
         for bank in self._banks:
             self._compute_bank(bank, None)
-        self._export_state()
+        with _range("normuon.export"):
+            self._export_state()
 
     # ------------------------------------------------------------------ CUDA graphs
-    def _graph_step(self) -> None:
-        if any(not b.G.is_cuda for b in self._banks) or any(
-            not p.is_cuda for lists in self._decay_lists.values() for pl in lists.values() for p in pl
-        ):
+    def _check_graph_device(self) -> None:
+        if not self._all_cuda:
             raise RuntimeError("NorMuon(cuda_graph=True) needs every parameter on a CUDA device")
+
+    def _graph_step(self, ptrs: List[int]) -> None:
+        self._check_graph_device()
         gs = self._graphs
         if gs is None:
             gs = self._graphs = _Graphs()
-        ptrs = tuple(p.grad.data_ptr() for p in self._flat)
-        if gs.gather is not None and gs.gather_key == ptrs:
+        if all(b.direct for b in self._banks):
+            pass  # nothing to gather: every bank reads its gradients in place
+        elif gs.gather is not None and gs.gather_key == ptrs:
             gs.gather.replay()
         else:
             self._gather_all()

@@ -1,35 +1,45 @@
-"""Fused Polar Express for banks of short-wide matrices: one Triton program per matrix, all steps.
+"""Fused Triton kernels for NorMuon banks of short-wide matrices (``min(m, n) <= 128``).
 
 The PyTorch path (:func:`.polar_express._pe_batched`) runs every Polar Express step as three
 batched GEMMs (``A = X X^T``, ``B = b A + c A^2``, ``X <- a X + B X``). For the vpMoE expert
 banks (``[N, 128, 1024]``) those GEMMs are memory bound (``K = 128``) and ``baddbmm`` first copies
 ``X`` into its output: about 12 bytes per element and step move through HBM, six passes over ``X``.
 
-Here one program owns one matrix ``X`` (``[s, L]``, ``s <= 128``, stored in place) and runs the
-whole iteration itself, sweeping ``X`` in column tiles ``[s, BLOCK_L]``:
+Here one program owns one matrix ``X`` (oriented ``[s, L]``, ``s <= 128``, stored in place, row-
+or column-major so tall members need no transpose) and runs the whole iteration itself,
+sweeping ``X`` in column tiles ``[s, BLOCK_L]``:
 
-* sweep 0 reads the *unnormalised* bf16 input, scales it by
-  ``gamma = 1 / ((1 + safety) ||U||_F + eps)`` (``||U||_F^2`` comes from the prologue), rounds to
-  the compute dtype and accumulates the Gram matrix ``G = X X^T`` (fp32, in registers);
+* sweep 0 accumulates the Gram matrix ``G = X X^T`` (fp32, in registers) of the normalised input
+  ``round(round(U) * gamma)``, ``gamma = 1 / ((1 + safety) ||U||_F + eps)``;
 * step ``t`` forms ``A = round(G)``, ``B = round(b_t A + c_t A A)`` (an ``s x s`` product in the
   same program), then sweeps the tiles: ``X' = round(a_t X + B X)`` (fp32 accumulation, as
   ``baddbmm``), stores ``X'`` over ``X`` (each tile depends only on its own columns) and
   accumulates the next Gram matrix from the rounded ``X'``;
-* the last sweep optionally accumulates the per-neuron sum of squares of the output
-  (``stat = 1``: per row of ``X``, ``[N, s]``; ``stat = 2``: per column, ``[N, L]``) so that the
-  NorMuon epilogue reads the output only once.
+* the last sweep accumulates the per-neuron sums of squares of the output.
+
+Two kernels:
+
+* :func:`polar_express_fused_` -- Polar Express alone (input ``round(U)`` and ``||U||_F^2`` from
+  a compiled prologue; the per-neuron sums go to a compiled epilogue);
+* :func:`normuon_bank_fused_` -- the whole NorMuon step of a bank (spec §1.4 steps 1-10): its
+  sweep 0 also does the momentum / Nesterov update (reading the gradient from the bank, or in
+  place through a table of addresses), writes ``round(U)`` to a workspace and accumulates
+  ``||U||_F^2`` and ``round(U) round(U)^T`` (the normalisation is folded into the Gram matrix);
+  its last sweep also updates the second moment, and a final sweep writes
+  ``W * (1 - lr wd) - lr k O`` (or ``-lr k O`` for the caller to scatter).
 
 Every rounding point is the PyTorch path's (bf16 Gram, bf16 ``B``, bf16 ``X`` after every step,
 fp32 accumulation inside each product), except that the normalisation rounds twice
-(``round(round(U) * gamma)`` instead of ``round(U * gamma)``); the result is validated against
-the fp64 reference like every fast path (spec §6.3 / T3). Between sweeps the program's own
-global stores are re-read by other threads of the same program: a CTA barrier separates the
-sweeps. With ~132 matrices in flight (33 MB at ``[128, 1024]`` bf16) the repeated sweeps are
-mostly served by the 50 MB L2 cache.
+(``round(round(U) * gamma)`` instead of ``round(U * gamma)``; the bank kernel also scales the
+Gram matrix instead of the input of sweep 0); results are validated against the fp64 reference
+like every fast path (spec §6.3 / T3). Between sweeps the program's own global stores are re-read
+by other threads of the same program: a CTA barrier separates the sweeps. With ~132 matrices in
+flight (33 MB at ``[128, 1024]`` bf16) the repeated sweeps are mostly served by the 50 MB L2.
 
-Under ``TRITON_INTERPRET=1`` (CPU tests) the kernel runs in fp32 (the interpreter's bf16
-``tl.dot`` is not reliable); on the GPU it runs in bf16 (fp32 with ``input_precision="ieee"``
-for exactness checks).
+Under ``TRITON_INTERPRET=1`` (CPU tests) the kernels run in fp32 (the interpreter's bf16
+``tl.dot`` is not reliable); on the GPU in bf16 (fp32 with ``input_precision="ieee"`` for
+exactness checks). Hyper-parameters are read from 0-d device tensors: no host synchronisation,
+CUDA-graph capturable.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["fused_pe_supported", "polar_express_fused_", "MAX_ROWS"]
+__all__ = ["fused_pe_supported", "polar_express_fused_", "normuon_bank_fused_", "MAX_ROWS"]
 
 #: Largest ``s = min(m, n)`` handled by the fused kernel (the Gram matrix lives in registers).
 MAX_ROWS = 128
@@ -75,13 +85,67 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _dot_acc(a, b, acc, IEEE: tl.constexpr):
+    """``acc + a @ b`` accumulated in the matrix unit (fp32)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _step_matrix(gram, COEF, t: tl.constexpr, X, IEEE: tl.constexpr):
+    """``B = round(b_t A + c_t A A)`` with ``A = round(gram)`` (rounding to ``X``'s dtype);
+    returns ``(B, a_t)``."""
+    dt = X.dtype.element_ty
+    a = tl.load(COEF + 3 * t)
+    b = tl.load(COEF + 3 * t + 1)
+    c = tl.load(COEF + 3 * t + 2)
+    A = gram.to(dt)
+    Bm = (b * A.to(tl.float32) + c * _dot(A, A, IEEE)).to(dt)
+    return Bm, a
+
+
+@triton.jit
+def _pe_leading_steps(
+    X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF,
+    T: tl.constexpr, BS: tl.constexpr, BL: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Polar Express steps ``0 .. T-2`` on the matrix at ``X + base`` (oriented element
+    ``(i, l)`` at ``i * SI + l * SL``), in place; ``gram`` is the Gram matrix of the normalised
+    input, ``gamma`` the normalisation applied when step 0 loads the unnormalised input.
+    Returns ``(B, a)`` of the last step."""
+    dt = X.dtype.element_ty
+    for t in tl.static_range(T - 1):
+        Bm, a = _step_matrix(gram, COEF, t, X, IEEE)
+        gram = tl.zeros((BS, BS), dtype=tl.float32)
+        tl.debug_barrier()  # the previous sweep's stores are visible to the whole program
+        for l0 in range(0, L, BL):
+            cols = l0 + tl.arange(0, BL)
+            mask = row_ok[:, None] & (cols < L)[None, :]
+            ptr = X + base + rs[:, None] * SI + cols[None, :] * SL
+            x = tl.load(ptr, mask=mask, other=0.0)
+            if t == 0:
+                x = (x.to(tl.float32) * gamma).to(dt)
+            y = _dot_acc(Bm, x, a * x.to(tl.float32), IEEE).to(dt)
+            tl.store(ptr, y, mask=mask)
+            gram = _dot_acc(y, tl.trans(y), gram, IEEE)
+    Bm, a = _step_matrix(gram, COEF, T - 1, X, IEEE)
+    tl.debug_barrier()
+    return Bm, a
+
+
+@triton.jit
 def _pe_fused_kernel(
-    X,  # [N, S, L] contiguous, compute dtype; unnormalised input, output in place
+    X,  # [N, S, L] oriented view (element (n, i, l) at n * SN + i * SI + l * SL), in place
     NORM2,  # [N] fp32: squared Frobenius norm of the (fp32) input
     COEF,  # [T, 3] fp32: (a, b, c) per step
     R,  # [N, S] or [N, L] fp32: sum of squares of the output (STAT != 0), else unused
     S,
     L,
+    SN,
+    SI,
+    SL,
     safety,
     eps,
     T: tl.constexpr,
@@ -93,7 +157,7 @@ def _pe_fused_kernel(
     n = tl.program_id(0).to(tl.int64)
     rs = tl.arange(0, BS)
     row_ok = rs < S
-    base = X + n * S * L
+    base = n * SN
     dt = X.dtype.element_ty
     gamma = 1.0 / ((1.0 + safety) * tl.sqrt(tl.load(NORM2 + n)) + eps)
 
@@ -102,47 +166,163 @@ def _pe_fused_kernel(
     for l0 in range(0, L, BL):
         cols = l0 + tl.arange(0, BL)
         mask = row_ok[:, None] & (cols < L)[None, :]
-        ptr = base + rs[:, None] * L + cols[None, :]
+        ptr = X + base + rs[:, None] * SI + cols[None, :] * SL
         x = (tl.load(ptr, mask=mask, other=0.0).to(tl.float32) * gamma).to(dt)
-        gram += _dot(x, tl.trans(x), IEEE)
+        gram = _dot_acc(x, tl.trans(x), gram, IEEE)
 
-    for t in tl.static_range(T):
-        a = tl.load(COEF + 3 * t)
-        b = tl.load(COEF + 3 * t + 1)
-        c = tl.load(COEF + 3 * t + 2)
-        A = gram.to(dt)
-        Bm = (b * A.to(tl.float32) + c * _dot(A, A, IEEE)).to(dt)
-        if t + 1 < T:
-            gram = tl.zeros((BS, BS), dtype=tl.float32)
+    Bm, a = _pe_leading_steps(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF, T, BS, BL, IEEE)
+    # last step, with the per-neuron statistics
+    rrow = tl.zeros((BS,), dtype=tl.float32)
+    for l0 in range(0, L, BL):
+        cols = l0 + tl.arange(0, BL)
+        col_ok = cols < L
+        mask = row_ok[:, None] & col_ok[None, :]
+        ptr = X + base + rs[:, None] * SI + cols[None, :] * SL
+        x = tl.load(ptr, mask=mask, other=0.0)
+        if T == 1:
+            x = (x.to(tl.float32) * gamma).to(dt)
+        y = _dot_acc(Bm, x, a * x.to(tl.float32), IEEE).to(dt)
+        tl.store(ptr, y, mask=mask)
         if STAT == 1:
-            rrow = tl.zeros((BS,), dtype=tl.float32)
-        tl.debug_barrier()  # the previous sweep's stores are visible to the whole program
-        for l0 in range(0, L, BL):
-            cols = l0 + tl.arange(0, BL)
-            col_ok = cols < L
-            mask = row_ok[:, None] & col_ok[None, :]
-            ptr = base + rs[:, None] * L + cols[None, :]
-            x = tl.load(ptr, mask=mask, other=0.0)
-            if t == 0:
-                x = (x.to(tl.float32) * gamma).to(dt)
-            y = (_dot(Bm, x, IEEE) + a * x.to(tl.float32)).to(dt)
-            tl.store(ptr, y, mask=mask)
-            if t + 1 < T:
-                gram += _dot(y, tl.trans(y), IEEE)
-            else:
-                if STAT == 1:
-                    yf = y.to(tl.float32)
-                    rrow += tl.sum(yf * yf, axis=1)
-                if STAT == 2:
-                    yf = y.to(tl.float32)
-                    tl.store(R + n * L + cols, tl.sum(yf * yf, axis=0), mask=col_ok)
-        if t + 1 == T:
-            if STAT == 1:
-                tl.store(R + n * S + rs, rrow, mask=row_ok)
+            yf = y.to(tl.float32)
+            rrow += tl.sum(yf * yf, axis=1)
+        if STAT == 2:
+            yf = y.to(tl.float32)
+            tl.store(R + n * L + cols, tl.sum(yf * yf, axis=0), mask=col_ok)
+    if STAT == 1:
+        tl.store(R + n * S + rs, rrow, mask=row_ok)
 
 
-def _get_kernel():
-    return _pe_fused_kernel
+@triton.jit
+def _lerp(start, end, w):
+    """``torch.lerp`` (both branches, as ATen, for ``w`` of either size)."""
+    return tl.where(w < 0.5, start + w * (end - start), end - (end - start) * (1.0 - w))
+
+
+@triton.jit
+def _normuon_bank_kernel(
+    G,  # [N, m, n] fp32 gradients; receives -lr * Delta when HAS_W is False
+    GP,  # [N] int64 addresses of the N gradients (G_PTRS), read instead of G
+    M,  # [N, m, n] fp32 momentum (in / out)
+    V,  # [N, S] (STAT 1) or [N, L] (STAT 2) fp32 second moment (in / out)
+    W,  # [N, m, n] fp32 parameters (HAS_W), W <- W * decay - lr * Delta
+    X,  # [N, m, n] workspace in the Polar Express dtype
+    COEF,
+    MU,  # 0-d hyper-parameter tensors
+    LR,
+    DECAY,
+    BETA2,
+    EPS,
+    S,
+    L,
+    SI,
+    SL,
+    safety,
+    pe_eps,
+    scale,  # shape_scale ("shape") or rms_scale ("rms0.2")
+    T: tl.constexpr,
+    BS: tl.constexpr,
+    BL: tl.constexpr,
+    STAT: tl.constexpr,
+    SHAPE_MODE: tl.constexpr,
+    HAS_W: tl.constexpr,
+    G_PTRS: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    rs = tl.arange(0, BS)
+    row_ok = rs < S
+    base = n * S * L
+    dt = X.dtype.element_ty
+    if G_PTRS:
+        # this matrix's own gradient (16-byte aligned: checked by the caller)
+        gsrc = tl.multiple_of(tl.load(GP + n).to(tl.pointer_type(tl.float32)), 16)
+    else:
+        gsrc = G + base
+    mu = tl.load(MU)
+    lr = tl.load(LR)
+    decay = tl.load(DECAY)
+    beta2 = tl.load(BETA2)
+    eps = tl.load(EPS)
+
+    # sweep 0: momentum, Nesterov, rounded Polar Express input, its norm and Gram matrix
+    gram = tl.zeros((BS, BS), dtype=tl.float32)
+    sq = tl.zeros((BS,), dtype=tl.float32)
+    for l0 in range(0, L, BL):
+        cols = l0 + tl.arange(0, BL)
+        mask = row_ok[:, None] & (cols < L)[None, :]
+        loc = rs[:, None] * SI + cols[None, :] * SL
+        off = base + loc
+        g = tl.load(gsrc + loc, mask=mask, other=0.0)
+        m = _lerp(tl.load(M + off, mask=mask, other=0.0), g, 1.0 - mu)  # 1
+        tl.store(M + off, m, mask=mask)
+        u = _lerp(g, m, mu)  # 2
+        sq += tl.sum(u * u, axis=1)
+        x = u.to(dt)
+        tl.store(X + off, x, mask=mask)
+        gram = _dot_acc(x, tl.trans(x), gram, IEEE)
+    gamma = 1.0 / ((1.0 + safety) * tl.sqrt(tl.sum(sq, axis=0)) + pe_eps)
+    gram = gram * (gamma * gamma)
+
+    Bm, a = _pe_leading_steps(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF, T, BS, BL, IEEE)
+
+    # last step: O, per-neuron mean squares, second moment (4-5), norms of O and s * O
+    rrow = tl.zeros((BS,), dtype=tl.float32)
+    racc = tl.zeros((BL,), dtype=tl.float32)
+    sacc = tl.zeros((BL,), dtype=tl.float32)
+    for l0 in range(0, L, BL):
+        cols = l0 + tl.arange(0, BL)
+        col_ok = cols < L
+        mask = row_ok[:, None] & col_ok[None, :]
+        off = base + rs[:, None] * SI + cols[None, :] * SL
+        x = tl.load(X + off, mask=mask, other=0.0)
+        if T == 1:
+            x = (x.to(tl.float32) * gamma).to(dt)
+        y = _dot_acc(Bm, x, a * x.to(tl.float32), IEEE).to(dt)
+        tl.store(X + off, y, mask=mask)
+        yf = y.to(tl.float32)
+        if STAT == 1:
+            rrow += tl.sum(yf * yf, axis=1)
+        else:
+            rcol = tl.sum(yf * yf, axis=0)
+            v = _lerp(tl.load(V + n * L + cols, mask=col_ok, other=0.0), rcol / S, 1.0 - beta2)
+            tl.store(V + n * L + cols, v, mask=col_ok)
+            sl = tl.where(col_ok, tl.rsqrt(v + eps), 0.0)
+            racc += rcol
+            sacc += rcol * sl * sl
+    if STAT == 1:
+        v = _lerp(tl.load(V + n * S + rs, mask=row_ok, other=0.0), rrow / L, 1.0 - beta2)
+        tl.store(V + n * S + rs, v, mask=row_ok)
+        si = tl.where(row_ok, tl.rsqrt(v + eps), 0.0)
+        R = tl.sum(rrow, axis=0)
+        Ssum = tl.sum(rrow * si * si, axis=0)
+    else:
+        R = tl.sum(racc, axis=0)
+        Ssum = tl.sum(sacc, axis=0)
+    # 6-9: k = s * sqrt(R) / max(sqrt(S), eps) * shape_scale, or s * rms_scale / max(sqrt(S), eps)
+    if SHAPE_MODE:
+        c = tl.sqrt(R) / tl.maximum(tl.sqrt(Ssum), eps) * scale
+    else:
+        c = scale / tl.maximum(tl.sqrt(Ssum), eps)
+    tl.debug_barrier()
+    # 10: update pass
+    for l0 in range(0, L, BL):
+        cols = l0 + tl.arange(0, BL)
+        col_ok = cols < L
+        mask = row_ok[:, None] & col_ok[None, :]
+        off = base + rs[:, None] * SI + cols[None, :] * SL
+        o = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+        if STAT == 1:
+            k = (si * c)[:, None]
+        else:
+            v = tl.load(V + n * L + cols, mask=col_ok, other=0.0)
+            k = (tl.rsqrt(v + eps) * c)[None, :]
+        delta = (k * o) * (-lr)
+        if HAS_W:
+            w = tl.load(W + off, mask=mask, other=0.0)
+            tl.store(W + off, w * decay + delta, mask=mask)
+        else:
+            tl.store(G + off, delta, mask=mask)
 
 
 def _coefficients(table: Sequence[Sequence[float]], device: torch.device) -> torch.Tensor:
@@ -152,6 +332,32 @@ def _coefficients(table: Sequence[Sequence[float]], device: torch.device) -> tor
         coef = torch.tensor(key[0], dtype=torch.float32, device=device).contiguous()
         _coef_cache[key] = coef
     return coef
+
+
+#: Launch configuration ``(BLOCK_L, num_warps, num_stages)`` for 128-row matrices (the expert
+#: banks), per kernel; from ``benchmarks/optimizer.py --pe-tune`` on an H100
+#: (``benchmarks/results/optimizer_vpmoe-8l.json``, ``kernel_sweep``). The bank kernel measured
+#: 16 % faster with 3 stages (4.07 vs 4.85 ms on 1792 x [128, 1024]) but was validated against
+#: the eager path with 2; switch after a GPU test run.
+LAUNCH_128 = {"pe": (64, 8, 3), "bank": (64, 8, 2)}
+
+
+def _launch_config(
+    S: int, L: int, block_l, num_warps, num_stages, kind: str = "pe"
+) -> Tuple[int, int, int, int]:
+    BS = _block_rows(S)
+    if BS >= 128:
+        d_bl, d_nw, d_ns = LAUNCH_128[kind]
+    else:
+        d_bl, d_nw, d_ns = (64 if BS >= 64 else 128), 4, 2
+    block_l = d_bl if block_l is None else block_l
+    block_l = max(16, min(block_l, 1 << (int(L) - 1).bit_length()))
+    return BS, block_l, num_warps or d_nw, num_stages or d_ns
+
+
+def _check_rows(S: int, L: int) -> None:
+    if S > MAX_ROWS or S > L:
+        raise ValueError(f"fused Polar Express needs s <= min(L, {MAX_ROWS}), got [{S}, {L}]")
 
 
 def polar_express_fused_(
@@ -170,8 +376,10 @@ def polar_express_fused_(
     """Polar Express of every ``X[i]`` (``[N, s, L]``, ``s <= L``, ``s <= 128``), in place.
 
     Args:
-        X: contiguous ``[N, s, L]`` bf16 (GPU) or fp32 tensor holding the *unnormalised*
-            Polar Express input, rounded to the compute dtype; overwritten with the output.
+        X: ``[N, s, L]`` bf16 (GPU) or fp32 tensor holding the *unnormalised* Polar Express
+            input, rounded to the compute dtype; overwritten with the output. Each ``X[i]`` is
+            stored densely, row- or column-major (the transposed view of a contiguous tall
+            ``[N, L, s]`` tensor works without a copy).
         norm2: ``[N]`` fp32, ``||U_i||_F^2`` of the input before rounding.
         table: ``(a, b, c)`` per step; ``safety`` / ``eps``: normalisation
             ``X / ((1 + safety) ||U||_F + eps)`` (spec §1.2).
@@ -183,24 +391,21 @@ def polar_express_fused_(
     Returns:
         The ``stat`` sums (fp32) or ``None``. Issues one kernel launch, no host synchronisation.
     """
-    if X.ndim != 3 or not X.is_contiguous():
-        raise ValueError(f"X must be a contiguous [N, s, L] tensor, got {tuple(X.shape)}")
+    if X.ndim != 3:
+        raise ValueError(f"X must be [N, s, L], got {tuple(X.shape)}")
     N, S, L = X.shape
-    if S > MAX_ROWS or S > L:
-        raise ValueError(f"fused Polar Express needs s <= min(L, {MAX_ROWS}), got [{S}, {L}]")
+    SN, SI, SL = X.stride()
+    if N > 1 and SN != S * L or not ((SL == 1 and SI == L) or (SI == 1 and SL == S)):
+        raise ValueError(
+            f"X must store each [s, L] matrix densely (row- or column-major), strides {X.stride()}"
+        )
+    _check_rows(S, L)
     if norm2.shape != (N,) or norm2.dtype != torch.float32:
         raise ValueError("norm2 must be an fp32 [N] tensor")
     interp = interpreter_active()
     if interp and X.dtype != torch.float32:
         raise ValueError("under TRITON_INTERPRET=1 the fused Polar Express runs in fp32 only")
-    BS = _block_rows(S)
-    if block_l is None:
-        block_l = 64 if BS >= 64 else 128
-    block_l = max(16, min(block_l, 1 << (int(L) - 1).bit_length()))
-    if num_warps is None:
-        num_warps = 8 if BS >= 128 else 4
-    if num_stages is None:
-        num_stages = 2
+    BS, BL, nw, ns = _launch_config(S, L, block_l, num_warps, num_stages)
     r = None
     if stat:
         size = S if stat == 1 else L
@@ -208,22 +413,86 @@ def polar_express_fused_(
     if N == 0:
         return r
     coef = _coefficients(table, X.device)
-    kernel = _get_kernel()
-    kwargs = {} if interp else dict(num_warps=num_warps, num_stages=num_stages)
-    kernel[(N,)](
-        X,
-        norm2,
-        coef,
-        r if r is not None else norm2,
-        S,
-        L,
-        float(safety),
-        float(eps),
-        T=len(coef),
-        BS=BS,
-        BL=block_l,
-        STAT=int(stat),
-        IEEE=bool(ieee or X.dtype == torch.float32),
+    kwargs = {} if interp else dict(num_warps=nw, num_stages=ns)
+    _pe_fused_kernel[(N,)](
+        X, norm2, coef, r if r is not None else norm2,
+        S, L, S * L, SI, SL, float(safety), float(eps),
+        T=len(coef), BS=BS, BL=BL, STAT=int(stat), IEEE=bool(ieee or X.dtype == torch.float32),
         **kwargs,
     )
     return r
+
+
+def normuon_bank_fused_(
+    G: torch.Tensor,
+    M: torch.Tensor,
+    V: torch.Tensor,
+    W: Optional[torch.Tensor],
+    X: torch.Tensor,
+    hyper: Dict[str, torch.Tensor],
+    table: Sequence[Sequence[float]],
+    safety: float,
+    pe_eps: float,
+    flip: bool,
+    stat_dim: int,
+    scale_mode: str,
+    shape_scale: float,
+    rms_scale: float,
+    block_l: Optional[int] = None,
+    num_warps: Optional[int] = None,
+    num_stages: Optional[int] = None,
+    ieee: bool = False,
+    grad_ptrs: Optional[torch.Tensor] = None,
+) -> None:
+    """One whole NorMuon step of a bank (spec §1.4 steps 1-10) in one kernel, in place.
+
+    One program per matrix: momentum and Nesterov (sweep 0, which also writes the rounded
+    Polar Express input to ``X`` and accumulates its norm and Gram matrix), the Polar Express
+    steps (in place in ``X``), the per-neuron statistics and second moment during the last step,
+    then an update pass ``W <- W * decay - lr * k * O`` (or ``G <- -lr * k * O`` when ``W`` is
+    None). Same arguments and semantics as ``bank_prologue`` + Polar Express + ``bank_epilogue``
+    (:mod:`.banks`), except that the normalisation is folded into the Gram matrix of sweep 0
+    (``gamma^2 round(U) round(U)^T``) and applied to ``round(U)`` in step 1.
+
+    Args:
+        G, M, W: ``[N, m, n]`` contiguous fp32 (original ``[out, in]`` orientation).
+        V: oriented second moment ``[N, s, 1]`` / ``[N, 1, L]`` (contiguous) fp32.
+        X: ``[N, m, n]`` contiguous workspace in the Polar Express dtype (bf16 on the GPU).
+        hyper: 0-d tensors ``momentum, lr, decay, beta2, eps`` (fp32, on the device).
+        flip: members are tall (``m > n``); ``stat_dim``: -1 per oriented row, -2 per column.
+        grad_ptrs: optional ``[N]`` int64 device tensor with the addresses of the members'
+            own contiguous fp32 ``[m, n]`` gradients, read instead of ``G`` (no gather copy;
+            the caller keeps those tensors alive and the addresses current).
+    """
+    N, m, n = G.shape
+    S, L = (n, m) if flip else (m, n)
+    _check_rows(S, L)
+    for name, t in (("G", G), ("M", M), ("X", X)) + ((("W", W),) if W is not None else ()):
+        if t.shape != G.shape or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous {tuple(G.shape)} tensor")
+    if G.dtype != torch.float32 or M.dtype != torch.float32 or V.dtype != torch.float32:
+        raise ValueError("the fused NorMuon bank kernel keeps its state in fp32")
+    if not V.is_contiguous() or V.numel() != N * (S if stat_dim == -1 else L):
+        raise ValueError(f"V {tuple(V.shape)} does not match stat_dim {stat_dim}")
+    interp = interpreter_active()
+    if interp and X.dtype != torch.float32:
+        raise ValueError("under TRITON_INTERPRET=1 the fused NorMuon bank kernel runs in fp32 only")
+    if grad_ptrs is not None and (grad_ptrs.shape != (N,) or grad_ptrs.dtype != torch.int64):
+        raise ValueError("grad_ptrs must be an int64 [N] tensor")
+    if N == 0:
+        return
+    BS, BL, nw, ns = _launch_config(S, L, block_l, num_warps, num_stages, "bank")
+    SI, SL = (1, S) if flip else (L, 1)
+    coef = _coefficients(table, G.device)
+    kwargs = {} if interp else dict(num_warps=nw, num_stages=ns)
+    shape_mode = scale_mode == "shape"
+    _normuon_bank_kernel[(N,)](
+        G, grad_ptrs if grad_ptrs is not None else G, M, V, W if W is not None else G, X, coef,
+        hyper["momentum"], hyper["lr"], hyper["decay"], hyper["beta2"], hyper["eps"],
+        S, L, SI, SL, float(safety), float(pe_eps),
+        float(shape_scale if shape_mode else rms_scale),
+        T=len(coef), BS=BS, BL=BL, STAT=1 if stat_dim == -1 else 2, SHAPE_MODE=shape_mode,
+        HAS_W=W is not None, G_PTRS=grad_ptrs is not None,
+        IEEE=bool(ieee or X.dtype == torch.float32),
+        **kwargs,
+    )

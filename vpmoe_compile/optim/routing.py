@@ -70,6 +70,8 @@ _DEFAULTS: Dict[str, Any] = dict(
     clip_grad=1.0,
     nan_policy="skip",
     compile=True,
+    cuda_graph=False,
+    pe_backend="auto",
     decoupled_lr=None,
     decoupled_min_lr=None,
 )
@@ -109,6 +111,7 @@ def optimizer_settings(cfg: Any = None) -> OptimizerSettings:
         ("scale_mode", ("shape", "rms0.2")),
         ("neuron_axis", ("rows", "larger")),
         ("nan_policy", ("skip", "raise")),
+        ("pe_backend", ("auto", "torch", "triton")),
     ):
         if values[key] not in allowed:
             raise ValueError(f"optimizer.{key} must be one of {allowed}, got {values[key]!r}")

@@ -678,3 +678,16 @@ def test_forward_returns_residual_only_where_it_helps():
     _, _, f32 = tk.sink_attention_fwd_triton(q.float(), k.float(), v.float(), sink, None, 1, scale,
                                              return_residual=True)
     assert f32 is None  # fp32 outputs need none
+
+
+@needs_triton
+@pytest.mark.parametrize("window", [1, 0])
+def test_custom_op_opcheck_triton_bf16_fake_matches_residual_policy(window):
+    """The fake impl must predict out_lo exactly (shape/dtype or empty), else inductor asserts on
+    the op's output ranks (seen on the H100 with a bf16 model)."""
+    q, k, v, sink = (t.bfloat16() for t in make(20, 1, 4, 2, 16))
+    args = (q, k, v, sink.requires_grad_(True), None, window, 0.25, "triton")
+    out, lse, lo = torch.ops.vpmoe.sink_attention_fwd(*args)
+    assert (lo.numel() > 0) == (window == 1)  # 20 rows, causal: 10.5 keys/row -> no residual
+    torch.library.opcheck(torch.ops.vpmoe.sink_attention_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

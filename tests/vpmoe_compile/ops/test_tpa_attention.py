@@ -178,8 +178,9 @@ def test_window_mask_contract(monkeypatch):
 TRITON_CASES = [
     # id, s, b, H, G, d, Rq, R, W, bias, norm
     ("vpmoe_ratios", 37, 2, 8, 2, 32, 4, 2, 10, True, True),  # H/G = 4, s not a block multiple
-    ("window1", 21, 1, 4, 2, 32, 4, 2, 1, True, True),
+    ("window1_b3", 21, 3, 4, 2, 32, 4, 2, 1, True, True),  # b = 3: a partial batch chunk
     ("window_ge_s", 19, 2, 4, 2, 32, 4, 2, 64, True, True),  # s < W: full causal
+    ("s1", 1, 3, 4, 2, 32, 4, 2, 5, True, True),
     ("mha_G_eq_H", 33, 1, 4, 4, 32, 2, 2, 16, True, True),  # W == block, s = 2 blocks + 1
     ("mqa_G1_odd_ranks", 24, 1, 4, 1, 32, 3, 1, 7, True, True),
     ("no_bias_no_norm", 18, 2, 2, 1, 32, 2, 2, 5, False, False),
@@ -205,6 +206,9 @@ def test_triton_matches_reference_fwd_bwd(case, monkeypatch):
             assert g is None
             continue
         assert g is not None and g.dtype == torch.float32 and torch.isfinite(g).all(), name
+        if gr.norm() < 1e-10:  # s = 1: the gradient of the shared angle cancels between q and k
+            assert (g.double() - gr).abs().max() < 1e-5, name
+            continue
         assert rel(g, gr) < 5e-5, (name, rel(g, gr))
     if W >= s:  # W >= s equals plain causal (W = s)
         o_causal = ref.tpa_reference(*inp, **kw(H, G, d, Rq, R, s))
@@ -212,21 +216,27 @@ def test_triton_matches_reference_fwd_bwd(case, monkeypatch):
 
 
 @needs_triton
-def test_triton_shared_attention_middle_and_noncontiguous(monkeypatch):
-    """The project's shared sink-attention kernels as the middle; factors a strided view."""
+@pytest.mark.parametrize("middle, pad, offset", [("shared", 7, 3), ("own", 7, 3), ("own", 8, 0)],
+                         ids=["shared_misaligned", "own_misaligned", "own_aligned_strided"])
+def test_triton_attention_middles_and_noncontiguous_factors(middle, pad, offset, monkeypatch):
+    """Both attention middles (the project's shared sink-attention kernels, our own); factors as a
+    strided view, misaligned (scalar loads) or with 16-byte aligned rows (vectorised loads)."""
+    from vpmoe_compile.ops import triton_tpa
+
     pytest.importorskip("vpmoe_compile.ops.triton_sink_attention")
-    monkeypatch.setenv("VPMOE_TPA_ATTENTION", "shared")
+    monkeypatch.setenv("VPMOE_TPA_ATTENTION", middle)
     s, b, H, G, d, Rq, R, W = 29, 2, 8, 2, 32, 4, 2, 9
     cfg = kw(H, G, d, Rq, R, W)
     inp = make_inputs(s, b, H, G, d, Rq, R)
     dout = torch.randn(s, b, H * d, dtype=torch.float64)
     o64, g64 = run_op(inp, backend="reference", cfg=cfg, dtype=torch.float64, dout=dout)
-    # factors as a [s, b, F] view of a [b, s, F+7] buffer (non-contiguous in s, b and padded).
+    # factors as a [s, b, F] view of a [b, s, F+pad] buffer (non-contiguous in s and b).
     Fw = inp[0].shape[-1]
-    buf = torch.randn(b, s, Fw + 7, dtype=torch.float32)
-    buf[..., 3:3 + Fw] = inp[0].transpose(0, 1).float()
-    fview = buf[..., 3:3 + Fw].transpose(0, 1).requires_grad_(False)
+    buf = torch.randn(b, s, Fw + pad, dtype=torch.float32)
+    buf[..., offset:offset + Fw] = inp[0].transpose(0, 1).float()
+    fview = buf[..., offset:offset + Fw].transpose(0, 1)
     assert not fview.is_contiguous()
+    assert triton_tpa.factors_aligned(fview, H, G, Rq, R) == (pad == 8)
     leaf = fview.detach().requires_grad_(True)
     rest = [x.float().requires_grad_(True) for x in inp[1:]]
     out = tpa_window_attention(leaf, *rest, backend="triton", **cfg)
@@ -246,47 +256,60 @@ def _attention_grads(q, k, v, sink, dout, W, scale, dtype):
 @needs_triton
 @pytest.mark.parametrize("s, b, H, G, W", [(45, 2, 4, 2, 1), (1, 3, 4, 2, 7), (40, 1, 4, 1, 3)],
                          ids=["window1", "s1", "mqa_window3"])
-def test_attention_middle_bf16_delta_uses_output_residual(s, b, H, G, W):
-    """bf16 attention middle: the backward's ``delta = rowsum(dO * O)`` must use ``O_hi + O_lo``.
+def test_attention_middle_bf16_delta_is_accurate(s, b, H, G, W, monkeypatch):
+    """bf16 attention middle: the backward's ``delta = rowsum(dO * O)`` must be fp32-accurate.
 
-    With the bf16-rounded ``O`` alone, ``dS = P (dP - delta)`` cancels catastrophically where one
-    key holds most of a row's mass (W = 1, s = 1): dq/dk errors vs float64 were 2-7x those of a
+    From the bf16-rounded ``O``, ``dS = P (dP - delta)`` cancels catastrophically where one key
+    holds most of a row's mass (W = 1, s = 1): dq/dk errors vs float64 were 2-7x those of a
     PyTorch implementation with the same bf16 inputs and fp32 math (its gradients rounded to
-    bf16), and dsink's 1e4x. With the residual the kernel must be within 2x of that reference.
-    The interpreter computes the dots in fp32 but stores ``O`` in bf16 (its fp32 -> bf16
-    conversion truncates, so ``O`` alone is compared only on the GPU), so the test isolates the
-    rounding of ``O``; run without the residual it fails.
+    bf16), and dsink's 1e4x. The kernel recomputes ``delta = rowsum(P * dP)`` for a 16-bit ``O``
+    and must stay within 2x of that reference. The interpreter computes the dots in fp32 but
+    stores ``O`` in bf16, so the test isolates the rounding of ``O``; the backward forced to take
+    ``delta`` from the 16-bit ``O`` (``GPU_TILES["DELTA"] = "output"``) must fail the same bounds.
     """
     from vpmoe_compile.ops import triton_tpa as tk
 
+    monkeypatch.setitem(tk.GPU_TILES, "DELTA", "auto")
     d = 32
     scale = 1 / math.sqrt(d)
-    q = torch.randn(s, b, H, d).bfloat16()
-    k = torch.randn(s, b, G, d).bfloat16()
-    v = torch.randn(s, b, G, d).bfloat16()
-    sink = torch.randn(H)
-    dout = torch.randn(s, b, H, d).bfloat16()
     dev = "cuda" if not INTERPRET else "cpu"
-    q, k, v, sink, dout = (t.to(dev) for t in (q, k, v, sink, dout))
+    q = torch.randn(s, b, H, d, device=dev).bfloat16()
+    k = torch.randn(s, b, G, d, device=dev).bfloat16()
+    v = torch.randn(s, b, G, d, device=dev).bfloat16()
+    sink = torch.randn(H, device=dev).bfloat16().float()
+    dout = torch.randn(s, b, H, d, device=dev).bfloat16()
     _, g64 = _attention_grads(q, k, v, sink, dout, W, scale, torch.float64)
     _, g32 = _attention_grads(q, k, v, sink, dout, W, scale, torch.float32)
     g32 = [g.bfloat16() for g in g32[:3]] + [g32[3]]  # the kernel returns bf16 dq/dk/dv, fp32 dsink
-    o, lse, o_lo = tk.swa_fwd(q, k, v, sink, W, scale)
-    assert o.dtype == torch.bfloat16 and o_lo is not None and o_lo.dtype == torch.bfloat16
-    # |residual| below one bf16 ulp of O (2^-7 relative; round-to-nearest on the GPU halves it)
-    assert o_lo.float().abs().max() > 0 and (o_lo.float().abs() <= 2.0 ** -7 * o.float().abs()).all()
-    ratios = {}
-    for name, lo in (("with_residual", o_lo), ("without", None)):
-        grads = tk.swa_bwd(dout, q, k, v, o, lse, sink, W, scale, lo)
-        ratios[name] = [rel(g, r) / rel(c, r) for g, r, c in zip(grads[:3], g64[:3], g32[:3])]
-        ratios[name].append(rel(grads[3], g64[3]))
-    dq_r, dk_r, dv_r, dsink_e = ratios["with_residual"]
-    assert dq_r <= 2.0 and dk_r <= 2.0 and dv_r <= 2.0, ratios
-    assert dsink_e < 1e-4, ratios
-    # the same backward without the residual is measurably worse (this is what the test guards)
-    assert ratios["without"][3] > 10 * dsink_e, ratios
+    o, lse = tk.swa_fwd(q, k, v, sink, W, scale)
+    assert o.dtype == torch.bfloat16
+
+    def errors(grads):
+        r = [rel(g, r_) / rel(c, r_) for g, r_, c in zip(grads[:3], g64[:3], g32[:3])]
+        if INTERPRET:  # fp32 dots: dsink must be fp32-accurate
+            return r + [rel(grads[3], g64[3])]
+        # bf16 dots (P of the PV product is bf16): compare in the sink parameter's dtype
+        return r + [rel(grads[3].bfloat16(), g64[3]) / max(rel(g32[3].bfloat16(), g64[3]), 1e-6)]
+
+    good = errors(tk.swa_bwd(dout, q, k, v, o, lse, sink, W, scale))
+    assert max(good[:3]) <= 2.0, good
+    assert good[3] < (1e-4 if INTERPRET else 2.0), good
+    monkeypatch.setitem(tk.GPU_TILES, "DELTA", "output")
+    plain = errors(tk.swa_bwd(dout, q, k, v, o, lse, sink, W, scale))  # delta from the 16-bit O
+    if INTERPRET:
+        assert plain[3] > 10 * good[3], (good, plain)
     if W == 1 and s > 1:
-        assert max(ratios["without"][:2]) > 2.0, ratios
+        assert max(plain[:2]) > 2.0, (good, plain)
+
+
+@pytest.fixture(scope="module")
+def megatron_gloo():
+    """Megatron's parallel state on a world of one process, gloo backend also on a GPU machine
+    (the stock attention runs no collective at TP = 1; NCCL start-up is not needed)."""
+    from megatron_base import init_process
+
+    init_process(seed=1234, backend="gloo")
+    yield
 
 
 def _megatron_dpa(H, G, d, W, dtype, device):
@@ -334,8 +357,8 @@ def _stock_parity(device, dtype, s, b, H, G, d, W):
     out = window_sink_attention(*leaves, W, backend="triton")
     results["window_sink_attention"] = (out, *torch.autograd.grad(out, leaves, dout))
 
-    o, lse, o_lo = tk.swa_fwd(q, k, v, sink, W, scale)
-    results["tpa_middle"] = (o, *tk.swa_bwd(dout, q, k, v, o, lse, sink, W, scale, o_lo))
+    o, lse = tk.swa_fwd(q, k, v, sink, W, scale)
+    results["tpa_middle"] = (o, *tk.swa_bwd(dout, q, k, v, o, lse, sink, W, scale))
     errs = {impl: {n: rel(x, exact[n]) for n, x in zip(names, vals)} for impl, vals in results.items()}
     for impl, vals in results.items():
         assert vals[0].dtype == dtype and vals[0].shape == (s, b, H, d), impl
@@ -346,7 +369,7 @@ def _stock_parity(device, dtype, s, b, H, G, d, W):
 
 
 @needs_triton
-def test_stock_megatron_window_sink_parity_fp32(megatron_env):
+def test_stock_megatron_window_sink_parity_fp32(megatron_gloo):
     """Spec 7.10 on CPU (fp32): stock DotProductAttention (window (W-1, 0), softmax_type='learnable',
     GQA) == our window + sink kernels on materialised q/k/v: O and grads of q, k, v and the offset."""
     if torch.cuda.is_available():
@@ -354,14 +377,14 @@ def test_stock_megatron_window_sink_parity_fp32(megatron_env):
     errs = _stock_parity("cpu", torch.float32, s=41, b=2, H=8, G=2, d=32, W=16)
     for impl in ("megatron", "window_sink_attention", "tpa_middle"):
         for n, e in errs[impl].items():
-            assert e < 2e-5, (impl, n, e)
+            assert e < 5e-6, (impl, n, e)
     for n, e in errs["ours_vs_megatron"].items():
-        assert e < 2e-5, (n, e)
+        assert e < 5e-6, (n, e)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("s, W", [(300, 128), (77, 1), (1, 128)], ids=["s300_W128", "s77_W1", "s1"])
-def test_stock_megatron_window_sink_parity_cuda_bf16(megatron_env, s, W):
+def test_stock_megatron_window_sink_parity_cuda_bf16(megatron_gloo, s, W):
     """Spec 7.10 on the GPU in bf16 (vpMoE heads: H=8, G=2, d=128): our kernels' errors vs float64
     are at most 2x stock Megatron's (which rounds logits and probabilities to bf16) + 1e-3, for O
     and every gradient, and ours agree with stock within bf16 tolerance."""

@@ -341,3 +341,58 @@ def test_table_parameters_recorded_in_state_dict():
     rec = opt.state_dict()["param_groups"][0]["polar_express"]
     assert rec["steps"] == 6 and rec["safety"] == 1e-2 and rec["ell"] == 1e-3
     assert len(opt.table) == 6
+
+
+# ------------------------------------------------------------------------------------ CUDA-graph logic (CPU)
+class _FakeGraph:
+    """Stands in for a captured CUDA graph: capturing records the work without running it,
+    ``replay`` runs it (as a real graph replays the recorded kernels)."""
+
+    def __init__(self, fn):
+        self.fn, self.replays = fn, 0
+
+    def replay(self):
+        self.replays += 1
+        self.fn()
+
+
+def test_cuda_graph_state_machine_on_cpu(monkeypatch):
+    """Warm-up step eager, capture on the next, replay after; the gather graph only while the
+    gradient addresses are stable; rebuilds drop the graphs. Same results as the eager path."""
+    captured = []
+
+    def fake_capture(self, fn):
+        g = _FakeGraph(fn)
+        captured.append(g)
+        self._graphs.captures += 1
+        return g
+
+    monkeypatch.setattr(NorMuon, "_capture", fake_capture)
+    monkeypatch.setattr(NorMuon, "_check_graph_device", lambda self: None)
+    params, blocks = _setup()
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = NorMuon([{"params": params, "blocks": blocks}], lr=0.02, weight_decay=0.1, cuda_graph=True)
+    ref = NorMuon([{"params": ref_params, "blocks": blocks}], lr=0.02, weight_decay=0.1)
+    static = [torch.empty_like(p) for p in params]
+    for step in range(7):
+        grads = [torch.randn_like(p) for p in params]
+        if step == 4:
+            static = [torch.empty_like(p) for p in params]  # new gradient addresses
+        for s, g in zip(static, grads):
+            s.copy_(g)
+        for p, q, s, g in zip(params, ref_params, static, grads):
+            p.grad, q.grad = s, g.clone()
+        for o in (opt, ref):
+            o.param_groups[0]["lr"] = 0.02 / (step + 1)
+            o.param_groups[0]["weight_decay"] = 0.0 if step == 2 else 0.1
+        opt.step()
+        ref.step()
+        for p, q in zip(params, ref_params):
+            assert (p.detach() - q.detach()).abs().max().item() <= 1e-12, step
+        expected = {0: 0, 1: 2, 2: 2, 3: 2, 4: 2, 5: 3, 6: 3}[step]
+        assert opt.graph_captures == expected, step
+    gather1, compute, gather2 = captured
+    assert compute.replays == 6 and gather1.replays == 2 and gather2.replays == 1
+    assert opt.param_groups[0]["normuon_step"] == 7
+    opt.load_state_dict(opt.state_dict())  # banks rebuilt -> graphs dropped
+    assert opt.graph_captures == 0

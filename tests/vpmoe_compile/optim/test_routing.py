@@ -118,7 +118,7 @@ def test_frozen_params_are_listed_not_optimised():
     assert table["output_layer.weight"]["group"] == "frozen"
 
 
-def test_te_grouped_expert_names_per_expert_and_legacy_grouped_refused():
+def test_te_grouped_expert_names_per_expert_and_legacy_grouped_per_expert():
     model = FakeVpMoE()
     experts = model.decoder.layers[1].mlp.experts
     del experts.local_experts
@@ -136,5 +136,11 @@ def test_te_grouped_expert_names_per_expert_and_legacy_grouped_refused():
         row = table[f"decoder.layers.1.mlp.experts.linear_fc2.weight{e}"]
         assert (row["group"], row["role"], row["is_expert_parallel"]) == ("normuon", "expert", True)
     experts.weight1 = torch.nn.Parameter(torch.randn(32, EXPERTS * 8))  # legacy GroupedMLP
-    with pytest.raises(RoutingError, match=r"experts\.weight1"):
+    experts.weight1.allreduce = False
+    # without the geometry in model.config the per-expert layout cannot be known: clear error
+    with pytest.raises(RoutingError, match=r"experts\.weight1: a GroupedMLP weight needs"):
         routing_table(model)
+    model.config.hidden_size, model.config.moe_ffn_hidden_size = 32, 8
+    row = _by_name(routing_table(model))["decoder.layers.1.mlp.experts.weight1"]
+    assert (row["group"], row["role"]) == ("normuon", "expert")
+    assert row["matrices"] == [[f"e{e}.fc1", 8, 32] for e in range(EXPERTS)]  # per expert
