@@ -199,8 +199,9 @@ def _tpa_fwd_op(
 
     ``q, k, v, rstd_*`` and ``out_lo`` are saved activations for the Triton backward (empty for
     the reference backend, which recomputes). ``out_lo`` is the bf16 rounding residual of a 16-bit
-    ``out`` when the shared attention middle serves the op (``VPMOE_TPA_ATTENTION=shared``), else
-    empty: the own middle recomputes ``delta`` instead (:func:`vpmoe_compile.ops.triton_tpa.swa_bwd`).
+    ``out`` when the shared attention middle serves the op (``VPMOE_TPA_ATTENTION=shared``) and its
+    launcher keeps one (:func:`vpmoe_compile.ops.triton_sink_attention.residual_helps`), else empty:
+    the own middle recomputes ``delta`` instead (:func:`vpmoe_compile.ops.triton_tpa.swa_bwd`).
     """
     args = (num_heads, num_groups, head_dim, q_rank, kv_rank, window)
     if backend == "triton":
@@ -226,8 +227,11 @@ def _tpa_fwd_fake(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, num_heads
         v = factors.new_empty(s, b, G, d)
         rq = factors.new_empty((s, b, H) if gamma_q is not None else (0,), dtype=torch.float32)
         rk = factors.new_empty((s, b, G) if gamma_k is not None else (0,), dtype=torch.float32)
-        has_lo = (os.environ.get("VPMOE_TPA_ATTENTION", "auto") == "shared"
-                  and factors.dtype in (torch.bfloat16, torch.float16))
+        has_lo = False
+        if os.environ.get("VPMOE_TPA_ATTENTION", "auto") == "shared":
+            from vpmoe_compile.ops import triton_sink_attention as sa  # the launcher's own decision
+
+            has_lo = sa.output_residual_dtype(factors.dtype) is not None and sa.residual_helps(s, window)
         lo = factors.new_empty((s, b, H * d) if has_lo else (0,), dtype=torch.bfloat16 if has_lo else torch.float32)
         return out, lse, q, k, v, rq, rk, lo
     return out, lse, *(factors.new_empty(0) for _ in range(6))

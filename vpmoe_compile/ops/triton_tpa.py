@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vpmoe_compile._triton import dot as _dot
+
 LOG2E = 1.4426950408889634
 
 
@@ -410,11 +412,19 @@ def _tpa_prologue_bwd_kernel(
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
+def _swa_tile_scores(q, K_ptr, V_ptr, n0, offs_m, offs_d, S, B, G, W, bi, g, qk_scale,
+                     D: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+    """Key tile ``[n0, n0 + BN)`` of group ``g``, sample ``bi``: ``k, v [BN, D]``, the base-2
+    scores ``s = qk_scale * q k^T [BM, BN]`` and the band mask ``0 <= i - j < W`` (keys < S)."""
+    offs_n = n0 + tl.arange(0, BN)
+    nmask = offs_n < S
+    krow = (offs_n.to(tl.int64) * B + bi) * G + g
+    k = tl.load(K_ptr + krow[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
+    v = tl.load(V_ptr + krow[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale
+    diff = offs_m[:, None] - offs_n[None, :]
+    vis = (diff >= 0) & (diff < W) & nmask[None, :]
+    return k, v, s, vis
 
 
 @triton.jit
@@ -444,14 +454,8 @@ def _swa_fwd_kernel(
     lo = tl.maximum(m0 - W + 1, 0) // BN * BN
     hi = tl.minimum(m0 + BM, S)
     for n0 in range(lo, hi, BN):
-        offs_n = n0 + tl.arange(0, BN)
-        nmask = offs_n < S
-        krow = (offs_n.to(tl.int64) * B + bi) * G + g
-        k = tl.load(K_ptr + krow[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
-        v = tl.load(V_ptr + krow[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale
-        diff = offs_m[:, None] - offs_n[None, :]
-        vis = (diff >= 0) & (diff < W) & nmask[None, :]
+        k, v, s, vis = _swa_tile_scores(q, K_ptr, V_ptr, n0, offs_m, offs_d, S, B, G, W, bi, g,
+                                        qk_scale, D, BN, IEEE)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -463,6 +467,18 @@ def _swa_fwd_kernel(
     tl.store(O_ptr + qrow[:, None] * D + offs_d[None, :], out.to(O_ptr.dtype.element_ty), mask=mmask[:, None])
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
     tl.store(L_ptr + pid_bh.to(tl.int64) * S + offs_m, lse, mask=mmask)
+
+
+@triton.jit
+def _swa_bwd_tile(q, do, lse2, K_ptr, V_ptr, n0, offs_m, mmask, offs_d, S, B, G, W, bi, g, qk_scale,
+                  D: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+    """One key tile ``[n0, n0 + BN)`` of a dq program: ``(k, P, dP)`` with ``P [BM, BN]`` fp32
+    (0 outside the band ``0 <= i - j < W``) and ``dP = dO V^T``."""
+    k, v, s, vis = _swa_tile_scores(q, K_ptr, V_ptr, n0, offs_m, offs_d, S, B, G, W, bi, g,
+                                    qk_scale, D, BN, IEEE)
+    pr = tl.where(vis & mmask[:, None], tl.exp2(s - lse2[:, None]), 0.0)
+    dp = _dot(do, tl.trans(v), IEEE)
+    return k, pr, dp
 
 
 @triton.jit
@@ -502,16 +518,9 @@ def _swa_bwd_dq_kernel(
     if RECOMPUTE_DELTA:
         delta = tl.zeros([BM], dtype=tl.float32)
         for n0 in range(lo, hi, BN):
-            offs_n = n0 + tl.arange(0, BN)
-            nmask = offs_n < S
-            krow = (offs_n.to(tl.int64) * B + bi) * G + g
-            k = tl.load(K_ptr + krow[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
-            v = tl.load(V_ptr + krow[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
-            s = _dot(q, tl.trans(k), IEEE) * qk_scale
-            diff = offs_m[:, None] - offs_n[None, :]
-            vis = (diff >= 0) & (diff < W) & nmask[None, :] & mmask[:, None]
-            pr = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-            delta += tl.sum(pr * _dot(do, tl.trans(v), IEEE), axis=1)
+            k, pr, dp = _swa_bwd_tile(q, do, lse2, K_ptr, V_ptr, n0, offs_m, mmask, offs_d, S, B, G,
+                                      W, bi, g, qk_scale, D, BN, IEEE)
+            delta += tl.sum(pr * dp, axis=1)
     else:
         o = tl.load(O_ptr + qoff, mask=mmask[:, None], other=0.0).to(tl.float32)
         delta = tl.sum(do.to(tl.float32) * o, axis=1)
@@ -521,16 +530,8 @@ def _swa_bwd_dq_kernel(
     tl.store(DSINK_part + pid_m * (B * H) + pid_bh, -tl.sum(psink * delta, axis=0))
     dq = tl.zeros([BM, D], dtype=tl.float32)
     for n0 in range(lo, hi, BN):
-        offs_n = n0 + tl.arange(0, BN)
-        nmask = offs_n < S
-        krow = (offs_n.to(tl.int64) * B + bi) * G + g
-        k = tl.load(K_ptr + krow[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
-        v = tl.load(V_ptr + krow[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale
-        diff = offs_m[:, None] - offs_n[None, :]
-        vis = (diff >= 0) & (diff < W) & nmask[None, :] & mmask[:, None]
-        pr = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), IEEE)
+        k, pr, dp = _swa_bwd_tile(q, do, lse2, K_ptr, V_ptr, n0, offs_m, mmask, offs_d, S, B, G,
+                                  W, bi, g, qk_scale, D, BN, IEEE)
         ds = pr * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, IEEE)
     dq = dq * sm_scale

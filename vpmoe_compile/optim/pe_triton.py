@@ -50,6 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vpmoe_compile._triton import dot as _dot
+
 __all__ = ["fused_pe_supported", "polar_express_fused_", "normuon_bank_fused_", "MAX_ROWS"]
 
 #: Largest ``s = min(m, n)`` handled by the fused kernel (the Gram matrix lives in registers).
@@ -74,14 +76,6 @@ def fused_pe_supported(shape: Tuple[int, int], device: torch.device, dtype: torc
     if device.type == "cuda":
         return dtype in (torch.bfloat16, torch.float32)
     return device.type == "cpu" and dtype == torch.float32 and interpreter_active()
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit

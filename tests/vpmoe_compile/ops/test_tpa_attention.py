@@ -705,3 +705,19 @@ def test_clear_errors(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             call(*inp, backend="triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("s, W", [(20, 1), (40, 16)], ids=["residual", "no_residual"])
+def test_fake_impl_matches_shared_middle_residual_policy(s, W, monkeypatch):
+    """Under ``VPMOE_TPA_ATTENTION=shared`` the fake impl must predict whether the shared launcher
+    keeps ``out_lo`` (its own keys-per-row policy), else inductor fails on the output's rank."""
+    monkeypatch.setenv("VPMOE_TPA_ATTENTION", "shared")
+    H, G, d, Rq, R = 4, 2, 32, 2, 1
+    inp = [t.bfloat16() if t.dtype == torch.float32 and i == 0 else t
+           for i, t in enumerate(make_inputs(s, 1, H, G, d, Rq, R, dtype=torch.float32))]
+    args = (*inp, H, G, d, Rq, R, W, 1e-5, 0.5, "triton")
+    out = torch.ops.vpmoe.tpa_window_attention_fwd(*args)
+    assert (out[-1].numel() > 0) == (W == 1)
+    torch.library.opcheck(torch.ops.vpmoe.tpa_window_attention_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
