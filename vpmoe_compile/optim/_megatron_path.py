@@ -125,6 +125,24 @@ class NorMuonFloat16Optimizer(Float16OptimizerWithFloat16Params):
             main_to_model.get(id(p), p) for g in self.optimizer.param_groups for p in g["params"]
         ]
 
+    def zero_grad(self, set_to_none: bool = True):
+        """Megatron's ``zero_grad``; with ``set_to_none`` also lets an inner :class:`NorMuon` forget
+        the last step's gradients when they are per-step copies (``main_param.grad =
+        main_grad.float()`` with bf16 ``main_grad``, Megatron's default), so the memory Megatron
+        frees here is really freed. When they are the model's fp32 ``main_grad`` buffers
+        themselves, the list is kept (NorMuon's identity fast path; no memory is held)."""
+        super().zero_grad(set_to_none)
+        kept = getattr(self.optimizer, "_dense_grads", None)
+        if set_to_none and kept:
+            buffers = {
+                id(getattr(p, "main_grad", None))
+                for groups in (self.float16_groups, self.fp32_from_fp32_groups)
+                for group in groups
+                for p in group
+            }
+            if not all(id(g) in buffers for g in kept):
+                self.optimizer._dense_grads = None
+
     def _copy_main_params_to_model_params(self):
         model_data, main_data = self._get_model_and_main_params_data_float16()
         if model_data:

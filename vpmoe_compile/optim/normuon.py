@@ -600,6 +600,14 @@ class NorMuon(torch.optim.Optimizer):
                 group["normuon_step"] = int(group.get("normuon_step", 0)) + 1
         return loss
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``; with ``set_to_none`` also forgets the last
+        step's gradient tensors (kept for the identity fast path of :meth:`step`), so that
+        gradients the caller drops are freed (and a new backward can reuse their memory)."""
+        if set_to_none:
+            self._dense_grads = None
+        super().zero_grad(set_to_none=set_to_none)
+
     def _refresh_tables(self, grads: List[torch.Tensor]) -> None:
         """Point the direct banks' address tables at the current gradients (asynchronous
         copy from pinned memory, no host sync). A bank whose gradients are not contiguous,

@@ -396,3 +396,64 @@ def test_cuda_graph_state_machine_on_cpu(monkeypatch):
     assert opt.param_groups[0]["normuon_step"] == 7
     opt.load_state_dict(opt.state_dict())  # banks rebuilt -> graphs dropped
     assert opt.graph_captures == 0
+
+
+def test_zero_grad_set_to_none_releases_the_last_gradients():
+    """The identity fast path of ``step`` keeps the last step's gradient list; after
+    ``zero_grad(set_to_none=True)`` those tensors must be freed (no extra gradient copy held
+    across the next backward), and later steps still match an optimizer without the cache."""
+    import gc
+    import weakref
+
+    params, blocks = _setup()
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = NorMuon([{"params": params, "blocks": blocks}], lr=0.02, weight_decay=0.1)
+    ref = NorMuon([{"params": ref_params, "blocks": blocks}], lr=0.02, weight_decay=0.1)
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, ref_params, grads):
+            p.grad, q.grad = g, g.clone()
+        del grads, g
+        refs = [weakref.ref(p.grad) for p in params]
+        opt.step()
+        ref.step()
+        if step == 1:  # same gradient objects again: the fast path
+            opt.step()
+            ref._dense_grads = None  # the reference takes the full check
+            ref.step()
+        opt.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        gc.collect()
+        assert all(r() is None for r in refs), step
+        for p, q in zip(params, ref_params):
+            assert torch.equal(p.detach(), q.detach()), step
+
+
+def test_megatron_fp16_wrapper_zero_grad_frees_copied_grads_keeps_buffers():
+    """``NorMuonFloat16Optimizer.zero_grad``: per-step fp32 copies of bf16 ``main_grad`` must not
+    stay alive in NorMuon's identity fast path; the model's own fp32 ``main_grad`` buffers may."""
+    import weakref
+
+    pytest.importorskip("megatron.core")
+    from vpmoe_compile.optim._megatron_path import NorMuonFloat16Optimizer
+
+    def wrapper(main_grad_dtype):
+        model_p = torch.nn.Parameter(torch.randn(8, 16).bfloat16())
+        model_p.main_grad = torch.randn(8, 16, dtype=main_grad_dtype)
+        main_p = torch.nn.Parameter(model_p.detach().float())
+        opt = NorMuon([main_p], lr=0.01)
+        w = object.__new__(NorMuonFloat16Optimizer)  # only zero_grad's attributes are needed
+        w.optimizer, w.is_stub_optimizer = opt, False
+        w.float16_groups, w.fp32_from_float16_groups, w.fp32_from_fp32_groups = [[model_p]], [[main_p]], []
+        main_p.grad = model_p.main_grad.float()  # what Megatron's wrapper does before the step
+        opt.step()
+        return w, opt, main_p
+
+    w, opt, main_p = wrapper(torch.bfloat16)
+    ref = weakref.ref(main_p.grad)
+    w.zero_grad(set_to_none=True)
+    assert main_p.grad is None and ref() is None and opt._dense_grads is None
+
+    w, opt, main_p = wrapper(torch.float32)  # grad is the buffer itself: keep the fast path
+    w.zero_grad(set_to_none=True)
+    assert opt._dense_grads is not None and opt._dense_grads[0] is w.float16_groups[0][0].main_grad
