@@ -243,15 +243,13 @@ def _sink_attention_fwd_op(
 
 
 def _residual_dtype(q: torch.Tensor, window: int, backend: str) -> Optional[torch.dtype]:
-    """dtype of the forward's ``out_lo`` (``None``: an empty tensor), the same decision as the
-    Triton launcher's (:func:`~vpmoe_compile.ops.triton_sink_attention.residual_helps`)."""
+    """dtype of the forward's ``out_lo`` (``None``: an empty tensor), the Triton launcher's own
+    decision (:func:`~vpmoe_compile.ops.triton_sink_attention.planned_residual_dtype`)."""
     if backend == "reference":
         return None
-    from .triton_sink_attention import output_residual_dtype, residual_helps
+    from .triton_sink_attention import planned_residual_dtype
 
-    if not residual_helps(q.shape[0], window if window > 0 else None):
-        return None
-    return output_residual_dtype(q.dtype)
+    return planned_residual_dtype(q.dtype, q.shape[0], window if window > 0 else None)
 
 
 @_sink_attention_fwd_op.register_fake

@@ -231,7 +231,7 @@ def _tpa_fwd_fake(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, num_heads
         if os.environ.get("VPMOE_TPA_ATTENTION", "auto") == "shared":
             from vpmoe_compile.ops import triton_sink_attention as sa  # the launcher's own decision
 
-            has_lo = sa.output_residual_dtype(factors.dtype) is not None and sa.residual_helps(s, window)
+            has_lo = sa.planned_residual_dtype(factors.dtype, s, window) is not None
         lo = factors.new_empty((s, b, H * d) if has_lo else (0,), dtype=torch.bfloat16 if has_lo else torch.float32)
         return out, lse, q, k, v, rq, rk, lo
     return out, lse, *(factors.new_empty(0) for _ in range(6))

@@ -62,6 +62,7 @@ __all__ = [
     "sink_attention_bwd_triton",
     "output_residual_dtype",
     "residual_helps",
+    "planned_residual_dtype",
     "mean_keys_per_row",
 ]
 
@@ -547,6 +548,16 @@ def residual_helps(seqlen: int, window: Optional[int]) -> bool:
     return mean_keys_per_row(seqlen, window) <= RESIDUAL_MAX_MEAN_KEYS
 
 
+def planned_residual_dtype(out_dtype: torch.dtype, seqlen: int, window: Optional[int],
+                           store: Optional[bool] = None) -> Optional[torch.dtype]:
+    """dtype of the ``out_lo`` the forward returns (``None``: none), the one decision shared by the
+    launcher and the fake implementations of the ops that call it. ``store``: force on/off;
+    default :func:`residual_helps`."""
+    if not (store if store is not None else residual_helps(seqlen, window)):
+        return None
+    return output_residual_dtype(out_dtype)
+
+
 def _check_runnable(t: torch.Tensor) -> None:
     if t.device.type == "cuda":
         if _INTERPRET_AT_IMPORT:
@@ -629,8 +640,8 @@ def sink_attention_fwd_triton(
     q, k, v = _kernel_dtype(q), _kernel_dtype(k), _kernel_dtype(v)
     cfg, pack = _resolve(config, hpg)
     res_dtype = None
-    if return_residual and (store_residual if store_residual is not None else residual_helps(s, window)):
-        res_dtype = output_residual_dtype(out_dtype)
+    if return_residual:
+        res_dtype = planned_residual_dtype(out_dtype, s, window, store_residual)
     # The interpreter's fp32 -> 16-bit casts truncate (the GPU rounds to nearest even), so there the
     # kernel writes fp32 and the launcher rounds and forms the residual with torch (RNE, as on GPU).
     emulate_store = _INTERPRET_AT_IMPORT and out_dtype != q.dtype

@@ -12,6 +12,15 @@ from vpmoe_compile.optim.reference import normuon_reference_update
 
 from ._fake import D, GROUPS, HEADS, QKV_ROWS
 
+
+def _random_step(opt, params):
+    """Fresh random gradients on ``params``, one ``opt.step()``; returns the gradients."""
+    grads = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    return grads
+
 # vpMoE matrix shapes at reduced size (out, in): expert fc1/fc2, shared, proj, router, TPA a/b.
 SHAPES = [(16, 64), (64, 16), (32, 64), (64, 32), (64, 64), (24, 64), (2, 64), (4, 64)]
 
@@ -113,10 +122,7 @@ def test_fork_parity_fp32():
     v = [torch.zeros(w.shape[0], 1) for w in W]
     opt = NorMuon(params, lr=0.02, weight_decay=0.01, pe_dtype=torch.float32)
     for _ in range(3):
-        grads = [torch.randn_like(p) for p in params]
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()
+        grads = _random_step(opt, params)
         for i, g in enumerate(grads):
             _fork_update(W[i], g, M[i], v[i], 0.02, 0.01)
     for p, w in zip(params, W):
@@ -155,10 +161,7 @@ def test_multi_step_fp32_relative():
     ref = _Ref([p.double() for p in params], blocks)
     opt = NorMuon([{"params": params, "blocks": blocks}], lr=0.01, weight_decay=0.05)
     for step in range(5):
-        grads = [torch.randn_like(p) for p in params]
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()
+        grads = _random_step(opt, params)
         ref.step([g.double() for g in grads], 0.01, 0.05)
     for p, w in zip(params, ref.W):
         assert _maxrel(p.detach().double(), w) <= 1e-4
@@ -214,10 +217,7 @@ def test_options_match_reference(neuron_axis, scale_mode):
     ]
     opt = NorMuon(params, lr=0.03, weight_decay=0.1, neuron_axis=neuron_axis, scale_mode=scale_mode)
     for _ in range(3):
-        grads = [torch.randn_like(p) for p in params]
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()
+        grads = _random_step(opt, params)
         for i, g in enumerate(grads):
             normuon_reference_update(
                 W[i], g, M[i], v[i], lr=0.03, weight_decay=0.1, neuron_axis=neuron_axis,
