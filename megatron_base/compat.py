@@ -22,6 +22,10 @@ what runs on a GPU machine):
 * ``cpu_mask_builders`` (H6, fix S2): ``get_sliding_window_causal_mask`` and
   ``get_default_causal_mask`` hardcode ``device="cuda"``; ``fused_softmax`` imports them by
   name, so both namespaces get copies with identical math that build the mask on the CPU.
+* ``cpu_dist_checkpoint_save``: ``dist_checkpointing``'s ``torch_dist`` writer
+  (``FileSystemWriterAsync.preload_tensors``) copies tensors to the host with
+  ``non_blocking=True`` and then calls ``torch.cuda.synchronize()``, which raises without CUDA.
+  The fix makes the copy blocking on a machine without CUDA (nothing to synchronise).
 * The CUDA RNG tracker (H8, fix S3) is not patched: :func:`megatron_base.parallel.init_process`
   seeds Megatron's *inference* RNG tracker on CPU (public API, a null ``fork()``).
 
@@ -34,6 +38,16 @@ what runs on a GPU machine):
 
 Dynamo (used by :func:`dynamo_config`, applied around every compile/capture, any device): MoE
 permutation has data-dependent shapes; two capture flags keep it in one graph (spec §6.2).
+
+* ``moe_aux_loss_scale`` (any device, read by :func:`moe_aux_loss_scale`): Megatron's
+  ``MoEAuxLossAutoScaler`` keeps the main-loss gradient scale of the MoE auxiliary losses in a
+  class attribute of an ``autograd.Function`` (``main_loss_backward_scale``, set by the schedule
+  through ``set_loss_scale``, which copies into the tensor once it exists) and reads it inside
+  ``backward``; TorchDynamo cannot trace either read. The grouped MoE layer passes the scale in
+  as a tensor instead: eagerly the attribute is read (and created as ``1.0``, as Megatron does,
+  when unset); under ``torch.compile`` the tensor last seen eagerly (or primed by
+  :func:`prime_moe_aux_loss_scale`) is used -- the same tensor object, since Megatron updates it
+  in place.
 
 * ``cuda_rng_under_dynamo`` (GPU only, scoped to :func:`dynamo_config`): Megatron's
   ``CudaRNGStatesTracker.fork()`` (around DotProductAttention's dropout) calls
@@ -148,11 +162,25 @@ def _fix_mask_builders(record: list) -> None:
         _set(record, mod, "get_sliding_window_causal_mask", cpu_sliding_window_causal_mask)
 
 
+def _fix_cpu_dist_checkpoint_save(record: list) -> None:
+    fs = importlib.import_module("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    writer = fs.FileSystemWriterAsync
+    original = writer.__dict__["preload_tensors"].__func__
+
+    def preload_tensors(write_buckets, non_blocking=True):
+        return original(write_buckets, non_blocking=False)
+
+    # record the staticmethod object itself (getattr would give the bare function)
+    record.append((writer, "preload_tensors", writer.__dict__["preload_tensors"]))
+    writer.preload_tensors = staticmethod(preload_tensors)
+
+
 _FIXES: Dict[str, Tuple[Callable[[list], None], str]] = {
     "te_general_gemm": (_fix_te_general_gemm, "any"),
     "tp_group_warning": (_fix_tp_group_warning, "any"),
     "cuda_current_device": (_fix_cuda_current_device, "cpu"),
     "cpu_mask_builders": (_fix_mask_builders, "cpu"),
+    "cpu_dist_checkpoint_save": (_fix_cpu_dist_checkpoint_save, "cpu"),
 }
 
 
@@ -236,3 +264,37 @@ def _dynamo_safe_cuda_rng():
         yield
     finally:
         mrandom._set_cuda_rng_state = orig
+
+
+# --------------------------------------------------------------------------------------------
+# MoE auxiliary-loss scale (see the module docstring, ``moe_aux_loss_scale``)
+# --------------------------------------------------------------------------------------------
+
+_AUX_SCALE: List[object] = [None]
+
+
+def moe_aux_loss_scale(device) -> torch.Tensor:
+    """Megatron's ``MoEAuxLossAutoScaler.main_loss_backward_scale`` as a tensor a compiled
+    region can take as input (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        scale = _AUX_SCALE[0]
+        if scale is None:
+            raise RuntimeError(
+                "the MoE aux-loss scale was never initialised before torch.compile traced a MoE "
+                "layer; compile through vpmoe_compile.compile(model), or run one eager forward first"
+            )
+        return scale
+    return prime_moe_aux_loss_scale(device)
+
+
+def prime_moe_aux_loss_scale(device) -> torch.Tensor:
+    """Read (creating it as ``1.0`` on ``device`` when unset, as Megatron's backward does) and
+    remember Megatron's aux-loss scale tensor; returns it."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    scale = MoEAuxLossAutoScaler.main_loss_backward_scale
+    if scale is None:
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones((), device=device))
+        scale = MoEAuxLossAutoScaler.main_loss_backward_scale
+    _AUX_SCALE[0] = scale
+    return scale

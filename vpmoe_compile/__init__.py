@@ -3,14 +3,15 @@
     model = megatron_base.build_stock_gpt("vpmoe-8l")      # or your own stock GPTModel
     model = vpmoe_compile.transform(model, dump_dir="dump") # TPA + GRAPE + sink kernels
     optimizer = vpmoe_compile.build_optimizer(model)        # NorMuon + Polar Express (+ AdamW)
+    vpmoe_compile.compile(model)                            # each layer one torch.compile graph
 
 The kernels (``vpmoe_compile.ops``) and the optimizer (``vpmoe_compile.optim``) import without
-Megatron; ``transform`` and ``build_optimizer`` are imported lazily.
+Megatron; ``transform``, ``compile`` and ``build_optimizer`` are imported lazily.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["transform", "build_optimizer", "TransformError", "__version__"]
+__all__ = ["transform", "compile", "build_optimizer", "TransformError", "__version__"]
 
 
 def __getattr__(name):
@@ -18,6 +19,10 @@ def __getattr__(name):
         from vpmoe_compile import pipeline as _t
 
         return getattr(_t, name)
+    if name == "compile":
+        from vpmoe_compile.compiler import compile as _compile
+
+        return _compile
     if name == "build_optimizer":
         from vpmoe_compile.optim import build_optimizer
 

@@ -6,11 +6,9 @@ The default pipeline (each pass in its own file under ``passes/``)::
     global_attention  global layers: DotProductAttention -> flash kernel (causal + sink)
     grape             GRAPE-M on local layers, GRAPE-A (ALiBi) on global layers
     tpa               local layers: TPA factor projection + fused window/sink kernel
+    moe               MoE layers: stacked experts + grouped GEMM, sparse router, sort-based
+                      dispatch (same function and checkpoint layout; a speed pass)
     optimizer_routing read-only: the NorMuon/AdamW routing table of every parameter
-
-Opt-in (``passes=[..., "batched_experts", ...]``): ``batched_experts`` replaces the per-expert
-loop of ``SequentialMLP`` by two batched GEMMs (same parameters; a speed pass, not an
-architecture change; no GPU speed-up measured yet, see README).
 
 ``transform`` must run before DDP / distributed-optimizer / Float16Module wrapping (parameters
 created afterwards would never be reduced or updated) and refuses a wrapped model, a model that
@@ -63,21 +61,23 @@ class TransformRecord:
 
 
 def available_passes(backend: str = "auto") -> Dict[str, Pass]:
-    from passes import BatchedExpertsPass, GlobalAttentionPass, GrapePass, LayerPlanPass, OptimizerRoutingPass, TPAPass
+    from passes import GlobalAttentionPass, GrapePass, LayerPlanPass, MoEPass, OptimizerRoutingPass, TPAPass
+    from passes import FusedHeadPass
 
     return {
         "layer_plan": LayerPlanPass(),
         "global_attention": GlobalAttentionPass(backend=backend),
         "grape": GrapePass(),
         "tpa": TPAPass(backend=backend),
-        "batched_experts": BatchedExpertsPass(),
+        "moe": MoEPass(backend=backend),
+        "fused_head": FusedHeadPass(),
         "optimizer_routing": OptimizerRoutingPass(),
     }
 
 
 def default_pipeline(cfg: VpMoEConfig, backend: str = "auto", extra: Sequence[str] = ()) -> List[Pass]:
-    """The passes the config asks for, in order; ``extra`` adds opt-in passes (e.g.
-    ``"batched_experts"``) before the final routing pass."""
+    """The passes the config asks for, in order; ``extra`` adds further registered passes
+    before the final routing pass."""
     allp = available_passes(backend)
     names = ["layer_plan", "global_attention"]
     if cfg.attention.position_embedding_type == "grapem":
@@ -89,6 +89,9 @@ def default_pipeline(cfg: VpMoEConfig, backend: str = "auto", extra: Sequence[st
             "[tpa] use_tpa = true needs [attention] position_embedding_type = 'grapem' (the fused "
             "TPA kernel rotates q/k with GRAPE-M)"
         )
+    if cfg.moe.num_experts > 0:
+        names.append("moe")
+    names.append("fused_head")
     for name in extra:
         if name not in allp:
             raise TransformError(f"unknown pass {name!r}; available: {', '.join(allp)}")
