@@ -4,8 +4,9 @@ Public API:
 
 * :func:`polar_express_coefficients` -- the offline Polar Express table generator (§2.3).
 * :func:`polar_express` -- batched bf16 orthogonalisation of ``[..., m, n]`` matrices (§1.2).
-* :class:`NorMuon` -- a plain ``torch.optim.Optimizer`` over 2-D tensors, batched by shape banks (§1.4),
-  with fused Triton kernels for short-wide banks (:mod:`.pe_triton`) and optional CUDA graphs.
+* :class:`NorMuon` -- a plain ``torch.optim.Optimizer`` over 2-D tensors and 3-D expert stacks
+  ``[E, m, n]`` (each a bank in place), batched by shape banks (§1.4), with fused Triton kernels
+  for short-wide banks (:mod:`.pe_triton`) and optional CUDA graphs.
 * :func:`routing_table` -- every parameter's optimizer, role, lr and weight decay, as data (§4.1).
 * :func:`build_optimizer` -- NorMuon + AdamW for a model: Megatron wrappers for Megatron-DDP
   models on CUDA, a plain NorMuon + torch AdamW chain otherwise (see :mod:`.megatron`).

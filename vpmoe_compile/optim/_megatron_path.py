@@ -40,12 +40,26 @@ _V_KEY = "second_moment"
 
 
 def _second_moment_sharded(sh_param, v: torch.Tensor, prefix: str) -> ShardedTensor:
-    """ShardedTensor of a second moment: the param's, with the reduced axis collapsed to 1."""
+    """ShardedTensor of a second moment: the param's, with the reduced axis collapsed to 1.
+
+    Every axis on which ``v`` has size 1 and the parameter does not gets global size 1, offset 0
+    and fragmentation 1; the others keep the parameter's sharding. So ``[m, 1]`` of an
+    ``[m, n]`` weight (``[1, n]`` for column statistics) and ``[E, m, 1]`` of a 3-D expert stack
+    ``[E, m, n]``, whose one ShardedTensor has global shape ``[*prepended, E_global, m, n]`` with
+    the local experts at offset ``ep_rank * E`` on the expert axis: the second moment keeps that
+    expert axis and becomes ``[*prepended, E_global, m, 1]``.
+
+    Args:
+        sh_param: the model's ShardedTensor of the parameter (a factory is refused).
+        v: the local second moment, the parameter's local shape with the reduced axis 1.
+        prefix: key prefix (``optimizer.state.second_moment``).
+    """
     if isinstance(sh_param, ShardedTensorFactory):
         raise NotImplementedError(
             f"{sh_param.key}: NorMuon second moments of factory-sharded params (gated MLP fc1, "
             "legacy GroupedMLP weight1/weight2) are not supported in the torch_dist format; "
-            "use the legacy torch checkpoint format or SequentialMLP / TEGroupedMLP experts"
+            "use the legacy torch checkpoint format, SequentialMLP / TEGroupedMLP experts or "
+            "grouped experts (3-D expert stacks, one ShardedTensor per stack)"
         )
     local = tuple(v.shape)
     pre = sh_param.prepend_axis_num
@@ -112,7 +126,8 @@ class NorMuonFloat16Optimizer(Float16OptimizerWithFloat16Params):
     * the optimizer-state-id -> model ShardedTensor map follows the optimizer's own slots, so it
       is right also when a group mixes bf16 params and fp32 params (GRAPE ``log_freq``, an fp32
       router): Megatron 0.16.1 enumerates only the bf16 params and shifts every later id;
-    * NorMuon's ``[m, 1]`` second moment is saved with the input axis collapsed (spec §5.4);
+    * NorMuon's ``[m, 1]`` second moment (``[E, m, 1]`` of an expert stack) is saved with the
+      input axis collapsed;
     * main -> model param copy with one ``torch._foreach_copy_`` instead of a per-tensor loop.
     """
 
@@ -180,7 +195,8 @@ class NorMuonFloat16Optimizer(Float16OptimizerWithFloat16Params):
 
 
 class NorMuonFP32Optimizer(FP32Optimizer):
-    """``FP32Optimizer`` that also saves NorMuon's ``[m, 1]`` second moment in ``torch_dist``."""
+    """``FP32Optimizer`` that also saves NorMuon's ``[m, 1]`` / ``[E, m, 1]`` second moment in
+    ``torch_dist``."""
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
         if is_loading:

@@ -11,6 +11,13 @@ fp32 buffers:
 * ``V``  second moment in the *oriented* layout: ``[N, s, 1]`` or ``[N, 1, L]``
   (``s = min(m, n)``, ``L = max(m, n)``), see :func:`bank_update`.
 
+A 3-D *expert stack* ``[E, m, n]`` (``p[e]`` is expert ``e``'s ``[out, in]`` weight, optionally
+split into ``k`` equal row blocks, e.g. gate / up) is a bank in place (:class:`StackSlice`): the
+parameter viewed as ``[E * k, m / k, n]`` (a view, expert-major) *is* the bank's ``W`` (fp32 /
+fp64 parameters), its gradient viewed the same way is read as ``G`` when it is a contiguous
+tensor of the bank dtype, and ``M`` / ``V`` are per-parameter tensors whose views are the
+optimizer state (``momentum_buffer`` ``[E, m, n]``, ``second_moment`` ``[E, m, 1]``).
+
 The math of one step of one bank is :func:`bank_update`: elementwise prologue, Polar Express on
 the wide orientation, neuron-wise second moment and the fork's scale rule, written so that
 ``torch.compile(dynamic=False, fullgraph=True)`` sees one graph per bank with hyper-parameters
@@ -43,6 +50,34 @@ class Member:
 
 
 @dataclass
+class StackSlice:
+    """Members ``lo:hi`` of a stacked parameter ``[E, rows, n]`` viewed as ``[E * k, rows / k, n]``.
+
+    Member ``j`` is row block ``j % k`` of expert ``j // k``; ``lo`` and ``hi`` are multiples of
+    ``k`` (a bank holds whole experts), so the bank covers experts ``lo // k : hi // k``.
+    """
+
+    param: torch.Tensor
+    k: int
+    lo: int
+    hi: int
+
+    @property
+    def member_view(self) -> Tuple[int, int, int]:
+        """``[E * k, rows / k, n]``: shape of the parameter (and gradient) seen as members."""
+        E, rows, n = self.param.shape
+        return (E * self.k, rows // self.k, n)
+
+    def members_of(self, t: torch.Tensor) -> torch.Tensor:
+        """``[hi - lo, rows / k, n]`` view of this bank's members in a contiguous param-shaped ``t``."""
+        return t.view(self.member_view)[self.lo : self.hi]
+
+    def experts_of(self, t: torch.Tensor) -> torch.Tensor:
+        """``[(hi - lo) / k, rows, n]`` slice of a param-shaped ``t`` (any strides)."""
+        return t[self.lo // self.k : self.hi // self.k]
+
+
+@dataclass
 class Bank:
     """Equal-shape members of one param group, processed together (one compiled graph)."""
 
@@ -52,7 +87,7 @@ class Bank:
     stat_dim: int  # oriented axis reduced for the neuron statistic (-1: per oriented row)
     stat_on_rows: bool  # neuron axis = original rows
     members: List[Member]
-    G: torch.Tensor
+    G: Optional[torch.Tensor]  # None for a stack bank until its first gather
     M: torch.Tensor
     V: torch.Tensor
     shape_scale: float
@@ -72,6 +107,11 @@ class Bank:
     gptr_host: Optional[torch.Tensor] = None  # host copy in flight (kept alive)
     flat_idx: List[int] = field(default_factory=list)  # members' index in NorMuon._flat
     compute_dtype: torch.dtype = torch.float32  # Polar Express compute dtype
+    # Stack bank (members are slices of one 3-D expert stack, see StackSlice): ``W`` is the
+    # parameter's own storage (fp32 / fp64) and ``G`` the gradient itself when it can be read in
+    # place, else ``G_buf`` (one whole-tensor copy; also the output buffer when ``W`` is None).
+    stack: Optional[StackSlice] = None
+    G_buf: Optional[torch.Tensor] = None
 
     @property
     def size(self) -> int:

@@ -7,8 +7,8 @@ Two paths, chosen from the model, never silently mixed:
   ``megatron.core.optimizer.ChainedOptimizer`` of, in this fixed order:
   ``[NorMuon dense, NorMuon expert-parallel (if any), *Megatron's own Adam optimizers]``.
   NorMuon parts are wrapped in ``Float16OptimizerWithFloat16Params`` (bf16 model, fp32 main
-  params) or ``FP32Optimizer`` subclasses that also save the ``[m, 1]`` second moment in
-  ``torch_dist`` checkpoints; the AdamW part is whatever ``get_megatron_optimizer`` builds for the
+  params) or ``FP32Optimizer`` subclasses that also save the ``[m, 1]`` second moment (``[E, m, 1]``
+  of a 3-D expert stack) in ``torch_dist`` checkpoints; the AdamW part is whatever ``get_megatron_optimizer`` builds for the
   non-NorMuon parameters (TE FusedAdam, apex FusedAdam or torch AdamW), with vpMoE overrides
   (wd 0 for biases / norms / sinks / 0-d / GRAPE ``log_freq``, aux lr, decoupled lr).
   ``step()`` = Megatron's: prepare grads, global grad norm, clip by total norm, step all; plus the
@@ -16,6 +16,10 @@ Two paths, chosen from the model, never silently mixed:
   parameter and state untouched (``nan_policy="skip"``) or raises naming the parameters.
   Refused with a clear error: distributed optimizer, Megatron FSDP, CPU offload, precision-aware
   optimizer, fp16, tensor / expert-tensor parallel > 1 on NorMuon parameters.
+  Expert stacks (3-D ``[E, m, n]`` grouped-expert weights) need nothing special: the wrapper's
+  fp32 main param of a bf16 stack is a contiguous ``[E, m, n]`` tensor that NorMuon updates in
+  place as a bank, reading its ``.grad`` (the fp32 ``main_grad`` view of DDP's buffer, or
+  Megatron's per-step fp32 copy of a bf16 one) in place when the step is eager.
 * **Plain path** -- anything else (a bare ``nn.Module``, CPU tests, the CPU demo). Returns
   :class:`NorMuonWithAuxAdamW`: the same :class:`NorMuon` plus ``torch.optim.AdamW`` with the
   same routing, groups (incl. Megatron scheduler keys ``max_lr / min_lr / wd_mult``), global

@@ -1,7 +1,7 @@
 """NorMuon with Polar Express (spec ``normuon.md`` §1.4), batched over shape banks.
 
-``NorMuon`` is a plain :class:`torch.optim.Optimizer` over 2-D tensors. Per logical matrix
-``W`` (``m x n``, ``[out, in]``) with gradient ``G``:
+``NorMuon`` is a plain :class:`torch.optim.Optimizer` over 2-D tensors and 3-D expert stacks
+(below). Per logical matrix ``W`` (``m x n``, ``[out, in]``) with gradient ``G``:
 
     M <- M + (1 - mu)(G - M)                 momentum (EMA form), fp32
     U  = G + mu (M - G)                      Nesterov
@@ -20,6 +20,30 @@ memory viewed as ``[E, in, out]`` holds expert ``e``'s weight transposed; its lo
 ``[E * out, in]`` (row ``e * out + j`` = output neuron ``j`` of expert ``e``), blocks index those
 rows (default: one logical matrix per expert) and never cross an expert, and every read or write
 goes through strided per-expert views (spec §4.2). Its second moment is ``[E * out, 1]``.
+
+Expert stacks: a 3-D parameter ``[E, m, n]`` holds ``E`` matrices, ``p[e]`` being expert ``e``'s
+``[out, in]`` weight; each is orthogonalised on its own, exactly as ``E`` separate 2-D
+parameters. Its ``blocks`` entry (``None``: one logical matrix per expert) applies to every
+``p[e]`` and must cut it into ``k`` equal row blocks in order (the gate / up halves of a gated
+fc1: ``(((0, F),), ((F, F),))``), so that ``p.view(E * k, m / k, n)`` lists the logical matrices
+expert-major. That view is the bank itself (:class:`~.banks.StackSlice`), nothing per expert:
+
+* fp32 (fp64) stacks are updated in place: the bank's ``W`` is a view of the parameter's own
+  storage (no ``p.data`` re-binding, no copy);
+* the gradient is read in place as the bank's ``G`` when it is a contiguous tensor of the
+  parameter's dtype and shape (Megatron's fp32 ``main_grad`` views, plain autograd gradients)
+  and the step runs eagerly. The bank kernels only *read* ``G`` when ``W`` is present, so the
+  gradient is left unchanged. Otherwise (other dtype or strides; CUDA graphs, whose captured
+  kernels must read a fixed address) ``G`` is the bank's own buffer, filled by one whole-tensor
+  copy per stack per step; with ``direct_grads`` the one-kernel bank step of a graph reads the
+  gradient in place through its address table instead;
+* low-precision (bf16) stacks gather (one cast-copy), get ``-lr * Delta`` in the bank's buffer
+  and add it back with one whole-tensor op; weight decay is one op on the whole stack.
+
+State of a stack: ``momentum_buffer`` ``[E, m, n]`` and ``second_moment`` ``[E, m, 1]`` (rows
+in the parameter's order; ``[E, 1, n]`` for ``neuron_axis="larger"`` on wide unsplit experts,
+refused for split ones), both views of the bank buffers. A stack's gradient is present or
+``None`` as a whole: a ``None`` gradient skips the stack (no state change, no decay).
 
 Execution: members are grouped into banks (:mod:`.banks`) and each bank runs one batched,
 optionally ``torch.compile``-d function (for banks of short-wide matrices on CUDA, one Triton
@@ -43,9 +67,9 @@ banks are rebuilt (new parameters, re-bound ``.data``, ``load_state_dict``). A s
 gradients ``None`` runs eagerly.
 
 State (``state_dict``): per parameter ``momentum_buffer`` (param shape) and ``second_moment``
-(``[m, 1]``, or ``[1, n]`` for ``neuron_axis="larger"`` on wide matrices), both fp32 (fp64 for
-fp64 parameters); per group ``normuon_step``. ``state_dict`` / ``load_state_dict`` round-trip
-exactly.
+(``[m, 1]``, or ``[1, n]`` for ``neuron_axis="larger"`` on wide matrices; ``[E, m, 1]`` /
+``[E, 1, n]`` for expert stacks), both fp32 (fp64 for fp64 parameters); per group
+``normuon_step``. ``state_dict`` / ``load_state_dict`` round-trip exactly.
 """
 
 from __future__ import annotations
@@ -57,7 +81,16 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .banks import Bank, Member, bank_epilogue, bank_layout, bank_prologue, bank_update, oriented_v_shape
+from .banks import (
+    Bank,
+    Member,
+    StackSlice,
+    bank_epilogue,
+    bank_layout,
+    bank_prologue,
+    bank_update,
+    oriented_v_shape,
+)
 from .polar_express import PE_EPS, resolve_coefficients
 
 __all__ = ["NorMuon"]
@@ -80,7 +113,10 @@ def _state_dtype(p: torch.Tensor) -> torch.dtype:
 
 
 def _logical_shape(p: torch.Tensor, layout: Layout) -> Tuple[int, int]:
-    """``[rows, cols]`` of a parameter's logical ``[out, in]`` matrix (see module docstring)."""
+    """``[rows, cols]`` of a parameter's logical ``[out, in]`` matrix (see module docstring); of
+    each expert's matrix for a 3-D expert stack."""
+    if p.ndim == 3:
+        return int(p.shape[1]), int(p.shape[2])
     if layout is None:
         return int(p.shape[0]), int(p.shape[1])
     E, fin, fout = layout
@@ -96,6 +132,29 @@ def _rows(t: torch.Tensor, layout: Layout, start: int, length: int) -> torch.Ten
     return t.view(E, fin, fout)[e].mT[j : j + length]
 
 
+def _stack_split(p: torch.Tensor, blocks) -> int:
+    """``k``: the equal, in-order row blocks that ``blocks`` cut each ``p[e]`` of a 3-D expert
+    stack ``[E, m, n]`` into (1 for ``None``).
+
+    Raises:
+        ValueError: blocks that are not ``k`` single segments ``(j * m / k, m / k)`` in order
+            (reading them would need a gather per expert).
+    """
+    if blocks is None:
+        return 1
+    k, rows = len(blocks), int(p.shape[1])
+    size = rows // k if k else 0
+    expected = tuple(((j * size, size),) for j in range(k))
+    got = tuple(tuple((int(s), int(n)) for s, n in member) for member in blocks)
+    if k == 0 or size * k != rows or got != expected:
+        raise ValueError(
+            f"blocks {blocks} of an expert stack {tuple(p.shape)} must cut each expert's "
+            f"[{rows}, {int(p.shape[2])}] matrix into equal row blocks in order, e.g. the "
+            "gate / up halves (((0, F),), ((F, F),))"
+        )
+    return k
+
+
 class _Graphs:
     """CUDA graphs of one bank set (see module docstring)."""
 
@@ -109,12 +168,12 @@ class _Graphs:
 
 
 class NorMuon(torch.optim.Optimizer):
-    """NorMuon + Polar Express over 2-D parameters.
+    """NorMuon + Polar Express over 2-D parameters and 3-D expert stacks ``[E, m, n]``.
 
     Args:
-        params: parameters or param groups (2-D tensors only). A group may carry ``"blocks"`` and
-            ``"layouts"`` (see module docstring) and any Megatron scheduler keys (``max_lr``,
-            ``wd_mult``...).
+        params: parameters or param groups (2-D tensors, or contiguous 3-D expert stacks
+            ``[E, m, n]``). A group may carry ``"blocks"`` and ``"layouts"`` (see module
+            docstring) and any Megatron scheduler keys (``max_lr``, ``wd_mult``...).
         lr: learning rate (fork scale: RMS of an update is about ``lr / sqrt(fan_in)``).
         momentum: ``mu`` of the EMA momentum (Nesterov).
         beta2: decay of the per-neuron second moment.
@@ -134,7 +193,8 @@ class NorMuon(torch.optim.Optimizer):
             ``[N, m, n]`` storage (``p.data = bank.W[i]``, spec R3), so that weight decay and the
             update run inside the bank kernel; parameters whose ``.data`` is later replaced are
             detected and the banks rebuilt. Split (QKV / TPA / GroupedMLP) and low-precision
-            parameters are never re-homed (updated through foreach ops instead).
+            parameters are never re-homed (updated through foreach ops instead). fp32 expert
+            stacks need no re-homing: they are their bank's storage (whatever ``rehome`` says).
         pe_backend: ``"auto"`` (the fused Triton kernel of :mod:`.pe_triton` for CUDA banks with
             ``min(m, n) <= 128`` in bf16 / fp32, PyTorch ``bmm`` otherwise), ``"torch"``
             (always PyTorch), ``"triton"`` (the fused kernel wherever it applies, also under
@@ -144,12 +204,12 @@ class NorMuon(torch.optim.Optimizer):
             Polar Express, second moment, update) in one kernel
             (:func:`~.pe_triton.normuon_bank_fused_`); False: compiled prologue, the fused
             Polar Express kernel and a compiled epilogue.
-        direct_grads: the one-kernel bank step of a bank of whole, re-homed parameters reads
-            each member's gradient where it is (a table of addresses, refreshed when they
-            change) instead of gathering them into the bank first; gradients must then be
-            contiguous, 16-byte aligned fp32 tensors of the parameter's shape (otherwise that
-            bank gathers). Off by default: validated under the Triton interpreter only, not yet
-            on a GPU.
+        direct_grads: the one-kernel bank step of a bank of whole, re-homed parameters (or of an
+            fp32 expert stack) reads each member's gradient where it is (a table of addresses,
+            refreshed when they change) instead of gathering them into the bank first;
+            gradients must then be contiguous, 16-byte aligned fp32 tensors of the parameter's
+            shape (otherwise that bank gathers). Off by default: validated under the Triton
+            interpreter only, not yet on a GPU.
     """
 
     def __init__(
@@ -214,6 +274,8 @@ class NorMuon(torch.optim.Optimizer):
             self._check_group(group)
         self._banks: Optional[List[Bank]] = None
         self._flat: List[torch.Tensor] = []
+        # expert stacks: (param, M [E*k, m/k, n], V oriented, second-moment state shape)
+        self._stacks: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Tuple[int, ...]]] = []
         self._ptrs: List[int] = []
         self._decay_lists: Dict[int, Dict[Tuple, List[torch.Tensor]]] = {}
         self._hyper: Dict[Tuple[int, torch.device, torch.dtype], Dict[str, Any]] = {}
@@ -245,10 +307,21 @@ class NorMuon(torch.optim.Optimizer):
         # Spec §2.3: the table's generating parameters travel with it (checkpoints, logs).
         group["polar_express"] = dict(self.pe_record)
         for i, (p, blk, lay) in enumerate(zip(group["params"], group["blocks"], group["layouts"])):
-            if p.ndim != 2:
+            if p.ndim == 3:
+                if lay is not None:
+                    raise ValueError("a 3-D expert stack [E, m, n] takes no GroupedMLP layout")
+                if not p.is_contiguous() or min(p.shape) <= 0:
+                    raise ValueError(
+                        f"a 3-D expert stack must be a non-empty contiguous [E, m, n] tensor, got "
+                        f"shape {tuple(p.shape)} strides {p.stride()}"
+                    )
+                if blk is not None and len(blk) == 1:
+                    blk = group["blocks"][i] = None if _stack_split(p, blk) == 1 else blk
+                _stack_split(p, blk)
+            elif p.ndim != 2:
                 raise ValueError(
-                    f"NorMuon only takes 2-D parameters, got shape {tuple(p.shape)}; "
-                    "route other tensors to AdamW"
+                    f"NorMuon only takes 2-D parameters and 3-D expert stacks [E, m, n], got "
+                    f"shape {tuple(p.shape)}; route other tensors to AdamW"
                 )
             if lay is not None:
                 E, fin, fout = lay
@@ -285,7 +358,9 @@ class NorMuon(torch.optim.Optimizer):
                         if m < cols:
                             raise NotImplementedError(
                                 "neuron_axis='larger' with per-column statistics is not "
-                                "supported for split (QKV / TPA / GroupedMLP) parameters"
+                                "supported for split (QKV / TPA / GroupedMLP / gate-up expert "
+                                f"stack) parameters, got a [{m}, {cols}] block of a "
+                                f"{tuple(p.shape)} parameter"
                             )
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -352,6 +427,8 @@ class NorMuon(torch.optim.Optimizer):
         members = []
         for gi, group in enumerate(self.param_groups):
             for pi, (p, blk, lay) in enumerate(zip(group["params"], group["blocks"], group["layouts"])):
+                if p.ndim == 3:
+                    continue  # an expert stack is its own bank(s): _stack_banks
                 rows, cols = _logical_shape(p, lay)
                 if blk is None:
                     members.append(Member(gi, pi, ((0, rows),), (rows, cols), True))
@@ -405,12 +482,17 @@ class NorMuon(torch.optim.Optimizer):
                         bank.W[i].copy_(p.detach())
                         p.data = bank.W[i]
                 banks.append(bank)
+        self._stacks = []
+        for gi, group in enumerate(self.param_groups):
+            for pi, (p, blk) in enumerate(zip(group["params"], group["blocks"])):
+                if p.ndim == 3:
+                    banks += self._stack_banks(gi, pi, p, blk)
         self._banks = banks
         self._import_state()
         # Weight decay of the parameters not updated inside a bank kernel, once per parameter.
         rehomed = {id(p) for b in banks if b.W is not None for p in b.params}
         self._decay_lists = {}
-        keys = {(b.group_index, b.G.device, b.G.dtype) for b in banks}
+        keys = {(b.group_index, b.M.device, b.M.dtype) for b in banks}
         for gi, group in enumerate(self.param_groups):
             lists: Dict[Tuple, List[torch.Tensor]] = {}
             for p in group["params"]:
@@ -426,16 +508,61 @@ class NorMuon(torch.optim.Optimizer):
         for bank in banks:
             bank.flat_idx = [index[id(p)] for p in bank.params]
             bank.direct = (
-                self.direct_grads and bank.fused and self.fused_bank and bank.whole
-                and bank.W is not None and bank.G.dtype == torch.float32
+                self.direct_grads and bank.fused and self.fused_bank
+                and (bank.whole or bank.stack is not None)
+                and bank.W is not None and bank.M.dtype == torch.float32
             )
             if bank.direct:
-                bank.gptr = torch.zeros(bank.size, dtype=torch.int64, device=bank.G.device)
+                bank.gptr = torch.zeros(bank.size, dtype=torch.int64, device=bank.M.device)
         self._any_direct = any(b.direct for b in banks)
         self._table_key = None
         self._fns = None
         self._graphs = None
         self._dense_grads = None
+
+    def _stack_banks(self, gi: int, pi: int, p: torch.Tensor, blocks) -> List[Bank]:
+        """Banks of the 3-D expert stack ``p`` ``[E, rows, n]`` (parameter ``pi`` of group
+        ``gi``): ``N = E * k`` members ``[rows / k, n]`` (``k`` row blocks per expert), in chunks of
+        whole experts of at most ``max_bank_size`` members. ``M`` / ``V`` are allocated once for
+        the stack (the bank's are slices; the state's are views); an fp32 (fp64) stack is its
+        banks' ``W``, a low-precision one gets an fp32 ``G_buf`` for gradient and update."""
+        E, rows, n = (int(v) for v in p.shape)
+        k = _stack_split(p, blocks)
+        m, N = rows // k, E * k
+        shape = (m, n)
+        sdtype, cdtype = _state_dtype(p), self._compute_dtype(p)
+        flip, on_rows, stat_dim = bank_layout(shape, self.neuron_axis)
+        vshape = oriented_v_shape(shape, flip, stat_dim)
+        M = torch.zeros((N, m, n), dtype=sdtype, device=p.device)
+        V = torch.zeros((N, *vshape), dtype=sdtype, device=p.device)
+        # [N, m, 1] and [N, 1, m] (rows statistic, tall or wide) share the memory of [E, rows, 1]
+        self._stacks.append((p, M, V, (E, rows, 1) if on_rows else (E, 1, n)))
+        fused = self._use_fused(shape, p.device, cdtype)
+        names = ("",) if k == 1 else tuple(f".b{j}" for j in range(k))
+        per_bank = max(1, self.max_bank_size // k) * k
+        banks = []
+        for lo in range(0, N, per_bank):
+            hi = min(N, lo + per_bank)
+            members = [
+                Member(gi, pi, ((j % k * m, m),), shape, False, f"e{j // k}{names[j % k]}")
+                for j in range(lo, hi)
+            ]
+            bank = Bank(
+                group_index=gi, shape=shape, flip=flip, stat_dim=stat_dim, stat_on_rows=on_rows,
+                members=members, G=None, M=M[lo:hi], V=V[lo:hi],
+                shape_scale=math.sqrt(max(1.0, m / n)), fused=fused, compute_dtype=cdtype,
+            )
+            bank.stack = StackSlice(p, k, lo, hi)
+            bank.params = [p]
+            bank.whole = False
+            view = bank.stack.members_of(p.detach())
+            if p.dtype == sdtype:
+                bank.W = view  # the parameter's own storage
+            else:
+                bank.G = bank.G_buf = torch.zeros_like(bank.M)
+                bank.w_dst, bank.d_src, bank.seg_member = [view], [bank.G_buf], [0]
+            banks.append(bank)
+        return banks
 
     def _param_of(self, mem: Member) -> torch.Tensor:
         return self.param_groups[mem.group_index]["params"][mem.param_index]
@@ -446,8 +573,18 @@ class NorMuon(torch.optim.Optimizer):
     def _import_state(self, source: Optional[Dict[torch.Tensor, Dict[str, torch.Tensor]]] = None):
         """Copy per-parameter state into the banks and point ``self.state`` at bank views."""
         source = self.state if source is None else source
+        for p, M, V, v_shape in self._stacks:  # one whole-tensor copy per stack and state
+            st = source.get(p, {}) if hasattr(source, "get") else {}
+            mom, v = st.get("momentum_buffer"), st.get("second_moment")
+            if mom is not None:
+                M.view(p.shape).copy_(mom)
+            if v is not None:
+                V.view(v_shape).copy_(v)
+            self.state[p] = {"momentum_buffer": M.view(p.shape), "second_moment": V.view(v_shape)}
         split_params = {}
         for bank in self._banks:
+            if bank.stack is not None:
+                continue
             bank.g_dst, bank.d_src, bank.w_dst, bank.seg_member = [], [], [], []
             bank.g_whole = [bank.G[i] for i in range(bank.size)]
             for i, mem in enumerate(bank.members):
@@ -488,6 +625,8 @@ class NorMuon(torch.optim.Optimizer):
         if self._banks is None:
             return
         for bank in self._banks:
+            if bank.stack is not None:
+                continue  # its state tensors are views of the bank's
             for i, mem in enumerate(bank.members):
                 if mem.whole:
                     continue
@@ -516,11 +655,15 @@ class NorMuon(torch.optim.Optimizer):
 
     def bank_summary(self) -> List[Dict[str, Any]]:
         """One dict per bank: shape ``[m, n]``, members, group, flip, fused kernels, gradients
-        read in place, re-homed, Polar Express dtype."""
+        read through an address table, updated in the bank (``rehomed``: re-homed whole params
+        or an fp32 expert stack in place), ``stack``: ``None`` or the expert stack's shape
+        ``[E, rows, n]`` and the bank's members ``[lo, hi)`` of it, Polar Express dtype."""
         self._ensure_banks()
         return [
             dict(shape=list(b.shape), members=b.size, group=b.group_index, flip=b.flip,
                  fused=b.fused, direct_grads=b.direct, rehomed=b.W is not None,
+                 stack=None if b.stack is None
+                 else dict(shape=list(b.stack.param.shape), members=[b.stack.lo, b.stack.hi]),
                  compute_dtype=str(b.compute_dtype))
             for b in self._banks
         ]
@@ -594,6 +737,8 @@ class NorMuon(torch.optim.Optimizer):
                     continue
                 self._gather_bank(bank, present)
                 self._compute_bank(bank, present)
+                if bank.stack is not None:
+                    bank.G = bank.G_buf  # hold no reference to a gradient read in place
             self._export_state()  # keep self.state of split (QKV / TPA) parameters current
         for group in self.param_groups:
             if active is None or any(id(p) in active for p in group["params"]):
@@ -617,7 +762,10 @@ class NorMuon(torch.optim.Optimizer):
             if not bank.direct:
                 continue
             gl = [grads[i] for i in bank.flat_idx]
-            ok = all(
+            step = 0  # bytes between a stack's members
+            if bank.stack is not None:
+                step = bank.M[0].numel() * bank.M.element_size()
+            ok = step % 16 == 0 and all(
                 g.dtype == torch.float32 and g.is_contiguous() and g.shape == p.shape
                 and g.device == p.device and g.data_ptr() % 16 == 0
                 for g, p in zip(gl, bank.params)
@@ -626,7 +774,11 @@ class NorMuon(torch.optim.Optimizer):
                 bank.direct = False
                 self._graphs = None
                 continue
-            host = torch.tensor([g.data_ptr() for g in gl], dtype=torch.int64)
+            if bank.stack is not None:  # member j of the stack starts j * step bytes in
+                lo, hi = bank.stack.lo, bank.stack.hi
+                host = torch.arange(lo, hi, dtype=torch.int64) * step + gl[0].data_ptr()
+            else:
+                host = torch.tensor([g.data_ptr() for g in gl], dtype=torch.int64)
             if bank.gptr.is_cuda:
                 host = host.pin_memory()
             bank.gptr.copy_(host, non_blocking=True)
@@ -658,6 +810,9 @@ class NorMuon(torch.optim.Optimizer):
         a direct bank in a full step (its kernel reads the gradients in place)."""
         if bank.direct and present is None:
             return
+        if bank.stack is not None:
+            self._gather_stack(bank)
+            return
         params = bank.params
         masked = present is not None and not all(present)
         if masked:
@@ -683,6 +838,27 @@ class NorMuon(torch.optim.Optimizer):
                 for d, g in zip(dst, src):
                     d.copy_(g)
 
+    def _gather_stack(self, bank: Bank) -> None:
+        """``bank.G`` of an expert-stack bank (its gradient is present): the gradient itself when
+        the step is eager, ``W`` is the parameter (the bank only reads ``G`` then) and the
+        gradient is a contiguous tensor of the bank's dtype and the parameter's shape; else one
+        whole-tensor copy (cast) into ``bank.G_buf`` (always under CUDA graphs, whose kernels
+        read a fixed address). :meth:`step` sets ``bank.G`` back to ``G_buf`` after the bank's
+        compute, so a gradient that the caller drops (``zero_grad``) is freed."""
+        stack = bank.stack
+        p, g = stack.param, stack.param.grad
+        if (
+            bank.W is not None and not self.cuda_graph and g.dtype == bank.M.dtype
+            and g.device == bank.M.device and g.shape == p.shape and g.is_contiguous()
+        ):
+            bank.G = stack.members_of(g)
+            return
+        if bank.G_buf is None:
+            bank.G_buf = torch.empty_like(bank.M)
+        bank.G = bank.G_buf
+        with _range("normuon.gather"):
+            bank.G.view(-1, *p.shape[1:]).copy_(stack.experts_of(g))
+
     def _gather_all(self) -> None:
         for bank in self._banks:
             self._gather_bank(bank, None)
@@ -690,7 +866,7 @@ class NorMuon(torch.optim.Optimizer):
     def _compute_bank(self, bank: Bank, present: Optional[List[bool]]) -> None:
         """Momentum, Polar Express, second moment and update of one bank (``bank.G`` gathered)."""
         gi = bank.group_index
-        h = self._hyper[(gi, bank.G.device, bank.G.dtype)]
+        h = self._hyper[(gi, bank.M.device, bank.M.dtype)]
         masked = present is not None and not all(present)
         if masked:
             keep = [i for i, ok in enumerate(present) if not ok]
@@ -703,10 +879,12 @@ class NorMuon(torch.optim.Optimizer):
             from .pe_triton import normuon_bank_fused_
 
             if bank.X is None:
-                bank.X = torch.empty(bank.G.shape, dtype=bank.compute_dtype, device=bank.G.device)
+                bank.X = torch.empty(bank.M.shape, dtype=bank.compute_dtype, device=bank.M.device)
+            # A direct stack bank has no G: the kernel reads grad_ptrs and writes W, never G.
+            G = bank.G if bank.G is not None else bank.M
             with _range("normuon.bank_kernel"):
                 normuon_bank_fused_(
-                    bank.G, bank.M, bank.V, bank.W, bank.X, h, self.table, self.safety,
+                    G, bank.M, bank.V, bank.W, bank.X, h, self.table, self.safety,
                     self.pe_eps, bank.flip, bank.stat_dim, self.scale_mode, bank.shape_scale,
                     rms_scale, grad_ptrs=bank.gptr if bank.direct and present is None else None,
                 )

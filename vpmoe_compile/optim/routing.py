@@ -18,8 +18,13 @@ TEGroupedMLP ``weight{e}``)                                                    a
 legacy ``GroupedMLP`` ``experts.weight1`` / ``weight2``  NorMuon     1          per expert (and
                                                                                gate / up), on
                                                                                strided views
+3-D with attr ``expert_stack`` named                    NorMuon     1          per expert (and
+``*.linear_fc1.weight`` / ``*.linear_fc2.weight``                              gate / up): each
+(grouped experts ``[E, F1, h]`` / ``[E, h, F]``)                               ``p[e]`` (half)
 any other 2-D or >2-D parameter                         error       --         --
 ======================================================  ==========  =========  =================
+
+Every role is ``is_expert_parallel = not allreduce`` (Megatron's attribute, default ``True``).
 
 Legacy ``GroupedMLP`` (Megatron-Core 0.16.1 ``experts.py``) stores all local experts in two 2-D
 parameters: ``weight1`` ``[hidden, E * F1]`` used as ``weight1.view(E, hidden, F1)`` and
@@ -28,6 +33,14 @@ gated, ``[gate | up]`` along ``F1``). Each expert's block is its ``[in, out]`` w
 2-D shape mixes experts (spec §3 defect 1). The route carries ``layout = (E, in, out)`` and one
 logical matrix per expert (``[out, in]``, the transpose of the block; gate and up separately),
 see :mod:`.normuon`.
+
+Grouped experts store all local experts of one projection in one contiguous 3-D parameter
+``[E, out, in]`` marked ``expert_stack = True``: ``p[e]`` is expert ``e``'s ``[out, in]``
+weight (fc1 ``[E, F1, h]``, ``F1 = 2 ffn`` with ``[gate ; up]`` rows when gated; fc2
+``[E, h, ffn]``). The route's ``blocks`` apply to every ``p[e]`` (``None``, or the gate / up
+halves for a gated fc1, read from ``model.config.gated_linear_unit``); :mod:`.normuon` runs the
+stack as a bank in place. The routing table lists its logical matrices expert by expert
+(``e0.fc1``, ``e1.fc1``... or ``e0.gate``, ``e0.up``...).
 """
 
 from __future__ import annotations
@@ -141,6 +154,7 @@ _NORM_RE = re.compile(r"(layernorm|layer_norm|final_norm|\.norm)\.(weight|bias)$
 _EXPERT_RE = re.compile(r"\.experts\.")
 _FFN_RE = re.compile(r"\.linear_fc[12]\.weight\d*$")
 _GROUPED_RE = re.compile(r"\.experts\.weight([12])$")
+_STACK_RE = re.compile(r"\.linear_fc([12])\.weight$")
 
 
 def _model_config(model: torch.nn.Module):
@@ -238,6 +252,23 @@ def _grouped_mlp(
     return tuple(blocks), tuple(names), (int(E), int(fin), int(fout))
 
 
+def _expert_stack(
+    param: torch.Tensor, name: str, which: int, mcfg
+) -> Tuple[Blocks, Tuple[str, ...]]:
+    """Per-expert blocks (``None`` or gate / up) of a 3-D ``expert_stack`` weight
+    ``[E, rows, cols]`` and the names of one expert's logical matrices."""
+    if which == 1 and getattr(mcfg, "gated_linear_unit", False):
+        rows = int(param.shape[1])
+        if rows % 2:
+            raise RoutingError(
+                f"{name}: a gated fc1 stack needs an even number of rows ([gate ; up]), got "
+                f"{tuple(param.shape)}"
+            )
+        half = rows // 2
+        return (((0, half),), ((half, half),)), ("gate", "up")
+    return None, (f"fc{which}",)
+
+
 def _named_parameters(model) -> Iterable[Tuple[str, torch.nn.Parameter]]:
     chunks = model if isinstance(model, (list, tuple)) else [model]
     seen = set()
@@ -281,6 +312,12 @@ def classify_parameters(model, cfg: Any = None) -> List[ParamRoute]:
                 role = "scalar" if p.ndim == 0 else "vector"
             routes.append(ParamRoute(name, p, "adamw", role, 0.0, is_expert_parallel=ep))
             continue
+        if p.ndim == 3 and getattr(p, "expert_stack", False):
+            stack = _STACK_RE.search(name)
+            if stack:
+                blocks, names = _expert_stack(p, name, int(stack.group(1)), _model_config(chunk))
+                routes.append(ParamRoute(name, p, "normuon", "expert", 1.0, blocks, names, ep))
+                continue
         if p.ndim != 2:
             unknown.append(f"{name} {tuple(p.shape)}")
             continue
@@ -339,21 +376,25 @@ def routing_table(model, cfg: Any = None) -> List[Dict[str, Any]]:
     Keys: ``name``, ``shape``, ``dtype``, ``group`` ("normuon" | "adamw" | "frozen"), ``role``,
     ``lr``, ``min_lr`` (the scheduler's ``max_lr`` / ``min_lr`` of that group), ``wd`` (weight
     decay applied = ``weight_decay * wd_mult``), ``wd_mult``, ``is_expert_parallel`` and
-    ``matrices``: the logical NorMuon matrices as ``[name, rows, cols]`` (empty for AdamW).
+    ``matrices``: the logical NorMuon matrices as ``[name, rows, cols]`` (empty for AdamW; for a
+    3-D expert stack ``[E, ...]`` one per expert and block, named ``e{i}.{block}``).
     """
     st = optimizer_settings(cfg)
     table = []
     for r in classify_parameters(model, cfg):
         if r.optimizer == "normuon":
             lr, min_lr = st.lr, st.min_lr
-            cols = int(r.layout[1]) if r.layout is not None else int(r.shape[1])
+            shape = r.shape[1:] if len(r.shape) == 3 else r.shape  # one expert of a stack
+            cols = int(r.layout[1]) if r.layout is not None else int(shape[1])
             if r.blocks is None:
-                mats = [[(r.block_names or ("matrix",))[0], int(r.shape[0]), cols]]
+                mats = [[(r.block_names or ("matrix",))[0], int(shape[0]), cols]]
             else:
                 mats = [
                     [n, int(sum(length for _, length in segs)), cols]
                     for n, segs in zip(r.block_names, r.blocks)
                 ]
+            if len(r.shape) == 3:
+                mats = [[f"e{e}.{n}", rows, c] for e in range(r.shape[0]) for n, rows, c in mats]
         elif r.optimizer == "adamw":
             mats = []
             if r.role in ("embedding", "output") and st.decoupled_lr is not None:

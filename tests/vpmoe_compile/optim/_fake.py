@@ -3,6 +3,11 @@
 Layers: 0 = local (TPA packed factors) + dense MLP, 1 = global (fused QKV) + MoE,
 2 = local + MoE. Geometry: hidden 32, 4 heads, 2 query groups, head dim 8, 4 experts of ffn 8,
 shared expert 16, TPA q-rank 2 / kv-rank 1.
+
+``FakeVpMoE(stacked=True)`` holds the routed experts as grouped experts do: one contiguous 3-D
+parameter per projection, ``mlp.experts.linear_fc1.weight`` ``[E, F1, h]`` and
+``mlp.experts.linear_fc2.weight`` ``[E, h, F]`` with ``expert_stack = True`` (``F1 = 2F``,
+``[gate ; up]`` rows, with ``gated=True``, which also gates the SequentialMLP variant).
 """
 
 from types import SimpleNamespace
@@ -65,31 +70,69 @@ def _attention(local: bool):
     return a
 
 
-def _moe():
+def _moe(stacked: bool = False, gated: bool = False):
     mlp = _Mod()
     mlp.router = _Mod()
     mlp.router.weight = _p(EXPERTS, HIDDEN)
     mlp.router.register_buffer("expert_bias", torch.zeros(EXPERTS))
     mlp.experts = _Mod()
-    mlp.experts.local_experts = nn.ModuleList()
-    for _ in range(EXPERTS):
-        e = _Mod()
-        e.linear_fc1 = _linear(FFN, HIDDEN, allreduce=False)
-        e.linear_fc2 = _linear(HIDDEN, FFN, allreduce=False)
-        mlp.experts.local_experts.append(e)
+    f1 = FFN * (2 if gated else 1)
+    if stacked:
+        mlp.experts.linear_fc1 = _Mod()
+        mlp.experts.linear_fc1.weight = _p(EXPERTS, f1, HIDDEN, allreduce=False, expert_stack=True)
+        mlp.experts.linear_fc2 = _Mod()
+        mlp.experts.linear_fc2.weight = _p(EXPERTS, HIDDEN, FFN, allreduce=False, expert_stack=True)
+    else:
+        mlp.experts.local_experts = nn.ModuleList()
+        for _ in range(EXPERTS):
+            e = _Mod()
+            e.linear_fc1 = _linear(f1, HIDDEN, allreduce=False)
+            e.linear_fc2 = _linear(HIDDEN, FFN, allreduce=False)
+            mlp.experts.local_experts.append(e)
     mlp.shared_experts = _Mod()
     mlp.shared_experts.linear_fc1 = _linear(SHARED, HIDDEN)
     mlp.shared_experts.linear_fc2 = _linear(HIDDEN, SHARED)
     return mlp
 
 
+def _expert_weights(experts):
+    """``(fc1 [F1, h], fc2 [h, F])`` of every expert, from either storage."""
+    if hasattr(experts, "local_experts"):
+        return [(ex.linear_fc1.weight, ex.linear_fc2.weight) for ex in experts.local_experts]
+    return list(zip(experts.linear_fc1.weight.unbind(0), experts.linear_fc2.weight.unbind(0)))
+
+
+def _act(h1):
+    """Squared ReLU, gated (``[gate | up]`` halves) when ``h1`` has ``2 F`` columns."""
+    if h1.shape[-1] == 2 * FFN:
+        gate, up = h1.chunk(2, dim=-1)
+        return torch.relu(gate).square() * up
+    return torch.relu(h1).square()
+
+
+def copy_experts(src: "FakeVpMoE", dst: "FakeVpMoE") -> None:
+    """Copy every parameter of ``src`` into ``dst``, mapping SequentialMLP experts to stacks
+    (or back) by expert index."""
+    with torch.no_grad():
+        for ls, ld in zip(src.decoder.layers, dst.decoder.layers):
+            if hasattr(ls.mlp, "router"):
+                pairs = zip(_expert_weights(ls.mlp.experts), _expert_weights(ld.mlp.experts))
+                for (a1, a2), (b1, b2) in pairs:
+                    b1.copy_(a1)
+                    b2.copy_(a2)
+        dst_params = dict(dst.named_parameters())
+        for name, p in src.named_parameters():
+            if ".experts." not in name or "shared_experts" in name:
+                dst_params[name].copy_(p)
+
+
 class FakeVpMoE(nn.Module):
     """Parameter tree only (plus a cheap forward through every matrix for training tests)."""
 
-    def __init__(self):
+    def __init__(self, stacked: bool = False, gated: bool = False):
         super().__init__()
         self.config = SimpleNamespace(
-            num_attention_heads=HEADS, num_query_groups=GROUPS, kv_channels=D, gated_linear_unit=False
+            num_attention_heads=HEADS, num_query_groups=GROUPS, kv_channels=D, gated_linear_unit=gated
         )
         self.embedding = _Mod()
         self.embedding.word_embeddings = _Mod()
@@ -108,7 +151,7 @@ class FakeVpMoE(nn.Module):
                 layer.mlp.linear_fc1 = _linear(DENSE_FFN, HIDDEN)
                 layer.mlp.linear_fc2 = _linear(HIDDEN, DENSE_FFN)
             else:
-                layer.mlp = _moe()
+                layer.mlp = _moe(stacked, gated)
             self.decoder.layers.append(layer)
         self.decoder.final_layernorm = _norm(HIDDEN)
         self.output_layer = _linear(VOCAB, HIDDEN, is_embedding_or_output_parameter=True)
@@ -132,10 +175,8 @@ class FakeVpMoE(nn.Module):
             if hasattr(mlp, "router"):
                 gate = torch.softmax(h @ mlp.router.weight.T, dim=-1)
                 out = 0
-                for e, ex in enumerate(mlp.experts.local_experts):
-                    out = out + gate[..., e : e + 1] * (
-                        torch.relu(h @ ex.linear_fc1.weight.T).square() @ ex.linear_fc2.weight.T
-                    )
+                for e, (w1, w2) in enumerate(_expert_weights(mlp.experts)):
+                    out = out + gate[..., e : e + 1] * (_act(h @ w1.T) @ w2.T)
                 sh = mlp.shared_experts
                 out = out + torch.relu(h @ sh.linear_fc1.weight.T).square() @ sh.linear_fc2.weight.T
             else:

@@ -190,3 +190,188 @@ def test_direct_gradients_equal_gathered():
     for name in ("direct", "direct_graph"):
         for a, b in zip(runs[name], runs["gather"]):
             assert torch.equal(a, b), name
+
+
+# ------------------------------------------------------------------------------------ expert stacks
+# Grouped-expert weights: gated fc1 [E, 2F, h] (gate / up members [F, h], fused), fc2 [E, h, F]
+# (tall, fused on the transpose) and a PyTorch-path stack ([E, 256, 256], min(m, n) > 128).
+STACKS = [(8, 256, 512), (8, 512, 128), (4, 256, 256)]
+STACK_BLOCKS = [(((0, 128),), ((128, 128),)), None, None]
+
+
+def _stack_optimizer(init, **kw):
+    params = [torch.nn.Parameter(t.clone().cuda()) for t in init]
+    return params, NorMuon([{"params": params, "blocks": list(STACK_BLOCKS)}], lr=0.01,
+                           weight_decay=0.1, compile=False, **kw)
+
+
+def test_expert_stacks_in_place_graph_direct_and_separate_matrices():
+    """Stacks on the GPU: (1) eager, the banks compute on the parameter and the gradient
+    themselves (no gradient buffer) and match E separate 2-D params (same kernels; only the
+    final rounding of the split gate / up update differs); (2) CUDA graphs (the gradient copied
+    once per stack into the bank) and (3) ``direct_grads`` + graphs (address table, no copy)
+    are bitwise the eager steps, through lr / wd changes and a ``None``-gradient step; (4) the
+    steady graph step syncs and allocates nothing."""
+    g = torch.Generator(device="cpu").manual_seed(3)
+    init = [torch.randn(*s, generator=g) * 0.02 for s in STACKS]
+    runs = {}
+    for name, kw in (("eager", {}), ("graph", dict(cuda_graph=True)),
+                     ("direct", dict(cuda_graph=True, direct_grads=True))):
+        params, opt = _stack_optimizer(init, **kw)
+        ptrs = [p.data_ptr() for p in params]
+        static = [torch.empty_like(p) for p in params]
+        for step in range(6):
+            for s_, gr in zip(static, _grads(params, step)):
+                s_.copy_(gr)
+            for p, s_ in zip(params, static):
+                p.grad = s_
+            if step == 4:
+                params[1].grad = None
+            _set_hyper(opt, step)
+            opt.step()
+        assert [p.data_ptr() for p in params] == ptrs
+        summary = opt.bank_summary()
+        assert all(s["stack"] is not None and s["rehomed"] for s in summary)
+        assert {s["fused"] for s in summary} == {True, False}
+        if name == "eager":
+            assert all(b.G_buf is None for b in opt._banks)
+        if name == "direct":
+            assert all(s["direct_grads"] == s["fused"] for s in summary)
+            assert _steady_state_step(opt, params, static) == 0
+        runs[name] = [p.detach().clone() for p in params]
+    for name in ("graph", "direct"):
+        for a, b in zip(runs[name], runs["eager"]):
+            assert torch.equal(a, b), name
+    # (1) vs separate 2-D parameters with the same gradients
+    sep_init = [t[e] for t in init for e in range(t.shape[0])]
+    sep_blocks = [blk for t, blk in zip(init, STACK_BLOCKS) for _ in range(t.shape[0])]
+    sep = [torch.nn.Parameter(t.clone().cuda()) for t in sep_init]
+    opt_s = NorMuon([{"params": sep, "blocks": sep_blocks}], lr=0.01, weight_decay=0.1, compile=False)
+    stk, opt_k = _stack_optimizer(init)
+    for step in range(3):
+        grads = _grads(stk, step)
+        for p, gr in zip(stk, grads):
+            p.grad = gr
+        for p, gr in zip(sep, [gr[e] for gr in grads for e in range(gr.shape[0])]):
+            p.grad = gr.clone()
+        for o in (opt_k, opt_s):
+            _set_hyper(o, step)
+        opt_k.step()
+        opt_s.step()
+    flat = [t[e] for t in stk for e in range(t.shape[0])]
+    for i, (a, b) in enumerate(zip(flat, sep)):
+        assert (a - b).abs().max().item() <= 1e-6 * b.abs().max().item() + 1e-9, i
+
+
+def test_megatron_path_expert_stacks(megatron_world, tmp_path):
+    """Megatron path with expert stacks: DDP-wrapped bf16 toy model (a dense matrix, a norm, a
+    gated fc1 stack and an fc2 stack), ``Float16OptimizerWithFloat16Params``: the fp32 main param
+    of each stack is its bank's ``W`` and its ``main_grad`` is read in place; the step equals
+    NorMuon over the per-expert fp32 matrices; ``torch_dist`` state round-trips (one
+    ShardedTensor per stack, ``[E, m, 1]`` second moments) and the next step is identical."""
+    from types import SimpleNamespace
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer import TransformerConfig
+
+    from vpmoe_compile.optim import build_optimizer
+
+    E, F, H = 4, 64, 256
+    tcfg = TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=4, ffn_hidden_size=F,
+                             gated_linear_unit=True, bf16=True, params_dtype=torch.bfloat16)
+
+    def build(seed):
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        m = torch.nn.Module()
+        m.config = tcfg
+        for name, shape, attrs in (
+            ("dense", (F, H), {}), ("norm", (H,), {}),
+            ("fc1", (E, 2 * F, H), dict(allreduce=False, expert_stack=True)),
+            ("fc2", (E, H, F), dict(allreduce=False, expert_stack=True)),
+        ):
+            sub = torch.nn.Module()
+            sub.weight = torch.nn.Parameter((torch.randn(*shape, generator=gen) * 0.02).cuda().bfloat16())
+            for k, v in attrs.items():
+                setattr(sub.weight, k, v)
+            setattr(m, {"dense": "linear_fc1", "norm": "layernorm"}.get(name, name), sub)
+        m.experts = torch.nn.Module()
+        m.experts.linear_fc1, m.experts.linear_fc2 = m.fc1, m.fc2
+        del m.fc1, m.fc2
+        ddp = DistributedDataParallel(tcfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True), m)
+        return m, ddp
+
+    def set_grads(ddp, seed):
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        ddp.zero_grad_buffer()
+        for p in ddp.module.parameters():
+            p.main_grad.copy_(torch.randn(p.shape, generator=gen) * 1e-2)
+
+    def model_sharded(m):
+        out = {}
+        for name, p in m.named_parameters():
+            off = ((0, 0, 1),) if p.ndim == 3 else ()  # expert axis 0, ep_rank 0 of 1
+            out[name] = ShardedTensor.from_rank_offsets(name, p, *off, replica_id=0)
+        return out
+
+    def normuon_of(opt):
+        return [o.optimizer for o in opt.chained_optimizers if isinstance(o.optimizer, NorMuon)]
+
+    cfg = SimpleNamespace(clip_grad=0.0, lr=0.02, weight_decay=0.1, compile=False)
+    model, ddp = build(0)
+    opt = build_optimizer(ddp, cfg)
+    assert opt.path == "megatron"
+    stacks = {n: p for n, p in model.named_parameters() if p.ndim == 3}
+    main_init = {n: p.detach().float().clone() for n, p in stacks.items()}
+    set_grads(ddp, 1)
+    grads = {n: p.main_grad.clone() for n, p in stacks.items()}
+    ok, _, _ = opt.step()
+    assert ok
+    (expert_nm,) = [o for o in normuon_of(opt) if o.param_groups[0]["is_expert_parallel"]]
+    banks = [b for b in expert_nm._banks if b.stack is not None]
+    assert len(banks) == 2 and all(b.G_buf is None for b in banks)  # gradients read in place
+    for b in banks:
+        assert b.W.data_ptr() == b.stack.param.data_ptr() and b.stack.param.dtype == torch.float32
+    # reference: NorMuon over the per-expert fp32 matrices (gate / up halves of fc1)
+    ref, blocks, src = [], [], []
+    for n, w0 in main_init.items():
+        for e in range(E):
+            ref.append(torch.nn.Parameter(w0[e].clone()))
+            ref[-1].grad = grads[n][e].clone()
+            blocks.append((((0, F),), ((F, F),)) if n.endswith("linear_fc1.weight") else None)
+            src.append((n, e))
+    NorMuon([{"params": ref, "blocks": blocks}], lr=0.02, weight_decay=0.1).step()
+    mains = {id(b.stack.param): b.stack.param for b in banks}
+    main_of = {n: [m for m in mains.values() if m.shape == p.shape][0] for n, p in stacks.items()}
+    for r, (n, e) in zip(ref, src):
+        assert (main_of[n][e] - r).abs().max().item() <= 1e-6, (n, e)
+        assert torch.equal(stacks[n][e], main_of[n][e].bfloat16())
+    # torch_dist round trip
+    set_grads(ddp, 2)
+    opt.step()
+    ckdir = tmp_path / "ckpt"
+    ckdir.mkdir()
+    ckdir = str(ckdir)
+    sharded = {"optimizer": opt.sharded_state_dict(model_sharded(model))}
+    dist_checkpointing.save(sharded, ckdir)
+    model2, ddp2 = build(5)
+    model2.load_state_dict(model.state_dict())
+    opt2 = build_optimizer(ddp2, cfg)
+    loaded = dist_checkpointing.load(
+        {"optimizer": opt2.sharded_state_dict(model_sharded(model2), is_loading=True)}, ckdir
+    )
+    opt2.load_state_dict(loaded["optimizer"])
+    v_shapes = set()
+    for a, b in zip(normuon_of(opt), normuon_of(opt2)):
+        sa, sb = a.state_dict()["state"], b.state_dict()["state"]
+        for i in sa:
+            for k in ("momentum_buffer", "second_moment"):
+                assert sa[i][k].shape == sb[i][k].shape and torch.equal(sa[i][k], sb[i][k]), (i, k)
+            v_shapes.add(tuple(sa[i]["second_moment"].shape))
+    assert {(E, 2 * F, 1), (E, H, 1)} <= v_shapes
+    for d, o in ((ddp, opt), (ddp2, opt2)):
+        set_grads(d, 3)
+        o.step()
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)

@@ -7,7 +7,7 @@ import torch
 
 from vpmoe_compile.optim import RoutingError, classify_parameters, routing_table
 
-from ._fake import D, EXPERTS, GROUPS, HEADS, QKV_ROWS, TPA_ROWS, FakeVpMoE
+from ._fake import D, EXPERTS, FFN, GROUPS, HEADS, HIDDEN, QKV_ROWS, TPA_ROWS, FakeVpMoE
 
 
 def _by_name(table):
@@ -144,3 +144,56 @@ def test_te_grouped_expert_names_per_expert_and_legacy_grouped_per_expert():
     row = _by_name(routing_table(model))["decoder.layers.1.mlp.experts.weight1"]
     assert (row["group"], row["role"]) == ("normuon", "expert")
     assert row["matrices"] == [[f"e{e}.fc1", 8, 32] for e in range(EXPERTS)]  # per expert
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_expert_stacks_route_per_expert(gated):
+    """Grouped experts' 3-D ``expert_stack`` weights: NorMuon, role expert, one logical matrix per
+    expert (gate and up when gated), expert-parallel from ``allreduce``, decayed."""
+    model = FakeVpMoE(stacked=True, gated=gated)
+    table = _by_name(routing_table(model))
+    assert set(table) == {n for n, _ in model.named_parameters()}
+    f1 = 2 * FFN if gated else FFN
+    for layer in (1, 2):
+        fc1 = table[f"decoder.layers.{layer}.mlp.experts.linear_fc1.weight"]
+        fc2 = table[f"decoder.layers.{layer}.mlp.experts.linear_fc2.weight"]
+        assert fc1["shape"] == [EXPERTS, f1, HIDDEN] and fc2["shape"] == [EXPERTS, HIDDEN, FFN]
+        for row in (fc1, fc2):
+            assert (row["group"], row["role"], row["is_expert_parallel"]) == ("normuon", "expert", True)
+            assert row["wd_mult"] == 1.0 and row["wd"] == pytest.approx(0.01) and row["lr"] == 3e-3
+        if gated:
+            assert fc1["matrices"] == [
+                [f"e{e}.{half}", FFN, HIDDEN] for e in range(EXPERTS) for half in ("gate", "up")
+            ]
+        else:
+            assert fc1["matrices"] == [[f"e{e}.fc1", FFN, HIDDEN] for e in range(EXPERTS)]
+        assert fc2["matrices"] == [[f"e{e}.fc2", HIDDEN, FFN] for e in range(EXPERTS)]
+    routes = {r.name: r for r in classify_parameters(model)}
+    r1 = routes["decoder.layers.1.mlp.experts.linear_fc1.weight"]
+    assert r1.blocks == ((((0, FFN),), ((FFN, FFN),)) if gated else None) and r1.layout is None
+    assert routes["decoder.layers.1.mlp.experts.linear_fc2.weight"].blocks is None
+    # a replicated (allreduce) stack is a dense-group expert param
+    model.decoder.layers[1].mlp.experts.linear_fc2.weight.allreduce = True
+    row = _by_name(routing_table(model))["decoder.layers.1.mlp.experts.linear_fc2.weight"]
+    assert row["is_expert_parallel"] is False
+
+
+def test_unmarked_or_misnamed_3d_parameters_are_refused_by_name():
+    model = FakeVpMoE(stacked=True)
+    experts = model.decoder.layers[1].mlp.experts
+    del experts.linear_fc1.weight.expert_stack  # a 3-D fc1 weight without the attribute
+    experts.linear_fc3 = torch.nn.Module()
+    experts.linear_fc3.weight = torch.nn.Parameter(torch.randn(EXPERTS, 8, HIDDEN))
+    experts.linear_fc3.weight.expert_stack = True  # marked, but no fc1 / fc2 rule
+    with pytest.raises(RoutingError) as err:
+        routing_table(model)
+    msg = str(err.value)
+    assert f"decoder.layers.1.mlp.experts.linear_fc1.weight ({EXPERTS}, {FFN}, {HIDDEN})" in msg
+    assert "decoder.layers.1.mlp.experts.linear_fc3.weight" in msg
+    assert "decoder.layers.2." not in msg  # the marked stacks of layer 2 route fine
+    model = FakeVpMoE(stacked=True, gated=True)
+    odd = torch.nn.Parameter(torch.randn(EXPERTS, 7, HIDDEN))  # 7 rows: no gate / up halves
+    odd.expert_stack = True
+    model.decoder.layers[2].mlp.experts.linear_fc1.weight = odd
+    with pytest.raises(RoutingError, match=r"layers\.2\.mlp\.experts\.linear_fc1\.weight: a gated fc1"):
+        routing_table(model)
