@@ -116,7 +116,7 @@ def cmd_demo(args) -> int:
 
     import vpmoe_compile
     from megatron_base import build_stock_gpt, init_process
-    from vpmoe_compile.training import TokenBatches, compile_regions, train_step
+    from vpmoe_compile.training import TokenBatches, train_step
 
     if args.steps < 1:
         raise CLIError(f"--steps must be >= 1, got {args.steps}")
@@ -156,10 +156,10 @@ def cmd_demo(args) -> int:
         if mode == "compiled":
             if args.no_compile:
                 break
-            regions = compile_regions(model, backend=args.compile_backend)
+            regions = vpmoe_compile.compile(model, backend=args.compile_backend)
             print(
-                f"[demo] torch.compile (backend={args.compile_backend}) of {len(regions)} regions "
-                "(attention, norms, dense MLP, router, shared expert, output layer); the first step includes compilation"
+                f"[demo] torch.compile (backend={args.compile_backend}, fullgraph) of {len(regions)} regions "
+                "(each transformer layer whole, the final norm, the LM head); the first step includes compilation"
             )
         forward = model
         losses, times = [], []

@@ -1,6 +1,5 @@
 """Small training utilities shared by the demo and ``benchmarks/step.py``.
 
-* :func:`compile_regions` — regional ``torch.compile`` of a (transformed) GPT model, in place.
 * :class:`TokenBatches` — deterministic next-token micro-batches ``[b, s]`` from a 1-D token
   stream (and an aligned loss mask).
 * :func:`train_step` — one forward/backward/optimizer step of a Megatron ``GPTModel`` (labels
@@ -12,54 +11,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
-
-
-def compile_regions(model: nn.Module, backend: str = "inductor", mode: Optional[str] = None) -> List[str]:
-    """Regional ``torch.compile`` of a (transformed) Megatron GPT model, in place.
-
-    Compiles, with ``nn.Module.compile`` (module tree, parameter names and state-dict keys are
-    unchanged), every region with static shapes: each layer's ``input_layernorm``,
-    ``self_attention`` (QKV/factor GEMM, norms, rotation around the Triton attention op,
-    ``linear_proj``), ``pre_mlp_layernorm``, the dense MLP, and in MoE layers the ``router`` (on
-    GPU) and ``shared_experts``; then ``final_layernorm`` and ``output_layer``. The routed-expert dispatch
-    (data-dependent token counts per expert, 256 experts) stays eager: compiling it whole
-    re-specialises per expert and costs minutes of compile time for little gain (see README).
-    Returns the compiled module paths.
-    """
-    from megatron.core.transformer.moe.moe_layer import MoELayer
-
-    from megatron_base import compat
-
-    compat.apply()
-    kw = dict(backend=backend, mode=mode, dynamic=False)
-    done = []
-
-    def comp(path: str):
-        mod = model.get_submodule(path)
-        mod.compile(**kw)
-        done.append(path)
-
-    for i, layer in enumerate(model.decoder.layers):
-        p = f"decoder.layers.{i}"
-        for name in ("input_layernorm", "self_attention", "pre_mlp_layernorm"):
-            comp(f"{p}.{name}")
-        if isinstance(layer.mlp, MoELayer):
-            # On CPU the compat fix for torch.cuda.current_device (the router calls it) returns
-            # a string, which breaks dynamo's graph: compile the router on GPU only.
-            if next(layer.mlp.router.parameters()).is_cuda:
-                comp(f"{p}.mlp.router")
-            if getattr(layer.mlp, "shared_experts", None) is not None:
-                comp(f"{p}.mlp.shared_experts")
-        else:
-            comp(f"{p}.mlp")
-    comp("decoder.final_layernorm")
-    comp("output_layer")
-    return done
 
 
 @dataclass
@@ -105,7 +61,9 @@ class TokenBatches:
 
 
 def update_router_expert_bias(model: nn.Module) -> None:
-    """The aux-loss-free expert-bias update Megatron's ``finalize_model_grads`` performs."""
+    """The aux-loss-free expert-bias update Megatron's ``finalize_model_grads`` performs: update
+    every router's ``expert_bias`` from its ``local_tokens_per_expert`` counts, then reset the
+    counts (Megatron's ``reset_model_temporary_tensors``), so each step uses its own counts."""
     config = getattr(model, "config", None)
     if config is None or not getattr(config, "moe_router_enable_expert_bias", False):
         return
@@ -113,6 +71,10 @@ def update_router_expert_bias(model: nn.Module) -> None:
 
     with torch.no_grad():
         _update_router_expert_bias([model], config)
+        for module in model.modules():
+            counts = getattr(module, "local_tokens_per_expert", None)
+            if isinstance(counts, torch.Tensor):
+                counts.zero_()
 
 
 def sync(device: torch.device) -> None:
