@@ -87,28 +87,67 @@ def _pass_markdown(i: int, r) -> str:
     return "\n".join(out) + "\n"
 
 
+#: Marker file a dump writes into its folder: the list of files it wrote. A later dump removes
+#: only files listed there, and refuses a non-empty folder that has no marker.
+MARKER = ".vpmoe-dump.json"
+
+
+class DumpDirError(ValueError):
+    """The dump folder cannot be used; nothing was written or removed."""
+
+
+def check_dump_dir(dump_dir) -> Path:
+    """Validate ``dump_dir`` before any work: a new or empty folder, or one an earlier dump of
+    ours wrote (it holds :data:`MARKER`). Returns it as a ``Path``."""
+    if dump_dir is None or str(dump_dir).strip() == "":
+        raise DumpDirError(
+            "debug dump: dump_dir is empty; name a folder for the dump (e.g. dump_dir='vpmoe-dump'), "
+            "or pass dump_dir=None for no dump"
+        )
+    d = Path(dump_dir)
+    if d.exists() and not d.is_dir():
+        raise DumpDirError(f"debug dump: {d} exists and is not a directory; pass another dump_dir")
+    if d.is_dir() and not (d / MARKER).is_file() and any(d.iterdir()):
+        raise DumpDirError(
+            f"debug dump: {d} is a non-empty folder that no vpmoe-compile dump wrote (no {MARKER}); "
+            "the dump never writes into or deletes from such a folder. Pass a new or empty folder, or "
+            "the folder of an earlier dump"
+        )
+    return d
+
+
+def _our_files(d: Path) -> List[str]:
+    try:
+        names = json.loads((d / MARKER).read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [n for n in names if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")]
+
+
 def write_dump(dump_dir, model, cfg, record) -> Path:
     """Write the dump for a finished transform (see module docstring); returns the directory.
 
     All-or-nothing: the pages are written into a hidden sibling directory first and moved into
     ``dump_dir`` (one ``os.replace`` per file) only once every page is written, so an error half
-    way leaves an existing dump untouched and no partial one. Files of ours from an earlier dump
-    that the new one does not have (``NN-<pass>.md``) are removed; other files are left alone.
+    way leaves an existing dump untouched and no partial one. Only files an earlier dump of ours
+    wrote (listed in its :data:`MARKER`) and the new one does not have are removed; a non-empty
+    folder without the marker is refused (:func:`check_dump_dir`).
     """
-    d = Path(dump_dir)
-    if d.exists() and not d.is_dir():
-        raise NotADirectoryError(f"debug dump: {d} exists and is not a directory; pass another dump_dir")
+    d = check_dump_dir(dump_dir)
     d.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.partial-", dir=d.parent))
     try:
         _write_pages(tmp, model, cfg, record)
+        new = sorted(f.name for f in tmp.iterdir())
+        (tmp / MARKER).write_text(json.dumps({"writer": "vpmoe-compile debug dump", "files": new}, indent=1))
         d.mkdir(exist_ok=True)
-        new = {f.name for f in tmp.iterdir()}
-        for old in d.glob("[0-9][0-9]-*.md"):
-            if old.name not in new:
-                old.unlink()
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, d / f.name)
+        check_dump_dir(d)  # still ours or empty (another process may have written meanwhile)
+        for name in _our_files(d):
+            if name not in new and (d / name).is_file():
+                (d / name).unlink()
+        for name in new:
+            os.replace(tmp / name, d / name)
+        os.replace(tmp / MARKER, d / MARKER)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return d

@@ -125,11 +125,33 @@ def _refuse(model) -> None:
             "transform() must run BEFORE DDP / optimizer construction, or the parameters it creates "
             "are never reduced or updated. Transform the bare model, then wrap it."
         )
+    held = _optimizers_holding(model)
+    if held:
+        raise TransformError(
+            f"an optimizer ({', '.join(sorted(held))}) already holds this model's parameters: "
+            "transform() replaces parameters (TPA factors, GRAPE frequencies, stacked experts), which "
+            "that optimizer would never update while it kept updating the removed ones. Call "
+            "vpmoe_compile.transform(model) first, then build the optimizer "
+            "(vpmoe_compile.build_optimizer(model))."
+        )
     if getattr(model, "vpmoe_transform", None) is not None:
         raise TransformError(
             "this model was already transformed by vpmoe_compile (passes: "
             f"{model.vpmoe_transform.passes}); transform a freshly built stock model instead"
         )
+
+
+def _optimizers_holding(model) -> List[str]:
+    """Class names of live ``torch.optim.Optimizer`` objects that hold a parameter of ``model``."""
+    import gc
+
+    ids = {id(p) for p in model.parameters()}
+    found = set()
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.optim.Optimizer):
+            if any(id(p) in ids for g in obj.param_groups for p in g["params"]):
+                found.add(type(obj).__name__)
+    return list(found)
 
 
 def config_from_model(model) -> VpMoEConfig:
@@ -237,8 +259,12 @@ def transform(
         cfg = load_config(cfg)
     _check_cfg_matches(cfg, model)
     pipeline = _resolve_passes(passes, cfg, backend)
-    if dump_dir is None and os.environ.get(DUMP_ENV):
+    if dump_dir is None and os.environ.get(DUMP_ENV) is not None:
         dump_dir = os.environ[DUMP_ENV]
+    if dump_dir is not None:
+        from vpmoe_compile.dump import check_dump_dir
+
+        check_dump_dir(dump_dir)  # before any pass runs: a bad folder changes nothing
     if progress is None:
         progress = sys.stderr.isatty()
     show = (lambda name, i, n: print(f"[vpmoe_compile] pass {i + 1}/{n}: {name}", file=sys.stderr)) if progress else None

@@ -196,3 +196,18 @@ def test_init_process_is_idempotent(megatron_env):
     init_process()
     assert torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()
     assert torch.distributed.get_world_size() == 1
+
+
+def test_refuses_a_model_whose_parameters_an_optimizer_holds(tiny_model, tiny_cfg):
+    """An optimizer built before transform would keep updating the removed weights and never the
+    new ones: refused, nothing changed; once that optimizer is gone the transform runs."""
+    import gc
+
+    opt = vpmoe_compile.build_optimizer(tiny_model, tiny_cfg)
+    names = {n: p for n, p in tiny_model.named_parameters()}
+    with pytest.raises(TransformError, match="already holds this model's parameters"):
+        vpmoe_compile.transform(tiny_model, tiny_cfg)
+    assert {n: p for n, p in tiny_model.named_parameters()} == names
+    del opt
+    gc.collect()
+    vpmoe_compile.transform(tiny_model, tiny_cfg, progress=False)

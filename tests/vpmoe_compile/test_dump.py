@@ -66,8 +66,11 @@ def test_failed_dump_leaves_old_dump_and_model_untouched(tiny_model, tmp_path, m
 
     d = tmp_path / "dump"
     d.mkdir()
+    # An earlier dump of ours (its marker lists its files), with a page the new dump does not
+    # have, plus a file the user put there.
     (d / "index.md").write_text("old index\n")
     (d / "09-stale.md").write_text("stale page\n")
+    (d / dump_mod.MARKER).write_text(json.dumps({"files": ["index.md", "09-stale.md"]}))
     (d / "notes.txt").write_text("user notes\n")
     calls = []
     real = dump_mod._pass_markdown
@@ -83,17 +86,45 @@ def test_failed_dump_leaves_old_dump_and_model_untouched(tiny_model, tmp_path, m
     with pytest.raises(Exception, match="disk full"):
         vpmoe_compile.transform(tiny_model, dump_dir=d)
     assert calls == [1, 2, 3]
-    assert sorted(p.name for p in d.iterdir()) == ["09-stale.md", "index.md", "notes.txt"]
+    assert sorted(p.name for p in d.iterdir()) == sorted([dump_mod.MARKER, "09-stale.md", "index.md", "notes.txt"])
     assert (d / "index.md").read_text() == "old index\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".dump.partial-")]
     assert not hasattr(tiny_model, "vpmoe_transform")
     after = dict(tiny_model.named_parameters())
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
 
-    # A successful dump into the same directory replaces our pages, drops the stale one and
+    # A successful dump into the same directory replaces our pages, drops our stale one and
     # keeps the user's file.
     monkeypatch.setattr(dump_mod, "_pass_markdown", real)
     vpmoe_compile.transform(tiny_model, dump_dir=d)
     names = {p.name for p in d.iterdir()}
     assert "09-stale.md" not in names and "notes.txt" in names and "01-layer_plan.md" in names
     assert (d / "index.md").read_text().startswith("# vpmoe-compile debug dump")
+    assert set(json.loads((d / dump_mod.MARKER).read_text())["files"]) == names - {dump_mod.MARKER, "notes.txt"}
+
+
+def test_dump_never_touches_a_folder_it_did_not_write(tiny_model, tmp_path, monkeypatch):
+    """A user's folder with numbered pages of their own is refused before anything runs; its
+    files and the model stay as they were; an empty dump_dir (argument or environment) too."""
+    from vpmoe_compile.dump import DumpDirError
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    pages = {"01-introduction.md": "intro", "02-setup.md": "setup", "07-results.md": "results"}
+    for name, text in pages.items():
+        (docs / name).write_text(text)
+    with pytest.raises(DumpDirError, match="no vpmoe-compile dump wrote"):
+        vpmoe_compile.transform(tiny_model, dump_dir=docs)
+    assert {p.name: p.read_text() for p in docs.iterdir()} == pages
+    assert not hasattr(tiny_model, "vpmoe_transform")
+    assert type(tiny_model.decoder.layers[0].self_attention).__name__ == "SelfAttention"
+    with pytest.raises(DumpDirError, match="empty"):
+        vpmoe_compile.transform(tiny_model, dump_dir="")
+    monkeypatch.setenv("VPMOE_DUMP_DIR", "")
+    with pytest.raises(DumpDirError, match="empty"):
+        vpmoe_compile.transform(tiny_model)
+    monkeypatch.chdir(docs)
+    monkeypatch.setenv("VPMOE_DUMP_DIR", ".")
+    with pytest.raises(DumpDirError, match="no vpmoe-compile dump wrote"):
+        vpmoe_compile.transform(tiny_model)
+    assert {p.name: p.read_text() for p in docs.iterdir()} == pages

@@ -62,6 +62,19 @@ def _chunks(model) -> List[torch.nn.Module]:
     return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
+def _transform_config(chunks) -> Any:
+    """The ``VpMoEConfig`` the model was transformed with (or built from), looking through
+    Megatron's ``DistributedDataParallel`` / ``Float16Module`` wrappers; ``None`` if there is none."""
+    for chunk in chunks:
+        module, depth = chunk, 0
+        while module is not None and depth < 8:
+            cfg = getattr(module, "vpmoe_config", None)
+            if cfg is not None:
+                return cfg
+            module, depth = getattr(module, "module", None), depth + 1
+    return None
+
+
 def _normuon_kwargs(st) -> Dict[str, Any]:
     return dict(
         pe_steps=int(st.polar_express_steps),
@@ -172,7 +185,8 @@ def build_optimizer(
         model: the model, or a list of model chunks; Megatron-DDP-wrapped chunks select the
             Megatron path (see module docstring), anything else the plain path.
         cfg: a ``VpMoEConfig`` (its ``optimizer`` section is used), the section itself, any
-            object with those attributes, or ``None`` for the defaults.
+            object with those attributes, or ``None``: the config the model was transformed with
+            (``model.vpmoe_config``, also through Megatron's wrappers), else the defaults.
         optimizer_config: Megatron path only: an ``OptimizerConfig`` to use instead of one built
             from ``cfg`` (its ``optimizer`` field is set to ``"adam"`` for the AdamW part).
         pg_collection, use_gloo_process_groups: forwarded to ``get_megatron_optimizer``.
@@ -181,10 +195,12 @@ def build_optimizer(
         ``NorMuonChainedOptimizer`` (Megatron path) or ``NorMuonWithAuxAdamW`` (plain path);
         both have ``.path`` ("megatron" / "plain"), ``.routes`` and ``.routing_table()``.
     """
+    chunks = _chunks(model)
+    if cfg is None:
+        cfg = _transform_config(chunks)
     st = optimizer_settings(cfg)
     if st.name != "normuon":
         raise ValueError(f"build_optimizer builds NorMuon; optimizer.name is {st.name!r}")
-    chunks = _chunks(model)
     _check_config(optimizer_config, chunks)
     routes = classify_parameters(chunks if len(chunks) > 1 else chunks[0], st_to_cfg(st))
     _check_parallel(routes)
@@ -273,8 +289,19 @@ class NorMuonWithAuxAdamW:
             if p.grad is not None and not bool(torch.isfinite(p.grad).all())
         ]
 
+    def _check_not_megatron_ddp(self) -> None:
+        for p in self._params():
+            if hasattr(p, "main_grad"):
+                raise RuntimeError(
+                    f"{self._names.get(id(p), 'a parameter')} is registered with Megatron's "
+                    "DistributedDataParallel (its gradients go to main_grad, which this optimizer "
+                    "never reads): the optimizer was built on the bare model before wrapping. Build it "
+                    "from the DDP-wrapped model: vpmoe_compile.build_optimizer(ddp_model)"
+                )
+
     @torch.no_grad()
     def step(self) -> Tuple[bool, float, None]:
+        self._check_not_megatron_ddp()
         grad_norm = self.get_grad_norm()
         if not math.isfinite(grad_norm):
             if self.nan_policy == "raise":

@@ -216,3 +216,35 @@ def _train_gpt(model, opt, steps):
         assert ok and math.isfinite(norm)
         losses.append(loss.item())
     return losses
+
+
+def test_build_optimizer_uses_the_config_the_model_was_transformed_with(megatron_env):
+    """No cfg: the [optimizer] section of the config transform attached (tiny.toml: lr 1e-2,
+    aux lr 3e-3), not built-in defaults."""
+    import vpmoe_compile
+    from megatron_base import build_stock_gpt, load_config
+
+    model = build_stock_gpt("tiny", device="cpu")
+    vpmoe_compile.transform(model, progress=False)
+    cfg = load_config("tiny")
+    assert (cfg.optimizer.lr, cfg.optimizer.normuon_aux_lr) == (1e-2, 3e-3)
+    opt = build_optimizer(model)
+    assert {g["lr"] for g in opt.normuon.param_groups} == {1e-2}
+    assert {g["lr"] for g in opt.adamw.param_groups} == {3e-3}
+    other = build_optimizer(model, SimpleNamespace(lr=0.5))  # an explicit cfg still wins
+    assert {g["lr"] for g in other.normuon.param_groups} == {0.5}
+
+
+def test_plain_optimizer_refuses_params_later_registered_with_megatron_ddp():
+    """Built on the bare model, then the model wrapped in Megatron DDP: gradients land in
+    main_grad, so the step would silently change nothing; it raises instead."""
+    model = FakeVpMoE()
+    opt = build_optimizer(model, SimpleNamespace(lr=0.05))
+    tokens = torch.randint(0, VOCAB, (2, 9))
+    _loss(model, tokens).backward()
+    p = next(model.parameters())
+    p.main_grad = torch.zeros_like(p)  # what Megatron DDP attaches to every parameter
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match="DistributedDataParallel"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
