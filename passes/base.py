@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class PassError(RuntimeError):
@@ -169,14 +170,16 @@ class ModelSnapshot:
 
     Module structure (``_modules``, ``_parameters``, ``_buffers`` and the other instance
     attributes of every module reachable from the root, including modules a pass later
-    detaches) plus the attribute dicts and version counters of every parameter and buffer.
-    Passes must not modify existing tensors in place; ``changed_in_place`` detects it.
+    detaches), each module's class (a pass may swap ``__class__`` for a subclass) plus the
+    attribute dicts and version counters of every parameter and buffer. Passes must not modify
+    existing tensors in place; ``changed_in_place`` detects it.
     """
 
     def __init__(self, root: nn.Module):
         self.root = root
         self.modules: List[Tuple[nn.Module, dict, dict, dict, dict]] = []
-        self.tensors: List[Tuple[torch.Tensor, dict, int]] = []
+        self.classes: List[Tuple[nn.Module, type]] = []
+        self.tensors: List[Tuple[torch.Tensor, dict, int, torch.Tensor]] = []
         seen = set()
         self.rng = torch.random.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
@@ -186,17 +189,22 @@ class ModelSnapshot:
                 for k, v in m.__dict__.items()
             }
             self.modules.append((m, attrs, dict(m._modules), dict(m._parameters), dict(m._buffers)))
+            self.classes.append((m, type(m)))
             for t in list(m._parameters.values()) + list(m._buffers.values()):
                 if t is None or id(t) in seen:
                     continue
                 seen.add(id(t))
-                self.tensors.append((t, dict(getattr(t, "__dict__", {})), t._version))
+                # t.data: an alias of the current storage (no copy), to undo a `.data = ...` rebind
+                self.tensors.append((t, dict(getattr(t, "__dict__", {})), t._version, t.data))
 
     def restore(self) -> None:
-        """Undo everything (module structure, hooks, attributes, tensor attributes, RNG state)."""
+        """Undo everything (module structure, classes, hooks, attributes, tensor attributes, RNG state)."""
         torch.random.set_rng_state(self.rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
+        for m, cls in self.classes:
+            if type(m) is not cls:
+                m.__class__ = cls
         for m, attrs, mods, params, bufs in self.modules:
             m.__dict__.clear()
             m.__dict__.update(attrs)
@@ -206,7 +214,10 @@ class ModelSnapshot:
             m._parameters.update(params)
             m._buffers.clear()
             m._buffers.update(bufs)
-        for t, attrs, _ in self.tensors:
+        for t, attrs, _, data in self.tensors:
+            if (t.data_ptr(), t.shape, t.dtype, t.device) != (data.data_ptr(), data.shape, data.dtype, data.device):
+                with torch.no_grad():
+                    t.data = data
             d = getattr(t, "__dict__", None)
             if d is not None:
                 d.clear()
@@ -216,12 +227,50 @@ class ModelSnapshot:
         allowed_ids = {id(t) for t in allowed}
         names = {id(t): n for n, t in _named_tensors(self.root)}
         bad = []
-        for t, _, version in self.tensors:
+        for t, _, version, _ in self.tensors:
             if id(t) in allowed_ids:
                 continue
             if t._version != version:
                 bad.append(names.get(id(t), f"<detached tensor {tuple(t.shape)}>"))
         return bad
+
+
+    def storages(self) -> Dict[int, str]:
+        """``storage address -> tensor name`` of every parameter and buffer (not meta)."""
+        names = {id(t): n for n, t in _named_tensors(self.root)}
+        out = {}
+        for t, *_ in self.tensors:
+            if not t.is_meta and t.untyped_storage().nbytes():
+                out[t.untyped_storage().data_ptr()] = names.get(id(t), f"<tensor {tuple(t.shape)}>")
+        return out
+
+
+class InPlaceGuard(TorchDispatchMode):
+    """Raises :class:`PassError` *before* any op writes into the storage of a protected tensor
+    (every parameter and buffer the model had when the pass started), so a pass can never change
+    an existing tensor's values; rebinding ``.data`` is undone by :meth:`ModelSnapshot.restore`."""
+
+    def __init__(self, protected: Dict[int, str], pass_name: str):
+        super().__init__()
+        self.protected = protected
+        self.pass_name = pass_name
+
+    def _check(self, func, value) -> None:
+        for t in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                name = self.protected.get(t.untyped_storage().data_ptr())
+                if name is not None:
+                    raise PassError(
+                        f"pass {self.pass_name!r} tried to modify existing tensor {name} in place "
+                        f"({func}); passes must create new tensors so a failed transform can be undone"
+                    )
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for i, arg in enumerate(func._schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                self._check(func, args[i] if i < len(args) else kwargs.get(arg.name))
+        return func(*args, **kwargs)
 
 
 def _named_tensors(model: nn.Module):
@@ -438,7 +487,8 @@ class PassManager:
             site_inputs = _record_site_inputs(ctx.model, site_paths, batch)
             before_graphs = _capture_sites(ctx.model, site_inputs)
         pre = ModelSnapshot(ctx.model)
-        p.run(ctx, result)
+        with InPlaceGuard(pre.storages(), p.name):
+            p.run(ctx, result)
         bad = pre.changed_in_place()
         if bad:
             raise PassError(

@@ -148,7 +148,8 @@ def _optimizers_holding(model) -> List[str]:
     ids = {id(p) for p in model.parameters()}
     found = set()
     for obj in gc.get_objects():
-        if isinstance(obj, torch.optim.Optimizer):
+        # type() rather than isinstance(): never calls into weak proxies or deprecated objects
+        if issubclass(type(obj), torch.optim.Optimizer):
             if any(id(p) in ids for g in obj.param_groups for p in g["params"]):
                 found.add(type(obj).__name__)
     return list(found)

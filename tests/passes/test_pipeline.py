@@ -90,11 +90,41 @@ def test_failing_dump_also_rolls_back(tiny_model, tmp_path):
     _assert_same(before, _structure(tiny_model))
 
 
-def test_in_place_modification_is_refused_and_undone(tiny_model):
+class DataRebindPass(Pass):
+    """Rebinds a parameter's .data (not an in-place op), then fails."""
+
+    name = "rebind"
+
+    def run(self, ctx, result):
+        ctx.model.output_layer.weight.data = torch.zeros(3, 3)
+        raise RuntimeError("after a rebind")
+
+
+class ViewWritePass(Pass):
+    """Writes through a view of an existing parameter (a different tensor, the same storage)."""
+
+    name = "view_write"
+
+    def run(self, ctx, result):
+        with torch.no_grad():
+            ctx.model.decoder.layers[0].self_attention.linear_proj.weight[0].fill_(7.0)
+
+
+def _values(model):
+    return {n: t.detach().clone() for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+
+
+@pytest.mark.parametrize("bad_pass", [InPlacePass, ViewWritePass, DataRebindPass])
+def test_in_place_modification_is_refused_and_every_tensor_bit_identical(tiny_model, bad_pass):
     before = _structure(tiny_model)
-    with pytest.raises(PassError, match="in place"):
-        vpmoe_compile.transform(tiny_model, passes=["layer_plan", InPlacePass()])
-    assert [n for n, *_ in before[1]] == [n for n, *_ in _structure(tiny_model)[1]]
+    values = _values(tiny_model)
+    with pytest.raises((PassError, RuntimeError), match="in place|after a rebind"):
+        vpmoe_compile.transform(tiny_model, passes=["layer_plan", bad_pass()])
+    _assert_same(before, _structure(tiny_model))
+    after = _values(tiny_model)
+    assert after.keys() == values.keys()
+    for name in values:
+        assert after[name].dtype == values[name].dtype and torch.equal(after[name], values[name]), name
 
 
 def test_missing_prerequisite_refused_before_any_change(tiny_model):
