@@ -50,7 +50,7 @@ def test_default_transform_runs_and_records(tiny_model, tiny_cfg):
     model = vpmoe_compile.transform(tiny_model)
     assert model is tiny_model
     rec = model.vpmoe_transform
-    assert rec.passes == ["layer_plan", "global_attention", "grape", "tpa", "optimizer_routing"]
+    assert rec.passes == ["layer_plan", "global_attention", "grape", "tpa", "moe", "fused_head", "optimizer_routing"]
     by = {r.name: r for r in rec.results}
     assert by["layer_plan"].replaced == [] and by["layer_plan"].params_added == []
     assert len(by["global_attention"].replaced) == 1

@@ -35,8 +35,15 @@ def test_index_and_pages(dumped):
     assert "baddbmm" in before and "vpmoe" in after and "baddbmm" not in after.split("###")[0]
     grape = (d / "03-grape.md").read_text()
     assert "rotary_pos_emb.log_freq" in grape and "GrapeMRotaryEmbedding" in grape
-    routing = (d / "05-optimizer_routing.md").read_text()
+    routing = (d / "07-optimizer_routing.md").read_text()
     assert "rotary_pos_emb.log_freq" in routing
+    moe = (d / "05-moe.md").read_text()
+    assert "GroupedMoELayer" in moe and "## Parameter-table diff" in moe
+    assert "| + | `decoder.layers.1.mlp.experts.linear_fc1.weight` | [8, 32, 64]" in moe
+    assert "| - | `decoder.layers.1.mlp.experts.local_experts.7.linear_fc2.weight` | [64, 32]" in moe
+    assert "### `decoder.layers.1.mlp`" in moe
+    moe_before, moe_after = moe.split("### `decoder.layers.1.mlp`")[1].split("After (")[:2]
+    assert "vpmoe.grouped_mm" in moe_after and "grouped_mm" not in moe_before
 
 
 def test_json_twin_is_complete(dumped):
