@@ -53,6 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vpmoe_compile._triton import dot as _dot, ieee_fp32
+
 __all__ = [
     "KernelTiles",
     "SinkAttentionConfig",
@@ -86,10 +88,10 @@ _INTERPRET_AT_IMPORT = interpreter_active()
 @triton.jit
 def _scores(
     q, k, tok, offs_n, slope2, qk_scale, window,
-    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Base-2 logits ``[BLOCK_M, BLOCK_N]`` of one tile: ``log2e * (scale q.k + bias)``, masked -inf."""
-    s = tl.dot(q, tl.trans(k)) * qk_scale
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale
     rel = tok[:, None] - offs_n[None, :]  # i - j
     if HAS_ALIBI:
         s = s - slope2[:, None] * rel.to(tl.float32)
@@ -106,7 +108,7 @@ def _fwd_tiles(
     acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
     tok, slope2, qk_scale, window, seqlen, lo, hi,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
 ):
     dd = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
@@ -114,7 +116,7 @@ def _fwd_tiles(
         kv_ok = offs_n < seqlen
         k = tl.load(k_base + offs_n[:, None] * stride_ks + dd[None, :] * stride_kd,
                     mask=kv_ok[:, None], other=0.0)
-        s = _scores(q, k, tok, offs_n, slope2, qk_scale, window, HAS_ALIBI, HAS_WINDOW, MASKED)
+        s = _scores(q, k, tok, offs_n, slope2, qk_scale, window, HAS_ALIBI, HAS_WINDOW, MASKED, IEEE)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Guard: m_new is -inf only if the sink is -inf and no key has been visible yet.
         m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -123,7 +125,7 @@ def _fwd_tiles(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vs + dd[None, :] * stride_vd,
                     mask=kv_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -137,7 +139,7 @@ def _sink_attn_fwd_kernel(
     stride_os, stride_ob, stride_oh, stride_od,
     seqlen, num_heads, qk_scale, window,
     HPG: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, STORE_LO: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, STORE_LO: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = BLOCK_M // PACK  # tokens per program
@@ -174,15 +176,15 @@ def _sink_attn_fwd_kernel(
         lo = (tl.maximum(t0 - window + 1, 0) // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd,
                                    stride_vs, stride_vd, tok, slope2, qk_scale, window, seqlen,
-                                   lo, t_end, HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, True)
+                                   lo, t_end, HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, True, IEEE)
     else:
         mid = (t0 // BLOCK_N) * BLOCK_N  # keys < t0 are visible to every row: no mask
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd,
                                    stride_vs, stride_vd, tok, slope2, qk_scale, window, seqlen,
-                                   0, mid, HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, False)
+                                   0, mid, HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, False, IEEE)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd,
                                    stride_vs, stride_vd, tok, slope2, qk_scale, window, seqlen,
-                                   mid, t_end, HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, True)
+                                   mid, t_end, HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, True, IEEE)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows with a -inf sink can reach 0
     o = acc / l_safe[:, None]
@@ -203,7 +205,7 @@ def _dq_tiles(
     dq, dsum, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
     tok, slope2, qk_scale, window, seqlen, lo, hi,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
 ):
     dd = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
@@ -213,13 +215,13 @@ def _dq_tiles(
                     mask=kv_ok[:, None], other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vs + dd[None, :] * stride_vd,
                     mask=kv_ok[:, None], other=0.0)
-        s = _scores(q, k, tok, offs_n, slope2, qk_scale, window, HAS_ALIBI, HAS_WINDOW, MASKED)
+        s = _scores(q, k, tok, offs_n, slope2, qk_scale, window, HAS_ALIBI, HAS_WINDOW, MASKED, IEEE)
         p = tl.math.exp2(s - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v))
+        dp = _dot(do, tl.trans(v), IEEE)
         pdp = p * dp
         dsum += tl.sum(pdp, 1)  # exact delta = sum_j P_ij dP_ij (fp32 P, not the rounded O)
         ds = pdp - p * delta[:, None]
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += _dot(ds.to(k.dtype), k, IEEE)
     return dq, dsum
 
 
@@ -235,7 +237,7 @@ def _sink_attn_bwd_dq_kernel(
     seqlen, num_heads, sm_scale, qk_scale, window,
     HPG: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DLSE: tl.constexpr,
-    HAS_LO: tl.constexpr,
+    HAS_LO: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq for a packed query block; also the exact ``delta = sum_j P_ij dP_ij - dLSE`` of its rows
@@ -288,15 +290,15 @@ def _sink_attn_bwd_dq_kernel(
         lo = (tl.maximum(t0 - window + 1, 0) // BLOCK_N) * BLOCK_N
         dq, dsum = _dq_tiles(dq, dsum, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs,
                        stride_vd, tok, slope2, qk_scale, window, seqlen, lo, t_end,
-                       HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, True)
+                       HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, True, IEEE)
     else:
         mid = (t0 // BLOCK_N) * BLOCK_N
         dq, dsum = _dq_tiles(dq, dsum, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs,
                        stride_vd, tok, slope2, qk_scale, window, seqlen, 0, mid,
-                       HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, False)
+                       HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, False, IEEE)
         dq, dsum = _dq_tiles(dq, dsum, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs,
                        stride_vd, tok, slope2, qk_scale, window, seqlen, mid, t_end,
-                       HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, True)
+                       HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, True, IEEE)
     # The dk/dv kernel and the sink gradient take delta from sum_j P_ij dP_ij, accumulated above
     # in fp32 over the very tiles (fp32 P) of this row: rowsum(dO * O) through the 16-bit O carries
     # O's rounding (and P's bf16 rounding inside P @ V), which dsink = -sum_i p_sink,i delta_i
@@ -316,7 +318,7 @@ def _dkv_tiles(
     stride_qs, stride_qh, stride_qd, stride_dos, stride_doh, stride_dod,
     h0, offs_n, slope2, qk_scale, window, seqlen, lo, hi,
     PACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = BLOCK_M // PACK
     r = tl.arange(0, BLOCK_M)
@@ -334,7 +336,7 @@ def _dkv_tiles(
         lse2 = tl.load(lse_base + row, mask=row_ok, other=float("inf")) * 1.4426950408889634
         delta = tl.load(delta_base + row, mask=row_ok, other=0.0)
         # Transposed tile: rows = keys [BLOCK_N], columns = packed query rows [BLOCK_M].
-        sT = tl.dot(k, tl.trans(q)) * qk_scale
+        sT = _dot(k, tl.trans(q), IEEE) * qk_scale
         rel = tok[None, :] - offs_n[:, None]  # i - j
         if HAS_ALIBI:
             sT = sT - slope2[None, :] * rel.to(tl.float32)
@@ -344,10 +346,10 @@ def _dkv_tiles(
                 vis = vis & (rel < window)
             sT = tl.where(vis, sT, float("-inf"))
         pT = tl.math.exp2(sT - lse2[None, :])
-        dv += tl.dot(pT.to(do.dtype), do)
-        dpT = tl.dot(v, tl.trans(do))
+        dv += _dot(pT.to(do.dtype), do, IEEE)
+        dpT = _dot(v, tl.trans(do), IEEE)
         dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(q.dtype), q)
+        dk += _dot(dsT.to(q.dtype), q, IEEE)
     return dk, dv
 
 
@@ -362,7 +364,7 @@ def _sink_attn_bwd_dkv_kernel(
     stride_dvs, stride_dvb, stride_dvh, stride_dvd,
     seqlen, num_heads, num_groups, sm_scale, qk_scale, window,
     HPG: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = BLOCK_M // PACK
@@ -404,16 +406,16 @@ def _sink_attn_bwd_dkv_kernel(
             dk, dv = _dkv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                 stride_qs, stride_qh, stride_qd, stride_dos, stride_doh, stride_dod,
                                 h0, offs_n, slope2, qk_scale, window, seqlen, t_lo, t_hi,
-                                PACK, HEAD_DIM, BLOCK_M, HAS_ALIBI, HAS_WINDOW, True)
+                                PACK, HEAD_DIM, BLOCK_M, HAS_ALIBI, HAS_WINDOW, True, IEEE)
         else:
             dk, dv = _dkv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                 stride_qs, stride_qh, stride_qd, stride_dos, stride_doh, stride_dod,
                                 h0, offs_n, slope2, qk_scale, window, seqlen, t_lo, t_mid,
-                                PACK, HEAD_DIM, BLOCK_M, HAS_ALIBI, HAS_WINDOW, True)
+                                PACK, HEAD_DIM, BLOCK_M, HAS_ALIBI, HAS_WINDOW, True, IEEE)
             dk, dv = _dkv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                 stride_qs, stride_qh, stride_qd, stride_dos, stride_doh, stride_dod,
                                 h0, offs_n, slope2, qk_scale, window, seqlen, t_mid, seqlen,
-                                PACK, HEAD_DIM, BLOCK_M, HAS_ALIBI, HAS_WINDOW, False)
+                                PACK, HEAD_DIM, BLOCK_M, HAS_ALIBI, HAS_WINDOW, False, IEEE)
     dk = dk * sm_scale
     tl.store(DK + bb * stride_dkb + g * stride_dkh + offs_n[:, None] * stride_dks
              + dd[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_ok[:, None])
@@ -660,7 +662,7 @@ def sink_attention_fwd_triton(
         s, H, float(softmax_scale) * _LOG2E, int(window) if has_window else 0,
     )
     consts = dict(HPG=hpg, PACK=pack, HEAD_DIM=d, HAS_ALIBI=has_alibi, HAS_WINDOW=has_window,
-                  STORE_LO=out_lo is not None)
+                  STORE_LO=out_lo is not None, IEEE=ieee_fp32(q.dtype))
     tiles = _tiles_for(cfg.fwd, s, pack, "fwd")
     if tiles is None:
         kern = _autotuned()[0]
@@ -721,7 +723,8 @@ def sink_attention_bwd_triton(
     win = int(window) if has_window else 0
     qk_scale = float(softmax_scale) * _LOG2E
 
-    consts = dict(HPG=hpg, PACK=pack, HEAD_DIM=d, HAS_ALIBI=has_alibi, HAS_WINDOW=has_window)
+    consts = dict(HPG=hpg, PACK=pack, HEAD_DIM=d, HAS_ALIBI=has_alibi, HAS_WINDOW=has_window,
+                  IEEE=ieee_fp32(q.dtype))
     # 1) dq, delta = rowsum(dO * O) - dlse, per-row sink terms exp(sink - L) * delta.
     delta = torch.empty((b, H, s), dtype=torch.float32, device=q.device)
     psink = torch.empty((b, H, s), dtype=torch.float32, device=q.device)

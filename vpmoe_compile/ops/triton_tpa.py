@@ -16,8 +16,8 @@ Layouts (Megatron, sequence first; token ``(t, bi)`` is row ``t*b + bi``):
 sink-inclusive), ``cos``/``sin`` ``[s, d/2]`` fp32, ``rstd_q [s, b, H]``, ``rstd_k [s, b, G]`` fp32.
 
 Precision: fp32 for contraction, RMS, rotation, logits, softmax state and accumulators;
-``tl.dot`` operands in the activation dtype (bf16 on GPU; fp32 with IEEE precision for the
-interpreter tests). Requires ``d/2`` to be a power of two >= 16 and ranks <= 4.
+``tl.dot`` operands in the activation dtype (bf16 on GPU); fp32 operands with IEEE products
+unless torch's fp32 matmul precision allows TF32 (:func:`vpmoe_compile._triton.ieee_fp32`). Requires ``d/2`` to be a power of two >= 16 and ranks <= 4.
 
 Prologue kernels (one program = ``BT`` tokens of one sample, all heads): every tile is 2-D
 ``[BT, d/2]`` (the two rotation halves are separate tiles, so the planes ``(p, p + d/2)`` need
@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vpmoe_compile._triton import dot as _dot
+from vpmoe_compile._triton import dot as _dot, ieee_fp32
 
 LOG2E = 1.4426950408889634
 
@@ -757,7 +757,7 @@ def swa_fwd(q, k, v, sink, window: int, softmax_scale: float):
     grid = (triton.cdiv(s, blk["BM"]), b * H)
     _swa_fwd_kernel[grid](
         q, k, v, sink.contiguous(), o, lse, s, b, int(window), float(softmax_scale) * LOG2E,
-        H=H, G=G, D=d, BM=blk["BM"], BN=blk["BN"], IEEE=q.dtype == torch.float32,
+        H=H, G=G, D=d, BM=blk["BM"], BN=blk["BN"], IEEE=ieee_fp32(q.dtype),
         num_warps=blk["warps"], num_stages=blk["stages"],
     )
     return o, lse
@@ -793,7 +793,7 @@ def swa_bwd(do, q, k, v, o, lse, sink, window: int, softmax_scale: float):
     G = k.shape[2]
     blk = _blocks("attn_bwd")
     BM, BN = blk["BM"], blk["BN"]
-    ieee = q.dtype == torch.float32
+    ieee = ieee_fp32(q.dtype)
     mode = GPU_TILES["DELTA"]
     if mode not in ("auto", "recompute", "output"):
         raise ValueError(f"GPU_TILES['DELTA'] must be auto|recompute|output, got {mode!r}")

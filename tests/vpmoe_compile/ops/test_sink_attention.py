@@ -265,6 +265,12 @@ CASES = [
     (33, 1, 8, 2, 16, True, None, tk.SinkAttentionConfig(  # PACK = 1 < H/G: head loop in dkv
         fwd=tk.KernelTiles(16, 16), dq=tk.KernelTiles(16, 16), dkv=tk.KernelTiles(16, 16), pack=1)),
     (33, 1, 8, 2, 16, False, 10, tk.SinkAttentionConfig(pack=2)),
+    # windows around the 16-wide test tiles (W = 0, 1, 2, 15 mod 16)
+    (50, 1, 4, 2, 16, False, 16, SMALL),
+    (50, 1, 4, 2, 16, True, 18, SMALL),
+    (50, 1, 4, 2, 16, False, 31, SMALL),
+    (50, 1, 4, 2, 16, False, 32, SMALL),
+    (50, 1, 4, 2, 16, True, 33, SMALL),
 ]
 
 
@@ -691,3 +697,33 @@ def test_custom_op_opcheck_triton_bf16_fake_matches_residual_policy(window):
     assert (lo.numel() > 0) == (window == 1)  # 20 rows, causal: 10.5 keys/row -> no residual
     torch.library.opcheck(torch.ops.vpmoe.sink_attention_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_fp32_kernels_follow_torch_matmul_precision():
+    """fp32 operands use IEEE products unless the user allowed TF32 (torch's own setting)."""
+    from vpmoe_compile._triton import ieee_fp32
+
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert ieee_fp32(torch.float32) and not ieee_fp32(torch.bfloat16)
+        torch.set_float32_matmul_precision("high")
+        assert not ieee_fp32(torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("flavour", ["alibi", "window"])
+def test_fp32_on_cuda_is_not_tf32(flavour):
+    """fp32 q/k/v on the GPU (default precision "highest"): every output and gradient within fp32
+    rounding of float64 — with TF32 dv and dsink were 1.2e-3 to 1.5e-3 off."""
+    assert torch.get_float32_matmul_precision() == "highest"
+    s, b, H, G, d = 37, 2, 4, 2, 16
+    q, k, v, sink = make(s, b, H, G, d, device="cuda")
+    slopes = alibi_slopes(H, device="cuda") if flavour == "alibi" else None
+    window = 8 if flavour == "window" else None
+    got, dout = triton_all(q, k, v, sink, slopes, window)
+    ref = reference_all(q.cpu(), k.cpu(), v.cpu(), sink.cpu(), None if slopes is None else slopes.cpu(), window, dout.cpu())
+    assert_close_all([g.cpu() for g in got], ref, tol=1e-5)

@@ -184,6 +184,13 @@ TRITON_CASES = [
     ("mha_G_eq_H", 33, 1, 4, 4, 32, 2, 2, 16, True, True),  # W == block, s = 2 blocks + 1
     ("mqa_G1_odd_ranks", 24, 1, 4, 1, 32, 3, 1, 7, True, True),
     ("no_bias_no_norm", 18, 2, 2, 1, 32, 2, 2, 5, False, False),
+    # windows around the interpreter's 16-wide tiles (W = 0, 1, 2, 15 mod 16): the band's first
+    # and last tiles in fwd, dq and dk/dv
+    ("W2", 37, 1, 4, 2, 32, 2, 2, 2, True, True),
+    ("W17", 45, 1, 4, 2, 32, 2, 2, 17, True, True),
+    ("W18", 45, 1, 4, 2, 32, 2, 2, 18, True, True),
+    ("W31", 50, 1, 4, 2, 32, 2, 2, 31, True, True),
+    ("W32", 50, 1, 4, 2, 32, 2, 2, 32, True, True),
 ]
 
 
