@@ -1,6 +1,7 @@
 """The command line: params, dump, demo (incl. the one Inductor compile smoke test), bad args."""
 
 import json
+import math
 
 import pytest
 
@@ -65,7 +66,11 @@ def test_demo_eager_and_compiled(megatron_env, tmp_path, capsys):
     assert "debug dump written to" in out and "compiled / eager speed-up" in out
     r = json.loads(res.read_text())
     for mode in ("eager", "compiled"):
-        assert r[mode]["median_step_s"] > 0 and r[mode]["last_loss"] == r[mode]["last_loss"]  # finite
-    assert r["eager"]["last_loss"] < r["eager"]["first_loss"]
-    assert abs(r["compiled"]["first_loss"] - r["eager"]["last_loss"]) < 1.0
+        assert r[mode]["median_step_s"] > 0
+        assert math.isfinite(r[mode]["first_loss"]) and math.isfinite(r[mode]["last_loss"])
+        assert r[mode]["last_loss"] < r[mode]["first_loss"]  # each phase trains
+    # the compiled phase continues the eager-trained model (not a fresh one): its first loss is
+    # one step on from the eager phase's last, well below the initial loss
+    assert abs(r["compiled"]["first_loss"] - r["eager"]["last_loss"]) < 0.1
+    assert r["compiled"]["first_loss"] < r["eager"]["first_loss"] - 0.1
     assert (tmp_path / "dump" / "index.md").exists()

@@ -141,20 +141,23 @@ class GrapeMRotaryEmbedding(nn.Module):
 
 
 def grape_m_cos_sin(rotary_pos_emb: Tensor, seq_len: int) -> Tuple[Tensor, Tensor]:
-    """fp32 ``cos, sin`` tables ``[s, d/2]`` from the ``[s', 1, 1, d]`` angle table."""
+    """fp32 ``cos, sin`` tables ``[s, d/2]`` from the ``[s', 1, 1, d]`` angle table (fp64 for an
+    fp64 table)."""
     d = rotary_pos_emb.shape[-1]
-    theta = rotary_pos_emb[:seq_len, 0, 0, : d // 2].float()
+    theta = rotary_pos_emb[:seq_len, 0, 0, : d // 2]
+    theta = theta if theta.dtype == torch.float64 else theta.float()  # fp32 at least
     return torch.cos(theta), torch.sin(theta)
 
 
 def apply_grape_m(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x [s, b, h, d]`` by the per-position planes, in fp32; returns ``x``'s dtype.
+    """Rotate ``x [s, b, h, d]`` by the per-position planes, in fp32 (fp64 for fp64 ``x``);
+    returns ``x``'s dtype.
 
     ``cos``/``sin`` are ``[s, d/2]`` fp32. Plane ``p`` couples ``(p, p + d/2)`` (Megatron's
     non-interleaved "rotate-half" layout).
     """
     half = x.shape[-1] // 2
-    xf = x.float()
+    xf = x if x.dtype == torch.float64 else x.float()  # fp32 at least
     x1, x2 = xf[..., :half], xf[..., half:]
     c = cos[:, None, None, :]
     s_ = sin[:, None, None, :]
