@@ -76,14 +76,27 @@ def cmd_params(args) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def _check_writable_file(path: str, flag: str) -> None:
+    """Refuse, before any work, an output path that cannot be written as a file."""
+    p = Path(path)
+    if p.is_dir():
+        raise CLIError(f"{flag} {p} is a directory; give a file name")
+    if not p.parent.is_dir():
+        raise CLIError(f"{flag} {p}: the folder {p.parent} does not exist")
+    if not os.access(p.parent, os.W_OK):
+        raise CLIError(f"{flag} {p}: the folder {p.parent} is not writable")
+
+
 def cmd_dump(args) -> int:
     import vpmoe_compile
     from megatron_base import build_stock_gpt, init_process
 
+    from vpmoe_compile.dump import check_dump_dir
+
     cfg = _load_cfg(args.config)
-    out = Path(args.out)
+    out = check_dump_dir(args.out)  # a file, or a folder of someone else's, is refused here
     if out.exists() and any(out.iterdir()) and not args.force:
-        raise CLIError(f"--out {out} exists and is not empty; pass --force to overwrite")
+        raise CLIError(f"--out {out} holds an earlier dump; pass --force to replace it")
     init_process()
     device = args.device or ("meta" if cfg.model.num_layers > 8 else None)
     model = build_stock_gpt(cfg, device=device)
@@ -120,6 +133,12 @@ def cmd_demo(args) -> int:
 
     if args.steps < 1:
         raise CLIError(f"--steps must be >= 1, got {args.steps}")
+    if args.json_out:
+        _check_writable_file(args.json_out, "--json-out")
+    if args.dump_dir is not None:
+        from vpmoe_compile.dump import check_dump_dir
+
+        check_dump_dir(args.dump_dir)
     if args.seq_len < 2 or args.batch_size < 1:
         raise CLIError("--seq-len must be >= 2 and --batch-size >= 1")
     cfg = _load_cfg(args.config)
@@ -236,9 +255,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     _quiet_imports()
     parser = build_parser()
     args = parser.parse_args(argv)
+    from vpmoe_compile.dump import DumpDirError
+
     try:
         return int(args.func(args) or 0)
-    except CLIError as exc:
+    except (CLIError, DumpDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -208,6 +208,12 @@ def _check_cfg_matches(cfg: VpMoEConfig, model) -> None:
 def _resolve_passes(passes, cfg, backend) -> List[Pass]:
     if passes is None:
         return default_pipeline(cfg, backend)
+    if isinstance(passes, (str, Pass)):
+        raise TransformError(
+            f"passes must be a list of pass names or Pass objects, got the single {type(passes).__name__} "
+            f"{passes if isinstance(passes, str) else passes.name!r}; write passes=[...] (e.g. "
+            "passes=['layer_plan', 'tpa'])"
+        )
     allp = available_passes(backend)
     out = []
     for p in passes:

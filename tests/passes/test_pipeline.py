@@ -241,3 +241,9 @@ def test_refuses_a_model_whose_parameters_an_optimizer_holds(tiny_model, tiny_cf
     del opt
     gc.collect()
     vpmoe_compile.transform(tiny_model, tiny_cfg, progress=False)
+
+
+def test_a_pass_name_string_is_refused_with_a_hint(tiny_model):
+    with pytest.raises(TransformError, match=r"passes=\[\.\.\.\]"):
+        vpmoe_compile.transform(tiny_model, passes="tpa")
+    assert type(tiny_model.decoder.layers[0].self_attention).__name__ == "SelfAttention"

@@ -74,3 +74,19 @@ def test_demo_eager_and_compiled(megatron_env, tmp_path, capsys):
     assert abs(r["compiled"]["first_loss"] - r["eager"]["last_loss"]) < 0.1
     assert r["compiled"]["first_loss"] < r["eager"]["first_loss"] - 0.1
     assert (tmp_path / "dump" / "index.md").exists()
+
+
+def test_bad_output_paths_are_one_line_errors_before_any_work(tmp_path, capsys):
+    """dump --out FILE, demo --dump-dir FILE and a --json-out in a missing folder: exit 2 with a
+    message, no traceback, nothing trained."""
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    assert main(["dump", "--config", "tiny", "--out", str(f)]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert main(["demo", "--config", "tiny", "--steps", "1", "--dump-dir", str(f)]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    rc = main(["demo", "--config", "tiny", "--steps", "1", "--json-out", str(tmp_path / "missing" / "r.json"),
+               "--dump-dir", str(tmp_path / "d")])
+    err = capsys.readouterr()
+    assert rc == 2 and "does not exist" in err.err and "[demo]" not in err.out
+    assert not (tmp_path / "d").exists()
