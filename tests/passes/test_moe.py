@@ -327,3 +327,23 @@ def test_gpu_bf16_layer_has_no_host_sync_and_matches_stock(megatron_env):
     (y1, g1), (y2, g2) = ys
     assert ((y2 - y1).norm() / y1.norm()).item() < 2e-2
     assert ((g2 - g1).norm() / g1.norm()).item() < 5e-2
+
+
+def test_grouped_experts_behind_megatrons_dispatcher_equal_stock(megatron_env):
+    """The path expert parallelism takes: Megatron's own token dispatcher in front of the grouped
+    experts (tokens_per_expert on the host, Megatron's permutation) equals the stock layer."""
+    _, stock_model, ours_model = _pair(megatron_env)
+    stock, ours = stock_model.decoder.layers[3].mlp, ours_model.decoder.layers[3].mlp
+    ours.sort_dispatch = False  # as at expert-parallel size > 1
+    x1 = torch.randn(16, 2, stock.config.hidden_size, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y1, _ = stock(x1)
+    y2, _ = ours(x2)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(y2, y1, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=2e-6, atol=1e-7)
+    for name, grad in _expert_grads_stock(stock).items():
+        torch.testing.assert_close(getattr(ours.experts, name).weight.grad, grad, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(ours.router.local_tokens_per_expert, stock.router.local_tokens_per_expert)
