@@ -7,18 +7,56 @@ preset name (``tiny``, ``vpmoe-8l``, ``vpmoe``) or a path, rejects unknown secti
 and invalid values with an error that names the key and what is allowed, and returns a
 :class:`VpMoEConfig`.
 
+A config states its model
+-------------------------
+A file never silently inherits the dataclass defaults (which are the 80-layer, 256-expert
+``vpmoe`` architecture). It does one of two things:
+
+* **It names a base preset**: ``[meta] base = "tiny"`` (or ``"vpmoe-8l"``, ``"vpmoe"``). Every
+  key the file omits takes the preset's value, key by key within each section (``[meta]``
+  itself is not inherited); the file states only what it changes::
+
+      [meta]
+      base = "vpmoe-8l"
+      [model]
+      num_layers = 16
+
+* **Or it is complete**: without ``base`` it must give every model section (``[tokenizer]
+  [model] [attention] [tpa] [grape] [moe]``) with every model key, i.e. every key of those
+  sections except the few that have a documented default (:data:`DEFAULTED_KEYS`: values the
+  fork took from Megatron's defaults or its command line, such as ``layernorm_epsilon``,
+  ``rotary_base``, ``expert_ffn_hidden_size = 0`` and the fused-kernel switches). This is
+  the shape of the fork's own ``configs/vpmoe.toml`` and of the shipped presets.
+
+``[meta]`` and ``[optimizer]`` are optional in both cases: the optimizer keys default to the
+fork's training settings (listed on :class:`OptimizerSection`). An empty file is an error
+that says so ("states no model").
+
+Value domains
+-------------
+Every key has a domain, checked when the file is loaded, and an error names the key as
+``[section] key`` and the allowed range: floats must be finite (TOML's ``nan`` / ``inf`` are
+refused), learning rates and coefficients ``>= 0``, betas and momenta in ``[0, 1)`` (1 never
+forgets), epsilons and standard deviations ``> 0``, dropout in ``[0, 1)``, sizes and counts
+``>= 1``, ``[tokenizer] vocab_size`` at least the tokenizer's vocabulary (201,088 ids for
+o200k Harmony, read from :mod:`megatron_base.tokenizer`) and a multiple of 128; cross-key
+rules (head groups dividing the heads, router groups, ``min_lr <= lr``, ...) are checked on
+the whole config by :meth:`VpMoEConfig.validate`.
+
 Nothing here imports Megatron: turning the config into a stock ``TransformerConfig`` is
 :func:`megatron_base.model.transformer_config_from_vpmoe`.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Optional, Union, get_args, get_origin
+from typing import Any, Dict, List, Optional, Tuple, Union, get_args, get_origin
 
 try:  # Python >= 3.11
     import tomllib
@@ -28,41 +66,104 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 PRESETS = ("tiny", "vpmoe-8l", "vpmoe")
 
-#: The o200k Harmony vocabulary padded to a multiple of 128 (tokenizer spec §1).
-O200K_PADDED_VOCAB = 201088
+
+def _tokenizer_vocab_size() -> int:
+    """``O200K_HARMONY_VOCAB_SIZE`` of :mod:`megatron_base.tokenizer`, read from its source.
+
+    Importing the tokenizer module would import Megatron and tiktoken; the constant is a
+    literal, so it is read off the module's syntax tree instead (one source of truth).
+    """
+    path = Path(__file__).resolve().parent / "tokenizer.py"
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == "O200K_HARMONY_VOCAB_SIZE" for t in targets):
+                value = ast.literal_eval(node.value)
+                if isinstance(value, int) and value > 0:
+                    return value
+    raise RuntimeError(f"{path} defines no integer O200K_HARMONY_VOCAB_SIZE")  # pragma: no cover
+
+
+#: The o200k Harmony vocabulary (tokenizer spec §1): the smallest ``[tokenizer] vocab_size``.
+O200K_PADDED_VOCAB = _tokenizer_vocab_size()
+#: Megatron splits the embedding and output rows evenly over tensor-parallel ranks (and pads
+#: vocabularies to ``make_vocab_size_divisible_by = 128`` by default).
+VOCAB_MULTIPLE = 128
 
 
 class ConfigError(ValueError):
     """A config file or value is invalid; the message names the key and what is allowed."""
 
 
-def _choice(*values):
-    return {"choices": tuple(values)}
+def _meta(
+    *,
+    choices: Optional[Tuple[Any, ...]] = None,
+    ge: Optional[float] = None,
+    gt: Optional[float] = None,
+    le: Optional[float] = None,
+    lt: Optional[float] = None,
+    multiple_of: Optional[int] = None,
+    note: str = "",
+    required: bool = False,
+) -> Dict[str, Any]:
+    """Field metadata: allowed ``choices`` or bounds (``ge``/``gt`` lower, ``le``/``lt`` upper),
+    ``multiple_of``, a ``note`` saying why, and ``required`` (a model key: a config without
+    ``[meta] base`` must state it)."""
+    meta: Dict[str, Any] = {"required": required}
+    bounds = dict(choices=choices, ge=ge, gt=gt, le=le, lt=lt, multiple_of=multiple_of)
+    meta.update({key: value for key, value in bounds.items() if value is not None})
+    if note:
+        meta["note"] = note
+    return meta
 
 
-def _positive():
-    return {"min": 1}
+def _choice(*values, required: bool = True):
+    return _meta(choices=tuple(values), required=required)
+
+
+def _positive(required: bool = True, note: str = ""):
+    return _meta(ge=1, required=required, note=note)
+
+
+def _req():
+    """A model key without further constraints (bools)."""
+    return _meta(required=True)
+
+
+_UNIT = dict(ge=0.0, lt=1.0)  # betas, momenta, dropout: 1 is unusable
 
 
 # --------------------------------------------------------------------------------------------
-# Sections. Field metadata: "choices" (allowed values) or "min"/"max" (numeric bounds).
+# Sections. Field metadata: see _meta. Keys with required=True are the model keys a config
+# without [meta] base must state (the keys of the fork's configs/vpmoe.toml).
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass
 class MetaSection:
-    """Free-text description of the config (the fork keeps comments here)."""
+    """Free-text description of the config (the fork keeps comments here), and ``base``: the
+    preset whose values fill every key the file omits (see the module docstring)."""
 
     name: str = ""
     description: str = ""
+    base: str = ""
 
 
 @dataclass
 class TokenizerSection:
-    """Tokenizer identity and the padded vocabulary size (locked to 201088 for o200k Harmony)."""
+    """Tokenizer identity and the vocabulary (embedding rows; 201088 for o200k Harmony)."""
 
     name: str = field(default="o200k_harmony", metadata=_choice("o200k_harmony"))
-    vocab_size: int = field(default=O200K_PADDED_VOCAB, metadata=_positive())
+    vocab_size: int = field(
+        default=O200K_PADDED_VOCAB,
+        metadata=_meta(
+            ge=O200K_PADDED_VOCAB,
+            multiple_of=VOCAB_MULTIPLE,
+            required=True,
+            note=f"the o200k_harmony tokenizer has {O200K_PADDED_VOCAB} ids; Megatron splits the "
+            f"vocabulary rows over tensor-parallel ranks, hence a multiple of {VOCAB_MULTIPLE}",
+        ),
+    )
 
 
 @dataclass
@@ -77,54 +178,61 @@ class ModelSection:
     #: FFN width of the dense first layer and (unless ``[moe] expert_ffn_hidden_size``) of
     #: every routed expert.
     ffn_hidden_size: int = field(default=128, metadata=_positive())
-    value_residual: bool = False
+    value_residual: bool = field(default=False, metadata=_req())
     value_residual_init: float = 1.0
     normalization: str = field(default="RMSNorm", metadata=_choice("RMSNorm"))
-    qk_layernorm: bool = True
+    qk_layernorm: bool = field(default=True, metadata=_req())
     softmax_type: str = field(default="learnable", metadata=_choice("learnable", "vanilla", "off-by-one"))
-    add_bias_linear: bool = False
-    add_qkv_bias: bool = True
-    gated_linear_unit: bool = False
+    add_bias_linear: bool = field(default=False, metadata=_req())
+    add_qkv_bias: bool = field(default=True, metadata=_req())
+    gated_linear_unit: bool = field(default=False, metadata=_req())
     activation: str = field(default="squaredrelu", metadata=_choice("squaredrelu", "gelu", "relu", "swiglu"))
-    untied_embeddings: bool = True
+    untied_embeddings: bool = field(default=True, metadata=_req())
     # Not in the fork's TOML (Megatron defaults / command-line values).
-    init_method_std: float = field(default=0.02, metadata={"min": 0.0})
-    layernorm_epsilon: float = field(default=1e-5, metadata={"min": 0.0})
-    hidden_dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    init_method_std: float = field(default=0.02, metadata=_meta(gt=0.0, note="0 initialises every weight to 0"))
+    layernorm_epsilon: float = field(default=1e-5, metadata=_meta(gt=0.0))
+    hidden_dropout: float = field(default=0.0, metadata=_meta(**_UNIT, note="1 drops every activation"))
 
 
 @dataclass
 class AttentionSection:
     """Attention options (fork ``[attention]``). ``window_size`` W counts the current token."""
 
-    attention_dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    attention_dropout: float = field(
+        default=0.0, metadata=_meta(**_UNIT, required=True, note="1 drops every attention weight")
+    )
     max_sequence_length: int = field(default=2048, metadata=_positive())
     position_embedding_type: str = field(default="grapem", metadata=_choice("grapem", "rope", "none"))
-    window_size: int = field(default=128, metadata=_positive())
-    window_attn_skip_freq: int = field(default=4, metadata=_positive())
-    rotary_base: float = field(default=10000.0, metadata={"min": 1.0})
+    window_size: int = field(default=128, metadata=_positive(note="W tokens including the current one"))
+    window_attn_skip_freq: int = field(
+        default=4, metadata=_positive(note="every Nth layer is global; 1 makes every layer global")
+    )
+    # Not in the fork's TOML (Megatron default).
+    rotary_base: float = field(
+        default=10000.0, metadata=_meta(gt=1.0, note="at 1 every rotary plane turns at the same rate")
+    )
 
 
 @dataclass
 class TPASection:
     """Tensor Product Attention on local layers (fork ``[tpa]``)."""
 
-    use_tpa: bool = True
+    use_tpa: bool = field(default=True, metadata=_req())
     tpa_rank: int = field(default=2, metadata=_positive())
     tpa_q_rank: int = field(default=4, metadata=_positive())
     #: Factor init: "normal" = Normal(0, init_method_std) (the fork), "xavier" = the paper's 2-D
-    #: Xavier uniform.
-    tpa_init: str = field(default="normal", metadata=_choice("normal", "xavier"))
+    #: Xavier uniform. Not in the fork's TOML.
+    tpa_init: str = field(default="normal", metadata=_choice("normal", "xavier", required=False))
 
 
 @dataclass
 class GrapeSection:
     """GRAPE positional encoding (fork ``[grape]``)."""
 
-    grape_a: bool = True
-    grapem_learnable_freq: bool = True
-    grapem_share_across_heads: bool = True
-    grapem_log_freq_scale: float = field(default=16.0, metadata={"min": 1e-6})
+    grape_a: bool = field(default=True, metadata=_req())
+    grapem_learnable_freq: bool = field(default=True, metadata=_req())
+    grapem_share_across_heads: bool = field(default=True, metadata=_req())
+    grapem_log_freq_scale: float = field(default=16.0, metadata=_meta(gt=0.0, required=True))
 
 
 @dataclass
@@ -133,22 +241,29 @@ class MoESection:
 
     num_experts: int = field(default=256, metadata=_positive())
     topk: int = field(default=4, metadata=_positive())
-    shared_expert: bool = True
+    shared_expert: bool = field(default=True, metadata=_req())
     shared_expert_size: int = field(default=512, metadata=_positive())
-    first_layer_dense: bool = True
+    first_layer_dense: bool = field(default=True, metadata=_req())
     #: Routed-expert FFN width; 0 means ``[model] ffn_hidden_size`` (the fork's behaviour).
-    expert_ffn_hidden_size: int = field(default=0, metadata={"min": 0})
+    expert_ffn_hidden_size: int = field(default=0, metadata=_meta(ge=0, note="0 means [model] ffn_hidden_size"))
     router_load_balancing_type: str = field(
         default="seq_aux_loss", metadata=_choice("seq_aux_loss", "aux_loss", "global_aux_loss", "none")
     )
-    aux_loss_coeff: float = field(default=1e-4, metadata={"min": 0.0})
+    aux_loss_coeff: float = field(default=1e-4, metadata=_meta(ge=0.0, required=True))
     router_score_function: str = field(default="sigmoid", metadata=_choice("sigmoid", "softmax"))
-    router_topk_scaling_factor: float = field(default=2.5, metadata={"min": 0.0})
-    router_num_groups: int = field(default=8, metadata={"min": 0})
-    router_group_topk: int = field(default=4, metadata={"min": 0})
-    router_enable_expert_bias: bool = True
-    router_bias_update_rate: float = field(default=1e-3, metadata={"min": 0.0})
+    router_topk_scaling_factor: float = field(
+        default=2.5, metadata=_meta(gt=0.0, required=True, note="0 would zero every routed expert's output")
+    )
+    router_num_groups: int = field(
+        default=8, metadata=_meta(ge=0, required=True, note="0 disables group-limited routing")
+    )
+    router_group_topk: int = field(
+        default=4, metadata=_meta(ge=0, required=True, note="0 disables group-limited routing")
+    )
+    router_enable_expert_bias: bool = field(default=True, metadata=_req())
+    router_bias_update_rate: float = field(default=1e-3, metadata=_meta(ge=0.0, required=True))
     router_dtype: str = field(default="fp32", metadata=_choice("fp32", "fp64", "none"))
+    # Fused-kernel switches (Transformer Engine only; must stay false here). Not required.
     grouped_gemm: bool = False
     permute_fusion: bool = False
     router_fusion: bool = False
@@ -156,34 +271,38 @@ class MoESection:
 
 @dataclass
 class OptimizerSection:
-    """NorMuon + auxiliary AdamW (fork ``[optimizer]`` plus the fork's command-line options)."""
+    """NorMuon + auxiliary AdamW (fork ``[optimizer]`` plus the fork's command-line options).
 
-    name: str = field(default="normuon", metadata=_choice("normuon", "adamw"))
-    lr: float = field(default=3e-3, metadata={"min": 0.0})
-    min_lr: float = field(default=3e-4, metadata={"min": 0.0})
-    normuon_aux_lr: Optional[float] = 3e-4
-    normuon_aux_min_lr: Optional[float] = None
-    weight_decay: float = field(default=0.01, metadata={"min": 0.0})
-    adam_beta1: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
-    adam_beta2: float = field(default=0.95, metadata={"min": 0.0, "max": 1.0})
-    adam_eps: float = field(default=1e-8, metadata={"min": 0.0})
-    normuon_momentum: float = field(default=0.95, metadata={"min": 0.0, "max": 1.0})
-    normuon_beta2: float = field(default=0.95, metadata={"min": 0.0, "max": 1.0})
-    normuon_eps: float = field(default=1e-10, metadata={"min": 0.0})
-    polar_express_safety_factor: float = field(default=2e-2, metadata={"min": 0.0})
-    polar_express_steps: int = field(default=5, metadata=_positive())
-    qkv_split: str = field(default="qkv", metadata=_choice("qkv", "fused", "head"))
-    router_optimizer: str = field(default="normuon", metadata=_choice("normuon", "adamw"))
-    scale_mode: str = field(default="shape", metadata=_choice("shape", "rms0.2"))
-    neuron_axis: str = field(default="rows", metadata=_choice("rows", "larger"))
-    clip_grad: float = field(default=1.0, metadata={"min": 0.0})
-    nan_policy: str = field(default="skip", metadata=_choice("skip", "raise"))
+    Every key is optional; the defaults are the fork's training settings. ``normuon_aux_lr`` /
+    ``normuon_aux_min_lr`` left out (``None``) fall back to ``lr`` / ``min_lr``.
+    """
+
+    name: str = field(default="normuon", metadata=_choice("normuon", "adamw", required=False))
+    lr: float = field(default=3e-3, metadata=_meta(ge=0.0))
+    min_lr: float = field(default=3e-4, metadata=_meta(ge=0.0, note="and <= lr"))
+    normuon_aux_lr: Optional[float] = field(default=3e-4, metadata=_meta(ge=0.0))
+    normuon_aux_min_lr: Optional[float] = field(default=None, metadata=_meta(ge=0.0))
+    weight_decay: float = field(default=0.01, metadata=_meta(ge=0.0))
+    adam_beta1: float = field(default=0.9, metadata=_meta(**_UNIT, note="1 never updates the first moment"))
+    adam_beta2: float = field(default=0.95, metadata=_meta(**_UNIT, note="1 never updates the second moment"))
+    adam_eps: float = field(default=1e-8, metadata=_meta(gt=0.0))
+    normuon_momentum: float = field(default=0.95, metadata=_meta(**_UNIT, note="1 never updates the momentum"))
+    normuon_beta2: float = field(default=0.95, metadata=_meta(**_UNIT, note="1 never updates the second moment"))
+    normuon_eps: float = field(default=1e-10, metadata=_meta(gt=0.0))
+    polar_express_safety_factor: float = field(default=2e-2, metadata=_meta(ge=0.0))
+    polar_express_steps: int = field(default=5, metadata=_positive(required=False))
+    qkv_split: str = field(default="qkv", metadata=_choice("qkv", "fused", "head", required=False))
+    router_optimizer: str = field(default="normuon", metadata=_choice("normuon", "adamw", required=False))
+    scale_mode: str = field(default="shape", metadata=_choice("shape", "rms0.2", required=False))
+    neuron_axis: str = field(default="rows", metadata=_choice("rows", "larger", required=False))
+    clip_grad: float = field(default=1.0, metadata=_meta(ge=0.0, note="0 disables clipping"))
+    nan_policy: str = field(default="skip", metadata=_choice("skip", "raise", required=False))
     compile: bool = True
     #: Capture the NorMuon step into CUDA graphs (CUDA only; spec R6).
     cuda_graph: bool = False
     #: Polar Express kernels: "auto" (fused Triton kernel for min(m, n) <= 128 on CUDA),
     #: "torch" (batched bmm only) or "triton".
-    pe_backend: str = field(default="auto", metadata=_choice("auto", "torch", "triton"))
+    pe_backend: str = field(default="auto", metadata=_choice("auto", "torch", "triton", required=False))
 
 
 _SECTIONS = {
@@ -195,6 +314,18 @@ _SECTIONS = {
     "grape": GrapeSection,
     "moe": MoESection,
     "optimizer": OptimizerSection,
+}
+
+#: The sections that describe the model (all required without ``[meta] base``).
+MODEL_SECTIONS = ("tokenizer", "model", "attention", "tpa", "grape", "moe")
+
+#: Model keys per section that a config without ``[meta] base`` must state.
+REQUIRED_KEYS: Dict[str, Tuple[str, ...]] = {
+    s: tuple(f.name for f in fields(_SECTIONS[s]) if f.metadata.get("required")) for s in MODEL_SECTIONS
+}
+#: Keys of the model sections that have a documented default (not in the fork's TOML).
+DEFAULTED_KEYS: Dict[str, Tuple[str, ...]] = {
+    s: tuple(f.name for f in fields(_SECTIONS[s]) if not f.metadata.get("required")) for s in MODEL_SECTIONS
 }
 
 
@@ -241,34 +372,86 @@ class VpMoEConfig:
         return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
 
     def validate(self) -> "VpMoEConfig":
-        """Cross-field checks (single fields are checked while parsing)."""
-        m, t, moe = self.model, self.tpa, self.moe
+        """Check every value against its domain and the cross-key rules; returns ``self``."""
+        where = self.source or "config"
+        for name, cls in _SECTIONS.items():
+            section = getattr(self, name)
+            for f in fields(cls):
+                _check_value(name, f, getattr(section, f.name), where)
+        m, t, moe, opt = self.model, self.tpa, self.moe, self.optimizer
         if m.num_attention_heads % m.num_query_groups:
             raise ConfigError(
-                f"[model] num_attention_heads ({m.num_attention_heads}) must be a multiple of "
+                f"{where}: [model] num_attention_heads ({m.num_attention_heads}) must be a multiple of "
                 f"num_query_groups ({m.num_query_groups})"
             )
         if m.head_dim % 2:
-            raise ConfigError(f"[model] head_dim must be even for rotary/GRAPE-M planes, got {m.head_dim}")
+            raise ConfigError(
+                f"{where}: [model] head_dim must be even for rotary/GRAPE-M planes, got {m.head_dim}"
+            )
+        if m.activation == "swiglu" and not m.gated_linear_unit:
+            raise ConfigError(
+                f"{where}: [model] activation = 'swiglu' needs gated_linear_unit = true (SwiGLU is the gated "
+                "SiLU unit; without the gate it would be a plain SiLU MLP)"
+            )
         if moe.topk > moe.num_experts:
-            raise ConfigError(f"[moe] topk ({moe.topk}) must be <= num_experts ({moe.num_experts})")
+            raise ConfigError(f"{where}: [moe] topk ({moe.topk}) must be <= num_experts ({moe.num_experts})")
+        if moe.topk == 1 and moe.router_score_function == "softmax":
+            raise ConfigError(
+                f"{where}: [moe] topk = 1 with router_score_function = 'softmax' is refused by Megatron (a "
+                "softmax over the one selected score has zero gradient); use topk >= 2 or 'sigmoid'"
+            )
+        if moe.router_enable_expert_bias and moe.router_score_function != "sigmoid":
+            raise ConfigError(
+                f"{where}: [moe] router_enable_expert_bias = true needs router_score_function = 'sigmoid' "
+                "(Megatron's aux-loss-free expert bias supports only sigmoid scores); set "
+                "router_enable_expert_bias = false to use 'softmax'"
+            )
         if moe.router_num_groups:
             if moe.num_experts % moe.router_num_groups:
                 raise ConfigError(
-                    f"[moe] router_num_groups ({moe.router_num_groups}) must divide num_experts "
+                    f"{where}: [moe] router_num_groups ({moe.router_num_groups}) must divide num_experts "
                     f"({moe.num_experts}); use 0 to disable group-limited routing"
                 )
             if not (0 < moe.router_group_topk <= moe.router_num_groups):
                 raise ConfigError(
-                    f"[moe] router_group_topk must be in 1..router_num_groups "
+                    f"{where}: [moe] router_group_topk must be in 1..router_num_groups "
                     f"({moe.router_num_groups}), got {moe.router_group_topk}"
                 )
-        if t.use_tpa and t.tpa_q_rank < 1:
-            raise ConfigError("[tpa] tpa_q_rank must be >= 1")
-        if self.tokenizer.vocab_size % 128:
+            per_group = moe.num_experts // moe.router_num_groups
+            most = moe.router_group_topk * per_group
+            if not (moe.router_group_topk <= moe.topk <= most):
+                raise ConfigError(
+                    f"{where}: [moe] topk ({moe.topk}) must be in {moe.router_group_topk}..{most} with "
+                    f"group-limited routing: each token picks router_group_topk "
+                    f"({moe.router_group_topk}) groups of {per_group} experts "
+                    f"(num_experts / router_num_groups), ranked by their top "
+                    f"topk // router_group_topk scores, and its topk experts among them"
+                )
+        elif moe.router_group_topk:
             raise ConfigError(
-                f"[tokenizer] vocab_size must be a multiple of 128 (tensor-parallel padding), got "
-                f"{self.tokenizer.vocab_size}"
+                f"{where}: [moe] router_group_topk = {moe.router_group_topk} needs router_num_groups > 0 "
+                "(group-limited routing); set router_group_topk = 0 to disable it"
+            )
+        if t.use_tpa and t.tpa_q_rank < 1:
+            raise ConfigError(f"{where}: [tpa] tpa_q_rank must be >= 1")
+        if opt.min_lr > opt.lr:
+            raise ConfigError(
+                f"{where}: [optimizer] min_lr ({opt.min_lr!r}) must be <= [optimizer] lr ({opt.lr!r}) (the "
+                "schedule decays from lr to min_lr)"
+            )
+        aux_lr = opt.lr if opt.normuon_aux_lr is None else opt.normuon_aux_lr
+        if opt.normuon_aux_min_lr is not None and opt.normuon_aux_min_lr > aux_lr:
+            raise ConfigError(
+                f"{where}: [optimizer] normuon_aux_min_lr ({opt.normuon_aux_min_lr!r}) must be <= "
+                f"normuon_aux_lr ({aux_lr!r}"
+                + (", from lr since normuon_aux_lr is not set" if opt.normuon_aux_lr is None else "")
+                + ")"
+            )
+        if opt.normuon_aux_min_lr is None and opt.min_lr > aux_lr:
+            raise ConfigError(
+                f"{where}: [optimizer] normuon_aux_lr ({aux_lr!r}) is below the auxiliary minimum lr: "
+                f"normuon_aux_min_lr is not set, so it is min_lr ({opt.min_lr!r}); set "
+                "normuon_aux_min_lr <= normuon_aux_lr"
             )
         return self
 
@@ -303,6 +486,72 @@ def _type_name(annotation) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+def _is_float_field(f) -> bool:
+    return "float" in (f.type if isinstance(f.type, str) else _type_name(f.type))
+
+
+def _num(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _domain(key: str, meta: Dict[str, Any], is_float: bool) -> str:
+    """The allowed range of a numeric key, e.g. ``0 <= adam_beta2 < 1 (why)``."""
+    lower = f"{_num(meta['ge'])} <= " if "ge" in meta else (f"{_num(meta['gt'])} < " if "gt" in meta else "")
+    upper = f" <= {_num(meta['le'])}" if "le" in meta else (f" < {_num(meta['lt'])}" if "lt" in meta else "")
+    if lower and not upper:  # "lr >= 0" reads better than "0 <= lr"
+        text = f"{key} >= {_num(meta['ge'])}" if "ge" in meta else f"{key} > {_num(meta['gt'])}"
+    elif lower or upper:
+        text = f"{lower}{key}{upper}"
+    else:
+        text = f"any {'finite number' if is_float else 'integer'}"
+    if is_float and (lower or upper):
+        text += ", finite"
+    if "multiple_of" in meta:
+        text += f" and a multiple of {meta['multiple_of']}"
+    if meta.get("note"):
+        text += f" ({meta['note']})"
+    return text
+
+
+def _check_value(section: str, f, value, where: str) -> None:
+    """Raise a ConfigError naming ``[section] key`` if ``value`` is outside the field's domain."""
+    key, meta = f.name, f.metadata
+    if not _type_ok(value, f.type):
+        raise ConfigError(
+            f"{where}: [{section}] {key} = {value!r} has the wrong type; expected {_type_name(f.type)}"
+        )
+    if value is None:  # Optional keys: None means "not set" (TOML cannot write it)
+        return
+    choices = meta.get("choices")
+    if choices is not None:
+        if value not in choices:
+            raise ConfigError(
+                f"{where}: [{section}] {key} = {value!r} is not allowed; allowed values: "
+                f"{', '.join(repr(c) for c in choices)}"
+            )
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    is_float = _is_float_field(f)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(
+            f"{where}: [{section}] {key} = {value!r} is not a finite number; allowed: "
+            f"{_domain(key, meta, is_float)}"
+        )
+    too_small = ("ge" in meta and value < meta["ge"]) or ("gt" in meta and value <= meta["gt"])
+    too_large = ("le" in meta and value > meta["le"]) or ("lt" in meta and value >= meta["lt"])
+    if too_small or too_large:
+        raise ConfigError(
+            f"{where}: [{section}] {key} = {value!r} is too {'small' if too_small else 'large'}; "
+            f"allowed: {_domain(key, meta, is_float)}"
+        )
+    if "multiple_of" in meta and value % meta["multiple_of"]:
+        raise ConfigError(
+            f"{where}: [{section}] {key} = {value!r} is not a multiple of {meta['multiple_of']}; "
+            f"allowed: {_domain(key, meta, is_float)}"
+        )
+
+
 def _parse_section(section: str, cls, raw: Dict[str, Any], where: str):
     known = {f.name: f for f in fields(cls)}
     kwargs = {}
@@ -315,34 +564,15 @@ def _parse_section(section: str, cls, raw: Dict[str, Any], where: str):
                 + f"; allowed keys: {', '.join(sorted(known))}"
             )
         f = known[key]
-        if not _type_ok(value, f.type):
-            raise ConfigError(
-                f"{where}: [{section}] {key} = {value!r} has the wrong type; expected "
-                f"{_type_name(f.type)}"
-            )
-        if isinstance(f.type, str) and "float" in f.type and isinstance(value, int):
+        _check_value(section, f, value, where)
+        if _is_float_field(f) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        choices = f.metadata.get("choices")
-        if choices is not None and value not in choices:
-            raise ConfigError(
-                f"{where}: [{section}] {key} = {value!r} is not allowed; allowed values: "
-                f"{', '.join(repr(c) for c in choices)}"
-            )
-        if value is not None and "min" in f.metadata and value < f.metadata["min"]:
-            raise ConfigError(
-                f"{where}: [{section}] {key} = {value!r} is too small; must be >= {f.metadata['min']}"
-            )
-        if value is not None and "max" in f.metadata and value > f.metadata["max"]:
-            raise ConfigError(
-                f"{where}: [{section}] {key} = {value!r} is too large; must be <= {f.metadata['max']}"
-            )
         kwargs[key] = value
     return cls(**kwargs)
 
 
-def config_from_dict(data: Dict[str, Any], where: str = "<dict>") -> VpMoEConfig:
-    """Build a :class:`VpMoEConfig` from parsed TOML data, validating every key."""
-    sections = {}
+def _check_sections(data: Dict[str, Any], where: str) -> None:
+    """Unknown sections, non-table sections, unknown keys and bad values of ``data`` itself."""
     for section, raw in data.items():
         if section not in _SECTIONS:
             hint = difflib.get_close_matches(section, _SECTIONS, n=1)
@@ -353,15 +583,98 @@ def config_from_dict(data: Dict[str, Any], where: str = "<dict>") -> VpMoEConfig
             )
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: [{section}] must be a table of keys, got {raw!r}")
-        sections[section] = _parse_section(section, _SECTIONS[section], raw, where)
+        _parse_section(section, _SECTIONS[section], raw, where)
+
+
+_BASE_HINT = " | ".join(f'"{p}"' for p in PRESETS)
+
+
+def _read_toml(path: Path) -> Dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def _with_base(data: Dict[str, Any], where: str, chain: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """``data`` with the omitted keys filled from its ``[meta] base`` preset (recursively).
+
+    ``[meta]`` is the file's own; without ``base`` ``data`` is returned as it is.
+    """
+    base = data.get("meta", {}).get("base", "")
+    if base == "":
+        return data
+    if base not in PRESETS:
+        raise ConfigError(
+            f"{where}: [meta] base = {base!r} is not a preset; allowed values: "
+            f"{', '.join(repr(p) for p in PRESETS)} (or leave base out and state every model key)"
+        )
+    if base in chain:
+        raise ConfigError(f"{where}: [meta] base presets form a cycle: {' -> '.join(chain + (base,))}")
+    path = PRESET_DIR / f"{base}.toml"
+    parent = _read_toml(path)
+    _check_sections(parent, str(path))
+    parent = _with_base(parent, str(path), chain + (base,))
+    merged: Dict[str, Any] = {s: dict(raw) for s, raw in parent.items() if s != "meta"}
+    for section, raw in data.items():
+        merged[section] = {**merged.get(section, {}), **raw} if section != "meta" else dict(raw)
+    return merged
+
+
+def _check_complete(data: Dict[str, Any], where: str) -> None:
+    """A config without ``[meta] base`` must state every model key (see the module docstring)."""
+    missing: Dict[str, List[str]] = {}
+    for section in MODEL_SECTIONS:
+        raw = data.get(section, {})
+        keys = [k for k in REQUIRED_KEYS[section] if k not in raw]
+        if keys:
+            missing[section] = keys
+    if not missing:
+        return
+    every = " ".join(f"[{s}]" for s in MODEL_SECTIONS)
+    if not any(s in data for s in MODEL_SECTIONS):
+        raise ConfigError(
+            f"{where}: the config states no model; set [meta] base = {_BASE_HINT} to start from "
+            f"a preset and give only the keys that differ, or give every section ({every}) with "
+            "all of its model keys"
+        )
+    parts = []
+    for section, keys in missing.items():
+        if section not in data:
+            parts.append(f"[{section}] (the whole section: {', '.join(keys)})")
+        else:
+            parts.extend(f"[{section}] {k}" for k in keys)
+    raise ConfigError(
+        f"{where}: the config names no [meta] base preset and leaves out model keys: "
+        f"{'; '.join(parts)}. Either set [meta] base = {_BASE_HINT} (its values fill every key "
+        f"the file omits), or give every section ({every}) with all of its model keys; only "
+        f"these have a default there: "
+        + "; ".join(f"[{s}] {', '.join(k)}" for s, k in DEFAULTED_KEYS.items() if k)
+    )
+
+
+def config_from_dict(data: Dict[str, Any], where: str = "<dict>") -> VpMoEConfig:
+    """Build a :class:`VpMoEConfig` from parsed TOML data, validating every key.
+
+    ``data`` either names ``[meta] base`` (a preset that fills what it omits) or states every
+    model key; see the module docstring.
+    """
+    _check_sections(data, where)
+    data = _with_base(data, where)
+    _check_complete(data, where)
+    sections = {s: _parse_section(s, _SECTIONS[s], raw, where) for s, raw in data.items()}
     return VpMoEConfig(**sections, source=where).validate()
 
 
 def load_config(name_or_path: Union[str, os.PathLike, VpMoEConfig, None] = "tiny") -> VpMoEConfig:
     """Load a preset (``tiny``, ``vpmoe-8l``, ``vpmoe``) or a TOML file.
 
+    A file names ``[meta] base = "<preset>"`` (the preset fills every key the file omits) or
+    states every model key; see the module docstring.
+
     Raises:
-        ConfigError: unknown preset/file, unknown section or key, wrong type or value.
+        ConfigError: unknown preset/file, unknown section or key, wrong type or value, a
+            model key neither stated nor inherited.
     """
     if isinstance(name_or_path, VpMoEConfig):
         return name_or_path
@@ -376,10 +689,7 @@ def load_config(name_or_path: Union[str, os.PathLike, VpMoEConfig, None] = "tiny
             f"config {text_name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing "
             f"TOML file"
         )
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    data = _read_toml(path)
     cfg = config_from_dict(data, where=str(path))
     cfg.source = text_name
     return cfg

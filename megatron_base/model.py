@@ -184,7 +184,8 @@ def build_stock_gpt(
         max_sequence_length: defaults to ``[attention] max_sequence_length``.
 
     Requires :func:`megatron_base.parallel.init_process` (Megatron modules read their process
-    groups from the parallel state). The model uses the local spec (no Transformer Engine),
+    groups from the parallel state); without it a ``RuntimeError`` says so before Megatron is
+    touched. The model uses the local spec (no Transformer Engine),
     RoPE on local layers and NoPE on global ones (``no_rope_freq``), untied embeddings and the
     unpadded-by-Megatron vocabulary ``[tokenizer] vocab_size`` (201088 is already a multiple
     of 128).
@@ -193,7 +194,9 @@ def build_stock_gpt(
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     from megatron_base import compat
+    from megatron_base.parallel import require_initialized
 
+    require_initialized("build_stock_gpt()")
     cfg = load_config(cfg)
     compat.apply()
     if device is None:

@@ -58,6 +58,38 @@ def init_process(
     model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not on_gpu, force_reset_rng=True)
 
 
+def is_initialized() -> bool:
+    """True once :func:`init_process` (or a launcher's equivalent) has set up both
+    ``torch.distributed`` and Megatron's model-parallel state."""
+    from megatron.core import parallel_state
+
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and bool(
+        parallel_state.model_parallel_is_initialized()
+    )
+
+
+def require_initialized(what: str) -> None:
+    """Raise a ``RuntimeError`` that says to call :func:`init_process` unless the process is
+    initialised (Megatron itself fails later, deep inside a module constructor, with an
+    assertion such as 'pipeline_model parallel group is not initialized')."""
+    if is_initialized():
+        return
+    missing = []
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        missing.append("torch.distributed is not initialized")
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        missing.append("Megatron's model-parallel state is not initialized")
+    raise RuntimeError(
+        f"{what} needs torch.distributed and Megatron's parallel state ({'; '.join(missing)}): "
+        "call megatron_base.init_process() first, once per process (it starts a one-process "
+        "gloo/nccl world when no launcher set RANK/WORLD_SIZE), or initialise them yourself "
+        "with torch.distributed.init_process_group() and "
+        "megatron.core.parallel_state.initialize_model_parallel()"
+    )
+
+
 def destroy_process() -> None:
     """Tear down Megatron's parallel state and the process group (tests, scripts)."""
     from megatron.core import parallel_state

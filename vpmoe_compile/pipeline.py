@@ -186,18 +186,160 @@ def config_from_model(model) -> VpMoEConfig:
     return cfg
 
 
-def _check_cfg_matches(cfg: VpMoEConfig, model) -> None:
+#: ``VpMoEConfig.source`` of :func:`config_from_model`'s configs.
+_DERIVED_SOURCE = "<derived from model.config>"
+#: The keys :func:`config_from_model` reads off a model; the rest of such a config keeps the
+#: dataclass defaults, so only these are compared for it.
+_DERIVED_KEYS = frozenset(
+    {
+        "[model] num_layers", "[model] hidden_size", "[model] num_attention_heads",
+        "[model] num_query_groups", "[model] head_dim", "[model] ffn_hidden_size",
+        "[model] qk_layernorm", "[model] softmax_type", "[model] add_bias_linear",
+        "[model] add_qkv_bias", "[model] layernorm_epsilon", "[model] init_method_std",
+        "[attention] attention_dropout", "[attention] window_size", "[attention] window_attn_skip_freq",
+        "[moe] num_experts", "[moe] topk", "[tokenizer] vocab_size",
+    }
+)
+
+
+def _same(c, m) -> bool:
+    import math
+
+    if isinstance(c, float) or isinstance(m, float):
+        try:
+            return math.isclose(float(c), float(m), rel_tol=1e-9, abs_tol=0.0)
+        except (TypeError, ValueError):
+            return False
+    return c == m
+
+
+def _model_activation(tc) -> Optional[str]:
+    """The config's ``[model] activation`` name of the model's ``activation_func``, or None when
+    it is not one the config can name (then it is not compared)."""
+    fn = tc.activation_func
+    for _ in range(4):  # torch.compile / functools.wraps wrappers
+        inner = getattr(fn, "__wrapped__", None) or getattr(fn, "_torchdynamo_orig_callable", None)
+        if inner is None:
+            break
+        fn = inner
+    name = getattr(fn, "__name__", None) or getattr(fn, "name", None)
+    return {"squared_relu": "squaredrelu", "gelu": "gelu", "relu": "relu", "silu": "swiglu"}.get(name)
+
+
+def _layer_pattern(freq, num_layers: int) -> List[int]:
+    """Megatron's ``moe_layer_freq`` (int or list) as a per-layer list (1 = MoE)."""
+    if isinstance(freq, int):
+        return [1 if i % freq == 0 else 0 for i in range(num_layers)]
+    return [int(x) for x in freq]
+
+
+def _cfg_model_pairs(cfg: VpMoEConfig, model) -> List[tuple]:
+    """``(key, config value, model value)`` for everything a stock ``GPTModel`` encodes of the
+    config (what :func:`megatron_base.model.transformer_config_from_vpmoe` and
+    ``build_stock_gpt`` put into it). ``[tpa]``, ``[grape]``, ``[optimizer]`` and
+    ``max_sequence_length`` are not part of a stock model."""
+    from megatron.core.transformer.utils import is_layer_window_attention
+
     tc = model.config
+    m, a, moe = cfg.model, cfg.attention, cfg.moe
     pairs = [
-        ("[model] num_layers", cfg.model.num_layers, tc.num_layers),
-        ("[model] hidden_size", cfg.model.hidden_size, tc.hidden_size),
-        ("[model] num_attention_heads", cfg.model.num_attention_heads, tc.num_attention_heads),
-        ("[model] num_query_groups", cfg.model.num_query_groups, tc.num_query_groups or tc.num_attention_heads),
-        ("[model] head_dim", cfg.model.head_dim, tc.kv_channels),
+        ("[model] num_layers", m.num_layers, tc.num_layers),
+        ("[model] hidden_size", m.hidden_size, tc.hidden_size),
+        ("[model] num_attention_heads", m.num_attention_heads, tc.num_attention_heads),
+        ("[model] num_query_groups", m.num_query_groups, tc.num_query_groups or tc.num_attention_heads),
+        ("[model] head_dim", m.head_dim, tc.kv_channels),
+        ("[model] ffn_hidden_size", m.ffn_hidden_size, tc.ffn_hidden_size),
+        ("[model] normalization", m.normalization, tc.normalization),
+        ("[model] layernorm_epsilon", m.layernorm_epsilon, tc.layernorm_epsilon),
+        ("[model] qk_layernorm", m.qk_layernorm, bool(tc.qk_layernorm)),
+        ("[model] softmax_type", m.softmax_type, tc.softmax_type),
+        ("[model] add_bias_linear", m.add_bias_linear, bool(tc.add_bias_linear)),
+        ("[model] add_qkv_bias", m.add_qkv_bias, bool(tc.add_qkv_bias)),
+        ("[model] gated_linear_unit", m.gated_linear_unit, bool(tc.gated_linear_unit)),
+        ("[model] untied_embeddings", m.untied_embeddings, not model.share_embeddings_and_output_weights),
+        ("[model] init_method_std", m.init_method_std, tc.init_method_std),
+        ("[model] hidden_dropout", m.hidden_dropout, tc.hidden_dropout),
+        ("[attention] attention_dropout", a.attention_dropout, tc.attention_dropout),
+        ("[tokenizer] vocab_size", cfg.tokenizer.vocab_size, model.vocab_size),
     ]
-    if tc.window_size is not None:  # a model without a window is refused by the passes that need one
-        pairs.append(("[attention] window_size", cfg.megatron_window_size, tuple(tc.window_size)))
-    bad = [f"{k}: config {c} vs model {m}" for k, c, m in pairs if c != m]
+    act = _model_activation(tc)
+    if act is not None:
+        pairs.append(("[model] activation", m.activation, act))
+    # window: W tokens including the current one = Megatron (W - 1, 0). A model without a window
+    # is refused by the passes that need one.
+    if tc.window_size is not None:
+        win = tuple(tc.window_size)
+        if win != cfg.megatron_window_size:
+            shown = win[0] + 1 if win[1] == 0 else f"Megatron window_size {win}"
+            pairs.append(("[attention] window_size", a.window_size, shown))
+        freq = tc.window_attn_skip_freq
+        n = min(m.num_layers, tc.num_layers)
+        ours = [cfg.is_local_layer(i) for i in range(1, n + 1)]
+        theirs = [is_layer_window_attention(tc.window_size, freq, i) for i in range(1, n + 1)]
+        if isinstance(freq, int) and freq != a.window_attn_skip_freq:
+            pairs.append(("[attention] window_attn_skip_freq", a.window_attn_skip_freq, freq))
+        elif ours != theirs:
+            local = "".join("L" if x else "G" for x in theirs)
+            pairs.append(("[attention] window_attn_skip_freq", a.window_attn_skip_freq, f"layers {local} (L local, G global)"))
+    # position encoding: the stock base of "grapem" is RoPE with the global layers NoPE
+    pos = getattr(model, "position_embedding_type", None)
+    if pos == "rope":
+        pos = "grapem" if getattr(tc, "no_rope_freq", None) else "rope"
+    pairs.append(("[attention] position_embedding_type", a.position_embedding_type, pos))
+    if pos in ("rope", "grapem") and a.position_embedding_type != "none":
+        pairs.append(("[attention] rotary_base", a.rotary_base, getattr(model, "rotary_base", a.rotary_base)))
+    # MoE
+    model_experts = tc.num_moe_experts or 0
+    pairs.append(("[moe] num_experts", moe.num_experts, model_experts))
+    if moe.num_experts and model_experts:
+        shared = tc.moe_shared_expert_intermediate_size
+        scaling = tc.moe_router_topk_scaling_factor
+        pairs += [
+            ("[moe] topk", moe.topk, tc.moe_router_topk),
+            ("[moe] expert_ffn_hidden_size", cfg.expert_ffn_hidden_size, tc.moe_ffn_hidden_size),
+            ("[moe] shared_expert", moe.shared_expert, bool(shared)),
+            ("[moe] router_load_balancing_type", moe.router_load_balancing_type, tc.moe_router_load_balancing_type),
+            ("[moe] router_score_function", moe.router_score_function, tc.moe_router_score_function),
+            # Megatron scales only by a truthy factor: None is 1
+            ("[moe] router_topk_scaling_factor", moe.router_topk_scaling_factor, 1.0 if scaling is None else scaling),
+            ("[moe] router_num_groups", moe.router_num_groups, tc.moe_router_num_groups or 0),
+            ("[moe] router_group_topk", moe.router_group_topk, tc.moe_router_group_topk or 0),
+            ("[moe] router_enable_expert_bias", moe.router_enable_expert_bias, bool(tc.moe_router_enable_expert_bias)),
+            ("[moe] router_bias_update_rate", moe.router_bias_update_rate, tc.moe_router_bias_update_rate),
+            ("[moe] router_dtype", moe.router_dtype, tc.moe_router_dtype or "none"),
+            ("[moe] grouped_gemm", moe.grouped_gemm, bool(tc.moe_grouped_gemm)),
+            ("[moe] permute_fusion", moe.permute_fusion, bool(tc.moe_permute_fusion)),
+            ("[moe] router_fusion", moe.router_fusion, bool(tc.moe_router_fusion)),
+        ]
+        if isinstance(tc.moe_aux_loss_coeff, (int, float)):
+            pairs.append(("[moe] aux_loss_coeff", moe.aux_loss_coeff, float(tc.moe_aux_loss_coeff)))
+        if moe.shared_expert and shared:
+            pairs.append(("[moe] shared_expert_size", moe.shared_expert_size, shared))
+        if m.num_layers == tc.num_layers:  # else the layer count is the mismatch
+            pattern = _layer_pattern(tc.moe_layer_freq, tc.num_layers)
+            if pattern != cfg.moe_layer_pattern:
+                n = tc.num_layers
+                if pattern in ([0] + [1] * (n - 1), [1] * n):
+                    shown = pattern[0] == 0
+                else:
+                    shown = "MoE layer pattern " + "".join("M" if x else "D" for x in pattern) + " (M MoE, D dense)"
+                pairs.append(("[moe] first_layer_dense", moe.first_layer_dense, shown))
+    return pairs
+
+
+def _check_cfg_matches(cfg: VpMoEConfig, model) -> None:
+    """Refuse a config that does not describe ``model``: every key the stock model encodes is
+    compared (geometry, norms, biases, softmax, activation, window and local/global schedule,
+    position encoding, vocabulary, experts, expert and shared-expert sizes, dense/MoE layer
+    pattern, router), and each mismatch is named as ``[section] key: config X vs model Y``.
+    A config read off the model by :func:`config_from_model` is compared on the keys it read."""
+    pairs = _cfg_model_pairs(cfg, model)
+    if cfg.source == _DERIVED_SOURCE:
+        derived = set(_DERIVED_KEYS)
+        if not isinstance(model.config.window_attn_skip_freq, int):  # config_from_model reads ints only
+            derived.discard("[attention] window_attn_skip_freq")
+        pairs = [p for p in pairs if p[0] in derived]
+    bad = [f"{k}: config {c} vs model {m}" for k, c, m in pairs if not _same(c, m)]
     if bad:
         raise TransformError(
             "the config does not describe this model (" + "; ".join(bad) + "); pass the config the "

@@ -8,6 +8,10 @@ the full config, stock classes only, and the clear errors for what stock 0.16.1 
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,6 +194,37 @@ def test_stock_cannot_build_bias_with_shared_expert():
         transformer_config_from_vpmoe(no_shared)
     with pytest.raises(UnsupportedConfigError, match="value_residual"):
         transformer_config_from_vpmoe(_small_cfg(value_residual=True))
+
+
+def test_build_without_init_process_says_to_call_it():
+    """In a fresh process without init_process(), build_stock_gpt fails up front with a message
+    naming megatron_base.init_process() (not Megatron's 'pipeline_model parallel group is not
+    initialized' assertion from deep inside GPTModel)."""
+    code = (
+        "import torch\n"
+        "from megatron_base import build_stock_gpt\n"
+        "try:\n"
+        "    build_stock_gpt('tiny', device='meta')\n"
+        "except RuntimeError as exc:\n"
+        "    print('ERROR:', exc)\n"
+        "    raise SystemExit(3)\n"
+        "print('built without init_process')\n"
+    )
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    repo = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 3, run.stdout + run.stderr[-3000:]
+    assert "ERROR:" in run.stdout and "megatron_base.init_process()" in run.stdout
+
+
+def test_build_checks_the_parallel_state_before_megatron(megatron_env, monkeypatch):
+    from megatron.core import parallel_state
+
+    monkeypatch.setattr(parallel_state, "model_parallel_is_initialized", lambda: False)
+    with pytest.raises(RuntimeError, match=r"call megatron_base\.init_process\(\)"):
+        build_stock_gpt("tiny", device="meta")
 
 
 def test_compat_fixes(megatron_env):
