@@ -21,6 +21,14 @@ Configurations (all on the same ``tiktoken.Encoding`` built from the verified as
 * Harmony render: ours vs openai-harmony's ``render_conversation_for_training`` on the demo
   conversations (MB/s of rendered content), and the time to render one message holding a single
   unbroken piece of 25k ... 100k characters (harmony is quadratic there) and 1 MB (ours only).
+* ``unit_test_timings``: wall-time checks that used to be asserts in the unit tests (which
+  now check the linear behaviour by counting, not by the clock): ``find_long_whitespace_runs``
+  on 20 whitespace runs just below the 100k cut threshold (former limit 0.5 s,
+  ``tests/megatron_base/test_tokenizer.py::test_find_long_whitespace_runs``) and the render of
+  a conversation whose final assistant message is one unbroken 1 MB piece (former limit 10 s,
+  ``tests/megatron_base/test_harmony.py::test_long_piece_renders_through_tiktoken``); best of
+  3, each with its former limit and whether it is met. ``--unit-timings-only`` runs just these
+  and prints them (no files written).
 
 Method: warm-up pass, then ``--reps`` trials per configuration in interleaved random order;
 the median is reported (best too). The machine may be shared: a trial starts only when other
@@ -173,6 +181,37 @@ def _time(fn) -> float:
     return CLEAN.time(fn)
 
 
+def unit_test_timings(tok, reps: int = 3) -> dict:
+    """Timings moved out of the unit tests (best of ``reps``), with their former limits."""
+    from openai_harmony import Conversation, Message, Role
+
+    from megatron_base.harmony import HarmonyRenderer
+    from megatron_base.tokenizer import find_long_whitespace_runs
+
+    out = {}
+    text = (" " * 99_999 + "x") * 20
+    assert find_long_whitespace_runs(text, 100_000) == []
+    best = min(_time(lambda: find_long_whitespace_runs(text, 100_000)) for _ in range(reps))
+    out["find_long_whitespace_runs_20_runs_below_100k"] = {
+        "chars": len(text), "threshold": 100_000, "best_s": best,
+        "former_limit_s": 0.5, "within_limit": best < 0.5,
+    }
+    content = "x" * 1_000_000
+    conv = Conversation.from_messages([
+        Message.from_role_and_content(Role.USER, "go"),
+        Message.from_role_and_content(Role.ASSISTANT, content).with_channel("final"),
+    ])
+    rend = HarmonyRenderer(tokenizer=tok)
+    best = min(_time(lambda: rend.render(conv)) for _ in range(reps))
+    out["render_one_1mb_unbroken_piece"] = {
+        "chars": len(content), "best_s": best, "former_limit_s": 10.0, "within_limit": best < 10.0,
+    }
+    for k, v in out.items():
+        print(f"{k}: {v['best_s']:.4f}s (former unit-test limit {v['former_limit_s']}s)",
+              flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -180,8 +219,15 @@ def main() -> None:
     ap.add_argument("--stdlib-mb", type=float, default=4.0)
     ap.add_argument("--max-wait", type=float, default=900.0,
                     help="seconds to wait in total for an idle machine before timing anyway")
+    ap.add_argument("--unit-timings-only", action="store_true",
+                    help="only the timings moved out of the unit tests; print, write nothing")
     args = ap.parse_args()
     CLEAN.max_wait = args.max_wait
+    if args.unit_timings_only:
+        from megatron_base.tokenizer import O200kHarmonyTokenizer
+
+        print(json.dumps(unit_test_timings(O200kHarmonyTokenizer()), indent=2))
+        return
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -308,6 +354,8 @@ def main() -> None:
               + (f", openai-harmony {entry['openai_harmony_s']:.2f}s" if "openai_harmony_s" in entry else ""),
               flush=True)
 
+    unit_timings = unit_test_timings(tok)
+
     out = {
         "question": "o200k Harmony tokenizer throughput vs raw tiktoken; builder; Harmony render",
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -327,6 +375,7 @@ def main() -> None:
         "builder": builder,
         "render": render,
         "render_single_piece": long_piece,
+        "unit_test_timings": unit_timings,
     }
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "tokenizer")

@@ -10,7 +10,9 @@ Input: a JSONL file, one document per line, either
 
 (Optional keys ``"id"`` and ``"meta"`` are ignored; any other key is a schema error. Blank
 lines are skipped and counted.) Every document is followed by EOD ``<|endoftext|>`` = 199,999
-with mask 0.
+with mask 0. The file must be UTF-8 (a UTF-8 byte-order mark at its start is ignored); an input
+that yields no document at all (empty, only blank or bad lines - e.g. a UTF-16 or Latin-1 file)
+is an error, with or without ``strict``.
 
 Output for ``--output PREFIX``:
 
@@ -22,16 +24,28 @@ Output for ``--output PREFIX``:
   (:class:`LossMaskedGPTDataset` does this);
 * ``PREFIX.manifest.json`` - tokenizer identity and vocab hash, render config and mask rule,
   library versions, input sha256, counts (documents, tokens, trained tokens, bad lines with
-  line numbers), sha256 of the four output files, hashes of the distinct system/developer
-  preambles.
+  line numbers), size and sha256 of the four output files and a ``build_id`` derived from them,
+  hashes of the distinct system/developer preambles. It is written last and is the commit
+  record of the set: :func:`open_dataset` checks the four files against it.
 
 Determinism: each line is processed independently and results are written in input order, so
 the four outputs and the manifest are byte-identical for the same input on every run and for
 every number of worker processes (the manifest holds no paths, times or worker counts).
-Bad lines (invalid UTF-8 or JSON, wrong schema, unknown role, lone surrogate, ...) are reported
-with their 1-based line number and skipped (counted in the manifest), or abort the build with
-``strict=True``; no good line is lost. Outputs are written under temporary names and renamed
-only when complete.
+Bad lines (invalid UTF-8 or JSON, nested deeper than the recursion limit, wrong schema,
+unknown role, lone surrogate, ...) are reported with their 1-based line number and skipped
+(counted in the manifest), or abort the build with ``strict=True``; no good line is lost.
+
+Committing the outputs: existing outputs of the prefix are only replaced with ``force=True``
+(``--force``). The five files are written under temporary names (``NAME.partial-PID``) and
+committed together: the old members are first moved aside (manifest first, then the ``.idx``
+files, then the ``.bin`` files; ``NAME.old-PID``), then the new ones moved in (``.bin`` files,
+then the mask ``.idx``, the tokens ``.idx``, the manifest last), then the old ones deleted. At
+every instant each Megatron ``.bin/.idx`` pair is the old one, the new one or absent (its
+``.idx`` missing), never a mix, and the manifest exists only beside the set it describes; a
+failure during the commit moves the old set back. A build killed mid-commit leaves a prefix
+that :func:`open_dataset` refuses (no manifest) and Megatron cannot open or opens as one whole
+build; the next build of that prefix deletes the ``NAME.partial-PID`` / ``NAME.old-PID`` files
+of dead processes (only those of this prefix's five names).
 """
 
 from __future__ import annotations
@@ -42,6 +56,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -77,6 +92,7 @@ __all__ = [
     "build_dataset",
     "build_demo_dataset",
     "open_dataset",
+    "verify_dataset",
     "LossMaskedGPTDataset",
     "DEMO_CORPUS_PATH",
     "LOSS_MASK_SUFFIX",
@@ -85,13 +101,16 @@ __all__ = [
 
 LOSS_MASK_SUFFIX = "_loss_mask"
 MANIFEST_SUFFIX = ".manifest.json"
-MANIFEST_FORMAT = "vpmoe-compile/dataset-manifest/v1"
+MANIFEST_FORMAT = "vpmoe-compile/dataset-manifest/v2"
+_MANIFEST_FORMATS = ("vpmoe-compile/dataset-manifest/v1", MANIFEST_FORMAT)
 DEMO_CORPUS_PATH = Path(__file__).resolve().parent / "sample_data" / "demo.jsonl"
 
 _CHUNK_LINES = 256
 _CHUNK_BYTES = 4 << 20
 _MAX_REPORTED_ERRORS = 100
 _TEXT_DOC_KEYS = {"text"}
+_UTF8_BOM = b"\xef\xbb\xbf"
+_NESTED_TOO_DEEPLY = "nested too deeply (deeper than Python's recursion limit)"
 _EXTRA_DOC_KEYS = {"id", "meta"}
 
 MASK_RULE_TEXT = (
@@ -105,7 +124,8 @@ MASK_RULE_GENERATED = (
 
 
 class DatasetBuildError(RuntimeError):
-    """The build failed (bad line under ``strict``, unreadable input, bad output prefix)."""
+    """The build failed (bad line under ``strict``, unreadable input, no document, outputs
+    that exist without ``force``) or a dataset set does not verify (:func:`open_dataset`)."""
 
 
 @dataclass
@@ -122,6 +142,7 @@ class DatasetBuildConfig:
         render: Harmony rendering / mask policy.
         vocab_path: o200k_base asset (default: the vendored copy).
         progress: show a tqdm progress bar on stderr.
+        force: replace existing outputs of ``output_prefix`` (otherwise they are an error).
     """
 
     input_path: str
@@ -131,6 +152,7 @@ class DatasetBuildConfig:
     render: HarmonyRenderConfig = field(default_factory=HarmonyRenderConfig)
     vocab_path: Optional[str] = None
     progress: bool = True
+    force: bool = False
 
     def __post_init__(self) -> None:
         if self.workers is None:
@@ -182,13 +204,19 @@ class _LineProcessor:
         try:
             s = line.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ValueError(f"invalid UTF-8 at byte {exc.start}") from None
+            raise ValueError(
+                f"invalid UTF-8 at byte {exc.start}"
+                + (_encoding_hint(line) or "; the input must be UTF-8 (convert Latin-1 / "
+                   "cp1252 text first)")
+            ) from None
         if not s.strip():
             return "blank", None, None
         try:
             obj = json.loads(s)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"invalid JSON: {exc}") from None
+            raise ValueError(f"invalid JSON: {exc}{_encoding_hint(line)}") from None
+        except RecursionError:
+            raise ValueError(f"invalid JSON: {_NESTED_TOO_DEEPLY}") from None
         if not isinstance(obj, dict):
             raise ValueError(
                 f'a line must be a JSON object {{"text": ...}} or {{"messages": [...]}}, got '
@@ -232,10 +260,15 @@ class _LineProcessor:
         kinds = collections.Counter()
         self.renderer.preamble_hashes.clear()
         for k, line in enumerate(lines):
+            if first_line + k == 1 and line.startswith(_UTF8_BOM):
+                line = line[len(_UTF8_BOM) :]  # a UTF-8 byte-order mark opening the file
             try:
                 kind, ids, mask = self.document(line)
             except (HarmonyFormatError, ValueError, TypeError) as exc:
                 errors.append((first_line + k, str(exc)))
+                continue
+            except RecursionError:
+                errors.append((first_line + k, _NESTED_TOO_DEEPLY))
                 continue
             kinds[kind] += 1
             if ids is None:
@@ -256,6 +289,18 @@ class _LineProcessor:
             sorted(self.renderer.preamble_hashes),
             sum(len(x) for x in lines),
         )
+
+
+def _encoding_hint(line: bytes) -> str:
+    """A hint when a line looks UTF-16/UTF-32 encoded ("" otherwise)."""
+    if line.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return (
+            "; the line starts with a UTF-16 byte-order mark: the file looks UTF-16 encoded, "
+            "the input must be UTF-8 JSONL"
+        )
+    if b"\x00" in line:
+        return "; the line holds NUL bytes (UTF-16/UTF-32 text?): the input must be UTF-8 JSONL"
+    return ""
 
 
 _WORKER: Optional[_LineProcessor] = None
@@ -336,12 +381,146 @@ def _ordered_results(cfg: DatasetBuildConfig, chunks):
             yield pending.popleft().get()
 
 
+def _output_paths(prefix: str) -> Dict[str, str]:
+    mask_prefix = prefix + LOSS_MASK_SUFFIX
+    return {
+        "tokens_bin": prefix + ".bin",
+        "tokens_idx": prefix + ".idx",
+        "mask_bin": mask_prefix + ".bin",
+        "mask_idx": mask_prefix + ".idx",
+        "manifest": prefix + MANIFEST_SUFFIX,
+    }
+
+
+# Commit order (see the module docstring): old members go aside manifest first, then the .idx
+# files (a pair without its .idx cannot be opened), then the .bin files; new members come in
+# .bin files first, then the .idx files (mask before tokens), the manifest last. Invariant: a
+# pair's .bin only changes while its .idx is absent, and the manifest is only present beside
+# the set it describes.
+_ASIDE_ORDER = ("manifest", "tokens_idx", "mask_idx", "tokens_bin", "mask_bin")
+_PLACE_ORDER = ("tokens_bin", "mask_bin", "mask_idx", "tokens_idx", "manifest")
+_SCRATCH_RE = re.compile(r"^(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>[0-9]+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a process id we could have written: never treat it as dead
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists (another user's process)
+        return True
+    return True
+
+
+def _stale_scratch_files(final: Dict[str, str]) -> Dict[str, List[str]]:
+    """``NAME.partial-PID`` / ``NAME.old-PID`` files of dead processes for the five output
+    names of this prefix (``{"partial": [...], "old": [...]}``, paths)."""
+    parent = os.path.dirname(os.path.abspath(final["manifest"]))
+    names = {os.path.basename(p) for p in final.values()}
+    out: Dict[str, List[str]] = {"partial": [], "old": []}
+    try:
+        entries = sorted(os.listdir(parent))
+    except OSError:
+        return out
+    for entry in entries:
+        m = _SCRATCH_RE.match(entry)
+        if m is None or m["name"] not in names:
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        path = os.path.join(parent, entry)
+        if os.path.isfile(path) and not os.path.islink(path):
+            out[m["kind"]].append(path)
+    return out
+
+
+def _remove_files(paths: List[str], what: str) -> None:
+    for path in paths:
+        try:
+            os.remove(path)
+            logger.info("removed %s %s", what, path)
+        except OSError as exc:  # pragma: no cover
+            logger.warning("could not remove %s %s: %s", what, path, exc)
+
+
+def _refuse_existing(prefix: str, final: Dict[str, str], stale_old: List[str]) -> None:
+    existing = [p for p in final.values() if os.path.lexists(p)] + stale_old
+    if existing:
+        names = ", ".join(os.path.basename(p) for p in existing)
+        raise DatasetBuildError(
+            f"outputs of {prefix!r} exist ({names}); pass --force (force=True) to replace them"
+        )
+
+
+def _commit(tmp: Dict[str, str], final: Dict[str, str]) -> None:
+    """Replace the set at ``final`` by the one at ``tmp`` (order: module docstring). On an
+    exception the steps done are undone in reverse order (each intermediate state is one the
+    forward order also passes through) and the exception re-raised."""
+    aside = {k: v + f".old-{os.getpid()}" for k, v in final.items()}
+    moved: List[str] = []
+    placed: List[str] = []
+    try:
+        for k in _ASIDE_ORDER:
+            if os.path.lexists(final[k]):
+                os.replace(final[k], aside[k])
+                moved.append(k)
+        for k in _PLACE_ORDER:
+            os.replace(tmp[k], final[k])
+            placed.append(k)
+    except BaseException:
+        try:
+            for k in reversed(placed):
+                os.replace(final[k], tmp[k])
+            for k in reversed(moved):
+                os.replace(aside[k], final[k])
+        except OSError as exc:  # pragma: no cover
+            logger.error(
+                "could not restore the previous outputs of %s (%s); they are the *.old-%d "
+                "files beside it",
+                final["tokens_bin"], exc, os.getpid(),
+            )
+        raise
+    _remove_files([aside[k] for k in moved], "previous output")
+
+
+def _member_digest(outputs: Dict[str, Any]) -> str:
+    """The build id: sha256 over the four members' recorded sha256."""
+    h = hashlib.sha256()
+    for part in ("tokens", "loss_mask"):
+        for ext in ("bin", "idx"):
+            h.update(f"{part}.{ext}={outputs[part][f'{ext}_sha256']}\n".encode())
+    return h.hexdigest()
+
+
+def _no_document_message(path: str, size: int, counts, n_bad: int, errors) -> str:
+    if size == 0:
+        return (
+            f"no document in {path}: the file is empty (expected UTF-8 JSONL, one "
+            '{"text": ...} or {"messages": [...]} object per line); nothing was written'
+        )
+    blank = counts.get("blank", 0)
+    n_lines = n_bad + blank
+    msg = (
+        f"no document in {path}: 0 of {n_lines} lines were valid JSON objects with a "
+        f"'text'/'messages' field ({n_bad} bad, {blank} blank); is the file UTF-8 JSONL?"
+    )
+    if errors:
+        msg += f" First bad line {errors[0]['line']}: {errors[0]['error']}."
+    return msg + " Nothing was written."
+
+
 def build_dataset(config: DatasetBuildConfig) -> BuildResult:
     """Build ``PREFIX.bin/.idx``, ``PREFIX_loss_mask.bin/.idx`` and ``PREFIX.manifest.json``.
 
     Raises:
         DatasetBuildError: unreadable input; a bad line under ``strict`` (message names the
-            line number and the problem); nothing is left at the output paths then.
+            line number and the problem); no document in the input; outputs of the prefix
+            exist and ``force`` is not set. Nothing is written (existing outputs untouched)
+            then.
+        OSError: a file-system failure; a failure while committing restores the previous set.
         ValueError: invalid configuration.
     """
     cfg = config
@@ -350,16 +529,15 @@ def build_dataset(config: DatasetBuildConfig) -> BuildResult:
             f"input file {cfg.input_path!r} does not exist or is not a regular file"
         )
     prefix = cfg.output_prefix
+    force = bool(cfg.force)
     parent = os.path.dirname(os.path.abspath(prefix))
     os.makedirs(parent, exist_ok=True)
-    mask_prefix = prefix + LOSS_MASK_SUFFIX
-    final = {
-        "tokens_bin": prefix + ".bin",
-        "tokens_idx": prefix + ".idx",
-        "mask_bin": mask_prefix + ".bin",
-        "mask_idx": mask_prefix + ".idx",
-        "manifest": prefix + MANIFEST_SUFFIX,
-    }
+    final = _output_paths(prefix)
+    stale = _stale_scratch_files(final)
+    _remove_files(stale["partial"], "stale temporary file")
+    if not force:
+        _refuse_existing(prefix, final, stale["old"])
+    _remove_files(stale["old"], "stale previous output")
     tmp = {k: v + f".partial-{os.getpid()}" for k, v in final.items()}
     input_size = os.path.getsize(cfg.input_path)
     t0 = time.perf_counter()
@@ -405,6 +583,11 @@ def build_dataset(config: DatasetBuildConfig) -> BuildResult:
                 counts["tokens"] += int(tok_arr.size)
                 counts["trained_tokens"] += int(mask_arr.sum(dtype=np.int64))
                 bar.update(nbytes)
+        n_docs = counts.get("text", 0) + counts.get("conversation", 0)
+        if n_docs == 0:
+            raise DatasetBuildError(
+                _no_document_message(cfg.input_path, input_size, counts, n_bad, errors)
+            )
         tok_builder.finalize(tmp["tokens_idx"])
         mask_builder.finalize(tmp["mask_idx"])
         if n_bad:
@@ -413,7 +596,26 @@ def build_dataset(config: DatasetBuildConfig) -> BuildResult:
                 f"manifest; --strict makes them fatal)",
                 file=sys.stderr,
             )
-        n_docs = counts.get("text", 0) + counts.get("conversation", 0)
+        outputs = {
+            "tokens": {
+                "bin": os.path.basename(final["tokens_bin"]),
+                "idx": os.path.basename(final["tokens_idx"]),
+                "dtype": "int32",
+                "bin_sha256": _sha256_file(tmp["tokens_bin"]),
+                "idx_sha256": _sha256_file(tmp["tokens_idx"]),
+                "bin_bytes": os.path.getsize(tmp["tokens_bin"]),
+                "idx_bytes": os.path.getsize(tmp["tokens_idx"]),
+            },
+            "loss_mask": {
+                "bin": os.path.basename(final["mask_bin"]),
+                "idx": os.path.basename(final["mask_idx"]),
+                "dtype": "uint8",
+                "bin_sha256": _sha256_file(tmp["mask_bin"]),
+                "idx_sha256": _sha256_file(tmp["mask_idx"]),
+                "bin_bytes": os.path.getsize(tmp["mask_bin"]),
+                "idx_bytes": os.path.getsize(tmp["mask_idx"]),
+            },
+        }
         manifest = {
             "format": MANIFEST_FORMAT,
             "tokenizer": {
@@ -451,28 +653,15 @@ def build_dataset(config: DatasetBuildConfig) -> BuildResult:
             "bad_lines": errors,
             "bad_lines_truncated": n_bad > len(errors),
             "preamble_sha256": sorted(preambles),
-            "outputs": {
-                "tokens": {
-                    "bin": os.path.basename(final["tokens_bin"]),
-                    "idx": os.path.basename(final["tokens_idx"]),
-                    "dtype": "int32",
-                    "bin_sha256": _sha256_file(tmp["tokens_bin"]),
-                    "idx_sha256": _sha256_file(tmp["tokens_idx"]),
-                },
-                "loss_mask": {
-                    "bin": os.path.basename(final["mask_bin"]),
-                    "idx": os.path.basename(final["mask_idx"]),
-                    "dtype": "uint8",
-                    "bin_sha256": _sha256_file(tmp["mask_bin"]),
-                    "idx_sha256": _sha256_file(tmp["mask_idx"]),
-                },
-            },
+            "outputs": outputs,
+            "build_id": _member_digest(outputs),
         }
         with open(tmp["manifest"], "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, sort_keys=True, ensure_ascii=False)
             f.write("\n")
-        for k in ("tokens_bin", "tokens_idx", "mask_bin", "mask_idx", "manifest"):
-            os.replace(tmp[k], final[k])
+        if not force:  # outputs that appeared while we were building
+            _refuse_existing(prefix, final, [])
+        _commit(tmp, final)
     except BaseException:
         for p in tmp.values():
             try:
@@ -489,17 +678,144 @@ def build_dataset(config: DatasetBuildConfig) -> BuildResult:
 # --------------------------------------------------------------------------------------------
 
 
-def open_dataset(prefix: str):
-    """Open ``(tokens, loss_mask)`` as Megatron ``IndexedDataset``s and check their alignment.
+_VERIFY_MODES = ("fast", "full", "none")
+_REBUILD = "rebuild it with build-dataset --force"
+
+
+def verify_dataset(prefix: str, full: bool = False) -> Dict[str, Any]:
+    """Check the four members of ``prefix`` against its manifest (the commit record written
+    last by :func:`build_dataset`) and return the manifest.
+
+    Always: the manifest exists and is intact (its ``build_id`` matches the recorded member
+    hashes), each member's size is the recorded one and each ``.idx`` file's sha256 is the
+    recorded one. ``full=True``: the ``.bin`` files' sha256 too (reads the whole dataset).
 
     Raises:
-        DatasetBuildError: missing files, wrong dtypes, or masks not aligned with the tokens.
+        DatasetBuildError: naming the file and what does not match.
     """
+    mpath = prefix + MANIFEST_SUFFIX
+    if not os.path.exists(mpath):
+        raise DatasetBuildError(
+            f"{prefix}: no manifest {mpath}: the set is incomplete (an interrupted "
+            f"build-dataset?) or was not written by build-dataset; {_REBUILD} (or read it "
+            "with open_dataset(prefix, verify='none'))"
+        )
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            manifest = json.load(f)
+        fmt = manifest["format"]
+        outputs = manifest["outputs"]
+        records = {part: outputs[part] for part in ("tokens", "loss_mask")}
+        for rec in records.values():
+            for ext in ("bin", "idx"):
+                if not isinstance(rec[f"{ext}_sha256"], str):
+                    raise TypeError(f"{ext}_sha256")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DatasetBuildError(f"{mpath}: unreadable or damaged manifest ({exc}); {_REBUILD}")
+    if fmt not in _MANIFEST_FORMATS:
+        raise DatasetBuildError(f"{mpath}: unknown manifest format {fmt!r}")
+    if "build_id" in manifest and manifest["build_id"] != _member_digest(outputs):
+        raise DatasetBuildError(f"{mpath}: damaged manifest (build_id does not match); {_REBUILD}")
+    for part, p in (("tokens", prefix), ("loss_mask", prefix + LOSS_MASK_SUFFIX)):
+        for ext in ("bin", "idx"):
+            path = f"{p}.{ext}"
+            if not os.path.isfile(path):
+                raise DatasetBuildError(f"missing {path} (listed in {mpath}); {_REBUILD}")
+            size = os.path.getsize(path)
+            want = records[part].get(f"{ext}_bytes")
+            if want is not None and size != want:
+                raise DatasetBuildError(
+                    f"{path} does not match the manifest {mpath}: {size} bytes, the manifest "
+                    f"records {want} (a member of another or an interrupted build); {_REBUILD}"
+                )
+            if ext == "idx" or full:
+                got, want = _sha256_file(path), records[part][f"{ext}_sha256"]
+                if got != want:
+                    raise DatasetBuildError(
+                        f"{path} does not match the manifest {mpath}: sha256 {got[:16]}..., "
+                        f"the manifest records {want[:16]}... (a member of another build or a "
+                        f"damaged file); {_REBUILD}"
+                    )
+    return manifest
+
+
+def _stat_members(prefix: str):
+    out = []
+    for p in (prefix, prefix + LOSS_MASK_SUFFIX):
+        for ext in (".bin", ".idx"):
+            st = os.stat(p + ext)
+            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    try:
+        out.append(os.stat(prefix + MANIFEST_SUFFIX).st_ino)
+    except FileNotFoundError:
+        out.append(None)  # verify_dataset says what is wrong
+    return out
+
+
+def _check_bin_size(ds: IndexedDataset, path: str) -> None:
+    """The .bin holds exactly what its .idx points at (catches a .bin of another build)."""
+    index = ds.index
+    n = len(index.sequence_lengths)
+    want = 0
+    if n:
+        want = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * int(
+            index.dtype_size
+        )
+    size = os.path.getsize(path)
+    if size != want:
+        raise DatasetBuildError(
+            f"{path} does not match its .idx: {size} bytes, the index describes {want}; "
+            f"{_REBUILD}"
+        )
+
+
+def open_dataset(prefix: str, verify: str = "fast"):
+    """Open ``(tokens, loss_mask)`` as Megatron ``IndexedDataset``s and check the set.
+
+    Args:
+        prefix: the ``--output`` prefix of :func:`build_dataset`.
+        verify: ``"fast"`` (default): :func:`verify_dataset` (manifest present and intact,
+            member sizes, ``.idx`` sha256), each ``.bin`` holds exactly what its ``.idx``
+            describes, and no member was replaced while opening; ``"full"``: also the
+            ``.bin`` files' sha256 (reads the whole dataset); ``"none"``: only the checks
+            below (for sets without a manifest).
+
+    Always checked: both pairs exist, int32 tokens and uint8 masks, masks aligned with the
+    tokens (same sequence lengths and document indices).
+
+    Raises:
+        DatasetBuildError: missing files, a member that does not match the manifest (a mixed
+            or interrupted set), wrong dtypes, or masks not aligned with the tokens.
+        ValueError: an unknown ``verify``.
+    """
+    if verify not in _VERIFY_MODES:
+        raise ValueError(f"verify must be one of {_VERIFY_MODES}, got {verify!r}")
     for p in (prefix, prefix + LOSS_MASK_SUFFIX):
         if not (os.path.exists(p + ".bin") and os.path.exists(p + ".idx")):
             raise DatasetBuildError(f"missing {p}.bin/.idx; build it with build-dataset")
-    toks = IndexedDataset(prefix)
-    masks = IndexedDataset(prefix + LOSS_MASK_SUFFIX)
+    for attempt in range(3):
+        if verify != "none":
+            try:
+                before = _stat_members(prefix)
+            except OSError as exc:
+                raise DatasetBuildError(f"{prefix}: {exc}; {_REBUILD}") from None
+            verify_dataset(prefix, full=verify == "full")
+        toks = IndexedDataset(prefix)
+        masks = IndexedDataset(prefix + LOSS_MASK_SUFFIX)
+        if verify == "none":
+            break
+        try:
+            after = _stat_members(prefix)
+        except OSError:
+            after = None
+        if after == before:  # the verified files are the opened ones (same inodes, unchanged)
+            break
+        if attempt == 2:
+            raise DatasetBuildError(
+                f"{prefix}: the dataset changed while it was being opened (a build-dataset "
+                "--force committing?); try again"
+            )
+        time.sleep(0.05)
     if toks.index.dtype != np.int32 or masks.index.dtype != np.uint8:
         raise DatasetBuildError(
             f"{prefix}: expected int32 tokens and uint8 masks, got {toks.index.dtype} and "
@@ -510,6 +826,9 @@ def open_dataset(prefix: str):
         and np.array_equal(toks.document_indices, masks.document_indices)
     ):
         raise DatasetBuildError(f"{prefix}: loss masks are not aligned with the tokens")
+    if verify != "none":
+        _check_bin_size(toks, prefix + ".bin")
+        _check_bin_size(masks, prefix + LOSS_MASK_SUFFIX + ".bin")
     return toks, masks
 
 
@@ -520,7 +839,8 @@ class LossMaskedGPTDataset(GPTDataset):
     :func:`build_dataset`. Samples are cut exactly as stock ``GPTDataset`` cuts them (same
     indices, packing across documents); the mask dataset ``PREFIX_loss_mask`` is sliced with the
     same sample index, shifted to label alignment and multiplied into Megatron's own
-    ``loss_mask`` (padding, ``eod_mask_loss``).
+    ``loss_mask`` (padding, ``eod_mask_loss``). The set is checked against its manifest first
+    (:func:`verify_dataset`, the fast checks).
     """
 
     def __init__(
@@ -535,6 +855,7 @@ class LossMaskedGPTDataset(GPTDataset):
                 f"{prefix}: no loss-mask dataset {prefix + LOSS_MASK_SUFFIX}.bin/.idx next to "
                 "the tokens; build the data with build-dataset"
             )
+        verify_dataset(prefix)
         self.mask_dataset = IndexedDataset(prefix + LOSS_MASK_SUFFIX, mmap=config.mmap_bin_files)
         if not (
             np.array_equal(indexed_dataset.sequence_lengths, self.mask_dataset.sequence_lengths)
@@ -589,6 +910,7 @@ def build_demo_dataset(out_dir, workers: int = 1, progress: bool = False) -> str
         workers=workers,
         strict=True,
         progress=progress,
+        force=True,  # this prefix is the demo's own cache entry
     )
     mpath = prefix + MANIFEST_SUFFIX
     if os.path.exists(mpath):

@@ -365,6 +365,11 @@ def parse_conversation(conversation, require_explicit_date: bool = True):
             conversation = json.loads(conversation)
         except (ValueError, UnicodeDecodeError) as exc:
             raise HarmonyFormatError(f"conversation is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise HarmonyFormatError(
+                "conversation is not valid JSON: nested too deeply (deeper than Python's "
+                "recursion limit)"
+            ) from None
     if isinstance(conversation, list):  # a bare list of messages (chat-API style)
         conversation = {"messages": conversation}
     if not isinstance(conversation, dict):

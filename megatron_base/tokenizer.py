@@ -54,7 +54,10 @@ Encoding policy (D2, D9, D10)
   ``surrogate_errors="replace"`` reproduces tiktoken exactly (U+FFFD). Surrogate *pairs* given
   as two code units are recombined, as tiktoken does.
 * ``detokenize(ids)``: ids must be integers in ``[0, 201088)``; anything else raises
-  ``ValueError`` (``TypeError`` for non-integers) naming the bad value and its position.
+  ``ValueError`` (``TypeError`` for non-integers, booleans included) naming the bad value and
+  its position. ``ids`` is one sequence (list, tuple, iterable, 1-D NumPy array or tensor): a
+  dict or set is a ``TypeError``, an array or tensor of more than one dimension a
+  ``ValueError``.
   Invalid UTF-8 (token boundaries need not be character boundaries) is replaced with U+FFFD by
   default (``decode_errors="replace"``, what Megatron's streaming decode needs);
   ``decode_errors="strict"`` raises ``UnicodeDecodeError``.
@@ -72,6 +75,8 @@ import re
 import threading
 import zlib
 from collections import OrderedDict
+from collections.abc import Mapping as _Mapping
+from collections.abc import Set as _Set
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import (
@@ -616,16 +621,32 @@ class O200kHarmonyLibrary(MegatronTokenizerTextAbstract):
     # -- decoding --------------------------------------------------------------------------
 
     def _as_id_list(self, ids) -> List[int]:
-        """Validate ``ids`` (list/tuple/NumPy/torch of ints in [0, vocab)) -> list of int."""
+        """Validate ``ids`` (list/tuple/NumPy/torch of ints in [0, vocab), at most 1-D)
+        -> list of int. Booleans, mappings and sets are not id sequences (``TypeError``); an
+        array or tensor of more than one dimension is a batch (``ValueError``)."""
         if isinstance(ids, (str, bytes, bytearray)):
             raise TypeError(f"ids must be a sequence of ints, got {type(ids).__name__}")
+        if isinstance(ids, (_Mapping, _Set)):
+            raise TypeError(
+                f"ids must be a sequence of ints, got a {type(ids).__name__} (no token order)"
+            )
         if hasattr(ids, "detach") and hasattr(ids, "tolist"):  # torch.Tensor
-            if ids.is_floating_point() or ids.is_complex():
+            if ids.is_floating_point() or ids.is_complex() or str(ids.dtype) == "torch.bool":
                 raise TypeError(f"ids must be integers, got a tensor of dtype {ids.dtype}")
+            if ids.dim() > 1:
+                raise ValueError(
+                    f"ids must be 1-D, got a {ids.dim()}-D tensor of shape {tuple(ids.shape)}; "
+                    "decode each sequence of a batch on its own"
+                )
             ids = ids.detach().cpu().reshape(-1).tolist()
         elif isinstance(ids, np.ndarray):
             if ids.dtype.kind not in "iu":
                 raise TypeError(f"ids must be integers, got a NumPy array of dtype {ids.dtype}")
+            if ids.ndim > 1:
+                raise ValueError(
+                    f"ids must be 1-D, got a {ids.ndim}-D array of shape {ids.shape}; decode "
+                    "each sequence of a batch on its own"
+                )
             flat = ids.reshape(-1)
             if flat.size and (flat.min() < 0 or flat.max() >= O200K_HARMONY_VOCAB_SIZE):
                 bad = np.flatnonzero((flat < 0) | (flat >= O200K_HARMONY_VOCAB_SIZE))[0]
@@ -638,6 +659,8 @@ class O200kHarmonyLibrary(MegatronTokenizerTextAbstract):
                 raise TypeError(
                     f"ids must be a sequence of ints, got {type(ids).__name__}"
                 ) from exc
+        if bool in map(type, ids):  # True/False are ints to Python and to tiktoken
+            self._diagnose_ids(ids)
         return ids
 
     @staticmethod

@@ -10,11 +10,14 @@
 Usage::
 
     python -m vpmoe_compile build-dataset --input data.jsonl --output out/data [--workers N]
-        [--strict] [--auto-drop-analysis] [--mask-policy generated|assistant] [--no-progress]
+        [--strict] [--force] [--auto-drop-analysis] [--mask-policy generated|assistant]
+        [--no-progress]
 
 Each JSONL line is ``{"text": ...}`` or a Harmony conversation ``{"messages": [...]}``; see
 :mod:`megatron_base.dataset` for the outputs (``PREFIX.bin/.idx``,
-``PREFIX_loss_mask.bin/.idx``, ``PREFIX.manifest.json``).
+``PREFIX_loss_mask.bin/.idx``, ``PREFIX.manifest.json``). Existing outputs of the prefix are
+replaced only with ``--force``; an input without any document (empty, not UTF-8, ...) is an
+error (exit status 1, the reason on stderr).
 """
 
 from __future__ import annotations
@@ -92,6 +95,8 @@ def add_build_dataset_parser(subparsers) -> argparse.ArgumentParser:
                    help="worker processes (default: all cores)")
     p.add_argument("--strict", action="store_true",
                    help="abort on the first bad line (default: report it and skip it)")
+    p.add_argument("--force", action="store_true",
+                   help="replace existing outputs of PREFIX (default: refuse)")
     p.add_argument("--auto-drop-analysis", action="store_true",
                    help="drop analysis messages before the first final message, as "
                         "openai-harmony's default does (default: keep the chain of thought)")
@@ -127,6 +132,7 @@ def run_build_dataset(args: argparse.Namespace) -> int:
             ),
             vocab_path=args.vocab,
             progress=not args.no_progress,
+            force=args.force,
         )
         result = build_dataset(cfg)
     except (DatasetBuildError, VocabFileError, ValueError, OSError) as exc:

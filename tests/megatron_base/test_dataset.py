@@ -7,6 +7,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -23,7 +26,7 @@ from megatron_base.dataset import (
     build_demo_dataset,
     open_dataset,
 )
-from megatron_base.harmony import HarmonyRenderConfig, HarmonyRenderer
+from megatron_base.harmony import HarmonyFormatError, HarmonyRenderConfig, HarmonyRenderer
 from megatron_base.tokenizer import EOD_ID
 from tests.megatron_base.test_harmony import CONVS
 from tests.megatron_base.test_tokenizer import (  # noqa: F401 (fixtures)
@@ -306,3 +309,423 @@ def test_demo_corpus_and_dataset(tmp_path, tok, r2):
         f.write(b"\x00\x00\x00\x00")
     assert build_demo_dataset(tmp_path) == prefix
     assert _sha(prefix + ".bin") == man["outputs"]["tokens"]["bin_sha256"]
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs that hold no document, odd encodings, pathological lines
+# --------------------------------------------------------------------------------------------
+
+_GOOD_JSONL = '{"text": "caf\u00e9 one"}\n{"text": "caf\u00e9 two"}\n'
+NO_DOCUMENT_INPUTS = {  # name: (bytes, hint without --strict, hint with --strict)
+    "empty": (b"", "the file is empty", "the file is empty"),
+    "blank_lines": (b"\n   \n\t\n", "0 of 3 lines", "0 of 3 lines"),
+    "utf16_bom": (_GOOD_JSONL.encode("utf-16"), "UTF-16 byte-order mark", "UTF-16"),
+    "utf16le_no_bom": (_GOOD_JSONL.encode("utf-16-le"), "NUL bytes", "NUL bytes"),
+    "latin1": (_GOOD_JSONL.encode("latin-1"), "convert Latin-1", "convert Latin-1"),
+    "json_but_no_documents": (b'[1]\n{"title": "x"}\n"text"\n', "0 of 3 lines",
+                              "must be a JSON object"),
+}
+
+
+def _cli(argv):
+    parser = argparse.ArgumentParser(prog="vpmoe_compile")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_build_dataset_parser(sub)
+    args = parser.parse_args(["build-dataset", *argv])
+    return args.func(args)
+
+
+def _leftovers(directory):
+    return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+
+
+@pytest.mark.parametrize("name", sorted(NO_DOCUMENT_INPUTS))
+@pytest.mark.parametrize("strict", [False, True])
+def test_no_document_is_an_error(tmp_path, capsys, name, strict):
+    """An input that yields no document (empty, blank, UTF-16, Latin-1, no text/messages
+    objects) is an error, with and without --strict: exit 1, the reason on stderr, nothing
+    written (Megatron cannot open a 0-byte .bin)."""
+    raw, hint, strict_hint = NO_DOCUMENT_INPUTS[name]
+    inp = tmp_path / f"{name}.jsonl"
+    inp.write_bytes(raw)
+    out = tmp_path / "o"
+    rc = _cli(["--input", str(inp), "--output", str(out / "data"), "--workers", "1",
+               "--no-progress"] + (["--strict"] if strict else []))
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    if strict and name not in ("empty", "blank_lines"):
+        assert "line 1: " in err
+    else:
+        assert f"no document in {inp}" in err
+    assert "UTF-8" in err or name == "json_but_no_documents"
+    assert (strict_hint if strict else hint) in err, err
+    assert _leftovers(out) == []
+    with pytest.raises(DatasetBuildError, match="line 1: |no document"):
+        build_dataset(DatasetBuildConfig(str(inp), str(out / "lib"), workers=1, strict=strict,
+                                         progress=False))
+    assert _leftovers(out) == []
+
+
+def test_utf8_bom_keeps_the_first_document(tmp_path, tok):
+    raw = b"\xef\xbb\xbf" + _GOOD_JSONL.encode("utf-8")
+    inp = tmp_path / "bom.jsonl"
+    inp.write_bytes(raw)
+    for w in (1, 2):
+        res = build_dataset(DatasetBuildConfig(str(inp), str(tmp_path / f"o{w}" / "d"),
+                                               workers=w, strict=True, progress=False))
+        assert res.manifest["counts"]["documents"] == 2
+        assert res.manifest["input"]["sha256"] == hashlib.sha256(raw).hexdigest()
+        toks, _ = open_dataset(str(tmp_path / f"o{w}" / "d"))
+        assert tok.detokenize(toks[0][:-1]) == "caf\u00e9 one"
+    # Only at the start of the file: a BOM inside is a bad line like any other.
+    inp.write_bytes(_GOOD_JSONL.encode() + b"\xef\xbb\xbf" + _GOOD_JSONL.encode())
+    res = build_dataset(DatasetBuildConfig(str(inp), str(tmp_path / "o3" / "d"), workers=1,
+                                           progress=False))
+    assert res.manifest["counts"]["documents"] == 3
+    assert [e["line"] for e in res.manifest["bad_lines"]] == [3]
+
+
+def test_deeply_nested_line_is_a_bad_line(tmp_path):
+    """A line nested deeper than the interpreter's recursion limit (json raises RecursionError)
+    is a bad line: skipped and counted, or a line-numbered error under --strict."""
+    deep = '{"text": "a", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    deep_conv = '{"messages": ' + "[" * 50_000 + "]" * 50_000 + "}"
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"text": "ok 1"}\n' + deep + '\n{"text": "ok 2"}\n' + deep_conv + "\n")
+    for w in (1, 2):
+        res = build_dataset(DatasetBuildConfig(str(inp), str(tmp_path / f"o{w}" / "d"),
+                                               workers=w, progress=False))
+        c = res.manifest["counts"]
+        assert (c["documents"], c["bad_lines"]) == (2, 2)
+        assert [e["line"] for e in res.manifest["bad_lines"]] == [2, 4]
+        assert all("nested too deeply" in e["error"] for e in res.manifest["bad_lines"])
+    with pytest.raises(DatasetBuildError, match=r"line 2: .*nested too deeply"):
+        build_dataset(DatasetBuildConfig(str(inp), str(tmp_path / "s" / "d"), workers=2,
+                                         strict=True, progress=False))
+    assert _leftovers(tmp_path / "s") == []
+    with pytest.raises(HarmonyFormatError, match="nested too deeply"):
+        HarmonyRenderer().render(deep_conv)
+
+
+# --------------------------------------------------------------------------------------------
+# Existing outputs, atomic commit, verified reads, stale partial files
+# --------------------------------------------------------------------------------------------
+
+_A_LINES = ['{"text": "alpha"}', '{"text": "beta gamma"}', '{"text": "delta"}']
+_B_LINES = [json.dumps({"text": f"document number {i} " * (i + 3)}) for i in range(6)] + [
+    json.dumps({"messages": [{"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": "hello", "channel": "final"}]})
+]
+
+
+def _megatron_view(prefix):
+    """Megatron's own reading of each pair (tokens, masks): the documents, or None if it
+    cannot open / read the pair."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    out = []
+    for p in (prefix, prefix + LOSS_MASK_SUFFIX):
+        if not (os.path.exists(p + ".bin") and os.path.exists(p + ".idx")):
+            out.append(None)  # (IndexedDataset asserts this; its __del__ then warns)
+            continue
+        try:
+            ds = IndexedDataset(p)
+            out.append([ds[i].tolist() for i in range(len(ds))])
+        except Exception:
+            out.append(None)
+    return tuple(out)
+
+
+def _reader_view(prefix):
+    """open_dataset's reading: (tokens, masks) documents, or None if it refuses."""
+    try:
+        toks, masks = open_dataset(prefix)
+    except DatasetBuildError:
+        return None
+    return ([toks[i].tolist() for i in range(len(toks))],
+            [masks[i].tolist() for i in range(len(masks))])
+
+
+def _force_cfg(inp, prefix):
+    cfg = DatasetBuildConfig(str(inp), str(prefix), workers=1, progress=False)
+    cfg.force = True
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def two_sets(tmp_path_factory):
+    """Inputs A and B and what Megatron / open_dataset read for each of their builds."""
+    d = tmp_path_factory.mktemp("sets")
+    (d / "a.jsonl").write_text("\n".join(_A_LINES) + "\n")
+    (d / "b.jsonl").write_text("\n".join(_B_LINES) + "\n")
+    views = {}
+    for k in ("a", "b"):
+        prefix = str(d / f"ref_{k}" / "data")
+        build_dataset(DatasetBuildConfig(str(d / f"{k}.jsonl"), prefix, workers=1,
+                                         progress=False))
+        views[k] = (_megatron_view(prefix), _reader_view(prefix))
+        assert None not in views[k][0] and views[k][1] is not None
+    assert views["a"] != views["b"]
+    return d, views
+
+
+def _restore(directory, files):
+    for p in os.listdir(directory):
+        os.remove(os.path.join(directory, p))
+    for name, data in files.items():
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(data)
+
+
+def test_existing_outputs_need_force(tmp_path, two_sets, capsys):
+    d, views = two_sets
+    out = tmp_path / "o"
+    prefix = str(out / "data")
+    build_dataset(DatasetBuildConfig(str(d / "a.jsonl"), prefix, workers=1, progress=False))
+    before = {p: _sha(out / p) for p in os.listdir(out)}
+    with pytest.raises(DatasetBuildError, match=r"exist.*data\.bin.*pass --force"):
+        build_dataset(DatasetBuildConfig(str(d / "b.jsonl"), prefix, workers=1, progress=False))
+    rc = _cli(["--input", str(d / "b.jsonl"), "--output", prefix, "--no-progress",
+               "--workers", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--force" in err and "data.manifest.json" in err
+    assert {p: _sha(out / p) for p in os.listdir(out)} == before
+    assert _reader_view(prefix) == views["a"][1]
+    # Any one member is enough to refuse (here a lone .idx).
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "data.idx").write_bytes(b"x")
+    with pytest.raises(DatasetBuildError, match=r"data\.idx.*--force"):
+        build_dataset(DatasetBuildConfig(str(d / "b.jsonl"), str(lone / "data"), workers=1,
+                                         progress=False))
+    # --force replaces the set.
+    assert _cli(["--input", str(d / "b.jsonl"), "--output", prefix, "--no-progress",
+                 "--workers", "1", "--force"]) == 0
+    assert _reader_view(prefix) == views["b"][1]
+    assert _megatron_view(prefix) == views["b"][0]
+    assert sorted(os.listdir(out)) == sorted("data" + s for s in FILES)
+
+
+def _counting_failure(k, real_replace, real_remove):
+    """os.replace / os.remove wrappers whose k-th call (both counted together) fails."""
+    n = [0]
+
+    def wrap(real):
+        def f(*args, **kwargs):
+            n[0] += 1
+            if n[0] == k:
+                raise OSError(f"simulated failure of file-system step {k}")
+            return real(*args, **kwargs)
+
+        return f
+
+    return wrap(real_replace), wrap(real_remove), n
+
+
+def test_commit_failure_keeps_the_old_set(tmp_path, two_sets, monkeypatch):
+    """A failure at any file-system step of replacing set A by set B (--force) leaves set A,
+    whole, for Megatron's reader and for open_dataset; no temporary file is left."""
+    d, views = two_sets
+    out = tmp_path / "o"
+    prefix = str(out / "data")
+    build_dataset(DatasetBuildConfig(str(d / "a.jsonl"), prefix, workers=1, progress=False))
+    files_a = {p: (out / p).read_bytes() for p in os.listdir(out)}
+    real_replace, real_remove = os.replace, os.remove
+    k = 0
+    while True:
+        k += 1
+        _restore(out, files_a)
+        rep, rem, n = _counting_failure(k, real_replace, real_remove)
+        monkeypatch.setattr(os, "replace", rep)
+        monkeypatch.setattr(os, "remove", rem)
+        try:
+            build_dataset(_force_cfg(d / "b.jsonl", prefix))
+            failed = None
+        except (OSError, DatasetBuildError) as exc:
+            failed = exc
+        finally:
+            monkeypatch.undo()
+        want = "a" if failed is not None else "b"
+        assert _megatron_view(prefix) == views[want][0], (k, failed)
+        assert _reader_view(prefix) == views[want][1], (k, failed)
+        left = sorted(os.listdir(out))
+        if failed is None and n[0] >= k:
+            # The failure hit the deletion of the old set after the commit: the new set is in
+            # place and an old member is left as NAME.old-PID (a later build removes it once
+            # this process is gone).
+            left = [p for p in left if not p.endswith(f".old-{os.getpid()}")]
+        assert left == sorted("data" + s for s in FILES), (k, failed)
+        if failed is None and n[0] < k:
+            break
+        assert k < 40
+    assert k > 5  # every step of the commit was made to fail once
+
+
+def test_commit_killed_at_any_step_never_mixes(tmp_path, two_sets):
+    """SIGKILL at any file-system step of replacing set A by set B: each Megatron .bin/.idx pair
+    is A's, B's or absent, the pairs that open come from one build, open_dataset reads A, B or
+    refuses (clear error), and the next build cleans up the dead process's files."""
+    d, views = two_sets
+    out = tmp_path / "o"
+    prefix = str(out / "data")
+    build_dataset(DatasetBuildConfig(str(d / "a.jsonl"), prefix, workers=1, progress=False))
+    files_a = {p: (out / p).read_bytes() for p in os.listdir(out)}
+    seen = set()
+    k = 0
+    while True:
+        k += 1
+        _restore(out, files_a)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (child)
+            code = 3
+            try:
+                rep, rem, n = _counting_failure(k, os.replace, os.remove)
+
+                def die_at_k(real):
+                    def f(*args, **kwargs):
+                        if n[0] + 1 == k:
+                            os.kill(os.getpid(), signal.SIGKILL)
+                        return real(*args, **kwargs)
+                    return f
+
+                os.replace = die_at_k(rep)
+                os.remove = die_at_k(rem)
+                build_dataset(_force_cfg(d / "b.jsonl", prefix))
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        killed = os.WIFSIGNALED(status)
+        assert killed or os.WEXITSTATUS(status) == 0
+        mv = _megatron_view(prefix)
+        opened = [v for v in mv if v is not None]
+        origin = {w for w in ("a", "b") for v, ref in zip(mv, views[w][0]) if v == ref}
+        assert all(v in (views["a"][0][i], views["b"][0][i]) for i, v in enumerate(mv)
+                   if v is not None), (k, mv)
+        assert len(origin) == 1 or not opened, (k, mv)  # the pairs that open: one build's
+        rv = _reader_view(prefix)
+        assert rv in (None, views["a"][1], views["b"][1]), k
+        seen.add((tuple(v is not None for v in mv), rv is not None))
+        if not killed:
+            assert rv == views["b"][1]
+            break
+        # The next build (after a kill) cleans the dead build's files and commits B.
+        build_dataset(_force_cfg(d / "b.jsonl", prefix))
+        assert sorted(os.listdir(out)) == sorted("data" + s for s in FILES), k
+        assert _reader_view(prefix) == views["b"][1]
+        assert k < 40
+    assert k > 5 and len(seen) > 2
+
+
+def _dead_pid():
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_stale_partial_files_are_removed(tmp_path, two_sets, sig):
+    """A build killed while writing leaves PREFIX*.partial-PID files; the next build for the
+    prefix removes those of dead processes only: not a live process's, not another prefix's,
+    not other names."""
+    import subprocess
+
+    d, _ = two_sets
+    out = tmp_path / "o"
+    prefix = str(out / "data")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (child)
+        try:
+            os.close(r)
+            import megatron_base.dataset as ds
+
+            def stall(path):
+                os.write(w, b"x")
+                time.sleep(60)
+
+            ds._sha256_file = stall
+            build_dataset(DatasetBuildConfig(str(d / "b.jsonl"), prefix, workers=1,
+                                             progress=False))
+        finally:
+            os._exit(3)
+    os.close(w)
+    assert os.read(r, 1) == b"x"
+    os.close(r)
+    os.kill(pid, sig)
+    os.waitpid(pid, 0)
+    stale = sorted(p for p in os.listdir(out) if p.endswith(f".partial-{pid}"))
+    assert stale and all(p.startswith("data") for p in stale)
+    dead = _dead_pid()
+    live = subprocess.Popen(["sleep", "60"])
+    keep = [f"data.bin.partial-{live.pid}", f"other.bin.partial-{dead}",
+            f"data.bin.partial-{dead}x", "data.bin.partial-abc", f"xdata.idx.partial-{dead}",
+            f"data.txt.partial-{dead}"]
+    gone = stale + [f"data.idx.partial-{dead}", f"data_loss_mask.bin.partial-{dead}",
+                    f"data.manifest.json.partial-{dead}"]
+    try:
+        for p in keep + gone[len(stale):]:
+            (out / p).write_bytes(b"junk")
+        build_dataset(DatasetBuildConfig(str(d / "b.jsonl"), prefix, workers=1, progress=False))
+        left = set(os.listdir(out))
+        assert not left & set(gone)
+        assert set(keep) <= left
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_open_dataset_verifies_the_set(tmp_path, two_sets, tok):
+    """open_dataset checks the members against the manifest (written last): a member of
+    another build, a missing or foreign manifest, a truncated file are refused with a clear
+    error; verify="full" also hashes the .bin files; verify="none" skips the checks."""
+    d, views = two_sets
+    prefix = str(tmp_path / "o" / "data")
+    build_dataset(DatasetBuildConfig(str(d / "a.jsonl"), prefix, workers=1, progress=False))
+    other = str(d / "ref_b" / "data")
+    files = {s: (tmp_path / "o" / ("data" + s)).read_bytes() for s in FILES}
+
+    def reset():
+        _restore(tmp_path / "o", {"data" + s: b for s, b in files.items()})
+
+    assert _reader_view(prefix) == views["a"][1]
+    for suffix in FILES:  # a member of build B beside the others of build A
+        reset()
+        shutil.copyfile(other + suffix, prefix + suffix)
+        with pytest.raises(DatasetBuildError, match="does not match|not aligned|manifest"):
+            open_dataset(prefix)
+    reset()
+    os.remove(prefix + ".manifest.json")
+    with pytest.raises(DatasetBuildError, match=r"no manifest.*incomplete.*--force"):
+        open_dataset(prefix)
+    toks, _ = open_dataset(prefix, verify="none")
+    assert len(toks) == len(_A_LINES)
+    # The training path (LossMaskedGPTDataset through Megatron's builder) checks it too.
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    gcfg = GPTDatasetConfig(random_seed=1, sequence_length=4, blend=([prefix], None),
+                            split="1,0,0", tokenizer=tok, path_to_cache=str(tmp_path / "c"),
+                            reset_position_ids=False, reset_attention_mask=False,
+                            eod_mask_loss=False)
+    with pytest.raises(DatasetBuildError, match="no manifest"):
+        BlendedMegatronDatasetBuilder(LossMaskedGPTDataset, [2, 0, 0], lambda: True,
+                                      gcfg).build()
+    reset()
+    with open(prefix + ".bin", "r+b") as f:
+        f.truncate(8)
+    with pytest.raises(DatasetBuildError, match=r"data\.bin.*does not match"):
+        open_dataset(prefix)
+    # Same size, other content (a mask of another mask policy): only a full check sees it.
+    reset()
+    with open(prefix + LOSS_MASK_SUFFIX + ".bin", "r+b") as f:
+        f.write(b"\x00")
+    open_dataset(prefix)
+    with pytest.raises(DatasetBuildError, match=r"_loss_mask\.bin.*sha256"):
+        open_dataset(prefix, verify="full")
+    with pytest.raises(ValueError, match="verify"):
+        open_dataset(prefix, verify="yes")
