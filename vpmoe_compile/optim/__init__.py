@@ -24,6 +24,7 @@ from .polar_express import (
     polar_express_coefficients,
 )
 from .routing import RoutingError, classify_parameters, routing_table
+from .state_check import StateDictMismatch
 
 __all__ = [
     "polar_express_coefficients",
@@ -38,4 +39,5 @@ __all__ = [
     "RoutingError",
     "NorMuonWithAuxAdamW",
     "UnsupportedOptimizerSetup",
+    "StateDictMismatch",
 ]

@@ -29,10 +29,14 @@ from .megatron import (
     _aux_override,
     _normuon_group,
     _normuon_kwargs,
+    global_grad_norm,
+    megatron_param_names,
+    nonfinite_param_names,
     normuon_init_state,
 )
 from .normuon import NorMuon
 from .routing import ParamRoute
+from .state_check import chain_inner_optimizers, check_megatron_chain_state, rollback_on_error
 
 logger = logging.getLogger(__name__)
 
@@ -210,9 +214,13 @@ class NorMuonFP32Optimizer(FP32Optimizer):
 class NorMuonChainedOptimizer(ChainedOptimizer):
     """Megatron ``ChainedOptimizer`` with the NaN policy of spec §5.4 (D12).
 
-    After Megatron's global grad norm (already a host sync), a non-finite norm returns
+    After the global grad norm (already a host sync), a non-finite norm returns
     ``(False, grad_norm, None)`` before clipping or any update (``nan_policy="skip"``), or raises
-    naming the parameters with non-finite gradients (``"raise"``).
+    naming the parameters with non-finite gradients by their model names (``"raise"``; the fp32
+    main copies of bf16 parameters included, :func:`~.megatron.megatron_param_names`).
+    The grad norm accumulates in fp64 (:func:`~.megatron.global_grad_norm`; Megatron's fp32
+    ``norm ** 2`` overflows for a finite gradient of 1e20). ``load_state_dict`` checks every
+    part of the checkpoint before Megatron loads any (:mod:`.state_check`).
     """
 
     path = "megatron"
@@ -220,16 +228,42 @@ class NorMuonChainedOptimizer(ChainedOptimizer):
     def __init__(self, chained_optimizers, nan_policy: str = "skip", names=None):
         super().__init__(chained_optimizers)
         self.nan_policy = nan_policy
-        self._names = names or {}
+        self._names = megatron_param_names(chained_optimizers, names or {})
+
+    def _param_names(self) -> Dict[int, str]:
+        return megatron_param_names(self.chained_optimizers, self._names)
 
     def _nonfinite_names(self) -> List[str]:
-        out = []
-        for opt in self.chained_optimizers:
-            for p in opt.get_parameters():
-                g = p.grad
-                if g is not None and not bool(torch.isfinite(g).all()):
-                    out.append(self._names.get(id(p), f"<param {tuple(p.shape)}>"))
-        return out
+        params = [p for opt in self.chained_optimizers for p in opt.get_parameters()]
+        return nonfinite_param_names(params, self._param_names())
+
+    @torch.no_grad()
+    def get_grad_norm(self) -> float:
+        """Megatron's ``ChainedOptimizer.get_grad_norm`` (same gradients: each wrapper's
+        ``get_main_grads_for_grad_norm``, same reduction groups), accumulated in fp64."""
+        opts = self.chained_optimizers
+        if not opts:
+            return 0.0
+        if len(opts) == 1 or self.grads_states_parallel_group_is_shared():
+            grads = [g for o in opts for g in o.get_main_grads_for_grad_norm()]
+            return global_grad_norm(grads, opts[0].get_grad_stats_parallel_group())
+        return math.sqrt(
+            sum(
+                global_grad_norm(o.get_main_grads_for_grad_norm(), o.get_grad_stats_parallel_group()) ** 2
+                for o in opts
+            )
+        )
+
+    def load_state_dict(self, state_dict):
+        """Megatron's chained load, after :func:`~.state_check.check_megatron_chain_state` has
+        checked every part (groups, parameters, NorMuon / Adam state shapes, fp32 main params):
+        a checkpoint of another model raises naming the first mismatching parameter with every
+        part unchanged, instead of failing half-way through the chain. An unexpected error
+        half-way rolls the inner optimizers back (the fp32 main parameters, which Megatron
+        overwrites in place, are validated beforehand but not snapshotted)."""
+        check_megatron_chain_state(self.chained_optimizers, state_dict, self._param_names())
+        with rollback_on_error(*chain_inner_optimizers(self.chained_optimizers)):
+            super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def step(self):
@@ -322,6 +356,7 @@ def build_megatron_optimizer(
             weight_decay=st.weight_decay,
             compile=bool(st.compile),
             cuda_graph=bool(st.cuda_graph),
+            param_names=names,
             **_normuon_kwargs(st),
         )
         if config.bf16:
@@ -370,5 +405,13 @@ def build_megatron_optimizer(
     finally:
         for p in flipped:
             p.requires_grad_(True)
+    for r in routes:  # fp32 main copies of the Adam parts' bf16 params too (NaN-policy names)
+        main = getattr(r.param, "main_param", None)
+        if main is not None:
+            names.setdefault(id(main), r.name)
     chained = NorMuonChainedOptimizer(optimizers, nan_policy=st.nan_policy, names=names)
+    names = chained._names
+    for o in optimizers:
+        if isinstance(getattr(o, "optimizer", None), NorMuon):
+            o.optimizer.param_names = names  # load_state_dict errors name the model parameter
     return chained

@@ -26,6 +26,12 @@ Two paths, chosen from the model, never silently mixed:
   grad-norm clipping and NaN policy, and the same ``step() -> (ok, grad_norm, None)`` contract.
   ``torch.compile`` of the NorMuon bank step (and ``cuda_graph``) is used on this path only when
   the parameters are on CUDA (Inductor on a CPU takes minutes).
+
+On both paths the global grad norm accumulates in fp64 (a finite gradient of 1e20 no longer
+overflows fp32 squares into an inf norm, i.e. a skipped step), ``nan_policy="raise"`` names the
+parameters with non-finite gradients by their model names, and ``load_state_dict`` validates the
+whole checkpoint (groups, parameters, every state shape, NorMuon blocks / layouts) before any
+part loads, naming the first mismatching parameter and both shapes (:mod:`.state_check`).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import torch
 
 from .normuon import NorMuon
 from .routing import ParamRoute, classify_parameters, optimizer_settings, routing_table
+from .state_check import StateDictMismatch, check_optimizer_state, rollback_on_error
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +63,105 @@ class UnsupportedOptimizerSetup(ValueError):
 def normuon_init_state(opt: NorMuon, config: Any = None) -> None:
     """Megatron ``init_state_fn``: allocate (zero) NorMuon state for every parameter."""
     opt.init_state()
+
+
+# --------------------------------------------------------------------------- gradient norm
+def grad_sq_sum(grads: Sequence[torch.Tensor], device: Any = None) -> torch.Tensor:
+    """Sum of squares of all gradients as a 0-d fp64 tensor, without a host sync.
+
+    One ``_foreach_norm`` with an fp64 output, which accumulates in fp64 while reading the
+    gradients in their own dtype (no fp32 / fp64 copies): a finite fp32 / bf16 / fp16 gradient
+    cannot overflow it (``(3.4e38)^2 * 1e12`` elements is ~1e89 << 1.8e308), whereas the
+    squares of fp32 accumulation overflow from |g| ~ 1.8e19 on (a finite 1e20 gradient read as
+    an inf norm, i.e. a NaN skip). Only fp64 gradients beyond ~1e150 can overflow; see
+    :func:`local_grad_norm`.
+    """
+    buckets: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = {}
+    for g in grads:
+        if g is not None:
+            buckets.setdefault((g.device, g.dtype), []).append(g)
+    if not buckets:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    # one multi-tensor kernel per (device, dtype): foreach's fast path needs them uniform
+    norms = [n for gs in buckets.values() for n in torch._foreach_norm(gs, 2.0, dtype=torch.float64)]
+    dev = norms[0].device
+    return torch.stack([n if n.device == dev else n.to(dev) for n in norms]).square().sum()
+
+
+def local_grad_norm(grads: Sequence[torch.Tensor]) -> float:
+    """Global L2 norm of ``grads``: :func:`grad_sq_sum` and one host sync. Only for fp64
+    gradients whose fp64 squares overflow (beyond ~1e150) while every value is finite, the norm
+    is recomputed rescaled by the largest ``|g|`` (extra syncs on that path only; a non-finite
+    norm of fp32 / bf16 / fp16 gradients always means a NaN / Inf gradient)."""
+    grads = [g for g in grads if g is not None and g.numel() > 0]
+    if not grads:
+        return 0.0
+    total = math.sqrt(float(grad_sq_sum(grads).item()))
+    if math.isfinite(total) or not any(g.dtype == torch.float64 for g in grads):
+        return total
+    amax = torch.stack(
+        [n.to(device=grads[0].device, dtype=torch.float64) for n in torch._foreach_norm(grads, math.inf)]
+    ).max()
+    amax = float(amax.item())
+    if not math.isfinite(amax) or amax == 0.0:
+        return total  # a NaN / Inf gradient: the norm is not finite
+    acc = 0.0
+    for g in grads:
+        acc += float(torch.linalg.vector_norm(g / amax, dtype=torch.float64).item()) ** 2
+    return amax * math.sqrt(acc)
+
+
+def global_grad_norm(grads: Sequence[torch.Tensor], group: Any = None, device: Any = None) -> float:
+    """L2 norm of ``grads`` summed over the ranks of ``group`` (one all-reduce of an fp64 scalar,
+    one host sync), overflow-free for fp32 / bf16 / fp16 gradients (:func:`grad_sq_sum`); the
+    Megatron path's replacement of ``get_grad_norm_fp32``, whose fp32 ``norm ** 2`` overflows
+    for a finite gradient of 1e20. Without an initialised process group it is the local norm."""
+    import torch.distributed as dist
+
+    if device is None and not any(g is not None for g in grads) and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    sq = grad_sq_sum(grads, device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=group)
+    return math.sqrt(float(sq.item()))
+
+
+# --------------------------------------------------------------------------- NaN policy names
+def nonfinite_param_names(params: Sequence[torch.Tensor], names: Dict[int, str]) -> List[str]:
+    """Model names of the parameters whose gradient holds a NaN / Inf (``names``: ``{id: name}``;
+    unknown ones as ``<param (shape)>``). If no gradient does (a norm that overflowed), the
+    parameter with the largest ``|grad|``, marked as such, so the error always names one."""
+
+    def label(p):
+        return names.get(id(p), f"<param {tuple(p.shape)}>")
+
+    with_grad = [p for p in params if p.grad is not None and p.grad.numel() > 0]
+    bad = [label(p) for p in with_grad if not bool(torch.isfinite(p.grad).all())]
+    if bad or not with_grad:
+        return bad
+    biggest = max(with_grad, key=lambda p: float(p.grad.abs().max()))
+    return [f"{label(biggest)} (all gradients finite; largest |grad| "
+            f"{float(biggest.grad.abs().max()):.3e})"]
+
+
+def megatron_param_names(chained_optimizers: Sequence[Any], names: Dict[int, str]) -> Dict[int, str]:
+    """``names`` (``{id(model param): name}``) extended to every parameter the wrappers of a
+    Megatron chain optimise: the fp32 main copy of a bf16 parameter (``fp32_from_float16_groups``
+    slot-aligned with ``float16_groups``, and Megatron's ``param.main_param`` handle) gets its
+    model parameter's name. Pure Python (duck-typed on the wrappers)."""
+    out = dict(names)
+    for opt in chained_optimizers:
+        models = getattr(opt, "float16_groups", None) or []
+        mains = getattr(opt, "fp32_from_float16_groups", None) or []
+        for model_group, main_group in zip(models, mains):
+            for model_p, main_p in zip(model_group, main_group):
+                name = out.get(id(model_p))
+                if name is not None:
+                    out.setdefault(id(main_p), name)
+                main = getattr(model_p, "main_param", None)
+                if name is not None and main is not None:
+                    out.setdefault(id(main), name)
+    return out
 
 
 def _chunks(model) -> List[torch.nn.Module]:
@@ -239,12 +345,14 @@ def st_to_cfg(st):
 class NorMuonWithAuxAdamW:
     """NorMuon + ``torch.optim.AdamW`` with Megatron's step contract (plain, non-DDP models).
 
-    ``step()`` computes the global L2 norm of all gradients (one host sync, as Megatron), returns
+    ``step()`` computes the global L2 norm of all gradients (fp64 accumulation, so a finite
+    gradient never overflows it; one host sync, as Megatron), returns
     ``(False, norm, None)`` without touching anything when it is not finite (``nan_policy="skip"``;
     ``"raise"`` raises naming the parameters), otherwise clips all gradients by
     ``clip_grad / (norm + 1e-6)`` when that is < 1, steps NorMuon then AdamW, and returns
     ``(True, norm, None)``. ``param_groups`` carry Megatron's scheduler keys, so
     ``megatron.core.optimizer_param_scheduler.OptimizerParamScheduler`` can drive it.
+    ``load_state_dict`` checks both parts before loading either (see :mod:`.state_check`).
     """
 
     path = "plain"
@@ -276,18 +384,12 @@ class NorMuonWithAuxAdamW:
 
     @torch.no_grad()
     def get_grad_norm(self) -> float:
-        grads = [p.grad for p in self._params() if p.grad is not None]
-        if not grads:
-            return 0.0
-        norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
-        return float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])).item())
+        """Global L2 norm of all gradients, accumulated in fp64 (a finite gradient never
+        overflows it), one host sync (:func:`local_grad_norm`)."""
+        return local_grad_norm([p.grad for p in self._params() if p.grad is not None])
 
     def _nonfinite_names(self) -> List[str]:
-        return [
-            self._names.get(id(p), f"<param {tuple(p.shape)}>")
-            for p in self._params()
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
-        ]
+        return nonfinite_param_names(self._params(), self._names)
 
     def _check_not_megatron_ddp(self) -> None:
         for p in self._params():
@@ -328,11 +430,37 @@ class NorMuonWithAuxAdamW:
             "adamw": self.adamw.state_dict() if self.adamw is not None else None,
         }
 
+    def check_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Check both parts of a :meth:`state_dict` against this optimizer, changing nothing.
+
+        Raises:
+            StateDictMismatch: naming the first mismatching parameter (model name) and shapes.
+        """
+        if not isinstance(state_dict, dict):
+            raise StateDictMismatch(
+                f"the checkpoint is a {type(state_dict).__name__}, not a NorMuonWithAuxAdamW state dict"
+            )
+        for key, opt, what in (("normuon", self.normuon, "NorMuon"), ("adamw", self.adamw, "AdamW")):
+            saved = state_dict.get(key)
+            if opt is None and saved is None:
+                continue
+            if opt is None or saved is None:
+                raise StateDictMismatch(
+                    f"the checkpoint has {'no' if saved is None else 'a'} {what} part, this "
+                    f"optimizer has {'no ' if opt is None else ''}{what} parameters; nothing was loaded"
+                )
+            check_optimizer_state(opt, saved, self._names, what)
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        if self.normuon is not None:
-            self.normuon.load_state_dict(state_dict["normuon"])
-        if self.adamw is not None:
-            self.adamw.load_state_dict(state_dict["adamw"])
+        """Load both parts; everything is checked first (:meth:`check_state_dict`), so a
+        checkpoint of another model raises with NorMuon and AdamW unchanged (also NorMuon when
+        only the AdamW part does not fit), and an unexpected error half-way rolls both back."""
+        self.check_state_dict(state_dict)
+        with rollback_on_error(*self.optimizers):
+            if self.normuon is not None:
+                self.normuon.load_state_dict(state_dict["normuon"])
+            if self.adamw is not None:
+                self.adamw.load_state_dict(state_dict["adamw"])
 
 
 def _build_plain(routes: Sequence[ParamRoute], st) -> NorMuonWithAuxAdamW:
@@ -356,6 +484,7 @@ def _build_plain(routes: Sequence[ParamRoute], st) -> NorMuonWithAuxAdamW:
             weight_decay=st.weight_decay,
             compile=bool(st.compile) and on_cuda,
             cuda_graph=bool(st.cuda_graph) and on_cuda,
+            param_names=names,
             **_normuon_kwargs(st),
         )
     adamw = None

@@ -69,7 +69,11 @@ gradients ``None`` runs eagerly.
 State (``state_dict``): per parameter ``momentum_buffer`` (param shape) and ``second_moment``
 (``[m, 1]``, or ``[1, n]`` for ``neuron_axis="larger"`` on wide matrices; ``[E, m, 1]`` /
 ``[E, 1, n]`` for expert stacks), both fp32 (fp64 for fp64 parameters); per group
-``normuon_step``. ``state_dict`` / ``load_state_dict`` round-trip exactly.
+``normuon_step``. ``state_dict`` / ``load_state_dict`` round-trip exactly. ``load_state_dict``
+first checks the checkpoint against the parameters (:meth:`NorMuon.check_state_dict`: counts,
+state shapes, blocks / layouts, expert stacks) and raises
+:class:`~.state_check.StateDictMismatch` naming the first mismatching parameter (by
+``param_names``) with the optimizer unchanged; an unexpected error half-way is rolled back.
 """
 
 from __future__ import annotations
@@ -92,6 +96,16 @@ from .banks import (
     oriented_v_shape,
 )
 from .polar_express import PE_EPS, resolve_coefficients
+from .state_check import (
+    StateDictMismatch,
+    check_group_counts,
+    mismatch,
+    param_label,
+    param_state,
+    rollback_on_error,
+    shape_of,
+    state_parts,
+)
 
 __all__ = ["NorMuon"]
 
@@ -210,6 +224,9 @@ class NorMuon(torch.optim.Optimizer):
             gradients must then be contiguous, 16-byte aligned fp32 tensors of the parameter's
             shape (otherwise that bank gathers). Off by default: validated under the Triton
             interpreter only, not yet on a GPU.
+        param_names: ``{id(param): name}`` (e.g. the model's parameter names); errors of the
+            construction and of :meth:`load_state_dict` name parameters by it. Also settable
+            later as the ``param_names`` attribute.
     """
 
     def __init__(
@@ -235,7 +252,9 @@ class NorMuon(torch.optim.Optimizer):
         cuda_graph: bool = False,
         fused_bank: bool = True,
         direct_grads: bool = False,
+        param_names: Optional[Dict[int, str]] = None,
     ):
+        self.param_names: Dict[int, str] = dict(param_names or {})
         if lr < 0.0:
             raise ValueError(f"invalid lr {lr}")
         if not 0.0 <= momentum < 1.0:
@@ -270,8 +289,8 @@ class NorMuon(torch.optim.Optimizer):
         self.cuda_graph = bool(cuda_graph)
         self.fused_bank = bool(fused_bank)
         self.direct_grads = bool(direct_grads)
-        for group in self.param_groups:
-            self._check_group(group)
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(group, gi)
         self._banks: Optional[List[Bank]] = None
         self._flat: List[torch.Tensor] = []
         # expert stacks: (param, M [E*k, m/k, n], V oriented, second-moment state shape)
@@ -288,7 +307,7 @@ class NorMuon(torch.optim.Optimizer):
         self._any_direct = False
 
     # ------------------------------------------------------------------ setup helpers
-    def _check_group(self, group: Dict[str, Any]) -> None:
+    def _check_group(self, group: Dict[str, Any], gi: Optional[int] = None) -> None:
         n_params = len(group["params"])
         layouts = group.get("layouts")
         if layouts is None:
@@ -306,67 +325,102 @@ class NorMuon(torch.optim.Optimizer):
         group.setdefault("normuon_step", 0)
         # Spec §2.3: the table's generating parameters travel with it (checkpoints, logs).
         group["polar_express"] = dict(self.pe_record)
-        for i, (p, blk, lay) in enumerate(zip(group["params"], group["blocks"], group["layouts"])):
-            if p.ndim == 3:
-                if lay is not None:
-                    raise ValueError("a 3-D expert stack [E, m, n] takes no GroupedMLP layout")
-                if not p.is_contiguous() or min(p.shape) <= 0:
-                    raise ValueError(
-                        f"a 3-D expert stack must be a non-empty contiguous [E, m, n] tensor, got "
-                        f"shape {tuple(p.shape)} strides {p.stride()}"
-                    )
-                if blk is not None and len(blk) == 1:
-                    blk = group["blocks"][i] = None if _stack_split(p, blk) == 1 else blk
-                _stack_split(p, blk)
-            elif p.ndim != 2:
-                raise ValueError(
-                    f"NorMuon only takes 2-D parameters and 3-D expert stacks [E, m, n], got "
-                    f"shape {tuple(p.shape)}; route other tensors to AdamW"
-                )
+        for i in range(n_params):
+            self._check_param(group, i, gi)
+
+    def _label(self, p: torch.Tensor, gi: Optional[int], pi: int) -> str:
+        return param_label(p, self.param_names, gi, pi)
+
+    def _check_param(self, group: Dict[str, Any], i: int, gi: Optional[int] = None) -> None:
+        """Check parameter ``i`` of ``group`` against its blocks / layout (normalising
+        ``group["blocks"][i]``); errors name the parameter."""
+        p = group["params"][i]
+        try:
+            self._check_param_unlabelled(group, i, p, group["blocks"][i], group["layouts"][i])
+        except (ValueError, NotImplementedError) as e:
+            raise type(e)(f"{self._label(p, gi, i)}: {e}") from None
+
+    def _check_param_unlabelled(self, group, i, p, blk, lay) -> None:
+        """The checks of :meth:`_check_param` (also run by :meth:`check_state_dict` on a copy of
+        the group with the checkpoint's blocks / layouts)."""
+        if p.ndim == 3:
             if lay is not None:
-                E, fin, fout = lay
-                if min(lay) <= 0 or E * fin * fout != p.numel():
-                    raise ValueError(
-                        f"layout (E, in, out) = {lay} does not match a parameter of "
-                        f"{p.numel()} elements ({tuple(p.shape)})"
-                    )
-                if not p.is_contiguous():
-                    raise ValueError("a parameter with a GroupedMLP layout must be contiguous")
-                if blk is None:  # default: one logical matrix per expert
-                    blk = tuple(((e * fout, fout),) for e in range(E))
-                    group["blocks"][i] = blk
+                raise ValueError("a 3-D expert stack [E, m, n] takes no GroupedMLP layout")
+            if not p.is_contiguous() or min(p.shape) <= 0:
+                raise ValueError(
+                    f"a 3-D expert stack must be a non-empty contiguous [E, m, n] tensor, got "
+                    f"shape {tuple(p.shape)} strides {p.stride()}"
+                )
+            if blk is not None and len(blk) == 1:
+                blk = group["blocks"][i] = None if _stack_split(p, blk) == 1 else blk
+            _stack_split(p, blk)
+        elif p.ndim != 2:
+            raise ValueError(
+                f"NorMuon only takes 2-D parameters and 3-D expert stacks [E, m, n], got "
+                f"shape {tuple(p.shape)}; route other tensors to AdamW"
+            )
+        if lay is not None:
+            E, fin, fout = lay
+            if min(lay) <= 0 or E * fin * fout != p.numel():
+                raise ValueError(
+                    f"layout (E, in, out) = {lay} does not match a parameter of "
+                    f"{p.numel()} elements ({tuple(p.shape)})"
+                )
+            if not p.is_contiguous():
+                raise ValueError("a parameter with a GroupedMLP layout must be contiguous")
+            if blk is None:  # default: one logical matrix per expert
+                blk = tuple(((e * fout, fout),) for e in range(E))
+                group["blocks"][i] = blk
+            for member in blk:
+                for start, length in member:
+                    if start // fout != (start + length - 1) // fout:
+                        raise ValueError(
+                            f"block segment {(start, length)} crosses an expert boundary "
+                            f"(rows per expert {fout})"
+                        )
+        rows, cols = _logical_shape(p, lay)
+        if blk is not None:
+            segs = sorted(seg for member in blk for seg in member)
+            covered = 0
+            for start, length in segs:
+                if start != covered or length <= 0:
+                    raise ValueError(f"blocks {blk} do not tile the {rows} rows")
+                covered += length
+            if covered != rows:
+                raise ValueError(f"blocks {blk} cover {covered} of {rows} rows")
+            if self.neuron_axis == "larger":
                 for member in blk:
-                    for start, length in member:
-                        if start // fout != (start + length - 1) // fout:
-                            raise ValueError(
-                                f"block segment {(start, length)} crosses an expert boundary "
-                                f"(rows per expert {fout})"
-                            )
-            rows, cols = _logical_shape(p, lay)
-            if blk is not None:
-                segs = sorted(seg for member in blk for seg in member)
-                covered = 0
-                for start, length in segs:
-                    if start != covered or length <= 0:
-                        raise ValueError(f"blocks {blk} do not tile the {rows} rows")
-                    covered += length
-                if covered != rows:
-                    raise ValueError(f"blocks {blk} cover {covered} of {rows} rows")
-                if self.neuron_axis == "larger":
-                    for member in blk:
-                        m = sum(length for _, length in member)
-                        if m < cols:
-                            raise NotImplementedError(
-                                "neuron_axis='larger' with per-column statistics is not "
-                                "supported for split (QKV / TPA / GroupedMLP / gate-up expert "
-                                f"stack) parameters, got a [{m}, {cols}] block of a "
-                                f"{tuple(p.shape)} parameter"
-                            )
+                    m = sum(length for _, length in member)
+                    if m < cols:
+                        raise NotImplementedError(
+                            "neuron_axis='larger' with per-column statistics is not "
+                            "supported for split (QKV / TPA / GroupedMLP / gate-up expert "
+                            f"stack) parameters, got a [{m}, {cols}] block of a "
+                            f"{tuple(p.shape)} parameter"
+                        )
+
+    def _state_shapes(self, p: torch.Tensor, blk, lay: Layout) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        """``(momentum_buffer, second_moment)`` shapes of a (checked) parameter's state, as
+        :meth:`state_dict` writes them and :meth:`_import_state` reads them."""
+        if p.ndim == 3:
+            E, rows, n = (int(v) for v in p.shape)
+            k = _stack_split(p, blk)
+            on_rows = bank_layout((rows // k, n), self.neuron_axis)[1]
+            return tuple(p.shape), ((E, rows, 1) if on_rows else (E, 1, n))
+        rows, cols = _logical_shape(p, lay)
+        whole = lay is None and (
+            blk is None
+            or (len(blk) == 1 and tuple((int(a), int(b)) for a, b in blk[0]) == ((0, rows),))
+        )
+        if whole:
+            on_rows = bank_layout((rows, cols), self.neuron_axis)[1]
+            return tuple(p.shape), ((rows, 1) if on_rows else (1, cols))
+        return tuple(p.shape), (rows, 1)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         super().add_param_group(param_group)
         if hasattr(self, "table"):
-            self._check_group(self.param_groups[-1])
+            self._check_group(self.param_groups[-1], len(self.param_groups) - 1)
             self._banks = None
 
     def _compute_dtype(self, p: torch.Tensor) -> torch.dtype:
@@ -989,7 +1043,74 @@ class NorMuon(torch.optim.Optimizer):
         self._export_state()
         return super().state_dict()
 
+    def check_state_dict(
+        self, state_dict: Dict[str, Any], names: Optional[Dict[int, str]] = None
+    ) -> None:
+        """Check that ``state_dict`` fits this optimizer, changing nothing.
+
+        Checked, parameter by parameter in order: the number of groups and of parameters, the
+        saved ``momentum_buffer`` against the parameter's shape, the saved blocks / layouts
+        (which :meth:`load_state_dict` adopts; absent ones keep the current) against the
+        parameter (tiling, expert boundaries, expert-stack row blocks), and the saved
+        ``second_moment`` against the shape those imply (``[m, 1]``, ``[1, n]``,
+        ``[E, m, 1]``...).
+
+        Raises:
+            StateDictMismatch: (a ``ValueError``) naming the first mismatching parameter (by
+                ``names`` or :attr:`param_names`) and both shapes.
+        """
+        names = names if names is not None else self.param_names
+        label = lambda p, gi, pi: param_label(p, names, gi, pi)  # noqa: E731
+        saved_groups, state = state_parts(state_dict, "NorMuon")
+        check_group_counts("NorMuon", self.param_groups, saved_groups, state, names, ("momentum_buffer",))
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            n = len(group["params"])
+            cand = {"params": group["params"]}
+            for key in ("blocks", "layouts"):
+                val = saved.get(key)
+                if val is None:
+                    val = group[key]
+                if not isinstance(val, (list, tuple)) or len(val) != n:
+                    raise StateDictMismatch(
+                        f"NorMuon group {gi}: the checkpoint's {key!r} is not a list of {n} "
+                        "entries (one per parameter); nothing was loaded"
+                    )
+                cand[key] = list(val)
+            for pi, (p, idx) in enumerate(zip(group["params"], saved["params"])):
+                where = label(p, gi, pi)
+                st = param_state(state, idx, where, "NorMuon parameter")
+                mom, v = st.get("momentum_buffer"), st.get("second_moment")
+                for key, val in (("momentum_buffer", mom), ("second_moment", v)):
+                    if val is not None and not isinstance(val, torch.Tensor):
+                        raise StateDictMismatch(
+                            f"NorMuon parameter {where}: the checkpoint's {key} is a "
+                            f"{type(val).__name__}, not a tensor; nothing was loaded"
+                        )
+                if mom is not None and shape_of(mom) != tuple(p.shape):
+                    raise mismatch("NorMuon", where, "momentum_buffer", tuple(p.shape), shape_of(mom))
+                lay = cand["layouts"][pi]
+                try:
+                    lay = cand["layouts"][pi] = None if lay is None else tuple(int(x) for x in lay)
+                    self._check_param_unlabelled(cand, pi, p, cand["blocks"][pi], lay)
+                except (ValueError, NotImplementedError, TypeError) as e:
+                    raise StateDictMismatch(
+                        f"NorMuon parameter {where}: the checkpoint's blocks / layout do not fit "
+                        f"it ({e}); nothing was loaded"
+                    ) from None
+                if v is not None:
+                    expected = self._state_shapes(p, cand["blocks"][pi], lay)[1]
+                    if shape_of(v) != expected:
+                        raise mismatch("NorMuon", where, "second_moment", expected, shape_of(v))
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; checked first (:meth:`check_state_dict`), so a checkpoint
+        that does not fit raises :class:`~.state_check.StateDictMismatch` with the optimizer
+        unchanged (and an unexpected error half-way rolls every attribute back)."""
+        self.check_state_dict(state_dict)
+        with rollback_on_error(self):
+            self._load_checked(state_dict)
+
+    def _load_checked(self, state_dict: Dict[str, Any]) -> None:
         # Keep the saved tensors at their saved precision: torch casts state to the param dtype.
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
@@ -1003,12 +1124,14 @@ class NorMuon(torch.optim.Optimizer):
                 originals[index_to_param[idx]] = {
                     k: v for k, v in st.items() if k in ("momentum_buffer", "second_moment")
                 }
-        layouts = [g.get("layouts") for g in self.param_groups]
+        current = [(g["blocks"], g["layouts"]) for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for group, lay in zip(self.param_groups, layouts):
+        for gi, (group, (blk, lay)) in enumerate(zip(self.param_groups, current)):
             if group.get("layouts") is None:  # saved before layouts existed
                 group["layouts"] = lay
-            self._check_group(group)
+            if group.get("blocks") is None:  # saved without blocks: keep the current split
+                group["blocks"] = blk
+            self._check_group(group, gi)
         self._banks = None
         self._build_banks_from(originals)
 
