@@ -82,6 +82,13 @@ class GrapePass(Pass):
             cp_group=getattr(old_rope, "cp_group", None),
             device=device,
         )
+        if getattr(grape_m, "log_freq", None) is not None:
+            # follow the parameters it serves: frozen if every local layer's attention is frozen
+            local_params = [
+                p for l in plan.local_layers for p in model.get_submodule(l.attention_path).parameters()
+            ]
+            if local_params and not any(p.requires_grad for p in local_params):
+                grape_m.log_freq.requires_grad_(False)
         self.replace_module(model, "rotary_pos_emb", grape_m, result)
         result.sites.append("rotary_pos_emb")
 

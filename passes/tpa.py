@@ -116,6 +116,8 @@ class TPAPass(Pass):
                 device=prev.linear_qkv.weight.device,
                 dtype=prev.linear_qkv.weight.dtype,
             )
+            # a frozen QKV projection gives a frozen factor projection (the user froze attention)
+            proj.weight.requires_grad_(prev.linear_qkv.weight.requires_grad)
             self.replace_module(model, layer.attention_path + ".linear_qkv", proj, result)
             core = TPACoreAttention(
                 prev.core_attention, window=window, q_rank=cfg.tpa.tpa_q_rank, kv_rank=cfg.tpa.tpa_rank,

@@ -247,3 +247,13 @@ def test_a_pass_name_string_is_refused_with_a_hint(tiny_model):
     with pytest.raises(TransformError, match=r"passes=\[\.\.\.\]"):
         vpmoe_compile.transform(tiny_model, passes="tpa")
     assert type(tiny_model.decoder.layers[0].self_attention).__name__ == "SelfAttention"
+
+
+def test_new_parameters_follow_a_frozen_model(tiny_model):
+    """A frozen model stays frozen: the parameters transform creates (TPA factors, GRAPE-M
+    frequencies, expert stacks) take the replaced parameters' requires_grad."""
+    for p in tiny_model.parameters():
+        p.requires_grad_(False)
+    vpmoe_compile.transform(tiny_model, progress=False)
+    trainable = [n for n, p in tiny_model.named_parameters() if p.requires_grad]
+    assert trainable == []
