@@ -457,13 +457,11 @@ def run_variant(name: str, args, cfg, batches) -> dict:
          + (f" (passes: {', '.join(out['passes'])})" if "passes" in out else ""))
     flops = model_flops_per_token(gpt, cfg, args.seq_len)
     if megatron:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-        from megatron.core.transformer.module import Float16Module
 
-        f16 = Float16Module(gpt.config, gpt)
-        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False)
-        top = DistributedDataParallel(gpt.config, ddp_cfg, f16)
+        from vpmoe_compile.training import wrap_megatron
+
+        top = wrap_megatron(gpt)
     else:
         top = gpt
     optimizer = vpmoe_compile.build_optimizer(top, cfg)

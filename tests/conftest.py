@@ -55,3 +55,24 @@ def make_batch(b=2, s=32, vocab=201088, seed=0):
     ids = torch.randint(0, vocab, (b, s), generator=g)
     pos = torch.arange(s).unsqueeze(0).expand(b, s)
     return ids, pos
+
+
+def train_steps(model, optimizer, steps, lrs=None):
+    """Plain training steps on ``make_batch(2, 32, seed=step)`` for each ``step`` in ``steps``:
+    forward with labels, mean loss, backward, the expert-bias update, optimizer step, zero grad.
+    ``lrs[step]`` (if given) is written into every param group first. Returns the losses."""
+    from vpmoe_compile.training import update_router_expert_bias
+
+    losses = []
+    for step in steps:
+        if lrs is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lrs[step]
+        ids, pos = make_batch(2, 32, seed=step)
+        loss = model(ids, pos, None, labels=ids).float().mean()
+        loss.backward()
+        update_router_expert_bias(model)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses

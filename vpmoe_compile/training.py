@@ -96,3 +96,21 @@ def train_step(forward: Callable, model: nn.Module, optimizer, batch: Batch) -> 
     sync(device)
     dt = time.perf_counter() - t0
     return float(loss.detach()), dt
+
+
+def wrap_megatron(model: nn.Module, *, grad_reduce_in_fp32: bool = True, overlap_grad_reduce: bool = False) -> nn.Module:
+    """Megatron's training wrapping of a (transformed) ``GPTModel``: ``Float16Module`` when the
+    model's config trains in bf16 / fp16, then Megatron's ``DistributedDataParallel`` (replicated
+    optimizer; NorMuon does not support the distributed one). Build the optimizer from the result
+    (``vpmoe_compile.build_optimizer(wrapped)``) and call ``finalize_model_grads([wrapped])``
+    after backward."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    config = model.config
+    inner = Float16Module(config, model) if (config.bf16 or config.fp16) else model
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=grad_reduce_in_fp32, overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=False,
+    )
+    return DistributedDataParallel(config, ddp_config, inner)

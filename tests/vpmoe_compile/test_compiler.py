@@ -4,7 +4,7 @@ no Inductor), no recompilation across training steps and lr changes, same number
 import pytest
 import torch
 
-from tests.conftest import make_batch
+from tests.conftest import make_batch, train_steps
 
 
 def _transformed(seed=0):
@@ -57,23 +57,6 @@ def test_every_layer_is_one_graph_without_breaks(megatron_env):
     assert {"GroupedMoELayer", "MLP"} <= kinds
 
 
-def _train(model, optimizer, steps, lrs):
-    losses = []
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lrs[step]
-        ids, pos = make_batch(2, 32, seed=step)
-        loss = model(ids, pos, None, labels=ids).float().mean()
-        loss.backward()
-        from vpmoe_compile.training import update_router_expert_bias
-
-        update_router_expert_bias(model)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
-
-
 def test_compiled_training_matches_eager_without_recompiling(megatron_env):
     """aot_eager (AOTAutograd, no Inductor) over 4 steps with a changing lr: graphs are made in
     the first step only (one per layer kind + final norm + head), and losses equal eager's."""
@@ -88,13 +71,13 @@ def test_compiled_training_matches_eager_without_recompiling(megatron_env):
     done = vpmoe_compile.compile(compiled, backend=counter)
     assert done[:4] == [f"decoder.layers.{i}" for i in range(4)]
     lrs = [1e-2, 5e-3, 2e-3, 1e-3]
-    losses_e = _train(eager, opt_e, 1, lrs)
-    losses_c = _train(compiled, opt_c, 1, lrs)
+    losses_e = train_steps(eager, opt_e, range(1), lrs)
+    losses_c = train_steps(compiled, opt_c, range(1), lrs)
     frames = counter.frame_count
     # dense local, MoE local (shared by layers 2 and 3), MoE global, final norm, head
     assert 3 <= frames <= 6
-    losses_e += _train(eager, opt_e, 4, lrs)[1:]
-    losses_c += _train(compiled, opt_c, 4, lrs)[1:]
+    losses_e += train_steps(eager, opt_e, range(1, 4), lrs)
+    losses_c += train_steps(compiled, opt_c, range(1, 4), lrs)
     assert counter.frame_count == frames, "recompiled after the first step"
     torch.testing.assert_close(torch.tensor(losses_c), torch.tensor(losses_e), rtol=1e-5, atol=1e-5)
 

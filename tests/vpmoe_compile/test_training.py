@@ -4,7 +4,7 @@ import io
 
 import torch
 
-from tests.conftest import make_batch
+from tests.conftest import train_steps
 
 
 def _build(seed=0):
@@ -17,25 +17,10 @@ def _build(seed=0):
     return model, vpmoe_compile.build_optimizer(model)
 
 
-def _steps(model, opt, start, stop):
-    from vpmoe_compile.training import update_router_expert_bias
-
-    losses = []
-    for step in range(start, stop):
-        ids, pos = make_batch(2, 32, seed=step)
-        loss = model(ids, pos, None, labels=ids).float().mean()
-        loss.backward()
-        update_router_expert_bias(model)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
-
-
 def test_expert_bias_update_resets_the_token_counts(megatron_env):
     model, opt = _build()
     router = model.decoder.layers[1].mlp.router
-    _steps(model, opt, 0, 1)
+    train_steps(model, opt, range(0, 1))
     assert torch.count_nonzero(router.expert_bias) > 0
     assert torch.count_nonzero(router.local_tokens_per_expert) == 0
 
@@ -43,9 +28,9 @@ def test_expert_bias_update_resets_the_token_counts(megatron_env):
 def test_resume_is_bit_identical(megatron_env):
     """6 uninterrupted steps == 3 steps, save (model + optimizer), load into a fresh model, 3 steps."""
     model, opt = _build()
-    uninterrupted = _steps(model, opt, 0, 6)
+    uninterrupted = train_steps(model, opt, range(0, 6))
     first, opt1 = _build()
-    _steps(first, opt1, 0, 3)
+    train_steps(first, opt1, range(0, 3))
     buf = io.BytesIO()
     torch.save({"model": first.state_dict(), "optimizer": opt1.state_dict()}, buf)
     buf.seek(0)
@@ -53,7 +38,7 @@ def test_resume_is_bit_identical(megatron_env):
     resumed, opt2 = _build(seed=99)
     resumed.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["optimizer"])
-    continued = _steps(resumed, opt2, 3, 6)
+    continued = train_steps(resumed, opt2, range(3, 6))
     assert continued == uninterrupted[3:]
     for (n, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
         assert torch.equal(a, b), n
