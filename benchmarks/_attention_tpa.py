@@ -5,15 +5,16 @@ Cases, all at one local layer's shape (``[s, b, ...]`` Megatron layout, bf16 act
 * ``tpa_fused``: our op :func:`vpmoe_compile.ops.tpa_attention.tpa_window_attention` from the
   packed factors (prologue kernel -> sliding-window sink flash attention; Triton backward).
 * ``fork_chain_eager``: the reference fork's chain in eager PyTorch with its rounding points
-  (:func:`vpmoe_compile.ops.tpa_reference.tpa_fork_emulation`: factors -> bf16 contraction ->
+  (:func:`vpmoe_compile.ops.tpa_attention.reference.tpa_fork_emulation`: factors -> bf16 contraction ->
   mixed QKV + bias -> RMSNorm -> bf16 GRAPE-M rotation -> Megatron local-path softmax with
   materialised ``[b*H, s, s]`` scores, ``-10000`` fill and a sink column).
 * ``fork_chain_compiled``: the same function under ``torch.compile`` (Inductor).
 
 Each case is ``dict(name, fwd, fwd_bwd)``; the callables take no arguments. ``fwd_bwd`` runs the
 forward and ``torch.autograd.grad`` for every differentiable input (factors, qkv bias, both gains,
-cos, sin, sink). :func:`floor_us` gives the headline byte/FLOP floors of spec ``tpa_attention.md`` 5.5 (microseconds),
-:func:`floor_details` every term (bytes, FLOPs, per design and pass).
+cos, sin, sink). :func:`floor_us` gives the headline byte/FLOP floors (microseconds; how they are
+defined: docs/design.md#benchmarks-and-checks), :func:`floor_details` every term (bytes, FLOPs,
+per design and pass).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import Callable, Dict, List
 
 import torch
 
-from vpmoe_compile.ops import tpa_reference as ref
-from vpmoe_compile.ops.tpa_attention import tpa_window_attention
+from vpmoe_compile.ops.tpa_attention import reference as ref
+from vpmoe_compile.ops.tpa_attention.layout import factor_width
+from vpmoe_compile.ops.tpa_attention.op import tpa_window_attention
 
 __all__ = ["make_tpa_inputs", "tpa_cases", "floor_us", "floor_details"]
 
@@ -36,7 +38,7 @@ def make_tpa_inputs(b, s, H, G, d, device, *, q_rank=Q_RANK, kv_rank=KV_RANK, dt
     (``dtype``), ``cos``/``sin`` ``[s, d/2]`` fp32 (GRAPE-M base-10000 angles, exact positions),
     ``sink [H]``; all leaves with ``requires_grad``."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    Fw = ref.factor_width(H, G, d, q_rank, kv_rank)
+    Fw = factor_width(H, G, d, q_rank, kv_rank)
     hpg = H // G
     # factors of a packed GEMM of RMS-normalised hidden states: O(1) entries.
     factors = torch.randn(s, b, Fw, generator=gen)
@@ -64,14 +66,15 @@ def _case(name: str, fn: Callable, inputs: List[torch.Tensor], dout: torch.Tenso
     return dict(name=name, fwd=fwd, fwd_bwd=fwd_bwd)
 
 
-def tpa_cases(b: int, s: int, H: int, G: int, d: int, W: int, device) -> List[Dict]:
-    """Benchmark cases (see module docstring) at ``Rq = 4``, ``R = 2``."""
+def tpa_cases(b: int, s: int, H: int, G: int, d: int, W: int, device, attention_middle: str = "own") -> List[Dict]:
+    """Benchmark cases (see module docstring) at ``Rq = 4``, ``R = 2``; ``attention_middle`` is the
+    fused op's (``[kernels] tpa_attention_middle``)."""
     inputs = make_tpa_inputs(b, s, H, G, d, device)
     dout = torch.randn(s, b, H * d, device=device, dtype=torch.bfloat16)
     cfg = dict(num_heads=H, num_groups=G, head_dim=d, q_rank=Q_RANK, kv_rank=KV_RANK, window=W)
 
     def fused(*a):
-        return tpa_window_attention(*a, backend="triton", **cfg)
+        return tpa_window_attention(*a, backend="triton", attention_middle=attention_middle, **cfg)
 
     def chain(*a):
         return ref.tpa_fork_emulation(*a, **cfg)
@@ -85,7 +88,7 @@ def tpa_cases(b: int, s: int, H: int, G: int, d: int, W: int, device) -> List[Di
 
 
 def floor_us(**shape) -> Dict[str, float]:
-    """The headline floors (microseconds) of spec 5.5 at the vpMoE shape (or ``**shape``, the keyword
+    """The headline floors (microseconds) of :func:`floor_details` at the vpMoE shape (or ``**shape``, the keyword
     arguments of :func:`floor_details`): one entry per line to draw on a timing plot."""
     f = floor_details(**shape)
     return {
@@ -100,11 +103,11 @@ def floor_us(**shape) -> Dict[str, float]:
 def floor_details(b: int = 8, s: int = 4096, H: int = 8, G: int = 2, d: int = 128, W: int = 128,
                   q_rank: int = Q_RANK, kv_rank: int = KV_RANK, bandwidth: float = 3.0e12,
                   flops: float = 800e12, value_residual: bool = False) -> Dict[str, float]:
-    """Byte and FLOP floors (microseconds) of spec 5.5, computed from the shape.
+    """Byte and FLOP floors (microseconds), computed from the shape (docs/design.md#benchmarks-and-checks).
 
-    ``bandwidth`` (bytes/s, read + write) and ``flops`` (bf16 dense) default to the H100
-    measurements of the spec. ``value_residual`` adds the ``v1`` read / ``dv1`` write of the fork's
-    value residual (the spec's table includes them; our op does not take ``v1`` yet).
+    ``bandwidth`` (bytes/s, read + write) and ``flops`` (bf16 dense) default to H100 measurements,
+    3.0 TB/s and 800 TFLOP/s. ``value_residual`` adds the ``v1`` read / ``dv1`` write of the
+    fork's value residual (the fork's design includes them; our op does not take ``v1`` yet).
 
     Returns:
         dict of floors in microseconds: ``flop_fwd``, ``flop_bwd``, and for each design
@@ -115,7 +118,7 @@ def floor_details(b: int = 8, s: int = 4096, H: int = 8, G: int = 2, d: int = 12
     """
     e = 2  # bf16 bytes
     tok = b * s
-    Fw = ref.factor_width(H, G, d, q_rank, kv_rank)
+    Fw = factor_width(H, G, d, q_rank, kv_rank)
     Qb = tok * H * d * e
     Kb = Vb = tok * G * d * e
     Ob = dOb = Qb

@@ -16,7 +16,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def import_op_module(name: str):
-    """``import_op_module("sink_attention")`` -> the module ``vpmoe_compile.ops.sink_attention``."""
+    """``import_op_module("sink_attention.triton")`` -> the module ``vpmoe_compile.ops.sink_attention.triton``
+    (``"sink_attention"`` -> the op's package, which exports its public functions)."""
     if _ROOT not in sys.path:
         sys.path.insert(0, _ROOT)
     full = f"vpmoe_compile.ops.{name}"

@@ -16,7 +16,7 @@ Suites:
   ``O * sigmoid(L - sink)`` from ``return_lse``); the fork path (materialised fp32 ``[H, s, s]``
   bias, unfused fp32 softmax with a concatenated sink column, plain eager).
 * ``window``: FlexAttention with a sliding-window BlockMask (without / with post-hoc sink), ours,
-  and the byte floor of ``spec/tpa_attention.md`` §5.5 (a).
+  and the byte floor of attention on ready q/k/v (docs/design.md#benchmarks-and-checks).
 * ``tpa``: cases from ``benchmarks/_attention_tpa.py`` (teammate-owned) if present.
 """
 
@@ -138,7 +138,7 @@ def _bhsd(x):
 
 def suite_global(r: Runner, a):
     ops = import_op_module("sink_attention")
-    alibi = import_op_module("alibi")
+    alibi = import_op_module("sink_attention.alibi")
     b, s, H, G, d = a.b, a.s, a.H, a.G, a.d
     hpg = H // G
     scale = 1.0 / math.sqrt(d)
@@ -312,8 +312,8 @@ def _profile_kernels(fn, iters=3):
 def kernel_sweep(a, results):
     """Per-kernel times of ours (fwd+bwd) for the autotuned and a few fixed tile triples."""
     ops = import_op_module("sink_attention")
-    alibi = import_op_module("alibi")
-    tk = import_op_module("triton_sink_attention")
+    alibi = import_op_module("sink_attention.alibi")
+    tk = import_op_module("sink_attention.triton")
     KT, SC = tk.KernelTiles, tk.SinkAttentionConfig
     triples = {
         "autotuned": None,

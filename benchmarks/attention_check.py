@@ -1,6 +1,6 @@
 """GPU correctness check of the sink attention kernels (bf16) against float64.
 
-Rule (``spec/tpa_attention.md`` §7, as in the FlashAttention test suite): for the output, the LSE
+Rule (docs/design.md#benchmarks-and-checks, as in the FlashAttention test suite): for the output, the LSE
 and every gradient (dq, dk, dv, dsink), the kernel's relative error against a float64 reference
 must be at most ``2 x`` the error of a PyTorch implementation run on the same bf16 inputs with fp32
 math (``sink_attention_reference(..., compute_dtype=torch.float32)``), plus a small absolute slack
@@ -46,7 +46,7 @@ def run_case(ops, ref, tk, case, seed):
     v = torch.randn(s, b, G, d, device="cuda", generator=g).bfloat16()
     sink = torch.randn(H, device="cuda", generator=g).bfloat16()
     dout = torch.randn(s, b, H, d, device="cuda", generator=g).bfloat16()
-    slopes = import_op_module("alibi").alibi_slopes(H, device="cuda") if alibi else None
+    slopes = import_op_module("sink_attention.alibi").alibi_slopes(H, device="cuda") if alibi else None
     cfg = case.get("config")
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v, sink)]
 
@@ -123,8 +123,8 @@ def main(argv=None):
     import triton
 
     ops = import_op_module("sink_attention")
-    ref = import_op_module("attention_reference")
-    tk = import_op_module("triton_sink_attention")
+    ref = import_op_module("sink_attention.reference")
+    tk = import_op_module("sink_attention.triton")
     small = tk.SinkAttentionConfig(fwd=tk.KernelTiles(32, 16), dq=tk.KernelTiles(32, 16),
                                    dkv=tk.KernelTiles(32, 16))
     # fixed H100-like tiles for the odd shapes (no autotuning: keeps compile time down)

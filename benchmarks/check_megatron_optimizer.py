@@ -1,4 +1,5 @@
-"""GPU check of ``build_optimizer`` on the Megatron path (spec T8/T10 GPU parts, §5.3/§5.4).
+"""GPU check of ``build_optimizer`` on the Megatron path (docs/design.md#the-megatron-path): the
+GPU parts of the checkpoint and NaN-policy checks.
 
 On one GPU (world size 1, nccl): the tiny vpMoE config as a stock Megatron-Core GPTModel in bf16
 (and, when ``vpmoe_compile.transform`` works, the transformed model: TPA factor weights, GRAPE

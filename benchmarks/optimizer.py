@@ -24,14 +24,15 @@ Variants (same matrices, same hyper-parameters, same random gradients):
   in place instead of a gathered copy (``direct_grads=True``, opt-in).
 * ``*_graph``: the same, with the step captured in CUDA graphs (``cuda_graph=True``);
   ``bank_kernel_graph`` is the recommended configuration.
-* ``floor``: max(PE FLOPs / bf16 GEMM rate, minimal bytes / copy bandwidth), spec §6.1, with the
+* ``floor``: max(PE FLOPs / bf16 GEMM rate, minimal bytes / copy bandwidth)
+  (docs/design.md#optimizer-tests-and-benchmark), with the
   rates measured on the same device (a 8192^3 bf16 GEMM and a 2 GiB device copy) and with the
   datasheet rates (H100 SXM: 989 dense TFLOP/s bf16, 3.35 TB/s) for reference. Minimal bytes:
   20 B / element (read fp32 grad, read+write fp32 momentum, read+write fp32 param; the model's
   bf16 copy is not part of this standalone step). The floor assumes perfect overlap of the
   Polar Express arithmetic with the state traffic; it is a lower bound, not a prediction.
 
-Also checked / reported (spec T3, T11, T12), per variant: update vs ``batched_eager`` after three
+Also checked / reported, per variant: update vs ``batched_eager`` after three
 steps with a changing lr, recompilations after lr changes (dynamo counters), allocator calls and
 new cudaMalloc segments per steady-state step, host syncs inside the step with their Python stacks
 (``torch.cuda.set_sync_debug_mode``), kernels and launch calls per step and the kernel-time
@@ -74,7 +75,7 @@ LR, WD, MU, BETA2, EPS = 3e-3, 0.01, 0.95, 0.95, 1e-10
 def vpmoe_8l_matrices(small: bool = False, layers: int = 8, local_experts: int = 256) -> List[Dict]:
     """Parameters of vpMoE-8L as dicts {name, shape, blocks, expert}.
 
-    ``layers=80, local_experts=32``: the full vpMoE's per-GPU set at EP = 8 (spec §6.2 probe).
+    ``layers=80, local_experts=32``: the full vpMoE's per-GPU set at EP = 8 (``--set ep8``).
     """
     if small:
         L, h, H, G, d, E, F, S, Fd, V = 4, 64, 4, 2, 16, 8, 16, 32, 16, 512
@@ -130,7 +131,7 @@ def logical_shapes(spec: List[Dict], fork: bool = False) -> List[Tuple[int, int]
 
 
 def pe_flops(shapes) -> float:
-    """Spec §6.1: 5 * (4 s^2 L + 2 s^3) per matrix, s = min, L = max."""
+    """5 * (4 s^2 L + 2 s^3) per matrix (5 Polar Express steps), s = min, L = max."""
     total = 0.0
     for m, n in shapes:
         s, L = min(m, n), max(m, n)
@@ -589,7 +590,8 @@ def main(argv=None):
             delta_eager = delta
         if v == HEADLINE:
             res["banks"] = info["banks"]
-            # T3 on the real shapes: the headline variant's 3-step update vs fp64 REF
+            # The accuracy bound on the real shapes (docs/design.md#polar-express): the headline
+            # variant's 3-step update vs fp64 REF
             ref_err = {}
             samples = [i for i, s in enumerate(spec)
                        if ("local_experts.0." in s["name"] and "layers.1." in s["name"])

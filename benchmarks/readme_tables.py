@@ -293,7 +293,7 @@ def render_attention(results: Path) -> str:
     for prefix, label, graph in ATTN_WINDOW:
         rows.append([label.format(W=w["shape"]["window"])] + _attn_cells(_row(w["rows"], "name", prefix), graph))
     fl = w["window_floor"]["measured_bw"]
-    rows.append([f"byte floor, W={w['shape']['window']} (spec §5.5, at the measured {fl['bandwidth_TBps']:.2f} TB/s)",
+    rows.append([f"byte floor, W={w['shape']['window']} (attention on ready q/k/v, at the measured {fl['bandwidth_TBps']:.2f} TB/s)",
                  us(fl["fwd_us"]), us(fl["fwd_bwd_us"])])
     return _join(table(["op", "fwd", "fwd+bwd"], rows) + [
         "", source_note(results, "attention_global.json", "attention_window.json",

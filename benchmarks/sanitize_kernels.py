@@ -1,4 +1,5 @@
-"""Run the Triton attention kernels of both families under ``compute-sanitizer`` (spec 7.12).
+"""Run the Triton attention kernels of both families under ``compute-sanitizer``
+(docs/design.md#benchmarks-and-checks).
 
 Command (on the GPU machine, from the repository root)::
 
@@ -17,13 +18,13 @@ command). What it does:
    out-of-bounds access lands outside any allocation instead of inside the caching allocator's
    segment. The workload runs forward and backward of
 
-   * the TPA op's kernels (:mod:`vpmoe_compile.ops.triton_tpa`: prologue, window attention with
+   * the TPA op's kernels (:mod:`vpmoe_compile.ops.tpa_attention.triton`: prologue, window attention with
      the output residual, dq, dkv, prologue backward) through ``tpa_window_attention`` in bf16:
      s = 1, s not a multiple of any tile, W = 1, W >= s, GQA / MQA / MHA, odd ranks, no bias or
      norm, factors as a misaligned strided view and as an aligned strided view, batch not a
      multiple of the prologue backward's batch chunk, plus the attention middle alone on
      non-contiguous q/k/v (both ways of computing ``delta``);
-   * the sink-attention family (:mod:`vpmoe_compile.ops.triton_sink_attention`): global
+   * the sink-attention family (:mod:`vpmoe_compile.ops.sink_attention.triton`): global
      causal + ALiBi + sink and sliding window + sink, with fixed small and large tiles and once
      autotuned, s = 1, odd s, W = 1, GQA / MQA, 3 heads per group (PACK = 3), a gradient into
      the LSE, non-contiguous inputs.
@@ -94,13 +95,13 @@ def _tpa_cases():
 def run_tpa_case(c):
     import torch
 
-    ref = _op("tpa_reference")
-    tk = _op("triton_tpa")
+    layout = _op("tpa_attention.layout")
+    tk = _op("tpa_attention.triton")
     tpa_window_attention = _op("tpa_attention").tpa_window_attention
 
     H, G, d, Rq, R, s, b, W = (c[k] for k in ("H", "G", "d", "Rq", "R", "s", "b", "W"))
     dev, bf = DEV, torch.bfloat16
-    Fw = ref.factor_width(H, G, d, Rq, R)
+    Fw = layout.factor_width(H, G, d, Rq, R)
     f = torch.randn(s, b, Fw, device=dev)
     if c.get("view") == "misaligned":  # [s, b, F] view of a padded [b, s, F + 3] buffer
         buf = torch.randn(b, s, Fw + 3, device=dev, dtype=bf)
@@ -136,7 +137,7 @@ def run_tpa_case(c):
 def run_tpa_middle_noncontiguous():
     import torch
 
-    tk = _op("triton_tpa")
+    tk = _op("tpa_attention.triton")
     s, b, H, G, d, W = 53, 2, 8, 2, 128, 20
     q = torch.randn(b, s, H, d, device=DEV, dtype=torch.bfloat16).transpose(0, 1)
     k = torch.randn(b, G, s, d, device=DEV, dtype=torch.bfloat16).permute(2, 0, 1, 3)
@@ -230,9 +231,9 @@ def workload(out_dir, which, budget_s=None):
             record(name, lambda c=c: run_tpa_case(c))
         record("tpa attention middle, non-contiguous q/k/v", run_tpa_middle_noncontiguous)
     if "sink" in which:
-        tk = _op("triton_sink_attention")
+        tk = _op("sink_attention.triton")
         ops = _op("sink_attention")
-        alibi_mod = _op("alibi")
+        alibi_mod = _op("sink_attention.alibi")
         for name, c, cfg in _sink_cases(tk):
             if DEV == "cpu" and cfg is None:
                 continue  # autotuning is GPU-only

@@ -137,7 +137,7 @@ def _own_cpu_s() -> float:
 
 
 class Clean:
-    """Run trials only while the shared machine is otherwise idle (spec §6 method): wait until
+    """Run trials only while the shared machine is otherwise idle (docs/design.md#benchmarks-and-checks): wait until
     other processes use < ``limit`` CPUs for 0.3 s, then keep the trial only if they stayed
     below it while it ran. Gives up waiting after ``max_wait`` seconds in total and then keeps
     trials as they come (counted as ``noisy``)."""

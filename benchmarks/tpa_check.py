@@ -12,14 +12,15 @@ Usage (on a CUDA machine, from the repository root)::
    and b=2 s=128 W=40. Two
    rules are reported: ``ok`` = kernel error <= 2x the bf16 fork emulation's (the fork's own
    rounding points) + 1e-3; ``ok_strict`` = kernel error <= 2x that of the PyTorch reference
-   run on the same bf16 inputs with fp32 math + 1e-5 (spec 7's rule). Freed GPU memory is
+   run on the same bf16 inputs with fp32 math + 1e-5 (the rule of docs/design.md#benchmarks-and-checks). Freed GPU memory is
    poisoned with NaN first. The attention middle alone (ready bf16 q/k/v; its backward recomputes
    ``delta = rowsum(P*dP)``) is checked the same way at W=1, s=1 and W=128
    (``correctness_attention_middle``), as ``benchmarks/attention_check.py`` does for the
    shared kernels.
 2. Timings (``triton.testing.do_bench``, median) at b=8, s=4096, H=8, G=2, d=128, W=128, Rq=4,
    R=2: the cases of :mod:`benchmarks._attention_tpa` (plus a CUDA-graph replay of our op and a
-   per-kernel profile). Results and the spec 5.5 floors go to ``<out>/tpa_bench.json``.
+   per-kernel profile). Results and the floors of :func:`benchmarks._attention_tpa.floor_details` go to
+   ``<out>/tpa_bench.json``.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._attention_tpa import floor_details, floor_us, make_tpa_inputs, tpa_cases  # noqa: E402
-from vpmoe_compile.ops import tpa_reference as ref  # noqa: E402
-from vpmoe_compile.ops import triton_tpa as tk  # noqa: E402
-from vpmoe_compile.ops.tpa_attention import tpa_window_attention  # noqa: E402
+from vpmoe_compile.ops.sink_attention.reference import sink_attention_reference  # noqa: E402
+from vpmoe_compile.ops.tpa_attention import reference as ref  # noqa: E402
+from vpmoe_compile.ops.tpa_attention import triton as tk  # noqa: E402
+from vpmoe_compile.ops.tpa_attention.op import tpa_window_attention  # noqa: E402
 
 NAMES = ("factors", "qkv_bias", "gamma_q", "gamma_k", "cos", "sin", "sink")
 RESULTS = {}
@@ -99,9 +101,9 @@ def correctness(shapes, middles=("own",)):
         if s % 16 == 0 and s <= 128:  # fp32 kernels (IEEE dots) vs float64 on one short shape
             combos.append(("own", torch.float32))
         for middle, dt in combos:
-            os.environ["VPMOE_TPA_ATTENTION"] = middle
             poison()
-            ok_, gk_ = run_grads(lambda *a: tpa_window_attention(*a, backend="triton", **cfg), inputs, dt, dout)
+            ok_, gk_ = run_grads(lambda *a: tpa_window_attention(*a, backend="triton", attention_middle=middle, **cfg),
+                                 inputs, dt, dout)
             row = dict(b=b, s=s, W=W, middle=middle, dtype=str(dt).split(".")[-1], errors={})
             errs = {"out": rel(ok_, o64)}
             for n, g, r in zip(NAMES, gk_, g64):
@@ -130,12 +132,11 @@ def correctness(shapes, middles=("own",)):
                   f"strict={ok_strict} "
                   + " ".join(f"{n}={v['kernel']:.2e}(emul {v['fork_emul_bf16']:.1e}, x{v['ratio_vs_fp32_math']:.2f})"
                              for n, v in row["errors"].items()), flush=True)
-    os.environ["VPMOE_TPA_ATTENTION"] = "auto"
     return res, ok_all
 
 
 def correctness_middle(cases):
-    """The attention middle alone (``triton_tpa.swa_fwd``/``swa_bwd``) on ready bf16
+    """The attention middle alone (``tpa_attention.triton.swa_fwd``/``swa_bwd``) on ready bf16
     q/k/v vs float64, with the rule of ``benchmarks/attention_check.py``: error <= 2x that of the
     dense PyTorch reference on the same bf16 inputs with fp32 math (gradients rounded to bf16) + 1e-5."""
     out = []
@@ -150,7 +151,7 @@ def correctness_middle(cases):
 
         def dense(dt):
             xs = [t.to(dt).requires_grad_(True) for t in (q, k, v, sink)]
-            o, lse = ref.sink_attention_dense(*xs, W, scale)
+            o, lse = sink_attention_reference(*xs, window=W, softmax_scale=scale, compute_dtype=dt)
             return (o, lse, *torch.autograd.grad(o, xs, do.to(o.dtype)))
 
         exact = dense(torch.float64)
@@ -270,7 +271,6 @@ def timings(args):
     out = {}
     cases = tpa_cases(b, s, H, G, d, W, "cuda")
     c = cases[0]
-    os.environ["VPMOE_TPA_ATTENTION"] = "own"
     out["tpa_fused[own]"] = dict(fwd=bench(c["fwd"]), fwd_bwd=bench(c["fwd_bwd"]))
     print(f"[time {time.time() - T0:6.1f}s] tpa_fused[own] {out['tpa_fused[own]']}", flush=True)
     RESULTS["timings_us"] = out
@@ -293,13 +293,12 @@ def timings(args):
         print(f"[prof] failed: {str(e)[:300]}", flush=True)
     save(args.out)
     if not args.skip_shared:
-        os.environ["VPMOE_TPA_ATTENTION"] = "shared"
         try:
-            out["tpa_fused[shared]"] = dict(fwd=bench(c["fwd"]), fwd_bwd=bench(c["fwd_bwd"]))
+            shared = tpa_cases(b, s, H, G, d, W, "cuda", attention_middle="shared")[0]
+            out["tpa_fused[shared]"] = dict(fwd=bench(shared["fwd"]), fwd_bwd=bench(shared["fwd_bwd"]))
         except Exception as e:
             out["tpa_fused[shared]"] = dict(error=str(e)[:300])
         print(f"[time {time.time() - T0:6.1f}s] tpa_fused[shared] {out['tpa_fused[shared]']}", flush=True)
-        os.environ["VPMOE_TPA_ATTENTION"] = "auto"
         save(args.out)
     if not args.skip_chain:
         for c in cases[1:]:

@@ -4,7 +4,7 @@ Usage (any machine with Triton and its bundled CUDA tools; no GPU needed)::
 
     python benchmarks/tpa_static.py
 
-Compiles each kernel of :mod:`vpmoe_compile.ops.triton_tpa` at the vpMoE shape (H=8, G=2,
+Compiles each kernel of :mod:`vpmoe_compile.ops.tpa_attention.triton` at the vpMoE shape (H=8, G=2,
 d=128, Rq=4, R=2, bf16) for ``cuda:90`` with ``triton.compile`` and prints, per kernel and tile
 choice: registers per thread, local-memory spill stores/loads and ``BAR.SYNC`` count in the SASS
 (``cuobjdump``), ``convert_layout`` count in the TTGIR, 128-bit global loads and the tile layouts.
@@ -22,7 +22,7 @@ import sys
 import tempfile
 import warnings
 
-os.environ.pop("TRITON_INTERPRET", None)  # must be unset before triton_tpa defines its kernels
+os.environ.pop("TRITON_INTERPRET", None)  # must be unset before tpa_attention.triton defines its kernels
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
@@ -81,7 +81,7 @@ def report(compiled):
 
 def main():
     warnings.filterwarnings("ignore")
-    tk = import_op_module("triton_tpa")
+    tk = import_op_module("tpa_attention.triton")
     shape = dict(H=8, G=2, D=128)
     pro = dict(shape, P=64, RQ=4, RK=2, FW=1064, HAS_BIAS=True, NORM_Q=True, NORM_K=True, sF_f=1)
     att = dict(shape, BM=64, BN=64, IEEE=False)

@@ -12,7 +12,7 @@ Rows (b=8, s=4096, H=8, G=2, d=128, W=128, Rq=4, R=2, bf16; medians in microseco
 * (c) the same chain under ``torch.compile``   ``tpa_bench_h100_run2.json``
 * (d) FlexAttention on ready q/k/v, window     ``attention_window.json`` (``attention.py --suite window``)
 * (e) our ``window_sink_attention`` on ready q/k/v  ``attention_window.json``
-* floors (spec §5.5)                           ``tpa_bench_h100_run6.json``
+* floors (docs/design.md#benchmarks-and-checks) ``tpa_bench_h100_run6.json``
 
 The runs are separate sessions on the same machine type (H100 80GB HBM3, torch 2.11, Triton 3.6);
 ratios between rows of different files are therefore approximate.

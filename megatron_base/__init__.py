@@ -12,10 +12,10 @@ from megatron_base.model import (
 from megatron_base.parallel import destroy_process, init_process
 
 _LAZY = {
-    # tokenizer (imports megatron.core: loaded on first use)
-    "O200kHarmonyTokenizer": "tokenizer", "O200kHarmonyLibrary": "tokenizer", "VocabFileError": "tokenizer",
-    "O200K_BASE_SHA256": "tokenizer", "O200K_HARMONY_VOCAB_SIZE": "tokenizer", "SPECIAL_TOKEN_IDS": "tokenizer",
-    "HARMONY_STOP_TOKEN_IDS": "tokenizer", "padded_vocab_size": "tokenizer",
+    # tokenizer and its o200k encoding (import megatron.core: loaded on first use)
+    "O200kHarmonyTokenizer": "tokenizer", "O200kHarmonyLibrary": "o200k", "VocabFileError": "o200k",
+    "O200K_BASE_SHA256": "o200k", "O200K_HARMONY_VOCAB_SIZE": "o200k", "SPECIAL_TOKEN_IDS": "o200k",
+    "HARMONY_STOP_TOKEN_IDS": "o200k", "padded_vocab_size": "o200k",
     # Harmony rendering
     "HarmonyRenderer": "harmony", "HarmonyRenderConfig": "harmony", "HarmonyFormatError": "harmony",
     "render_harmony": "harmony", "make_system_content": "harmony", "load_harmony_encoding_offline": "harmony",

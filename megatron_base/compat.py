@@ -1,13 +1,25 @@
-"""Compatibility fixes for known defects of the pinned ``megatron-core==0.16.1``.
+"""Compatibility fixes for known defects of the pinned ``megatron-core==0.16.1``, and the named
+accessors of the Megatron / torch internals this library uses.
 
-This is the one place where this library touches Megatron or torch internals. Every fix is
-named, documented with the defect it works around (ids from ``spec/megatron_base.md`` §2.2/§3),
-applied idempotently by :func:`apply`, recorded in :func:`applied`, and reversible with
-:func:`remove` (tests use that). Fixes fall in two groups:
+This is the one place where this library touches Megatron or torch internals
+(docs/design.md#compat-fixes lists the defects and the rule). It holds two kinds of things:
+
+* **Fixes** (patches): every fix is named, documented with the defect it works around, applied
+  idempotently by :func:`apply`, recorded in :func:`applied` (the debug dump lists them), and
+  reversible with :func:`remove` (tests use that).
+* **Accessors** (no patching): a documented function for each private Megatron or torch
+  internal that the library reads or calls (:func:`common_per_param_step`,
+  :func:`float16_model_and_main_params_data`, :func:`update_router_expert_bias`,
+  :func:`router_fp32_expert_bias`, :func:`router_apply_aux_losses`,
+  :func:`gpt_dataset_sample_from`, :func:`module_call_impl`,
+  :func:`set_module_compiled_call`, :func:`moe_aux_loss_scale`), so that an upgrade of either
+  has one file to check.
+
+Fixes fall in two groups:
 
 Device-independent (applied on every machine):
 
-* ``te_general_gemm`` (H7, fix S4): ``megatron.core.transformer.moe.moe_utils`` only defines
+* ``te_general_gemm``: ``megatron.core.transformer.moe.moe_utils`` only defines
   ``te_general_gemm`` when Transformer Engine imports, but ``RouterGatingLinearFunction`` reads
   it unconditionally, so MoE routing raises ``NameError`` without TE -- on GPU as well. Fix:
   define the module attribute as ``None`` (the code then takes its plain ``torch`` path).
@@ -15,29 +27,29 @@ Device-independent (applied on every machine):
 CPU-only (applied only when ``torch.cuda.is_available()`` is False, so they can never change
 what runs on a GPU machine):
 
-* ``cuda_current_device`` (H1-H5, fix S1): six construction/forward sites pass
-  ``torch.cuda.current_device()`` as a device (DotProductAttention's ``softmax_offset``, the
-  router's ``expert_bias`` buffers and its gating, RotaryEmbedding's ``inv_freq``, the global
-  memory buffer). On a machine without CUDA that call raises; the fix returns ``"cpu"``.
-* ``cpu_mask_builders`` (H6, fix S2): ``get_sliding_window_causal_mask`` and
-  ``get_default_causal_mask`` hardcode ``device="cuda"``; ``fused_softmax`` imports them by
-  name, so both namespaces get copies with identical math that build the mask on the CPU.
+* ``cuda_current_device``: six construction/forward sites pass ``torch.cuda.current_device()``
+  as a device (DotProductAttention's ``softmax_offset``, the router's ``expert_bias`` buffers and
+  its gating, RotaryEmbedding's ``inv_freq``, the global memory buffer). On a machine without
+  CUDA that call raises; the fix returns ``"cpu"``.
+* ``cpu_mask_builders``: ``get_sliding_window_causal_mask`` and ``get_default_causal_mask``
+  hardcode ``device="cuda"``; ``fused_softmax`` imports them by name, so both namespaces get
+  copies with identical math that build the mask on the CPU.
 * ``cpu_dist_checkpoint_save``: ``dist_checkpointing``'s ``torch_dist`` writer
   (``FileSystemWriterAsync.preload_tensors``) copies tensors to the host with
   ``non_blocking=True`` and then calls ``torch.cuda.synchronize()``, which raises without CUDA.
   The fix makes the copy blocking on a machine without CUDA (nothing to synchronise).
-* The CUDA RNG tracker (H8, fix S3) is not patched: :func:`megatron_base.parallel.init_process`
-  seeds Megatron's *inference* RNG tracker on CPU (public API, a null ``fork()``).
+* The CUDA RNG tracker is not patched: :func:`megatron_base.parallel.init_process` seeds
+  Megatron's *inference* RNG tracker on CPU (public API, a null ``fork()``).
 
-* ``tp_group_warning`` (spec §6.2 break cause 1): ``get_tensor_model_parallel_group_if_none``
-  calls ``warnings.warn`` on rank 0 on *every* forward of a Megatron linear layer (deprecated
-  ``tp_group=None``). Dynamo cannot trace ``warnings.warn``, so every ``RowParallelLinear``
-  breaks the graph, and only on rank 0 (ranks would capture different graphs). The fix installs,
-  in every ``megatron.*`` namespace that imported it by name, an equivalent that returns the same
-  group without the warning.
+* ``tp_group_warning`` (a graph break, docs/design.md#compilation):
+  ``get_tensor_model_parallel_group_if_none`` calls ``warnings.warn`` on rank 0 on *every*
+  forward of a Megatron linear layer (deprecated ``tp_group=None``). Dynamo cannot trace
+  ``warnings.warn``, so every ``RowParallelLinear`` breaks the graph, and only on rank 0 (ranks
+  would capture different graphs). The fix installs, in every ``megatron.*`` namespace that
+  imported it by name, an equivalent that returns the same group without the warning.
 
 Dynamo (used by :func:`dynamo_config`, applied around every compile/capture, any device): MoE
-permutation has data-dependent shapes; two capture flags keep it in one graph (spec §6.2).
+permutation has data-dependent shapes; two capture flags keep it in one graph.
 
 * ``moe_aux_loss_scale`` (any device, read by :func:`moe_aux_loss_scale`): Megatron's
   ``MoEAuxLossAutoScaler`` keeps the main-loss gradient scale of the MoE auxiliary losses in a
@@ -224,7 +236,8 @@ def applied() -> List[str]:
 
 @contextlib.contextmanager
 def dynamo_config():
-    """Dynamo flags that let stock Megatron models capture as one graph (spec §6.2).
+    """Dynamo flags that let stock Megatron models capture as one graph
+    (docs/design.md#compilation).
 
     The two capture flags let MoE permutation's data-dependent shapes stay in the graph (the
     rank-0 ``warnings.warn`` of Megatron's linears is removed by the ``tp_group_warning`` fix, so
@@ -298,3 +311,93 @@ def prime_moe_aux_loss_scale(device) -> torch.Tensor:
         scale = MoEAuxLossAutoScaler.main_loss_backward_scale
     _AUX_SCALE[0] = scale
     return scale
+
+
+# --------------------------------------------------------------------------------------------
+# Accessors: private Megatron / torch internals the library uses, one named function each.
+# Nothing here patches anything; each says what it reaches and what relies on it.
+# --------------------------------------------------------------------------------------------
+
+
+def common_per_param_step(optimizer_state_dict: dict):
+    """Megatron's ``MegatronOptimizer._extract_common_per_param_step`` (private, 0.16.1): the
+    common value of the per-parameter ``step`` entries of a torch optimizer ``state_dict``
+    (``None`` when there is none; ``ValueError`` when they differ), which Megatron's ``torch_dist``
+    optimizer state stores once as ``common_step``. Used by the NorMuon wrappers'
+    ``sharded_state_dict`` (:mod:`vpmoe_compile.optim.megatron_wrappers`)."""
+    from megatron.core.optimizer.optimizer import MegatronOptimizer
+
+    return MegatronOptimizer._extract_common_per_param_step(optimizer_state_dict)
+
+
+def float16_model_and_main_params_data(optimizer) -> Tuple[list, list]:
+    """``(model_data, main_data)`` of a ``Float16OptimizerWithFloat16Params``: the ``.data`` of
+    its bf16 model parameters and of their fp32 main copies, slot-aligned
+    (``_get_model_and_main_params_data_float16``, private, 0.16.1). The NorMuon wrapper copies
+    main -> model with one ``torch._foreach_copy_`` over them instead of Megatron's loop."""
+    return optimizer._get_model_and_main_params_data_float16()
+
+
+def update_router_expert_bias(model_chunks, config) -> None:
+    """The aux-loss-free expert-bias update of ``finalize_model_grads``
+    (``megatron.core.distributed.finalize_model_grads._update_router_expert_bias``, private,
+    0.16.1): every router's ``expert_bias`` moves by ``moe_router_bias_update_rate`` times the
+    sign of (mean count - its ``local_tokens_per_expert`` count), the counts all-reduced over the
+    tensor x context x data-parallel group. It does not reset the counts. Used by
+    :func:`vpmoe_compile.training.update_router_expert_bias` for training loops that do not call
+    ``finalize_model_grads``."""
+    from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
+
+    _update_router_expert_bias(model_chunks, config)
+
+
+def router_fp32_expert_bias(router) -> None:
+    """``TopKRouter._maintain_float32_expert_bias`` (private, 0.16.1): turns the router's
+    ``expert_bias`` back to fp32 (keeping its values) after ``Float16Module`` cast the buffers to
+    bf16. The sparse router calls it before routing and when priming for ``torch.compile``."""
+    router._maintain_float32_expert_bias()
+
+
+def router_apply_aux_losses(router, probs, scores, routing_map, seq_length: int, bsz: int):
+    """``TopKRouter``'s ``_apply_aux_loss``, ``_apply_seq_aux_loss`` and ``_apply_global_aux_loss``
+    (private, 0.16.1), in Megatron's order: each, when its coefficient is set, computes its
+    load-balancing loss from the dense ``scores`` / ``routing_map`` of
+    ``compute_routing_scores_for_aux_loss``, logs it and attaches it to ``probs`` (through the
+    router's ``attach_and_log_load_balancing_loss``, which the sparse router overrides with a
+    traceable one). Returns ``probs``; the sparse router reuses them so that the losses are
+    Megatron's own."""
+    probs = router._apply_aux_loss(probs, scores, routing_map)
+    probs = router._apply_seq_aux_loss(probs, scores, routing_map, seq_length, bsz)
+    return router._apply_global_aux_loss(probs, scores, routing_map)
+
+
+def gpt_dataset_sample_from(dataset, indexed_dataset, idx: int):
+    """What Megatron's ``GPTDataset`` sample ``idx`` reads from ``indexed_dataset`` instead of its
+    own token dataset: ``GPTDataset._query_document_sample_shuffle_indices`` (private, 0.16.1)
+    with ``dataset.dataset`` swapped for the call (and restored), so the document / sample /
+    shuffle indices -- cross-document packing and padding included -- are exactly the ones of the
+    tokens. ``indexed_dataset`` must have the tokens' sequence and document layout. Returns
+    Megatron's ``(array, document ids)``. Used for the loss-mask dataset
+    (:class:`megatron_base.dataset.LossMaskedGPTDataset`)."""
+    tokens_dataset = dataset.dataset
+    dataset.dataset = indexed_dataset
+    try:
+        return dataset._query_document_sample_shuffle_indices(idx)
+    finally:
+        dataset.dataset = tokens_dataset
+
+
+def module_call_impl(module: torch.nn.Module) -> Callable:
+    """The module's ``_call_impl`` (torch internal): its forward wrapped with the forward hooks
+    and pre-hooks -- what ``nn.Module.compile`` compiles. :func:`set_module_compiled_call`
+    installs the compiled replacement."""
+    return module._call_impl
+
+
+def set_module_compiled_call(module: torch.nn.Module, call: Callable) -> None:
+    """Make ``module(...)`` run ``call`` in place of :func:`module_call_impl`, as
+    ``nn.Module.compile`` does (it sets the internal ``_compiled_call_impl``, which
+    ``nn.Module.__call__`` prefers): the module tree, parameter names, hooks and state-dict keys
+    stay as they are. Used by :func:`vpmoe_compile.compile` with its own wrapper around the
+    compiled region (``dynamo_config``)."""
+    module._compiled_call_impl = call

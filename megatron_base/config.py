@@ -2,7 +2,7 @@
 
 A config file has the sections and keys of the reference fork's ``configs/vpmoe.toml``
 (``[meta] [tokenizer] [model] [attention] [tpa] [grape] [moe] [optimizer]``) plus a few keys
-the fork passed on its command line (documented per field below). ``load_config`` accepts a
+the fork passed on its command line (documented per field below) and our own ``[kernels]``. ``load_config`` accepts a
 preset name (``tiny``, ``vpmoe-8l``, ``vpmoe``) or a path, rejects unknown sections and keys
 and invalid values with an error that names the key and what is allowed, and returns a
 :class:`VpMoEConfig`.
@@ -28,8 +28,9 @@ A file never silently inherits the dataclass defaults (which are the 80-layer, 2
   ``rotary_base``, ``expert_ffn_hidden_size = 0`` and the fused-kernel switches). This is
   the shape of the fork's own ``configs/vpmoe.toml`` and of the shipped presets.
 
-``[meta]`` and ``[optimizer]`` are optional in both cases: the optimizer keys default to the
-fork's training settings (listed on :class:`OptimizerSection`). An empty file is an error
+``[meta]``, ``[optimizer]`` and ``[kernels]`` are optional in both cases: the optimizer keys
+default to the fork's training settings (listed on :class:`OptimizerSection`), the kernel keys
+to automatic choices (:class:`KernelsSection`). An empty file is an error
 that says so ("states no model").
 
 Value domains
@@ -39,7 +40,7 @@ Every key has a domain, checked when the file is loaded, and an error names the 
 refused), learning rates and coefficients ``>= 0``, betas and momenta in ``[0, 1)`` (1 never
 forgets), epsilons and standard deviations ``> 0``, dropout in ``[0, 1)``, sizes and counts
 ``>= 1``, ``[tokenizer] vocab_size`` at least the tokenizer's vocabulary (201,088 ids for
-o200k Harmony, read from :mod:`megatron_base.tokenizer`) and a multiple of 128; cross-key
+o200k Harmony, read from :mod:`megatron_base.o200k`) and a multiple of 128; cross-key
 rules (head groups dividing the heads, router groups, ``min_lr <= lr``, ...) are checked on
 the whole config by :meth:`VpMoEConfig.validate`.
 
@@ -68,12 +69,12 @@ PRESETS = ("tiny", "vpmoe-8l", "vpmoe")
 
 
 def _tokenizer_vocab_size() -> int:
-    """``O200K_HARMONY_VOCAB_SIZE`` of :mod:`megatron_base.tokenizer`, read from its source.
+    """``O200K_HARMONY_VOCAB_SIZE`` of :mod:`megatron_base.o200k`, read from its source.
 
-    Importing the tokenizer module would import Megatron and tiktoken; the constant is a
+    Importing the encoding module would import Megatron and tiktoken; the constant is a
     literal, so it is read off the module's syntax tree instead (one source of truth).
     """
-    path = Path(__file__).resolve().parent / "tokenizer.py"
+    path = Path(__file__).resolve().parent / "o200k.py"
     for node in ast.parse(path.read_text()).body:
         if isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
@@ -84,7 +85,8 @@ def _tokenizer_vocab_size() -> int:
     raise RuntimeError(f"{path} defines no integer O200K_HARMONY_VOCAB_SIZE")  # pragma: no cover
 
 
-#: The o200k Harmony vocabulary (tokenizer spec §1): the smallest ``[tokenizer] vocab_size``.
+#: The o200k Harmony vocabulary (docs/design.md#megatron-ids-and-vocabulary-rows): the smallest
+#: ``[tokenizer] vocab_size``.
 O200K_PADDED_VOCAB = _tokenizer_vocab_size()
 #: Megatron splits the embedding and output rows evenly over tensor-parallel ranks (and pads
 #: vocabularies to ``make_vocab_size_divisible_by = 128`` by default).
@@ -298,11 +300,31 @@ class OptimizerSection:
     clip_grad: float = field(default=1.0, metadata=_meta(ge=0.0, note="0 disables clipping"))
     nan_policy: str = field(default="skip", metadata=_choice("skip", "raise", required=False))
     compile: bool = True
-    #: Capture the NorMuon step into CUDA graphs (CUDA only; spec R6).
+    #: Capture the NorMuon step into CUDA graphs (CUDA only; docs/design.md#banks).
     cuda_graph: bool = False
     #: Polar Express kernels: "auto" (fused Triton kernel for min(m, n) <= 128 on CUDA),
     #: "torch" (batched bmm only) or "triton".
     pe_backend: str = field(default="auto", metadata=_choice("auto", "torch", "triton", required=False))
+
+
+@dataclass
+class KernelsSection:
+    """Which kernels the transformed model runs (not in the fork's TOML; every key optional).
+
+    ``vpmoe_compile.transform`` turns this section into one ``vpmoe_compile.kernels.KernelPolicy``
+    (``transform(..., backend=...)`` overrides ``attention``). The optimizer's kernels are
+    ``[optimizer] pe_backend``.
+    """
+
+    #: Both attention ops (global sink attention, local TPA): "auto" (Triton on CUDA where the
+    #: kernels support the shapes, the PyTorch reference elsewhere), "triton" or "reference".
+    attention: str = field(default="auto", metadata=_choice("auto", "triton", "reference", required=False))
+    #: The window + sink kernels inside the TPA op's Triton path: "own" (its per-head kernels,
+    #: measured faster on the H100) or "shared" (the sink-attention kernels).
+    tpa_attention_middle: str = field(default="own", metadata=_choice("own", "shared", required=False))
+    #: The MoE experts' grouped GEMM: "auto" (torch._grouped_mm on sm90+ bf16, else the
+    #: reference op) or "reference".
+    grouped_gemm: str = field(default="auto", metadata=_choice("auto", "reference", required=False))
 
 
 _SECTIONS = {
@@ -314,6 +336,7 @@ _SECTIONS = {
     "grape": GrapeSection,
     "moe": MoESection,
     "optimizer": OptimizerSection,
+    "kernels": KernelsSection,
 }
 
 #: The sections that describe the model (all required without ``[meta] base``).
@@ -344,6 +367,7 @@ class VpMoEConfig:
     grape: GrapeSection = field(default_factory=GrapeSection)
     moe: MoESection = field(default_factory=MoESection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    kernels: KernelsSection = field(default_factory=KernelsSection)
     source: str = ""
 
     # ---- derived quantities -----------------------------------------------------------

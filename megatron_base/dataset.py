@@ -3,7 +3,7 @@
 Input: a JSONL file, one document per line, either
 
 * ``{"text": "..."}`` - a pretraining document, encoded with ``encode_ordinary`` semantics
-  (special-token text stays text, D2); every token has loss mask 1, or
+  (special-token text stays text, docs/design.md#special-tokens); every token has loss mask 1, or
 * ``{"messages": [...]}`` - a Harmony conversation (openai-harmony's JSON form, see
   :mod:`megatron_base.harmony`), rendered exactly like openai-harmony's
   ``render_conversation_for_training``; loss mask per :class:`HarmonyRenderConfig`.
@@ -69,6 +69,7 @@ import torch
 from megatron.core.datasets.gpt_dataset import GPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
+from megatron_base import compat
 from megatron_base.harmony import (
     HarmonyFormatError,
     HarmonyRenderConfig,
@@ -197,7 +198,7 @@ class _LineProcessor:
             vocab_path, surrogate_errors=render_cfg.surrogate_errors
         )
         self.renderer = HarmonyRenderer(render_cfg, tokenizer=self.tokenizer)
-        self._lib = self.tokenizer._tokenizer
+        self._lib = self.tokenizer.o200k_library
 
     def document(self, line: bytes) -> Tuple[str, Optional[np.ndarray], Optional[np.ndarray]]:
         """-> (kind, ids, mask); kind in {"text", "conversation", "blank"}; raises ValueError."""
@@ -867,12 +868,7 @@ class LossMaskedGPTDataset(GPTDataset):
 
     def __getitem__(self, idx: Optional[int]) -> Dict[str, torch.Tensor]:
         sample = super().__getitem__(idx)
-        tokens_dataset = self.dataset
-        self.dataset = self.mask_dataset
-        try:
-            m, _ = self._query_document_sample_shuffle_indices(0 if idx is None else idx)
-        finally:
-            self.dataset = tokens_dataset
+        m, _ = compat.gpt_dataset_sample_from(self, self.mask_dataset, 0 if idx is None else idx)
         m = torch.from_numpy(np.clip(m, 0, 1)).float()  # padding (-1) -> 0
         if self.config.add_extra_token_to_sequence:
             label_mask = m[1:]

@@ -8,11 +8,11 @@ JSON form (``Conversation.to_json()`` / ``to_dict()``: ``{"messages": [{"role": 
 ``render_conversation_for_training`` for the ``HarmonyGptOss`` encoding (with the same
 ``auto_drop_analysis`` setting), plus a 0/1 mask aligned token by token.
 
-How (spec §4.6, D8): openai-harmony's own BPE is quadratic in the length of one unbroken piece
-(and panics on ~1M-character whitespace runs), so user / assistant / tool messages (and
-system / developer messages whose content is plain text) are serialized here following
-harmony's token grammar (spec §4.2) and every text segment is encoded with the verified
-tiktoken encoding of :mod:`megatron_base.tokenizer` (``encode_ordinary``; harmony encodes
+How (docs/design.md#harmony-rendering): openai-harmony's own BPE is quadratic in the length of
+one unbroken piece (and panics on ~1M-character whitespace runs), so user / assistant / tool
+messages (and system / developer messages whose content is plain text) are serialized here
+following harmony's token grammar (below) and every text segment is encoded with the verified
+tiktoken encoding of :mod:`megatron_base.o200k` (``encode_ordinary``; harmony encodes
 the same segments with the same vocabulary and regex, so the ids are identical - the tests
 compare against openai-harmony). Messages carrying ``SystemContent`` / ``DeveloperContent``
 (their text is templated by harmony's Rust code, tools rendered as TypeScript) are rendered
@@ -26,8 +26,8 @@ Token grammar of one message::
 message with a recipient, else ``<|end|>``; the training render replaces the last token by
 ``<|return|>`` when the last message is an assistant message on channel ``final``.)
 
-Loss mask (D6; ``HarmonyRenderConfig.mask_policy``)
----------------------------------------------------
+Loss mask (``HarmonyRenderConfig.mask_policy``)
+-----------------------------------------------
 * system, developer, user and tool messages: 0 (context).
 * assistant messages, every channel (``analysis``, ``commentary`` tool calls ending in
   ``<|call|>``, ``final`` ending in ``<|end|>`` / ``<|return|>``): 1 - the final
@@ -48,12 +48,15 @@ and its Rust side reads an absent field as None), so an absent ``system_content`
 ``developer_content`` field means null - *not* the Python-side default (``SystemContent()``'s
 identity, cutoff, effort and channels). Unknown keys are errors.
 
-Determinism (spec §4.4): nothing reads the clock; a ``Current date:`` line appears only when
+Determinism: nothing reads the clock; a ``Current date:`` line appears only when
 ``conversation_start_date`` is given. A ``SystemContent`` *object* must set
 ``conversation_start_date`` explicitly (``None`` or a fixed date string, e.g. via
 :func:`make_system_content`) unless ``require_explicit_date=False``, so that a dataset never
-silently depends on defaults. ``auto_drop_analysis`` defaults to ``False`` (D7: keep the
+silently depends on defaults. ``auto_drop_analysis`` defaults to ``False`` (keep the
 chain of thought for distillation); pass ``True`` for harmony's own default.
+
+Imports go one way: this module uses the encoding of :mod:`megatron_base.o200k` and knows
+nothing of :mod:`megatron_base.tokenizer`, whose ``apply_chat_template`` renders through it.
 """
 
 from __future__ import annotations
@@ -83,9 +86,9 @@ from openai_harmony import (
     load_harmony_encoding,
 )
 
-from megatron_base.tokenizer import (
-    O200kHarmonyTokenizer,
-    _LONE_SURROGATE_RE,
+from megatron_base.o200k import (
+    LONE_SURROGATE_RE,
+    O200kHarmonyLibrary,
     find_long_whitespace_runs,
     load_o200k_base_bytes,
 )
@@ -145,14 +148,16 @@ class HarmonyRenderConfig:
 
     Attributes:
         auto_drop_analysis: drop ``analysis`` messages before the first ``final`` message when
-            the last assistant message is ``final`` (harmony's default is True; D7: False).
-        mask_policy: ``"generated"`` (D6, default) or ``"assistant"`` (see module doc).
+            the last assistant message is ``final`` (harmony's default is True; here False:
+            keep the chain of thought for distillation).
+        mask_policy: ``"generated"`` (default) or ``"assistant"`` (see module doc).
         require_explicit_date: ``SystemContent`` must set ``conversation_start_date``.
         cross_check_rate: fraction of conversations (selected deterministically by a hash of
             their ids) also rendered by openai-harmony and compared; a mismatch raises
-            ``RuntimeError``. Default 0.001 (spec §4.6). Conversations with a text piece over
-            20,000 characters are not cross-checked (harmony is quadratic there).
-        surrogate_errors: ``"strict"`` (lone surrogates raise, D10) or ``"replace"``.
+            ``RuntimeError``. Default 0.001 (docs/design.md#harmony-rendering). Conversations
+            with a text piece over 20,000 characters are not cross-checked (harmony is quadratic
+            there).
+        surrogate_errors: ``"strict"`` (lone surrogates raise) or ``"replace"``.
     """
 
     auto_drop_analysis: bool = False
@@ -416,24 +421,27 @@ class HarmonyRenderer:
 
     Args:
         config: :class:`HarmonyRenderConfig`.
-        tokenizer: an :class:`O200kHarmonyTokenizer` (built if omitted).
+        tokenizer: an :class:`~megatron_base.tokenizer.O200kHarmonyTokenizer` whose vocabulary
+            file encodes the text (any object with its ``o200k_library``); omitted: the default
+            vocabulary. The segments are encoded by an
+            :class:`~megatron_base.o200k.O200kHarmonyLibrary` with the config's
+            ``surrogate_errors`` (the tokenizer's own when they agree, else a new one on the
+            same file).
+
+    Attributes:
+        tokenizer: the tokenizer given (``None`` when omitted).
+        library: the :class:`~megatron_base.o200k.O200kHarmonyLibrary` that encodes the text.
     """
 
-    def __init__(
-        self,
-        config: Optional[HarmonyRenderConfig] = None,
-        tokenizer: Optional[O200kHarmonyTokenizer] = None,
-    ) -> None:
+    def __init__(self, config: Optional[HarmonyRenderConfig] = None, tokenizer=None) -> None:
         self.config = config or HarmonyRenderConfig()
-        if tokenizer is None:
-            tokenizer = O200kHarmonyTokenizer(surrogate_errors=self.config.surrogate_errors)
-        lib = tokenizer._tokenizer
-        if lib.surrogate_errors != self.config.surrogate_errors:
-            tokenizer = O200kHarmonyTokenizer(
-                tokenizer.path, surrogate_errors=self.config.surrogate_errors
+        lib = tokenizer.o200k_library if tokenizer is not None else None
+        if lib is None or lib.surrogate_errors != self.config.surrogate_errors:
+            lib = O200kHarmonyLibrary(
+                lib.path if lib is not None else None, surrogate_errors=self.config.surrogate_errors
             )
-            lib = tokenizer._tokenizer
         self.tokenizer = tokenizer
+        self.library = lib
         self._lib = lib
         self._enc_cache: Dict[str, List[int]] = {}
         self._harmony_cache: Dict[Tuple[str, bool], Tuple[List[int], str]] = {}
@@ -463,7 +471,7 @@ class HarmonyRenderer:
             self.preamble_hashes.add(hit[1])
             return hit[0]
         for s in _walk_strings(msg.to_dict()):
-            m = _LONE_SURROGATE_RE.search(s)
+            m = LONE_SURROGATE_RE.search(s)
             if m is not None:
                 raise HarmonyFormatError(
                     f"messages[{index}]: text contains a lone surrogate "
@@ -600,7 +608,7 @@ class HarmonyRenderer:
         return ids, mask
 
     def render_with_spans(self, conversation) -> Tuple[List[int], List[int], List[int]]:
-        """:meth:`render` plus a span id per token (the vpMoE fork's ``span_id``, D6):
+        """:meth:`render` plus a span id per token (the vpMoE fork's ``span_id``):
         :data:`SPAN_CONTEXT` (0) for non-assistant messages, :data:`SPAN_ANALYSIS` (1) and
         :data:`SPAN_FINAL` (2) for assistant messages on those channels,
         :data:`SPAN_COMMENTARY` (3) for ``commentary`` (preambles, tool calls) and

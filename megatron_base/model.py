@@ -51,7 +51,7 @@ def check_stock_buildable(cfg: VpMoEConfig) -> None:
 
     Megatron itself would fail later with a bare assert (bias + shared expert) or an in-place
     autograd error in the first backward (biased SequentialMLP experts); see
-    spec/megatron_base.md §4.
+    docs/design.md#decisions.
     """
     m, moe = cfg.model, cfg.moe
     if m.add_bias_linear and moe.num_experts and moe.shared_expert:
@@ -95,7 +95,7 @@ def transformer_config_from_vpmoe(
     """The stock ``TransformerConfig`` for a vpMoE config (no library-specific fields).
 
     ``no_rope_freq`` is set to the global-layer schedule so that global layers are NoPE in the
-    stock base (where GRAPE-A goes), local layers get RoPE (spec/megatron_base.md §10.4).
+    stock base (where GRAPE-A goes), local layers get RoPE (docs/design.md#decisions).
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 

@@ -28,7 +28,7 @@ def init_process(
     one process on a free loopback port. ``backend`` defaults to ``nccl`` when CUDA is
     available, else ``gloo``. It also seeds Megatron's RNG trackers: the CUDA tracker on GPU,
     the inference tracker (whose ``fork()`` is a null context) on CPU, where the CUDA one
-    would call ``torch.cuda.get_rng_state`` (spec/megatron_base.md §2.2 S3). The compat fixes
+    would call ``torch.cuda.get_rng_state`` (docs/design.md#compat-fixes). The compat fixes
     of :mod:`megatron_base.compat` are applied first.
     """
     from megatron.core import parallel_state

@@ -114,9 +114,19 @@ class PassContext:
     plan: Any = None  # passes.layer_plan.LayerPlan, set by the layer-plan pass
     results: List[PassResult] = field(default_factory=list)
     options: Dict[str, Any] = field(default_factory=dict)
+    kernels: Any = None  # vpmoe_compile.kernels.KernelPolicy, set by transform; see kernel_policy()
 
     def ran(self, name: str) -> bool:
         return any(r.name == name for r in self.results)
+
+    def kernel_policy(self):
+        """The kernel policy the passes hand to the modules they install: the one ``transform``
+        resolved (:attr:`kernels`), or for a context built by hand the one of its config."""
+        if self.kernels is None:
+            from vpmoe_compile.kernels import KernelPolicy
+
+            self.kernels = KernelPolicy.from_config(self.cfg)
+        return self.kernels
 
 
 class Pass:

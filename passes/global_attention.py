@@ -2,7 +2,8 @@
 
 The stock ``DotProductAttention`` of every global (full causal) layer is replaced by a module
 calling the Triton flash kernel ``vpmoe_compile.ops.sink_attention`` (causal, GQA without
-expanding K/V, learnable sink; ALiBi once the GRAPE pass installs GRAPE-A). The stock learnable
+expanding K/V, learnable sink; ALiBi once the GRAPE pass installs GRAPE-A), or its PyTorch
+reference, as the transform's kernel policy says (``[kernels] attention``). The stock learnable
 offset parameter is carried over as the sink: the same ``nn.Parameter`` object under the same
 name (``...core_attention.softmax_offset``), so values, optimizer routing and checkpoints are
 unchanged. On its own this pass changes no semantics (stock masks with -10000, the kernel with
@@ -20,9 +21,6 @@ class GlobalAttentionPass(Pass):
     name = "global_attention"
     requires = ("layer_plan",)
 
-    def __init__(self, backend: str = "auto"):
-        self.backend = backend
-
     def check(self, ctx: PassContext) -> None:
         cfg = ctx.model.config
         if cfg.attention_dropout:
@@ -32,6 +30,12 @@ class GlobalAttentionPass(Pass):
             )
         if cfg.softmax_type not in ("learnable", "vanilla", "off-by-one"):
             raise PassError(f"softmax_type {cfg.softmax_type!r} is not supported")
+        from vpmoe_compile.kernels import KernelPolicyError
+
+        try:
+            ctx.kernel_policy().backend("sink_attention", {"head_dim": cfg.kv_channels})
+        except KernelPolicyError as exc:
+            raise PassError(f"global attention: {exc}") from None
 
     def sites(self, ctx: PassContext) -> List[str]:
         return [l.attention_path + ".core_attention" for l in ctx.plan.global_layers]
@@ -41,15 +45,19 @@ class GlobalAttentionPass(Pass):
 
         from vpmoe_compile.modules.attention import SinkCoreAttention
 
+        kernels = ctx.kernel_policy()
+        backend = None
         for layer in ctx.plan.global_layers:
             path = layer.attention_path + ".core_attention"
             stock = ctx.model.get_submodule(path)
             if not isinstance(stock, DotProductAttention):
                 raise PassError(f"{path} is {type(stock).__name__}, expected the stock DotProductAttention")
-            self.replace_module(ctx.model, path, SinkCoreAttention(stock, backend=self.backend), result)
+            core = SinkCoreAttention(stock, kernels)
+            backend = core.backend
+            self.replace_module(ctx.model, path, core, result)
             result.sites.append(path)
         result.summary = (
             f"{len(result.sites)} global layers: DotProductAttention -> SinkCoreAttention "
-            f"(flash kernel, causal + sink, backend={self.backend})"
+            f"(flash kernel, causal + sink, backend={backend or kernels.attention})"
         )
         result.notes.append("softmax_offset carried over as the sink (same parameter, same name)")

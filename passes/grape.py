@@ -1,4 +1,4 @@
-"""GRAPE pass: GRAPE-M on local layers, GRAPE-A (ALiBi) on global layers (spec/grape.md).
+"""GRAPE pass: GRAPE-M on local layers, GRAPE-A (ALiBi) on global layers (docs/design.md#grape).
 
 * ``model.rotary_pos_emb``: stock ``RotaryEmbedding`` -> :class:`GrapeMRotaryEmbedding`, one
   learnable fp32 ``log_freq [d/2]`` for the whole model (state-dict key
@@ -11,7 +11,7 @@
 
 Refused before anything changes: per-head frequencies, a model without a rotary table
 (``position_embedding_type`` other than ``'rope'``), TP or PP > 1 (the shared ``log_freq`` would
-need TP/PP gradient reductions, spec D11), MLA.
+need TP/PP gradient reductions, docs/design.md#grape), MLA.
 """
 
 from __future__ import annotations

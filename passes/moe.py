@@ -59,10 +59,6 @@ class MoEPass(Pass):
     name = "moe"
     requires = ("layer_plan",)
 
-    def __init__(self, backend: str = "auto"):
-        # The attention backends' "triton" means "the fast path": grouped_mm's "auto".
-        self.gemm_backend = "reference" if backend == "reference" else "auto"
-
     def _moe_layers(self, ctx: PassContext):
         return [layer for layer in ctx.plan.layers if layer.mlp == "moe"]
 
@@ -99,10 +95,11 @@ class MoEPass(Pass):
         from vpmoe_compile.modules.moe import GroupedMoELayer
 
         layers = self._moe_layers(ctx)
+        kernels = ctx.kernel_policy()  # [kernels] grouped_gemm
         before = sum(1 for _ in ctx.model.parameters())
         for layer in layers:
             stock = ctx.model.get_submodule(layer.mlp_path)
-            self.replace_module(ctx.model, layer.mlp_path, GroupedMoELayer.from_stock(stock, self.gemm_backend), result)
+            self.replace_module(ctx.model, layer.mlp_path, GroupedMoELayer.from_stock(stock, kernels), result)
             result.sites.append(layer.mlp_path)
         after = sum(1 for _ in ctx.model.parameters())
         if not layers:
@@ -117,7 +114,7 @@ class MoEPass(Pass):
         )
         result.data["parameter_tensors"] = {"before": before, "after": after}
         result.data["experts_per_layer"] = E
-        result.data["grouped_mm_backend"] = self.gemm_backend
+        result.data["grouped_mm_backend"] = kernels.grouped_gemm
         result.notes.append(
             "expert weights stacked (same values: slice e of experts.linear_fcX.weight is the stock "
             "local_experts.e.linear_fcX.weight); router and shared expert are the same tensors"

@@ -1,6 +1,6 @@
 """Read-only pass: the optimizer routing table of the transformed model.
 
-Every parameter's role for :func:`vpmoe_compile.build_optimizer` (spec/normuon.md §4): which
+Every parameter's role for :func:`vpmoe_compile.build_optimizer` (docs/design.md#the-optimizer): which
 group (NorMuon matrix / per-expert / per-Q,K,V / per-TPA-factor, or AdamW), its lr and weight
 decay. It runs last so the table covers the parameters the earlier passes created; it changes
 nothing, it records the table for the debug dump and attaches it as

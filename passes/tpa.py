@@ -10,8 +10,10 @@ For each local layer, ``self_attention`` (the GRAPE pass's :class:`VpMoESelfAtte
   factors to output (bias, QK RMSNorm, GRAPE-M, window, sink), the stock sink carried over.
 
 Global layers are untouched. Refused before anything changes: TP > 1 on local layers, per-head
-GRAPE, ranks the kernel cannot do (non-powers of two: ``/R`` must be exact in bf16), attention
-dropout, no window, an unsupported QK norm.
+GRAPE, ranks that are not powers of two (``/R`` must be exact in bf16), attention dropout, no
+window, an unsupported QK norm, and ``[kernels] attention = "triton"`` where the Triton kernels
+cannot run the shapes (the kernel policy asks the kernels' own ``supports``; with ``"auto"`` the
+local layers then run the op's PyTorch reference, and the pass notes it).
 """
 
 from __future__ import annotations
@@ -27,18 +29,14 @@ def _pow2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
 
-def triton_kernel_supports(head_dim: int, q_rank: int, kv_rank: int) -> bool:
-    """The Triton TPA kernels tile the two rotation halves with ``tl.dot``: they need
-    ``head_dim / 2`` a power of two >= 16 and ranks <= 4 (the reference backend takes any)."""
-    return _pow2(head_dim // 2) and head_dim // 2 >= 16 and q_rank <= 4 and kv_rank <= 4
+def _kernel_shapes(head_dim: int, tpa_cfg) -> dict:
+    """The named sizes the TPA kernels' ``supports`` judges."""
+    return {"head_dim": head_dim, "q_rank": tpa_cfg.tpa_q_rank, "kv_rank": tpa_cfg.tpa_rank}
 
 
 class TPAPass(Pass):
     name = "tpa"
     requires = ("layer_plan", "grape")
-
-    def __init__(self, backend: str = "auto"):
-        self.backend = backend
 
     def check(self, ctx: PassContext) -> None:
         t, tcfg = ctx.cfg.tpa, ctx.model.config
@@ -62,12 +60,12 @@ class TPAPass(Pass):
         d = tcfg.kv_channels
         if not _pow2(d):
             raise PassError(f"the TPA op needs a power-of-two head dim, got {d}")
-        if self.backend == "triton" and not triton_kernel_supports(d, t.tpa_q_rank, t.tpa_rank):
-            raise PassError(
-                f"backend='triton': the TPA Triton kernels need head_dim/2 a power of two >= 16 and "
-                f"ranks <= 4 (got head_dim {d}, q rank {t.tpa_q_rank}, kv rank {t.tpa_rank}); use "
-                "backend='auto' (falls back to the PyTorch reference) or a larger head dim"
-            )
+        from vpmoe_compile.kernels import KernelPolicyError
+
+        try:
+            ctx.kernel_policy().backend("tpa_attention", _kernel_shapes(d, t))
+        except KernelPolicyError as exc:
+            raise PassError(f"TPA: {exc}") from None
         if tcfg.qk_layernorm and tcfg.normalization != "RMSNorm":
             raise PassError("TPA's fused QK-norm is RMSNorm; the model uses " + tcfg.normalization)
         if getattr(tcfg, "qk_l2_norm", False):
@@ -83,9 +81,9 @@ class TPAPass(Pass):
         model, cfg, plan = ctx.model, ctx.cfg, ctx.plan
         tcfg = model.config
         window = tcfg.window_size[0] + 1
-        backend = self.backend
-        if backend == "auto" and not triton_kernel_supports(plan.head_dim, cfg.tpa.tpa_q_rank, cfg.tpa.tpa_rank):
-            backend = "reference"
+        kernels = ctx.kernel_policy()
+        backend = kernels.backend("tpa_attention", _kernel_shapes(plan.head_dim, cfg.tpa))
+        if backend != kernels.attention:  # "auto" where the kernels cannot run these shapes
             result.notes.append(
                 f"head_dim {plan.head_dim} / ranks ({cfg.tpa.tpa_q_rank}, {cfg.tpa.tpa_rank}) are outside the "
                 "Triton kernels' tiles: the local layers use the PyTorch reference of the fused op"
@@ -121,7 +119,7 @@ class TPAPass(Pass):
             self.replace_module(model, layer.attention_path + ".linear_qkv", proj, result)
             core = TPACoreAttention(
                 prev.core_attention, window=window, q_rank=cfg.tpa.tpa_q_rank, kv_rank=cfg.tpa.tpa_rank,
-                eps=eps, backend=backend,
+                eps=eps, kernels=kernels,
             )
             self.replace_module(model, layer.attention_path + ".core_attention", core, result)
             result.sites.append(layer.attention_path)
@@ -131,6 +129,7 @@ class TPAPass(Pass):
             f"{len(result.sites)} local layers {[l.layer_number for l in plan.local_layers]}"
         )
         result.data["factor_rows"] = [list(r) for r in rows]
+        result.data["kernels"] = {"backend": backend, "attention_middle": kernels.tpa_attention_middle}
         result.notes.append(
             "linear_qkv.weight is one packed factor weight per layer (rows: "
             + ", ".join(f"{n} {r}" for n, r in rows) + "); the QKV bias and the sink are carried over"

@@ -49,9 +49,9 @@ def unwrap_gpt(model: nn.Module) -> nn.Module:
 
 
 def _compile_module(module: nn.Module, **kwargs) -> None:
-    from megatron_base.compat import dynamo_config
+    from megatron_base.compat import dynamo_config, module_call_impl, set_module_compiled_call
 
-    call_impl = module._call_impl
+    call_impl = module_call_impl(module)
 
     def region(*args, **kw):  # a frame of ours: TorchDynamo skips torch.nn's own frames as roots
         return call_impl(*args, **kw)
@@ -63,7 +63,7 @@ def _compile_module(module: nn.Module, **kwargs) -> None:
         with dynamo_config():
             return compiled(*args, **kw)
 
-    module._compiled_call_impl = call
+    set_module_compiled_call(module, call)
 
 
 def compile(

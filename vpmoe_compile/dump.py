@@ -174,6 +174,10 @@ def _write_pages(d: Path, model, cfg, record) -> None:
     if record.plan is not None:
         index.append("\n## Layer plan\n")
         index.append(_md_table(record.plan.table(), ["layer_number", "kind", "mlp", "attention_path", "mlp_path", "window"]))
+    kernels = record.kernels.to_dict() if getattr(record, "kernels", None) is not None else None
+    if kernels is not None:
+        index.append("\n## Kernel policy (vpmoe_compile.kernels)\n")
+        index += [f"- {k}: `{v}`" for k, v in kernels.items()]
     index.append("\n## Compat fixes in force (megatron_base.compat)\n")
     index += [f"- `{n}`" for n in compat.applied()] or ["- none"]
     index.append("\n## Config\n")
@@ -188,6 +192,7 @@ def _write_pages(d: Path, model, cfg, record) -> None:
         "time_s": record.time_s,
         "parameters": counts,
         "plan": record.plan.table() if record.plan is not None else None,
+        "kernels": kernels,
         "compat": compat.applied(),
         "versions": _versions(),
         "passes": [dict(r.to_json(), file=f) for r, f in zip(record.results, files)],

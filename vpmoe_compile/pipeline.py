@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from megatron_base.config import VpMoEConfig, load_config
+from vpmoe_compile.kernels import KernelPolicy
 from passes.base import Pass, PassContext, PassError, PassManager, PassResult
 
 DUMP_ENV = "VPMOE_DUMP_DIR"
@@ -47,6 +48,7 @@ class TransformRecord:
     time_s: float
     dump_dir: Optional[str] = None
     plan: Any = None
+    kernels: Optional[KernelPolicy] = None  # the kernel policy the passes handed to the modules
 
     def summary(self) -> str:
         lines = [f"vpmoe_compile.transform: {len(self.passes)} passes in {self.time_s:.2f} s"]
@@ -60,25 +62,27 @@ class TransformRecord:
         return "\n".join(lines)
 
 
-def available_passes(backend: str = "auto") -> Dict[str, Pass]:
+def available_passes() -> Dict[str, Pass]:
+    """The registered passes by name. Kernel choices are not a pass's: every pass reads the
+    transform's :class:`~vpmoe_compile.kernels.KernelPolicy` from its context."""
     from passes import GlobalAttentionPass, GrapePass, LayerPlanPass, MoEPass, OptimizerRoutingPass, TPAPass
     from passes import FusedHeadPass
 
     return {
         "layer_plan": LayerPlanPass(),
-        "global_attention": GlobalAttentionPass(backend=backend),
+        "global_attention": GlobalAttentionPass(),
         "grape": GrapePass(),
-        "tpa": TPAPass(backend=backend),
-        "moe": MoEPass(backend=backend),
+        "tpa": TPAPass(),
+        "moe": MoEPass(),
         "fused_head": FusedHeadPass(),
         "optimizer_routing": OptimizerRoutingPass(),
     }
 
 
-def default_pipeline(cfg: VpMoEConfig, backend: str = "auto", extra: Sequence[str] = ()) -> List[Pass]:
+def default_pipeline(cfg: VpMoEConfig, extra: Sequence[str] = ()) -> List[Pass]:
     """The passes the config asks for, in order; ``extra`` adds further registered passes
     before the final routing pass."""
-    allp = available_passes(backend)
+    allp = available_passes()
     names = ["layer_plan", "global_attention"]
     if cfg.attention.position_embedding_type == "grapem":
         names.append("grape")
@@ -347,16 +351,16 @@ def _check_cfg_matches(cfg: VpMoEConfig, model) -> None:
         )
 
 
-def _resolve_passes(passes, cfg, backend) -> List[Pass]:
+def _resolve_passes(passes, cfg) -> List[Pass]:
     if passes is None:
-        return default_pipeline(cfg, backend)
+        return default_pipeline(cfg)
     if isinstance(passes, (str, Pass)):
         raise TransformError(
             f"passes must be a list of pass names or Pass objects, got the single {type(passes).__name__} "
             f"{passes if isinstance(passes, str) else passes.name!r}; write passes=[...] (e.g. "
             "passes=['layer_plan', 'tpa'])"
         )
-    allp = available_passes(backend)
+    allp = available_passes()
     out = []
     for p in passes:
         if isinstance(p, Pass):
@@ -377,7 +381,7 @@ def transform(
     passes: Optional[Sequence[Union[str, Pass]]] = None,
     dump_dir: Union[str, os.PathLike, None] = None,
     verify: str = "auto",
-    backend: str = "auto",
+    backend: Optional[str] = None,
     progress: Optional[bool] = None,
 ) -> nn.Module:
     """Rewrite a stock Megatron-Core ``GPTModel`` into the vpMoE architecture, in place.
@@ -390,8 +394,12 @@ def transform(
             pipeline the config asks for (:func:`default_pipeline`).
         dump_dir: write the debug dump here (also taken from ``$VPMOE_DUMP_DIR``).
         verify: ``"auto"`` | ``"forward"`` | ``"params"`` (see :class:`PassManager`).
-        backend: kernel backend of the new attention modules: ``"auto"`` (Triton on CUDA, the
-            PyTorch reference on CPU), ``"triton"`` or ``"reference"``.
+        backend: overrides the config's ``[kernels] attention`` (the backend of both attention
+            ops): ``"auto"`` (Triton on CUDA where the kernels support the shapes, the PyTorch
+            reference elsewhere), ``"triton"`` or ``"reference"``. Default (``None``): the
+            config's value. The other ``[kernels]`` keys (``tpa_attention_middle``,
+            ``grouped_gemm``) come from the config only. The resolved
+            :class:`~vpmoe_compile.kernels.KernelPolicy` is ``model.vpmoe_transform.kernels``.
         progress: print one line per pass (default: when stderr is a terminal).
 
     Returns:
@@ -407,7 +415,11 @@ def transform(
     else:
         cfg = load_config(cfg)
     _check_cfg_matches(cfg, model)
-    pipeline = _resolve_passes(passes, cfg, backend)
+    try:
+        kernels = KernelPolicy.from_config(cfg, attention=backend)
+    except ValueError as exc:
+        raise TransformError(f"transform(backend={backend!r}): {exc}") from None
+    pipeline = _resolve_passes(passes, cfg)
     if dump_dir is None and os.environ.get(DUMP_ENV) is not None:
         dump_dir = os.environ[DUMP_ENV]
     if dump_dir is not None:
@@ -418,7 +430,7 @@ def transform(
         progress = sys.stderr.isatty()
     show = (lambda name, i, n: print(f"[vpmoe_compile] pass {i + 1}/{n}: {name}", file=sys.stderr)) if progress else None
     mgr = PassManager(pipeline, verify=verify, capture_graphs=dump_dir is not None, progress=show)
-    ctx = PassContext(model=model, cfg=cfg)
+    ctx = PassContext(model=model, cfg=cfg, kernels=kernels)
 
     def finish(ctx: PassContext) -> None:
         record = TransformRecord(
@@ -428,6 +440,7 @@ def transform(
             time_s=time.perf_counter() - t0,
             dump_dir=str(dump_dir) if dump_dir is not None else None,
             plan=ctx.plan,
+            kernels=kernels,
         )
         if dump_dir is not None:
             from vpmoe_compile.dump import write_dump

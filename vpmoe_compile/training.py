@@ -67,10 +67,10 @@ def update_router_expert_bias(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     if config is None or not getattr(config, "moe_router_enable_expert_bias", False):
         return
-    from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
+    from megatron_base import compat
 
     with torch.no_grad():
-        _update_router_expert_bias([model], config)
+        compat.update_router_expert_bias([model], config)
         for module in model.modules():
             counts = getattr(module, "local_tokens_per_expert", None)
             if isinstance(counts, torch.Tensor):

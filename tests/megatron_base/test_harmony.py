@@ -91,7 +91,8 @@ def _dev(instructions=None, tools=None, ns=None):
 
 
 def conversations():
-    """>= 30 fixtures covering spec §7 test 5."""
+    """>= 30 fixtures: system / developer contents, tools, channels, recipients, content types,
+    multi-turn chains of thought and edge cases (docs/design.md#tokenizer-tests)."""
     C = Conversation.from_messages
     big = "Unicode Ωμέγα 漢字 🙂 " * 300 + "\n\n" + "    indented code()\n" * 100
     convs = {

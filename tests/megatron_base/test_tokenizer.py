@@ -1,6 +1,6 @@
 """o200k Harmony tokenizer: parity with tiktoken / openai-harmony, policies, bad input.
 
-References (all offline, spec §7): R1 = tiktoken 0.14's registry ``o200k_harmony`` loaded from
+References (all offline, docs/design.md#tokenizer-tests): R1 = tiktoken 0.14's registry ``o200k_harmony`` loaded from
 a pre-seeded temporary ``TIKTOKEN_CACHE_DIR``; R2 = openai-harmony 0.0.8 ``HarmonyGptOss`` with
 ``TIKTOKEN_ENCODINGS_BASE`` pointing at a temporary directory holding the decompressed asset.
 """
@@ -56,7 +56,7 @@ def asset_bytes() -> bytes:
 
 @pytest.fixture(scope="session")
 def r1(tmp_path_factory, asset_bytes):
-    """tiktoken's registry o200k_harmony, offline (spec §2.4 B)."""
+    """tiktoken's registry o200k_harmony, offline (its cache pre-seeded with the asset)."""
     import tiktoken
 
     cache = tmp_path_factory.mktemp("tiktoken-cache")
@@ -107,7 +107,7 @@ def cut_lib() -> O200kHarmonyLibrary:
 
 
 # --------------------------------------------------------------------------------------------
-# The parity corpus (generated; spec §7)
+# The parity corpus (generated; docs/design.md#tokenizer-tests)
 # --------------------------------------------------------------------------------------------
 
 SPECIAL_NAMES = list(SPECIAL_TOKEN_IDS) + ["<|reserved_200018|>", "<|reserved_201087|>"]
@@ -202,7 +202,7 @@ def test_parity_with_tiktoken_and_harmony(tok, r1, r2, corpus):
 
 
 def test_parity_large(tok, r1, r2):
-    """>= 5 MB (spec §7 parity_large): the interpreter's stdlib sources, all subpackages."""
+    """>= 5 MB: the interpreter's stdlib sources, all subpackages."""
     root = Path(sysconfig.get_paths()["stdlib"])
     docs, total = [], 0
     for p in sorted(root.rglob("*.py")):
@@ -282,7 +282,7 @@ def test_fuzz_round_trip(tok, r1, text):
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Special-token policies (D2)
+# 2. Special-token policies (docs/design.md#special-tokens)
 # --------------------------------------------------------------------------------------------
 
 
@@ -322,7 +322,7 @@ def test_policies():
 
 
 # --------------------------------------------------------------------------------------------
-# 3. The table (D1)
+# 3. The table (docs/design.md#special-tokens)
 # --------------------------------------------------------------------------------------------
 
 
@@ -335,7 +335,7 @@ def test_special_table_matches_tiktoken(tok, r1):
     enc = tok.encoding
     for i in range(199_998, 201_088):
         assert enc.decode_single_token_bytes(i) == r1.decode_single_token_bytes(i)
-    # D1 pins the canonical name of the doubly-named id.
+    # The doubly-named id decodes to its canonical name.
     assert tok.detokenize([200_018]) == "<|endofprompt|>"
     assert tok.inv_vocab[200_018] == "<|endofprompt|>"
     assert tok.vocab["<|reserved_200018|>"] == tok.vocab["<|endofprompt|>"] == 200_018
@@ -395,7 +395,8 @@ def test_megatron_interface(tok, tmp_path, asset_bytes):
     ids = tok.tokenize("<|start|>") + [200_006, 200_008] + tok.tokenize("hi")
     assert tok.detokenize(ids, skip_special_tokens=True) == "<|start|>hi"
     assert tok.tokenize("") == [] and tok.detokenize([]) == ""
-    # Path-free cache identity (D12): a copy elsewhere gives the same identifiers.
+    # Path-free cache identity (docs/design.md#megatron-ids-and-vocabulary-rows): a copy
+    # elsewhere gives the same identifiers.
     copy = tmp_path / "elsewhere.tiktoken"
     copy.write_bytes(asset_bytes)
     other = O200kHarmonyTokenizer(copy)
@@ -427,7 +428,7 @@ def test_pickle_round_trip(tok):
 
 
 # --------------------------------------------------------------------------------------------
-# 5. Asset / hash failures (spec §7.6)
+# 5. Asset / hash failures
 # --------------------------------------------------------------------------------------------
 
 
@@ -501,7 +502,7 @@ def test_plain_asset_and_env_override(tmp_path, asset_bytes, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# 6. Bad input (spec §3.2 / §7.7)
+# 6. Bad input (docs/design.md#text-the-encoder-refuses-or-repairs)
 # --------------------------------------------------------------------------------------------
 
 
@@ -582,7 +583,7 @@ def test_whitespace_run_of_a_million(tok, r1):
 def test_find_long_whitespace_runs(monkeypatch):
     import re
 
-    import megatron_base.tokenizer as tokenizer_mod
+    import megatron_base.o200k as o200k_mod  # defines find_long_whitespace_runs
 
     ws = "".join(c for c in WHITESPACE if c not in "\r\n") + "\u2001\u2009"
     pat = {t: re.compile(f"(?<![{ws}])[{ws}]{{{t},}}|^[{ws}]{{{t},}}") for t in (1, 2, 3, 7)}
@@ -609,8 +610,8 @@ def test_find_long_whitespace_runs(monkeypatch):
             touched.append(m.end() - pos)
             return m
 
-    real_re = tokenizer_mod._WS_RUN_RE
-    monkeypatch.setattr(tokenizer_mod, "_WS_RUN_RE", CountingRe())
+    real_re = o200k_mod._WS_RUN_RE
+    monkeypatch.setattr(o200k_mod, "_WS_RUN_RE", CountingRe())
     for text, threshold, want in (
         ((" " * 99_999 + "x") * 20, 100_000, []),
         (("\u3000" * 999 + "y") * 400, 1_000, []),

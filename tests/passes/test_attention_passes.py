@@ -9,7 +9,7 @@ import vpmoe_compile
 from passes.base import PassError
 from tests.conftest import make_batch
 from vpmoe_compile.modules.attention import SinkCoreAttention, VpMoESelfAttention
-from vpmoe_compile.ops.attention_reference import sink_attention_reference
+from vpmoe_compile.ops.sink_attention.reference import sink_attention_reference
 from vpmoe_compile.modules.grape import GrapeA, GrapeMRotaryEmbedding
 from vpmoe_compile.modules.tpa import TPACoreAttention, TPAFactorProjection, TPASelfAttention
 
@@ -107,7 +107,7 @@ def test_tpa_local_layer_matches_the_fork_order_of_operations(tiny_model, tiny_c
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from vpmoe_compile.ops.tpa_reference import fork_mixed_qkv, split_mixed_qkv
+    from vpmoe_compile.ops.tpa_attention.reference import fork_mixed_qkv, split_mixed_qkv
 
     vpmoe_compile.transform(tiny_model)
     sa = tiny_model.decoder.layers[1].self_attention
@@ -196,7 +196,7 @@ def test_bf16_cast_does_not_round_grape_parameters():
     ref = frozen.inv_freq.clone()
     frozen.bfloat16()
     assert frozen.inv_freq.dtype == torch.float32 and torch.equal(frozen.inv_freq, ref)
-    from vpmoe_compile.ops.alibi import alibi_slopes
+    from vpmoe_compile.ops.sink_attention.alibi import alibi_slopes
 
     a = GrapeA(12).bfloat16()
     assert a.slopes.dtype == torch.float32 and torch.equal(a.slopes, alibi_slopes(12))

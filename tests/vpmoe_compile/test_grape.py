@@ -1,4 +1,4 @@
-"""GRAPE-M / GRAPE-A modules (spec/grape.md §8 T1-T5)."""
+"""GRAPE-M / GRAPE-A modules (docs/design.md#grape)."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vpmoe_compile.modules.grape import GrapeA, GrapeMRotaryEmbedding, apply_grape_m, grape_m_cos_sin
-from vpmoe_compile.ops.alibi import alibi_slopes
+from vpmoe_compile.ops.sink_attention.alibi import alibi_slopes
 
 
 def _rotation_matrix(g: GrapeMRotaryEmbedding, n: int, dtype=torch.float64) -> torch.Tensor:

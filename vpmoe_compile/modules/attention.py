@@ -13,7 +13,8 @@ keeps its own forward small and traceable (kernels are ``torch.library`` custom 
   (``forward(query, key, value, attention_mask, ...) -> [s, b, H*d]``): causal attention with
   the learnable sink (the stock ``softmax_offset`` parameter, carried over) and, once the GRAPE
   pass has installed :class:`~vpmoe_compile.modules.grape.GrapeA`, ALiBi — through the Triton
-  flash kernel ``vpmoe_compile.ops.sink_attention``.
+  flash kernel ``vpmoe_compile.ops.sink_attention`` (or its reference, as the kernel policy
+  says: :mod:`vpmoe_compile.kernels`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import Tensor
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from vpmoe_compile.kernels import KernelPolicy
 from vpmoe_compile.modules.grape import apply_grape_m, grape_m_cos_sin
 
 
@@ -133,8 +135,8 @@ class SinkCoreAttention(MegatronModule):
     Args:
         stock: the ``DotProductAttention`` it replaces: its ``softmax_offset`` parameter is
             carried over as the sink (same object, same name), its scale is kept.
-        backend: ``"auto"`` (Triton on CUDA, PyTorch reference on CPU), ``"triton"`` or
-            ``"reference"``.
+        kernels: the model's :class:`~vpmoe_compile.kernels.KernelPolicy` (default: the
+            default policy); ``[kernels] attention`` picks the op's backend.
 
     ``forward(query [s, b, H, d], key [s, b, G, d], value [s, b, G, d], attention_mask, ...)``
     returns ``[s, b, H*d]``. The kernel is causal by construction (no ``[s, s]`` mask or bias is
@@ -142,7 +144,7 @@ class SinkCoreAttention(MegatronModule):
     with a one-time warning, so padding / document masks are not supported.
     """
 
-    def __init__(self, stock, backend: str = "auto"):
+    def __init__(self, stock, kernels: Optional[KernelPolicy] = None):
         super().__init__(config=stock.config)
         if stock.config.attention_dropout and stock.config.attention_dropout > 0:
             raise ValueError(
@@ -155,7 +157,8 @@ class SinkCoreAttention(MegatronModule):
         self.hidden_size_per_attention_head = stock.hidden_size_per_attention_head
         self.softmax_scale = effective_softmax_scale(stock)
         self.tp_group = getattr(stock, "tp_group", None)
-        self.backend = backend
+        self.kernels = kernels if kernels is not None else KernelPolicy()
+        self.backend = self.kernels.backend("sink_attention", {"head_dim": self.hidden_size_per_attention_head})
         self.softmax_type = stock.config.softmax_type
         if stock.config.softmax_type == "learnable":
             self.softmax_offset = stock.softmax_offset

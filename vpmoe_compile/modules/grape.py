@@ -1,8 +1,8 @@
-"""GRAPE positional encoding modules (spec/grape.md).
+"""GRAPE positional encoding modules (docs/design.md#grape).
 
 * :class:`GrapeMRotaryEmbedding` — multiplicative GRAPE with canonical planes and learnable
   frequencies, one ``log_freq [d/2]`` fp32 vector per model shared by all local layers and heads
-  (fork parametrisation, spec §2.2 / D1): ``freq = exp(log_freq / log_freq_scale)``,
+  (the fork's parametrisation, docs/design.md#grape): ``freq = exp(log_freq / log_freq_scale)``,
   initialised to RoPE with the config's base. It replaces the stock ``RotaryEmbedding`` at
   ``model.rotary_pos_emb`` and keeps its call signature, so ``GPTModel`` hands its output (the
   angle table ``[s, 1, 1, d]`` fp32, ``cat(angles, angles)`` like stock) to every layer. No
@@ -31,9 +31,9 @@ class GrapeMRotaryEmbedding(nn.Module):
         rotary_base: RoPE base used for the initialisation (10000).
         log_freq_scale: ``c`` in ``freq = exp(log_freq / c)`` (16; damps the effective lr).
         learnable: learnable frequencies (default). Frozen mode uses the RoPE inverse
-            frequencies directly (bitwise equal to stock RoPE, spec D12).
+            frequencies directly (bitwise equal to stock RoPE).
         share_across_heads: must be True (per-head frequencies cannot be fused with TPA's
-            shared B factors, spec tpa_attention.md §1.3).
+            shared B factors, docs/design.md#grape).
         cp_group: context-parallel group (angles are sliced like stock RoPE).
     """
 
@@ -116,6 +116,9 @@ class GrapeMRotaryEmbedding(nn.Module):
         return seq * transformer_config.context_parallel_size
 
     def _apply(self, fn, *args, **kwargs):
+        # Overrides torch's private nn.Module._apply, the one method every module-wide cast and
+        # move (.to(), .bfloat16(), Float16Module) goes through; an override has to be a method
+        # here, so it cannot live in megatron_base.compat.
         # Module-wide casts such as model.bfloat16() / Float16Module must not round the
         # frequencies: keep exact fp32 copies across the cast and put them back on the new device.
         lf = self.log_freq.detach().clone() if self.log_freq is not None else None
@@ -175,7 +178,7 @@ class GrapeA(nn.Module):
 
     def __init__(self, num_heads: int, tp_rank: int = 0, tp_size: int = 1, device=None):
         super().__init__()
-        from vpmoe_compile.ops.alibi import alibi_slopes
+        from vpmoe_compile.ops.sink_attention.alibi import alibi_slopes
 
         if num_heads % tp_size:
             raise ValueError(f"{num_heads} heads do not split over TP={tp_size}")
@@ -184,10 +187,10 @@ class GrapeA(nn.Module):
         self.num_heads, self.tp_rank, self.tp_size = num_heads, tp_rank, tp_size
         self.register_buffer("slopes", slopes.to(device=device, dtype=torch.float32), persistent=False)
 
-    def _apply(self, fn, *args, **kwargs):
+    def _apply(self, fn, *args, **kwargs):  # torch's private cast hook, as in GrapeMRotaryEmbedding
         super()._apply(fn, *args, **kwargs)
         if self.slopes.dtype != torch.float32:  # recompute: a bf16 cast would have rounded them
-            from vpmoe_compile.ops.alibi import alibi_slopes
+            from vpmoe_compile.ops.sink_attention.alibi import alibi_slopes
 
             per = self.num_heads // self.tp_size
             exact = alibi_slopes(self.num_heads)[self.tp_rank * per : (self.tp_rank + 1) * per]

@@ -123,6 +123,9 @@ class _FusedHeadPostprocess:
             and not has_config_logger_enabled(self.config)
         )
 
+    # Overrides Megatron's private GPTModel._postprocess: the loss is computed there, and an
+    # override has to be a method of the model class, so it cannot live in megatron_base.compat.
+    # The fused_head pass refuses a megatron-core whose _postprocess signature differs.
     def _postprocess(
         self,
         hidden_states,

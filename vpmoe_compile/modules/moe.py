@@ -55,6 +55,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_base import compat
+from vpmoe_compile.kernels import KernelPolicy
 from vpmoe_compile.ops.grouped_mm import grouped_mm
 
 __all__ = [
@@ -151,7 +152,7 @@ class SparseTopKRouter(TopKRouter):
         """Create what the first forward would create (tracker entries, fp32 expert bias, the
         aux-loss scale), so a compiled forward never mutates global structure and is not
         recompiled at the second step."""
-        self._maintain_float32_expert_bias()
+        compat.router_fp32_expert_bias(self)
         device = self.weight.device
         compat.prime_moe_aux_loss_scale(device)
         if self.log_aux_losses:
@@ -247,7 +248,7 @@ class SparseTopKRouter(TopKRouter):
             them already).
         """
         if not torch.compiler.is_compiling():
-            self._maintain_float32_expert_bias()  # Float16Module casts buffers to bf16
+            compat.router_fp32_expert_bias(self)  # Float16Module casts buffers to bf16
         router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(self.config.moe_router_dtype, hidden.dtype)
         logits = router_gating_linear(hidden, self.weight, self.bias, router_dtype)
         seq_length, bsz = logits.shape[:2]
@@ -256,9 +257,9 @@ class SparseTopKRouter(TopKRouter):
         probs, idx = self.topk_sparse(logits)
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
             routing_map, scores = compute_routing_scores_for_aux_loss(logits, self.topk, self.score_function)
-            probs = self._apply_aux_loss(probs, scores, routing_map)
-            probs = self._apply_seq_aux_loss(probs, scores, routing_map, seq_length, bsz)
-            probs = self._apply_global_aux_loss(probs, scores, routing_map)
+            probs = compat.router_apply_aux_losses(
+                self, probs, scores, routing_map, seq_length, bsz
+            )
         return probs, idx
 
     def count_tokens(self, tokens_per_expert: Tensor) -> None:
@@ -470,6 +471,8 @@ class GroupedExperts(MegatronModule):
                 )
         return out
 
+    # torch's _load_from_state_dict is the per-module hook of load_state_dict that nn.Module's
+    # documentation names for overriding; an override has to be a method here (not in compat).
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         """Also accept the stock per-expert keys ``{prefix}local_experts.{e}.linear_fcX.weight``
         (a plain stock ``state_dict``, or a ``torch_dist`` load with singleton local shards):
@@ -524,13 +527,15 @@ class GroupedMoELayer(MoELayer):
     padding_mask=None) -> (output [s, b, h], None)`` as stock."""
 
     @classmethod
-    def from_stock(cls, stock: MoELayer, backend: str = "auto") -> "GroupedMoELayer":
+    def from_stock(cls, stock: MoELayer, kernels: Optional[KernelPolicy] = None) -> "GroupedMoELayer":
         """Adopt a stock layer: the same router parameters (as a :class:`SparseTopKRouter`),
-        shared expert, token dispatcher and configuration; the experts stacked."""
+        shared expert, token dispatcher and configuration; the experts stacked, their grouped
+        GEMM as ``kernels`` (the model's :class:`~vpmoe_compile.kernels.KernelPolicy`) says."""
+        backend = (kernels if kernels is not None else KernelPolicy()).grouped_gemm
         obj = cls.__new__(cls)
         obj.__dict__.update(_copy_module_dict(stock))
-        obj._modules["router"] = SparseTopKRouter.from_stock(stock.router)
-        obj._modules["experts"] = GroupedExperts.from_sequential(stock.experts, backend)
+        obj.router = SparseTopKRouter.from_stock(stock.router)  # nn.Module registers the child
+        obj.experts = GroupedExperts.from_sequential(stock.experts, backend)
         obj.sort_dispatch = (
             stock.ep_group.size() == 1
             and stock.attn_tp_group.size() == 1

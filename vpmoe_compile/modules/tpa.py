@@ -2,21 +2,22 @@
 
 * :class:`TPAFactorProjection` replaces ``linear_qkv``: ONE packed GEMM
   ``factors = x @ W^T`` with ``W [F, h]``, ``F = H*Rq + 2*G*R + (Rq + 2R)*d``, rows in the order
-  ``A_q (h*Rq + r) | A_k (g*R + r) | A_v (g*R + r) | B_q (r*d + i) | B_k | B_v`` (the fork's six
-  projections, spec tpa_attention.md §2.2, fused per §5.2). The QKV bias (Megatron's interleaved
-  ``[G*(H/G+2)*d]`` layout) is the stock ``linear_qkv.bias`` parameter, carried over. The weight
-  carries ``tpa_factor_rows`` so the optimizer orthogonalises each factor matrix on its own.
+  of :func:`~vpmoe_compile.ops.tpa_attention.layout.tpa_factor_rows` (the fork's six factor
+  projections fused into one; ``docs/design.md#tpa-attention``). The QKV bias (Megatron's
+  interleaved ``[G*(H/G+2)*d]`` layout) is the stock ``linear_qkv.bias`` parameter, carried over.
+  The weight carries ``tpa_factor_rows`` so the optimizer orthogonalises each factor matrix on
+  its own.
 * :class:`TPACoreAttention` replaces ``core_attention``: the fused op
   :func:`vpmoe_compile.ops.tpa_attention.tpa_window_attention` (contract, /R, bias, QK RMSNorm,
-  GRAPE-M rotation, sliding window with sink) — materialised q/k/v never reach device memory on
-  the Triton path. The stock ``softmax_offset`` is carried over as the sink.
+  GRAPE-M rotation, sliding window with sink), with the kernels the kernel policy picks
+  (:mod:`vpmoe_compile.kernels`). The stock ``softmax_offset`` is carried over as the sink.
 * :class:`TPASelfAttention` replaces the local ``self_attention`` and wires them together.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,20 +25,10 @@ from torch import Tensor, nn
 
 from megatron.core.transformer.module import MegatronModule
 
+from vpmoe_compile.kernels import KernelPolicy
 from vpmoe_compile.modules.attention import VpMoESelfAttention, _unsupported, effective_softmax_scale
 from vpmoe_compile.modules.grape import grape_m_cos_sin
-
-
-def tpa_factor_rows(num_heads: int, num_groups: int, head_dim: int, q_rank: int, kv_rank: int) -> Tuple[Tuple[str, int], ...]:
-    """Row blocks of the packed factor weight, in order."""
-    return (
-        ("a_q", num_heads * q_rank),
-        ("a_k", num_groups * kv_rank),
-        ("a_v", num_groups * kv_rank),
-        ("b_q", q_rank * head_dim),
-        ("b_k", kv_rank * head_dim),
-        ("b_v", kv_rank * head_dim),
-    )
+from vpmoe_compile.ops.tpa_attention.layout import tpa_factor_rows
 
 
 class TPAFactorProjection(MegatronModule):
@@ -119,10 +110,13 @@ class TPACoreAttention(MegatronModule):
     """Fused TPA sliding-window attention with sink (replaces ``core_attention`` on local layers).
 
     ``forward(factors [s, b, F], qkv_bias, gamma_q [d], gamma_k [d], cos [s, d/2], sin [s, d/2])
-    -> [s, b, H*d]``. The stock ``softmax_offset`` is carried over as the sink.
+    -> [s, b, H*d]``. The stock ``softmax_offset`` is carried over as the sink. ``kernels``: the
+    model's :class:`~vpmoe_compile.kernels.KernelPolicy` (``[kernels] attention`` picks the op's
+    backend, ``[kernels] tpa_attention_middle`` its attention middle; default: the default policy).
     """
 
-    def __init__(self, stock_core, *, window: int, q_rank: int, kv_rank: int, eps: float, backend: str = "auto"):
+    def __init__(self, stock_core, *, window: int, q_rank: int, kv_rank: int, eps: float,
+                 kernels: Optional[KernelPolicy] = None):
         super().__init__(config=stock_core.config)
         self.layer_number = stock_core.layer_number
         self.num_heads = stock_core.num_attention_heads_per_partition
@@ -132,7 +126,11 @@ class TPACoreAttention(MegatronModule):
         self.tp_group = getattr(stock_core, "tp_group", None)
         self.window = int(window)
         self.q_rank, self.kv_rank, self.eps = q_rank, kv_rank, float(eps)
-        self.backend = backend
+        self.kernels = kernels if kernels is not None else KernelPolicy()
+        self.backend = self.kernels.backend(
+            "tpa_attention", {"head_dim": self.head_dim, "q_rank": q_rank, "kv_rank": kv_rank}
+        )
+        self.attention_middle = self.kernels.tpa_attention_middle
         self.softmax_type = stock_core.config.softmax_type
         if self.softmax_type == "learnable":
             self.softmax_offset = stock_core.softmax_offset
@@ -151,7 +149,7 @@ class TPACoreAttention(MegatronModule):
             factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink,
             num_heads=self.num_heads, num_groups=self.num_groups, head_dim=self.head_dim,
             q_rank=self.q_rank, kv_rank=self.kv_rank, window=self.window, eps=self.eps,
-            softmax_scale=self.softmax_scale, backend=self.backend,
+            softmax_scale=self.softmax_scale, backend=self.backend, attention_middle=self.attention_middle,
         )
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
@@ -166,7 +164,8 @@ class TPACoreAttention(MegatronModule):
     def extra_repr(self) -> str:
         return (
             f"heads={self.num_heads}, groups={self.num_groups}, head_dim={self.head_dim}, "
-            f"q_rank={self.q_rank}, kv_rank={self.kv_rank}, window={self.window}, backend={self.backend}"
+            f"q_rank={self.q_rank}, kv_rank={self.kv_rank}, window={self.window}, backend={self.backend}, "
+            f"attention_middle={self.attention_middle}"
         )
 
 

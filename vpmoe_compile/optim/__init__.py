@@ -1,21 +1,27 @@
-"""NorMuon + Polar Express optimizer for vpMoE (spec ``normuon.md``).
+"""NorMuon + Polar Express optimizer for vpMoE (docs/design.md#the-optimizer).
 
 Public API:
 
-* :func:`polar_express_coefficients` -- the offline Polar Express table generator (§2.3).
-* :func:`polar_express` -- batched bf16 orthogonalisation of ``[..., m, n]`` matrices (§1.2).
+* :func:`polar_express_coefficients` -- the offline Polar Express table generator
+  (docs/design.md#polar-express).
+* :func:`polar_express` -- batched bf16 orthogonalisation of ``[..., m, n]`` matrices.
 * :class:`NorMuon` -- a plain ``torch.optim.Optimizer`` over 2-D tensors and 3-D expert stacks
-  ``[E, m, n]`` (each a bank in place), batched by shape banks (§1.4), with fused Triton kernels
-  for short-wide banks (:mod:`.pe_triton`) and optional CUDA graphs.
-* :func:`routing_table` -- every parameter's optimizer, role, lr and weight decay, as data (§4.1).
+  ``[E, m, n]`` (each a bank in place), batched by shape banks (docs/design.md#the-normuon-update),
+  with fused Triton kernels for short-wide banks (:mod:`.pe_triton`) and optional CUDA graphs.
+* :func:`routing_table` -- every parameter's optimizer, role, lr and weight decay, as data
+  (:mod:`.routing`).
 * :func:`build_optimizer` -- NorMuon + AdamW for a model: Megatron wrappers for Megatron-DDP
-  models on CUDA, a plain NorMuon + torch AdamW chain otherwise (see :mod:`.megatron`).
+  models on CUDA, a plain NorMuon + torch AdamW chain otherwise (see :mod:`.build`).
 
-Importable without CUDA; Megatron-Core is imported lazily, only on the Megatron path.
+Modules: ``build`` (chooses the path) -> ``plain`` (:class:`NorMuonWithAuxAdamW`) and
+``megatron_wrappers`` (the Megatron path) -> ``param_groups`` / ``grad_norm`` (shared helpers)
+-> ``normuon`` / ``routing`` / ``state_check``. Importable without CUDA; Megatron-Core's
+optimizer is imported lazily, only on the Megatron path.
 """
 
-from .megatron import NorMuonWithAuxAdamW, UnsupportedOptimizerSetup, build_optimizer
+from .build import UnsupportedOptimizerSetup, build_optimizer
 from .normuon import NorMuon
+from .plain import NorMuonWithAuxAdamW
 from .polar_express import (
     DEFAULT_COEFFICIENTS,
     PINNED_COEFFICIENTS,

@@ -1,4 +1,5 @@
-"""Shape banks: NorMuon logical matrices grouped into batched ``[N, m, n]`` problems (spec §6.4 R1-R5).
+"""Shape banks: NorMuon logical matrices grouped into batched ``[N, m, n]`` problems
+(docs/design.md#banks).
 
 A *logical matrix* (``Member``) is a parameter or a set of row segments of one (a Q/K/V slice of a
 fused QKV weight, a TPA factor of a packed factor weight). Members with the same ``[m, n]``,
@@ -126,7 +127,7 @@ class Bank:
 def bank_layout(shape: Tuple[int, int], neuron_axis: str) -> Tuple[bool, bool, int]:
     """``(flip, stat_on_rows, stat_dim)`` for an ``[m, n]`` member.
 
-    ``neuron_axis="rows"``: one statistic per output neuron (row of ``[out, in]``), spec D3.
+    ``neuron_axis="rows"``: one statistic per output neuron (row of ``[out, in]``), the default.
     ``neuron_axis="larger"``: one statistic per index of the larger dimension (rows when m >= n).
     """
     m, n = shape
@@ -160,7 +161,8 @@ def bank_prologue(
     compute_dtype: torch.dtype,
     normalize: bool,
 ):
-    """Spec §1.4 steps 1-2 and the Polar Express input (§1.2), in the oriented layout.
+    """Steps 1-2 of docs/design.md#the-normuon-update and the Polar Express input, in the
+    oriented layout.
 
     Args:
         G: ``[N, m, n]`` gradients (read only).
@@ -204,7 +206,7 @@ def bank_epilogue(
     shape_scale: float,
     rms_scale: float,
 ) -> None:
-    """Spec §1.4 steps 4-10 for a bank, in place.
+    """Steps 4-10 of docs/design.md#the-normuon-update for a bank, in place.
 
     Args:
         O: ``[N, s, L]`` Polar Express output (oriented, compute dtype).
@@ -264,7 +266,8 @@ def bank_update(
     shape_scale: float,
     rms_scale: float,
 ) -> None:
-    """One NorMuon step for a bank (spec §1.4 steps 1-10), in place, PyTorch Polar Express.
+    """One NorMuon step for a bank (steps 1-10 of docs/design.md#the-normuon-update), in place,
+    PyTorch Polar Express.
 
     ``bank_prologue`` -> :func:`~.polar_express._pe_batched` -> ``bank_epilogue``; see those
     for the arguments (``G`` ``[N, m, n]`` gradients, ``M`` momentum, ``V`` oriented second

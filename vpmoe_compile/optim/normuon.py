@@ -1,4 +1,4 @@
-"""NorMuon with Polar Express (spec ``normuon.md`` §1.4), batched over shape banks.
+"""NorMuon with Polar Express (docs/design.md#the-normuon-update), batched over shape banks.
 
 ``NorMuon`` is a plain :class:`torch.optim.Optimizer` over 2-D tensors and 3-D expert stacks
 (below). Per logical matrix ``W`` (``m x n``, ``[out, in]``) with gradient ``G``:
@@ -19,7 +19,8 @@ A group may also carry ``"layouts"`` (aligned with ``"params"``): ``None`` (the 
 memory viewed as ``[E, in, out]`` holds expert ``e``'s weight transposed; its logical matrix is
 ``[E * out, in]`` (row ``e * out + j`` = output neuron ``j`` of expert ``e``), blocks index those
 rows (default: one logical matrix per expert) and never cross an expert, and every read or write
-goes through strided per-expert views (spec §4.2). Its second moment is ``[E * out, 1]``.
+goes through strided per-expert views (docs/design.md#the-optimizer). Its second moment is
+``[E * out, 1]``.
 
 Expert stacks: a 3-D parameter ``[E, m, n]`` holds ``E`` matrices, ``p[e]`` being expert ``e``'s
 ``[out, in]`` weight; each is orthogonalised on its own, exactly as ``E`` separate 2-D
@@ -56,15 +57,15 @@ PE, second moment, weight decay and the update of a bank run as one batched func
 (QKV / TPA) parameters are gathered / scattered with foreach ops. Parameters whose ``grad`` is
 ``None`` are skipped exactly (no state change, no weight decay), as in the reference fork.
 
-CUDA graphs (``cuda_graph=True``, spec R6): the first step with all gradients present runs
-eagerly (compilation, autotuning, workspaces), the next one captures the whole bank computation
-(weight decay, every bank, the update, split-parameter state) into one graph and later steps
-replay it; the gradient gather is a second graph, captured once the gradients' addresses are
-the same on two consecutive steps (Megatron's ``main_grad`` buffers) and replayed while they
-stay there (otherwise the gather runs eagerly). Hyper-parameters are written into their 0-d
-tensors before the replay, so schedules apply. Graphs are dropped and re-captured whenever the
-banks are rebuilt (new parameters, re-bound ``.data``, ``load_state_dict``). A step with some
-gradients ``None`` runs eagerly.
+CUDA graphs (``cuda_graph=True``, docs/design.md#banks): the first step with all gradients
+present runs eagerly (compilation, autotuning, workspaces), the next one captures the whole bank
+computation (weight decay, every bank, the update, split-parameter state) into one graph and
+later steps replay it; the gradient gather is a second graph, captured once the gradients'
+addresses are the same on two consecutive steps (Megatron's ``main_grad`` buffers) and replayed
+while they stay there (otherwise the gather runs eagerly). Hyper-parameters are written into
+their 0-d tensors before the replay, so schedules apply. Graphs are dropped and re-captured
+whenever the banks are rebuilt (new parameters, re-bound ``.data``, ``load_state_dict``). A step
+with some gradients ``None`` runs eagerly.
 
 State (``state_dict``): per parameter ``momentum_buffer`` (param shape) and ``second_moment``
 (``[m, 1]``, or ``[1, n]`` for ``neuron_axis="larger"`` on wide matrices; ``[E, m, 1]`` /
@@ -202,9 +203,9 @@ class NorMuon(torch.optim.Optimizer):
         neuron_axis: ``"rows"`` (default) or ``"larger"``.
         compile: ``False``, ``True`` (inductor) or a backend name for ``torch.compile`` of the
             per-bank functions. ``None`` -> compile only on CUDA.
-        max_bank_size: most members in one bank (bounds workspace memory), spec R1.
+        max_bank_size: most members in one bank (bounds workspace memory).
         rehome: store whole-matrix fp32 (fp64) parameters as views of their bank's contiguous
-            ``[N, m, n]`` storage (``p.data = bank.W[i]``, spec R3), so that weight decay and the
+            ``[N, m, n]`` storage (``p.data = bank.W[i]``), so that weight decay and the
             update run inside the bank kernel; parameters whose ``.data`` is later replaced are
             detected and the banks rebuilt. Split (QKV / TPA / GroupedMLP) and low-precision
             parameters are never re-homed (updated through foreach ops instead). fp32 expert
@@ -213,7 +214,8 @@ class NorMuon(torch.optim.Optimizer):
             ``min(m, n) <= 128`` in bf16 / fp32, PyTorch ``bmm`` otherwise), ``"torch"``
             (always PyTorch), ``"triton"`` (the fused kernel wherever it applies, also under
             ``TRITON_INTERPRET=1`` on the CPU in fp32; PyTorch for the other banks).
-        cuda_graph: capture the step into CUDA graphs (CUDA parameters only; spec R6).
+        cuda_graph: capture the step into CUDA graphs (CUDA parameters only;
+            docs/design.md#banks).
         fused_bank: for the banks of the fused kernel, run the whole bank step (momentum,
             Polar Express, second moment, update) in one kernel
             (:func:`~.pe_triton.normuon_bank_fused_`); False: compiled prologue, the fused
@@ -323,7 +325,8 @@ class NorMuon(torch.optim.Optimizer):
         else:
             group["blocks"] = list(blocks)
         group.setdefault("normuon_step", 0)
-        # Spec §2.3: the table's generating parameters travel with it (checkpoints, logs).
+        # The table's generating parameters travel with it (checkpoints, logs;
+        # docs/design.md#polar-express).
         group["polar_express"] = dict(self.pe_record)
         for i in range(n_params):
             self._check_param(group, i, gi)

@@ -21,7 +21,8 @@ Two kernels:
 
 * :func:`polar_express_fused_` -- Polar Express alone (input ``round(U)`` and ``||U||_F^2`` from
   a compiled prologue; the per-neuron sums go to a compiled epilogue);
-* :func:`normuon_bank_fused_` -- the whole NorMuon step of a bank (spec §1.4 steps 1-10): its
+* :func:`normuon_bank_fused_` -- the whole NorMuon step of a bank (steps 1-10 of
+  docs/design.md#the-normuon-update): its
   sweep 0 also does the momentum / Nesterov update (reading the gradient from the bank, or in
   place through a table of addresses), writes ``round(U)`` to a workspace and accumulates
   ``||U||_F^2`` and ``round(U) round(U)^T`` (the normalisation is folded into the Gram matrix);
@@ -32,8 +33,8 @@ Every rounding point is the PyTorch path's (bf16 Gram, bf16 ``B``, bf16 ``X`` af
 fp32 accumulation inside each product), except that the normalisation rounds twice
 (``round(round(U) * gamma)`` instead of ``round(U * gamma)``; the bank kernel also scales the
 Gram matrix instead of the input of sweep 0); results are validated against the fp64 reference
-like every fast path (spec §6.3 / T3). Between sweeps the program's own global stores are re-read
-by other threads of the same program: a CTA barrier separates the sweeps. With ~132 matrices in
+like every fast path (the bound of docs/design.md#polar-express). Between sweeps the program's
+own global stores are re-read by other threads of the same program: a CTA barrier separates the sweeps. With ~132 matrices in
 flight (33 MB at ``[128, 1024]`` bf16) the repeated sweeps are mostly served by the 50 MB L2.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) the kernels run in fp32 (the interpreter's bf16
@@ -376,7 +377,7 @@ def polar_express_fused_(
             ``[N, L, s]`` tensor works without a copy).
         norm2: ``[N]`` fp32, ``||U_i||_F^2`` of the input before rounding.
         table: ``(a, b, c)`` per step; ``safety`` / ``eps``: normalisation
-            ``X / ((1 + safety) ||U||_F + eps)`` (spec §1.2).
+            ``X / ((1 + safety) ||U||_F + eps)`` (docs/design.md#polar-express).
         stat: 0 none; 1 return ``[N, s]`` row sums of the output squared; 2 ``[N, L]`` column sums.
         r_out: optional preallocated fp32 output for ``stat`` (CUDA-graph friendly).
         block_l, num_warps, num_stages: tile width and launch configuration (defaults by ``s``).
@@ -438,7 +439,8 @@ def normuon_bank_fused_(
     ieee: bool = False,
     grad_ptrs: Optional[torch.Tensor] = None,
 ) -> None:
-    """One whole NorMuon step of a bank (spec §1.4 steps 1-10) in one kernel, in place.
+    """One whole NorMuon step of a bank (steps 1-10 of docs/design.md#the-normuon-update) in one
+    kernel, in place.
 
     One program per matrix: momentum and Nesterov (sweep 0, which also writes the rounded
     Polar Express input to ``X`` and accumulates its norm and Gram matrix), the Polar Express

@@ -5,8 +5,8 @@ Two stages, as in the paper:
 * **offline** (:func:`polar_express_coefficients`): for a singular-value interval ``[ell, 1]``
   compute, iteration by iteration, the minimax-optimal odd quintic ``p_t(x) = a x + b x^3 + c x^5``
   approximating 1 on the interval that holds the singular values after ``t - 1`` steps
-  (spec ``normuon.md`` §2.3). Pure float64 / numpy; the default arguments reproduce the 5-step
-  table used by the vpMoE fork and modded-nanogpt (§2.1) to ~1e-14.
+  (docs/design.md#polar-express). Pure float64 / numpy; the default arguments reproduce the
+  5-step table used by the vpMoE fork and modded-nanogpt to ~1e-14.
 * **online** (:func:`polar_express`): apply the composed polynomial to a matrix or a batch of
   matrices ``[..., m, n]`` with ``X <- a X + (b A + c A^2) X``, ``A = X X^T``, in bf16 with fp32
   accumulation (or fp32 / fp64 for reference runs), working on the wide orientation
@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 #: The 5-step table for safety 2e-2 as published by the vpMoE fork
-#: (``DEFAULT_POLAR_EXPRESS_COEFFS``) and modded-nanogpt (``polar_express_coeffs``), spec §2.1.
+#: (``DEFAULT_POLAR_EXPRESS_COEFFS``) and modded-nanogpt (``polar_express_coeffs``).
 PINNED_COEFFICIENTS: Coefficients = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -112,7 +112,8 @@ def _generate(
 def polar_express_coefficients(
     steps: int = 5, safety: float = 2e-2, ell: float = 1e-3, cushion: float = 2e-2
 ) -> List[Tuple[float, float, float]]:
-    """Polar Express coefficient table by the paper's offline procedure (spec §2.3).
+    """Polar Express coefficient table by the paper's offline procedure
+    (docs/design.md#polar-express).
 
     Args:
         steps: number of iterations ``T``.
@@ -131,12 +132,12 @@ def polar_express_coefficients(
 def polar_express_bounds(
     steps: int = 5, safety: float = 2e-2, ell: float = 1e-3, cushion: float = 2e-2
 ) -> List[float]:
-    """Lower interval bounds ``ell_0 .. ell_T`` (upper bounds are ``2 - ell_t``); spec §2.1."""
+    """Lower interval bounds ``ell_0 .. ell_T`` (upper bounds are ``2 - ell_t``)."""
     return list(_generate(int(steps), float(safety), float(ell), float(cushion))[1])
 
 
 DEFAULT_COEFFICIENTS: Coefficients = _generate(5, 2e-2, 1e-3, 2e-2)[0]
-# D1: the generated default table must be the published one.
+# The generated default table must be the published one (docs/design.md#polar-express).
 assert max(
     abs(x - y) for row, ref in zip(DEFAULT_COEFFICIENTS, PINNED_COEFFICIENTS) for x, y in zip(row, ref)
 ) <= 1e-12, "Polar Express generator drifted from the pinned table"
@@ -165,7 +166,7 @@ def polar_express(
     eps: float = PE_EPS,
     compute_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """Approximate polar factor ``U V^T`` of ``G = U S V^T`` (spec §1.2).
+    """Approximate polar factor ``U V^T`` of ``G = U S V^T`` (docs/design.md#polar-express).
 
     Args:
         G: ``[m, n]`` or a batch ``[..., m, n]``; each trailing matrix is orthogonalised alone
@@ -211,7 +212,7 @@ def _pe_polynomial(X: torch.Tensor, table: Coefficients, compute_dtype: torch.dt
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
         # a X + B X with fp32 accumulation of both terms. (Folding a I into B first, X <- (B + a I) X,
         # saves baddbmm's copy of X but rounds the diagonal a + B_ii to bf16: measured 2x the
-        # error vs the fp64 reference, over the spec's 4 % bound.)
+        # error vs the fp64 reference, over the 4 % bound of docs/design.md#polar-express.)
         X = torch.baddbmm(X, B, X, beta=a)
     return X
 
@@ -222,7 +223,8 @@ def polar_express_reference(
     safety: float = 2e-2,
     eps: float = PE_EPS,
 ) -> torch.Tensor:
-    """Literal per-matrix float64 implementation of spec §1.2 (the test reference "REF")."""
+    """Literal per-matrix float64 implementation of :func:`polar_express` (the test reference
+    "REF")."""
     table = resolve_coefficients(coefficients)
     X = G.detach().to(torch.float64)
     flip = X.shape[-2] > X.shape[-1]

@@ -1,4 +1,5 @@
-"""Literal per-matrix NorMuon step (spec §1.4): the test reference "REF" and the fork-style loop.
+"""Literal per-matrix NorMuon step (docs/design.md#the-normuon-update, steps numbered as there):
+the test reference "REF" and the fork-style loop.
 
 One Python iteration per logical matrix, no batching, no fusion: this is the semantics the banked
 :class:`~vpmoe_compile.optim.NorMuon` must reproduce, and (with ``compute_dtype=torch.bfloat16``

@@ -1,4 +1,5 @@
-"""Parameter routing: which optimizer, which logical matrices, which lr / weight decay (spec §4.1).
+"""Parameter routing: which optimizer, which logical matrices, which lr / weight decay
+(docs/design.md#the-optimizer).
 
 The role is decided by an explicit rule table (Megatron parameter name + attributes), never by
 ``ndim`` alone:
@@ -30,7 +31,7 @@ Legacy ``GroupedMLP`` (Megatron-Core 0.16.1 ``experts.py``) stores all local exp
 parameters: ``weight1`` ``[hidden, E * F1]`` used as ``weight1.view(E, hidden, F1)`` and
 ``weight2`` ``[E * ffn, hidden]`` used as ``weight2.view(E, ffn, hidden)`` (``F1 = 2 ffn`` when
 gated, ``[gate | up]`` along ``F1``). Each expert's block is its ``[in, out]`` weight, so the
-2-D shape mixes experts (spec §3 defect 1). The route carries ``layout = (E, in, out)`` and one
+2-D shape mixes experts. The route carries ``layout = (E, in, out)`` and one
 logical matrix per expert (``[out, in]``, the transpose of the block; gate and up separately),
 see :mod:`.normuon`.
 
@@ -281,7 +282,7 @@ def _named_parameters(model) -> Iterable[Tuple[str, torch.nn.Parameter]]:
 
 
 def classify_parameters(model, cfg: Any = None) -> List[ParamRoute]:
-    """Route every parameter of ``model`` (a module or a list of model chunks), spec §4.1.
+    """Route every parameter of ``model`` (a module or a list of model chunks) by the table above.
 
     Raises:
         RoutingError: naming every 2-D (or higher) parameter that matches no rule.

@@ -13,14 +13,14 @@ from unittest import mock
 import pytest
 import torch
 
-from vpmoe_compile.ops import triton_sink_attention as tk
-from vpmoe_compile.ops.alibi import alibi_slopes, alibi_slopes_for_rank, alibi_slopes_list
-from vpmoe_compile.ops.attention_reference import (
+from vpmoe_compile.ops.sink_attention import triton as tk
+from vpmoe_compile.ops.sink_attention.alibi import alibi_slopes, alibi_slopes_for_rank, alibi_slopes_list
+from vpmoe_compile.ops.sink_attention.reference import (
     sink_attention_reference,
     sink_attention_reference_backward,
     visibility_mask,
 )
-from vpmoe_compile.ops.sink_attention import (
+from vpmoe_compile.ops.sink_attention.op import (
     alibi_sink_attention,
     sink_attention,
     sink_attention_backward,

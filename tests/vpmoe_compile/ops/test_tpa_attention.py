@@ -1,4 +1,5 @@
-"""Tests of the fused TPA local-attention op (spec ``tpa_attention.md`` section 7).
+"""Tests of the fused TPA local-attention op (docs/design.md#tpa-attention; the accuracy rule:
+docs/design.md#benchmarks-and-checks).
 
 CPU only: the Triton kernels run under ``TRITON_INTERPRET=1`` (set by ``tests/conftest.py``) in
 fp32, every result is compared with the float64 reference by relative Frobenius error. Inputs
@@ -14,8 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as Fn
 
-from vpmoe_compile.ops import tpa_reference as ref
-from vpmoe_compile.ops.tpa_attention import tpa_window_attention
+from vpmoe_compile.ops.sink_attention.reference import sink_attention_reference, visibility_mask
+from vpmoe_compile.ops.tpa_attention import layout
+from vpmoe_compile.ops.tpa_attention import reference as ref
+from vpmoe_compile.ops.tpa_attention.op import tpa_window_attention
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 needs_triton = pytest.mark.skipif(
@@ -34,7 +37,7 @@ def rel(a, b):
 
 def make_inputs(s, b, H, G, d, Rq, R, *, bias=True, norm=True, dtype=torch.float64, sink_scale=1.0, gen=None):
     """Random op inputs with realistic magnitudes (factors ~ N(0,1), bias ~ 0.5, gains ~ 1 +- 0.3)."""
-    Fw = ref.factor_width(H, G, d, Rq, R)
+    Fw = layout.factor_width(H, G, d, Rq, R)
     hpg = H // G
     factors = torch.randn(s, b, Fw, generator=gen, dtype=torch.float64)
     qkv_bias = 0.5 * torch.randn(G * (hpg + 2) * d, generator=gen, dtype=torch.float64) if bias else None
@@ -49,6 +52,12 @@ def make_inputs(s, b, H, G, d, Rq, R, *, bias=True, norm=True, dtype=torch.float
     sink = sink_scale * torch.randn(H, generator=gen, dtype=torch.float64)
     vals = [factors, qkv_bias, gq, gk, cos, sin, sink]
     return [v.to(dtype) if v is not None else None for v in vals]
+
+
+def dense_attention(q, k, v, sink, W, scale):
+    """The one window + sink reference, math in ``max(float32, q.dtype)`` (as the TPA reference uses it)."""
+    return sink_attention_reference(q, k, v, sink, window=W, softmax_scale=scale,
+                                    compute_dtype=torch.promote_types(q.dtype, torch.float32))
 
 
 def kw(H, G, d, Rq, R, W):
@@ -69,7 +78,8 @@ def run_op(inputs, *, backend, cfg, dtype, dout=None, eps=1e-5):
 
 
 def direct_forward(inputs, H, G, d, Rq, R, W, eps=1e-5):
-    """Per token / head / query-row loops, written from the spec without the reference helpers."""
+    """Per token / head / query-row loops, written from docs/design.md#tpa-attention without the
+    reference helpers."""
     factors, qkv_bias, gq, gk, cos, sin, sink = inputs
     s, b, _ = factors.shape
     hpg = H // G
@@ -136,26 +146,13 @@ def test_reference_matches_direct_computation():
     assert rel(ref.tpa_reference(*inp2, **kw(H, G, d, Rq, R, 2)), direct_forward(inp2, H, G, d, Rq, R, 2)) < 1e-13
 
 
-def test_dense_attention_matches_shared_reference():
-    """Our private dense attention == the project's ``sink_attention_reference`` (out and LSE)."""
-    ar = pytest.importorskip("vpmoe_compile.ops.attention_reference")
-    s, b, H, G, d = 11, 2, 4, 2, 8
-    q, k, v = torch.randn(s, b, H, d, dtype=torch.float64), torch.randn(s, b, G, d, dtype=torch.float64), \
-        torch.randn(s, b, G, d, dtype=torch.float64)
-    sink = torch.randn(H, dtype=torch.float64)
-    for W in (1, 4, 11, 30):
-        o1, l1 = ref.sink_attention_dense(q, k, v, sink, W, 0.3)
-        o2, l2 = ar.sink_attention_reference(q, k, v, sink, window=W, softmax_scale=0.3)
-        assert rel(o1, o2) < 1e-14 and rel(l1, l2) < 1e-14
-
-
 def test_window_mask_contract(monkeypatch):
     """Ours == Megatron's (W-1, 0) window mask == the FlexAttention ``q - k < W`` form; ``<= W`` differs."""
     for s in (1, 5, 127, 128, 129, 300):
         i = torch.arange(s)[:, None]
         j = torch.arange(s)[None, :]
         for W in (1, 2, 64, 127, 128, 129, 4096):
-            ours = ref.window_mask(s, W)
+            ours = visibility_mask(s, W)
             flex = (i >= j) & (i - j < W)
             fa = (j >= i - (W - 1)) & (j <= i)
             assert torch.equal(ours, flex) and torch.equal(ours, fa)
@@ -169,7 +166,7 @@ def test_window_mask_contract(monkeypatch):
     for s, W in ((5, 2), (129, 128), (300, 64)):
         # Megatron returns True where *masked*.
         mask = mutils.get_sliding_window_causal_mask(s, s, (W - 1, 0)).cpu()
-        assert torch.equal(~mask.bool().view(s, s), ref.window_mask(s, W))
+        assert torch.equal(~mask.bool().view(s, s), visibility_mask(s, W))
 
 
 # --------------------------------------------------------------------------- triton vs reference
@@ -196,15 +193,15 @@ TRITON_CASES = [
 
 @needs_triton
 @pytest.mark.parametrize("case", TRITON_CASES, ids=[c[0] for c in TRITON_CASES])
-def test_triton_matches_reference_fwd_bwd(case, monkeypatch):
-    monkeypatch.setenv("VPMOE_TPA_ATTENTION", "own")
+def test_triton_matches_reference_fwd_bwd(case):
     _, s, b, H, G, d, Rq, R, W, bias, norm = case
     cfg = kw(H, G, d, Rq, R, W)
     inp = make_inputs(s, b, H, G, d, Rq, R, bias=bias, norm=norm)
     dout = torch.randn(s, b, H * d, dtype=torch.float64)
     o64, g64 = run_op(inp, backend="reference", cfg=cfg, dtype=torch.float64, dout=dout)
     o32, g32 = run_op(inp, backend="triton", cfg=cfg, dtype=torch.float32, dout=dout)
-    # A float32 PyTorch reference sets the error scale (tolerance rule of spec section 7).
+    # A float32 PyTorch reference sets the error scale (the accuracy rule of
+    # docs/design.md#benchmarks-and-checks).
     assert o32.dtype == torch.float32 and o32.shape == (s, b, H * d)
     assert torch.isfinite(o32).all()
     assert rel(o32, o64) < 2e-5, rel(o32, o64)
@@ -225,13 +222,12 @@ def test_triton_matches_reference_fwd_bwd(case, monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("middle, pad, offset", [("shared", 7, 3), ("own", 7, 3), ("own", 8, 0)],
                          ids=["shared_misaligned", "own_misaligned", "own_aligned_strided"])
-def test_triton_attention_middles_and_noncontiguous_factors(middle, pad, offset, monkeypatch):
+def test_triton_attention_middles_and_noncontiguous_factors(middle, pad, offset):
     """Both attention middles (the project's shared sink-attention kernels, our own); factors as a
     strided view, misaligned (scalar loads) or with 16-byte aligned rows (vectorised loads)."""
-    from vpmoe_compile.ops import triton_tpa
+    from vpmoe_compile.ops.tpa_attention import triton as triton_tpa
 
-    pytest.importorskip("vpmoe_compile.ops.triton_sink_attention")
-    monkeypatch.setenv("VPMOE_TPA_ATTENTION", middle)
+    pytest.importorskip("vpmoe_compile.ops.sink_attention.triton")
     s, b, H, G, d, Rq, R, W = 29, 2, 8, 2, 32, 4, 2, 9
     cfg = kw(H, G, d, Rq, R, W)
     inp = make_inputs(s, b, H, G, d, Rq, R)
@@ -246,7 +242,7 @@ def test_triton_attention_middles_and_noncontiguous_factors(middle, pad, offset,
     assert triton_tpa.factors_aligned(fview, H, G, Rq, R) == (pad == 8)
     leaf = fview.detach().requires_grad_(True)
     rest = [x.float().requires_grad_(True) for x in inp[1:]]
-    out = tpa_window_attention(leaf, *rest, backend="triton", **cfg)
+    out = tpa_window_attention(leaf, *rest, backend="triton", attention_middle=middle, **cfg)
     out.backward(dout.float())
     assert rel(out, o64) < 2e-5
     for name, g, gr in zip(NAMES, [leaf.grad] + [x.grad for x in rest], g64):
@@ -256,7 +252,7 @@ def test_triton_attention_middles_and_noncontiguous_factors(middle, pad, offset,
 def _attention_grads(q, k, v, sink, dout, W, scale, dtype):
     """Output and (dq, dk, dv, dsink) of the dense float reference, math in ``dtype``."""
     xs = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v, sink)]
-    o, _ = ref.sink_attention_dense(xs[0], xs[1], xs[2], xs[3], W, scale)
+    o, _ = dense_attention(xs[0], xs[1], xs[2], xs[3], W, scale)
     return o, torch.autograd.grad(o, xs, dout.to(o.dtype))
 
 
@@ -274,7 +270,7 @@ def test_attention_middle_bf16_delta_is_accurate(s, b, H, G, W, monkeypatch):
     stores ``O`` in bf16, so the test isolates the rounding of ``O``; the backward forced to take
     ``delta`` from the 16-bit ``O`` (``GPU_TILES["DELTA"] = "output"``) must fail the same bounds.
     """
-    from vpmoe_compile.ops import triton_tpa as tk
+    from vpmoe_compile.ops.tpa_attention import triton as tk
 
     monkeypatch.setitem(tk.GPU_TILES, "DELTA", "auto")
     d = 32
@@ -339,8 +335,8 @@ def _stock_parity(device, dtype, s, b, H, G, d, W):
     """O and gradients (q, k, v, sink) of stock DotProductAttention and of our two window + sink
     kernels (the public ``window_sink_attention`` and the TPA op's own attention middle) on the
     same materialised inputs; all compared with float64. Returns ``{impl: {name: rel error}}``."""
-    from vpmoe_compile.ops import triton_tpa as tk
-    from vpmoe_compile.ops.sink_attention import window_sink_attention
+    from vpmoe_compile.ops.tpa_attention import triton as tk
+    from vpmoe_compile.ops.sink_attention.op import window_sink_attention
 
     dpa, mask_type = _megatron_dpa(H, G, d, W, dtype, device)
     with torch.no_grad():
@@ -405,10 +401,9 @@ def test_stock_megatron_window_sink_parity_cuda_bf16(megatron_gloo, s, W):
 
 
 @needs_triton
-def test_triton_lse_sink_limits_and_determinism(monkeypatch):
+def test_triton_lse_sink_limits_and_determinism():
     """Per-head sinks at the limits: -1e4 (vanilla softmax), 0 (softmax1), +30 (O ~ 0); LSE
     includes the sink; two identical runs give bit-identical gradients."""
-    monkeypatch.setenv("VPMOE_TPA_ATTENTION", "own")
     s, b, H, G, d, Rq, R, W = 20, 1, 4, 2, 32, 2, 2, 6
     inp = make_inputs(s, b, H, G, d, Rq, R)
     inp[6] = torch.tensor([-1e4, 0.0, 30.0, 0.7], dtype=torch.float64)
@@ -417,9 +412,9 @@ def test_triton_lse_sink_limits_and_determinism(monkeypatch):
     out, lse = torch.ops.vpmoe.tpa_window_attention_fwd(*f32, *args)[:2]
     q, k, v = ref.tpa_prologue_reference(*inp[:6], **{k_: v_ for k_, v_ in kw(H, G, d, Rq, R, W).items()
                                                        if k_ != "window"})
-    o64, lse64 = ref.sink_attention_dense(q, k, v, inp[6], W, 1 / math.sqrt(d))
+    o64, lse64 = dense_attention(q, k, v, inp[6], W, 1 / math.sqrt(d))
     assert rel(lse, lse64) < 1e-6
-    o_nosink, lse_nosink = ref.sink_attention_dense(q, k, v, torch.full((H,), -math.inf, dtype=torch.float64),
+    o_nosink, lse_nosink = dense_attention(q, k, v, torch.full((H,), -math.inf, dtype=torch.float64),
                                                     W, 1 / math.sqrt(d))
     o4 = out.view(s, b, H, d)
     assert rel(o4[:, :, 0], o_nosink[:, :, 0]) < 1e-5  # sink -1e4 == vanilla softmax
@@ -462,7 +457,7 @@ def test_gqa_grouping_heads_read_their_group():
     s, b = 6, 1
     inp = make_inputs(s, b, H, G, d, Rq, R)
     o = ref.tpa_reference(*inp, **kw(H, G, d, Rq, R, W)).view(s, b, H, d)
-    off = ref.factor_offsets(H, G, d, Rq, R)
+    off = layout.factor_offsets(H, G, d, Rq, R)
     f2 = inp[0].clone()
     f2[..., off["a_k"] + R:off["a_k"] + 2 * R] += 3.0  # A_k of group 1
     f2[..., off["a_v"] + R:off["a_v"] + 2 * R] -= 2.0  # A_v of group 1
@@ -475,19 +470,20 @@ def test_gqa_grouping_heads_read_their_group():
     k.requires_grad_(True)
     ke = k.detach().repeat_interleave(H // G, dim=2).requires_grad_(True)
     dout = torch.randn(s, b, H, d, dtype=torch.float64)
-    (ref.sink_attention_dense(q, k, v, inp[6], W, 0.3)[0] * dout).sum().backward()
-    (ref.sink_attention_dense(q, ke, v.repeat_interleave(H // G, dim=2), inp[6], W, 0.3)[0] * dout).sum().backward()
+    (dense_attention(q, k, v, inp[6], W, 0.3)[0] * dout).sum().backward()
+    (dense_attention(q, ke, v.repeat_interleave(H // G, dim=2), inp[6], W, 0.3)[0] * dout).sum().backward()
     assert rel(k.grad, ke.grad.view(s, b, G, H // G, d).sum(3)) < 1e-14
 
 
 def test_sink_gradient_formula_vs_finite_differences():
-    """dsigma_h = -sum_{b,i} exp(sigma_h - L) * D  (spec 4.4) vs central differences."""
+    """dsigma_h = -sum_{b,i} exp(sigma_h - L) * D  (docs/design.md#sink-attention) vs central
+    differences."""
     s, b, H, G, d, W = 9, 2, 2, 1, 8, 4
     q, k, v = (torch.randn(s, b, H, d, dtype=torch.float64), torch.randn(s, b, G, d, dtype=torch.float64),
                torch.randn(s, b, G, d, dtype=torch.float64))
     sink = torch.randn(H, dtype=torch.float64)
     dout = torch.randn(s, b, H, d, dtype=torch.float64)
-    o, lse = ref.sink_attention_dense(q, k, v, sink, W, 0.35)
+    o, lse = dense_attention(q, k, v, sink, W, 0.35)
     D = (dout * o).sum(-1).permute(1, 2, 0)  # [b, H, s]
     formula = -(torch.exp(sink[None, :, None] - lse) * D).sum(dim=(0, 2))
     h = 1e-6
@@ -495,8 +491,8 @@ def test_sink_gradient_formula_vs_finite_differences():
     for i in range(H):
         e = torch.zeros(H, dtype=torch.float64)
         e[i] = h
-        fp = (ref.sink_attention_dense(q, k, v, sink + e, W, 0.35)[0] * dout).sum()
-        fm = (ref.sink_attention_dense(q, k, v, sink - e, W, 0.35)[0] * dout).sum()
+        fp = (dense_attention(q, k, v, sink + e, W, 0.35)[0] * dout).sum()
+        fm = (dense_attention(q, k, v, sink - e, W, 0.35)[0] * dout).sum()
         fd[i] = (fp - fm) / (2 * h)
     assert rel(formula, fd) < 1e-7
 
@@ -521,7 +517,7 @@ def test_factor_identity_and_its_limits():
     s, b, P = 9, 2, 8
     eps = 1e-5
     factors, bias, gq, gk, cos, sin, _ = make_inputs(s, b, H, G, d, Rq, R)
-    a_q, _, _, b_q, _, _ = ref.split_factors(factors, H, G, d, Rq, R)
+    a_q, _, _, b_q, _, _ = layout.split_factors(factors, H, G, d, Rq, R)
     c_q = ref.split_qkv_bias(bias, H, G, d)[0]
     cfgp = dict(num_heads=H, num_groups=G, head_dim=d, q_rank=Rq, kv_rank=R, eps=eps)
     q_post = ref.tpa_prologue_reference(factors, bias, gq, gk, cos, sin, **cfgp)[0]
@@ -566,10 +562,9 @@ def _megatron_rope(x, theta):
 
 
 @needs_triton
-def test_layout_parity_with_fork(monkeypatch):
+def test_layout_parity_with_fork():
     """From fork-shaped weights: the packed-factor path reproduces the fork's mixed_qkv, q/k/v after
     QK-norm and rotation, and the attention output (fp32 kernel and bf16 fork emulation vs fp64)."""
-    monkeypatch.setenv("VPMOE_TPA_ATTENTION", "own")
     H, G, d, Rq, R, W = 4, 2, 32, 4, 2, 6
     hpg = H // G
     s, b, hidden = 23, 2, 48
@@ -599,8 +594,8 @@ def test_layout_parity_with_fork(monkeypatch):
     assert torch.equal(ref.merge_qkv_bias(c_q, c_k, c_v), bias)
     # Our side: one packed GEMM.
     factors = Fn.linear(x, ref.pack_fork_factor_weights(*w.values()))
-    assert factors.shape[-1] == ref.factor_width(H, G, d, Rq, R)
-    a_q, a_k, a_v, b_q, b_k, b_v = ref.split_factors(factors, H, G, d, Rq, R)
+    assert factors.shape[-1] == layout.factor_width(H, G, d, Rq, R)
+    a_q, a_k, a_v, b_q, b_k, b_v = layout.split_factors(factors, H, G, d, Rq, R)
     ours_mixed = torch.cat([(torch.matmul(a_q, b_q) / Rq).view(s, b, G, hpg, d),
                             (torch.matmul(a_k, b_k) / R).view(s, b, G, 1, d),
                             (torch.matmul(a_v, b_v) / R).view(s, b, G, 1, d)], 3).reshape(s, b, -1) + bias
@@ -612,7 +607,7 @@ def test_layout_parity_with_fork(monkeypatch):
                               head_dim=d, q_rank=Rq, kv_rank=R, eps=eps)
     assert rel(q2, qf) < 1e-13 and rel(k2, kf) < 1e-13 and rel(v2, vf) < 1e-13
     # End to end.
-    o_fork64, _ = ref.sink_attention_dense(qf, kf, vf, sink, W, 1 / math.sqrt(d))
+    o_fork64, _ = dense_attention(qf, kf, vf, sink, W, 1 / math.sqrt(d))
     o_fork64 = o_fork64.reshape(s, b, H * d)
     inputs = [factors, bias, gq, gk, theta.cos(), theta.sin(), sink]
     cfg = kw(H, G, d, Rq, R, W)
@@ -637,15 +632,14 @@ def test_opcheck_reference():
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
-def test_torch_compile_fullgraph(backend, monkeypatch):
-    monkeypatch.setenv("VPMOE_TPA_ATTENTION", "own")
+def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
     H, G, d, Rq, R, W = 2, 1, 32, 2, 1, 5
     s, b = 16, 1
     inp = make_inputs(s, b, H, G, d, Rq, R, dtype=torch.float32)
     hidden = 24
     x = torch.randn(s, b, hidden)
-    wpk = (0.2 * torch.randn(ref.factor_width(H, G, d, Rq, R), hidden)).requires_grad_(True)
+    wpk = (0.2 * torch.randn(layout.factor_width(H, G, d, Rq, R), hidden)).requires_grad_(True)
     params = [t.requires_grad_(True) for t in inp[1:]]
 
     def step(x, wpk, *p):
@@ -716,14 +710,13 @@ def test_clear_errors(monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("s, W", [(20, 1), (40, 16)], ids=["residual", "no_residual"])
-def test_fake_impl_matches_shared_middle_residual_policy(s, W, monkeypatch):
-    """Under ``VPMOE_TPA_ATTENTION=shared`` the fake impl must predict whether the shared launcher
+def test_fake_impl_matches_shared_middle_residual_policy(s, W):
+    """With ``attention_middle="shared"`` the fake impl must predict whether the shared launcher
     keeps ``out_lo`` (its own keys-per-row policy), else inductor fails on the output's rank."""
-    monkeypatch.setenv("VPMOE_TPA_ATTENTION", "shared")
     H, G, d, Rq, R = 4, 2, 32, 2, 1
     inp = [t.bfloat16() if t.dtype == torch.float32 and i == 0 else t
            for i, t in enumerate(make_inputs(s, 1, H, G, d, Rq, R, dtype=torch.float32))]
-    args = (*inp, H, G, d, Rq, R, W, 1e-5, 0.5, "triton")
+    args = (*inp, H, G, d, Rq, R, W, 1e-5, 0.5, "triton", "shared")
     out = torch.ops.vpmoe.tpa_window_attention_fwd(*args)
     assert (out[-1].numel() > 0) == (W == 1)
     torch.library.opcheck(torch.ops.vpmoe.tpa_window_attention_fwd.default, args,

@@ -1,4 +1,5 @@
-"""NorMuon state in Megatron's ``torch_dist`` sharded form, on CPU (spec §5.4, T8 without CUDA).
+"""NorMuon state in Megatron's ``torch_dist`` sharded form, on CPU (docs/design.md#the-megatron-path,
+step 4; the round trip of Megatron's wrappers needs CUDA).
 
 Megatron's mixed-precision wrappers and its ``torch_dist`` save strategy need CUDA, so this
 drives the NorMuon-specific part of ``sharded_state_dict`` (momentum like Adam's moments,
@@ -31,7 +32,7 @@ def _model_sharded(params):
 def _sharded_opt(opt, params):
     from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
 
-    from vpmoe_compile.optim._megatron_path import _optimizer_state_to_sharded
+    from vpmoe_compile.optim.megatron_wrappers import _optimizer_state_to_sharded
 
     sd = opt.state_dict()
     id_map = get_param_id_to_sharded_param_map(_model_sharded(params), params)
@@ -119,7 +120,7 @@ def test_torch_dist_expert_stack_state(megatron_world, layer_axis):
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
 
-    from vpmoe_compile.optim._megatron_path import _optimizer_state_to_sharded
+    from vpmoe_compile.optim.megatron_wrappers import _optimizer_state_to_sharded
 
     E, F, H, ep_rank, ep_size = 3, 8, 16, 1, 2
     blocks = [(((0, F),), ((F, F),)), None]  # gated fc1 [E, 2F, H] (gate / up), fc2 [E, H, F]

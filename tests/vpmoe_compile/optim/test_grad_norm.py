@@ -59,7 +59,7 @@ def test_huge_finite_gradient_gives_finite_norm_and_clipped_step():
 def test_grad_norm_helpers_do_not_overflow(megatron_world):
     from megatron.core import parallel_state as ps
 
-    from vpmoe_compile.optim.megatron import global_grad_norm, grad_sq_sum, local_grad_norm
+    from vpmoe_compile.optim.grad_norm import global_grad_norm, grad_sq_sum, local_grad_norm
 
     big32 = torch.full((4, 4), 1e20)
     big16 = torch.full((8,), -1e20, dtype=torch.bfloat16)
@@ -86,7 +86,7 @@ def _fake_megatron_chain(model, names):
     from megatron.core.optimizer import OptimizerConfig
 
     from vpmoe_compile.optim import NorMuon
-    from vpmoe_compile.optim._megatron_path import NorMuonChainedOptimizer, NorMuonFloat16Optimizer
+    from vpmoe_compile.optim.megatron_wrappers import NorMuonChainedOptimizer, NorMuonFloat16Optimizer
     from vpmoe_compile.optim.routing import classify_parameters
 
     routes = classify_parameters(model)
@@ -168,7 +168,7 @@ def test_megatron_nan_names_map_fp32_main_params_to_model_names(megatron_world):
         "decoder.layers.1.self_attention.linear_proj.weight",
         "embedding.word_embeddings.weight",
     ]
-    from vpmoe_compile.optim.megatron import megatron_param_names
+    from vpmoe_compile.optim.megatron_wrappers import megatron_param_names
 
     mapped = megatron_param_names(chain.chained_optimizers, names)
     assert {mapped[id(m)] for m in mains.values()} == set(mains)

@@ -1,4 +1,4 @@
-"""T7: expert layouts give identical updates (fp64): SequentialMLP, TEGroupedMLP-style
+"""Expert layouts give identical updates (fp64): SequentialMLP, TEGroupedMLP-style
 ``weight{e}`` and legacy GroupedMLP ``weight1`` / ``weight2`` storage (Megatron-Core 0.16.1:
 ``weight1.view(E, hidden, F1)[e]`` and ``weight2.view(E, ffn, hidden)[e]`` are expert ``e``'s
 ``[in, out]`` blocks; gated fc1 holds ``[gate | up]`` along ``F1``)."""

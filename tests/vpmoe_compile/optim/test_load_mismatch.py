@@ -245,7 +245,7 @@ def _megatron_chain(opt):
     The Float16 wrapper's "main params" are NorMuon's params themselves."""
     from megatron.core.optimizer import OptimizerConfig
 
-    from vpmoe_compile.optim._megatron_path import (
+    from vpmoe_compile.optim.megatron_wrappers import (
         NorMuonChainedOptimizer,
         NorMuonFloat16Optimizer,
         NorMuonFP32Optimizer,

@@ -1,4 +1,5 @@
-"""NorMuon inner optimizer vs the literal per-matrix reference (T4, T5, T7-T10, T11 on CPU)."""
+"""NorMuon inner optimizer vs the literal per-matrix reference (docs/design.md#the-normuon-update;
+the list of checks: docs/design.md#optimizer-tests-and-benchmark)."""
 
 import copy
 import math
@@ -78,7 +79,7 @@ def _maxrel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-# ------------------------------------------------------------------------------------ T4
+# ------------------------------------------------------------------------------------ one step
 @pytest.mark.parametrize("qkv_mode", ["qkv", "fused", "head"])
 def test_one_step_matches_reference_fp64(qkv_mode):
     params, blocks = _setup(qkv_mode=qkv_mode)
@@ -129,7 +130,7 @@ def test_fork_parity_fp32():
         assert ((p.detach() - w).norm() / w.norm()).item() <= 1e-5
 
 
-# ------------------------------------------------------------------------------------ T5
+# ------------------------------------------------------------------------------------ several steps
 def test_multi_step_schedule_zero_grads_match_reference():
     params, blocks = _setup()
     ref = _Ref(params, blocks)
@@ -243,7 +244,7 @@ def test_rejects_non_matrices_and_bad_blocks():
         NorMuon([{"params": [torch.nn.Parameter(torch.randn(8, 4))], "blocks": [(((0, 3),),)]}])
 
 
-# ------------------------------------------------------------------------------------ T8
+# ------------------------------------------------------------------------------------ state_dict
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_state_dict_round_trip_bitwise(dtype):
     params, blocks = _setup(dtype=dtype)
@@ -276,7 +277,7 @@ def test_state_dict_round_trip_bitwise(dtype):
             assert torch.equal(sa["state"][i][k], sc["state"][i][k])
 
 
-# ------------------------------------------------------------------------------------ T9 / T10
+# ------------------------------------------------------------------------------------ zero / NaN gradients
 def test_zero_gradients_only_weight_decay_no_nan():
     params, blocks = _setup()
     before = [p.detach().clone() for p in params]
@@ -308,7 +309,7 @@ def test_nan_in_one_matrix_does_not_leak_into_its_bank():
         assert torch.equal(params[i].detach(), ref_params[i].detach())
 
 
-# ------------------------------------------------------------------------------------ T11 (CPU part)
+# ------------------------------------------------------------------------------------ compiled == eager (CPU part)
 def test_compiled_step_matches_eager_without_recompiling():
     """The single CPU compile test: aot_eager backend (no Inductor), lr changes don't recompile."""
     import torch._dynamo
@@ -435,7 +436,7 @@ def test_megatron_fp16_wrapper_zero_grad_frees_copied_grads_keeps_buffers():
     import weakref
 
     pytest.importorskip("megatron.core")
-    from vpmoe_compile.optim._megatron_path import NorMuonFloat16Optimizer
+    from vpmoe_compile.optim.megatron_wrappers import NorMuonFloat16Optimizer
 
     def wrapper(main_grad_dtype):
         model_p = torch.nn.Parameter(torch.randn(8, 16).bfloat16())

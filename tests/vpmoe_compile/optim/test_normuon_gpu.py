@@ -1,4 +1,4 @@
-"""T11 (GPU): compiled vs eager, no recompilation on lr changes, CUDA-graph replay == eager,
+"""NorMuon on the GPU (docs/design.md#optimizer-tests-and-benchmark): compiled vs eager, no recompilation on lr changes, CUDA-graph replay == eager,
 no host synchronisation and no allocation in the steady-state step. Skipped without CUDA."""
 
 import math
@@ -117,7 +117,7 @@ def test_cuda_graph_replay_equals_eager(fused_bank):
 
 
 def test_compiled_graph_fused_step_matches_eager_without_recompiling():
-    """T11: Inductor-compiled banks + fused PE + CUDA graph vs the eager PyTorch path within bf16
+    """Inductor-compiled banks + fused PE + CUDA graph vs the eager PyTorch path within bf16
     tolerance; lr / wd changes after the first step compile nothing new (dynamo counters); the
     steady-state step syncs nothing and allocates nothing; one step vs the fp64 reference."""
     import torch._dynamo
@@ -142,7 +142,8 @@ def test_compiled_graph_fused_step_matches_eager_without_recompiling():
         if step == 0:
             graphs_after_first = counters["stats"]["unique_graphs"]
             assert graphs_after_first > 0
-            # T3 on real kernels: first step vs fp64 REF (per logical matrix of each param)
+            # The accuracy bound on real kernels: first step vs fp64 REF (per logical matrix of
+            # each param; docs/design.md#polar-express)
             lr, wd = _schedule(0)
             for p, w0, g, blk in zip(pa, pr, grads, [None] * 4 + list(QKV_BLOCKS) + [None] * 6):
                 W, M = w0.clone(), torch.zeros_like(w0)

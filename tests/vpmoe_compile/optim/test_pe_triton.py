@@ -143,7 +143,7 @@ def test_direct_gradients_follow_new_tensors_and_fall_back_when_strided():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernel needs CUDA")
 @pytest.mark.parametrize("shape", [(4, 1024), (32, 1024), (128, 1024), (1024, 128), (96, 512)])
 def test_fused_bf16_within_t3_bounds(shape):
-    """T3 (GPU): bf16 fused PE vs the fp64 reference <= 0.04 (min(m, n) >= 32) / 0.08 below, and
+    """The accuracy bound on the GPU (docs/design.md#polar-express): bf16 fused PE vs the fp64 reference <= 0.04 (min(m, n) >= 32) / 0.08 below, and
     within bf16 noise of the PyTorch bf16 path."""
     N = 6
     G = torch.randn(N, *shape, device="cuda")

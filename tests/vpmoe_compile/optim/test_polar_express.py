@@ -1,4 +1,5 @@
-"""Polar Express: coefficient generator (T1), orthogonality band (T2), batched == per-matrix (T3)."""
+"""Polar Express (docs/design.md#polar-express): coefficient generator, orthogonality band,
+batched == per-matrix and the bf16 accuracy bound."""
 
 
 import numpy as np
@@ -18,7 +19,7 @@ def _rel(a, b):
     return (torch.linalg.norm((a - b).double()) / torch.linalg.norm(b.double())).item()
 
 
-# ------------------------------------------------------------------------------------ T1
+# ------------------------------------------------------------------------------------ generator
 def test_generator_reproduces_published_table():
     table = polar_express_coefficients(steps=5, safety=2e-2)
     assert len(table) == 5
@@ -50,7 +51,7 @@ def test_longer_tables_share_prefix_and_other_safety():
     assert t_other[0] != pytest.approx(t5[0])
 
 
-# ------------------------------------------------------------------------------------ T2
+# ------------------------------------------------------------------------------------ band
 def _conditioned(m, n, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     s = min(m, n)
@@ -90,7 +91,7 @@ def test_gaussian_nonsquare_in_band_and_square_finite():
     assert torch.isfinite(O).all()
 
 
-# ------------------------------------------------------------------------------------ T3
+# ------------------------------------------------------------------------------------ batched == reference
 @pytest.mark.parametrize("shape", [(6, 3, 40), (5, 40, 3), (4, 16, 16), (3, 24, 64)])
 def test_batched_equals_per_matrix_reference(shape):
     G = torch.randn(*shape, dtype=torch.float64)

@@ -1,4 +1,5 @@
-"""Routing of every parameter (T6) on a vpMoE-like parameter tree with Megatron names."""
+"""Routing of every parameter (docs/design.md#the-optimizer) on a vpMoE-like parameter tree with
+Megatron names."""
 
 from types import SimpleNamespace
 
@@ -42,7 +43,7 @@ def test_every_parameter_has_the_spec_role():
         assert row["matrices"] == [["fc2", 32, 8]]
     assert table["decoder.layers.1.mlp.shared_experts.linear_fc1.weight"]["role"] == "shared_expert"
     assert table["decoder.layers.0.mlp.linear_fc1.weight"]["role"] == "dense_mlp"
-    assert table["decoder.layers.1.mlp.router.weight"]["group"] == "normuon"  # D7 default
+    assert table["decoder.layers.1.mlp.router.weight"]["group"] == "normuon"  # router_optimizer default
     # TPA factors as their own matrices, in row order
     tpa = table["decoder.layers.0.self_attention.linear_qkv.weight"]
     assert tpa["role"] == "tpa_factors"

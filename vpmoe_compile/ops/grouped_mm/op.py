@@ -5,11 +5,13 @@ device (cumulative row ends: group ``g`` owns rows ``offs[g-1] .. offs[g]-1``; g
 empty). The MoE layer calls it with ``b = weight.mT`` of a stacked ``[E, N, K]`` expert weight.
 
 Two implementations, chosen per call from tensor metadata only (never from values, so no host
-synchronisation and nothing dynamo must guard on besides dtype/device):
+synchronisation and nothing dynamo must guard on besides dtype/device), by the kernel policy's
+rule (:func:`vpmoe_compile.kernels.resolve_backend`; ``[kernels] grouped_gemm``):
 
 * **fused** — ``torch._grouped_mm`` (CUTLASS, sm90+, bf16 in/out, offsets read on the device,
   no host sync; autograd and the Inductor lowering are PyTorch's own). Used when
-  :func:`supports` says so.
+  :func:`supports` says so. It is PyTorch's kernel, not ours: there is no ``triton.py`` here,
+  and :func:`supports` stays in this file beside the one line that calls it.
 * **reference** — ``vpmoe::grouped_mm``: a ``torch.library`` custom op (fake impl + autograd)
   over the plain-PyTorch loop of :mod:`.reference`. It reads ``offs`` on the host, so it is the
   path for the CPU, fp32/fp64 and GPUs without the fused kernel (where ``torch._grouped_mm``
@@ -23,23 +25,28 @@ from __future__ import annotations
 
 import torch
 
+from vpmoe_compile.kernels import GROUPED_GEMM_BACKENDS, resolve_backend
+
 from .reference import grouped_mm_reference, grouped_mm_wgrad_reference
 
 __all__ = ["grouped_mm", "supports"]
 
-_BACKENDS = ("auto", "reference")
 
-
-def supports(x: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the fused ``torch._grouped_mm`` path runs ``x @ b[g]`` without a host sync:
-    CUDA tensors of compute capability 9.0+, bf16, 16-byte aligned rows (K and N multiples of 8)."""
-    if not (x.is_cuda and b.is_cuda) or x.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
-        return False
+def supports(shapes, dtype=None, device=None) -> bool:
+    """Whether the fused ``torch._grouped_mm`` path runs ``x [M, K] @ b[g] [K, N]`` without a host
+    sync: ``shapes = {"k": K, "n": N}`` with K and N multiples of 8 (16-byte aligned rows),
+    bf16, a CUDA device of compute capability 9.0+. ``None`` is not judged."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if torch.cuda.get_device_capability(x.device) < (9, 0):
+    if any(shapes.get(key, 0) % 8 for key in ("k", "n")):
         return False
-    return x.shape[-1] % 8 == 0 and b.shape[-1] % 8 == 0
+    if dtype is not None and dtype != torch.bfloat16:
+        return False
+    if device is not None:
+        device = device if isinstance(device, torch.device) else torch.device(device)
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+            return False
+    return True
 
 
 @torch.library.custom_op("vpmoe::grouped_mm", mutates_args=())
@@ -80,9 +87,7 @@ def _backward(ctx, dy):
 _grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check(x: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, backend: str) -> None:
-    if backend not in _BACKENDS:
-        raise ValueError(f"grouped_mm: backend must be one of {_BACKENDS}, got {backend!r}")
+def _check(x: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> None:
     if x.ndim != 2 or b.ndim != 3 or offs.ndim != 1:
         raise ValueError(
             f"grouped_mm: expected x [M, K], b [G, K, N], offs [G]; got x {tuple(x.shape)}, "
@@ -112,7 +117,10 @@ def grouped_mm(x: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, backend: st
     Returns:
         ``[M, N]`` in ``x.dtype``; differentiable in ``x`` and ``b``.
     """
-    _check(x, b, offs, backend)
-    if backend == "auto" and supports(x, b):
+    _check(x, b, offs)
+    be = resolve_backend(backend, allowed=GROUPED_GEMM_BACKENDS, supports=supports,
+                         shapes={"k": x.shape[1], "n": b.shape[-1]}, dtype=x.dtype, device=x.device,
+                         fast="fused", what="grouped_mm")
+    if be == "fused" and b.device == x.device:
         return torch._grouped_mm(x, b, offs=offs)
     return _grouped_mm_op(x, b, offs)

@@ -37,7 +37,7 @@ a label outside ``[0, V)`` (``-100`` included) drops the target term, the loss i
 
 Implementation: the GEMMs are ``torch.mm`` (cuBLAS, ``out_dtype=torch.float32`` for 16-bit
 inputs on CUDA; upcast elsewhere). On CUDA the two elementwise passes are Triton kernels
-(:mod:`.triton_kernels`, one read of each fp32 chunk), registered as ``torch.library`` custom
+(:mod:`.triton`, one read of each fp32 chunk), registered as ``torch.library`` custom
 ops with fake impls; elsewhere (and with ``backend="torch"``) they are torch ops. Why not leave
 them to Inductor: it fused the chunks' elementwise kernels horizontally, which kept every
 chunk's fp32 logits alive at once (compiled peak 6.14 GiB = the whole ``[N, V]`` fp32 at
@@ -70,7 +70,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _HAS_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 try:
-    from . import triton_kernels as _triton
+    from . import triton as _triton
 except ImportError:  # no triton: the torch path everywhere
     _triton = None
 
@@ -118,7 +118,7 @@ def _chunk_loss(logits: torch.Tensor, labels: torch.Tensor, vocab: int):
 
 
 def _slice_dlogits_torch(logits, lse2, g2, local, idx, dtype, compiling):
-    """Torch version of :func:`.triton_kernels.chunk_dlogits` on one vocabulary slice of fp32
+    """Torch version of :func:`.triton.chunk_dlogits` on one vocabulary slice of fp32
     logits ``[N, c]`` (overwritten in eager): ``(d_logits [N, c] in dtype, residual [N] | None)``."""
     c = logits.shape[1]
     hit = ((local >= 0) & (local < c)).unsqueeze(1)  # [N, 1]: the row's label is in this slice

@@ -23,11 +23,12 @@ Both are exercised by the tests. The ops can also be called directly:
 ``torch.ops.vpmoe.sink_attention_fwd(q, k, v, sink, slopes, window_or_0, scale, backend)``.
 ``out_lo`` is the bf16 rounding residual of a 16-bit ``out`` (an empty tensor for fp32 outputs and
 the reference backend); the backward uses it for an fp32-accurate ``delta = rowsum(dO * O)``
-(see :func:`vpmoe_compile.ops.triton_sink_attention.sink_attention_fwd_triton`).
+(see :func:`vpmoe_compile.ops.sink_attention.triton.sink_attention_fwd_triton`).
 
-Backends: ``"reference"`` (dense PyTorch, float64 math; small shapes only), ``"triton"`` (the kernels
-of :mod:`vpmoe_compile.ops.triton_sink_attention`; on CPU this needs ``TRITON_INTERPRET=1`` set
-before import), ``"auto"`` (triton on CUDA tensors, reference on CPU).
+Backends: ``"reference"`` (dense PyTorch, float64 math; small shapes only; :mod:`.reference`),
+``"triton"`` (the kernels of :mod:`.triton`; on CPU this needs ``TRITON_INTERPRET=1`` set before
+import), ``"auto"`` (triton on CUDA tensors the kernels support, reference elsewhere: the rule
+of :func:`vpmoe_compile.kernels.resolve_backend`). Math: ``docs/design.md#sink-attention``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from .attention_reference import sink_attention_reference, sink_attention_reference_backward
+from vpmoe_compile.kernels import ATTENTION_BACKENDS, resolve_backend
+
+from .reference import sink_attention_reference, sink_attention_reference_backward
 
 __all__ = [
     "alibi_sink_attention",
@@ -48,21 +51,16 @@ __all__ = [
     "sink_attention_backward",
 ]
 
-_BACKENDS = ("auto", "reference", "triton")
-_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
 
 # ---------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------
 
 
-def _resolve_backend(backend: str, q: torch.Tensor) -> str:
-    if backend not in _BACKENDS:
-        raise ValueError(f"sink attention: backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if q.device.type == "cuda" else "reference"
-    return backend
+def _triton_supports(shapes, dtype=None, device=None) -> bool:
+    from . import triton as _tk  # imported on first use (it records TRITON_INTERPRET at import)
+
+    return _tk.supports(shapes, dtype, device)
 
 
 def _validate(
@@ -130,20 +128,14 @@ def _validate(
         scale = float(softmax_scale)
         if not math.isfinite(scale) or scale <= 0.0:
             raise ValueError(f"sink attention: softmax_scale must be finite and > 0, got {softmax_scale}")
-    be = _resolve_backend(backend, q)
+    be = resolve_backend(backend, allowed=ATTENTION_BACKENDS, supports=_triton_supports,
+                         shapes={"head_dim": d}, dtype=q.dtype, device=q.device, what="sink attention")
     if be == "triton":
-        if q.dtype not in _KERNEL_DTYPES:
-            raise TypeError(
-                f"sink attention (triton): dtype {q.dtype} unsupported; use bf16/fp16/fp32 "
-                "(float64 only with backend='reference')"
-            )
-        if d < 16 or d > 256 or d & (d - 1):
-            raise ValueError(f"sink attention (triton): head dim d={d} must be a power of two in [16, 256]")
+        from . import triton as _tk
+
+        _tk.check_supported({"head_dim": d}, q.dtype, q.device)
         if slopes is not None and slopes.dtype != torch.float32:
             raise TypeError("sink attention (triton): slopes must be fp32")
-        from . import triton_sink_attention as _tk
-
-        _tk._check_runnable(q)
     return be, scale
 
 
@@ -159,7 +151,7 @@ def _fwd_impl(q, k, v, sink, slopes, window, scale, backend):
             q, k, v, sink, slopes=slopes, window=window, softmax_scale=scale
         )
         return out, lse, None
-    from .triton_sink_attention import sink_attention_fwd_triton
+    from .triton import sink_attention_fwd_triton
 
     return sink_attention_fwd_triton(q, k, v, sink, slopes, window, scale, return_residual=True)
 
@@ -169,7 +161,7 @@ def _bwd_impl(dout, q, k, v, sink, slopes, out, lse, dlse, window, scale, backen
         return sink_attention_reference_backward(
             dout, q, k, v, sink, slopes=slopes, window=window, softmax_scale=scale, dlse=dlse
         )
-    from .triton_sink_attention import sink_attention_bwd_triton
+    from .triton import sink_attention_bwd_triton
 
     return sink_attention_bwd_triton(dout, q, k, v, sink, slopes, out, lse, window, scale,
                                      dlse=dlse, out_lo=out_lo)
@@ -244,10 +236,10 @@ def _sink_attention_fwd_op(
 
 def _residual_dtype(q: torch.Tensor, window: int, backend: str) -> Optional[torch.dtype]:
     """dtype of the forward's ``out_lo`` (``None``: an empty tensor), the Triton launcher's own
-    decision (:func:`~vpmoe_compile.ops.triton_sink_attention.planned_residual_dtype`)."""
+    decision (:func:`~vpmoe_compile.ops.sink_attention.triton.planned_residual_dtype`)."""
     if backend == "reference":
         return None
-    from .triton_sink_attention import planned_residual_dtype
+    from .triton import planned_residual_dtype
 
     return planned_residual_dtype(q.dtype, q.shape[0], window if window > 0 else None)
 

@@ -1,4 +1,18 @@
-"""Megatron-Core 0.16.1 wiring of NorMuon (spec §5.3 / §5.4). Imported only on the CUDA path."""
+"""The Megatron path of :func:`~.build.build_optimizer`: NorMuon inside Megatron-Core 0.16.1's
+optimizer wrappers (docs/design.md#the-megatron-path).
+
+* :class:`NorMuonFloat16Optimizer` / :class:`NorMuonFP32Optimizer` -- Megatron's bf16 / fp32
+  wrappers with a slot-ordered ``torch_dist`` state mapping that also saves NorMuon's second
+  moment;
+* :class:`NorMuonChainedOptimizer` -- Megatron's ``ChainedOptimizer`` with the NaN policy and an
+  fp64 global grad norm;
+* :func:`build_megatron_optimizer` -- the chain ``[NorMuon dense, NorMuon expert-parallel,
+  *Megatron's own Adam parts]``.
+
+The only module of :mod:`vpmoe_compile.optim` that imports Megatron's optimizer; ``build``
+imports it only on the Megatron path (DDP-wrapped chunks, CUDA). The Megatron internals it needs
+are reached through :mod:`megatron_base.compat`.
+"""
 
 from __future__ import annotations
 
@@ -25,22 +39,51 @@ from megatron.core.optimizer.optimizer import (
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from .megatron import (
-    _aux_override,
-    _normuon_group,
-    _normuon_kwargs,
-    global_grad_norm,
-    megatron_param_names,
-    nonfinite_param_names,
-    normuon_init_state,
-)
+from megatron_base import compat
+
+from .grad_norm import global_grad_norm, nonfinite_param_names
 from .normuon import NorMuon
+from .param_groups import aux_override, normuon_group, normuon_kwargs
 from .routing import ParamRoute
 from .state_check import chain_inner_optimizers, check_megatron_chain_state, rollback_on_error
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "NorMuonChainedOptimizer",
+    "NorMuonFloat16Optimizer",
+    "NorMuonFP32Optimizer",
+    "build_megatron_optimizer",
+    "megatron_param_names",
+    "normuon_init_state",
+]
+
 _V_KEY = "second_moment"
+
+
+def normuon_init_state(opt: NorMuon, config: Any = None) -> None:
+    """Megatron ``init_state_fn``: allocate (zero) NorMuon state for every parameter."""
+    opt.init_state()
+
+
+def megatron_param_names(chained_optimizers: Sequence[Any], names: Dict[int, str]) -> Dict[int, str]:
+    """``names`` (``{id(model param): name}``) extended to every parameter the wrappers of a
+    Megatron chain optimise: the fp32 main copy of a bf16 parameter (``fp32_from_float16_groups``
+    slot-aligned with ``float16_groups``, and Megatron's ``param.main_param`` handle) gets its
+    model parameter's name. Pure Python (duck-typed on the wrappers)."""
+    out = dict(names)
+    for opt in chained_optimizers:
+        models = getattr(opt, "float16_groups", None) or []
+        mains = getattr(opt, "fp32_from_float16_groups", None) or []
+        for model_group, main_group in zip(models, mains):
+            for model_p, main_p in zip(model_group, main_group):
+                name = out.get(id(model_p))
+                if name is not None:
+                    out.setdefault(id(main_p), name)
+                main = getattr(model_p, "main_param", None)
+                if name is not None and main is not None:
+                    out.setdefault(id(main), name)
+    return out
 
 
 def _second_moment_sharded(sh_param, v: torch.Tensor, prefix: str) -> ShardedTensor:
@@ -96,7 +139,7 @@ def _optimizer_state_to_sharded(opt_sd: Dict, id_map: Dict) -> None:
     """In place: every state tensor like Adam's moments, except NorMuon's second moment, which
     gets the parameter's ShardedTensor with the reduced axis collapsed; per-param ``step`` is
     replaced by one ``common_step`` (Megatron's convention)."""
-    step = MegatronOptimizerSteps.common_step(opt_sd)
+    step = compat.common_per_param_step(opt_sd)
     vs = {}
     state = {}
     for pid, st in opt_sd["state"].items():
@@ -112,14 +155,6 @@ def _optimizer_state_to_sharded(opt_sd: Dict, id_map: Dict) -> None:
         )
     if step:
         opt_sd["state"]["common_step"] = step
-
-
-class MegatronOptimizerSteps:
-    @staticmethod
-    def common_step(opt_sd):
-        from megatron.core.optimizer.optimizer import MegatronOptimizer
-
-        return MegatronOptimizer._extract_common_per_param_step(opt_sd)
 
 
 class NorMuonFloat16Optimizer(Float16OptimizerWithFloat16Params):
@@ -162,8 +197,11 @@ class NorMuonFloat16Optimizer(Float16OptimizerWithFloat16Params):
             if not all(id(g) in buffers for g in kept):
                 self.optimizer._dense_grads = None
 
+    # Overrides a private hook of Megatron's Float16OptimizerWithFloat16Params (its step calls it
+    # after the update): an override has to be a method of this class, so it cannot live in
+    # megatron_base.compat; the Megatron internals it reads are behind compat's function.
     def _copy_main_params_to_model_params(self):
-        model_data, main_data = self._get_model_and_main_params_data_float16()
+        model_data, main_data = compat.float16_model_and_main_params_data(self)
         if model_data:
             torch._foreach_copy_(model_data, main_data)
 
@@ -212,13 +250,13 @@ class NorMuonFP32Optimizer(FP32Optimizer):
 
 
 class NorMuonChainedOptimizer(ChainedOptimizer):
-    """Megatron ``ChainedOptimizer`` with the NaN policy of spec §5.4 (D12).
+    """Megatron ``ChainedOptimizer`` with the NaN policy (docs/design.md#the-megatron-path).
 
     After the global grad norm (already a host sync), a non-finite norm returns
     ``(False, grad_norm, None)`` before clipping or any update (``nan_policy="skip"``), or raises
     naming the parameters with non-finite gradients by their model names (``"raise"``; the fp32
-    main copies of bf16 parameters included, :func:`~.megatron.megatron_param_names`).
-    The grad norm accumulates in fp64 (:func:`~.megatron.global_grad_norm`; Megatron's fp32
+    main copies of bf16 parameters included, :func:`megatron_param_names`).
+    The grad norm accumulates in fp64 (:func:`~.grad_norm.global_grad_norm`; Megatron's fp32
     ``norm ** 2`` overflows for a finite gradient of 1e20). ``load_state_dict`` checks every
     part of the checkpoint before Megatron loads any (:mod:`.state_check`).
     """
@@ -326,7 +364,9 @@ def build_megatron_optimizer(
     pg_collection,
     use_gloo_process_groups: bool,
 ) -> NorMuonChainedOptimizer:
-    """Spec §5.3 steps 2-6 (the checks of step 1 ran in ``build_optimizer``)."""
+    """Steps 2-6 of the Megatron path (docs/design.md#the-megatron-path): NorMuon wrappers, the
+    Adam parts from ``get_megatron_optimizer``, the chain; the checks of step 1 ran in
+    ``build_optimizer``."""
     config = optimizer_config if optimizer_config is not None else _default_optimizer_config(chunks, st)
     config.optimizer = "adam"
     groups = ProcessGroupCollection.setup_process_groups_for_optimizer(
@@ -348,7 +388,7 @@ def build_megatron_optimizer(
         if not sel:
             continue
         inner = NorMuon(
-            [_normuon_group(sel, st, expert)],
+            [normuon_group(sel, st, expert)],
             lr=st.lr,
             momentum=st.normuon_momentum,
             beta2=st.normuon_beta2,
@@ -357,7 +397,7 @@ def build_megatron_optimizer(
             compile=bool(st.compile),
             cuda_graph=bool(st.cuda_graph),
             param_names=names,
-            **_normuon_kwargs(st),
+            **normuon_kwargs(st),
         )
         if config.bf16:
             wrapped = NorMuonFloat16Optimizer(inner, config, None, normuon_init_state)
@@ -377,7 +417,7 @@ def build_megatron_optimizer(
     overrides: Dict[ParamKey, Dict[str, Any]] = {}
     buckets: Dict[Tuple, set] = {}
     for r in aux:
-        key = tuple(sorted(_aux_override(r, st).items()))
+        key = tuple(sorted(aux_override(r, st).items()))
         buckets.setdefault(key, set()).add(id(r.param))
     for i, (key, ids) in enumerate(sorted(buckets.items(), key=lambda kv: str(kv[0]))):
         pred = ParamPredicate(name=f"vpmoe_aux_{i}_{key}", fn=lambda p, ids=ids: id(p) in ids)

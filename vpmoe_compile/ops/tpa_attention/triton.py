@@ -1,4 +1,4 @@
-"""Triton kernels of the TPA local-attention op (spec 5.4, "bring-up" two-kernel design).
+"""Triton kernels of the TPA local-attention op (two-kernel design, ``docs/design.md#tpa-attention``).
 
 Pipeline (forward): ``prologue`` (factors -> q, k, v rows, all heads of a token block:
 contraction, exact ``/R``, bias, QK RMSNorm, fp32 GRAPE-M rotation; saves ``rstd``) ->
@@ -17,7 +17,9 @@ sink-inclusive), ``cos``/``sin`` ``[s, d/2]`` fp32, ``rstd_q [s, b, H]``, ``rstd
 
 Precision: fp32 for contraction, RMS, rotation, logits, softmax state and accumulators;
 ``tl.dot`` operands in the activation dtype (bf16 on GPU); fp32 operands with IEEE products
-unless torch's fp32 matmul precision allows TF32 (:func:`vpmoe_compile._triton.ieee_fp32`). Requires ``d/2`` to be a power of two >= 16 and ranks <= 4.
+unless torch's fp32 matmul precision allows TF32 (:func:`vpmoe_compile._triton.ieee_fp32`). Requires ``d/2`` to be a power of two >= 16 and ranks <= 4
+(:func:`supports` / :func:`check_supported`, asked by :mod:`vpmoe_compile.kernels` and by the op's
+argument checks). The packed factor layout is :mod:`.layout`'s.
 
 Prologue kernels (one program = ``BT`` tokens of one sample, all heads): every tile is 2-D
 ``[BT, d/2]`` (the two rotation halves are separate tiles, so the planes ``(p, p + d/2)`` need
@@ -38,6 +40,7 @@ import triton
 import triton.language as tl
 
 from vpmoe_compile._triton import dot as _dot, ieee_fp32
+from vpmoe_compile.ops.tpa_attention.layout import factor_offsets
 
 LOG2E = 1.4426950408889634
 
@@ -625,12 +628,43 @@ def _check_dims(head_dim: int, q_rank: int = 1, kv_rank: int = 1):
         raise ValueError(f"triton TPA prologue supports ranks <= 4, got q_rank={q_rank}, kv_rank={kv_rank}")
 
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_supported(shapes, dtype=None, device=None) -> None:
+    """Raise (``RuntimeError`` / ``TypeError`` / ``ValueError``, naming the limit) unless the
+    kernels run ``shapes = {"head_dim": d, "q_rank": Rq, "kv_rank": R}`` in ``dtype`` on
+    ``device``: a CUDA device or the CPU under ``TRITON_INTERPRET=1``, fp32 / bf16 / fp16,
+    ``d/2`` a power of two >= 16, ranks <= 4. ``None`` is not judged."""
+    dev = device if device is None or isinstance(device, torch.device) else torch.device(device)
+    if dev is not None and dev.type != "cuda" and not _interpreting():
+        raise RuntimeError(
+            "backend='triton' on a non-CUDA device needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before importing triton kernels, or use backend='reference'"
+        )
+    if dtype is not None and dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"backend='triton' takes fp32/bf16/fp16 factors, got {dtype}; use backend='reference' "
+                        "for float64")
+    if "head_dim" in shapes:
+        _check_dims(shapes["head_dim"], shapes.get("q_rank", 1), shapes.get("kv_rank", 1))
+
+
+def supports(shapes, dtype=None, device=None) -> bool:
+    """Whether :func:`check_supported` accepts the arguments (the kernel policy asks this)."""
+    try:
+        check_supported(shapes, dtype, device)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
+
+
 def factors_aligned(factors: torch.Tensor, H: int, G: int, Rq: int, R: int) -> bool:
     """Whether every B-factor row segment of ``factors [s, b, F]`` starts 16-byte aligned with unit
     column stride (the prologue kernels then use vectorised loads; ``ALIGN``)."""
     e = factors.element_size()
     n = max(1, 16 // e)  # elements per 16 bytes
-    off_bq = H * Rq + 2 * G * R
+    off_bq = factor_offsets(H, G, 0, Rq, R)["b_q"]  # after the A blocks: independent of head_dim
+    # (B_k and B_v follow at multiples of d >= 32 elements, so they are aligned when B_q is)
     return (factors.stride(2) == 1 and factors.stride(0) % n == 0 and factors.stride(1) % n == 0
             and factors.data_ptr() % 16 == 0 and off_bq % n == 0)
 
@@ -773,7 +807,7 @@ def swa_bwd(do, q, k, v, o, lse, sink, window: int, softmax_scale: float):
     ``delta = rowsum(P * dP)`` over the band in a first pass: the exact quantity ``dS`` needs,
     from the same fp32 ``P``, ``dP``; two extra dots per KV tile, ``o`` is not read and the
     forward saves nothing extra. (Storing the bf16 rounding residual of ``o`` in the forward
-    instead, as ``triton_sink_attention`` does, was as fast on the H100 at the vpMoE shape,
+    instead, as the ``sink_attention`` kernels do, was as fast on the H100 at the vpMoE shape,
     499 vs 503 us attention fwd+bwd, but saves one more ``o``-sized tensor per layer for the
     backward.) An fp32 ``o`` gives ``delta`` from ``o`` directly. ``GPU_TILES["DELTA"]``:
     ``"auto"`` (that rule), ``"recompute"`` or ``"output"`` (force one; tests, benchmarks).

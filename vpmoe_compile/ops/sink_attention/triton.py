@@ -8,7 +8,9 @@ One kernel family serves both vpMoE attention flavours:
 Layout (Megatron, sequence first, arbitrary strides): ``q [s, b, H, d]``, ``k, v [s, b, G, d]``,
 ``sink [H]``, ``slopes [H]`` fp32. Outputs: ``o [s, b, H, d]`` (contiguous, input dtype) and
 ``lse [b, H, s]`` fp32 (natural log, **sink-inclusive**). Semantics are those of
-:func:`vpmoe_compile.ops.attention_reference.sink_attention_reference`.
+:func:`vpmoe_compile.ops.sink_attention.reference.sink_attention_reference`
+(``docs/design.md#sink-attention``). :func:`supports` / :func:`check_supported` say what the
+kernels can run (asked by :mod:`vpmoe_compile.kernels` and by the op's argument checks).
 
 Algorithm notes (our own code; ideas learned from public sources, nothing copied):
 
@@ -19,7 +21,7 @@ Algorithm notes (our own code; ideas learned from public sources, nothing copied
   query rows) forms ``dS`` with ``delta = rowsum(dO * O)`` (no pre-pass kernel) and accumulates the
   exact ``sum_j P_ij dP_ij`` over the same tiles in fp32; that exact ``delta`` is what it stores
   for the ``dk/dv`` kernel and the sink gradient (16-bit accuracy: see :func:`residual_helps`).
-* Sink (``spec/tpa_attention.md`` §4.3): the running state starts at ``m = sink``, ``l = 1``, acc 0
+* Sink (``docs/design.md#sink-attention``): the running state starts at ``m = sink``, ``l = 1``, acc 0
   (a virtual first key with value 0), so the state is finite from the start; the stored LSE
   includes the sink (GPT-OSS's inference kernel stores one without it; we do not).
   ``dsink_h = -sum_{b,i} exp(sink_h - L_{b,h,i}) * delta_{b,h,i}`` is reduced deterministically:
@@ -33,7 +35,7 @@ Algorithm notes (our own code; ideas learned from public sources, nothing copied
   ``[s, s]`` tensor); no shortcut "add ``m_h j`` per row" (not shift-invariant with a sink).
 * Sliding window: the forward/``dq`` programs visit only the KV tiles inside the band
   ``[t0 - W + 1, t1)``, the ``dkv`` programs only the query tiles ``[n0, n1 + W - 1)``
-  (``spec/tpa_attention.md`` §3). Causal tiles strictly below the diagonal skip the mask.
+  (a band of ``W`` keys per query). Causal tiles strictly below the diagonal skip the mask.
 * Fully-masked rows (only possible with ``sink = -inf``) are guarded: the exponent base is 0 when the
   running max is still ``-inf``, so no ``-inf - -inf`` NaN.
 
@@ -56,6 +58,8 @@ import triton.language as tl
 from vpmoe_compile._triton import dot as _dot, ieee_fp32
 
 __all__ = [
+    "check_supported",
+    "supports",
     "KernelTiles",
     "SinkAttentionConfig",
     "interpreter_active",
@@ -560,15 +564,17 @@ def planned_residual_dtype(out_dtype: torch.dtype, seqlen: int, window: Optional
     return output_residual_dtype(out_dtype)
 
 
-def _check_runnable(t: torch.Tensor) -> None:
-    if t.device.type == "cuda":
+def _check_runnable(t) -> None:
+    """Raise unless the kernels can run on the device of ``t`` (a tensor or a device)."""
+    device = t.device if isinstance(t, torch.Tensor) else t if isinstance(t, torch.device) else torch.device(t)
+    if device.type == "cuda":
         if _INTERPRET_AT_IMPORT:
             raise RuntimeError(
                 "sink attention (triton): the kernels were created in TRITON_INTERPRET=1 mode; "
                 "unset TRITON_INTERPRET to run them on CUDA tensors."
             )
         return
-    if t.device.type == "cpu":
+    if device.type == "cpu":
         if not _INTERPRET_AT_IMPORT:
             raise RuntimeError(
                 "sink attention backend='triton' on CPU tensors needs the Triton interpreter: set "
@@ -576,7 +582,36 @@ def _check_runnable(t: torch.Tensor) -> None:
                 "backend='reference' / 'auto' on CPU)."
             )
         return
-    raise RuntimeError(f"sink attention (triton): unsupported device {t.device}")
+    raise RuntimeError(f"sink attention (triton): unsupported device {device}")
+
+
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_supported(shapes, dtype: Optional[torch.dtype] = None, device=None) -> None:
+    """Raise (``TypeError`` / ``ValueError`` / ``RuntimeError``, naming the limit) unless the
+    kernels run ``shapes = {"head_dim": d}`` in ``dtype`` on ``device``: bf16 / fp16 / fp32,
+    ``d`` a power of two in [16, 256], a CUDA device (kernels built without the interpreter) or
+    the CPU under ``TRITON_INTERPRET=1``. ``None`` is not judged."""
+    if dtype is not None and dtype not in _KERNEL_DTYPES:
+        raise TypeError(
+            f"sink attention (triton): dtype {dtype} unsupported; use bf16/fp16/fp32 "
+            "(float64 only with backend='reference')"
+        )
+    d = shapes.get("head_dim")
+    if d is not None and (d < 16 or d > 256 or d & (d - 1)):
+        raise ValueError(f"sink attention (triton): head dim d={d} must be a power of two in [16, 256]")
+    if device is not None:
+        _check_runnable(device)
+
+
+def supports(shapes, dtype: Optional[torch.dtype] = None, device=None) -> bool:
+    """Whether :func:`check_supported` accepts the arguments (the kernel policy asks this)."""
+    try:
+        check_supported(shapes, dtype, device)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return True
 
 
 def _kernel_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -632,7 +667,7 @@ def sink_attention_fwd_triton(
     error of an fp32-math reference. It costs one extra bf16 write (forward) and read (backward)
     of ``O``'s size.
 
-    Inputs are assumed validated (see :mod:`vpmoe_compile.ops.sink_attention`).
+    Inputs are assumed validated (see :mod:`vpmoe_compile.ops.sink_attention.op`).
     """
     _check_runnable(q)
     s, b, H, d = q.shape

@@ -1,7 +1,6 @@
-"""ALiBi slopes (GRAPE-A on global layers), no kernel dependency.
+"""ALiBi slopes (GRAPE-A on global layers), the ``slopes`` input of :mod:`.op`; no kernel dependency.
 
-Recipe of Press et al. ("Train Short, Test Long", 2022) as specified in
-``spec/grape.md`` §1.6 / §2.4:
+Recipe of Press et al. ("Train Short, Test Long", 2022), ``docs/design.md#alibi-slopes``:
 
 * ``n`` a power of two: ``m_h = 2^(-8 h / n)`` for ``h = 1 .. n`` (start = ratio = ``2^(-8/n)``).
 * otherwise, with ``c`` the largest power of two ``<= n``: the ``c`` slopes of ``c``, then every

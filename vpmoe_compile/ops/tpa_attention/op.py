@@ -1,50 +1,47 @@
 """Fused TPA local-attention op: packed factors -> attention output.
 
 Public entry point: :func:`tpa_window_attention`. It computes, in the reference fork's
-order (spec ``tpa_attention.md`` 2.3): per-token factor contraction, exact ``/R``, QKV bias
-(Megatron interleaved layout), QK RMSNorm with gains, GRAPE-M rotation from fp32 cos/sin
-tables, and sliding-window attention with a learnable per-head sink and GQA.
+order of operations (``docs/design.md#tpa-attention``): per-token factor contraction, exact
+``/R``, QKV bias (Megatron interleaved layout), QK RMSNorm with gains, GRAPE-M rotation from
+fp32 cos/sin tables, and sliding-window attention with a learnable per-head sink and GQA.
 
 Registered with ``torch.library`` as ``vpmoe::tpa_window_attention_fwd`` /
 ``vpmoe::tpa_window_attention_bwd`` (custom ops with a fake implementation and registered
 autograd), so ``torch.compile(fullgraph=True)`` treats the op as one opaque node.
 
 Backends:
-* ``"reference"``: plain PyTorch (:mod:`vpmoe_compile.ops.tpa_reference`); backward through
-  autograd of the reference (recompute).
-* ``"triton"``: the kernels of :mod:`vpmoe_compile.ops.triton_tpa` (prologue kernel ->
-  sliding-window sink flash attention; backward dq/dkv kernels -> prologue-backward kernel).
-  On CPU this needs ``TRITON_INTERPRET=1``.
-* ``"auto"``: ``"triton"`` for CUDA tensors, ``"reference"`` otherwise.
+* ``"reference"``: plain PyTorch (:mod:`.reference`); backward through autograd of the
+  reference (recompute).
+* ``"triton"``: the kernels of :mod:`.triton` (prologue kernel -> sliding-window sink flash
+  attention; backward dq/dkv kernels -> prologue-backward kernel). On CPU this needs
+  ``TRITON_INTERPRET=1``. ``attention_middle`` picks the window + sink kernels in between:
+  ``"own"`` (:func:`.triton.swa_fwd`) or ``"shared"`` (the ``sink_attention`` kernels).
+* ``"auto"``: ``"triton"`` for CUDA tensors the kernels support, ``"reference"`` otherwise (the
+  rule of :func:`vpmoe_compile.kernels.resolve_backend`).
+
+The model's modules take both choices from the kernel policy (``[kernels] attention``,
+``[kernels] tpa_attention_middle``; :mod:`vpmoe_compile.kernels`).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from vpmoe_compile.ops import tpa_reference as _ref
+from vpmoe_compile.kernels import ATTENTION_BACKENDS, TPA_ATTENTION_MIDDLES, resolve_backend
+from vpmoe_compile.ops.tpa_attention import reference as _ref
+from vpmoe_compile.ops.tpa_attention.layout import factor_width
 
 __all__ = ["tpa_window_attention"]
 
-_BACKENDS = ("auto", "reference", "triton")
 
+def _triton_supports(shapes, dtype=None, device=None) -> bool:
+    from vpmoe_compile.ops.tpa_attention import triton as tk
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "reference"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise RuntimeError(
-            "backend='triton' on a non-CUDA device needs the Triton interpreter: set TRITON_INTERPRET=1 "
-            "before importing triton kernels, or use backend='reference'"
-        )
-    return backend
+    return tk.supports(shapes, dtype, device)
 
 
 def _validate(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq, R, window, eps):
@@ -64,7 +61,7 @@ def _validate(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq, 
     if not (eps >= 0.0):
         raise ValueError(f"eps must be >= 0, got {eps}")
     s, b, Fw = factors.shape
-    expect = _ref.factor_width(H, G, d, Rq, R)
+    expect = factor_width(H, G, d, Rq, R)
     if Fw != expect:
         raise ValueError(
             f"factors last dim {Fw} != H*Rq + 2*G*R + (Rq + 2R)*d = {expect} "
@@ -99,29 +96,29 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-def _attention_middle():
+def _attention_middle(choice: str):
     """The sliding-window sink attention kernels used on the materialised q/k/v.
 
-    ``VPMOE_TPA_ATTENTION`` selects them: ``"shared"`` = the project's
-    :mod:`vpmoe_compile.ops.triton_sink_attention` launchers (PackGQA, autotuned), ``"own"`` =
-    the per-head kernels of :mod:`vpmoe_compile.ops.triton_tpa`. ``"auto"`` (default) = own:
-    on the H100 at the vpMoE shape they measured faster (attention fwd + bwd 122 + 337 us vs
-    122 + 416 us; whole op fwd+bwd 1687 vs 2030 us, ``benchmarks/results/tpa_bench_h100_run2.json``).
-    Read at call time (inside the opaque op). Both give an fp32-accurate ``delta = rowsum(dO*O)``
-    for 16-bit outputs: the own kernels recompute it as ``rowsum(P*dP)``, the shared ones keep the
-    output's bf16 rounding residual ``o_lo`` (saved by the op as ``out_lo``).
+    ``choice`` (the op's ``attention_middle`` argument, ``[kernels] tpa_attention_middle``):
+    ``"shared"`` = the project's :mod:`vpmoe_compile.ops.sink_attention.triton` launchers
+    (PackGQA, autotuned), ``"own"`` (default) = the per-head kernels of
+    :mod:`vpmoe_compile.ops.tpa_attention.triton`: on the H100 at the vpMoE shape they measured
+    faster (attention fwd + bwd 122 + 337 us vs 122 + 416 us; whole op fwd+bwd 1687 vs 2030 us,
+    ``benchmarks/results/tpa_bench_h100_run2.json``). Both give an fp32-accurate
+    ``delta = rowsum(dO*O)`` for 16-bit outputs: the own kernels recompute it as
+    ``rowsum(P*dP)``, the shared ones keep the output's bf16 rounding residual ``o_lo`` (saved by
+    the op as ``out_lo``).
 
     Returns:
         ``(fwd(q, k, v, sink, window, scale) -> (o, lse, o_lo or None),
         bwd(do, q, k, v, o, lse, sink, window, scale, o_lo) -> (dq, dk, dv, dsink fp32))``.
     """
-    from vpmoe_compile.ops import triton_tpa as tk
+    from vpmoe_compile.ops.tpa_attention import triton as tk
 
-    choice = os.environ.get("VPMOE_TPA_ATTENTION", "auto")
-    if choice not in ("auto", "shared", "own"):
-        raise ValueError(f"VPMOE_TPA_ATTENTION must be auto|shared|own, got {choice!r}")
+    if choice not in TPA_ATTENTION_MIDDLES:
+        raise ValueError(f"attention_middle must be one of {TPA_ATTENTION_MIDDLES}, got {choice!r}")
     if choice == "shared":
-        from vpmoe_compile.ops import triton_sink_attention as sa
+        from vpmoe_compile.ops.sink_attention import triton as sa
 
         def fwd(q, k, v, sink, window, scale):
             return sa.sink_attention_fwd_triton(q, k, v, sink, None, window, scale, return_residual=True)
@@ -142,8 +139,8 @@ def _attention_middle():
     return own_fwd, own_bwd
 
 
-def _fwd_triton(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq, R, window, eps, scale):
-    from vpmoe_compile.ops import triton_tpa as tk
+def _fwd_triton(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq, R, window, eps, scale, middle):
+    from vpmoe_compile.ops.tpa_attention import triton as tk
 
     bias = qkv_bias.contiguous() if qkv_bias is not None else None
     cos32 = cos.float().contiguous()
@@ -153,7 +150,7 @@ def _fwd_triton(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq
     q, k, v, rs_q, rs_k = tk.prologue_fwd(
         factors, bias, gq, gk, cos32, sin32, H=H, G=G, d=d, Rq=Rq, R=R, eps=eps, act_dtype=factors.dtype,
     )
-    attn_fwd, _ = _attention_middle()
+    attn_fwd, _ = _attention_middle(middle)
     o, lse, o_lo = attn_fwd(q, k, v, sink.contiguous(), window, scale)
     s, b = factors.shape[:2]
     o_lo = o_lo.view(s, b, H * d) if o_lo is not None else _empty(lse)
@@ -161,13 +158,13 @@ def _fwd_triton(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq
 
 
 def _bwd_triton(dout, factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v, rs_q, rs_k, o_lo,
-                H, G, d, Rq, R, window, scale):
-    from vpmoe_compile.ops import triton_tpa as tk
+                H, G, d, Rq, R, window, scale, middle):
+    from vpmoe_compile.ops.tpa_attention import triton as tk
 
     s, b = factors.shape[:2]
     do = dout.reshape(s, b, H, d).to(q.dtype).contiguous()
     o = out.view(s, b, H, d)
-    _, attn_bwd = _attention_middle()
+    _, attn_bwd = _attention_middle(middle)
     o_lo = o_lo.view(s, b, H, d) if o_lo.numel() else None
     dq, dk, dv, dsink = attn_bwd(do, q, k, v, o, lse, sink.contiguous(), window, scale, o_lo)
     bias = qkv_bias.contiguous() if qkv_bias is not None else None
@@ -193,19 +190,20 @@ def _tpa_fwd_op(
     factors: Tensor, qkv_bias: Optional[Tensor], gamma_q: Optional[Tensor], gamma_k: Optional[Tensor],
     cos: Tensor, sin: Tensor, sink: Tensor,
     num_heads: int, num_groups: int, head_dim: int, q_rank: int, kv_rank: int, window: int,
-    eps: float, softmax_scale: float, backend: str,
+    eps: float, softmax_scale: float, backend: str, attention_middle: str = "own",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward op. Returns ``(out [s,b,H*d], lse [b,H,s] fp32, q, k, v, rstd_q, rstd_k, out_lo)``.
 
     ``q, k, v, rstd_*`` and ``out_lo`` are saved activations for the Triton backward (empty for
     the reference backend, which recomputes). ``out_lo`` is the bf16 rounding residual of a 16-bit
-    ``out`` when the shared attention middle serves the op (``VPMOE_TPA_ATTENTION=shared``) and its
-    launcher keeps one (:func:`vpmoe_compile.ops.triton_sink_attention.residual_helps`), else empty:
-    the own middle recomputes ``delta`` instead (:func:`vpmoe_compile.ops.triton_tpa.swa_bwd`).
+    ``out`` when the shared attention middle serves the op (``attention_middle="shared"``) and its
+    launcher keeps one (:func:`vpmoe_compile.ops.sink_attention.triton.residual_helps`), else empty:
+    the own middle recomputes ``delta`` instead (:func:`vpmoe_compile.ops.tpa_attention.triton.swa_bwd`).
     """
     args = (num_heads, num_groups, head_dim, q_rank, kv_rank, window)
     if backend == "triton":
-        return _fwd_triton(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, *args, eps, softmax_scale)
+        return _fwd_triton(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, *args, eps, softmax_scale,
+                           attention_middle)
     out, lse = _ref.tpa_reference(
         factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, return_lse=True,
         **_ref_kwargs(*args, eps, softmax_scale),
@@ -216,7 +214,7 @@ def _tpa_fwd_op(
 
 @_tpa_fwd_op.register_fake
 def _tpa_fwd_fake(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, num_heads, num_groups, head_dim,
-                  q_rank, kv_rank, window, eps, softmax_scale, backend):
+                  q_rank, kv_rank, window, eps, softmax_scale, backend, attention_middle="own"):
     s, b, _ = factors.shape
     H, G, d = num_heads, num_groups, head_dim
     out = factors.new_empty(s, b, H * d)
@@ -228,8 +226,8 @@ def _tpa_fwd_fake(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, num_heads
         rq = factors.new_empty((s, b, H) if gamma_q is not None else (0,), dtype=torch.float32)
         rk = factors.new_empty((s, b, G) if gamma_k is not None else (0,), dtype=torch.float32)
         has_lo = False
-        if os.environ.get("VPMOE_TPA_ATTENTION", "auto") == "shared":
-            from vpmoe_compile.ops import triton_sink_attention as sa  # the launcher's own decision
+        if attention_middle == "shared":
+            from vpmoe_compile.ops.sink_attention import triton as sa  # the launcher's own decision
 
             has_lo = sa.planned_residual_dtype(factors.dtype, s, window) is not None
         lo = factors.new_empty((s, b, H * d) if has_lo else (0,), dtype=torch.bfloat16 if has_lo else torch.float32)
@@ -256,14 +254,14 @@ def _tpa_bwd_op(
     gamma_k: Optional[Tensor], cos: Tensor, sin: Tensor, sink: Tensor,
     out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, rstd_q: Tensor, rstd_k: Tensor, out_lo: Tensor,
     num_heads: int, num_groups: int, head_dim: int, q_rank: int, kv_rank: int, window: int,
-    eps: float, softmax_scale: float, backend: str,
+    eps: float, softmax_scale: float, backend: str, attention_middle: str = "own",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward op. Returns ``(dfactors, dqkv_bias, dgamma_q, dgamma_k, dcos, dsin, dsink)``;
     the gradient of an absent optional input is an empty tensor."""
     args = (num_heads, num_groups, head_dim, q_rank, kv_rank, window)
     if backend == "triton":
         return _bwd_triton(dout, factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v,
-                           rstd_q, rstd_k, out_lo, *args, softmax_scale)
+                           rstd_q, rstd_k, out_lo, *args, softmax_scale, attention_middle)
     inputs = [factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink]
     with _autograd_inside_op(), torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) if t is not None else None for t in inputs]
@@ -279,7 +277,8 @@ def _tpa_bwd_op(
 
 @_tpa_bwd_op.register_fake
 def _tpa_bwd_fake(dout, factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v, rstd_q, rstd_k,
-                  out_lo, num_heads, num_groups, head_dim, q_rank, kv_rank, window, eps, softmax_scale, backend):
+                  out_lo, num_heads, num_groups, head_dim, q_rank, kv_rank, window, eps, softmax_scale, backend,
+                  attention_middle="own"):
     def like(t):
         return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else factors.new_empty(0)
 
@@ -287,7 +286,7 @@ def _tpa_bwd_fake(dout, factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out
 
 
 _CONST_NAMES = ("num_heads", "num_groups", "head_dim", "q_rank", "kv_rank", "window", "eps", "softmax_scale",
-                "backend")
+                "backend", "attention_middle")
 
 
 def _setup_context(ctx, inputs, output):
@@ -338,6 +337,7 @@ def tpa_window_attention(
     eps: float = 1e-5,
     softmax_scale: Optional[float] = None,
     backend: str = "auto",
+    attention_middle: str = "own",
     v1: Optional[Tensor] = None,
     lam: Optional[Tensor] = None,
 ) -> Tensor:
@@ -364,6 +364,8 @@ def tpa_window_attention(
         eps: RMSNorm epsilon.
         softmax_scale: defaults to ``1/sqrt(d)``.
         backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+        attention_middle: ``"own"`` or ``"shared"``: the window + sink kernels of the Triton
+            path (see :func:`_attention_middle`); ignored by the reference.
         v1: reserved for the fork's value residual (``v = lam*v + (1-lam)*v1``, ``[s, b, G, d]``);
             not implemented yet, must be None.
         lam: reserved (scalar mixing weight of the value residual); must be None.
@@ -375,14 +377,16 @@ def tpa_window_attention(
         raise NotImplementedError("value residual (v1, lam) is not implemented in tpa_window_attention yet")
     H, G, d, Rq, R = num_heads, num_groups, head_dim, q_rank, kv_rank
     _validate(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq, R, window, eps)
-    be = _resolve_backend(backend, factors.device)
+    if attention_middle not in TPA_ATTENTION_MIDDLES:
+        raise ValueError(f"attention_middle must be one of {TPA_ATTENTION_MIDDLES}, got {attention_middle!r}")
+    shapes = {"head_dim": d, "q_rank": Rq, "kv_rank": R}
+    be = resolve_backend(backend, allowed=ATTENTION_BACKENDS, supports=_triton_supports, shapes=shapes,
+                         dtype=factors.dtype, device=factors.device, what="tpa_window_attention")
     if be == "triton":
-        if factors.dtype == torch.float64:
-            raise TypeError("backend='triton' takes fp32/bf16/fp16 factors; use backend='reference' for float64")
-        from vpmoe_compile.ops import triton_tpa
+        from vpmoe_compile.ops.tpa_attention import triton as tk
 
-        triton_tpa._check_dims(d, Rq, R)
+        tk.check_supported(shapes, factors.dtype, factors.device)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
     out = _tpa_fwd_op(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq, R, int(window),
-                      float(eps), scale, be)[0]
+                      float(eps), scale, be, attention_middle)[0]
     return out

@@ -1,4 +1,7 @@
-"""Plain-PyTorch references for the sink attention kernels (global ALiBi layers, local window layers).
+"""Plain-PyTorch reference of window + sink attention: the one dense masked softmax with a sink.
+
+Used by the ``sink_attention`` op (its ``"reference"`` backend), by the ``tpa_attention``
+reference for its attention step, and by the tests of both ops.
 
 Megatron layout (sequence first):
 
@@ -10,7 +13,7 @@ Megatron layout (sequence first):
 * ``window`` ``W`` (optional): key ``j`` is visible to query ``i`` iff ``0 <= i - j <= W - 1``;
   without a window plain causal (``j <= i``).
 
-Math (``spec/tpa_attention.md`` §4.1, ``spec/grape.md`` §6)::
+Math (``docs/design.md#sink-attention``)::
 
     z_ij = scale * q_i . k_j + bias_ij            (j visible, else -inf)
     L_i  = log( exp(sink_h) + sum_j exp(z_ij) )   (natural log, sink-inclusive)
@@ -51,6 +54,28 @@ def visibility_mask(
     return vis
 
 
+def _probabilities(q, k, v, sink, slopes, window, scale, cd):
+    """The masked softmax with the sink column, in ``cd``: ``(qf, kf, vf, probs, lse)`` with
+    ``qf``, ``kf``, ``vf`` ``[b, H, s, d]`` (K/V expanded to the query heads), ``probs``
+    ``[b, H, s, s]`` (the sink's share left out) and ``lse`` ``[b, H, s]``."""
+    s, b, H, d = q.shape
+    hpg = H // k.shape[2]
+    qf = q.to(cd).permute(1, 2, 0, 3)  # [b, H, s, d]
+    kf = k.to(cd).permute(1, 2, 0, 3).repeat_interleave(hpg, dim=1)  # [b, H, s, d]
+    vf = v.to(cd).permute(1, 2, 0, 3).repeat_interleave(hpg, dim=1)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [b, H, s, s]
+    if slopes is not None:
+        idx = torch.arange(s, device=q.device, dtype=cd)
+        rel = idx[:, None] - idx[None, :]  # i - j
+        scores = scores - slopes.to(cd).view(1, H, 1, 1) * rel
+    vis = visibility_mask(s, window, device=q.device)
+    scores = scores.masked_fill(~vis, float("-inf"))
+    sink_col = sink.to(cd).view(1, H, 1, 1).expand(b, H, s, 1)
+    lse = torch.logsumexp(torch.cat([scores, sink_col], dim=-1), dim=-1)  # [b, H, s]
+    probs = torch.exp(scores - lse[..., None])
+    return qf, kf, vf, probs, lse
+
+
 def sink_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -77,24 +102,9 @@ def sink_attention_reference(
         ``out`` ``[s, b, H, d]`` in ``q.dtype`` and ``lse`` ``[b, H, s]`` (natural log, includes the
         sink) in float32, or float64 when ``q`` is float64. Differentiable w.r.t. q, k, v, sink.
     """
-    s, b, H, d = q.shape
-    G = k.shape[2]
-    hpg = H // G
+    d = q.shape[3]
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
-    cd = compute_dtype
-    qf = q.to(cd).permute(1, 2, 0, 3)  # [b, H, s, d]
-    kf = k.to(cd).permute(1, 2, 0, 3).repeat_interleave(hpg, dim=1)  # [b, H, s, d]
-    vf = v.to(cd).permute(1, 2, 0, 3).repeat_interleave(hpg, dim=1)
-    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [b, H, s, s]
-    if slopes is not None:
-        idx = torch.arange(s, device=q.device, dtype=cd)
-        rel = idx[:, None] - idx[None, :]  # i - j
-        scores = scores - slopes.to(cd).view(1, H, 1, 1) * rel
-    vis = visibility_mask(s, window, device=q.device)
-    scores = scores.masked_fill(~vis, float("-inf"))
-    sink_col = sink.to(cd).view(1, H, 1, 1).expand(b, H, s, 1)
-    lse = torch.logsumexp(torch.cat([scores, sink_col], dim=-1), dim=-1)  # [b, H, s]
-    probs = torch.exp(scores - lse[..., None])
+    _, _, vf, probs, lse = _probabilities(q, k, v, sink, slopes, window, scale, compute_dtype)
     out = torch.matmul(probs, vf).permute(2, 0, 1, 3)  # [s, b, H, d]
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return out.to(q.dtype), lse.to(lse_dtype)
@@ -113,7 +123,7 @@ def sink_attention_reference_backward(
     dlse: Optional[torch.Tensor] = None,
     compute_dtype: torch.dtype = torch.float64,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dense closed-form gradients ``(dq, dk, dv, dsink)`` (``spec/tpa_attention.md`` §4.4).
+    """Dense closed-form gradients ``(dq, dk, dv, dsink)`` (``docs/design.md#sink-attention``).
 
     ``dout`` ``[s, b, H, d]``; optional ``dlse`` ``[b, H, s]`` (gradient flowing into the LSE)::
 
@@ -130,19 +140,8 @@ def sink_attention_reference_backward(
     hpg = H // G
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
     cd = compute_dtype
-    qf = q.to(cd).permute(1, 2, 0, 3)  # [b, H, s, d]
-    kf = k.to(cd).permute(1, 2, 0, 3).repeat_interleave(hpg, dim=1)
-    vf = v.to(cd).permute(1, 2, 0, 3).repeat_interleave(hpg, dim=1)
+    qf, kf, vf, probs, lse = _probabilities(q, k, v, sink, slopes, window, scale, cd)
     dof = dout.to(cd).permute(1, 2, 0, 3)
-    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
-    if slopes is not None:
-        idx = torch.arange(s, device=q.device, dtype=cd)
-        scores = scores - slopes.to(cd).view(1, H, 1, 1) * (idx[:, None] - idx[None, :])
-    vis = visibility_mask(s, window, device=q.device)
-    scores = scores.masked_fill(~vis, float("-inf"))
-    sink_c = sink.to(cd).view(1, H, 1, 1).expand(b, H, s, 1)
-    lse = torch.logsumexp(torch.cat([scores, sink_c], dim=-1), dim=-1)  # [b, H, s]
-    probs = torch.exp(scores - lse[..., None])
     out = torch.matmul(probs, vf)
     delta = (dof * out).sum(-1)
     if dlse is not None:

@@ -1,0 +1,193 @@
+"""``build_optimizer``: NorMuon + auxiliary AdamW for a (transformed) Megatron-Core GPT model.
+
+Two paths, chosen here from the model, never silently mixed (imports run one way:
+``build`` -> ``plain`` / ``megatron_wrappers`` -> ``param_groups`` / ``grad_norm`` ->
+``routing``; ``megatron_wrappers``, the only module that imports Megatron's optimizer, is loaded
+on the Megatron path only):
+
+* **Megatron path** (:mod:`.megatron_wrappers`) -- every model chunk is wrapped in Megatron's
+  ``DistributedDataParallel`` (it has a ``ddp_config``); needs CUDA. Returns
+  :class:`~.megatron_wrappers.NorMuonChainedOptimizer`, a
+  ``megatron.core.optimizer.ChainedOptimizer`` of, in this fixed order:
+  ``[NorMuon dense, NorMuon expert-parallel (if any), *Megatron's own Adam optimizers]``.
+  NorMuon parts are wrapped in ``Float16OptimizerWithFloat16Params`` (bf16 model, fp32 main
+  params) or ``FP32Optimizer`` subclasses that also save the ``[m, 1]`` second moment (``[E, m, 1]``
+  of a 3-D expert stack) in ``torch_dist`` checkpoints; the AdamW part is whatever ``get_megatron_optimizer`` builds for the
+  non-NorMuon parameters (TE FusedAdam, apex FusedAdam or torch AdamW), with vpMoE overrides
+  (wd 0 for biases / norms / sinks / 0-d / GRAPE ``log_freq``, aux lr, decoupled lr).
+  ``step()`` = Megatron's: prepare grads, global grad norm, clip by total norm, step all; plus the
+  NaN policy: a non-finite global grad norm skips the step (``(False, norm, None)``) with every
+  parameter and state untouched (``nan_policy="skip"``) or raises naming the parameters.
+  Refused with a clear error: distributed optimizer, Megatron FSDP, CPU offload, precision-aware
+  optimizer, fp16, tensor / expert-tensor parallel > 1 on NorMuon parameters.
+  Expert stacks (3-D ``[E, m, n]`` grouped-expert weights) need nothing special: the wrapper's
+  fp32 main param of a bf16 stack is a contiguous ``[E, m, n]`` tensor that NorMuon updates in
+  place as a bank, reading its ``.grad`` (the fp32 ``main_grad`` view of DDP's buffer, or
+  Megatron's per-step fp32 copy of a bf16 one) in place when the step is eager.
+* **Plain path** (:mod:`.plain`) -- anything else (a bare ``nn.Module``, CPU tests, the CPU
+  demo). Returns :class:`~.plain.NorMuonWithAuxAdamW`: the same :class:`~.normuon.NorMuon` plus ``torch.optim.AdamW`` with the
+  same routing, groups (incl. Megatron scheduler keys ``max_lr / min_lr / wd_mult``), global
+  grad-norm clipping and NaN policy, and the same ``step() -> (ok, grad_norm, None)`` contract.
+  ``torch.compile`` of the NorMuon bank step (and ``cuda_graph``) is used on this path only when
+  the parameters are on CUDA (Inductor on a CPU takes minutes).
+
+On both paths the global grad norm accumulates in fp64 (a finite gradient of 1e20 no longer
+overflows fp32 squares into an inf norm, i.e. a skipped step), ``nan_policy="raise"`` names the
+parameters with non-finite gradients by their model names, and ``load_state_dict`` validates the
+whole checkpoint (groups, parameters, every state shape, NorMuon blocks / layouts) before any
+part loads, naming the first mismatching parameter and both shapes (:mod:`.state_check`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Sequence
+
+import torch
+
+from .plain import build_plain_optimizer
+from .routing import ParamRoute, classify_parameters, optimizer_settings, routing_table
+
+__all__ = [
+    "build_optimizer",
+    "UnsupportedOptimizerSetup",
+]
+
+
+class UnsupportedOptimizerSetup(ValueError):
+    """The requested parallel / precision setup is not supported by the NorMuon optimizer."""
+
+
+def _chunks(model) -> List[torch.nn.Module]:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def _transform_config(chunks) -> Any:
+    """The ``VpMoEConfig`` the model was transformed with (or built from), looking through
+    Megatron's ``DistributedDataParallel`` / ``Float16Module`` wrappers; ``None`` if there is none."""
+    for chunk in chunks:
+        module, depth = chunk, 0
+        while module is not None and depth < 8:
+            cfg = getattr(module, "vpmoe_config", None)
+            if cfg is not None:
+                return cfg
+            module, depth = getattr(module, "module", None), depth + 1
+    return None
+
+
+def _check_parallel(routes: Sequence[ParamRoute]) -> None:
+    """NorMuon orthogonalises whole matrices: tensor- and expert-tensor-parallel shards of its
+    parameters are refused (docs/design.md#the-megatron-path)."""
+    try:
+        from megatron.core import parallel_state as ps
+
+        initialized = ps.model_parallel_is_initialized()
+    except Exception:  # pragma: no cover - megatron import problems
+        initialized = False
+    nm = [r for r in routes if r.optimizer == "normuon"]
+    if initialized and nm:
+        tp = ps.get_tensor_model_parallel_world_size()
+        if tp > 1 and any(not r.is_expert_parallel for r in nm):
+            raise UnsupportedOptimizerSetup(
+                f"NorMuon needs tensor-model-parallel size 1 (got {tp}): a TP shard of a "
+                "matrix cannot be orthogonalised alone"
+            )
+        etp = ps.get_expert_tensor_parallel_world_size()
+        if etp > 1 and any(r.is_expert_parallel for r in nm):
+            raise UnsupportedOptimizerSetup(
+                f"NorMuon needs expert-tensor-parallel size 1 (got {etp}): an expert-TP shard of a "
+                "matrix cannot be orthogonalised alone"
+            )
+    for r in nm:
+        if getattr(r.param, "tensor_model_parallel", False) and initialized:
+            if ps.get_tensor_model_parallel_world_size() > 1:
+                raise UnsupportedOptimizerSetup(f"{r.name} is tensor-parallel; NorMuon needs TP = 1")
+
+
+def _check_config(config, chunks) -> None:
+    for chunk in chunks:
+        ddp = getattr(chunk, "ddp_config", None)
+        if ddp is not None and getattr(ddp, "use_distributed_optimizer", False):
+            raise UnsupportedOptimizerSetup(
+                "NorMuon does not support Megatron's distributed optimizer "
+                "(DistributedDataParallelConfig.use_distributed_optimizer=True); use the "
+                "replicated optimizer (the distributed one gives each rank a slice of the "
+                "flattened parameters, not whole matrices)"
+            )
+        if ddp is not None and getattr(ddp, "use_megatron_fsdp", False):
+            raise UnsupportedOptimizerSetup("NorMuon does not support Megatron FSDP")
+    if config is None:
+        return
+    if getattr(config, "use_distributed_optimizer", False):
+        raise UnsupportedOptimizerSetup(
+            "NorMuon does not support the distributed optimizer (use_distributed_optimizer=True)"
+        )
+    if getattr(config, "optimizer_cpu_offload", False):
+        raise UnsupportedOptimizerSetup("NorMuon does not support optimizer CPU offload")
+    if getattr(config, "use_precision_aware_optimizer", False):
+        raise UnsupportedOptimizerSetup("NorMuon does not support the precision-aware optimizer")
+    if getattr(config, "fp16", False):
+        raise UnsupportedOptimizerSetup("NorMuon supports bf16 or fp32 training, not fp16")
+
+
+def build_optimizer(
+    model,
+    cfg: Any = None,
+    *,
+    optimizer_config: Any = None,
+    pg_collection: Any = None,
+    use_gloo_process_groups: bool = True,
+):
+    """Build NorMuon (matrices) + AdamW (everything else) for ``model``.
+
+    Args:
+        model: the model, or a list of model chunks; Megatron-DDP-wrapped chunks select the
+            Megatron path (see module docstring), anything else the plain path.
+        cfg: a ``VpMoEConfig`` (its ``optimizer`` section is used), the section itself, any
+            object with those attributes, or ``None``: the config the model was transformed with
+            (``model.vpmoe_config``, also through Megatron's wrappers), else the defaults.
+        optimizer_config: Megatron path only: an ``OptimizerConfig`` to use instead of one built
+            from ``cfg`` (its ``optimizer`` field is set to ``"adam"`` for the AdamW part).
+        pg_collection, use_gloo_process_groups: forwarded to ``get_megatron_optimizer``.
+
+    Returns:
+        ``NorMuonChainedOptimizer`` (Megatron path) or ``NorMuonWithAuxAdamW`` (plain path);
+        both have ``.path`` ("megatron" / "plain"), ``.routes`` and ``.routing_table()``.
+    """
+    chunks = _chunks(model)
+    if cfg is None:
+        cfg = _transform_config(chunks)
+    st = optimizer_settings(cfg)
+    if st.name != "normuon":
+        raise ValueError(f"build_optimizer builds NorMuon; optimizer.name is {st.name!r}")
+    _check_config(optimizer_config, chunks)
+    routes = classify_parameters(chunks if len(chunks) > 1 else chunks[0], st_to_cfg(st))
+    _check_parallel(routes)
+    megatron_ddp = all(hasattr(c, "ddp_config") for c in chunks)
+    if megatron_ddp:
+        if not torch.cuda.is_available():
+            raise UnsupportedOptimizerSetup(
+                "Megatron DDP-wrapped model without CUDA: Megatron's mixed-precision optimizer "
+                "wrappers need CUDA"
+            )
+        from .megatron_wrappers import build_megatron_optimizer  # imports Megatron's optimizer
+
+        opt = build_megatron_optimizer(
+            chunks, routes, st, optimizer_config, pg_collection, use_gloo_process_groups
+        )
+    else:
+        opt = build_plain_optimizer(routes, st)
+    opt.routes = routes
+    opt.routing_table = lambda: routing_table(model, st_to_cfg(st))
+    return opt
+
+
+def st_to_cfg(st):
+    """An object with the resolved optimizer attributes (what ``optimizer_settings`` accepts)."""
+
+    class _Cfg:
+        pass
+
+    obj = _Cfg()
+    for k, v in st.values.items():
+        setattr(obj, k, v)
+    return obj
