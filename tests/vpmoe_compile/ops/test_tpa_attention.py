@@ -373,7 +373,7 @@ def _stock_parity(device, dtype, s, b, H, G, d, W):
 
 @needs_triton
 def test_stock_megatron_window_sink_parity_fp32(megatron_gloo):
-    """Spec 7.10 on CPU (fp32): stock DotProductAttention (window (W-1, 0), softmax_type='learnable',
+    """Stock-Megatron parity on CPU (fp32, docs/design.md#benchmarks-and-checks): stock DotProductAttention (window (W-1, 0), softmax_type='learnable',
     GQA) == our window + sink kernels on materialised q/k/v: O and grads of q, k, v and the offset."""
     if torch.cuda.is_available():
         pytest.skip("CPU variant (the CUDA bf16 variant runs on GPU machines)")
@@ -388,7 +388,7 @@ def test_stock_megatron_window_sink_parity_fp32(megatron_gloo):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("s, W", [(300, 128), (77, 1), (1, 128)], ids=["s300_W128", "s77_W1", "s1"])
 def test_stock_megatron_window_sink_parity_cuda_bf16(megatron_gloo, s, W):
-    """Spec 7.10 on the GPU in bf16 (vpMoE heads: H=8, G=2, d=128): our kernels' errors vs float64
+    """Stock-Megatron parity on the GPU in bf16 (vpMoE heads: H=8, G=2, d=128): our kernels' errors vs float64
     are at most 2x stock Megatron's (which rounds logits and probabilities to bf16) + 1e-3, for O
     and every gradient, and ours agree with stock within bf16 tolerance."""
     errs = _stock_parity("cuda", torch.bfloat16, s=s, b=2, H=8, G=2, d=128, W=W)
@@ -510,7 +510,7 @@ def test_gradcheck_reference_op():
 
 
 def test_factor_identity_and_its_limits():
-    """Spec 5.1 / 7.8: pre-rotation of gamma*B (and the rotated bias) with 1/rho afterwards equals the
+    """Factor identity: pre-rotation of gamma*B (and the rotated bias) with 1/rho afterwards equals the
     post-contraction form; rotating raw B then applying gamma does not; Gram-form norm == direct norm;
     without bias, gain and norm the paper's Theorem 3.1 holds."""
     H, G, d, Rq, R = 4, 2, 16, 4, 2
