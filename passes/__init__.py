@@ -1,15 +1,26 @@
-"""Model-rewriting passes over a stock Megatron-Core GPT model (one pass per file)."""
+"""Model-rewriting passes over a stock Megatron-Core GPT model (one pass per file).
 
-from passes.base import Pass, PassContext, PassError, PassManager, PassResult
-from passes.fused_head import FusedHeadPass
+Importing this package registers the library's passes (:mod:`passes.registry`), in this order,
+which is also the tie-break order of the pipeline.
+"""
+
+from passes.base import AFTER_ALL, Pass, PassContext, PassError, PassManager, PassRecord, PassResult
+from passes.layer_plan import LayerInfo, LayerPlan, LayerPlanPass, build_layer_plan
 from passes.global_attention import GlobalAttentionPass
 from passes.grape import GrapePass
-from passes.layer_plan import LayerInfo, LayerPlan, LayerPlanPass, build_layer_plan
-from passes.moe import MoEPass
-from passes.optimizer_routing import OptimizerRoutingPass
 from passes.tpa import TPAPass
+from passes.moe import MoEPass
+from passes.fused_head import FusedHeadPass
+from passes.optimizer_routing import OptimizerRoutingPass
+from passes.registry import order_passes, register_pass, registered_passes, unregister_pass
 
 __all__ = [
+    "AFTER_ALL",
+    "PassRecord",
+    "order_passes",
+    "register_pass",
+    "registered_passes",
+    "unregister_pass",
     "FusedHeadPass",
     "GlobalAttentionPass",
     "GrapePass",

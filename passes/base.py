@@ -68,22 +68,39 @@ class SiteGraph:
 
 @dataclass
 class PassResult:
-    """What one pass changed. Filled partly by the pass, partly by the manager."""
+    """What a pass reports while it runs (the one object ``run`` fills): a summary, the sites it
+    rewrote, notes, tables and any graphs it captured itself for the dump;
+    :meth:`Pass.replace_module` adds ``replaced``. The
+    manager measures everything else and freezes both into a :class:`PassRecord`."""
 
     name: str
     summary: str = ""
     sites: List[str] = field(default_factory=list)
     replaced: List[ModuleReplacement] = field(default_factory=list)
-    params_added: List[ParamInfo] = field(default_factory=list)
-    params_removed: List[ParamInfo] = field(default_factory=list)
-    params_kept_moved: List[Tuple[str, str]] = field(default_factory=list)
-    time_s: float = 0.0
     notes: List[str] = field(default_factory=list)
     data: Dict[str, Any] = field(default_factory=dict)
-    tree_before: str = ""
-    tree_after: str = ""
-    graphs: List[SiteGraph] = field(default_factory=list)
-    verified: str = ""
+    graphs: List[SiteGraph] = field(default_factory=list)  # site graphs the pass captured itself
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """What one pass changed, as recorded by the manager (immutable): the pass's report plus the
+    parameter-table diff, module trees, site graphs, verification and time."""
+
+    name: str
+    summary: str
+    sites: Tuple[str, ...]
+    replaced: Tuple[ModuleReplacement, ...]
+    notes: Tuple[str, ...]
+    data: Dict[str, Any]
+    params_added: Tuple[ParamInfo, ...]
+    params_removed: Tuple[ParamInfo, ...]
+    params_kept_moved: Tuple[Tuple[str, str], ...]
+    tree_before: str
+    tree_after: str
+    graphs: Tuple[SiteGraph, ...]
+    verified: str
+    time_s: float
 
     @property
     def params_added_count(self) -> int:
@@ -112,7 +129,7 @@ class PassContext:
     model: nn.Module
     cfg: Any  # megatron_base.config.VpMoEConfig
     plan: Any = None  # passes.layer_plan.LayerPlan, set by the layer-plan pass
-    results: List[PassResult] = field(default_factory=list)
+    results: List[PassRecord] = field(default_factory=list)
     options: Dict[str, Any] = field(default_factory=dict)
     kernels: Any = None  # vpmoe_compile.kernels.KernelPolicy, set by transform; see kernel_policy()
 
@@ -129,18 +146,42 @@ class PassContext:
         return self.kernels
 
 
+#: ``Pass.after`` value: run after every other pass of the pipeline.
+AFTER_ALL = "*"
+
+
 class Pass:
-    """Base class. Subclasses set ``name`` and ``requires`` and implement ``run``.
+    """Base class. A pass declares what it needs and does; the pipeline orders passes from
+    those declarations (:func:`passes.registry.order_passes`).
+
+    Declarations (class attributes):
+        name: unique name (the dump page, ``passes=[...]``).
+        requires: passes that must run before this one (their absence is an error).
+        after: passes this one runs after when they are in the pipeline (soft order);
+            ``(AFTER_ALL,)`` runs it last (e.g. a read-only pass that looks at every parameter).
+        installs: class names (``fnmatch`` patterns) of the modules it installs; the manager
+            checks every module it puts in the tree is one of them, so the pattern (``sites``)
+            and its replacement are read side by side.
+        read_only: changes nothing (checked).
+        enabled(cfg): whether the default pipeline runs it for a config.
 
     ``check(ctx)`` runs for every pass of the pipeline *before any pass mutates the model*, so
     unsupported configurations are refused with nothing applied. ``run(ctx, result)`` performs
-    the rewrite and fills ``result`` (sites, replacements, notes); the manager computes the
-    parameter diff itself. ``sites(ctx)`` lists the module paths whose graph is dumped.
+    the rewrite and fills ``result`` (summary, sites, notes, data; :meth:`replace_module`
+    records replacements); the manager measures the rest into a :class:`PassRecord`.
+    ``sites(ctx)`` lists the module paths whose graph is dumped before and after.
     """
 
     name: str = ""
     requires: Tuple[str, ...] = ()
+    after: Tuple[str, ...] = ()
+    installs: Tuple[str, ...] = ()
     read_only: bool = False
+
+    @classmethod
+    def enabled(cls, cfg) -> bool:
+        """Whether the default pipeline runs this pass for ``cfg`` (a ``VpMoEConfig``)."""
+        return True
 
     def check(self, ctx: PassContext) -> None:  # pragma: no cover - default: nothing to check
         pass
@@ -163,6 +204,21 @@ class Pass:
         setattr(parent, attr, new)
         result.replaced.append(ModuleReplacement(path, _qualname(old), _qualname(new)))
         return old
+
+
+def _check_installs(p: Pass, result: PassResult) -> None:
+    """Every module a pass put into the tree is one its ``installs`` declares."""
+    if p.read_only:
+        return
+    import fnmatch
+
+    installed = {r.new.rpartition(".")[2] for r in result.replaced}
+    undeclared = sorted(c for c in installed if not any(fnmatch.fnmatchcase(c, pat) for pat in p.installs))
+    if undeclared:
+        raise PassError(
+            f"pass {p.name!r} installed {undeclared} but declares installs={tuple(p.installs)}; "
+            "list every module class a pass installs in its `installs`"
+        )
 
 
 def _qualname(obj) -> str:
@@ -458,7 +514,7 @@ class PassManager:
                 )
             done.add(p.name)
 
-    def run(self, ctx: PassContext, on_success: Optional[Callable[[PassContext], None]] = None) -> List[PassResult]:
+    def run(self, ctx: PassContext, on_success: Optional[Callable[[PassContext], None]] = None) -> List[PassRecord]:
         """Run the pipeline; ``on_success`` (e.g. the dump writer, the transformed marker)
         runs inside the all-or-nothing region, so its failure also restores the model."""
         self.check_order()
@@ -490,7 +546,7 @@ class PassManager:
         result = PassResult(name=p.name)
         t0 = time.perf_counter()
         before = param_table(ctx.model)
-        result.tree_before = module_tree(ctx.model)
+        tree_before = module_tree(ctx.model)
         site_paths = p.sites(ctx) if (self.capture_graphs and batch is not None) else []
         site_inputs, before_graphs = {}, {}
         if site_paths:
@@ -505,20 +561,28 @@ class PassManager:
                 f"pass {p.name!r} modified existing tensors in place ({bad[:5]}); passes must "
                 "create new tensors so a failed transform can be undone"
             )
+        _check_installs(p, result)
         after = param_table(ctx.model)
-        result.tree_after = module_tree(ctx.model)
-        result.params_added, result.params_removed, result.params_kept_moved = diff_params(before, after)
-        if p.read_only and (result.params_added or result.params_removed or result.replaced):
+        added, removed, moved = diff_params(before, after)
+        if p.read_only and (added or removed or result.replaced):
             raise PassError(f"read-only pass {p.name!r} changed the model")
-        result.verified = self._verify(ctx, batch)
+        verified = self._verify(ctx, batch)
+        graphs = list(result.graphs)
         if site_paths:
             after_graphs = _capture_sites(ctx.model, site_inputs)
             for path in site_paths:
                 b, nb = before_graphs.get(path, ("", 0))
                 a, na = after_graphs.get(path, ("", 0))
-                result.graphs.append(SiteGraph(path, b, a, nb, na))
-        result.time_s = time.perf_counter() - t0
-        ctx.results.append(result)
+                graphs.append(SiteGraph(path, b, a, nb, na))
+        ctx.results.append(
+            PassRecord(
+                name=p.name, summary=result.summary, sites=tuple(result.sites),
+                replaced=tuple(result.replaced), notes=tuple(result.notes), data=dict(result.data),
+                params_added=tuple(added), params_removed=tuple(removed), params_kept_moved=tuple(moved),
+                tree_before=tree_before, tree_after=module_tree(ctx.model), graphs=tuple(graphs),
+                verified=verified, time_s=time.perf_counter() - t0,
+            )
+        )
 
     def _verify(self, ctx: PassContext, batch) -> str:
         params = list(ctx.model.named_parameters())

@@ -29,8 +29,13 @@ import inspect
 from typing import List
 
 import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear
 
-from passes.base import ModuleReplacement, Pass, PassContext, PassError, PassResult, SiteGraph, _qualname
+from passes.base import ModuleReplacement, Pass, PassContext, PassError, PassResult, SiteGraph, _qualname, capture_graph
+from passes.registry import register_pass
+from vpmoe_compile.modules.head import FusedHeadLinear, fused_head_model_class
+from vpmoe_compile.ops.linear_cross_entropy import DEFAULT_CHUNK_SIZE, backward_vocab_slice
+
 
 # megatron-core 0.16.1's GPTModel._postprocess parameters; the override mirrors them.
 _POSTPROCESS_PARAMS = (
@@ -41,22 +46,20 @@ _POSTPROCESS_PARAMS = (
 _CAPTURE_KEY = "fused_head.capture_graphs"
 
 
+@register_pass
 class FusedHeadPass(Pass):
     """See the module docstring. ``chunk_size``: tokens per forward chunk of the op."""
 
     name = "fused_head"
     requires = ()
+    installs = ("FusedHeadLinear", "FusedHead*")  # the model becomes FusedHead<its class>
 
     def __init__(self, chunk_size: int = None):
-        from vpmoe_compile.ops.linear_cross_entropy import DEFAULT_CHUNK_SIZE
-
         self.chunk_size = int(chunk_size or DEFAULT_CHUNK_SIZE)
         if self.chunk_size < 1:
             raise PassError(f"fused_head: chunk_size must be >= 1, got {chunk_size}")
 
     def check(self, ctx: PassContext) -> None:
-        from megatron.core.tensor_parallel import ColumnParallelLinear
-
         model, tc = ctx.model, ctx.model.config
         if not getattr(model, "post_process", True) or getattr(model, "output_layer", None) is None:
             raise PassError(
@@ -119,12 +122,10 @@ class FusedHeadPass(Pass):
         (a shallow copy with the new class; the model is not touched)."""
         import copy
 
-        from vpmoe_compile.modules.head import FusedHeadLinear
 
         model = ctx.model
         weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else model.output_layer.weight
         if weight is not None and not weight.is_meta:
-            from passes.base import capture_graph
 
             hid, labels, w = sample = _sample(model, weight)
             before, n_before = _capture_stock(model, sample)
@@ -143,8 +144,6 @@ class FusedHeadPass(Pass):
         return ["output_layer"]
 
     def run(self, ctx: PassContext, result: PassResult) -> None:
-        from vpmoe_compile.modules.head import FusedHeadLinear, fused_head_model_class
-
         model = ctx.model
         head = model.output_layer
         tied = bool(model.share_embeddings_and_output_weights)
@@ -165,7 +164,6 @@ class FusedHeadPass(Pass):
         if labels_graph is not None:
             result.graphs.append(labels_graph)
 
-        from vpmoe_compile.ops.linear_cross_entropy import backward_vocab_slice
 
         tokens = 8192
         result.summary = (
@@ -211,7 +209,6 @@ def _sample(model, weight):
 
 
 def _stock_loss(model, hid, labels, weight):
-    from megatron.core.tensor_parallel import ColumnParallelLinear
 
     logits, _ = ColumnParallelLinear.forward(model.output_layer, hid, weight=weight)
     return model.compute_language_model_loss(labels, logits)
@@ -232,7 +229,6 @@ class _StockHeadLoss(torch.nn.Module):
 
 
 def _capture_stock(model, sample):
-    from passes.base import capture_graph
 
     hid, labels, w = sample
     return capture_graph(_StockHeadLoss(model), (hid, labels), {"weight": w})

@@ -14,12 +14,19 @@ from __future__ import annotations
 
 from typing import List
 
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+
 from passes.base import Pass, PassContext, PassError, PassResult
+from passes.registry import register_pass
+from vpmoe_compile.kernels import KernelPolicyError
+from vpmoe_compile.modules.attention import SinkCoreAttention
 
 
+@register_pass
 class GlobalAttentionPass(Pass):
     name = "global_attention"
     requires = ("layer_plan",)
+    installs = ("SinkCoreAttention",)
 
     def check(self, ctx: PassContext) -> None:
         cfg = ctx.model.config
@@ -30,7 +37,6 @@ class GlobalAttentionPass(Pass):
             )
         if cfg.softmax_type not in ("learnable", "vanilla", "off-by-one"):
             raise PassError(f"softmax_type {cfg.softmax_type!r} is not supported")
-        from vpmoe_compile.kernels import KernelPolicyError
 
         try:
             ctx.kernel_policy().backend("sink_attention", {"head_dim": cfg.kv_channels})
@@ -41,10 +47,6 @@ class GlobalAttentionPass(Pass):
         return [l.attention_path + ".core_attention" for l in ctx.plan.global_layers]
 
     def run(self, ctx: PassContext, result: PassResult) -> None:
-        from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-        from vpmoe_compile.modules.attention import SinkCoreAttention
-
         kernels = ctx.kernel_policy()
         backend = None
         for layer in ctx.plan.global_layers:

@@ -18,12 +18,23 @@ from __future__ import annotations
 
 from typing import List
 
+from megatron.core import parallel_state
+
 from passes.base import Pass, PassContext, PassError, PassResult
+from passes.registry import register_pass
+from vpmoe_compile.modules.attention import SinkCoreAttention, VpMoESelfAttention
+from vpmoe_compile.modules.grape import GrapeA, GrapeMRotaryEmbedding
 
 
+@register_pass
 class GrapePass(Pass):
     name = "grape"
     requires = ("layer_plan", "global_attention")
+    installs = ("GrapeMRotaryEmbedding", "VpMoESelfAttention", "GrapeA")
+
+    @classmethod
+    def enabled(cls, cfg) -> bool:
+        return cfg.attention.position_embedding_type == "grapem"
 
     def check(self, ctx: PassContext) -> None:
         model, g = ctx.model, ctx.cfg.grape
@@ -65,11 +76,6 @@ class GrapePass(Pass):
         return ["rotary_pos_emb"] + [l.attention_path for l in ctx.plan.layers]
 
     def run(self, ctx: PassContext, result: PassResult) -> None:
-        from megatron.core import parallel_state
-
-        from vpmoe_compile.modules.attention import SinkCoreAttention, VpMoESelfAttention
-        from vpmoe_compile.modules.grape import GrapeA, GrapeMRotaryEmbedding
-
         model, cfg, plan = ctx.model, ctx.cfg, ctx.plan
         device = next(model.parameters()).device
         old_rope = getattr(model, "rotary_pos_emb", None)

@@ -13,7 +13,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Tuple
 
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.utils import is_layer_window_attention
+
 from passes.base import Pass, PassContext, PassError, PassResult
+from passes.registry import register_pass
 
 
 @dataclass
@@ -64,9 +69,6 @@ def _moe_flags(config, num_layers: int) -> List[bool]:
 
 def build_layer_plan(model) -> LayerPlan:
     """Derive the plan from ``model.config`` and cross-check it against the module tree."""
-    from megatron.core.transformer.attention import SelfAttention
-    from megatron.core.transformer.moe.moe_layer import MoELayer
-    from megatron.core.transformer.utils import is_layer_window_attention
 
     config = model.config
     decoder = getattr(model, "decoder", None)
@@ -122,6 +124,7 @@ def build_layer_plan(model) -> LayerPlan:
     )
 
 
+@register_pass
 class LayerPlanPass(Pass):
     """Read-only: computes ``ctx.plan`` (see module docstring)."""
 

@@ -22,7 +22,12 @@ from __future__ import annotations
 
 from typing import List
 
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
 from passes.base import Pass, PassContext, PassError, PassResult
+from passes.registry import register_pass
+from vpmoe_compile.modules.moe import GroupedMoELayer
 
 
 def _refusals(tc) -> List[str]:
@@ -53,21 +58,22 @@ def _refusals(tc) -> List[str]:
     return bad
 
 
+@register_pass
 class MoEPass(Pass):
     """Stock ``MoELayer`` (local spec) -> ``GroupedMoELayer`` on every MoE layer of the plan."""
 
     name = "moe"
     requires = ("layer_plan",)
+    installs = ("GroupedMoELayer",)
+
+    @classmethod
+    def enabled(cls, cfg) -> bool:
+        return cfg.moe.num_experts > 0
 
     def _moe_layers(self, ctx: PassContext):
         return [layer for layer in ctx.plan.layers if layer.mlp == "moe"]
 
     def check(self, ctx: PassContext) -> None:
-        from megatron.core.transformer.moe.experts import SequentialMLP
-        from megatron.core.transformer.moe.moe_layer import MoELayer
-
-        from vpmoe_compile.modules.moe import GroupedMoELayer
-
         layers = self._moe_layers(ctx)
         if not layers:
             return
@@ -92,8 +98,6 @@ class MoEPass(Pass):
         return [layer.mlp_path for layer in self._moe_layers(ctx)]
 
     def run(self, ctx: PassContext, result: PassResult) -> None:
-        from vpmoe_compile.modules.moe import GroupedMoELayer
-
         layers = self._moe_layers(ctx)
         kernels = ctx.kernel_policy()  # [kernels] grouped_gemm
         before = sum(1 for _ in ctx.model.parameters())

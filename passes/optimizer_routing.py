@@ -12,17 +12,19 @@ from __future__ import annotations
 
 from collections import Counter
 
-from passes.base import Pass, PassContext, PassResult
+from passes.base import AFTER_ALL, Pass, PassContext, PassResult
+from passes.registry import register_pass
+from vpmoe_compile.optim import routing_table
 
 
+@register_pass
 class OptimizerRoutingPass(Pass):
     name = "optimizer_routing"
     requires = ("layer_plan",)
+    after = (AFTER_ALL,)  # its table must cover every parameter the other passes create
     read_only = True
 
     def run(self, ctx: PassContext, result: PassResult) -> None:
-        from vpmoe_compile.optim import routing_table
-
         table = routing_table(ctx.model, ctx.cfg)
         result.data["routing"] = table
         groups = Counter(row.get("group", "?") for row in table)

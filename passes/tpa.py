@@ -23,6 +23,10 @@ from typing import List
 import torch
 
 from passes.base import Pass, PassContext, PassError, PassResult
+from passes.registry import register_pass
+from vpmoe_compile.kernels import KernelPolicyError
+from vpmoe_compile.modules.attention import VpMoESelfAttention
+from vpmoe_compile.modules.tpa import TPACoreAttention, TPAFactorProjection, TPASelfAttention
 
 
 def _pow2(n: int) -> bool:
@@ -34,9 +38,15 @@ def _kernel_shapes(head_dim: int, tpa_cfg) -> dict:
     return {"head_dim": head_dim, "q_rank": tpa_cfg.tpa_q_rank, "kv_rank": tpa_cfg.tpa_rank}
 
 
+@register_pass
 class TPAPass(Pass):
     name = "tpa"
     requires = ("layer_plan", "grape")
+    installs = ("TPASelfAttention", "TPAFactorProjection", "TPACoreAttention")
+
+    @classmethod
+    def enabled(cls, cfg) -> bool:
+        return bool(cfg.tpa.use_tpa)
 
     def check(self, ctx: PassContext) -> None:
         t, tcfg = ctx.cfg.tpa, ctx.model.config
@@ -60,7 +70,6 @@ class TPAPass(Pass):
         d = tcfg.kv_channels
         if not _pow2(d):
             raise PassError(f"the TPA op needs a power-of-two head dim, got {d}")
-        from vpmoe_compile.kernels import KernelPolicyError
 
         try:
             ctx.kernel_policy().backend("tpa_attention", _kernel_shapes(d, t))
@@ -75,9 +84,6 @@ class TPAPass(Pass):
         return [l.attention_path for l in ctx.plan.local_layers]
 
     def run(self, ctx: PassContext, result: PassResult) -> None:
-        from vpmoe_compile.modules.attention import VpMoESelfAttention
-        from vpmoe_compile.modules.tpa import TPACoreAttention, TPAFactorProjection, TPASelfAttention
-
         model, cfg, plan = ctx.model, ctx.cfg, ctx.plan
         tcfg = model.config
         window = tcfg.window_size[0] + 1

@@ -11,7 +11,7 @@ Megatron; ``transform``, ``compile`` and ``build_optimizer`` are imported lazily
 
 __version__ = "0.1.0"
 
-__all__ = ["transform", "compile", "build_optimizer", "TransformError", "__version__"]
+__all__ = ["transform", "compile", "build_optimizer", "register_pass", "TransformError", "__version__"]
 
 
 def __getattr__(name):
@@ -19,6 +19,10 @@ def __getattr__(name):
         from vpmoe_compile import pipeline as _t
 
         return getattr(_t, name)
+    if name == "register_pass":
+        from passes.registry import register_pass
+
+        return register_pass
     if name == "compile":
         from vpmoe_compile.compiler import compile as _compile
 

@@ -29,7 +29,8 @@ from torch import nn
 
 from megatron_base.config import VpMoEConfig, load_config
 from vpmoe_compile.kernels import KernelPolicy
-from passes.base import Pass, PassContext, PassError, PassManager, PassResult
+from passes.base import Pass, PassContext, PassError, PassManager, PassRecord
+from passes.registry import order_passes, registered_passes
 
 DUMP_ENV = "VPMOE_DUMP_DIR"
 
@@ -43,7 +44,7 @@ class TransformRecord:
     """Attached to a transformed model as ``model.vpmoe_transform``."""
 
     passes: List[str]
-    results: List[PassResult]
+    results: List[PassRecord]
     config_source: str
     time_s: float
     dump_dir: Optional[str] = None
@@ -63,46 +64,36 @@ class TransformRecord:
 
 
 def available_passes() -> Dict[str, Pass]:
-    """The registered passes by name. Kernel choices are not a pass's: every pass reads the
-    transform's :class:`~vpmoe_compile.kernels.KernelPolicy` from its context."""
-    from passes import GlobalAttentionPass, GrapePass, LayerPlanPass, MoEPass, OptimizerRoutingPass, TPAPass
-    from passes import FusedHeadPass
-
-    return {
-        "layer_plan": LayerPlanPass(),
-        "global_attention": GlobalAttentionPass(),
-        "grape": GrapePass(),
-        "tpa": TPAPass(),
-        "moe": MoEPass(),
-        "fused_head": FusedHeadPass(),
-        "optimizer_routing": OptimizerRoutingPass(),
-    }
+    """One instance of every registered pass, by name (registration order). Kernel choices are
+    not a pass's: every pass reads the transform's :class:`~vpmoe_compile.kernels.KernelPolicy`
+    from its context."""
+    return {name: cls() for name, cls in registered_passes().items()}
 
 
 def default_pipeline(cfg: VpMoEConfig, extra: Sequence[str] = ()) -> List[Pass]:
-    """The passes the config asks for, in order; ``extra`` adds further registered passes
-    before the final routing pass."""
+    """The registered passes the config enables (``Pass.enabled(cfg)``) plus ``extra`` ones, in
+    the order their ``requires`` / ``after`` declarations give."""
     allp = available_passes()
-    names = ["layer_plan", "global_attention"]
-    if cfg.attention.position_embedding_type == "grapem":
-        names.append("grape")
-        if cfg.tpa.use_tpa:
-            names.append("tpa")
-    elif cfg.tpa.use_tpa:
-        raise TransformError(
-            "[tpa] use_tpa = true needs [attention] position_embedding_type = 'grapem' (the fused "
-            "TPA kernel rotates q/k with GRAPE-M)"
-        )
-    if cfg.moe.num_experts > 0:
-        names.append("moe")
-    names.append("fused_head")
     for name in extra:
         if name not in allp:
-            raise TransformError(f"unknown pass {name!r}; available: {', '.join(allp)}")
-        if name not in names:
-            names.append(name)
-    names.append("optimizer_routing")
-    return [allp[n] for n in names]
+            raise TransformError(f"unknown pass {name!r}; registered: {', '.join(allp)}")
+    chosen = [p for name, p in allp.items() if type(p).enabled(cfg) or name in extra]
+    names = {p.name for p in chosen}
+    for p in chosen:
+        missing = [r for r in p.requires if r not in names]
+        if missing:
+            raise TransformError(
+                f"the config enables pass {p.name!r}, which needs {missing}, which the config does "
+                f"not enable ({_ENABLE_HINTS.get(p.name, 'see the pass docstring')})"
+            )
+    return order_passes(chosen)
+
+
+#: What a config must say for a pass whose prerequisite it does not enable.
+_ENABLE_HINTS = {
+    "tpa": "[tpa] use_tpa = true needs [attention] position_embedding_type = 'grapem': the fused "
+    "TPA kernel rotates q/k with GRAPE-M",
+}
 
 
 def _refuse(model) -> None:
@@ -371,7 +362,7 @@ def _resolve_passes(passes, cfg) -> List[Pass]:
             out.append(allp[p])
         else:
             raise TransformError(f"passes must be names or Pass instances, got {type(p).__name__}")
-    return out
+    return order_passes(out)  # the given order where the declarations leave it free
 
 
 def transform(

@@ -167,7 +167,7 @@ def test_pass_stacks_experts_and_keeps_every_value(megatron_env, tiny_model):
         assert isinstance(layer.mlp.router, SparseTopKRouter) and isinstance(layer.mlp.experts, GroupedExperts)
         w = layer.mlp.experts.linear_fc1.weight
         assert torch.equal(w.detach(), ref) and w.expert_stack and w.shape == (E, 32, 64)
-    assert rec.sites == [f"decoder.layers.{i}.mlp" for i in (1, 2, 3)]
+    assert rec.sites == tuple(f"decoder.layers.{i}.mlp" for i in (1, 2, 3))
 
 
 def test_pass_refuses_token_dropping_and_changes_nothing(megatron_env, tiny_model):

@@ -52,7 +52,7 @@ def test_default_transform_runs_and_records(tiny_model, tiny_cfg):
     rec = model.vpmoe_transform
     assert rec.passes == ["layer_plan", "global_attention", "grape", "tpa", "moe", "fused_head", "optimizer_routing"]
     by = {r.name: r for r in rec.results}
-    assert by["layer_plan"].replaced == [] and by["layer_plan"].params_added == []
+    assert by["layer_plan"].replaced == () and by["layer_plan"].params_added == ()
     assert len(by["global_attention"].replaced) == 1
     tpa = by["tpa"]
     assert {p.name for p in tpa.params_removed} == {f"decoder.layers.{i}.self_attention.linear_qkv.weight" for i in range(3)}
@@ -257,3 +257,89 @@ def test_new_parameters_follow_a_frozen_model(tiny_model):
     vpmoe_compile.transform(tiny_model, progress=False)
     trainable = [n for n, p in tiny_model.named_parameters() if p.requires_grad]
     assert trainable == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Declared passes, their order, user passes
+# ---------------------------------------------------------------------------------------------
+
+
+class ScaleNormsPass(Pass):
+    """A user's toy pass: every layer's input RMSNorm becomes a scaled copy (new module, new
+    parameter), enabled by the config's [meta] name."""
+
+    name = "scale_norms"
+    requires = ("layer_plan",)
+    after = ("grape",)
+    installs = ("RMSNorm",)
+
+    @classmethod
+    def enabled(cls, cfg):
+        return cfg.meta.name == "tiny"
+
+    def sites(self, ctx):
+        return [f"decoder.layers.{l.index}.input_layernorm" for l in ctx.plan.layers]
+
+    def run(self, ctx, result):
+        for path in self.sites(ctx):
+            old = ctx.model.get_submodule(path)
+            new = torch.nn.RMSNorm(old.weight.shape[0], eps=1e-5)
+            with torch.no_grad():
+                new.weight.copy_(old.weight * 0.5)
+            self.replace_module(ctx.model, path, new, result)
+            result.sites.append(path)
+        result.summary = f"{len(result.sites)} input norms scaled by 0.5"
+
+
+@pytest.fixture()
+def user_pass():
+    from passes import register_pass, unregister_pass
+
+    register_pass(ScaleNormsPass)
+    yield ScaleNormsPass
+    unregister_pass(ScaleNormsPass.name)
+
+
+def test_default_pipeline_is_ordered_from_the_declarations(tiny_cfg, user_pass):
+    """A registered user pass joins the default pipeline where its declarations put it (after
+    grape, before the routing pass that must see every parameter)."""
+    names = [p.name for p in default_pipeline(tiny_cfg)]
+    assert names.index("scale_norms") > names.index("grape")
+    assert names[-1] == "optimizer_routing" and names[0] == "layer_plan"
+    tiny_cfg.meta.name = "other"
+    assert "scale_norms" not in [p.name for p in default_pipeline(tiny_cfg)]
+
+
+def test_a_user_pass_runs_all_or_nothing_with_its_own_dump_page(tiny_model, tiny_cfg, tmp_path, user_pass):
+    vpmoe_compile.transform(tiny_model, tiny_cfg, dump_dir=tmp_path / "d", progress=False)
+    assert type(tiny_model.decoder.layers[0].input_layernorm) is torch.nn.RMSNorm
+    rec = {r.name: r for r in tiny_model.vpmoe_transform.results}["scale_norms"]
+    assert len(rec.params_added) == 4 and len(rec.params_removed) == 4
+    page = next((tmp_path / "d").glob("*-scale_norms.md")).read_text()
+    assert "input norms scaled" in page and "decoder.layers.0.input_layernorm" in page
+    with pytest.raises(Exception):
+        rec.summary = "changed"  # records are immutable
+
+
+def test_order_passes_honours_requires_and_after_and_refuses_cycles():
+    from passes import AFTER_ALL, order_passes
+
+    def make(name, requires=(), after=()):
+        return type(name, (Pass,), {"name": name, "requires": requires, "after": after, "run": lambda s, c, r: None})()
+
+    a, b, c, last = make("a"), make("b", requires=("a",)), make("c", after=("b",)), make("z", after=(AFTER_ALL,))
+    assert [p.name for p in order_passes([last, c, b, a])] == ["a", "b", "c", "z"]
+    assert [p.name for p in order_passes([b, a, make("x")])] == ["a", "b", "x"]
+    with pytest.raises(PassError, match="cycle"):
+        order_passes([make("p", after=("q",)), make("q", after=("p",))])
+
+
+def test_undeclared_installs_are_refused(tiny_model):
+    class Sneaky(ScaleNormsPass):
+        name = "sneaky"
+        installs = ("SomethingElse",)
+
+    before = _structure(tiny_model)
+    with pytest.raises(PassError, match="declares installs"):
+        vpmoe_compile.transform(tiny_model, passes=["layer_plan", Sneaky()])
+    _assert_same(before, _structure(tiny_model))
