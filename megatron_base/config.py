@@ -305,6 +305,10 @@ class OptimizerSection:
     #: Polar Express kernels: "auto" (fused Triton kernel for min(m, n) <= 128 on CUDA),
     #: "torch" (batched bmm only) or "triton".
     pe_backend: str = field(default="auto", metadata=_choice("auto", "torch", "triton", required=False))
+    #: Separate max / min learning rate of the embedding and output layer (Megatron's
+    #: ``decoupled_lr``); unset: the AdamW (aux) learning rates.
+    decoupled_lr: Optional[float] = field(default=None, metadata=_meta(ge=0.0))
+    decoupled_min_lr: Optional[float] = field(default=None, metadata=_meta(ge=0.0))
 
 
 @dataclass
@@ -688,6 +692,23 @@ def config_from_dict(data: Dict[str, Any], where: str = "<dict>") -> VpMoEConfig
     _check_complete(data, where)
     sections = {s: _parse_section(s, _SECTIONS[s], raw, where) for s, raw in data.items()}
     return VpMoEConfig(**sections, source=where).validate()
+
+
+def optimizer_section(source: Any = None) -> OptimizerSection:
+    """The ``[optimizer]`` settings as an :class:`OptimizerSection` — the one owner of the
+    optimizer's defaults and allowed values — from a :class:`VpMoEConfig`, an
+    :class:`OptimizerSection`, any object carrying some of its keys as attributes (the others
+    keep their defaults; other attributes are ignored), or ``None`` (all defaults). Every value
+    is checked as a config file's would be (:class:`ConfigError` naming the key)."""
+    if isinstance(source, OptimizerSection):
+        return source
+    section = source.optimizer if isinstance(source, VpMoEConfig) else source
+    raw = {}
+    if section is not None:
+        for f in fields(OptimizerSection):
+            if hasattr(section, f.name):
+                raw[f.name] = getattr(section, f.name)
+    return _parse_section("optimizer", OptimizerSection, raw, "<optimizer settings>")
 
 
 def load_config(name_or_path: Union[str, os.PathLike, VpMoEConfig, None] = "tiny") -> VpMoEConfig:

@@ -9,9 +9,9 @@ For each local layer, ``self_attention`` (the GRAPE pass's :class:`VpMoESelfAtte
 * ``core_attention``: ``DotProductAttention`` -> :class:`TPACoreAttention`, the fused op from
   factors to output (bias, QK RMSNorm, GRAPE-M, window, sink), the stock sink carried over.
 
-Global layers are untouched. Refused before anything changes: TP > 1 on local layers, per-head
-GRAPE, ranks that are not powers of two (``/R`` must be exact in bf16), attention dropout, no
-window, an unsupported QK norm, and ``[kernels] attention = "triton"`` where the Triton kernels
+Global layers are untouched. Refused before anything changes (TP / PP > 1 and per-head GRAPE by
+the grape pass, a prerequisite): ranks that are not powers of two (``/R`` must be exact in bf16),
+attention dropout, no window, an unsupported QK norm, and ``[kernels] attention = "triton"`` where the Triton kernels
 cannot run the shapes (the kernel policy asks the kernels' own ``supports``; with ``"auto"`` the
 local layers then run the op's PyTorch reference, and the pass notes it).
 """
@@ -49,14 +49,9 @@ class TPAPass(Pass):
         return bool(cfg.tpa.use_tpa)
 
     def check(self, ctx: PassContext) -> None:
+        # TP = PP = 1 and head-shared GRAPE-M frequencies are the grape pass's preconditions
+        # (a prerequisite of this pass), checked there once.
         t, tcfg = ctx.cfg.tpa, ctx.model.config
-        if tcfg.tensor_model_parallel_size != 1:
-            raise PassError(
-                f"TPA on local layers needs tensor_model_parallel_size = 1 (the shared B factors' "
-                f"gradients would need TP reductions); got {tcfg.tensor_model_parallel_size}"
-            )
-        if not ctx.cfg.grape.grapem_share_across_heads:
-            raise PassError("TPA needs head-shared GRAPE-M frequencies (grapem_share_across_heads = true)")
         for key, r in (("tpa_q_rank", t.tpa_q_rank), ("tpa_rank", t.tpa_rank)):
             if not _pow2(r):
                 raise PassError(
@@ -65,9 +60,12 @@ class TPAPass(Pass):
                 )
         if tcfg.attention_dropout:
             raise PassError("the fused TPA kernel has no attention dropout; set attention_dropout = 0.0")
-        if tcfg.window_size is None or tcfg.window_size[1] != 0:
-            raise PassError(f"TPA local layers need a causal window (W-1, 0); got window_size={tcfg.window_size}")
-        d = tcfg.kv_channels
+        for layer in ctx.plan.local_layers:
+            if layer.window is None or layer.window[1] != 0:
+                raise PassError(
+                    f"TPA local layers need a causal window (W-1, 0); layer {layer.layer_number} has {layer.window}"
+                )
+        d = ctx.plan.head_dim
         if not _pow2(d):
             raise PassError(f"the TPA op needs a power-of-two head dim, got {d}")
 
@@ -86,7 +84,10 @@ class TPAPass(Pass):
     def run(self, ctx: PassContext, result: PassResult) -> None:
         model, cfg, plan = ctx.model, ctx.cfg, ctx.plan
         tcfg = model.config
-        window = tcfg.window_size[0] + 1
+        windows = {layer.window[0] + 1 for layer in plan.local_layers}  # W tokens incl. the current one
+        if len(windows) > 1:
+            raise PassError(f"TPA needs one window for all local layers, the plan has {sorted(windows)}")
+        (window,) = windows or {0}
         kernels = ctx.kernel_policy()
         backend = kernels.backend("tpa_attention", _kernel_shapes(plan.head_dim, cfg.tpa))
         if backend != kernels.attention:  # "auto" where the kernels cannot run these shapes

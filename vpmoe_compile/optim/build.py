@@ -160,7 +160,7 @@ def build_optimizer(
     if st.name != "normuon":
         raise ValueError(f"build_optimizer builds NorMuon; optimizer.name is {st.name!r}")
     _check_config(optimizer_config, chunks)
-    routes = classify_parameters(chunks if len(chunks) > 1 else chunks[0], st_to_cfg(st))
+    routes = classify_parameters(chunks if len(chunks) > 1 else chunks[0], st)
     _check_parallel(routes)
     megatron_ddp = all(hasattr(c, "ddp_config") for c in chunks)
     if megatron_ddp:
@@ -177,17 +177,6 @@ def build_optimizer(
     else:
         opt = build_plain_optimizer(routes, st)
     opt.routes = routes
-    opt.routing_table = lambda: routing_table(model, st_to_cfg(st))
+    opt.routing_table = lambda: routing_table(model, st)
     return opt
 
-
-def st_to_cfg(st):
-    """An object with the resolved optimizer attributes (what ``optimizer_settings`` accepts)."""
-
-    class _Cfg:
-        pass
-
-    obj = _Cfg()
-    for k, v in st.values.items():
-        setattr(obj, k, v)
-    return obj

@@ -46,6 +46,7 @@ stack as a bank in place. The routing table lists its logical matrices expert by
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -62,38 +63,10 @@ class RoutingError(ValueError):
     """A parameter has no known optimizer role."""
 
 
-_DEFAULTS: Dict[str, Any] = dict(
-    name="normuon",
-    lr=3e-3,
-    min_lr=3e-4,
-    normuon_aux_lr=3e-4,
-    normuon_aux_min_lr=None,
-    weight_decay=0.01,
-    adam_beta1=0.9,
-    adam_beta2=0.95,
-    adam_eps=1e-8,
-    normuon_momentum=0.95,
-    normuon_beta2=0.95,
-    normuon_eps=1e-10,
-    polar_express_safety_factor=2e-2,
-    polar_express_steps=5,
-    qkv_split="qkv",
-    router_optimizer="normuon",
-    scale_mode="shape",
-    neuron_axis="rows",
-    clip_grad=1.0,
-    nan_policy="skip",
-    compile=True,
-    cuda_graph=False,
-    pe_backend="auto",
-    decoupled_lr=None,
-    decoupled_min_lr=None,
-)
-
-
 @dataclass
 class OptimizerSettings:
-    """Resolved optimizer settings (``cfg.optimizer`` fields with their defaults)."""
+    """Resolved optimizer settings: the ``[optimizer]`` section of the config (its defaults and
+    allowed values live in ``megatron_base.config.OptimizerSection`` only)."""
 
     values: Dict[str, Any]
 
@@ -114,22 +87,14 @@ class OptimizerSettings:
 
 
 def optimizer_settings(cfg: Any = None) -> OptimizerSettings:
-    """Read the optimizer section from a ``VpMoEConfig``, its ``optimizer`` section, or ``None``."""
-    section = cfg
-    if cfg is not None and not isinstance(getattr(cfg, "optimizer", "x"), str):
-        section = cfg.optimizer
-    values = {k: getattr(section, k, v) if section is not None else v for k, v in _DEFAULTS.items()}
-    for key, allowed in (
-        ("qkv_split", ("qkv", "fused", "head")),
-        ("router_optimizer", ("normuon", "adamw")),
-        ("scale_mode", ("shape", "rms0.2")),
-        ("neuron_axis", ("rows", "larger")),
-        ("nan_policy", ("skip", "raise")),
-        ("pe_backend", ("auto", "torch", "triton")),
-    ):
-        if values[key] not in allowed:
-            raise ValueError(f"optimizer.{key} must be one of {allowed}, got {values[key]!r}")
-    return OptimizerSettings(values)
+    """The optimizer settings of a ``VpMoEConfig``, its ``optimizer`` section, any object with
+    some of its keys, ``None`` (the defaults) or already-resolved :class:`OptimizerSettings`
+    (returned as they are). Values are validated by the config's own rules."""
+    if isinstance(cfg, OptimizerSettings):
+        return cfg
+    from megatron_base.config import optimizer_section
+
+    return OptimizerSettings(dataclasses.asdict(optimizer_section(cfg)))
 
 
 @dataclass
