@@ -172,19 +172,6 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _detach(obj):
-    """Tensors in (nested) tuples / lists / dicts detached and cloned (captured inputs)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, tuple):
-        return tuple(_detach(o) for o in obj)
-    if isinstance(obj, list):
-        return [_detach(o) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _detach(v) for k, v in obj.items()}
-    return obj
-
-
 def _first_tensor(out):
     while isinstance(out, (tuple, list)):
         out = out[0]
@@ -223,13 +210,15 @@ def layer_kinds(gpt, cfg) -> dict:
 def capture_part_inputs(top, gpt, cfg, tokens, labels, pos) -> dict:
     """One no-grad forward of the (wrapped) model with forward pre-hooks on the first module of
     each part kind; returns ``{part: {"module", "args", "kwargs", "count", "where"}}``."""
+    from passes.base import detached_copy
+
     kinds = layer_kinds(gpt, cfg)
     parts, caps, handles = {}, {}, []
 
     def hook(name):
         def fn(module, args, kwargs):
             if name not in caps:
-                caps[name] = (_detach(args), _detach(kwargs))
+                caps[name] = (detached_copy(args), detached_copy(kwargs))
 
         return fn
 

@@ -394,7 +394,7 @@ class SiteRecorder:
     def _hook(self, path):
         def hook(module, args, kwargs):
             if path not in self.inputs:
-                self.inputs[path] = (_detach(args), _detach(kwargs))
+                self.inputs[path] = (detached_copy(args), detached_copy(kwargs))
 
         return hook
 
@@ -403,15 +403,17 @@ class SiteRecorder:
             h.remove()
 
 
-def _detach(obj):
+def detached_copy(obj):
+    """Tensors in (nested) tuples / lists / dicts detached and cloned, everything else as is
+    (captured module inputs that later code may not change)."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().clone()
     if isinstance(obj, tuple):
-        return tuple(_detach(o) for o in obj)
+        return tuple(detached_copy(o) for o in obj)
     if isinstance(obj, list):
-        return [_detach(o) for o in obj]
+        return [detached_copy(o) for o in obj]
     if isinstance(obj, dict):
-        return {k: _detach(v) for k, v in obj.items()}
+        return {k: detached_copy(v) for k, v in obj.items()}
     return obj
 
 
