@@ -368,6 +368,8 @@ def plot(rows, results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from _plot import plain_log_axis
+
     suites = [s for s in ("global", "window", "tpa") if any(r["suite"] == s and r.get("fwd_us") for r in rows)]
     if not suites:
         return
@@ -388,9 +390,12 @@ def plot(rows, results, path):
         ax.scatter([x for x in fbw if x], [i - 0.2 for i, x in zip(y, fbw) if x], marker="|", s=120, color="k",
                    zorder=3)
         for i in y:
-            for val, off in ((f[i], 0.2), (fb[i], -0.2)):
+            for val, eager, off in ((f[i], fw[i], 0.2), (fb[i], fbw[i], -0.2)):
                 if val:
-                    ax.text(val, i + off, f" {val:.0f}", va="center", fontsize=7)
+                    # the value right of the bar, or right of the eager marker where that sits
+                    # just past the bar's end (it would cross the number)
+                    at = eager if eager and val < eager < val * 1.4 else val
+                    ax.text(at * 1.02, i + off, f" {val:,.0f}", va="center", fontsize=7)
         ax.set_yticks(list(y))
         ax.set_yticklabels(names, fontsize=7)
         ax.invert_yaxis()
@@ -407,6 +412,9 @@ def plot(rows, results, path):
         if suite == "tpa" and isinstance(results.get("tpa_floor_us"), dict):
             for j, (kname, val) in enumerate(results["tpa_floor_us"].items()):
                 ax.axvline(val, color=f"C{j + 2}", ls=":", lw=1, label=f"{kname} {val:.0f} us")
+        lo, hi = ax.get_xlim()
+        ax.set_xlim(lo, max(hi, max(v for v in f + fb + fw + fbw if v) * 1.5))  # room for the last label
+        plain_log_axis(ax.xaxis)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -307,11 +307,21 @@ def run_variant(results, name, fn, inputs, args, compiled):
 # --------------------------------------------------------------------------------------------
 
 
+VARIANT_LABELS = {  # plot labels (the JSON keeps the variant names)
+    "stock": "stock head (line-by-line copy)",
+    "stock_megatron": "stock head (Megatron's own)",
+    "fused": "fused linear_cross_entropy",
+    "fused_torch_ops": "fused, elementwise as torch ops",
+}
+
+
 def plot(results, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from _plot import plain_log_axis
 
     rows = [r for r in results["rows"] if "fwd_bwd_ms" in r]
     sweep = results.get("sweep") or []
@@ -324,9 +334,10 @@ def plot(results, path):
         handles=[
             Patch(facecolor="C0", edgecolor="k", label="stock: bf16 logits + Megatron fp32 cross entropy"),
             Patch(facecolor="C1", edgecolor="k", label=f"fused linear_cross_entropy (chunk {results['chunk']})"),
-            Patch(facecolor="C2", edgecolor="k", label="fused, elementwise as torch ops"),
-            Patch(facecolor="w", edgecolor="k", hatch="//", label="hatched: torch.compile(fullgraph=True); plain: eager"),
-        ],
+        ]
+        + ([Patch(facecolor="C2", edgecolor="k", label="fused, elementwise as torch ops")]
+           if any("torch_ops" in r["variant"] for r in rows) else [])
+        + [Patch(facecolor="w", edgecolor="k", hatch="//", label="hatched: torch.compile(fullgraph=True); plain: eager")],
         loc="upper center",
         ncol=4,
         fontsize=8,
@@ -337,7 +348,8 @@ def plot(results, path):
         f"h={sh['hidden']}, V={sh['vocab']}, bf16 — {results['device']}",
         fontsize=10,
     )
-    names = [f"{r['variant']}\n{r['mode']}" for r in rows]
+    names = [f"{VARIANT_LABELS.get(r['variant'], r['variant'])},\n{'torch.compile' if r['mode'] == 'compiled' else r['mode']}"
+             for r in rows]
     colors = ["C0" if r["variant"].startswith("stock") else ("C2" if "torch_ops" in r["variant"] else "C1") for r in rows]
     hatches = ["" if r["mode"] == "eager" else "//" for r in rows]
     for ax, key, xlabel, fmt in (
@@ -365,7 +377,8 @@ def plot(results, path):
             axes[1, 1].plot(xs, [p["peak_gib_above_inputs"] for p in pts], marker=marker, label=f"fused, {mode}")
         for ax, ylabel in ((axes[1, 0], "fwd+bwd time (ms, median)"), (axes[1, 1], "peak memory above inputs (GiB)")):
             ax.set_xscale("log", base=2)
-            ax.set_xlabel("chunk_size (tokens per forward chunk, log scale)")
+            plain_log_axis(ax.xaxis, base=2, values=[p["chunk"] for p in sweep if "fwd_bwd_ms" in p])
+            ax.set_xlabel("chunk size (tokens per forward chunk, log scale)")
             ax.set_ylabel(ylabel)
             ax.set_title("fused op: chunk-size sweep", fontsize=9)
             ax.grid(alpha=0.3)

@@ -87,10 +87,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 H100_PEAK_TFLOPS = 989.4
 VARIANTS = ("stock_eager", "transformed_eager", "transformed_compiled")
-LABELS = {
-    "stock_eager": "stock Megatron (eager)",
-    "transformed_eager": "vpMoE transformed (eager)",
-    "transformed_compiled": "vpMoE transformed + compile",
+LABELS = {  # plot legend / tick labels (the JSON keys stay the variant names)
+    "stock_eager": "stock Megatron, eager",
+    "transformed_eager": "vpMoE, eager",
+    "transformed_compiled": "vpMoE, compiled",
 }
 COLORS = {"stock_eager": "#8c8c8c", "transformed_eager": "#4c72b0", "transformed_compiled": "#dd8452"}
 PARTS = ("attention_local", "attention_global", "moe_layer", "dense_mlp", "head_loss")

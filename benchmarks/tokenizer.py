@@ -212,6 +212,69 @@ def unit_test_timings(tok, reps: int = 3) -> dict:
     return out
 
 
+ENCODE_LABELS = {
+    "tiktoken_loop": "tiktoken, per document",
+    "ours_loop": "ours, per document",
+    "tiktoken_batch": "tiktoken, batched",
+    "ours_batch": "ours, batched",
+}
+
+
+def plot(out: dict, path: str) -> None:
+    """The three panels of tokenizer.png from the JSON this script writes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _plot import plain_log_axis, wrap
+
+    results, builder, render, long_piece = out["encode"], out["builder"], out["render"], out["render_single_piece"]
+    ratio = out["ratio_ours_over_tiktoken"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+
+    def bars(ax, labels, vals, colors, fmt):
+        drawn = ax.bar(range(len(vals)), vals, color=colors)
+        for b, v in zip(drawn, vals):
+            ax.text(b.get_x() + b.get_width() / 2, v, fmt.format(v), ha="center", va="bottom")
+        ax.set_xticks(range(len(vals)))
+        ax.set_xticklabels([wrap(x, 14) for x in labels], fontsize=8.5)
+        ax.set_ylim(0, max(vals) * 1.15)  # room for the value labels under the frame
+
+    names = [k for k in ENCODE_LABELS if k in results]
+    bars(axes[0], [ENCODE_LABELS[k] for k in names], [results[k]["mb_per_s"] for k in names],
+         ["#888" if k.startswith("tiktoken") else "#1f77b4" for k in names], "{:.1f}")
+    axes[0].set_ylabel("MB/s (median, higher is better)")
+    axes[0].set_title(f"encode, {out['corpus']['bytes'] / 1e6:.1f} MB corpus, {out['machine']['cpu_count']} cores "
+                      f"(batched: all of them)\nours / tiktoken: per document {ratio['loop']:.3f}, "
+                      f"batched {ratio['batch']:.3f}",
+                      fontsize=10)
+    workers = {k: f"builder, {k.split('_')[-1]} worker{'s' if k.split('_')[-1] != '1' else ''}" for k in builder}
+    bars(axes[1], [workers[k] for k in builder] + ["render, ours", "render, openai-harmony"],
+         [builder[k]["mb_per_s"] for k in builder]
+         + [render["ours"]["content_mb_per_s"], render["openai_harmony"]["content_mb_per_s"]],
+         ["#2ca02c"] * len(builder) + ["#1f77b4", "#888"], "{:.2f}")
+    axes[1].set_ylabel("MB/s (higher is better)")
+    axes[1].set_title("dataset builder (JSONL input), and Harmony render\n(MB of message content per second)", fontsize=10)
+    ax = axes[2]
+    pts = list(long_piece.values())
+    ax.loglog([p["chars"] for p in pts], [p["ours_s"] for p in pts], "o-", label="ours (tiktoken)")
+    hp = [p for p in pts if "openai_harmony_s" in p]
+    ax.loglog([p["chars"] for p in hp], [p["openai_harmony_s"] for p in hp], "s-", color="#888",
+              label="openai-harmony")
+    plain_log_axis(ax.xaxis, values=[p["chars"] for p in pts])
+    plain_log_axis(ax.yaxis)
+    ax.tick_params(axis="x", labelsize=8.5)
+    ax.set_xlabel("characters in one unbroken piece (log scale)")
+    ax.set_ylabel("render time, seconds (log scale)")
+    ax.set_title("one long message", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -382,45 +445,7 @@ def main() -> None:
     with open(stem + ".json", "w") as f:
         json.dump(out, f, indent=2)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    names = ["tiktoken_loop", "ours_loop", "tiktoken_batch", "ours_batch"]
-    vals = [results[k]["mb_per_s"] for k in names]
-    ax = axes[0]
-    bars = ax.bar(names, vals, color=["#888", "#1f77b4", "#888", "#1f77b4"])
-    for b, v in zip(bars, vals):
-        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom")
-    ax.set_ylabel("MB/s (median)")
-    ax.set_title(f"encode, {nbytes / 1e6:.1f} MB corpus, {cores} cores\n"
-                 f"ours/tiktoken: loop {ratio_loop:.3f}, batch {ratio_batch:.3f}")
-    ax.tick_params(axis="x", rotation=20)
-    ax = axes[1]
-    bnames = list(builder) + ["render ours", "render harmony"]
-    bvals = [builder[k]["mb_per_s"] for k in builder] + [
-        render["ours"]["content_mb_per_s"], render["openai_harmony"]["content_mb_per_s"]]
-    bars = ax.bar(bnames, bvals, color=["#2ca02c"] * len(builder) + ["#1f77b4", "#888"])
-    for b, v in zip(bars, bvals):
-        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom")
-    ax.set_ylabel("MB/s")
-    ax.set_title("dataset builder (JSONL input) / Harmony render (content)")
-    ax.tick_params(axis="x", rotation=20)
-    ax = axes[2]
-    xs = [long_piece[k]["chars"] for k in long_piece]
-    ax.loglog(xs, [long_piece[k]["ours_s"] for k in long_piece], "o-", label="ours (tiktoken)")
-    hx = [long_piece[k]["chars"] for k in long_piece if "openai_harmony_s" in long_piece[k]]
-    ax.loglog(hx, [long_piece[k]["openai_harmony_s"] for k in long_piece
-                   if "openai_harmony_s" in long_piece[k]], "s-", color="#888",
-              label="openai-harmony")
-    ax.set_xlabel("characters in one unbroken piece")
-    ax.set_ylabel("render seconds")
-    ax.set_title("one long message")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(stem + ".png", dpi=110)
+    plot(out, stem + ".png")
     print(f"wrote {stem}.json and {stem}.png", flush=True)
 
 

@@ -7,8 +7,8 @@ the command that produced it) and writes ``attention_tpa.json`` and ``attention_
 
 Rows (b=8, s=4096, H=8, G=2, d=128, W=128, Rq=4, R=2, bf16; medians in microseconds):
 
-* (a) our fused TPA op from factors            ``tpa_bench_h100_run6.json`` (``tpa_check.py``)
-* (b) the fork's chain, eager                  ``tpa_bench_h100_run2.json`` (``tpa_check.py``)
+* (a) our fused TPA op from factors            ``tpa_bench_h100_run6.json`` (``tpa_check.py``, now ``tpa.py``)
+* (b) the fork's chain, eager                  ``tpa_bench_h100_run2.json`` (``tpa_check.py``, now ``tpa.py``)
 * (c) the same chain under ``torch.compile``   ``tpa_bench_h100_run2.json``
 * (d) FlexAttention on ready q/k/v, window     ``attention_window.json`` (``attention.py --suite window``)
 * (e) our ``window_sink_attention`` on ready q/k/v  ``attention_window.json``
@@ -27,6 +27,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# The commands that wrote the recorded runs (benchmarks/tpa_check.py, since reduced to its timings as
+# benchmarks/tpa.py; its checks are the gpu tests of tests/vpmoe_compile/ops/test_tpa_attention_gpu.py).
 TPA_CMD = "PYTHONPATH=$PWD python benchmarks/tpa_check.py --out DIR --skip-chain --skip-shared --skip-check"
 CHAIN_CMD = "PYTHONPATH=$PWD python benchmarks/tpa_check.py --out DIR --tune"
 WINDOW_CMD = "PYTHONPATH=$PWD python benchmarks/attention.py --suite window --out DIR --kernel-sweep"

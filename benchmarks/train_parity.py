@@ -194,8 +194,8 @@ def plot(res: dict, path: Path) -> None:
     meta, le, lc, cmp_ = res["meta"], res["eager"]["losses"], res["compiled"]["losses"], res["comparison"]
     steps = list(range(1, len(le) + 1))
     fig, ax = plt.subplots(figsize=(10, 6))
-    ax.plot(steps, le, "-", color="#4c72b0", lw=2.2, label="vpMoE transformed (eager)")
-    ax.plot(steps, lc, "--", color="#dd8452", lw=1.8, label="vpMoE transformed + compile")
+    ax.plot(steps, le, "-", color="#4c72b0", lw=2.2, label="vpMoE, eager")
+    ax.plot(steps, lc, "--", color="#dd8452", lw=1.8, label="vpMoE, compiled")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (masked mean over the micro-batch)")
     ax.grid(alpha=0.3)

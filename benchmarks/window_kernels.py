@@ -133,30 +133,43 @@ def accuracy(b, s, H, G, d, W):
     return dict(shape=dict(b=b, s=s, H=H, G=G, d=d, W=W), rel_err=rows, worst_ratio_to_fp32_math=worst)
 
 
+FAMILY_LABELS = {  # plot labels (the JSON keeps the family names)
+    "own": "TPA's own window kernels (swa_fwd / swa_bwd)",
+    "shared": "global layers' sink kernels, window on",
+}
+
+
 def plot(doc, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from _plot import wrap
+
+    whats = {"middle fwd": "attention alone, fwd", "middle fwd+bwd": "attention alone, fwd+bwd",
+             "fused TPA fwd+bwd": "inside the fused TPA op, fwd+bwd"}
     rows = doc["results"]
-    labels = [f"b={r['b']} {r['what']}" for r in rows if r["family"] == "own"]
-    fig, ax = plt.subplots(figsize=(9, 4.2))
+    labels = [f"batch {r['b']}: {whats.get(r['what'], r['what'])}" for r in rows if r["family"] == "own"]
+    fig, ax = plt.subplots(figsize=(10, 4.6))
     width = 0.38
     for i, fam in enumerate(FAMILIES):
         vals = [r["us"] for r in rows if r["family"] == fam]
         xs = [j + (i - 0.5) * width for j in range(len(vals))]
-        bars = ax.bar(xs, vals, width, label=f"{fam} kernels")
+        bars = ax.bar(xs, vals, width, label=FAMILY_LABELS.get(fam, fam))
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ax.set_xticks(range(len(labels)), labels, fontsize=8, rotation=12)
+    ax.set_xticks(range(len(labels)), [wrap(x, 18) for x in labels], fontsize=8)
+    ax.set_ylim(0, max(r["us"] for r in rows) * 1.25)  # room for the bar labels and the legend
     ax.set_ylabel("microseconds (median, lower is better)")
     m = doc["meta"]
     ax.set_title(f"Sliding-window + sink attention kernels, {m['device']}\n"
-                 f"H={m['H']} G={m['G']} d={m['d']} W={m['W']} s={m['s']} bf16 - faster: {doc['faster']}",
+                 f"H={m['H']} G={m['G']} d={m['d']} W={m['W']} s={m['s']} bf16 - faster: "
+                 f"{FAMILY_LABELS.get(doc['faster'], doc['faster'])}",
                  fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None):

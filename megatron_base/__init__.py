@@ -16,6 +16,7 @@ _LAZY = {
     "O200kHarmonyTokenizer": "tokenizer", "O200kHarmonyLibrary": "o200k", "VocabFileError": "o200k",
     "O200K_BASE_SHA256": "o200k", "O200K_HARMONY_VOCAB_SIZE": "o200k", "SPECIAL_TOKEN_IDS": "o200k",
     "HARMONY_STOP_TOKEN_IDS": "o200k", "padded_vocab_size": "o200k",
+    "write_tokenizer_metadata": "tokenizer",
     # Harmony rendering
     "HarmonyRenderer": "harmony", "HarmonyRenderConfig": "harmony", "HarmonyFormatError": "harmony",
     "render_harmony": "harmony", "make_system_content": "harmony", "load_harmony_encoding_offline": "harmony",

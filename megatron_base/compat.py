@@ -23,6 +23,23 @@ Device-independent (applied on every machine):
   ``te_general_gemm`` when Transformer Engine imports, but ``RouterGatingLinearFunction`` reads
   it unconditionally, so MoE routing raises ``NameError`` without TE -- on GPU as well. Fix:
   define the module attribute as ``None`` (the code then takes its plain ``torch`` path).
+* ``tokenizer_class_metadata``: megatron-core 0.16.1's tokenizer metadata is inconsistent about
+  how it names a tokenizer class. ``MegatronTokenizer.write_metadata`` (and the
+  ``MegatronTokenizerBase`` docstring, and every stock tokenizer's config) name it with the
+  string keys ``class_name`` / ``class_path``, but ``MegatronTokenizer.from_pretrained`` never
+  reads them: it looks for a ``tokenizer_class`` key instead, and when that is set it calls
+  ``getattr(metadata['tokenizer_class_path'], metadata['tokenizer_class_name'])`` -- ``getattr``
+  on the *string* module path, which cannot work for metadata read from JSON. Without
+  ``tokenizer_class`` it picks a stock class by ``model_type`` (``GPTTokenizer`` ...), whose
+  ``_restore_model`` only knows Megatron's own six libraries, so a tokenizer of another library
+  (ours, ``o200k-harmony``) cannot be loaded through the factory at all (``KeyError``). Fix:
+  ``MegatronTokenizer.from_pretrained`` reads the metadata as 0.16.1 does (same file location
+  rule, file or dict) and, when it has no ``tokenizer_class`` but does name ``class_name`` and
+  ``class_path``, imports ``class_path``, checks the class is a ``MegatronTokenizerBase`` and
+  constructs it exactly as 0.16.1 constructs its own (``cls(path=tokenizer_path,
+  config=metadata, **kwargs)`` with ``metadata['metadata_path']`` set); any other metadata goes
+  to the original unchanged. :func:`megatron_base.tokenizer.write_tokenizer_metadata` writes
+  such metadata for :class:`~megatron_base.tokenizer.O200kHarmonyTokenizer`.
 
 CPU-only (applied only when ``torch.cuda.is_available()`` is False, so they can never change
 what runs on a GPU machine):
@@ -38,6 +55,11 @@ what runs on a GPU machine):
   (``FileSystemWriterAsync.preload_tensors``) copies tensors to the host with
   ``non_blocking=True`` and then calls ``torch.cuda.synchronize()``, which raises without CUDA.
   The fix makes the copy blocking on a machine without CUDA (nothing to synchronise).
+* ``cpu_schedule_token_count``: the pipeline schedules (``forward_backward_no_pipelining`` and
+  the pipelined ones in ``megatron.core.pipeline_parallel.schedules``) start their token
+  counter with ``torch.zeros([], dtype=torch.int, device="cuda")``. The fix gives that module a
+  ``torch`` whose ``zeros`` builds ``device="cuda"`` tensors on the CPU (every other name is
+  torch's own), so Megatron's schedule, and ``finalize_model_grads`` after it, run on CPU.
 * The CUDA RNG tracker is not patched: :func:`megatron_base.parallel.init_process` seeds
   Megatron's *inference* RNG tracker on CPU (public API, a null ``fork()``).
 
@@ -76,7 +98,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import warnings
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Iterable, List, Tuple
 
 import torch
 
@@ -187,26 +209,104 @@ def _fix_cpu_dist_checkpoint_save(record: list) -> None:
     writer.preload_tensors = staticmethod(preload_tensors)
 
 
+def tokenizer_class_from_metadata(metadata: dict):
+    """The tokenizer class that ``class_name`` / ``class_path`` of Megatron tokenizer metadata
+    name (see ``tokenizer_class_metadata`` in the module docstring), or ``None`` where 0.16.1's
+    own rule applies (a ``tokenizer_class`` key, or no class named)."""
+    from megatron.core.tokenizers import MegatronTokenizerBase
+
+    if metadata.get("tokenizer_class") or not (metadata.get("class_name") and metadata.get("class_path")):
+        return None
+    name, path = metadata["class_name"], metadata["class_path"]
+    try:
+        cls = getattr(importlib.import_module(path), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(
+            f"tokenizer metadata names class_path {path!r}, class_name {name!r}, which cannot be "
+            f"imported: {exc}"
+        ) from exc
+    if not (isinstance(cls, type) and issubclass(cls, MegatronTokenizerBase)):
+        raise TypeError(f"tokenizer metadata names {path}.{name}, which is not a MegatronTokenizerBase")
+    return cls
+
+
+def _fix_tokenizer_class_metadata(record: list) -> None:
+    import json
+    import os
+
+    mt = importlib.import_module("megatron.core.tokenizers.megatron_tokenizer")
+    original = mt.MegatronTokenizer.__dict__["from_pretrained"]  # a plain function in 0.16.1
+
+    def from_pretrained(tokenizer_path=None, metadata_path=None, **kwargs):
+        # metadata as 0.16.1 reads it (megatron_tokenizer.MegatronTokenizer.from_pretrained)
+        if not metadata_path and not tokenizer_path:
+            return original(tokenizer_path, metadata_path, **kwargs)
+        path = metadata_path or mt._get_metadata_path(tokenizer_path)
+        if isinstance(path, dict):
+            metadata, path = dict(path), None
+        elif isinstance(path, str) and os.path.exists(path):
+            with open(path, "r") as f:
+                metadata = json.load(f)
+        else:  # missing file or bad type: 0.16.1's own error
+            return original(tokenizer_path, metadata_path, **kwargs)
+        cls = tokenizer_class_from_metadata(metadata)
+        if cls is None:
+            return original(tokenizer_path, metadata_path, **kwargs)
+        if metadata.get("library") not in ("byte-level", "null"):
+            assert tokenizer_path, "Tokenizer path must be specified."  # as 0.16.1
+        metadata["metadata_path"] = path
+        return cls(path=tokenizer_path, config=metadata, **kwargs)
+
+    from_pretrained.__doc__ = original.__doc__
+    from_pretrained.__wrapped__ = original
+    _set(record, mt.MegatronTokenizer, "from_pretrained", from_pretrained)
+
+
+class _CpuScheduleTorch:
+    """``torch`` for ``megatron.core.pipeline_parallel.schedules`` on a machine without CUDA:
+    ``zeros(..., device="cuda")`` is built on the CPU; every other attribute is torch's."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, **kwargs):
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return torch.zeros(*args, **kwargs)
+
+
+def _fix_cpu_schedule_token_count(record: list) -> None:
+    schedules = importlib.import_module("megatron.core.pipeline_parallel.schedules")
+    _set(record, schedules, "torch", _CpuScheduleTorch())
+
+
 _FIXES: Dict[str, Tuple[Callable[[list], None], str]] = {
     "te_general_gemm": (_fix_te_general_gemm, "any"),
     "tp_group_warning": (_fix_tp_group_warning, "any"),
+    "tokenizer_class_metadata": (_fix_tokenizer_class_metadata, "any"),
     "cuda_current_device": (_fix_cuda_current_device, "cpu"),
     "cpu_mask_builders": (_fix_mask_builders, "cpu"),
     "cpu_dist_checkpoint_save": (_fix_cpu_dist_checkpoint_save, "cpu"),
+    "cpu_schedule_token_count": (_fix_cpu_schedule_token_count, "cpu"),
 }
 
 
-def apply(force_cpu: bool | None = None) -> List[str]:
+def apply(force_cpu: bool | None = None, only: Iterable[str] | None = None) -> List[str]:
     """Apply every fix this machine needs; idempotent. Returns the names applied now.
 
     Args:
         force_cpu: apply the CPU-only fixes (default: only when CUDA is unavailable). Tests
             may pass False to check that nothing CPU-only is installed.
+        only: apply just these fixes (by name; those of another scope are still skipped),
+            e.g. ``only=["tokenizer_class_metadata"]`` to load a tokenizer through Megatron's
+            factory without touching anything else.
     """
     on_cpu = (not torch.cuda.is_available()) if force_cpu is None else force_cpu
+    wanted = _check_names(only)
     done = []
     for name, (fix, scope) in _FIXES.items():
-        if name in _APPLIED:
+        if name in _APPLIED or (wanted is not None and name not in wanted):
             continue
         if scope == "cpu" and not on_cpu:
             continue
@@ -219,9 +319,23 @@ def apply(force_cpu: bool | None = None) -> List[str]:
     return done
 
 
-def remove() -> None:
-    """Undo every applied fix (restores the original attributes)."""
+def _check_names(names: Iterable[str] | None):
+    if names is None:
+        return None
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in _FIXES]
+    if unknown:
+        raise ValueError(f"unknown compat fix(es) {unknown}; known: {list(_FIXES)}")
+    return set(names)
+
+
+def remove(only: Iterable[str] | None = None) -> None:
+    """Undo every applied fix, or just those named in ``only`` (restores the original
+    attributes)."""
+    wanted = _check_names(only)
     for name in list(_APPLIED)[::-1]:
+        if wanted is not None and name not in wanted:
+            continue
         for obj, attr, old in reversed(_APPLIED.pop(name)):
             if old is _MISSING:
                 delattr(obj, attr)
@@ -307,7 +421,8 @@ def prime_moe_aux_loss_scale(device) -> torch.Tensor:
 
     scale = MoEAuxLossAutoScaler.main_loss_backward_scale
     if scale is None:
-        MoEAuxLossAutoScaler.set_loss_scale(torch.ones((), device=device))
+        # shape [1], as Megatron's schedules set it (set_loss_scale copies into this tensor)
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=device))
         scale = MoEAuxLossAutoScaler.main_loss_backward_scale
     _AUX_SCALE[0] = scale
     return scale

@@ -552,6 +552,8 @@ def build_dataset(config: DatasetBuildConfig) -> BuildResult:
     try:
         from tqdm import tqdm
 
+        from megatron_base.progress import progress_logging
+
         bar = tqdm(
             total=input_size,
             unit="B",
@@ -560,7 +562,7 @@ def build_dataset(config: DatasetBuildConfig) -> BuildResult:
             disable=not cfg.progress,
             file=sys.stderr,
         )
-        with bar:
+        with progress_logging(), bar:  # log records and warnings print above the bar
             for tok_arr, mask_arr, lengths, errs, kinds, pre, nbytes in _ordered_results(
                 cfg, _read_chunks(cfg.input_path, hasher)
             ):

@@ -10,13 +10,25 @@ into Megatron-Core's tokenizer interface
 The invariants and policies (verified asset, special-token table and policy, Megatron ids,
 whitespace runs, lone surrogates, decoding) are the encoding's: see :mod:`megatron_base.o200k`
 and docs/design.md#the-tokenizer. The encoding's public names are re-exported here.
+
+Through Megatron's factory: :func:`write_tokenizer_metadata` puts the asset and a
+``tokenizer_metadata.json`` in a folder, after which (with the compat fix
+``tokenizer_class_metadata`` applied, as :func:`megatron_base.compat.apply` does)
+``MegatronTokenizer.from_pretrained(folder)`` returns an :class:`O200kHarmonyTokenizer`::
+
+    write_tokenizer_metadata("ckpt/tokenizer")
+    compat.apply(only=["tokenizer_class_metadata"])   # or compat.apply() / init_process()
+    tok = MegatronTokenizer.from_pretrained("ckpt/tokenizer")
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
+import shutil
 from collections import OrderedDict
+from pathlib import Path
 from typing import AbstractSet, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -60,6 +72,8 @@ __all__ = [
     "VocabFileError",
     "O200kHarmonyLibrary",
     "O200kHarmonyTokenizer",
+    "METADATA_FILE_NAME",
+    "write_tokenizer_metadata",
     "load_o200k_base_bytes",
     "build_o200k_harmony_encoding",
     "o200k_harmony_special_tokens",
@@ -81,8 +95,10 @@ class O200kHarmonyTokenizer(MegatronTokenizerText):
     See the module docstring for the invariants and policies.
 
     Args:
-        path: the ``o200k_base.tiktoken`` asset (plain or ``.gz``); default
-            ``$VPMOE_O200K_BASE_PATH`` or the vendored copy. Must exist; hash-checked.
+        path: the ``o200k_base.tiktoken`` asset (plain or ``.gz``), or a folder holding exactly
+            one of ``o200k_base.tiktoken`` / ``o200k_base.tiktoken.gz`` (what
+            :func:`write_tokenizer_metadata` writes; Megatron's factory passes the folder);
+            default ``$VPMOE_O200K_BASE_PATH`` or the vendored copy. Must exist; hash-checked.
         config: Megatron tokenizer metadata (``library`` is forced to ``"o200k-harmony"``).
         special_tokens_policy: ``"ordinary"`` (default), ``"raise"`` or ``"allow_all"``.
         decode_errors: ``"replace"`` (default) or ``"strict"``.
@@ -108,6 +124,8 @@ class O200kHarmonyTokenizer(MegatronTokenizerText):
         surrogate_errors: Literal["strict", "replace"] = "strict",
     ) -> None:
         resolved = resolve_vocab_path(path)
+        if resolved.is_dir():
+            resolved = _asset_in_folder(resolved)
         cfg = {"model_type": "gpt", "chat_template": None}
         cfg.update(config or {})
         if cfg.get("library", self.LIBRARY) != self.LIBRARY:
@@ -283,6 +301,109 @@ class O200kHarmonyTokenizer(MegatronTokenizerText):
         if add_generation_prompt:
             return renderer.render_for_completion(conversation)
         return renderer.render(conversation)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Megatron's tokenizer factory (MegatronTokenizer.from_pretrained)
+# --------------------------------------------------------------------------------------------
+
+METADATA_FILE_NAME = "tokenizer_metadata.json"  # the name Megatron's factory looks for
+_ASSET_NAMES = ("o200k_base.tiktoken", "o200k_base.tiktoken.gz")
+
+
+def _asset_in_folder(folder: Path) -> Path:
+    found = [folder / n for n in _ASSET_NAMES if (folder / n).is_file()]
+    if len(found) != 1:
+        raise VocabFileError(
+            f"tokenizer folder {str(folder)!r} must hold exactly one of {', '.join(_ASSET_NAMES)} "
+            f"(found {len(found)}); write_tokenizer_metadata(folder) puts one there"
+        )
+    return found[0]
+
+
+def _metadata() -> Dict[str, object]:
+    # The keys of MegatronTokenizer.write_metadata (0.16.1), which itself refuses any library
+    # outside Megatron's own six; class_name / class_path are read by the compat fix
+    # tokenizer_class_metadata (0.16.1's from_pretrained ignores them).
+    return {
+        "library": O200kHarmonyTokenizer.LIBRARY,
+        "class_name": O200kHarmonyTokenizer.__name__,
+        "class_path": O200kHarmonyTokenizer.__module__,
+        "model_type": "gpt",
+        "chat_template": None,
+    }
+
+
+def write_tokenizer_metadata(
+    path: Union[str, os.PathLike],
+    vocab_path: Union[str, os.PathLike, None] = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Make ``path`` loadable by Megatron's tokenizer factory as an :class:`O200kHarmonyTokenizer`.
+
+    Writes ``tokenizer_metadata.json`` (the file name and keys of Megatron-Core 0.16.1's
+    ``MegatronTokenizer.write_metadata``: ``library``, ``class_name``, ``class_path``,
+    ``model_type``, ``chat_template``) so that ``MegatronTokenizer.from_pretrained(path)`` builds
+    this tokenizer -- with the compat fix ``tokenizer_class_metadata`` applied
+    (:func:`megatron_base.compat.apply`), since 0.16.1's factory does not read the class keys
+    its own ``write_metadata`` writes.
+
+    Args:
+        path: a folder (created if missing; a hash-checked copy of the asset is put in it as
+            ``o200k_base.tiktoken[.gz]`` unless it already holds one, which is then checked), or
+            an existing asset file (the metadata goes next to it, as Megatron's rule for a file
+            path is its folder).
+        vocab_path: the asset to copy into a folder (default ``$VPMOE_O200K_BASE_PATH`` or the
+            vendored copy); not allowed with a file ``path``.
+        overwrite: replace a different existing metadata file (default: refuse, as Megatron's
+            ``write_metadata`` does; an identical one is left as it is).
+
+    Returns:
+        The metadata file's path.
+
+    Raises:
+        VocabFileError: a missing or wrong asset (sha256 mismatch).
+        FileExistsError: a different metadata file is there and ``overwrite`` is False.
+    """
+    target = Path(os.fspath(path))
+    if target.is_file():
+        if vocab_path is not None:
+            raise ValueError("vocab_path is only for a folder path; path is already the asset")
+        load_o200k_base_bytes(target)  # hash check
+        folder = target.parent
+    else:
+        folder = target
+        folder.mkdir(parents=True, exist_ok=True)
+        present = [folder / n for n in _ASSET_NAMES if (folder / n).is_file()]
+        if present and vocab_path is None:
+            load_o200k_base_bytes(_asset_in_folder(folder))
+        elif present:
+            raise FileExistsError(
+                f"{str(folder)!r} already holds {present[0].name}; pass no vocab_path to use it"
+            )
+        else:
+            _, source = load_o200k_base_bytes(vocab_path)  # hash check before copying
+            with open(source, "rb") as f:
+                gz = f.read(2) == b"\x1f\x8b"
+            dest = folder / _ASSET_NAMES[1 if gz else 0]
+            tmp = dest.with_name(dest.name + f".partial-{os.getpid()}")
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, dest)
+    meta_path = folder / METADATA_FILE_NAME
+    text = json.dumps(_metadata(), indent=1) + "\n"
+    if meta_path.exists() and not overwrite:
+        try:
+            same = json.loads(meta_path.read_text()) == _metadata()
+        except (OSError, ValueError):
+            same = False
+        if same:
+            return meta_path
+        raise FileExistsError(
+            f"{str(meta_path)!r} exists with other contents; pass overwrite=True to replace it"
+        )
+    meta_path.write_text(text)
+    return meta_path
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,8 +5,9 @@
 #
 # PHASES: comma list of tests,bench,check (default all). Logs and results go to OUT_DIR:
 # tests.log (tests/vpmoe_compile/optim/test_normuon_gpu.py + test_pe_triton.py: T3 / T11 on the
-# GPU), bench.log + optimizer_<set>.json/.png (benchmarks/optimizer.py), check.log +
-# check_megatron_optimizer_graph.json (benchmarks/check_megatron_optimizer.py --cuda-graph).
+# GPU), bench.log + optimizer_<set>.json/.png (benchmarks/optimizer.py), check.log (the Megatron-path
+# GPU tests, tests/vpmoe_compile/optim/test_build_optimizer_gpu.py: stock and transformed model,
+# without and with CUDA graphs; formerly benchmarks/check_megatron_optimizer.py).
 # Each phase has a time limit (TESTS_S, BENCH_S, CHECK_S seconds) so one call ends in time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,7 @@ if [[ ",$PHASES," == *",bench,"* ]]; then
     2>&1 | tee "$OUT/bench.log" | grep -v "^  " | tail -n 40
 fi
 if [[ ",$PHASES," == *",check,"* ]]; then
-  timeout -s INT "${CHECK_S:-60}" python3 benchmarks/check_megatron_optimizer.py --out "$OUT" --cuda-graph \
+  timeout -s INT "${CHECK_S:-120}" python3 -m pytest -q -p no:cacheprovider -rA \
+    tests/vpmoe_compile/optim/test_build_optimizer_gpu.py \
     2>&1 | tee "$OUT/check.log" | tail -n 25
 fi

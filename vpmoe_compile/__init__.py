@@ -4,6 +4,8 @@
     model = vpmoe_compile.transform(model, dump_dir="dump") # TPA + GRAPE + sink kernels
     optimizer = vpmoe_compile.build_optimizer(model)        # NorMuon + Polar Express (+ AdamW)
     vpmoe_compile.compile(model)                            # each layer one torch.compile graph
+    vpmoe_compile.save_checkpoint("ckpt/iter_0000100", model, optimizer, iteration=100)
+    vpmoe_compile.load_checkpoint("ckpt/iter_0000100", build_stock_gpt("vpmoe-8l"))  # replays the transform
 
 The kernels (``vpmoe_compile.ops``) and the optimizer (``vpmoe_compile.optim``) import without
 Megatron; ``transform``, ``compile`` and ``build_optimizer`` are imported lazily.
@@ -11,7 +13,13 @@ Megatron; ``transform``, ``compile`` and ``build_optimizer`` are imported lazily
 
 __version__ = "0.1.0"
 
-__all__ = ["transform", "compile", "build_optimizer", "register_pass", "TransformError", "__version__"]
+__all__ = [
+    "transform", "compile", "build_optimizer", "register_pass", "TransformError", "__version__",
+    "transform_state", "restore", "save_checkpoint", "load_checkpoint", "read_transform_state",
+]
+
+_CHECKPOINT = ("transform_state", "restore", "save_checkpoint", "load_checkpoint", "read_transform_state",
+               "CheckpointError")
 
 
 def __getattr__(name):
@@ -19,6 +27,10 @@ def __getattr__(name):
         from vpmoe_compile import pipeline as _t
 
         return getattr(_t, name)
+    if name in _CHECKPOINT:
+        from vpmoe_compile import checkpoint as _c
+
+        return getattr(_c, name)
     if name == "register_pass":
         from passes.registry import register_pass
 

@@ -129,6 +129,7 @@ def cmd_demo(args) -> int:
 
     import vpmoe_compile
     from megatron_base import build_stock_gpt, init_process
+    from megatron_base.progress import progress_logging
     from vpmoe_compile.training import TokenBatches, train_step
 
     if args.steps < 1:
@@ -183,11 +184,12 @@ def cmd_demo(args) -> int:
         forward = model
         losses, times = [], []
         bar = tqdm(range(args.steps), desc=f"{mode:>8}", unit="step", file=sys.stderr, dynamic_ncols=True)
-        for _ in bar:
-            loss, dt = train_step(forward, model, optimizer, next(batches))
-            losses.append(loss)
-            times.append(dt)
-            bar.set_postfix(loss=f"{loss:.3f}", ms=f"{dt * 1e3:.0f}")
+        with progress_logging(), bar:  # log records and warnings print above the bar
+            for _ in bar:
+                loss, dt = train_step(forward, model, optimizer, next(batches))
+                losses.append(loss)
+                times.append(dt)
+                bar.set_postfix(loss=f"{loss:.3f}", ms=f"{dt * 1e3:.0f}")
         steady = times[1:] if len(times) > 1 else times
         results[mode] = {
             "first_loss": losses[0],
@@ -211,35 +213,52 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vpmoe_compile", description=__doc__.split("\n\n")[0])
+    from vpmoe_compile.cli_format import ArgumentParser, add_config_argument
+
+    # cli_format.ArgumentParser's help formatter prints reStructuredText markup as plain text and
+    # shows every option's default; sub-command parsers (sub.add_parser) inherit it.
+    p = ArgumentParser(
+        prog="python -m vpmoe_compile",
+        description="vpmoe-compile: transform a stock Megatron-Core GPT model into vpMoE, and the "
+        "tools around it. Run python -m vpmoe_compile COMMAND --help for a command's options.",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    d = sub.add_parser("demo", help="build, transform, and train eager vs compiled on the demo corpus")
-    d.add_argument("--config", default="tiny", help="preset (tiny, vpmoe-8l, vpmoe) or TOML path [tiny]")
-    d.add_argument("--steps", type=int, default=20, help="steps per mode [20]")
-    d.add_argument("--batch-size", type=int, default=2, help="micro-batch size [2]")
-    d.add_argument("--seq-len", type=int, default=64, help="sequence length [64]")
+    about = "build, transform, and train eager vs compiled on the demo corpus"
+    d = sub.add_parser("demo", help=about, description=(
+        "Build the stock model of a config (GPU if present, else CPU), transform it (printing the "
+        "pass summary and where the debug dump went), then train --steps steps eager and --steps "
+        "steps under torch.compile on the shipped demo corpus; prints the loss and the median "
+        "step time."))
+    add_config_argument(d, default="tiny")
+    d.add_argument("--steps", type=int, default=20, help="steps per mode")
+    d.add_argument("--batch-size", type=int, default=2, help="micro-batch size")
+    d.add_argument("--seq-len", type=int, default=64, help="sequence length")
     d.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
-    d.add_argument("--dump-dir", default="vpmoe-demo-dump", help="where the debug dump goes [vpmoe-demo-dump]")
-    d.add_argument("--data-cache", default=None, help="where the tokenized demo corpus is cached")
-    d.add_argument("--compile-backend", default="inductor", help="torch.compile backend [inductor]")
+    d.add_argument("--dump-dir", default="vpmoe-demo-dump", help="where the debug dump goes")
+    d.add_argument("--data-cache", default=None,
+                   help="where the tokenized demo corpus is cached (default: a folder in the system temp dir)")
+    d.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
     d.add_argument("--no-compile", action="store_true", help="skip the compiled run")
-    d.add_argument("--seed", type=int, default=1234)
+    d.add_argument("--seed", type=int, default=1234, help="random seed for weight initialisation")
     d.add_argument("--json-out", default=None, help="also write the results as JSON")
     d.set_defaults(func=cmd_demo)
 
-    u = sub.add_parser("dump", help="write the debug dump of a config's transform")
-    u.add_argument("--config", default="tiny")
+    about = "write the debug dump of a config's transform"
+    u = sub.add_parser("dump", help=about, description=f"{about[0].upper()}{about[1:]} (no code needed).")
+    add_config_argument(u, default="tiny")
     u.add_argument("--out", required=True, help="output directory")
     u.add_argument("--device", choices=("cpu", "cuda", "meta"), default=None,
                    help="default: meta for configs over 8 layers (no graphs), else cpu/cuda")
     u.add_argument("--force", action="store_true", help="write into a non-empty directory")
     u.set_defaults(func=cmd_dump)
 
-    q = sub.add_parser("params", help="total / active parameter counts (stock and transformed)")
-    q.add_argument("--config", default="vpmoe")
-    q.add_argument("--json", action="store_true")
+    about = "total / active parameter counts (stock and transformed)"
+    q = sub.add_parser("params", help=about, description=(
+        f"{about[0].upper()}{about[1:]} of a config, counted on the meta device (nothing allocated)."))
+    add_config_argument(q, default="vpmoe")
+    q.add_argument("--json", action="store_true", help="print the counts as JSON instead of a table")
     q.set_defaults(func=cmd_params)
 
     try:
@@ -248,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_build_dataset_parser = None
     if add_build_dataset_parser is not None:
         add_build_dataset_parser(sub)
+    from vpmoe_compile.cli_train import add_train_parser
+
+    add_train_parser(sub)
     return p
 
 

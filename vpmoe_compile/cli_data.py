@@ -150,7 +150,9 @@ def run_build_dataset(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Stand-alone entry point (``python -m vpmoe_compile.cli_data build-dataset ...``)."""
-    parser = argparse.ArgumentParser(prog="vpmoe_compile")
+    from vpmoe_compile.cli_format import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m vpmoe_compile.cli_data")
     sub = parser.add_subparsers(dest="command", required=True)
     add_build_dataset_parser(sub)
     args = parser.parse_args(argv)

@@ -439,6 +439,10 @@ def transform(
             write_dump(dump_dir, model, cfg, record)
         model.vpmoe_transform = record
         model.vpmoe_config = cfg
+        # the layers now differ (local TPA vs global attention): Megatron must key each layer of
+        # the sharded state dict by its own number instead of one stacked "layers." entry
+        for tc in {id(c): c for c in (model.config, getattr(model.decoder, "config", model.config))}.values():
+            tc.hetereogenous_dist_checkpoint = True
         if "optimizer_routing" in ctx.options:
             model.vpmoe_optimizer_routing = ctx.options["optimizer_routing"]
 

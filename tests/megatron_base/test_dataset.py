@@ -167,6 +167,21 @@ def test_strict_mode(tmp_path):
     assert res.manifest["counts"]["bad_lines"] == 0
 
 
+def test_bad_line_warnings_print_above_the_progress_bar(tmp_path, monkeypatch):
+    """With the progress bar on, each skipped line's warning goes through tqdm.write (printed
+    above the bar), not straight to stderr across it."""
+    import tqdm.std
+
+    written = []
+    monkeypatch.setattr(tqdm.std.tqdm, "write",
+                        classmethod(lambda cls, s, file=None, end="\n", nolock=False: written.append(s)))
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"text": "good"}) + "\n{not json\n" + json.dumps({"text": "also good"}) + "\n")
+    res = build_dataset(DatasetBuildConfig(str(inp), str(tmp_path / "data"), workers=1, progress=True))
+    assert res.manifest["counts"]["bad_lines"] == 1
+    assert [m for m in written if "line 2 skipped" in m] != []
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="workers"):
         DatasetBuildConfig("x", "y", workers=0)

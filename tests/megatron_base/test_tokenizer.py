@@ -674,3 +674,144 @@ def test_decode_refuses_non_integer_ids_and_nd_input(tok):
     assert tok.detokenize([np.int64(t) for t in ids]) == "still fine"
     assert tok.detokenize(torch.tensor(ids)[None][0]) == "still fine"
     assert tok.detokenize(t for t in ids) == "still fine"
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Through Megatron's factory: MegatronTokenizer.from_pretrained + the compat fix
+# --------------------------------------------------------------------------------------------
+
+FACTORY_FIX = "tokenizer_class_metadata"
+FACTORY_TEXTS = ["hello world", "x <|endoftext|> y", "<|start|>assistant<|channel|>final<|message|>hi<|end|>",
+                 "café 漢字 🙂", "  two  spaces\n\n"]
+
+
+@pytest.fixture()
+def factory_fix():
+    """The compat fix applied for the test (restored to its earlier state after)."""
+    from megatron_base import compat
+
+    was = FACTORY_FIX in compat.applied()
+    compat.apply(only=[FACTORY_FIX])
+    yield
+    if not was:
+        compat.remove(only=[FACTORY_FIX])
+
+
+def _assert_same_tokenizer(got, tok):
+    assert type(got) is O200kHarmonyTokenizer
+    assert got.vocab_size == 201_088 == padded_vocab_size(1)
+    assert got.eod == 199_999 and got.token_to_id("<|endoftext|>") == 199_999
+    assert got.library == "o200k-harmony"
+    assert got.unique_identifiers == tok.unique_identifiers
+    for text in FACTORY_TEXTS:
+        ids = got.tokenize(text)
+        assert ids == tok.tokenize(text)
+        assert got.detokenize(ids) == text
+        special = got.tokenize(text, allowed_special="all")
+        assert special == tok.tokenize(text, allowed_special="all")
+        assert got.detokenize(special) == tok.detokenize(special) == text
+    assert got.tokenize("<|endoftext|>", allowed_special="all") == [199_999]
+
+
+def test_megatron_factory_builds_our_tokenizer(tok, tmp_path, factory_fix):
+    import json
+
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    from megatron_base.tokenizer import write_tokenizer_metadata
+
+    folder = tmp_path / "tokenizer"
+    meta = write_tokenizer_metadata(folder)
+    assert meta == folder / "tokenizer_metadata.json"
+    assert sorted(p.name for p in folder.iterdir()) == ["o200k_base.tiktoken.gz", "tokenizer_metadata.json"]
+    data = json.loads(meta.read_text())
+    assert data == {"library": "o200k-harmony", "class_name": "O200kHarmonyTokenizer",
+                    "class_path": "megatron_base.tokenizer", "model_type": "gpt", "chat_template": None}
+    # Megatron's three ways in: the folder, the asset file (metadata found in its folder), and
+    # an explicit metadata dict; keyword arguments reach our constructor.
+    by_folder = MegatronTokenizer.from_pretrained(str(folder))
+    _assert_same_tokenizer(by_folder, tok)
+    assert by_folder.metadata_path == str(meta)
+    _assert_same_tokenizer(MegatronTokenizer.from_pretrained(str(folder / "o200k_base.tiktoken.gz")), tok)
+    _assert_same_tokenizer(
+        MegatronTokenizer.from_pretrained(tokenizer_path=str(folder), metadata_path=data), tok
+    )
+    strict = MegatronTokenizer.from_pretrained(str(folder), special_tokens_policy="raise")
+    with pytest.raises(ValueError):
+        strict.tokenize("<|endoftext|>")
+    # A second write is a no-op; a different metadata file is only replaced with overwrite.
+    assert write_tokenizer_metadata(folder) == meta
+    meta.write_text(json.dumps({**data, "model_type": "default"}))
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_tokenizer_metadata(folder)
+    write_tokenizer_metadata(folder, overwrite=True)
+    assert json.loads(meta.read_text()) == data
+
+
+def test_megatron_factory_fails_without_the_compat_fix(tmp_path):
+    """0.16.1's from_pretrained ignores class_name / class_path and falls back to GPTTokenizer,
+    which does not know the library: the fix is what makes the factory work."""
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    from megatron_base import compat
+    from megatron_base.tokenizer import write_tokenizer_metadata
+
+    write_tokenizer_metadata(tmp_path)
+    with pytest.raises(ValueError, match="unknown compat fix"):
+        compat.apply(only=["tokenizer_metadata"])
+    was = FACTORY_FIX in compat.applied()
+    compat.remove(only=[FACTORY_FIX])
+    try:
+        with pytest.raises(KeyError, match="o200k-harmony"):
+            MegatronTokenizer.from_pretrained(str(tmp_path))
+        # the metadata Megatron's own write_metadata would write for our class is just as stuck
+        with pytest.raises(AssertionError, match="not supported"):
+            MegatronTokenizer.write_metadata(str(tmp_path), "o200k-harmony", tokenizer_class=O200kHarmonyTokenizer,
+                                             metadata_path=str(tmp_path / "m.json"))
+        compat.apply(only=[FACTORY_FIX])
+        assert type(MegatronTokenizer.from_pretrained(str(tmp_path))) is O200kHarmonyTokenizer
+    finally:
+        if not was:
+            compat.remove(only=[FACTORY_FIX])
+
+
+def test_megatron_factory_other_metadata_unchanged(tmp_path, factory_fix):
+    """Metadata without class keys still takes 0.16.1's own route; a bad class is a clear error."""
+    import json
+
+    from megatron.core.tokenizers import MegatronTokenizer
+    from megatron.core.tokenizers.text.models import DefaultTokenizerText
+
+    null = MegatronTokenizer.from_pretrained(metadata_path={"library": "null"}, vocab_size=10)
+    assert type(null) is DefaultTokenizerText and null.library == "null"
+    bad = {"library": "o200k-harmony", "class_name": "Nope", "class_path": "megatron_base.tokenizer"}
+    with pytest.raises(ValueError, match="cannot be imported"):
+        MegatronTokenizer.from_pretrained(str(tmp_path), metadata_path=bad)
+    with pytest.raises(TypeError, match="not a MegatronTokenizerBase"):
+        MegatronTokenizer.from_pretrained(str(tmp_path), metadata_path={**bad, "class_name": "O200kHarmonyLibrary"})
+    with pytest.raises(AssertionError, match="doesn't exist"):  # no metadata file: Megatron's message
+        MegatronTokenizer.from_pretrained(str(tmp_path / "empty"))
+    (tmp_path / "m.json").write_text(json.dumps({**bad, "class_name": "O200kHarmonyTokenizer"}))
+    with pytest.raises(VocabFileError, match="exactly one"):  # folder without an asset
+        MegatronTokenizer.from_pretrained(str(tmp_path), metadata_path=str(tmp_path / "m.json"))
+
+
+def test_write_tokenizer_metadata_next_to_an_asset(tmp_path, asset_bytes):
+    from megatron_base.tokenizer import write_tokenizer_metadata
+
+    plain = tmp_path / "plain" / "o200k_base.tiktoken"
+    plain.parent.mkdir()
+    plain.write_bytes(asset_bytes)
+    assert write_tokenizer_metadata(plain) == plain.parent / "tokenizer_metadata.json"
+    assert sorted(p.name for p in plain.parent.iterdir()) == ["o200k_base.tiktoken", "tokenizer_metadata.json"]
+    # a plain asset from elsewhere is copied under the plain name, hash-checked first
+    assert (write_tokenizer_metadata(tmp_path / "copy", vocab_path=plain).parent / "o200k_base.tiktoken").is_file()
+    bad = tmp_path / "bad" / "o200k_base.tiktoken"
+    bad.parent.mkdir()
+    bad.write_bytes(asset_bytes[:-10])
+    with pytest.raises(VocabFileError, match="sha256"):
+        write_tokenizer_metadata(bad)
+    with pytest.raises(VocabFileError, match="sha256"):
+        write_tokenizer_metadata(tmp_path / "other", vocab_path=bad)
+    assert not (tmp_path / "other" / "o200k_base.tiktoken").exists()
+    assert not (tmp_path / "bad" / "tokenizer_metadata.json").exists()

@@ -90,3 +90,60 @@ def test_bad_output_paths_are_one_line_errors_before_any_work(tmp_path, capsys):
     err = capsys.readouterr()
     assert rc == 2 and "does not exist" in err.err and "[demo]" not in err.out
     assert not (tmp_path / "d").exists()
+
+
+def _subcommand_parsers():
+    import argparse
+
+    from vpmoe_compile.cli import build_parser
+
+    parser = build_parser()
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert len(subs) == 1
+    return parser, dict(subs[0].choices)
+
+
+def test_help_is_plain_text_and_shows_the_config_default(capsys):
+    """python -m vpmoe_compile --help and every sub-command's --help: no reStructuredText markup,
+    and --config (wherever accepted) shows its presets and its default."""
+    from megatron_base.config import PRESETS
+
+    from vpmoe_compile.cli_format import CONFIG_PRESETS
+
+    assert tuple(CONFIG_PRESETS) == tuple(PRESETS)
+    parser, subs = _subcommand_parsers()
+    assert {"demo", "dump", "params", "build-dataset"} <= set(subs)
+    with_config = 0
+    for name, sub in [("", parser)] + sorted(subs.items()):
+        with pytest.raises(SystemExit) as e:
+            main(([name] if name else []) + ["--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        assert "``" not in text and ":func:`" not in text and ":class:`" not in text, name
+        config = [a for a in sub._actions if "--config" in a.option_strings]
+        if name and config:
+            with_config += 1
+            flat = " ".join(text.split())
+            if config[0].default is not None:
+                assert f"(default: {config[0].default})" in flat, name
+            for preset in PRESETS:
+                assert preset in flat, name
+    assert with_config >= 3  # demo, dump, params (and any later sub-command with --config)
+
+
+def test_help_formatter_strips_docstring_markup_and_adds_defaults():
+    from vpmoe_compile.cli_format import ArgumentParser
+
+    p = ArgumentParser(prog="x", description="Run ``python -m x`` (see :func:`x.main`).")
+    p.add_argument("--n", type=int, default=3, help="how many ``items``")
+    p.add_argument("--flag", action="store_true", help="a flag")
+    p.add_argument("--opt", default=None, help="unset by default")
+    p.add_argument("--k", default=5, help="k (default: five)")
+    sub = p.add_subparsers().add_parser("sub", help="a ``sub`` command")
+    sub.add_argument("--m", default="a", help="m")
+    text = " ".join(p.format_help().split())
+    assert "Run python -m x (see x.main)." in text and "a sub command" in text
+    assert "how many items (default: 3)" in text
+    assert "a flag (default" not in text and "unset by default (default" not in text
+    assert "k (default: five)" in text and "(default: 5)" not in text
+    assert "m (default: a)" in " ".join(sub.format_help().split())  # sub-parsers inherit it

@@ -81,13 +81,15 @@ class _AuxLossScaler(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, activation: Tensor, aux_loss: Tensor, scale: Tensor) -> Tensor:
-        ctx.save_for_backward(aux_loss, scale)
+        # the scale is read when backward runs, as Megatron reads it: its schedules set it in
+        # place after the forward (so it is kept on ctx, outside the saved-tensor version check)
+        ctx.scale = scale
+        ctx.aux_shape = aux_loss.shape
         return activation.view_as(activation)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        aux_loss, scale = ctx.saved_tensors
-        return grad, torch.ones_like(aux_loss) * scale, None
+        return grad, ctx.scale.reshape(()).expand(ctx.aux_shape).clone(), None
 
 
 def attach_aux_loss(activation: Tensor, aux_loss: Tensor) -> Tensor:

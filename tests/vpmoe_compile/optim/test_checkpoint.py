@@ -6,7 +6,7 @@ drives the NorMuon-specific part of ``sharded_state_dict`` (momentum like Adam's
 ``[m, 1]`` second moment as a ShardedTensor with the input axis collapsed) with the inner
 optimizer, on prepended-axis (expert-like) and plain sharded params: metadata is validated and
 the load is simulated by handing back each ShardedTensor's data (what ``dist_checkpointing.load``
-returns). The real save/load through the wrappers runs in benchmarks/check_megatron_optimizer.py.
+returns). The real save/load through the wrappers runs on the GPU in test_build_optimizer_gpu.py.
 """
 
 import pytest
@@ -32,11 +32,11 @@ def _model_sharded(params):
 def _sharded_opt(opt, params):
     from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
 
-    from vpmoe_compile.optim.megatron_wrappers import _optimizer_state_to_sharded
+    from vpmoe_compile.optim.sharded_state import optimizer_state_to_sharded
 
     sd = opt.state_dict()
     id_map = get_param_id_to_sharded_param_map(_model_sharded(params), params)
-    _optimizer_state_to_sharded(sd, id_map)
+    optimizer_state_to_sharded(sd, id_map)
     return sd
 
 
@@ -120,7 +120,7 @@ def test_torch_dist_expert_stack_state(megatron_world, layer_axis):
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
 
-    from vpmoe_compile.optim.megatron_wrappers import _optimizer_state_to_sharded
+    from vpmoe_compile.optim.sharded_state import optimizer_state_to_sharded
 
     E, F, H, ep_rank, ep_size = 3, 8, 16, 1, 2
     blocks = [(((0, F),), ((F, F),)), None]  # gated fc1 [E, 2F, H] (gate / up), fc2 [E, H, F]
@@ -138,7 +138,7 @@ def test_torch_dist_expert_stack_state(megatron_world, layer_axis):
 
     def sharded_opt(opt, params):
         sd = opt.state_dict()
-        _optimizer_state_to_sharded(sd, get_param_id_to_sharded_param_map(model_sharded(params), params))
+        optimizer_state_to_sharded(sd, get_param_id_to_sharded_param_map(model_sharded(params), params))
         return sd
 
     params = [torch.nn.Parameter(torch.randn(E, 2 * F, H)), torch.nn.Parameter(torch.randn(E, H, F))]

@@ -597,7 +597,7 @@ def _swa_bwd_dkv_kernel(
 
 
 # GPU tile choices (tokens per prologue program and its warps; attention tiles). Module-level so a
-# benchmark can sweep them (benchmarks/tpa_check.py --tune); the interpreter always uses 16-wide
+# benchmark can sweep them (benchmarks/tpa.py --tune); the interpreter always uses 16-wide
 # tiles. Defaults = the choice of the H100 tuning run recorded in benchmarks/results/tpa_notes.md.
 # ``DELTA`` picks how the attention backward gets ``delta = rowsum(dO * O)`` (see swa_bwd); it
 # applies under the interpreter too.

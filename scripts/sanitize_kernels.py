@@ -1,12 +1,18 @@
 """Run the Triton attention kernels of both families under ``compute-sanitizer``
 (docs/design.md#benchmarks-and-checks).
 
+A GPU tool, not a test and not a benchmark: it re-runs itself under NVIDIA's ``compute-sanitizer``
+(minutes per tool), so it stays a script here in ``scripts/`` (it was ``benchmarks/sanitize_kernels.py``;
+the accuracy checks of the same kernels are the ``gpu`` tests
+``tests/vpmoe_compile/ops/test_sink_attention_gpu.py`` and ``test_tpa_attention_gpu.py``).
+
 Command (on the GPU machine, from the repository root)::
 
-    PYTHONPATH=$PWD python benchmarks/sanitize_kernels.py --out $OUT [--tools memcheck,initcheck]
+    PYTHONPATH=$PWD python scripts/sanitize_kernels.py --out $OUT [--tools memcheck,initcheck]
 
-writes ``$OUT/sanitize_kernels.json`` (the copy in ``benchmarks/results/`` comes from that
-command). What it does:
+writes ``$OUT/sanitize_kernels.json`` (the copy in ``benchmarks/results/``,
+``sanitize_kernels_h100.json``, comes from that command when the script was
+``benchmarks/sanitize_kernels.py``). What it does:
 
 1. Control: a planted out-of-bounds Triton store (one element past a tensor's end, unmasked) is
    run under the same sanitizer command and must be reported; this proves the harness sees
@@ -59,10 +65,13 @@ def _sync():
 
 
 def _op(name):
-    sys.path.insert(0, HERE)
-    from _ops_import import import_op_module
+    """``_op("sink_attention.triton")`` -> ``vpmoe_compile.ops.sink_attention.triton`` (imports
+    neither Megatron nor the rest of the package)."""
+    import importlib
 
-    return import_op_module(name)
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    return importlib.import_module(f"vpmoe_compile.ops.{name}")
 
 
 # ----------------------------------------------------------------------------------------- workload
@@ -293,7 +302,7 @@ def run_under(san, tool, args, out_dir, tag, timeout):
         rc, tail = "timeout", str(e)[-500:]
     text = open(log).read() if os.path.exists(log) else ""
     m = re.search(r"ERROR SUMMARY: (\d+) error", text)
-    shown = cmd[:-(len(args) + 2)] + ["python", "benchmarks/sanitize_kernels.py", *args]
+    shown = cmd[:-(len(args) + 2)] + ["python", "scripts/sanitize_kernels.py", *args]
     return dict(tool=tool, command=" ".join(shown),
                 returncode=rc, errors=int(m.group(1)) if m else None, wall_s=round(time.time() - t0, 1),
                 first_errors=re.findall(r"=+ (Invalid .*|Uninitialized .*|.*out of bounds.*)", text)[:10],

@@ -1,0 +1,236 @@
+"""GPU timings of the TPA local-attention op (``tpa_window_attention``).
+
+Usage (on a CUDA machine, from the repository root)::
+
+    PYTHONPATH=$PWD python benchmarks/tpa.py --out $OUT --tune [--skip-chain] [--skip-shared]
+
+0. (``--tune``) Each kernel's tiles are chosen by timing candidates at the benchmark shape; the
+   timings below then run with the chosen tiles (the comparison with the pre-rewrite prologue
+   kernels on the same inputs is in ``benchmarks/results/tpa_bench_h100_run5.json``).
+1. Timings (``triton.testing.do_bench``, median) at b=8, s=4096, H=8, G=2, d=128, W=128, Rq=4,
+   R=2: the cases of :mod:`benchmarks._attention_tpa` (plus a CUDA-graph replay of our op and a
+   per-kernel profile). Results and the floors of :func:`benchmarks._attention_tpa.floor_details` go to
+   ``<out>/tpa_bench.json``.
+
+The op's bf16 correctness (against float64, the rule of docs/design.md#benchmarks-and-checks) is
+checked by the GPU tests, ``python -m pytest -m gpu tests/vpmoe_compile/ops/test_tpa_attention_gpu.py``.
+This script was ``benchmarks/tpa_check.py`` (timings and those checks) until the checks moved there;
+the recorded runs ``benchmarks/results/tpa_bench_h100_run*.json`` name that script in their commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._attention_tpa import floor_details, floor_us, make_tpa_inputs, tpa_cases  # noqa: E402
+from vpmoe_compile.ops.tpa_attention import triton as tk  # noqa: E402
+
+RESULTS = {}
+T0 = time.time()
+DEVICE = "cuda"
+
+
+def save(out_dir):
+    with open(os.path.join(out_dir, "tpa_bench.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+
+
+def bench(fn, warm=True):
+    if warm:
+        fn()
+        torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e3  # us
+
+
+def _set_tiles(**kw):
+    tk.GPU_TILES.update(kw)
+
+
+def tune(args, shape=(8, 4096, 8, 2, 128, 128)):
+    """Pick the GPU tiles of each kernel by timing it at the benchmark shape (random data)."""
+    b, s, H, G, d, W = shape
+    kwp = dict(H=H, G=G, d=d, Rq=4, R=2)
+    f, bias, gq, gk, cos, sin, sink = [t.detach() for t in make_tpa_inputs(b, s, H, G, d, DEVICE)]
+    q, k, v, rq, rk = tk.prologue_fwd(f, bias, gq, gk, cos, sin, eps=1e-5, act_dtype=f.dtype, **kwp)
+    dq, dk, dv, do = torch.randn_like(q), torch.randn_like(k), torch.randn_like(v), torch.randn_like(q)
+    scale = 1 / math.sqrt(d)
+    sw = {"prologue_fwd": {}, "prologue_bwd": {}, "attn_fwd": {}, "attn_bwd": {}}
+
+    def trial(group, name, fn):
+        try:
+            sw[group][name] = bench(fn)
+        except Exception as e:  # resource limits of a tile choice
+            sw[group][name] = float("inf")
+            print(f"[tune] {group} {name} failed: {str(e)[:160]}", flush=True)
+
+    for bt, w in ((16, 4), (16, 8), (8, 4)):
+        _set_tiles(BT_FWD=bt, WARPS_FWD=w)
+        trial("prologue_fwd", f"BT{bt}_w{w}", lambda: tk.prologue_fwd(f, bias, gq, gk, cos, sin, eps=1e-5,
+                                                                       act_dtype=f.dtype, **kwp))
+    for bt, w, bpp in ((4, 1, 1), (8, 2, 1), (4, 1, 2), (8, 4, 1)):
+        _set_tiles(BT_BWD=bt, WARPS_BWD=w, BPP_BWD=bpp)
+        trial("prologue_bwd", f"BT{bt}_w{w}_b{bpp}", lambda: tk.prologue_bwd(dq, dk, dv, f, bias, gq, gk, rq, rk,
+                                                                              cos, sin, **kwp))
+    o, lse = tk.swa_fwd(q, k, v, sink, W, scale)
+    for bm, bn, w, st in ((64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (32, 32, 2, 2)):
+        _set_tiles(BM=bm, BN=bn, WARPS_ATTN=w, STAGES_ATTN=st, BM_BWD=bm, BN_BWD=bn, WARPS_ATTN_BWD=w,
+                   STAGES_ATTN_BWD=st)
+        nm = f"{bm}x{bn}_w{w}_s{st}"
+        trial("attn_fwd", nm, lambda: tk.swa_fwd(q, k, v, sink, W, scale))
+        trial("attn_bwd", nm, lambda: tk.swa_bwd(do, q, k, v, o, lse, sink, W, scale))
+    best = {g: min(v, key=v.get) for g, v in sw.items() if v}
+    pf, pb = best["prologue_fwd"], best["prologue_bwd"]
+    af = [int(x) for x in best["attn_fwd"].replace("x", "_").replace("w", "").replace("s", "").split("_")]
+    ab = [int(x) for x in best["attn_bwd"].replace("x", "_").replace("w", "").replace("s", "").split("_")]
+    _set_tiles(BT_FWD=int(pf[2:].split("_")[0]), WARPS_FWD=int(pf.split("_w")[1]),
+               BT_BWD=int(pb[2:].split("_")[0]), WARPS_BWD=int(pb.split("_w")[1].split("_")[0]),
+               BPP_BWD=int(pb.split("_b")[1]),
+               BM=af[0], BN=af[1], WARPS_ATTN=af[2], STAGES_ATTN=af[3],
+               BM_BWD=ab[0], BN_BWD=ab[1], WARPS_ATTN_BWD=ab[2], STAGES_ATTN_BWD=ab[3])
+    # cost of the accurate delta (recomputed rowsum(P*dP)) vs FlashAttention-2's rowsum(dO*O)
+    sw["attn_bwd_delta"] = {}
+    for mode in ("recompute", "output"):
+        _set_tiles(DELTA=mode)
+        trial("attn_bwd_delta", mode, lambda: tk.swa_bwd(do, q, k, v, o, lse, sink, W, scale))
+    _set_tiles(DELTA="auto")
+    RESULTS["tune_us"] = sw
+    RESULTS["chosen_tiles"] = dict(tk.GPU_TILES)
+    print(f"[tune {time.time() - T0:6.1f}s] {json.dumps(sw)}", flush=True)
+    print(f"[tune] chosen {tk.GPU_TILES}", flush=True)
+    save(args.out)
+
+
+def profile_breakdown(fn, n=3):
+    """Device time per kernel over ``n`` calls (torch.profiler), and the summed device busy time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        dev = getattr(e, "device_time_total", None)
+        if dev is None:
+            dev = getattr(e, "cuda_time_total", 0)
+        skip = ("aten::", "vpmoe::", "autograd", "ProfilerStep", "cuda", "GeneratedBackwardFor", "Activity Buffer")
+        if dev and e.key and not e.key.startswith(skip):
+            rows.append((e.key[:60], dev / n, e.count // n))
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    return [dict(kernel="TOTAL device busy", us_per_call=total, launches_per_call=sum(r[2] for r in rows))] + \
+        [dict(kernel=k, us_per_call=t, launches_per_call=c) for k, t, c in rows[:20]]
+
+
+def timings(args):
+    b, s, H, G, d, W = 8, 4096, 8, 2, 128, 128
+    out = {}
+    cases = tpa_cases(b, s, H, G, d, W, "cuda")
+    c = cases[0]
+    out["tpa_fused[own]"] = dict(fwd=bench(c["fwd"]), fwd_bwd=bench(c["fwd_bwd"]))
+    print(f"[time {time.time() - T0:6.1f}s] tpa_fused[own] {out['tpa_fused[own]']}", flush=True)
+    RESULTS["timings_us"] = out
+    save(args.out)
+    try:  # device time without launch gaps: CUDA-graph replay
+        g = {}
+        for key in ("fwd", "fwd_bwd"):
+            g[key] = triton.testing.do_bench_cudagraph(c[key], rep=300, return_mode="median") * 1e3
+        out["tpa_fused[own]_cudagraph"] = g
+        print(f"[time {time.time() - T0:6.1f}s] cudagraph {g}", flush=True)
+    except Exception as e:
+        out["tpa_fused[own]_cudagraph"] = dict(error=str(e)[:300])
+        print(f"[time] cudagraph failed: {str(e)[:300]}", flush=True)
+    save(args.out)
+    try:
+        RESULTS["profile_fwd_bwd"] = profile_breakdown(c["fwd_bwd"])
+        for r in RESULTS["profile_fwd_bwd"]:
+            print(f"[prof] {r['kernel']:60s} {r['us_per_call']:9.1f} us  x{r['launches_per_call']}", flush=True)
+    except Exception as e:
+        print(f"[prof] failed: {str(e)[:300]}", flush=True)
+    save(args.out)
+    if not args.skip_shared:
+        try:
+            shared = tpa_cases(b, s, H, G, d, W, "cuda", attention_middle="shared")[0]
+            out["tpa_fused[shared]"] = dict(fwd=bench(shared["fwd"]), fwd_bwd=bench(shared["fwd_bwd"]))
+        except Exception as e:
+            out["tpa_fused[shared]"] = dict(error=str(e)[:300])
+        print(f"[time {time.time() - T0:6.1f}s] tpa_fused[shared] {out['tpa_fused[shared]']}", flush=True)
+        save(args.out)
+    if not args.skip_chain:
+        for c in cases[1:]:
+            t0 = time.time()
+            try:
+                r = dict(fwd=bench(c["fwd"]), fwd_bwd=bench(c["fwd_bwd"]))
+            except Exception as e:
+                r = dict(error=str(e)[:300])
+            r["wall_s"] = time.time() - t0
+            out[c["name"]] = r
+            print(f"[time {time.time() - T0:6.1f}s] {c['name']} {r}", flush=True)
+            RESULTS["timings_us"] = out
+            save(args.out)
+            torch.cuda.empty_cache()
+
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--skip-chain", action="store_true", help="time only our op (not the fork chain)")
+    ap.add_argument("--tune", action="store_true", help="pick kernel tiles by timing before the timings")
+    ap.add_argument("--skip-shared", action="store_true", help="skip the op with the shared attention middle")
+    ap.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1: tiny tuning + case calls")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if args.smoke:
+        global DEVICE
+        DEVICE = "cpu"
+        global bench
+
+        def bench(fn):  # noqa: F811 - wall clock, CPU smoke only
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e6
+
+        tune(args, shape=(1, 32, 8, 2, 128, 8))
+        for c in tpa_cases(1, 32, 8, 2, 128, 8, "cpu"):
+            c["fwd"]()
+            c["fwd_bwd"]()
+            print("[smoke] ran", c["name"])
+        print("smoke ok")
+        return
+    RESULTS["env"] = dict(torch=torch.__version__, triton=triton.__version__, device=torch.cuda.get_device_name(),
+                          gpu_tiles=dict(tk.GPU_TILES),
+                          shape=dict(b=8, s=4096, H=8, G=2, d=128, W=128, Rq=4, R=2))
+    RESULTS["floors_us"] = floor_details()
+    RESULTS["floors_us_with_value_residual"] = floor_details(value_residual=True)
+    RESULTS["floors_headline_us"] = floor_us()
+    if args.tune:
+        tune(args)
+    timings(args)
+    save(args.out)
+    t = RESULTS.get("timings_us", {})
+    fl = RESULTS["floors_us"]
+    print("\n==== summary (us, median) ====")
+    for k, v in t.items():
+        if "fwd" in v:
+            print(f"{k:28s} fwd {v['fwd']:9.1f}  fwd+bwd {v['fwd_bwd']:9.1f}")
+    for k, v in RESULTS.get("tune_us", {}).items():
+        print(f"  {k:20s} " + " ".join(f"{n}={x}" if isinstance(x, dict) else f"{n}={x:.1f}" for n, x in v.items()))
+    print(f"floors: bringup fwd {fl['bringup_fwd']:.1f} fwd+bwd {fl['bringup_fwd_bwd']:.1f}; fused theoretical "
+          f"fwd {fl['fused_theoretical_fwd']:.1f} fwd+bwd {fl['fused_theoretical_fwd_bwd']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
