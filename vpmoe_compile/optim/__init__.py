@@ -11,12 +11,15 @@ Public API:
 * :func:`routing_table` -- every parameter's optimizer, role, lr and weight decay, as data
   (:mod:`.routing`).
 * :func:`build_optimizer` -- NorMuon + AdamW for a model: Megatron wrappers for Megatron-DDP
-  models on CUDA, a plain NorMuon + torch AdamW chain otherwise (see :mod:`.build`).
+  models on CUDA, a plain NorMuon + torch AdamW chain otherwise (see :mod:`.build`); settings
+  from the ``[optimizer]`` section, overridden by a Megatron ``OptimizerConfig``
+  (:mod:`.optimizer_config`); ``MegatronOptimizer``'s interface on both paths.
 
-Modules: ``build`` (chooses the path) -> ``plain`` (:class:`NorMuonWithAuxAdamW`) and
-``megatron_wrappers`` (the Megatron path) -> ``param_groups`` / ``grad_norm`` (shared helpers)
--> ``normuon`` / ``routing`` / ``state_check``. Importable without CUDA; Megatron-Core's
-optimizer is imported lazily, only on the Megatron path.
+Modules: ``build`` (chooses the path) -> ``optimizer_config`` (``OptimizerConfig`` fields),
+``plain`` (:class:`NorMuonWithAuxAdamW`) and ``megatron_wrappers`` (the Megatron path) ->
+``param_groups`` / ``grad_norm`` / ``sharded_state`` (shared helpers) -> ``normuon`` /
+``routing`` / ``state_check``. Importable without CUDA; Megatron-Core's optimizer is imported
+lazily, only on the Megatron path (and ``dist_checkpointing`` by ``sharded_state_dict``).
 """
 
 from .build import UnsupportedOptimizerSetup, build_optimizer

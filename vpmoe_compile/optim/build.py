@@ -1,9 +1,14 @@
 """``build_optimizer``: NorMuon + auxiliary AdamW for a (transformed) Megatron-Core GPT model.
 
+The counterpart of Megatron-Core 0.16.1's ``get_megatron_muon_optimizer``
+(``megatron/core/optimizer/muon.py``): settings from the ``[optimizer]`` section, overridden by a
+Megatron ``OptimizerConfig``'s set fields (:mod:`.optimizer_config`; a field that does not apply
+raises naming it), and on every path an object with ``MegatronOptimizer``'s interface.
+
 Two paths, chosen here from the model, never silently mixed (imports run one way:
-``build`` -> ``plain`` / ``megatron_wrappers`` -> ``param_groups`` / ``grad_norm`` ->
-``routing``; ``megatron_wrappers``, the only module that imports Megatron's optimizer, is loaded
-on the Megatron path only):
+``build`` -> ``optimizer_config`` / ``plain`` / ``megatron_wrappers`` -> ``param_groups`` /
+``grad_norm`` / ``sharded_state`` -> ``routing``; ``megatron_wrappers``, the only module that
+imports Megatron's optimizer when imported, is loaded on the Megatron path only):
 
 * **Megatron path** (:mod:`.megatron_wrappers`) -- every model chunk is wrapped in Megatron's
   ``DistributedDataParallel`` (it has a ``ddp_config``); needs CUDA. Returns
@@ -27,7 +32,10 @@ on the Megatron path only):
 * **Plain path** (:mod:`.plain`) -- anything else (a bare ``nn.Module``, CPU tests, the CPU
   demo). Returns :class:`~.plain.NorMuonWithAuxAdamW`: the same :class:`~.normuon.NorMuon` plus ``torch.optim.AdamW`` with the
   same routing, groups (incl. Megatron scheduler keys ``max_lr / min_lr / wd_mult``), global
-  grad-norm clipping and NaN policy, and the same ``step() -> (ok, grad_norm, None)`` contract.
+  grad-norm clipping and NaN policy, the same ``step() -> (ok, grad_norm, num_zeros)`` contract
+  and the rest of ``MegatronOptimizer``'s interface (``sharded_state_dict`` for
+  ``dist_checkpointing`` included, on CPU too). ``bf16`` mixed precision (fp32 main params) is
+  the Megatron path's: an ``OptimizerConfig`` with ``bf16=True`` is refused here.
   ``torch.compile`` of the NorMuon bank step (and ``cuda_graph``) is used on this path only when
   the parameters are on CUDA (Inductor on a CPU takes minutes).
 
@@ -44,17 +52,14 @@ from typing import Any, List, Sequence
 
 import torch
 
+from .optimizer_config import UnsupportedOptimizerSetup, is_megatron_optimizer_config, resolve_settings
 from .plain import build_plain_optimizer
-from .routing import ParamRoute, classify_parameters, optimizer_settings, routing_table
+from .routing import ParamRoute, classify_parameters, routing_table
 
 __all__ = [
     "build_optimizer",
     "UnsupportedOptimizerSetup",
 ]
-
-
-class UnsupportedOptimizerSetup(ValueError):
-    """The requested parallel / precision setup is not supported by the NorMuon optimizer."""
 
 
 def _chunks(model) -> List[torch.nn.Module]:
@@ -103,7 +108,7 @@ def _check_parallel(routes: Sequence[ParamRoute]) -> None:
                 raise UnsupportedOptimizerSetup(f"{r.name} is tensor-parallel; NorMuon needs TP = 1")
 
 
-def _check_config(config, chunks) -> None:
+def _check_ddp(chunks) -> None:
     for chunk in chunks:
         ddp = getattr(chunk, "ddp_config", None)
         if ddp is not None and getattr(ddp, "use_distributed_optimizer", False):
@@ -115,18 +120,6 @@ def _check_config(config, chunks) -> None:
             )
         if ddp is not None and getattr(ddp, "use_megatron_fsdp", False):
             raise UnsupportedOptimizerSetup("NorMuon does not support Megatron FSDP")
-    if config is None:
-        return
-    if getattr(config, "use_distributed_optimizer", False):
-        raise UnsupportedOptimizerSetup(
-            "NorMuon does not support the distributed optimizer (use_distributed_optimizer=True)"
-        )
-    if getattr(config, "optimizer_cpu_offload", False):
-        raise UnsupportedOptimizerSetup("NorMuon does not support optimizer CPU offload")
-    if getattr(config, "use_precision_aware_optimizer", False):
-        raise UnsupportedOptimizerSetup("NorMuon does not support the precision-aware optimizer")
-    if getattr(config, "fp16", False):
-        raise UnsupportedOptimizerSetup("NorMuon supports bf16 or fp32 training, not fp16")
 
 
 def build_optimizer(
@@ -139,30 +132,52 @@ def build_optimizer(
 ):
     """Build NorMuon (matrices) + AdamW (everything else) for ``model``.
 
+    The counterpart of Megatron-Core's ``get_megatron_muon_optimizer(config, model_chunks, ...)``
+    (``megatron/core/optimizer/muon.py``), see the README's "Optimizer" section for how they
+    differ.
+
     Args:
         model: the model, or a list of model chunks; Megatron-DDP-wrapped chunks select the
             Megatron path (see module docstring), anything else the plain path.
         cfg: a ``VpMoEConfig`` (its ``optimizer`` section is used), the section itself, any
             object with those attributes, or ``None``: the config the model was transformed with
-            (``model.vpmoe_config``, also through Megatron's wrappers), else the defaults.
-        optimizer_config: Megatron path only: an ``OptimizerConfig`` to use instead of one built
-            from ``cfg`` (its ``optimizer`` field is set to ``"adam"`` for the AdamW part).
+            (``model.vpmoe_config``, also through Megatron's wrappers), else the defaults. A
+            Megatron ``OptimizerConfig`` passed here is taken as ``optimizer_config``.
+        optimizer_config: a ``megatron.core.optimizer.OptimizerConfig`` (or an object with some
+            of its fields), both paths: its set fields (those that differ from
+            ``OptimizerConfig``'s defaults) override the ``[optimizer]`` settings of ``cfg``
+            (lr, min_lr, decoupled lrs, weight_decay, Adam betas / eps, clip_grad, Muon momentum /
+            steps / QKV split), ``bf16`` / ``params_dtype`` choose Megatron's wrappers (Megatron
+            path only), ``log_num_zeros_in_grad`` / ``timers`` are honoured by ``step()``; any other
+            set field raises :class:`UnsupportedOptimizerSetup` naming it
+            (:mod:`.optimizer_config`). It is not modified.
         pg_collection, use_gloo_process_groups: forwarded to ``get_megatron_optimizer``.
 
     Returns:
-        ``NorMuonChainedOptimizer`` (Megatron path) or ``NorMuonWithAuxAdamW`` (plain path);
-        both have ``.path`` ("megatron" / "plain"), ``.routes`` and ``.routing_table()``.
+        ``NorMuonChainedOptimizer`` (Megatron path) or ``NorMuonWithAuxAdamW`` (plain path), both
+        with ``MegatronOptimizer``'s interface (``step() -> (ok, grad_norm, num_zeros)``,
+        ``zero_grad``, ``state_dict`` / ``load_state_dict``, ``sharded_state_dict``,
+        ``get_loss_scale``, ``reload_model_params``, ``param_groups`` for
+        ``OptimizerParamScheduler``...), and ``.path`` ("megatron" / "plain"), ``.settings`` (the
+        resolved ``[optimizer]`` settings), ``.routes`` and ``.routing_table()``.
     """
     chunks = _chunks(model)
+    if is_megatron_optimizer_config(cfg):
+        if optimizer_config is not None:
+            raise ValueError(
+                "build_optimizer got two OptimizerConfigs (cfg and optimizer_config); pass one"
+            )
+        cfg, optimizer_config = None, cfg
     if cfg is None:
         cfg = _transform_config(chunks)
-    st = optimizer_settings(cfg)
+    _check_ddp(chunks)
+    megatron_ddp = all(hasattr(c, "ddp_config") for c in chunks)
+    resolved = resolve_settings(cfg, optimizer_config, "megatron" if megatron_ddp else "plain")
+    st = resolved.settings
     if st.name != "normuon":
         raise ValueError(f"build_optimizer builds NorMuon; optimizer.name is {st.name!r}")
-    _check_config(optimizer_config, chunks)
     routes = classify_parameters(chunks if len(chunks) > 1 else chunks[0], st)
     _check_parallel(routes)
-    megatron_ddp = all(hasattr(c, "ddp_config") for c in chunks)
     if megatron_ddp:
         if not torch.cuda.is_available():
             raise UnsupportedOptimizerSetup(
@@ -175,8 +190,8 @@ def build_optimizer(
             chunks, routes, st, optimizer_config, pg_collection, use_gloo_process_groups
         )
     else:
-        opt = build_plain_optimizer(routes, st)
+        opt = build_plain_optimizer(routes, st, resolved.runtime)
+    opt.settings = st
     opt.routes = routes
     opt.routing_table = lambda: routing_table(model, st)
     return opt
-

@@ -7,28 +7,27 @@ optimizer wrappers (docs/design.md#the-megatron-path).
 * :class:`NorMuonChainedOptimizer` -- Megatron's ``ChainedOptimizer`` with the NaN policy and an
   fp64 global grad norm;
 * :func:`build_megatron_optimizer` -- the chain ``[NorMuon dense, NorMuon expert-parallel,
-  *Megatron's own Adam parts]``.
+  *Megatron's own Adam parts]``, built like Megatron's ``get_megatron_muon_optimizer``
+  (``megatron/core/optimizer/muon.py``; README "Optimizer" says how they differ).
 
-The only module of :mod:`vpmoe_compile.optim` that imports Megatron's optimizer; ``build``
-imports it only on the Megatron path (DDP-wrapped chunks, CUDA). The Megatron internals it needs
-are reached through :mod:`megatron_base.compat`.
+The only module of :mod:`vpmoe_compile.optim` that imports Megatron's optimizer when it is
+imported; ``build`` imports it only on the Megatron path (DDP-wrapped chunks, CUDA). The
+``torch_dist`` state mapping is :mod:`.sharded_state` (shared with the plain path). The Megatron
+internals it needs are reached through :mod:`megatron_base.compat`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from megatron.core import parallel_state
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.optimizer import (
     get_param_id_to_sharded_param_map,
     make_sharded_optimizer_tensor,
-    optim_state_to_sharding_state,
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer import (
@@ -43,8 +42,10 @@ from megatron_base import compat
 
 from .grad_norm import global_grad_norm, nonfinite_param_names
 from .normuon import NorMuon
+from .optimizer_config import megatron_optimizer_config
 from .param_groups import aux_override, normuon_group, normuon_kwargs
 from .routing import ParamRoute
+from .sharded_state import optimizer_state_to_sharded
 from .state_check import chain_inner_optimizers, check_megatron_chain_state, rollback_on_error
 
 logger = logging.getLogger(__name__)
@@ -57,9 +58,6 @@ __all__ = [
     "megatron_param_names",
     "normuon_init_state",
 ]
-
-_V_KEY = "second_moment"
-
 
 def normuon_init_state(opt: NorMuon, config: Any = None) -> None:
     """Megatron ``init_state_fn``: allocate (zero) NorMuon state for every parameter."""
@@ -84,77 +82,6 @@ def megatron_param_names(chained_optimizers: Sequence[Any], names: Dict[int, str
                 if name is not None and main is not None:
                     out.setdefault(id(main), name)
     return out
-
-
-def _second_moment_sharded(sh_param, v: torch.Tensor, prefix: str) -> ShardedTensor:
-    """ShardedTensor of a second moment: the param's, with the reduced axis collapsed to 1.
-
-    Every axis on which ``v`` has size 1 and the parameter does not gets global size 1, offset 0
-    and fragmentation 1; the others keep the parameter's sharding. So ``[m, 1]`` of an
-    ``[m, n]`` weight (``[1, n]`` for column statistics) and ``[E, m, 1]`` of a 3-D expert stack
-    ``[E, m, n]``, whose one ShardedTensor has global shape ``[*prepended, E_global, m, n]`` with
-    the local experts at offset ``ep_rank * E`` on the expert axis: the second moment keeps that
-    expert axis and becomes ``[*prepended, E_global, m, 1]``.
-
-    Args:
-        sh_param: the model's ShardedTensor of the parameter (a factory is refused).
-        v: the local second moment, the parameter's local shape with the reduced axis 1.
-        prefix: key prefix (``optimizer.state.second_moment``).
-    """
-    if isinstance(sh_param, ShardedTensorFactory):
-        raise NotImplementedError(
-            f"{sh_param.key}: NorMuon second moments of factory-sharded params (gated MLP fc1, "
-            "legacy GroupedMLP weight1/weight2) are not supported in the torch_dist format; "
-            "use the legacy torch checkpoint format, SequentialMLP / TEGroupedMLP experts or "
-            "grouped experts (3-D expert stacks, one ShardedTensor per stack)"
-        )
-    local = tuple(v.shape)
-    pre = sh_param.prepend_axis_num
-    gshape = list(sh_param.global_shape)
-    goff = list(sh_param.global_offset)
-    frag = list(sh_param.axis_fragmentations) if sh_param.axis_fragmentations else None
-    for ax, (lv, lp) in enumerate(zip(local, sh_param.local_shape)):
-        if lv != lp:
-            if lv != 1:
-                raise ValueError(f"second moment {local} vs param {sh_param.local_shape}")
-            gshape[pre + ax] = 1
-            goff[pre + ax] = 0
-            if frag is not None:
-                frag[pre + ax] = 1
-    sh = replace(
-        sh_param,
-        key=f"{prefix}.{sh_param.key}",
-        data=v,
-        dtype=v.dtype,
-        local_shape=local,
-        global_shape=tuple(gshape),
-        global_offset=tuple(goff),
-        axis_fragmentations=tuple(frag) if frag is not None else None,
-    )
-    sh.validate_metadata_integrity()
-    return sh
-
-
-def _optimizer_state_to_sharded(opt_sd: Dict, id_map: Dict) -> None:
-    """In place: every state tensor like Adam's moments, except NorMuon's second moment, which
-    gets the parameter's ShardedTensor with the reduced axis collapsed; per-param ``step`` is
-    replaced by one ``common_step`` (Megatron's convention)."""
-    step = compat.common_per_param_step(opt_sd)
-    vs = {}
-    state = {}
-    for pid, st in opt_sd["state"].items():
-        st = dict(st)
-        if _V_KEY in st:
-            vs[pid] = st.pop(_V_KEY)
-        state[pid] = st
-    opt_sd["state"] = state
-    optim_state_to_sharding_state(opt_sd, id_map, exclude_keys=("step",))
-    for pid, v in vs.items():
-        opt_sd["state"][pid][_V_KEY] = _second_moment_sharded(
-            id_map[pid], v, prefix=f"optimizer.state.{_V_KEY}"
-        )
-    if step:
-        opt_sd["state"]["common_step"] = step
 
 
 class NorMuonFloat16Optimizer(Float16OptimizerWithFloat16Params):
@@ -232,7 +159,7 @@ class NorMuonFloat16Optimizer(Float16OptimizerWithFloat16Params):
                 ]
             )
         state_dict["fp32_from_fp16_params"] = fp32_sharded
-        _optimizer_state_to_sharded(state_dict["optimizer"], id_map)
+        optimizer_state_to_sharded(state_dict["optimizer"], id_map)
         return state_dict
 
 
@@ -245,7 +172,7 @@ class NorMuonFP32Optimizer(FP32Optimizer):
             self.init_state_fn(self.optimizer, self.config)
         state_dict = self.state_dict()
         id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, self.get_parameters())
-        _optimizer_state_to_sharded(state_dict, id_map)
+        optimizer_state_to_sharded(state_dict, id_map)
         return state_dict
 
 
@@ -292,6 +219,45 @@ class NorMuonChainedOptimizer(ChainedOptimizer):
             )
         )
 
+    def get_parameters(self) -> List[torch.Tensor]:
+        """Every part's parameters, in chain order (``ChainedOptimizer`` inherits the one-optimizer
+        version, which asserts a chain of one): the fp32 main copies of bf16 parameters."""
+        return [p for o in self.chained_optimizers for p in o.get_parameters()]
+
+    def get_main_grads_for_grad_norm(self) -> List[torch.Tensor]:
+        """Every part's gradients that enter the grad norm, in chain order."""
+        return [g for o in self.chained_optimizers for g in o.get_main_grads_for_grad_norm()]
+
+    @torch.no_grad()
+    def clip_grad_norm(self, clip_grad: float) -> float:
+        """The global grad norm (fp64, :meth:`get_grad_norm`), every part's gradients clipped by
+        it to ``clip_grad``; returns the norm."""
+        grad_norm = self.get_grad_norm()
+        self._clip_by_total_norm(grad_norm, clip_grad)
+        return grad_norm
+
+    def _clip_by_total_norm(self, grad_norm: float, clip_grad: Optional[float] = None) -> None:
+        """Megatron's ``clip_grad_by_total_norm_fp32`` on each part with the global norm, to
+        ``clip_grad`` (default: each part's ``config.clip_grad``)."""
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        for optimizer in self.chained_optimizers:
+            if getattr(optimizer, "is_stub_optimizer", False):
+                continue
+            parameters = optimizer.get_parameters()
+            if len(parameters) == 0:
+                continue
+            max_norm = optimizer.config.clip_grad if clip_grad is None else clip_grad
+            if max_norm > 0.0:
+                clip_grad_by_total_norm_fp32(
+                    parameters,
+                    max_norm=max_norm,
+                    total_norm=grad_norm,
+                    use_decoupled_grad=(
+                        optimizer.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+                    ),
+                )
+
     def load_state_dict(self, state_dict):
         """Megatron's chained load, after :func:`~.state_check.check_megatron_chain_state` has
         checked every part (groups, parameters, NorMuon / Adam state shapes, fp32 main params):
@@ -315,45 +281,10 @@ class NorMuonChainedOptimizer(ChainedOptimizer):
                     f"non-finite gradient norm {grad_norm}; parameters: {self._nonfinite_names()}"
                 )
             return False, grad_norm, None
-        for optimizer in self.chained_optimizers:
-            if getattr(optimizer, "is_stub_optimizer", False):
-                continue
-            parameters = optimizer.get_parameters()
-            if len(parameters) == 0:
-                continue
-            if optimizer.config.clip_grad > 0.0:
-                from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
-
-                clip_grad_by_total_norm_fp32(
-                    parameters,
-                    max_norm=optimizer.config.clip_grad,
-                    total_norm=grad_norm,
-                    use_decoupled_grad=(
-                        optimizer.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
-                    ),
-                )
+        self._clip_by_total_norm(grad_norm)
         num_zeros_in_grad = self.count_zeros() if self.config.log_num_zeros_in_grad else None
         update_successful = self.step_with_ready_grads()
         return update_successful, grad_norm, num_zeros_in_grad
-
-
-def _default_optimizer_config(chunks, st) -> OptimizerConfig:
-    bf16 = any(p.dtype == torch.bfloat16 for c in chunks for p in c.parameters())
-    return OptimizerConfig(
-        optimizer="adam",
-        lr=st.lr,
-        min_lr=st.min_lr,
-        decoupled_lr=st.decoupled_lr,
-        decoupled_min_lr=st.decoupled_min_lr,
-        weight_decay=st.weight_decay,
-        adam_beta1=st.adam_beta1,
-        adam_beta2=st.adam_beta2,
-        adam_eps=st.adam_eps,
-        clip_grad=st.clip_grad,
-        bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=False,
-    )
 
 
 def build_megatron_optimizer(
@@ -366,9 +297,10 @@ def build_megatron_optimizer(
 ) -> NorMuonChainedOptimizer:
     """Steps 2-6 of the Megatron path (docs/design.md#the-megatron-path): NorMuon wrappers, the
     Adam parts from ``get_megatron_optimizer``, the chain; the checks of step 1 ran in
-    ``build_optimizer``."""
-    config = optimizer_config if optimizer_config is not None else _default_optimizer_config(chunks, st)
-    config.optimizer = "adam"
+    ``build_optimizer``. ``st`` are the resolved settings (``[optimizer]`` with the
+    ``OptimizerConfig``'s set fields applied); Megatron gets a copy of ``optimizer_config``
+    carrying them (:func:`~.optimizer_config.megatron_optimizer_config`)."""
+    config = megatron_optimizer_config(chunks, st, optimizer_config)
     groups = ProcessGroupCollection.setup_process_groups_for_optimizer(
         pg_collection, chunks, use_gloo_process_groups
     )

@@ -1,6 +1,7 @@
 """Param groups and scheduler overrides built from the routes, shared by both optimizer paths.
 
-``st`` is the resolved ``[optimizer]`` section (:func:`.routing.optimizer_settings`).
+``st`` is the resolved ``[optimizer]`` section (:func:`.routing.optimizer_settings`, re-exported
+here).
 
 * :func:`normuon_kwargs` -- the :class:`~.normuon.NorMuon` constructor arguments of a config.
 * :func:`normuon_group` -- one NorMuon param group (dense or expert-parallel), carrying
@@ -15,9 +16,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, Sequence
 
-from .routing import ParamRoute
+from .routing import ParamRoute, optimizer_settings  # noqa: F401  (re-exported for callers)
 
-__all__ = ["normuon_kwargs", "normuon_group", "aux_override"]
+__all__ = ["normuon_kwargs", "normuon_group", "aux_override", "optimizer_settings"]
 
 
 def normuon_kwargs(st) -> Dict[str, Any]:

@@ -5,13 +5,17 @@ Used by :func:`~.build.build_optimizer` for anything that is not a Megatron-DDP-
 keys ``max_lr / min_lr / wd_mult``), global grad-norm clipping, NaN policy and
 ``step() -> (ok, grad_norm, None)`` contract as the Megatron path; ``torch.compile`` of the
 NorMuon bank step (and ``cuda_graph``) is used only when the parameters are on CUDA (Inductor
-on a CPU takes minutes). Pure torch: nothing here imports Megatron.
+on a CPU takes minutes). The object has ``MegatronOptimizer``'s interface (it does not subclass
+it). Pure torch at import: only :meth:`NorMuonWithAuxAdamW.sharded_state_dict` imports Megatron's
+``dist_checkpointing``, when called.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections import ChainMap
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -19,22 +23,36 @@ from .grad_norm import local_grad_norm, nonfinite_param_names
 from .normuon import NorMuon
 from .param_groups import aux_override, normuon_group, normuon_kwargs
 from .routing import ParamRoute
-from .state_check import StateDictMismatch, check_optimizer_state, rollback_on_error
+from .state_check import (
+    StateDictMismatch,
+    check_optimizer_state,
+    rollback_on_error,
+    spread_common_step,
+)
 
 __all__ = ["NorMuonWithAuxAdamW", "build_plain_optimizer"]
 
 
 class NorMuonWithAuxAdamW:
-    """NorMuon + ``torch.optim.AdamW`` with Megatron's step contract (plain, non-DDP models).
+    """NorMuon + ``torch.optim.AdamW`` with ``MegatronOptimizer``'s interface (plain, non-DDP models).
 
     ``step()`` computes the global L2 norm of all gradients (fp64 accumulation, so a finite
     gradient never overflows it; one host sync, as Megatron), returns
     ``(False, norm, None)`` without touching anything when it is not finite (``nan_policy="skip"``;
     ``"raise"`` raises naming the parameters), otherwise clips all gradients by
     ``clip_grad / (norm + 1e-6)`` when that is < 1, steps NorMuon then AdamW, and returns
-    ``(True, norm, None)``. ``param_groups`` carry Megatron's scheduler keys, so
+    ``(True, norm, num_zeros)`` (``num_zeros``: the number of zero gradient entries with
+    ``log_num_zeros_in_grad``, else ``None``). ``param_groups`` carry Megatron's scheduler keys, so
     ``megatron.core.optimizer_param_scheduler.OptimizerParamScheduler`` can drive it.
     ``load_state_dict`` checks both parts before loading either (see :mod:`.state_check`).
+
+    The rest of ``megatron.core.optimizer.MegatronOptimizer``'s interface, as its
+    ``FP32Optimizer`` has it (no main parameters, no loss scaling): ``get_parameters``,
+    ``get_main_grads_for_grad_norm``, ``get_grad_norm``, ``clip_grad_norm``, ``count_zeros``,
+    ``prepare_grads``, ``step_with_ready_grads``, ``zero_grad``, ``get_loss_scale`` (a
+    ``[1.0]`` tensor), ``scale_loss``, ``reload_model_params`` (nothing to reload),
+    ``state_dict`` / ``load_state_dict``, ``sharded_state_dict`` (``torch_dist``, see
+    :meth:`sharded_state_dict`), ``param_groups``, ``state``, ``is_stub_optimizer``.
     """
 
     path = "plain"
@@ -46,12 +64,20 @@ class NorMuonWithAuxAdamW:
         clip_grad: float,
         nan_policy: str,
         names: Dict[int, str],
+        *,
+        log_num_zeros_in_grad: bool = False,
+        timers: Optional[Callable] = None,
+        barrier_with_L1_time: bool = False,
     ):
         self.normuon = normuon
         self.adamw = adamw
         self.clip_grad = float(clip_grad)
         self.nan_policy = nan_policy
+        self.log_num_zeros_in_grad = bool(log_num_zeros_in_grad)
+        self.timers = timers
+        self.barrier_with_L1_time = bool(barrier_with_L1_time)
         self._names = names
+        self._scale: Optional[torch.Tensor] = None
 
     @property
     def optimizers(self) -> List[torch.optim.Optimizer]:
@@ -59,16 +85,59 @@ class NorMuonWithAuxAdamW:
 
     @property
     def param_groups(self) -> List[dict]:
+        """NorMuon's groups then AdamW's (the very dicts: a scheduler writing ``lr`` /
+        ``weight_decay`` into them changes what the next step uses)."""
         return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self) -> ChainMap:
+        """Per-parameter state of both parts (parameter -> dict), like ``optimizer.state``."""
+        return ChainMap(*(o.state for o in self.optimizers))
+
+    @property
+    def is_stub_optimizer(self) -> bool:
+        return not self._params()
 
     def _params(self) -> List[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
+
+    def get_parameters(self) -> List[torch.nn.Parameter]:
+        """Every parameter this optimizer updates (NorMuon's, then AdamW's)."""
+        return self._params()
+
+    def get_main_grads_for_grad_norm(self) -> List[torch.Tensor]:
+        """The gradients the grad norm is taken over (every parameter's ``.grad`` that is not
+        ``None``; there are no tensor-parallel duplicates on this path)."""
+        return [p.grad for p in self._params() if p.grad is not None]
 
     @torch.no_grad()
     def get_grad_norm(self) -> float:
         """Global L2 norm of all gradients, accumulated in fp64 (a finite gradient never
         overflows it), one host sync (:func:`local_grad_norm`)."""
-        return local_grad_norm([p.grad for p in self._params() if p.grad is not None])
+        return local_grad_norm(self.get_main_grads_for_grad_norm())
+
+    @torch.no_grad()
+    def clip_grad_norm(self, clip_grad: float) -> float:
+        """Scale all gradients by ``clip_grad / (norm + 1e-6)`` when that is < 1 (Megatron's
+        ``clip_grad_by_total_norm_fp32``); returns the norm before clipping."""
+        grad_norm = self.get_grad_norm()
+        self._clip(grad_norm, clip_grad)
+        return grad_norm
+
+    def _clip(self, grad_norm: float, clip_grad: float) -> None:
+        if clip_grad > 0.0 and math.isfinite(grad_norm):
+            coef = clip_grad / (grad_norm + 1e-6)
+            if coef < 1.0:
+                torch._foreach_mul_(self.get_main_grads_for_grad_norm(), coef)
+
+    @torch.no_grad()
+    def count_zeros(self) -> float:
+        """Number of zero entries in all gradients (Megatron's ``count_zeros``), one host sync."""
+        grads = self.get_main_grads_for_grad_norm()
+        if not grads:
+            return 0.0
+        counts = [(g == 0).sum().to(device=grads[0].device, dtype=torch.float64) for g in grads]
+        return float(torch.stack(counts).sum().item())
 
     def _nonfinite_names(self) -> List[str]:
         return nonfinite_param_names(self._params(), self._names)
@@ -83,28 +152,73 @@ class NorMuonWithAuxAdamW:
                     "from the DDP-wrapped model: vpmoe_compile.build_optimizer(ddp_model)"
                 )
 
-    @torch.no_grad()
-    def step(self) -> Tuple[bool, float, None]:
+    @contextlib.contextmanager
+    def _timed(self, name: str):
+        """Megatron's optimizer timers (``OptimizerConfig.timers``), when given."""
+        if self.timers is None:
+            yield
+            return
+        self.timers(name, log_level=1).start(barrier=self.barrier_with_L1_time)
+        try:
+            yield
+        finally:
+            self.timers(name).stop()
+
+    def prepare_grads(self) -> bool:
+        """Megatron's hook before the grad norm; returns whether an inf / NaN was found by a loss
+        scaler (never: there is none; non-finite gradients are the NaN policy's, in
+        :meth:`step`). Refuses parameters registered with Megatron DDP (gradients in
+        ``main_grad``)."""
         self._check_not_megatron_ddp()
-        grad_norm = self.get_grad_norm()
-        if not math.isfinite(grad_norm):
-            if self.nan_policy == "raise":
-                raise FloatingPointError(
-                    f"non-finite gradient norm {grad_norm}; parameters: {self._nonfinite_names()}"
-                )
-            return False, grad_norm, None
-        if self.clip_grad > 0.0:
-            coef = self.clip_grad / (grad_norm + 1e-6)
-            if coef < 1.0:
-                grads = [p.grad for p in self._params() if p.grad is not None]
-                torch._foreach_mul_(grads, coef)
-        for opt in self.optimizers:
-            opt.step()
-        return True, grad_norm, None
+        return False
+
+    @torch.no_grad()
+    def step_with_ready_grads(self) -> bool:
+        """Step NorMuon then AdamW on the current (clipped) gradients; returns True."""
+        with self._timed("optimizer-inner-step"):
+            for opt in self.optimizers:
+                opt.step()
+        return True
+
+    @torch.no_grad()
+    def step(self) -> Tuple[bool, float, Optional[float]]:
+        self.prepare_grads()
+        with self._timed("optimizer-clip-main-grad"):
+            grad_norm = self.get_grad_norm()
+            if not math.isfinite(grad_norm):
+                if self.nan_policy == "raise":
+                    raise FloatingPointError(
+                        f"non-finite gradient norm {grad_norm}; parameters: {self._nonfinite_names()}"
+                    )
+                return False, grad_norm, None
+            self._clip(grad_norm, self.clip_grad)
+        num_zeros = None
+        if self.log_num_zeros_in_grad:
+            with self._timed("optimizer-count-zeros"):
+                num_zeros = self.count_zeros()
+        ok = self.step_with_ready_grads()
+        return ok, grad_norm, num_zeros
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=set_to_none)
+
+    def get_loss_scale(self) -> torch.Tensor:
+        """No loss scaling: a ``[1.0]`` fp32 tensor on the parameters' device (as Megatron's
+        ``FP32Optimizer``)."""
+        if self._scale is None:
+            params = self._params()
+            device = params[0].device if params else torch.device("cpu")
+            self._scale = torch.ones(1, dtype=torch.float32, device=device)
+        return self._scale
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.get_loss_scale() * loss
+
+    def reload_model_params(self, state_dict=None) -> None:
+        """Nothing to reload: this path has no main copies of the parameters (it updates them
+        in place; NorMuon re-binds its banks when a parameter's storage changed). ``state_dict``
+        is ignored, as by Megatron's ``FP32Optimizer``."""
 
     def state_dict(self) -> Dict[str, Any]:
         return {
@@ -131,25 +245,84 @@ class NorMuonWithAuxAdamW:
                     f"the checkpoint has {'no' if saved is None else 'a'} {what} part, this "
                     f"optimizer has {'no ' if opt is None else ''}{what} parameters; nothing was loaded"
                 )
-            check_optimizer_state(opt, saved, self._names, what)
+            check_optimizer_state(opt, spread_common_step(saved), self._names, what)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load both parts; everything is checked first (:meth:`check_state_dict`), so a
-        checkpoint of another model raises with NorMuon and AdamW unchanged (also NorMuon when
-        only the AdamW part does not fit), and an unexpected error half-way rolls both back."""
+        """Load both parts (a :meth:`state_dict`, or what ``dist_checkpointing.load`` returns for
+        a :meth:`sharded_state_dict`: its ``common_step`` is spread back into per-parameter
+        steps); everything is checked first (:meth:`check_state_dict`), so a checkpoint of
+        another model raises with NorMuon and AdamW unchanged (also NorMuon when only the AdamW
+        part does not fit), and an unexpected error half-way rolls both back."""
         self.check_state_dict(state_dict)
         with rollback_on_error(*self.optimizers):
             if self.normuon is not None:
-                self.normuon.load_state_dict(state_dict["normuon"])
+                self.normuon.load_state_dict(spread_common_step(state_dict["normuon"]))
             if self.adamw is not None:
-                self.adamw.load_state_dict(state_dict["adamw"])
+                self.adamw.load_state_dict(spread_common_step(state_dict["adamw"]))
+
+    def _init_state(self) -> None:
+        """Allocate (zero) state for every parameter, as Megatron's ``init_state_fn`` does before
+        a ``torch_dist`` load (so the loading structure has every state tensor)."""
+        if self.normuon is not None:
+            self.normuon.init_state()
+        if self.adamw is not None:
+            for group in self.adamw.param_groups:
+                on_device = bool(group.get("fused") or group.get("capturable"))
+                for p in group["params"]:
+                    st = self.adamw.state[p]
+                    if len(st) == 0:
+                        st["step"] = torch.zeros(
+                            (), dtype=torch.float32, device=p.device if on_device else "cpu"
+                        )
+                        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def sharded_state_dict(
+        self, model_sharded_state_dict, is_loading: bool = False, metadata: Optional[dict] = None
+    ) -> Dict[str, Any]:
+        """Megatron ``torch_dist`` form of :meth:`state_dict`, for ``dist_checkpointing.save`` /
+        ``load``: ``{"normuon": ..., "adamw": ...}``, each part's state tensors as ShardedTensors
+        of the model's parameters (keys ``optimizer.state.<state>.<model key>``; NorMuon's
+        second moment with its reduced axis collapsed, :mod:`.sharded_state`), AdamW's steps as
+        one ``common_step``. Every parameter must be in ``model_sharded_state_dict``
+        (``model.sharded_state_dict()``). ``is_loading`` first allocates zero state for every
+        parameter (Megatron's ``init_state_fn``). Load with
+        ``opt.load_state_dict(dist_checkpointing.load(opt.sharded_state_dict(msd, is_loading=True), dir))``.
+        ``metadata`` is accepted for Megatron's signature and not used."""
+        from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
+
+        from .sharded_state import optimizer_state_to_sharded
+
+        if is_loading:
+            self._init_state()
+        out: Dict[str, Any] = {}
+        for key, opt in (("normuon", self.normuon), ("adamw", self.adamw)):
+            if opt is None:
+                out[key] = None
+                continue
+            sd = opt.state_dict()
+            params = [p for g in opt.param_groups for p in g["params"]]
+            id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, params)
+            missing = [self._names.get(id(p), f"parameter {i}") for i, p in enumerate(params) if i not in id_map]
+            if missing:
+                raise ValueError(
+                    f"sharded_state_dict: {len(missing)} parameters of the {key} part are not in "
+                    f"the model's sharded state dict (first: {missing[0]}); pass "
+                    "model.sharded_state_dict() of the model this optimizer was built for"
+                )
+            optimizer_state_to_sharded(sd, id_map)
+            out[key] = sd
+        return out
 
 
-def build_plain_optimizer(routes: Sequence[ParamRoute], st) -> NorMuonWithAuxAdamW:
+def build_plain_optimizer(
+    routes: Sequence[ParamRoute], st, runtime: Optional[Dict[str, Any]] = None
+) -> NorMuonWithAuxAdamW:
     """The plain path of :func:`~.build.build_optimizer`: NorMuon (dense and expert-parallel
     groups) + one ``torch.optim.AdamW`` whose groups bucket the AdamW parameters by
     :func:`~.param_groups.aux_override`; ``torch.compile`` / CUDA graphs of the NorMuon step only
-    when its parameters are on CUDA."""
+    when its parameters are on CUDA. ``runtime``: the ``OptimizerConfig`` fields the step honours
+    (``log_num_zeros_in_grad``, ``timers``, ``barrier_with_L1_time``)."""
     nm = [r for r in routes if r.optimizer == "normuon"]
     aux = [r for r in routes if r.optimizer == "adamw"]
     names = {id(r.param): r.name for r in routes}
@@ -207,4 +380,6 @@ def build_plain_optimizer(routes: Sequence[ParamRoute], st) -> NorMuonWithAuxAda
             weight_decay=st.weight_decay,
             fused=True if fused else None,
         )
-    return NorMuonWithAuxAdamW(normuon, adamw, st.clip_grad, st.nan_policy, names)
+    return NorMuonWithAuxAdamW(
+        normuon, adamw, st.clip_grad, st.nan_policy, names, **(runtime or {})
+    )

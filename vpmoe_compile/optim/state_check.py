@@ -25,6 +25,7 @@ Pure Python: nothing here imports Megatron or needs CUDA (the Megatron-path load
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -34,6 +35,7 @@ __all__ = [
     "check_optimizer_state",
     "check_megatron_chain_state",
     "rollback_on_error",
+    "spread_common_step",
 ]
 
 
@@ -81,6 +83,23 @@ def mismatch(what: str, label: str, key: str, expected: Sequence[int], got: Sequ
         f"{what} parameter {label}: the checkpoint's {key} has shape {tuple(got)}, this optimizer "
         f"needs {tuple(expected)} (a checkpoint of another model?); nothing was loaded"
     )
+
+
+def spread_common_step(state_dict: Any) -> Any:
+    """A torch optimizer state dict with Megatron's ``torch_dist`` ``common_step`` (one step for
+    every parameter, :mod:`.sharded_state`) turned back into per-parameter ``step`` entries, as
+    Megatron's loaders do; a new dict (the caller's is not modified). Anything else (no
+    ``common_step``, not a state dict) is returned as it is."""
+    if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("state"), Mapping):
+        return state_dict
+    if "common_step" not in state_dict["state"]:
+        return state_dict
+    state = dict(state_dict["state"])
+    step = state.pop("common_step")
+    state = {
+        k: {**v, "step": copy.deepcopy(step)} if isinstance(v, Mapping) else v for k, v in state.items()
+    }
+    return {**state_dict, "state": state}
 
 
 def check_group_counts(
@@ -197,11 +216,7 @@ def _megatron_inner_state(wrapper: Any, part: Any, what: str) -> Tuple[Dict[str,
         fp32_saved = part.get("fp32_from_fp16_params", part.get("fp32_from_fp16"))
     else:
         inner = part
-    saved_groups, state = state_parts(inner, what)
-    state = dict(state)
-    common_step = state.pop("common_step", None)
-    if common_step is not None:
-        state = {k: {**v, "step": common_step} if isinstance(v, Mapping) else v for k, v in state.items()}
+    saved_groups, state = state_parts(spread_common_step(inner), what)
     groups = [dict(g) for g in saved_groups]
     reorder = getattr(wrapper, "_filter_and_reorder_param_groups", None)
     if reorder is not None:
