@@ -327,9 +327,11 @@ def _broadcast_error(msg: Optional[str]) -> None:
 
 
 def _model_sharded(chunks: Sequence[nn.Module], metadata: Optional[dict]) -> Dict[str, Any]:
+    """Each chunk's GPTModel's sharded state dict (Megatron's DDP has none of its own: through it
+    every key would gain a ``module.`` prefix that a bare model's checkpoint lacks)."""
     if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict(metadata=metadata)}
-    return {f"model{i}": c.sharded_state_dict(metadata=metadata) for i, c in enumerate(chunks)}
+        return {"model": _bare(chunks[0]).sharded_state_dict(metadata=metadata)}
+    return {f"model{i}": _bare(c).sharded_state_dict(metadata=metadata) for i, c in enumerate(chunks)}
 
 
 def _rng_sharded(state: Optional[dict]):
@@ -485,10 +487,10 @@ def load_checkpoint(
         sharded["rng_state"] = _rng_sharded({})
     loaded = dist_checkpointing.load(sharded, str(ck))
     if len(chunks) == 1:
-        chunks[0].load_state_dict(loaded["model"], strict=strict)
+        _bare(chunks[0]).load_state_dict(loaded["model"], strict=strict)
     else:
         for i, c in enumerate(chunks):
-            c.load_state_dict(loaded[f"model{i}"], strict=strict)
+            _bare(c).load_state_dict(loaded[f"model{i}"], strict=strict)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:

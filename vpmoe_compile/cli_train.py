@@ -29,6 +29,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None, help="peak learning rate of the matrices (default: the config's)")
     t.add_argument("--min-lr", type=float, default=None, help="final learning rate of the cosine decay (default: lr / 10)")
     t.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps")
+    t.add_argument("--lr-decay-steps", type=int, default=None,
+                   help="iteration at which the cosine decay reaches --min-lr (default: --steps; give the full run's "
+                        "length when training in pieces)")
     t.add_argument("--compile", action="store_true", help="compile each transformer layer (vpmoe_compile.compile)")
     t.add_argument("--compile-backend", default="inductor", help="torch.compile backend with --compile")
     t.add_argument("--save", default=None, metavar="DIR", help="write checkpoints to DIR/iter_XXXXXXX")
@@ -53,7 +56,7 @@ def cmd_train(args) -> int:
 
     targs = TrainArgs(
         config=args.config, data=args.data, micro_batch=args.micro_batch, global_batch=args.global_batch,
-        seq_len=args.seq_len, steps=args.steps, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+        seq_len=args.seq_len, steps=args.steps, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps, lr_decay_steps=args.lr_decay_steps,
         compile=args.compile, compile_backend=args.compile_backend, save=args.save, save_interval=args.save_interval,
         load=args.load, log_json=args.log_json, plot=args.plot, seed=args.seed, device=args.device,
         data_cache=args.data_cache,

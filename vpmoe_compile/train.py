@@ -58,7 +58,10 @@ class TrainArgs:
         steps: the iteration to train to (a resumed run continues from its checkpoint's).
         lr, min_lr: peak and final learning rate of the matrix (NorMuon) group; default the
             config's ``[optimizer]`` lr and 1/10 of it. The other groups keep their ratio.
-        warmup_steps: linear warm-up iterations; then cosine decay to ``min_lr`` at ``steps``.
+        warmup_steps: linear warm-up iterations; then cosine decay to ``min_lr`` at
+            ``lr_decay_steps`` (default ``steps``; Megatron-LM's ``--lr-decay-iters``: set it to
+            the full run's length when training in pieces). A resumed run takes the schedule
+            from its checkpoint.
     """
 
     config: Optional[str] = None
@@ -70,6 +73,7 @@ class TrainArgs:
     lr: Optional[float] = None
     min_lr: Optional[float] = None
     warmup_steps: int = 0
+    lr_decay_steps: Optional[int] = None
     compile: bool = False
     compile_backend: str = "inductor"
     save: Optional[str] = None
@@ -232,6 +236,8 @@ def _check_args(a: TrainArgs) -> None:
            if getattr(a, n) < 1]
     if a.seq_len is not None and a.seq_len < 2:
         bad.append(f"--seq-len must be >= 2, got {a.seq_len}")
+    if a.lr_decay_steps is not None and a.lr_decay_steps < 1:
+        bad.append(f"--lr-decay-steps must be >= 1, got {a.lr_decay_steps}")
     if a.warmup_steps < 0 or a.save_interval < 0:
         bad.append("--warmup-steps and --save-interval must be >= 0")
     if a.save_interval and not a.save:
@@ -268,7 +274,6 @@ def train(a: TrainArgs) -> Dict[str, Any]:
         restore,
         save_checkpoint,
     )
-    from vpmoe_compile.optim.param_groups import optimizer_settings
     from vpmoe_compile.training import wrap_megatron
 
     _check_args(a)
@@ -311,15 +316,17 @@ def train(a: TrainArgs) -> Dict[str, Any]:
         vpmoe_compile.transform(model, cfg, progress=False)
     wrapped = wrap_megatron(model)
     optimizer = vpmoe_compile.build_optimizer(wrapped, cfg)
-    st = optimizer_settings(cfg)
+    st = optimizer.settings  # the [optimizer] section as build_optimizer resolved it
     max_lr = float(a.lr if a.lr is not None else st.lr)
-    min_lr = float(a.min_lr if a.min_lr is not None else max_lr / 10)
+    min_lr = float(a.min_lr if a.min_lr is not None else (st.min_lr if a.lr is None else max_lr * st.min_lr / st.lr))
     if min_lr > max_lr:
         raise TrainError(f"--min-lr {min_lr} exceeds the peak lr {max_lr}")
-    _scale_group_lrs(optimizer, max_lr, min_lr, st.lr)
+    if a.lr is not None or a.min_lr is not None:
+        _scale_group_lrs(optimizer, st, max_lr, min_lr)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if a.warmup_steps else max_lr, max_lr=max_lr, min_lr=min_lr,
-        lr_warmup_steps=a.warmup_steps, lr_decay_steps=max(a.steps, a.warmup_steps + 1), lr_decay_style="cosine",
+        lr_warmup_steps=a.warmup_steps, lr_decay_steps=max(a.lr_decay_steps or a.steps, a.warmup_steps + 1),
+        lr_decay_style="cosine",
         start_wd=st.weight_decay, end_wd=st.weight_decay, wd_incr_steps=max(a.steps, 1), wd_incr_style="constant",
     )
     iteration, consumed = 0, 0
@@ -366,6 +373,7 @@ def train(a: TrainArgs) -> Dict[str, Any]:
                 out = fb(forward_step_func=partial(_forward_step, device), data_iterator=batches, model=[wrapped],
                          num_microbatches=num_micro, seq_length=seq_len, micro_batch_size=a.micro_batch,
                          decoder_seq_length=seq_len, forward_only=False)
+                lr = float(_matrix_lr(optimizer))  # the lr this step uses
                 ok, grad_norm, _ = optimizer.step()
                 if ok:
                     scheduler.step(increment=1)
@@ -380,7 +388,7 @@ def train(a: TrainArgs) -> Dict[str, Any]:
                 rec = {
                     "step": iteration,
                     "loss": loss,
-                    "lr": float(_matrix_lr(optimizer)),
+                    "lr": lr,
                     "grad_norm": None if grad_norm is None else float(grad_norm),
                     "tokens_per_s": a.global_batch * seq_len / dt,
                     "step_s": dt,
@@ -430,12 +438,14 @@ def _matrix_lr(optimizer) -> float:
     return float("nan")
 
 
-def _scale_group_lrs(optimizer, max_lr: float, min_lr: float, config_lr: float) -> None:
-    """Give each parameter group its own ``max_lr`` / ``min_lr`` for Megatron's scheduler: the
-    matrix (NorMuon) groups the run's, the others the same multiple of their configured lr (the
-    config's lr ratio between the groups is kept)."""
+def _scale_group_lrs(optimizer, st, max_lr: float, min_lr: float) -> None:
+    """Each parameter group carries its own ``max_lr`` / ``min_lr`` for Megatron's scheduler
+    (``build_optimizer`` sets them from the config). ``--lr`` / ``--min-lr`` rescale every
+    group's by the factor they change the matrix group's, so the config's ratios between the
+    NorMuon and AdamW groups are kept."""
+    f_max = max_lr / st.lr if st.lr else 1.0
+    f_min = min_lr / st.min_lr if st.min_lr else None
     for g in optimizer.param_groups:
-        base = g.get("initial_lr", g.get("lr", config_lr))
-        ratio = base / config_lr if config_lr else 1.0
-        g["max_lr"] = max_lr * ratio
-        g["min_lr"] = min_lr * ratio
+        g_max = g.get("max_lr", st.lr)
+        g["max_lr"] = g_max * f_max
+        g["min_lr"] = g.get("min_lr", st.min_lr) * f_min if f_min is not None else min_lr * g_max / (st.lr or 1.0)

@@ -172,25 +172,23 @@ def build_optimizer(
         cfg = _transform_config(chunks)
     _check_ddp(chunks)
     megatron_ddp = all(hasattr(c, "ddp_config") for c in chunks)
-    resolved = resolve_settings(cfg, optimizer_config, "megatron" if megatron_ddp else "plain")
+    # Megatron's optimizer wrappers allocate on CUDA; without it a DDP-wrapped (fp32) model takes
+    # the plain path reading DDP's main_grad buffers, as Megatron's FP32Optimizer does
+    megatron_path = megatron_ddp and torch.cuda.is_available()
+    resolved = resolve_settings(cfg, optimizer_config, "megatron" if megatron_path else "plain")
     st = resolved.settings
     if st.name != "normuon":
         raise ValueError(f"build_optimizer builds NorMuon; optimizer.name is {st.name!r}")
     routes = classify_parameters(chunks if len(chunks) > 1 else chunks[0], st)
     _check_parallel(routes)
-    if megatron_ddp:
-        if not torch.cuda.is_available():
-            raise UnsupportedOptimizerSetup(
-                "Megatron DDP-wrapped model without CUDA: Megatron's mixed-precision optimizer "
-                "wrappers need CUDA"
-            )
+    if megatron_path:
         from .megatron_wrappers import build_megatron_optimizer  # imports Megatron's optimizer
 
         opt = build_megatron_optimizer(
             chunks, routes, st, optimizer_config, pg_collection, use_gloo_process_groups
         )
     else:
-        opt = build_plain_optimizer(routes, st, resolved.runtime)
+        opt = build_plain_optimizer(routes, st, resolved.runtime, use_main_grad=megatron_ddp)
     opt.settings = st
     opt.routes = routes
     opt.routing_table = lambda: routing_table(model, st)

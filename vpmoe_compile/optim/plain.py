@@ -68,8 +68,11 @@ class NorMuonWithAuxAdamW:
         log_num_zeros_in_grad: bool = False,
         timers: Optional[Callable] = None,
         barrier_with_L1_time: bool = False,
+        use_main_grad: bool = False,
     ):
         self.normuon = normuon
+        # built from Megatron-DDP-wrapped chunks (CPU): the gradients are DDP's main_grad views
+        self.use_main_grad = bool(use_main_grad)
         self.adamw = adamw
         self.clip_grad = float(clip_grad)
         self.nan_policy = nan_policy
@@ -167,8 +170,22 @@ class NorMuonWithAuxAdamW:
     def prepare_grads(self) -> bool:
         """Megatron's hook before the grad norm; returns whether an inf / NaN was found by a loss
         scaler (never: there is none; non-finite gradients are the NaN policy's, in
-        :meth:`step`). Refuses parameters registered with Megatron DDP (gradients in
-        ``main_grad``)."""
+        :meth:`step`). Built from Megatron-DDP-wrapped chunks (``use_main_grad``, the CPU case
+        of :func:`~.build.build_optimizer`), each parameter's ``.grad`` becomes its ``main_grad``
+        view, as in Megatron's ``FP32Optimizer``; otherwise parameters registered with Megatron
+        DDP are refused (their gradients go to ``main_grad``, which this optimizer would not see)."""
+        if self.use_main_grad:
+            # as Megatron's FP32Optimizer.prepare_grads: the step reads DDP's (reduced) buffers
+            for p in self._params():
+                main = getattr(p, "main_grad", None)
+                if main is not None:
+                    if main.dtype != p.dtype:
+                        raise RuntimeError(
+                            f"{self._names.get(id(p), 'a parameter')}: main_grad is {main.dtype} but the "
+                            f"parameter is {p.dtype}; without CUDA this path trains fp32 parameters only"
+                        )
+                    p.grad = main
+            return False
         self._check_not_megatron_ddp()
         return False
 
@@ -316,7 +333,7 @@ class NorMuonWithAuxAdamW:
 
 
 def build_plain_optimizer(
-    routes: Sequence[ParamRoute], st, runtime: Optional[Dict[str, Any]] = None
+    routes: Sequence[ParamRoute], st, runtime: Optional[Dict[str, Any]] = None, *, use_main_grad: bool = False
 ) -> NorMuonWithAuxAdamW:
     """The plain path of :func:`~.build.build_optimizer`: NorMuon (dense and expert-parallel
     groups) + one ``torch.optim.AdamW`` whose groups bucket the AdamW parameters by
@@ -381,5 +398,5 @@ def build_plain_optimizer(
             fused=True if fused else None,
         )
     return NorMuonWithAuxAdamW(
-        normuon, adamw, st.clip_grad, st.nan_policy, names, **(runtime or {})
+        normuon, adamw, st.clip_grad, st.nan_policy, names, use_main_grad=use_main_grad, **(runtime or {})
     )
