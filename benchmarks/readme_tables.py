@@ -216,6 +216,63 @@ def render_step_before_moe(results: Path) -> str:
             + source_note(results, name, name1))
 
 
+STEP_LABELS = {"stock_eager": "stock Megatron, eager", "transformed_eager": "vpMoE, eager",
+               "transformed_compiled": "vpMoE, `vpmoe_compile.compile`"}
+
+
+def render_step(results: Path) -> str:
+    name = "step.json"
+    data = load(results, name)
+    res = {r["variant"]: r for r in data["results"] if "error" not in r}
+    rows = []
+    for v in ("stock_eager", "transformed_eager", "transformed_compiled"):
+        if v not in res:
+            continue
+        r = res[v]
+        prof = r.get("profile") or {}
+        rows.append([STEP_LABELS[v], num(r["fwd_bwd_ms"]), num(r["finalize_optimizer_ms"]),
+                     num(r["accumulated_step_ms"]), f"{r['tokens_per_s']:,.0f}", f"{r['accumulated_mfu'] * 100:.1f} %",
+                     f"{r['peak_mem_gib']:.1f} GiB", f"{prof.get('kernels_per_step', 0):,}",
+                     f"{prof.get('gpu_busy_fraction', float('nan')) * 100:.0f} %"])
+    head = ["variant", "fwd+bwd / micro-batch (ms)", "finalize + optimizer (ms)", "step of 8 micro-batches (ms)",
+            "tokens/s", "MFU (8-micro-batch step)", "peak memory", "kernels / step", "GPU busy"]
+    return _join(table(head, rows) + ["", source_note(results, name)])
+
+
+def render_step_summary(results: Path) -> str:
+    name = "step.json"
+    data = load(results, name)
+    res = {r["variant"]: r for r in data["results"] if "error" not in r}
+    c, e, s = res["transformed_compiled"], res["transformed_eager"], res["stock_eager"]
+    flops = c["flops"]["total_flops_per_token"]
+    lines = [f"Compiled against stock eager: {c['speedup_vs_stock_eager']['fwd_bwd']:.1f}× per micro-batch fwd+bwd, "
+             f"{c['speedup_vs_stock_eager']['accumulated_step']:.1f}× per step of 8 micro-batches "
+             f"({s['accumulated_step_ms'] / 1e3:.1f} s → {c['accumulated_step_ms']:.0f} ms); against transformed eager "
+             f"{c['speedup_vs_transformed_eager']['accumulated_step']:.2f}× per step. FLOPs per token "
+             f"{flops / 1e9:.2f} GFLOP ({c['flops']['matmul_params'] / 1e6:.0f} M active matmul parameters × 6 + "
+             f"attention scores) against {data['meta']['peak_tflops_assumed']:.1f} TFLOP/s. Goals:"]
+    for g in data["meta"]["goals"]:
+        val = "n/a" if g["value"] is None else (f"{g['value']:.1f} {g['unit']}" if g["unit"] != "x" else f"{g['value']:.2f}×")
+        lines.append(f"- {g['goal']}: {val}, **{g['status']}**")
+    return _join(lines + ["", source_note(results, name)])
+
+
+def render_window_kernels(results: Path) -> str:
+    name = "window_kernels.json"
+    data = load(results, name)
+    rows = {}
+    for r in data["results"]:
+        rows.setdefault((r["b"], r["what"]), {})[r["family"]] = r["us"]
+    body = [[f"b={b}, {what}", us(v["own"]), us(v["shared"])] for (b, what), v in rows.items()]
+    acc = data["accuracy"]["worst_ratio_to_fp32_math"]
+    return _join(table(["sliding-window + sink attention (H=8, G=2, d=128, W=128, s=4096)", "TPA kernels",
+                        "sink-attention kernels"], body)
+                 + ["", f"Worst bf16 error ratio to the fp32-math reference (s=1024): TPA kernels {acc['own']:.2f}, "
+                        f"sink-attention kernels {acc['shared']:.2f}. Faster inside the fused TPA op: "
+                        f"{'TPA kernels' if data['faster'] == 'own' else 'sink-attention kernels'}.",
+                    "", source_note(results, name)])
+
+
 HEAD_ROWS = [  # (variant, mode, label)
     ("stock", "eager", "stock (bf16 logits + Megatron's fp32 `vocab_parallel_cross_entropy`), eager"),
     ("fused", "eager", "`linear_cross_entropy` (fused head), eager"),
@@ -600,6 +657,9 @@ def render_params(results: Path) -> str:
 
 REGIONS: dict[str, Callable[[Path], str]] = {
     "step_before_moe_pass": render_step_before_moe,
+    "step": render_step,
+    "step_summary": render_step_summary,
+    "window_kernels": render_window_kernels,
     "head": render_head,
     "head_summary": render_head_summary,
     "attention": render_attention,

@@ -206,6 +206,8 @@ def main(argv=None):
                    for fam in FAMILIES}
     doc = dict(
         meta=dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                  command="python benchmarks/window_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   s=a.s, timing=f"triton.testing.do_bench median, warmup={a.warmup}ms rep={a.rep}ms", **shape),
         results=results,
         accuracy=acc,
