@@ -124,13 +124,16 @@ def _demo_tokens(cache_dir: Path):
 
 
 def cmd_demo(args) -> int:
-    import torch
-    from tqdm import tqdm
+    """A preset over ``train``: the shipped corpus (built into Megatron ``.bin/.idx`` and read
+    through ``GPTDataset``), eager for --steps steps with a checkpoint, then the same model
+    resumed from that checkpoint under ``vpmoe_compile.compile`` for --steps more."""
+    import shutil
 
-    import vpmoe_compile
-    from megatron_base import build_stock_gpt, init_process
-    from megatron_base.progress import progress_logging
-    from vpmoe_compile.training import TokenBatches, train_step
+    import torch
+
+    from megatron_base.dataset import build_demo_dataset
+    from vpmoe_compile.checkpoint import CheckpointError
+    from vpmoe_compile.train import TrainArgs, TrainError, train
 
     if args.steps < 1:
         raise CLIError(f"--steps must be >= 1, got {args.steps}")
@@ -148,7 +151,6 @@ def cmd_demo(args) -> int:
             f"--seq-len {args.seq_len} exceeds [attention] max_sequence_length "
             f"{cfg.attention.max_sequence_length} of config {cfg.source!r}"
         )
-    on_gpu = torch.cuda.is_available() and args.device != "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda given but no CUDA device is available")
     if args.device == "cpu" and torch.cuda.is_available():
@@ -156,51 +158,54 @@ def cmd_demo(args) -> int:
             "--device cpu with a visible GPU: stock megatron-core 0.16.1 hardcodes CUDA inside "
             "forward; run with CUDA_VISIBLE_DEVICES='' for a CPU demo"
         )
-    device = torch.device("cuda" if on_gpu else "cpu")
-    print(f"[demo] config {cfg.source!r} on {device} ({torch.cuda.get_device_name() if on_gpu else 'CPU'})")
-    init_process(seed=args.seed)
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    model = build_stock_gpt(cfg, device=device, params_dtype=dtype)
-    dump_dir = Path(args.dump_dir)
-    vpmoe_compile.transform(model, cfg, dump_dir=dump_dir, progress=True)
-    print(model.vpmoe_transform.summary())
-    print(f"[demo] debug dump written to {dump_dir.resolve()}/index.md")
-
+    on_gpu = torch.cuda.is_available()
+    print(f"[demo] config {cfg.source!r} on {'cuda' if on_gpu else 'cpu'} "
+          f"({torch.cuda.get_device_name() if on_gpu else 'CPU'})")
     cache = Path(args.data_cache or (Path(tempfile.gettempdir()) / "vpmoe_compile_demo_data"))
-    tokens, mask = _demo_tokens(cache)
-    print(f"[demo] demo corpus: {tokens.size:,} tokens (o200k Harmony), loss on {int(mask.sum()):,}")
-    batches = TokenBatches(tokens, args.batch_size, args.seq_len, mask, device=device)
-    optimizer = vpmoe_compile.build_optimizer(model, cfg)
+    prefix = build_demo_dataset(cache)
+    print(f"[demo] demo corpus: {prefix}.bin/.idx (o200k Harmony, loss masks beside it), read through GPTDataset")
+    ckpt = tempfile.mkdtemp(prefix="vpmoe_demo_ckpt_")
+    base = TrainArgs(
+        config=args.config, data=[prefix], micro_batch=args.batch_size, global_batch=args.batch_size,
+        seq_len=args.seq_len, steps=args.steps, lr_decay_steps=2 * args.steps, seed=args.seed,
+        device=args.device or "auto", data_cache=str(cache / ".gpt_dataset_cache"), dump_dir=args.dump_dir,
+        progress=sys.stderr.isatty(),
+    )
+    phases = [("eager", base.__class__(**{**vars(base), "save": ckpt}))]
+    if not args.no_compile:
+        phases.append(("compiled", base.__class__(**{
+            **vars(base), "steps": 2 * args.steps, "load": ckpt, "dump_dir": None, "compile": True,
+            "compile_backend": args.compile_backend})))
     results = {}
-    for mode in ("eager", "compiled"):
-        if mode == "compiled":
-            if args.no_compile:
-                break
-            regions = vpmoe_compile.compile(model, backend=args.compile_backend)
-            print(
-                f"[demo] torch.compile (backend={args.compile_backend}, fullgraph) of {len(regions)} regions "
-                "(each transformer layer whole, the final norm, the LM head); the first step includes compilation"
-            )
-        forward = model
-        losses, times = [], []
-        bar = tqdm(range(args.steps), desc=f"{mode:>8}", unit="step", file=sys.stderr, dynamic_ncols=True)
-        with progress_logging(), bar:  # log records and warnings print above the bar
-            for _ in bar:
-                loss, dt = train_step(forward, model, optimizer, next(batches))
-                losses.append(loss)
-                times.append(dt)
-                bar.set_postfix(loss=f"{loss:.3f}", ms=f"{dt * 1e3:.0f}")
-        steady = times[1:] if len(times) > 1 else times
-        results[mode] = {
-            "first_loss": losses[0],
-            "last_loss": losses[-1],
-            "median_step_s": statistics.median(steady),
-            "first_step_s": times[0],
-        }
-        print(
-            f"[demo] {mode:>8}: loss {losses[0]:.4f} -> {losses[-1]:.4f}; median step "
-            f"{statistics.median(steady) * 1e3:.1f} ms (first step {times[0]:.2f} s)"
-        )
+    try:
+        for mode, targs in phases:
+            if mode == "compiled":
+                print(f"[demo] resuming the eager-trained model from its checkpoint under vpmoe_compile.compile "
+                      f"(backend={args.compile_backend}, each transformer layer one graph); the first step compiles")
+            try:
+                run = train(targs)
+            except (TrainError, CheckpointError) as exc:
+                raise CLIError(str(exc)) from None
+            if mode == "eager":
+                print(run["model"].module.vpmoe_transform.summary() if hasattr(run["model"], "module")
+                      else run["model"].vpmoe_transform.summary())
+                if args.dump_dir is not None:
+                    print(f"[demo] debug dump written to {Path(args.dump_dir).resolve()}/index.md")
+            recs = run["records"]
+            times = [r["step_s"] for r in recs]
+            steady = times[1:] if len(times) > 1 else times
+            results[mode] = {
+                "first_step": recs[0]["step"],
+                "last_step": recs[-1]["step"],
+                "first_loss": recs[0]["loss"],
+                "last_loss": recs[-1]["loss"],
+                "median_step_s": statistics.median(steady),
+                "first_step_s": times[0],
+            }
+            print(f"[demo] {mode:>8}: loss {recs[0]['loss']:.4f} -> {recs[-1]['loss']:.4f}; median step "
+                  f"{statistics.median(steady) * 1e3:.1f} ms (first step {times[0]:.2f} s)")
+    finally:
+        shutil.rmtree(ckpt, ignore_errors=True)  # the demo's own temporary checkpoint
     if "compiled" in results:
         ratio = results["eager"]["median_step_s"] / results["compiled"]["median_step_s"]
         print(f"[demo] compiled / eager speed-up: {ratio:.2f}x (median step time, this machine)")

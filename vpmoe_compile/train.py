@@ -86,6 +86,7 @@ class TrainArgs:
     data_cache: Optional[str] = None
     progress: Optional[bool] = None
     quiet: bool = False
+    dump_dir: Optional[str] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,6 +98,10 @@ def parse_blend(items: Sequence[str]) -> Tuple[List[str], Optional[List[float]]]
     """``[PREFIX]`` -> ``([PREFIX], None)``; ``[W1, P1, W2, P2, ...]`` -> ``([P1, P2], [W1, W2])``
     (Megatron-LM's ``--data-path`` convention)."""
     items = [str(x) for x in items]
+    suffixed = [x for x in items if x.endswith((".bin", ".idx", ".json"))]
+    if suffixed:
+        raise TrainError(f"--data takes dataset PREFIXES (without .bin / .idx), got {suffixed}; e.g. --data "
+                         f"{suffixed[0].rsplit('.', 1)[0].removesuffix('.manifest').removesuffix('_loss_mask')}")
     if not items:
         raise TrainError("--data is required: a prefix written by build-dataset, or a blend 'W1 PREFIX1 W2 PREFIX2'")
     if len(items) == 1:
@@ -313,7 +318,7 @@ def train(a: TrainArgs) -> Dict[str, Any]:
     if state is not None:
         restore(model, state)
     else:
-        vpmoe_compile.transform(model, cfg, progress=False)
+        vpmoe_compile.transform(model, cfg, progress=False, dump_dir=a.dump_dir)
     wrapped = wrap_megatron(model)
     optimizer = vpmoe_compile.build_optimizer(wrapped, cfg)
     st = optimizer.settings  # the [optimizer] section as build_optimizer resolved it

@@ -68,11 +68,11 @@ def test_demo_eager_and_compiled(megatron_env, tmp_path, capsys):
     for mode in ("eager", "compiled"):
         assert r[mode]["median_step_s"] > 0
         assert math.isfinite(r[mode]["first_loss"]) and math.isfinite(r[mode]["last_loss"])
-        assert r[mode]["last_loss"] < r[mode]["first_loss"]  # each phase trains
-    # the compiled phase continues the eager-trained model (not a fresh one): its first loss is
-    # one step on from the eager phase's last, well below the initial loss
-    assert abs(r["compiled"]["first_loss"] - r["eager"]["last_loss"]) < 0.1
-    assert r["compiled"]["first_loss"] < r["eager"]["first_loss"] - 0.1
+    # the compiled phase resumes the eager-trained model from its checkpoint (steps 4-6 of one
+    # run, not a fresh model), and the run as a whole trains
+    assert (r["eager"]["first_step"], r["eager"]["last_step"]) == (1, 3)
+    assert (r["compiled"]["first_step"], r["compiled"]["last_step"]) == (4, 6)
+    assert r["compiled"]["last_loss"] < r["eager"]["first_loss"]
     assert (tmp_path / "dump" / "index.md").exists()
 
 
