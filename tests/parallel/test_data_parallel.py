@@ -1,0 +1,47 @@
+"""Data parallelism through Megatron's DDP on CPU (gloo, 2 processes): the same global batch
+trains to the same losses and weights as one process, within fp32 tolerance."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("_train_worker.py")
+
+
+def _run(nproc, prefix, out, steps=3, global_batch=4, micro_batch=2):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(WORKER),
+           prefix, str(out), str(steps), str(global_batch), str(micro_batch)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def demo_prefix(tmp_path_factory):
+    from megatron_base import build_demo_dataset
+
+    return build_demo_dataset(tmp_path_factory.mktemp("data"))
+
+
+def test_dp2_equals_one_process(demo_prefix, tmp_path):
+    one = _run(1, demo_prefix, tmp_path / "one.pt")
+    two = _run(2, demo_prefix, tmp_path / "two.pt")
+    la = [r["loss"] for r in one["records"]]
+    lb = [r["loss"] for r in two["records"]]
+    assert len(la) == len(lb) == 3
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=1e-5)
+    ga = [r["grad_norm"] for r in one["records"]]
+    gb = [r["grad_norm"] for r in two["records"]]
+    torch.testing.assert_close(torch.tensor(gb), torch.tensor(ga), rtol=1e-4, atol=1e-6)
+    assert one["weights"].keys() == two["weights"].keys()
+    for n in one["weights"]:
+        torch.testing.assert_close(two["weights"][n], one["weights"][n], rtol=1e-4, atol=1e-5, msg=n)
