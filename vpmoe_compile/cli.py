@@ -282,11 +282,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     _quiet_imports()
     parser = build_parser()
     args = parser.parse_args(argv)
+    from vpmoe_compile.checkpoint import CheckpointError
     from vpmoe_compile.dump import DumpDirError
+    from vpmoe_compile.train import TrainError
 
     try:
         return int(args.func(args) or 0)
-    except (CLIError, DumpDirError) as exc:
+    except (CLIError, DumpDirError, TrainError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

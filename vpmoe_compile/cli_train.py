@@ -50,9 +50,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from vpmoe_compile.cli import CLIError
-    from vpmoe_compile.checkpoint import CheckpointError
-    from vpmoe_compile.train import TrainArgs, TrainError, train
+    from vpmoe_compile.train import TrainArgs, train
 
     targs = TrainArgs(
         config=args.config, data=args.data, micro_batch=args.micro_batch, global_batch=args.global_batch,
@@ -61,8 +59,5 @@ def cmd_train(args) -> int:
         load=args.load, log_json=args.log_json, plot=args.plot, seed=args.seed, device=args.device,
         data_cache=args.data_cache,
     )
-    try:
-        train(targs)
-    except (TrainError, CheckpointError) as exc:
-        raise CLIError(str(exc)) from None
+    train(targs)  # TrainError / CheckpointError: one-line errors of the command line's main()
     return 0
