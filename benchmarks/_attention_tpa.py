@@ -66,15 +66,14 @@ def _case(name: str, fn: Callable, inputs: List[torch.Tensor], dout: torch.Tenso
     return dict(name=name, fwd=fwd, fwd_bwd=fwd_bwd)
 
 
-def tpa_cases(b: int, s: int, H: int, G: int, d: int, W: int, device, attention_middle: str = "own") -> List[Dict]:
-    """Benchmark cases (see module docstring) at ``Rq = 4``, ``R = 2``; ``attention_middle`` is the
-    fused op's (``[kernels] tpa_attention_middle``)."""
+def tpa_cases(b: int, s: int, H: int, G: int, d: int, W: int, device) -> List[Dict]:
+    """Benchmark cases (see module docstring) at ``Rq = 4``, ``R = 2``."""
     inputs = make_tpa_inputs(b, s, H, G, d, device)
     dout = torch.randn(s, b, H * d, device=device, dtype=torch.bfloat16)
     cfg = dict(num_heads=H, num_groups=G, head_dim=d, q_rank=Q_RANK, kv_rank=KV_RANK, window=W)
 
     def fused(*a):
-        return tpa_window_attention(*a, backend="triton", attention_middle=attention_middle, **cfg)
+        return tpa_window_attention(*a, backend="triton", **cfg)
 
     def chain(*a):
         return ref.tpa_fork_emulation(*a, **cfg)

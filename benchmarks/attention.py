@@ -15,8 +15,10 @@ Suites:
   with an ALiBi ``score_mod`` and a causal BlockMask (without sink, and with the post-hoc sink
   ``O * sigmoid(L - sink)`` from ``return_lse``); the fork path (materialised fp32 ``[H, s, s]``
   bias, unfused fp32 softmax with a concatenated sink column, plain eager).
-* ``window``: FlexAttention with a sliding-window BlockMask (without / with post-hoc sink), ours,
-  and the byte floor of attention on ready q/k/v (docs/design.md#benchmarks-and-checks).
+* ``window``: FlexAttention with a sliding-window BlockMask (without / with post-hoc sink), ours
+  (``window_sink_attention``: the one sliding-window kernel family, ``tpa_attention/triton.py``;
+  ``attention_window.json`` was recorded when it ran on the sink-attention kernels' window path,
+  since deleted), and the byte floor of attention on ready q/k/v (docs/design.md#benchmarks-and-checks).
 * ``tpa``: cases from ``benchmarks/_attention_tpa.py`` (teammate-owned) if present.
 """
 
@@ -310,7 +312,9 @@ def _profile_kernels(fn, iters=3):
 
 
 def kernel_sweep(a, results):
-    """Per-kernel times of ours (fwd+bwd) for the autotuned and a few fixed tile triples."""
+    """Per-kernel times of ours (fwd+bwd): the full-causal kernels autotuned and with a few fixed
+    tile triples; the window flavour once (the sliding-window family runs its own ``GPU_TILES``,
+    ``use_config`` does not apply to it)."""
     ops = import_op_module("sink_attention")
     alibi = import_op_module("sink_attention.alibi")
     tk = import_op_module("sink_attention.triton")
@@ -330,7 +334,7 @@ def kernel_sweep(a, results):
     slopes = alibi.alibi_slopes(a.H, device="cuda")
     sweep = {}
     for flavour in ("window", "global"):
-        for name, cfg in triples.items():
+        for name, cfg in (triples.items() if flavour == "global" else [("GPU_TILES", None)]):
             def step(cfg=cfg, flavour=flavour):
                 with tk.use_config(cfg):
                     if flavour == "global":
@@ -342,9 +346,9 @@ def kernel_sweep(a, results):
                 t0 = time.time()
                 prof = _profile_kernels(step)
                 sweep[f"{flavour}:{name}"] = prof
-                top = {kk: vv for kk, vv in prof.items() if "sink_attn" in kk}
+                top = {kk: vv for kk, vv in prof.items() if "sink_attn" in kk or "_swa_" in kk}
                 print(f"[sweep] {flavour:6s} {name:40s} " + "  ".join(
-                    f"{kk.replace('_sink_attn_', '')[:14]}={vv:.0f}" for kk, vv in top.items())
+                    f"{kk.replace('_sink_attn_', '').replace('_swa_', '')[:14]}={vv:.0f}" for kk, vv in top.items())
                     + f"  ({time.time() - t0:.0f}s)", flush=True)
             except Exception as e:
                 sweep[f"{flavour}:{name}"] = {"error": f"{type(e).__name__}: {e}"[:300]}

@@ -269,7 +269,9 @@ def render_window_kernels(results: Path) -> str:
                         "sink-attention kernels"], body)
                  + ["", f"Worst bf16 error ratio to the fp32-math reference (s=1024): TPA kernels {acc['own']:.2f}, "
                         f"sink-attention kernels {acc['shared']:.2f}. Faster inside the fused TPA op: "
-                        f"{'TPA kernels' if data['faster'] == 'own' else 'sink-attention kernels'}.",
+                        f"{'TPA kernels' if data['faster'] == 'own' else 'sink-attention kernels'}, kept as the "
+                        "library's one sliding-window family (also under `window_sink_attention`); the other "
+                        "family's window path was deleted.",
                     "", source_note(results, name)])
 
 
@@ -331,7 +333,8 @@ ATTN_GLOBAL = [  # (row name prefix, label, graph timing?)
      False),
 ]
 ATTN_WINDOW = [
-    ("(e) ours: window", "ours `window_sink_attention`, W={W}, ready q/k/v", True),
+    ("(e) ours: window", "ours `window_sink_attention`, W={W}, ready q/k/v (on its former kernels, since deleted)",
+     True),
     ("(d) FlexAttention sliding window W=128 + post-hoc sink", "FlexAttention sliding-window block mask "
                                                                "(+ post-hoc sink)", True),
 ]

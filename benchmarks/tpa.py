@@ -2,7 +2,7 @@
 
 Usage (on a CUDA machine, from the repository root)::
 
-    PYTHONPATH=$PWD python benchmarks/tpa.py --out $OUT --tune [--skip-chain] [--skip-shared]
+    PYTHONPATH=$PWD python benchmarks/tpa.py --out $OUT --tune [--skip-chain]
 
 0. (``--tune``) Each kernel's tiles are chosen by timing candidates at the benchmark shape; the
    timings below then run with the chosen tiles (the comparison with the pre-rewrite prologue
@@ -160,14 +160,6 @@ def timings(args):
     except Exception as e:
         print(f"[prof] failed: {str(e)[:300]}", flush=True)
     save(args.out)
-    if not args.skip_shared:
-        try:
-            shared = tpa_cases(b, s, H, G, d, W, "cuda", attention_middle="shared")[0]
-            out["tpa_fused[shared]"] = dict(fwd=bench(shared["fwd"]), fwd_bwd=bench(shared["fwd_bwd"]))
-        except Exception as e:
-            out["tpa_fused[shared]"] = dict(error=str(e)[:300])
-        print(f"[time {time.time() - T0:6.1f}s] tpa_fused[shared] {out['tpa_fused[shared]']}", flush=True)
-        save(args.out)
     if not args.skip_chain:
         for c in cases[1:]:
             t0 = time.time()
@@ -189,7 +181,6 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--skip-chain", action="store_true", help="time only our op (not the fork chain)")
     ap.add_argument("--tune", action="store_true", help="pick kernel tiles by timing before the timings")
-    ap.add_argument("--skip-shared", action="store_true", help="skip the op with the shared attention middle")
     ap.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1: tiny tuning + case calls")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)

@@ -33,7 +33,8 @@ from benchmarks._ops_import import import_op_module  # noqa: E402
 
 BF16 = ("F_ptr", "DF_ptr", "DQ_ptr", "DK_ptr", "DV_ptr", "BIAS_ptr", "GQ_ptr", "GK_ptr", "Q_ptr", "K_ptr",
         "V_ptr", "O_ptr", "DO_ptr", "SINK_ptr")
-FP32 = ("RSQ_ptr", "RSK_ptr", "COS_ptr", "SIN_ptr", "PART_ptr", "CS_ptr", "L_ptr", "DELTA_ptr", "DSINK_part")
+FP32 = ("RSQ_ptr", "RSK_ptr", "COS_ptr", "SIN_ptr", "PART_ptr", "CS_ptr", "L_ptr", "DLSE_ptr", "DELTA_ptr",
+        "DSINK_part")
 SCALARS = dict(eps="fp32", qk_scale="fp32", sm_scale="fp32")
 
 
@@ -92,8 +93,11 @@ def main():
         ("prologue_bwd BT4 w1 BPP2", tk._tpa_prologue_bwd_kernel, dict(pro, BT=4, BPP=2, ALIGN=8), 1),
         ("prologue_fwd BT8 w4 (default)", tk._tpa_prologue_fwd_kernel, dict(pro, BT=8, ALIGN=8), 4),
         ("swa_fwd 64x64 w4", tk._swa_fwd_kernel, att, 4),
-        ("swa_bwd_dq 64x64 w4 recompute delta", tk._swa_bwd_dq_kernel, dict(att, RECOMPUTE_DELTA=True), 4),
-        ("swa_bwd_dq 64x64 w4 delta from O", tk._swa_bwd_dq_kernel, dict(att, RECOMPUTE_DELTA=False), 4),
+        ("swa_bwd_dq 64x64 w4 recompute delta", tk._swa_bwd_dq_kernel,
+         dict(att, RECOMPUTE_DELTA=True, HAS_DLSE=False), 4),
+        ("swa_bwd_dq 64x64 w4 delta from O", tk._swa_bwd_dq_kernel, dict(att, RECOMPUTE_DELTA=False, HAS_DLSE=False), 4),
+        ("swa_bwd_dq 64x64 w4 recompute + dLSE", tk._swa_bwd_dq_kernel,
+         dict(att, RECOMPUTE_DELTA=True, HAS_DLSE=True), 4),
         ("swa_bwd_dkv 64x64 w4", tk._swa_bwd_dkv_kernel, att, 4),
     ]
     print(f"triton {triton.__version__}, target cuda:90")

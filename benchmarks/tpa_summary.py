@@ -11,7 +11,9 @@ Rows (b=8, s=4096, H=8, G=2, d=128, W=128, Rq=4, R=2, bf16; medians in microseco
 * (b) the fork's chain, eager                  ``tpa_bench_h100_run2.json`` (``tpa_check.py``, now ``tpa.py``)
 * (c) the same chain under ``torch.compile``   ``tpa_bench_h100_run2.json``
 * (d) FlexAttention on ready q/k/v, window     ``attention_window.json`` (``attention.py --suite window``)
-* (e) our ``window_sink_attention`` on ready q/k/v  ``attention_window.json``
+* (e) our ``window_sink_attention`` on ready q/k/v  ``attention_window.json`` (recorded when it ran on
+  the sink-attention kernels' window path, deleted since in favour of the TPA op's own window
+  kernels: ``window_kernels.json``)
 * floors (docs/design.md#benchmarks-and-checks) ``tpa_bench_h100_run6.json``
 
 The runs are separate sessions on the same machine type (H100 80GB HBM3, torch 2.11, Triton 3.6);

@@ -5,7 +5,9 @@ A config file has the sections and keys of the reference fork's ``configs/vpmoe.
 the fork passed on its command line (documented per field below) and our own ``[kernels]``. ``load_config`` accepts a
 preset name (``tiny``, ``vpmoe-8l``, ``vpmoe``) or a path, rejects unknown sections and keys
 and invalid values with an error that names the key and what is allowed, and returns a
-:class:`VpMoEConfig`.
+:class:`VpMoEConfig`. A removed key (:data:`REMOVED_KEYS`) is an error that says why it went,
+except with the one value that still means today's behaviour, which is ignored with a warning
+(so configs and checkpoints written before the removal still load).
 
 A config states its model
 -------------------------
@@ -55,6 +57,7 @@ import dataclasses
 import difflib
 import math
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union, get_args, get_origin
@@ -323,9 +326,6 @@ class KernelsSection:
     #: Both attention ops (global sink attention, local TPA): "auto" (Triton on CUDA where the
     #: kernels support the shapes, the PyTorch reference elsewhere), "triton" or "reference".
     attention: str = field(default="auto", metadata=_choice("auto", "triton", "reference", required=False))
-    #: The window + sink kernels inside the TPA op's Triton path: "own" (its per-head kernels,
-    #: measured faster on the H100) or "shared" (the sink-attention kernels).
-    tpa_attention_middle: str = field(default="own", metadata=_choice("own", "shared", required=False))
     #: The MoE experts' grouped GEMM: "auto" (torch._grouped_mm on sm90+ bf16, else the
     #: reference op) or "reference".
     grouped_gemm: str = field(default="auto", metadata=_choice("auto", "reference", required=False))
@@ -580,10 +580,38 @@ def _check_value(section: str, f, value, where: str) -> None:
         )
 
 
-def _parse_section(section: str, cls, raw: Dict[str, Any], where: str):
+#: Keys that existed once: ``(section, key) -> (the value that still means today's behaviour, why
+#: the key went)``. That value is accepted and ignored with a warning (configs and checkpoints
+#: written before the removal record it); any other value is an error that says the key was removed.
+REMOVED_KEYS: Dict[Tuple[str, str], Tuple[Any, str]] = {
+    ("kernels", "tpa_attention_middle"): (
+        "own",
+        "the TPA op runs one sliding-window kernel family, its own (the \"own\" choice); the "
+        "\"shared\" choice, the sink-attention kernels' window path, was deleted after the measured "
+        "H100 comparison (benchmarks/results/window_kernels.json)",
+    ),
+}
+
+
+def _removed_key(section: str, key: str, value: Any, where: str, warn: bool) -> None:
+    """Warn about (kept value; when ``warn``) or refuse (any other) a key of :data:`REMOVED_KEYS`."""
+    kept, why = REMOVED_KEYS[(section, key)]
+    if value == kept:
+        if warn:
+            warnings.warn(f"{where}: [{section}] {key} = {value!r} is ignored: the key was removed ({why}); "
+                          "delete it from the config", UserWarning, stacklevel=2)
+        return
+    raise ConfigError(f"{where}: [{section}] {key} was removed ({why}); {key} = {value!r} cannot be honoured: "
+                      "delete the key")
+
+
+def _parse_section(section: str, cls, raw: Dict[str, Any], where: str, warn: bool = True):
     known = {f.name: f for f in fields(cls)}
     kwargs = {}
     for key, value in raw.items():
+        if (section, key) in REMOVED_KEYS:
+            _removed_key(section, key, value, where, warn)
+            continue
         if key not in known:
             hint = difflib.get_close_matches(key, known, n=1)
             raise ConfigError(
@@ -611,7 +639,7 @@ def _check_sections(data: Dict[str, Any], where: str) -> None:
             )
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: [{section}] must be a table of keys, got {raw!r}")
-        _parse_section(section, _SECTIONS[section], raw, where)
+        _parse_section(section, _SECTIONS[section], raw, where, warn=False)  # warned when built
 
 
 _BASE_HINT = " | ".join(f'"{p}"' for p in PRESETS)

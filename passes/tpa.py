@@ -136,7 +136,7 @@ class TPAPass(Pass):
             f"{len(result.sites)} local layers {[l.layer_number for l in plan.local_layers]}"
         )
         result.data["factor_rows"] = [list(r) for r in rows]
-        result.data["kernels"] = {"backend": backend, "attention_middle": kernels.tpa_attention_middle}
+        result.data["kernels"] = {"backend": backend}
         result.notes.append(
             "linear_qkv.weight is one packed factor weight per layer (rows: "
             + ", ".join(f"{n} {r}" for n, r in rows) + "); the QKV bias and the sink are carried over"

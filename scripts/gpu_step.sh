@@ -3,13 +3,13 @@
 #
 #   bash scripts/gpu_step.sh OUT_DIR [PHASES] [-- extra benchmarks/step.py args]
 #
-# PHASES: comma list of tests,step,parity,window (default tests,step,parity), run in that order:
+# PHASES: comma list of tests,step,parity (default tests,step,parity), run in that order:
 #   tests   python3 -m pytest -q -p no:cacheprovider -m gpu tests/      -> OUT_DIR/tests.log
 #   step    benchmarks/step.py --out OUT_DIR [args]                     -> step.json, step.png, step.log
 #   parity  benchmarks/train_parity.py --out OUT_DIR $PARITY_ARGS       -> train_parity.json/.png/.log
-#   window  benchmarks/window_kernels.py --out OUT_DIR                  -> window_kernels.json/.png/.log
-# Each phase has a time limit in seconds (TESTS_S, STEP_S, PARITY_S, WINDOW_S; defaults
-# 300 / 420 / 240 / 120):
+# (The former window phase, benchmarks/window_kernels.py, compared the two sliding-window kernel
+# families; it was deleted with the second family: its record is benchmarks/results/window_kernels.json.)
+# Each phase has a time limit in seconds (TESTS_S, STEP_S, PARITY_S; defaults 300 / 420 / 240):
 # at the limit it gets SIGINT (step.py and train_parity.py then write what they have), 30 s
 # later SIGKILL. A failing phase does not stop the next; the exit status is 1 if any failed.
 #
@@ -50,9 +50,6 @@ fi
 if [[ ",$PHASES," == *",parity,"* ]]; then
   # shellcheck disable=SC2086
   run_phase parity "${PARITY_S:-240}" "$OUT/train_parity.log" python3 benchmarks/train_parity.py --out "$OUT" ${PARITY_ARGS:-}
-fi
-if [[ ",$PHASES," == *",window,"* ]]; then
-  run_phase window "${WINDOW_S:-120}" "$OUT/window_kernels.log" python3 benchmarks/window_kernels.py --out "$OUT"
 fi
 status=0
 for k in "${!RC[@]}"; do

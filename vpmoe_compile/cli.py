@@ -275,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vpmoe_compile.cli_train import add_train_parser
 
     add_train_parser(sub)
+    from vpmoe_compile.cli_plan import add_plan_parser
+
+    add_plan_parser(sub)
     return p
 
 
@@ -284,11 +287,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     from vpmoe_compile.checkpoint import CheckpointError
     from vpmoe_compile.dump import DumpDirError
+    from vpmoe_compile.plan import PlanError
     from vpmoe_compile.train import TrainError
 
     try:
         return int(args.func(args) or 0)
-    except (CLIError, DumpDirError, TrainError, CheckpointError) as exc:
+    except (CLIError, DumpDirError, TrainError, CheckpointError, PlanError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

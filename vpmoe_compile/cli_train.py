@@ -37,6 +37,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--save", default=None, metavar="DIR", help="write checkpoints to DIR/iter_XXXXXXX")
     t.add_argument("--save-interval", type=int, default=0, help="checkpoint every N steps (and at the end)")
     t.add_argument("--load", default=None, metavar="DIR", help="resume from DIR (a checkpoint or a --save folder)")
+    t.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from a checkpoint's weights with a fresh optimizer and step 0 (Megatron's --finetune)")
     t.add_argument("--log-json", default=None, metavar="FILE",
                    help="append one JSON line per step (step, loss, lr, grad_norm, tokens_per_s); the plot goes "
                         "next to it as FILE's name with .png")
@@ -44,6 +46,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--data-cache", default=None, metavar="DIR",
                    help="GPTDataset's index cache (default: .gpt_dataset_cache beside the first prefix)")
     t.add_argument("--seed", type=int, default=1234, help="random seed (weights, data shuffle)")
+    t.add_argument("--expert-parallel", type=int, default=1,
+                   help="expert-parallel size (divides the experts and the number of ranks; launch with torchrun)")
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
     t.set_defaults(func=cmd_train)
     return t
@@ -56,7 +60,7 @@ def cmd_train(args) -> int:
         config=args.config, data=args.data, micro_batch=args.micro_batch, global_batch=args.global_batch,
         seq_len=args.seq_len, steps=args.steps, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps, lr_decay_steps=args.lr_decay_steps,
         compile=args.compile, compile_backend=args.compile_backend, save=args.save, save_interval=args.save_interval,
-        load=args.load, log_json=args.log_json, plot=args.plot, seed=args.seed, device=args.device,
+        load=args.load, init_from=args.init_from, log_json=args.log_json, plot=args.plot, seed=args.seed, expert_parallel=args.expert_parallel, device=args.device,
         data_cache=args.data_cache,
     )
     train(targs)  # TrainError / CheckpointError: one-line errors of the command line's main()

@@ -25,6 +25,8 @@ mapping of named sizes; ``None`` means "not known yet, not judged"):
 op                     kernel module                                        ``shapes`` keys
 =====================  ===================================================  ====================
 ``sink_attention``     :mod:`vpmoe_compile.ops.sink_attention.triton`       ``head_dim``
+                                                                            (the op adds
+                                                                            ``alibi_with_window``)
 ``tpa_attention``      :mod:`vpmoe_compile.ops.tpa_attention.triton`        ``head_dim``,
                                                                             ``q_rank``,
                                                                             ``kv_rank``
@@ -53,16 +55,11 @@ __all__ = [
     "GROUPED_GEMM_BACKENDS",
     "KernelPolicy",
     "KernelPolicyError",
-    "TPA_ATTENTION_MIDDLES",
     "resolve_backend",
 ]
 
 #: ``[kernels] attention``: both attention ops (global sink attention, local TPA attention).
 ATTENTION_BACKENDS: Tuple[str, ...] = ("auto", "triton", "reference")
-#: ``[kernels] tpa_attention_middle``: which window + sink kernels the TPA op runs on its
-#: materialised q/k/v (Triton path only): its own per-head kernels or the shared
-#: ``sink_attention`` kernels (PackGQA, autotuned). See ``docs/design.md#tpa-attention``.
-TPA_ATTENTION_MIDDLES: Tuple[str, ...] = ("own", "shared")
 #: ``[kernels] grouped_gemm``: the MoE experts' grouped GEMM (``"auto"``: ``torch._grouped_mm``
 #: where it runs without a host sync, else the reference op).
 GROUPED_GEMM_BACKENDS: Tuple[str, ...] = ("auto", "reference")
@@ -130,22 +127,19 @@ class KernelPolicy:
     Attributes:
         attention: ``"auto"`` (Triton on CUDA where the kernels support the shapes, the
             PyTorch reference elsewhere), ``"triton"`` or ``"reference"``; both attention ops.
-        tpa_attention_middle: ``"own"`` (default; measured faster on the H100 at the vpMoE
-            shape) or ``"shared"``: the window + sink kernels inside the TPA op's Triton path.
         grouped_gemm: ``"auto"`` or ``"reference"``: the MoE experts' grouped GEMM.
 
     The optimizer's kernel choice, ``[optimizer] pe_backend`` (Polar Express: fused Triton
     kernel or batched ``bmm``), stays in the optimizer's section: the optimizer is built after
-    ``transform`` and reads its own config.
+    ``transform`` and reads its own config. (The former ``tpa_attention_middle`` choice was
+    removed: the library has one sliding-window kernel family, ``docs/design.md#kernel-choice``.)
     """
 
     attention: str = "auto"
-    tpa_attention_middle: str = "own"
     grouped_gemm: str = "auto"
 
     def __post_init__(self) -> None:
         _check_choice("[kernels] attention", self.attention, ATTENTION_BACKENDS)
-        _check_choice("[kernels] tpa_attention_middle", self.tpa_attention_middle, TPA_ATTENTION_MIDDLES)
         _check_choice("[kernels] grouped_gemm", self.grouped_gemm, GROUPED_GEMM_BACKENDS)
 
     @classmethod

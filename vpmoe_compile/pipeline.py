@@ -388,8 +388,8 @@ def transform(
         backend: overrides the config's ``[kernels] attention`` (the backend of both attention
             ops): ``"auto"`` (Triton on CUDA where the kernels support the shapes, the PyTorch
             reference elsewhere), ``"triton"`` or ``"reference"``. Default (``None``): the
-            config's value. The other ``[kernels]`` keys (``tpa_attention_middle``,
-            ``grouped_gemm``) come from the config only. The resolved
+            config's value. The other ``[kernels]`` key (``grouped_gemm``) comes from the
+            config only. The resolved
             :class:`~vpmoe_compile.kernels.KernelPolicy` is ``model.vpmoe_transform.kernels``.
         progress: print one line per pass (default: when stderr is a terminal).
 

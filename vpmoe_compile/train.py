@@ -58,6 +58,9 @@ class TrainArgs:
         steps: the iteration to train to (a resumed run continues from its checkpoint's).
         lr, min_lr: peak and final learning rate of the matrix (NorMuon) group; default the
             config's ``[optimizer]`` lr and 1/10 of it. The other groups keep their ratio.
+        init_from: start from a checkpoint's model weights with a fresh optimizer, scheduler and
+            data position (Megatron-LM's ``--load`` with ``--finetune``); it may have been saved
+            at another expert-parallel size.
         warmup_steps: linear warm-up iterations; then cosine decay to ``min_lr`` at
             ``lr_decay_steps`` (default ``steps``; Megatron-LM's ``--lr-decay-iters``: set it to
             the full run's length when training in pieces). A resumed run takes the schedule
@@ -79,9 +82,11 @@ class TrainArgs:
     save: Optional[str] = None
     save_interval: int = 0
     load: Optional[str] = None
+    init_from: Optional[str] = None
     log_json: Optional[str] = None
     plot: Optional[str] = None
     seed: int = 1234
+    expert_parallel: int = 1
     device: str = "auto"
     data_cache: Optional[str] = None
     progress: Optional[bool] = None
@@ -304,7 +309,9 @@ def train(a: TrainArgs) -> Dict[str, Any]:
         raise TrainError(f"--seq-len {seq_len} exceeds [attention] max_sequence_length "
                          f"{cfg.attention.max_sequence_length} of config {cfg.source!r}")
 
-    init_process(seed=a.seed)
+    if a.expert_parallel < 1:
+        raise TrainError(f"--expert-parallel must be >= 1, got {a.expert_parallel}")
+    init_process(seed=a.seed, expert_model_parallel_size=a.expert_parallel)
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     if a.global_batch % (a.micro_batch * dp_size):
@@ -335,6 +342,12 @@ def train(a: TrainArgs) -> Dict[str, Any]:
         start_wd=st.weight_decay, end_wd=st.weight_decay, wd_incr_steps=max(a.steps, 1), wd_incr_style="constant",
     )
     iteration, consumed = 0, 0
+    if a.init_from:
+        if a.load:
+            raise TrainError("--init-from and --load exclude each other: --load resumes a run, --init-from starts "
+                             "a new one from a checkpoint's weights")
+        info = load_checkpoint(a.init_from, wrapped, rng=False)
+        say(f"initialised the weights from {info['path']} (fresh optimizer, step 0)")
     if a.load:
         info = load_checkpoint(a.load, wrapped, optimizer, scheduler)
         iteration = int(info["iteration"] or 0)

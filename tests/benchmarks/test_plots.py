@@ -103,16 +103,6 @@ def test_attention_plot(tmp_path, figures, suite):
     _check(figures[0])
 
 
-def test_window_kernels_plot(tmp_path, figures):
-    mod = _load("window_kernels")
-    rows = [dict(family=fam, b=b, what=what, us=us * b + (5 if fam == "own" else 0))
-            for b in (2, 8) for fam in mod.FAMILIES
-            for what, us in (("middle fwd", 30), ("middle fwd+bwd", 90), ("fused TPA fwd+bwd", 200))]
-    doc = dict(results=rows, faster="shared", meta=dict(device="GPU", H=8, G=2, d=128, W=128, s=4096))
-    mod.plot(doc, str(tmp_path / "w.png"))
-    _check(figures[0])
-
-
 def test_step_plot(tmp_path, figures):
     def breakdown(k):
         parts = {p: {"ms_per_micro_batch": v * k, "count_per_micro_batch": c} for p, v, c in (

@@ -112,7 +112,7 @@ class TPACoreAttention(MegatronModule):
     ``forward(factors [s, b, F], qkv_bias, gamma_q [d], gamma_k [d], cos [s, d/2], sin [s, d/2])
     -> [s, b, H*d]``. The stock ``softmax_offset`` is carried over as the sink. ``kernels``: the
     model's :class:`~vpmoe_compile.kernels.KernelPolicy` (``[kernels] attention`` picks the op's
-    backend, ``[kernels] tpa_attention_middle`` its attention middle; default: the default policy).
+    backend; default: the default policy).
     """
 
     def __init__(self, stock_core, *, window: int, q_rank: int, kv_rank: int, eps: float,
@@ -130,7 +130,6 @@ class TPACoreAttention(MegatronModule):
         self.backend = self.kernels.backend(
             "tpa_attention", {"head_dim": self.head_dim, "q_rank": q_rank, "kv_rank": kv_rank}
         )
-        self.attention_middle = self.kernels.tpa_attention_middle
         self.softmax_type = stock_core.config.softmax_type
         if self.softmax_type == "learnable":
             self.softmax_offset = stock_core.softmax_offset
@@ -149,7 +148,7 @@ class TPACoreAttention(MegatronModule):
             factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink,
             num_heads=self.num_heads, num_groups=self.num_groups, head_dim=self.head_dim,
             q_rank=self.q_rank, kv_rank=self.kv_rank, window=self.window, eps=self.eps,
-            softmax_scale=self.softmax_scale, backend=self.backend, attention_middle=self.attention_middle,
+            softmax_scale=self.softmax_scale, backend=self.backend,
         )
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
@@ -164,8 +163,7 @@ class TPACoreAttention(MegatronModule):
     def extra_repr(self) -> str:
         return (
             f"heads={self.num_heads}, groups={self.num_groups}, head_dim={self.head_dim}, "
-            f"q_rank={self.q_rank}, kv_rank={self.kv_rank}, window={self.window}, backend={self.backend}, "
-            f"attention_middle={self.attention_middle}"
+            f"q_rank={self.q_rank}, kv_rank={self.kv_rank}, window={self.window}, backend={self.backend}"
         )
 
 

@@ -6,7 +6,8 @@ decided by :mod:`vpmoe_compile.kernels` (``docs/design.md#kernel-choice``).
 
 * :func:`sink_attention`, :func:`alibi_sink_attention`, :func:`window_sink_attention` —
   causal flash attention with the GPT-OSS sink, optional ALiBi (GRAPE-A) or sliding window
-  (``sink_attention/``); :func:`alibi_slopes` — the standard ALiBi slopes for any head count
+  (``sink_attention/``; the window runs on the TPA op's sliding-window kernels, the library's one
+  family); :func:`alibi_slopes` — the standard ALiBi slopes for any head count
   (``sink_attention/alibi.py``).
 * :func:`tpa_window_attention` — the fused TPA local-layer op: factors -> contraction, bias,
   QK RMSNorm, GRAPE-M rotation, window + sink attention (``tpa_attention/``; the packed factor

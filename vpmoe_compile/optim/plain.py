@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .grad_norm import local_grad_norm, nonfinite_param_names
+from .grad_norm import grad_sq_sum, local_grad_norm, nonfinite_param_names
 from .normuon import NorMuon
 from .param_groups import aux_override, normuon_group, normuon_kwargs
 from .routing import ParamRoute
@@ -116,8 +116,20 @@ class NorMuonWithAuxAdamW:
     @torch.no_grad()
     def get_grad_norm(self) -> float:
         """Global L2 norm of all gradients, accumulated in fp64 (a finite gradient never
-        overflows it), one host sync (:func:`local_grad_norm`)."""
-        return local_grad_norm(self.get_main_grads_for_grad_norm())
+        overflows it), one host sync (:func:`local_grad_norm`). Under expert parallelism each
+        rank holds other experts: their squares are summed over the expert-model-parallel group
+        (as Megatron's ``get_grad_norm_fp32`` does over its grad-stats group), the replicated
+        parameters' counted once."""
+        group = _expert_parallel_group()
+        if group is None:
+            return local_grad_norm(self.get_main_grads_for_grad_norm())
+        import torch.distributed as dist
+
+        params = [p for p in self._params() if p.grad is not None]
+        dense = grad_sq_sum([p.grad for p in params if getattr(p, "allreduce", True)])
+        expert = grad_sq_sum([p.grad for p in params if not getattr(p, "allreduce", True)], device=dense.device)
+        dist.all_reduce(expert, op=dist.ReduceOp.SUM, group=group)
+        return math.sqrt(float((dense + expert.to(dense.device)).item()))
 
     @torch.no_grad()
     def clip_grad_norm(self, clip_grad: float) -> float:
@@ -400,3 +412,20 @@ def build_plain_optimizer(
     return NorMuonWithAuxAdamW(
         normuon, adamw, st.clip_grad, st.nan_policy, names, use_main_grad=use_main_grad, **(runtime or {})
     )
+
+
+def _expert_parallel_group():
+    """Megatron's expert-model-parallel group when its size is > 1, else ``None``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        from megatron.core import parallel_state
+    except ImportError:  # pragma: no cover - megatron-core is a dependency
+        return None
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    if parallel_state.get_expert_model_parallel_world_size() <= 1:
+        return None
+    return parallel_state.get_expert_model_parallel_group()

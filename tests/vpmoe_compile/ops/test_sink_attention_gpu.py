@@ -6,7 +6,9 @@ a PyTorch implementation run on the same bf16 inputs with fp32 math
 (``sink_attention_reference(..., compute_dtype=torch.float32)``), plus an absolute slack of 1e-5
 (for quantities both compute almost exactly, such as the fp32 LSE). Outputs must be finite and the
 backward bitwise deterministic (two runs). Through the public op (``sink_attention_with_lse``,
-``backend="triton"``), with fixed tiles (``triton.use_config``) or autotuned.
+``backend="triton"``): the full-causal kernels with fixed tiles (``triton.use_config``) or
+autotuned; the window cases on the library's one sliding-window family
+(``tpa_attention/triton.py: swa_fwd / swa_bwd``, its ``GPU_TILES``; ``use_config`` does not apply).
 
 Formerly ``benchmarks/attention_check.py`` (its last record: ``benchmarks/results/attention_check.json``).
 Skipped without CUDA; the CPU twin of the rule (Triton interpreter) is in ``test_sink_attention.py``.
@@ -33,8 +35,8 @@ pytestmark = [
 NAMES = ("out", "lse", "dq", "dk", "dv", "dsink")
 FACTOR, SLACK = 2.0, 1e-5
 
-# H100-like tiles for the odd shapes (no autotuning: keeps the compile time down) and small tiles
-# (many tiles and band edges at s = 203, W = 33).
+# H100-like tiles for the odd full-causal shapes (no autotuning: keeps the compile time down) and
+# small tiles (many tiles).
 FIXED = tk.SinkAttentionConfig(fwd=tk.KernelTiles(128, 64, 8, 3), dq=tk.KernelTiles(128, 64, 8, 3),
                                dkv=tk.KernelTiles(64, 64, 8, 2))
 SMALL = tk.SinkAttentionConfig(fwd=tk.KernelTiles(32, 16), dq=tk.KernelTiles(32, 16), dkv=tk.KernelTiles(32, 16))
@@ -43,13 +45,15 @@ VP = dict(H=8, G=2, d=128)  # the vpMoE heads
 CASES = {
     # the production paths (config None = autotuned) at the vpMoE shape
     "global_alibi_autotuned": dict(VP, s=1024, b=1, alibi=True),
-    "window128_autotuned": dict(VP, s=1024, b=1, window=128),
-    # fixed tiles
-    "window128_s1000": dict(VP, s=1000, b=2, window=128, config=FIXED),  # s not a multiple of the block
-    "window_ge_s": dict(VP, s=100, b=2, window=128, config=FIXED),  # s < W: plain causal
-    "alibi_window33_small_tiles": dict(VP, s=203, b=1, alibi=True, window=33, config=SMALL),
-    "mha_window1": dict(H=4, G=4, d=64, s=77, b=3, window=1, config=FIXED),  # W = 1: the output residual
-    "mqa_window64": dict(H=8, G=1, d=128, s=129, b=2, window=64, config=FIXED),
+    "window128": dict(VP, s=1024, b=1, window=128),
+    # the window family (its own tiles): odd shapes
+    "window128_s1000": dict(VP, s=1000, b=2, window=128),  # s not a multiple of the block
+    "window_ge_s": dict(VP, s=100, b=2, window=128),  # s < W: plain causal
+    "window33_s203": dict(VP, s=203, b=1, window=33),  # band edges off the tiles
+    "mha_window1": dict(H=4, G=4, d=64, s=77, b=3, window=1),  # W = 1: delta recomputed as rowsum(P dP)
+    "mqa_window64": dict(H=8, G=1, d=128, s=129, b=2, window=64),
+    # full causal, fixed tiles
+    "global_alibi_small_tiles": dict(VP, s=203, b=1, alibi=True, config=SMALL),
     "pack3_causal_alibi": dict(H=6, G=2, d=64, s=150, b=1, alibi=True, config=FIXED),  # 3 heads per group
     "s1_alibi": dict(VP, s=1, b=2, alibi=True, config=FIXED),
 }

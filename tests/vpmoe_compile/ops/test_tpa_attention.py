@@ -220,14 +220,12 @@ def test_triton_matches_reference_fwd_bwd(case):
 
 
 @needs_triton
-@pytest.mark.parametrize("middle, pad, offset", [("shared", 7, 3), ("own", 7, 3), ("own", 8, 0)],
-                         ids=["shared_misaligned", "own_misaligned", "own_aligned_strided"])
-def test_triton_attention_middles_and_noncontiguous_factors(middle, pad, offset):
-    """Both attention middles (the project's shared sink-attention kernels, our own); factors as a
-    strided view, misaligned (scalar loads) or with 16-byte aligned rows (vectorised loads)."""
+@pytest.mark.parametrize("pad, offset", [(7, 3), (8, 0)], ids=["misaligned", "aligned_strided"])
+def test_triton_noncontiguous_factors(pad, offset):
+    """Factors as a strided view, misaligned (scalar loads) or with 16-byte aligned rows
+    (vectorised loads)."""
     from vpmoe_compile.ops.tpa_attention import triton as triton_tpa
 
-    pytest.importorskip("vpmoe_compile.ops.sink_attention.triton")
     s, b, H, G, d, Rq, R, W = 29, 2, 8, 2, 32, 4, 2, 9
     cfg = kw(H, G, d, Rq, R, W)
     inp = make_inputs(s, b, H, G, d, Rq, R)
@@ -242,7 +240,7 @@ def test_triton_attention_middles_and_noncontiguous_factors(middle, pad, offset)
     assert triton_tpa.factors_aligned(fview, H, G, Rq, R) == (pad == 8)
     leaf = fview.detach().requires_grad_(True)
     rest = [x.float().requires_grad_(True) for x in inp[1:]]
-    out = tpa_window_attention(leaf, *rest, backend="triton", attention_middle=middle, **cfg)
+    out = tpa_window_attention(leaf, *rest, backend="triton", **cfg)
     out.backward(dout.float())
     assert rel(out, o64) < 2e-5
     for name, g, gr in zip(NAMES, [leaf.grad] + [x.grad for x in rest], g64):
@@ -259,7 +257,7 @@ def _attention_grads(q, k, v, sink, dout, W, scale, dtype):
 @needs_triton
 @pytest.mark.parametrize("s, b, H, G, W", [(45, 2, 4, 2, 1), (1, 3, 4, 2, 7), (40, 1, 4, 1, 3)],
                          ids=["window1", "s1", "mqa_window3"])
-def test_attention_middle_bf16_delta_is_accurate(s, b, H, G, W, monkeypatch):
+def test_window_attention_bf16_delta_is_accurate(s, b, H, G, W, monkeypatch):
     """bf16 attention middle: the backward's ``delta = rowsum(dO * O)`` must be fp32-accurate.
 
     From the bf16-rounded ``O``, ``dS = P (dP - delta)`` cancels catastrophically where one key
@@ -267,7 +265,7 @@ def test_attention_middle_bf16_delta_is_accurate(s, b, H, G, W, monkeypatch):
     PyTorch implementation with the same bf16 inputs and fp32 math (its gradients rounded to
     bf16), and dsink's 1e4x. The kernel recomputes ``delta = rowsum(P * dP)`` for a 16-bit ``O``
     and must stay within 2x of that reference. The interpreter computes the dots in fp32 but
-    stores ``O`` in bf16, so the test isolates the rounding of ``O``; the backward forced to take
+    rounds ``O`` to bf16 (to nearest even, as the GPU), so the test isolates the rounding of ``O``; the backward forced to take
     ``delta`` from the 16-bit ``O`` (``GPU_TILES["DELTA"] = "output"``) must fail the same bounds.
     """
     from vpmoe_compile.ops.tpa_attention import triton as tk
@@ -332,9 +330,10 @@ def _megatron_dpa(H, G, d, W, dtype, device):
 
 
 def _stock_parity(device, dtype, s, b, H, G, d, W):
-    """O and gradients (q, k, v, sink) of stock DotProductAttention and of our two window + sink
-    kernels (the public ``window_sink_attention`` and the TPA op's own attention middle) on the
-    same materialised inputs; all compared with float64. Returns ``{impl: {name: rel error}}``."""
+    """O and gradients (q, k, v, sink) of stock DotProductAttention and of our one window + sink
+    kernel family, through the public ``window_sink_attention`` (its Triton path) and called directly
+    as the TPA op's attention middle, on the same materialised inputs; all compared with float64.
+    Returns ``{impl: {name: rel error}}``."""
     from vpmoe_compile.ops.tpa_attention import triton as tk
     from vpmoe_compile.ops.sink_attention.op import window_sink_attention
 
@@ -709,15 +708,34 @@ def test_clear_errors(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("s, W", [(20, 1), (40, 16)], ids=["residual", "no_residual"])
-def test_fake_impl_matches_shared_middle_residual_policy(s, W):
-    """With ``attention_middle="shared"`` the fake impl must predict whether the shared launcher
-    keeps ``out_lo`` (its own keys-per-row policy), else inductor fails on the output's rank."""
-    H, G, d, Rq, R = 4, 2, 32, 2, 1
-    inp = [t.bfloat16() if t.dtype == torch.float32 and i == 0 else t
-           for i, t in enumerate(make_inputs(s, 1, H, G, d, Rq, R, dtype=torch.float32))]
-    args = (*inp, H, G, d, Rq, R, W, 1e-5, 0.5, "triton", "shared")
+def test_removed_attention_middle_is_refused_and_fake_matches():
+    """The ``attention_middle`` choice was removed (one sliding-window kernel family): the public
+    function and the custom op refuse it; the Triton forward op returns no ``out_lo`` any more and
+    its fake impl predicts every output (bf16 factors: the saved q/k/v, rstd)."""
+    H, G, d, Rq, R, s, W = 4, 2, 32, 2, 1, 20, 1
+    inp = [t.bfloat16() if i == 0 else t for i, t in enumerate(make_inputs(s, 1, H, G, d, Rq, R, dtype=torch.float32))]
+    with pytest.raises(TypeError, match="attention_middle"):
+        tpa_window_attention(*inp, backend="triton", attention_middle="own", **kw(H, G, d, Rq, R, W))
+    args = (*inp, H, G, d, Rq, R, W, 1e-5, 0.5, "triton")
+    with pytest.raises(Exception, match="argument|expected"):
+        torch.ops.vpmoe.tpa_window_attention_fwd(*args, "shared")
     out = torch.ops.vpmoe.tpa_window_attention_fwd(*args)
-    assert (out[-1].numel() > 0) == (W == 1)
+    assert len(out) == 7 and out[0].dtype == torch.bfloat16 and out[2].shape == (s, 1, H, d)
     torch.library.opcheck(torch.ops.vpmoe.tpa_window_attention_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_attention_tiles_fit_shared_memory(monkeypatch):
+    """GPU tiles of the sliding-window kernels: unchanged at the vpMoE shape (bf16, d = 128) and up to
+    bf16 at d = 256; halved where 64 x 64 tiles would overflow the H100's shared memory (fp32 at
+    d = 256 compiles to ~279 KB for sm_90, 32 x 32 to ~135 KB)."""
+    from vpmoe_compile.ops.tpa_attention import triton as tk
+
+    monkeypatch.setattr(tk, "_interpreting", lambda: False)
+    blk = dict(BM=64, BN=64, warps=4, stages=2)
+    for d, elem in ((128, 2), (128, 4), (256, 2), (16, 4)):
+        assert tk._fit_attention_tiles(blk, d, elem) == blk
+    assert tk._fit_attention_tiles(blk, 256, 4) == dict(blk, BM=32, BN=32)
+    assert tk._fit_attention_tiles(dict(blk, BM=128), 256, 4) == dict(blk, BM=32, BN=16)
+    monkeypatch.setattr(tk, "_interpreting", lambda: True)
+    assert tk._fit_attention_tiles(blk, 256, 4) == blk

@@ -6,7 +6,7 @@
   (``tpa_fork_emulation``, its rounding points) + 1e-3. Every implementation sees the same
   bf16-representable values, so the errors measure the compute only. Against a PyTorch reference
   with fp32 math the op is not held to 2x: it rounds q/k/v and their gradients to bf16 between its
-  kernels, as the fork does (the README's TPA accuracy note). In fp32 (the own middle, IEEE dots)
+  kernels, as the fork does (the README's TPA accuracy note). In fp32 (IEEE dots)
   every error is below 1e-4.
 * The attention middle alone (``tpa_attention.triton.swa_fwd`` / ``swa_bwd`` on ready bf16 q/k/v;
   its backward recomputes ``delta = rowsum(P*dP)``): the rule of ``test_sink_attention_gpu.py``,
@@ -46,11 +46,6 @@ H, G, D, RQ, R = 8, 2, 128, 4, 2  # the vpMoE local layer
 # and W = 40 (with an fp32 twin for the shapes with s % 16 == 0 and s <= 128)
 OP_SHAPES = {"b2_s1024_W128": (2, 1024, 128), "b1_s777_W100": (1, 777, 100), "b2_s64_W1": (2, 64, 1),
              "b3_s1_W128": (3, 1, 128), "b2_s128_W40": (2, 128, 40)}
-# the shared middle (the sink-attention kernels) with fixed H100-like tiles instead of autotuning
-# (the autotuned kernels are checked in test_sink_attention_gpu.py); W = 1 keeps the output residual
-SHARED_SHAPES = ("b2_s1024_W128", "b2_s64_W1")
-SHARED_TILES = sa.SinkAttentionConfig(fwd=sa.KernelTiles(128, 64, 8, 3), dq=sa.KernelTiles(128, 64, 8, 3),
-                                      dkv=sa.KernelTiles(64, 64, 8, 2))
 FP32_SHAPES = ("b2_s64_W1", "b2_s128_W40")
 # (b, s, H, G, d, W) of the attention middle alone: vpMoE W = 128, W = 1, s = 1, MQA at W = 1
 MIDDLE_CASES = {"b2_s1024_W128": (2, 1024, 8, 2, 128, 128), "b3_s77_W1": (3, 77, 8, 2, 128, 1),
@@ -109,7 +104,7 @@ def run_grads(fn, inputs, dtype, dout):
     return (out,) + tuple(grads)
 
 
-def op_errors(shape, middle, dtype):
+def op_errors(shape, dtype):
     """Relative errors vs float64 of (the op in ``dtype``, the fork emulation in bf16) per quantity."""
     b, s, W = OP_SHAPES[shape]
     cfg = dict(num_heads=H, num_groups=G, head_dim=D, q_rank=RQ, kv_rank=R, window=W)
@@ -117,31 +112,29 @@ def op_errors(shape, middle, dtype):
     exact = run_grads(lambda *a: ref.tpa_reference(*a, **cfg), inputs, torch.float64, dout.double())
     emul = run_grads(lambda *a: ref.tpa_fork_emulation(*a, **cfg), inputs, torch.bfloat16, dout)
     poison()
-    with sa.use_config(SHARED_TILES if middle == "shared" else None):
-        got = run_grads(lambda *a: tpa_window_attention(*a, backend="triton", attention_middle=middle, **cfg),
-                        inputs, dtype, dout)
+    got = run_grads(lambda *a: tpa_window_attention(*a, backend="triton", **cfg), inputs, dtype, dout)
     assert got[0].dtype == dtype and got[0].shape == (s, b, H * D)
     return {n: (rel(g, e), rel(m, e)) for n, g, m, e in zip(NAMES, got, emul, exact)}
 
 
-@pytest.mark.parametrize("shape, middle", [(sh, "own") for sh in OP_SHAPES] + [(sh, "shared") for sh in SHARED_SHAPES])
-def test_op_bf16_within_2x_of_fork_bf16_chain(shape, middle):
-    errs = op_errors(shape, middle, torch.bfloat16)
+@pytest.mark.parametrize("shape", list(OP_SHAPES))
+def test_op_bf16_within_2x_of_fork_bf16_chain(shape):
+    errs = op_errors(shape, torch.bfloat16)
     # at s = 1 the float64 gradient of sin is ~0 (the shared angle cancels between q and k): both
     # errors are then noise over a ~0 norm, and the rule compares the two noise levels
     bad = {n: e for n, e in errs.items() if not (math.isfinite(e[0]) and e[0] <= 2 * e[1] + 1e-3)}
-    assert not bad, f"{shape} {middle}: (kernel, fork bf16 chain) errors vs float64 above 2x + 1e-3: {bad}; all: {errs}"
+    assert not bad, f"{shape}: (kernel, fork bf16 chain) errors vs float64 above 2x + 1e-3: {bad}; all: {errs}"
 
 
 @pytest.mark.parametrize("shape", FP32_SHAPES)
 def test_op_fp32_ieee_matches_float64(shape):
-    errs = op_errors(shape, "own", torch.float32)
+    errs = op_errors(shape, torch.float32)
     bad = {n: e[0] for n, e in errs.items() if not e[0] <= 1e-4}
     assert not bad, f"{shape}: fp32 kernel errors vs float64 above 1e-4: {bad}"
 
 
 @pytest.mark.parametrize("case", list(MIDDLE_CASES))
-def test_attention_middle_bf16_within_2x_of_fp32_math_reference(case):
+def test_window_attention_bf16_within_2x_of_fp32_math_reference(case):
     b, s, h, g, d, W = MIDDLE_CASES[case]
     gen = torch.Generator(device="cuda").manual_seed(7 * s + W)
     q = torch.randn(s, b, h, d, device="cuda", generator=gen).bfloat16()

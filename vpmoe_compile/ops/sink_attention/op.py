@@ -21,14 +21,28 @@ host overhead); under ``torch.compile``, ``make_fx``/export, fake tensors or any
 mode the custom op is used (one opaque node for every tracer).
 Both are exercised by the tests. The ops can also be called directly:
 ``torch.ops.vpmoe.sink_attention_fwd(q, k, v, sink, slopes, window_or_0, scale, backend)``.
-``out_lo`` is the bf16 rounding residual of a 16-bit ``out`` (an empty tensor for fp32 outputs and
-the reference backend); the backward uses it for an fp32-accurate ``delta = rowsum(dO * O)``
-(see :func:`vpmoe_compile.ops.sink_attention.triton.sink_attention_fwd_triton`).
+``out_lo`` is the bf16 rounding residual of a 16-bit ``out`` (an empty tensor for fp32 outputs,
+the window flavour and the reference backend); the backward uses it for an fp32-accurate
+``delta = rowsum(dO * O)`` (see :func:`vpmoe_compile.ops.sink_attention.triton.sink_attention_fwd_triton`).
 
 Backends: ``"reference"`` (dense PyTorch, float64 math; small shapes only; :mod:`.reference`),
-``"triton"`` (the kernels of :mod:`.triton`; on CPU this needs ``TRITON_INTERPRET=1`` set before
-import), ``"auto"`` (triton on CUDA tensors the kernels support, reference elsewhere: the rule
-of :func:`vpmoe_compile.kernels.resolve_backend`). Math: ``docs/design.md#sink-attention``.
+``"triton"`` (on CPU this needs ``TRITON_INTERPRET=1`` set before import), ``"auto"`` (triton on
+CUDA tensors the kernels support, reference elsewhere: the rule of
+:func:`vpmoe_compile.kernels.resolve_backend`). Math: ``docs/design.md#sink-attention``.
+
+The Triton backend runs two kernel families, by flavour:
+
+* full causal (no window; optional ALiBi): the kernels of :mod:`.triton` (PackGQA, autotuned);
+* sliding window (``window=W``): the library's one sliding-window family,
+  :func:`vpmoe_compile.ops.tpa_attention.triton.swa_fwd` / ``swa_bwd`` (the fused TPA op's
+  attention middle; chosen over the former window path of :mod:`.triton` on a measured H100
+  comparison, ``benchmarks/results/window_kernels.json``). Same arguments and results: ``o`` and
+  the sink-inclusive fp32 ``lse`` forward; ``dq, dk, dv`` and an fp32 ``dsink`` (returned in the
+  sink's dtype) backward, with a gradient into the LSE (``dlse``); fp32 / bf16 / fp16, any
+  strides (copied contiguous), ``sink = -inf`` allowed. For a 16-bit output its backward
+  recomputes ``delta = rowsum(P * dP)`` instead of keeping ``out_lo``. ALiBi together with a
+  window has no Triton kernel (the model never combines them): ``backend="triton"`` refuses it,
+  ``"auto"`` takes the reference.
 """
 
 from __future__ import annotations
@@ -128,12 +142,15 @@ def _validate(
         scale = float(softmax_scale)
         if not math.isfinite(scale) or scale <= 0.0:
             raise ValueError(f"sink attention: softmax_scale must be finite and > 0, got {softmax_scale}")
+    shapes = {"head_dim": d}
+    if slopes is not None and window is not None:
+        shapes["alibi_with_window"] = True  # no Triton kernel: "auto" takes the reference
     be = resolve_backend(backend, allowed=ATTENTION_BACKENDS, supports=_triton_supports,
-                         shapes={"head_dim": d}, dtype=q.dtype, device=q.device, what="sink attention")
+                         shapes=shapes, dtype=q.dtype, device=q.device, what="sink attention")
     if be == "triton":
         from . import triton as _tk
 
-        _tk.check_supported({"head_dim": d}, q.dtype, q.device)
+        _tk.check_supported(shapes, q.dtype, q.device)
         if slopes is not None and slopes.dtype != torch.float32:
             raise TypeError("sink attention (triton): slopes must be fp32")
     return be, scale
@@ -151,9 +168,14 @@ def _fwd_impl(q, k, v, sink, slopes, window, scale, backend):
             q, k, v, sink, slopes=slopes, window=window, softmax_scale=scale
         )
         return out, lse, None
+    if window is not None:  # the one sliding-window family (no ALiBi: refused in _validate)
+        from vpmoe_compile.ops.tpa_attention.triton import swa_fwd
+
+        out, lse = swa_fwd(q, k, v, sink, window, scale)
+        return out, lse, None
     from .triton import sink_attention_fwd_triton
 
-    return sink_attention_fwd_triton(q, k, v, sink, slopes, window, scale, return_residual=True)
+    return sink_attention_fwd_triton(q, k, v, sink, slopes, scale, return_residual=True)
 
 
 def _bwd_impl(dout, q, k, v, sink, slopes, out, lse, dlse, window, scale, backend, out_lo=None):
@@ -161,9 +183,14 @@ def _bwd_impl(dout, q, k, v, sink, slopes, out, lse, dlse, window, scale, backen
         return sink_attention_reference_backward(
             dout, q, k, v, sink, slopes=slopes, window=window, softmax_scale=scale, dlse=dlse
         )
+    if window is not None:
+        from vpmoe_compile.ops.tpa_attention.triton import swa_bwd
+
+        dq, dk, dv, dsink = swa_bwd(dout, q, k, v, out, lse, sink, window, scale, dlse=dlse)
+        return dq, dk, dv, dsink.to(sink.dtype)
     from .triton import sink_attention_bwd_triton
 
-    return sink_attention_bwd_triton(dout, q, k, v, sink, slopes, out, lse, window, scale,
+    return sink_attention_bwd_triton(dout, q, k, v, sink, slopes, out, lse, scale,
                                      dlse=dlse, out_lo=out_lo)
 
 
@@ -235,13 +262,14 @@ def _sink_attention_fwd_op(
 
 
 def _residual_dtype(q: torch.Tensor, window: int, backend: str) -> Optional[torch.dtype]:
-    """dtype of the forward's ``out_lo`` (``None``: an empty tensor), the Triton launcher's own
-    decision (:func:`~vpmoe_compile.ops.sink_attention.triton.planned_residual_dtype`)."""
-    if backend == "reference":
+    """dtype of the forward's ``out_lo`` (``None``: an empty tensor), the full-causal Triton
+    launcher's own decision (:func:`~vpmoe_compile.ops.sink_attention.triton.planned_residual_dtype`);
+    the reference and the sliding-window kernels keep none."""
+    if backend == "reference" or window > 0:
         return None
     from .triton import planned_residual_dtype
 
-    return planned_residual_dtype(q.dtype, q.shape[0], window if window > 0 else None)
+    return planned_residual_dtype(q.dtype, q.shape[0])
 
 
 @_sink_attention_fwd_op.register_fake
@@ -416,7 +444,8 @@ def window_sink_attention(
 ) -> torch.Tensor:
     """Local-layer attention: key ``j`` visible to query ``i`` iff ``0 <= i - j <= window - 1``
     (Megatron ``window_size=(window-1, 0)``) + learnable sink. ``q [s,b,H,d]``, ``k, v [s,b,G,d]``,
-    ``sink [H]`` -> ``[s, b, H, d]``."""
+    ``sink [H]`` -> ``[s, b, H, d]``. The Triton backend runs the library's one sliding-window
+    kernel family (:func:`vpmoe_compile.ops.tpa_attention.triton.swa_fwd` / ``swa_bwd``)."""
     if window is None:
         raise ValueError("window_sink_attention: window is required (use sink_attention for full causal)")
     return sink_attention(q, k, v, sink, window=window, softmax_scale=softmax_scale, backend=backend)

@@ -1,9 +1,12 @@
-"""Triton flash attention with a learnable sink: causal + optional ALiBi + optional sliding window.
+"""Triton flash attention with a learnable sink: full causal + optional ALiBi (the global layers).
 
-One kernel family serves both vpMoE attention flavours:
-
-* global layers: full causal + ALiBi (GRAPE-A) + sink   (``HAS_ALIBI=True,  HAS_WINDOW=False``)
-* local layers:  sliding window ``W`` + sink             (``HAS_ALIBI=False, HAS_WINDOW=True``)
+These kernels serve the full-causal flavour (global layers: causal + ALiBi (GRAPE-A) + sink,
+``HAS_ALIBI=True``; also causal + sink without ALiBi). The sliding-window flavour
+(:func:`~vpmoe_compile.ops.sink_attention.window_sink_attention`, ``window=`` of the op) runs on
+the library's one sliding-window kernel family, :func:`vpmoe_compile.ops.tpa_attention.triton.swa_fwd`
+/ ``swa_bwd`` (also the fused TPA op's attention middle): these kernels' own window path was
+deleted after a measured H100 comparison (``benchmarks/results/window_kernels.json``), and they
+have no ALiBi + window combination.
 
 Layout (Megatron, sequence first, arbitrary strides): ``q [s, b, H, d]``, ``k, v [s, b, G, d]``,
 ``sink [H]``, ``slopes [H]`` fp32. Outputs: ``o [s, b, H, d]`` (contiguous, input dtype) and
@@ -33,9 +36,7 @@ Algorithm notes (our own code; ideas learned from public sources, nothing copied
   fp32 ``dK/dV`` is ever written.
 * ALiBi bias ``slope_h * (j - i)`` is computed per tile in fp32 from absolute positions (never an
   ``[s, s]`` tensor); no shortcut "add ``m_h j`` per row" (not shift-invariant with a sink).
-* Sliding window: the forward/``dq`` programs visit only the KV tiles inside the band
-  ``[t0 - W + 1, t1)``, the ``dkv`` programs only the query tiles ``[n0, n1 + W - 1)``
-  (a band of ``W`` keys per query). Causal tiles strictly below the diagonal skip the mask.
+* Causal tiles strictly below the diagonal skip the mask.
 * Fully-masked rows (only possible with ``sink = -inf``) are guarded: the exponent base is 0 when the
   running max is still ``-inf``, so no ``-inf - -inf`` NaN.
 
@@ -91,8 +92,8 @@ _INTERPRET_AT_IMPORT = interpreter_active()
 
 @triton.jit
 def _scores(
-    q, k, tok, offs_n, slope2, qk_scale, window,
-    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+    q, k, tok, offs_n, slope2, qk_scale,
+    HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Base-2 logits ``[BLOCK_M, BLOCK_N]`` of one tile: ``log2e * (scale q.k + bias)``, masked -inf."""
     s = _dot(q, tl.trans(k), IEEE) * qk_scale
@@ -100,19 +101,16 @@ def _scores(
     if HAS_ALIBI:
         s = s - slope2[:, None] * rel.to(tl.float32)
     if MASKED:
-        vis = rel >= 0
-        if HAS_WINDOW:
-            vis = vis & (rel < window)
-        s = tl.where(vis, s, float("-inf"))
+        s = tl.where(rel >= 0, s, float("-inf"))
     return s
 
 
 @triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
-    tok, slope2, qk_scale, window, seqlen, lo, hi,
+    tok, slope2, qk_scale, seqlen, lo, hi,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
 ):
     dd = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
@@ -120,7 +118,7 @@ def _fwd_tiles(
         kv_ok = offs_n < seqlen
         k = tl.load(k_base + offs_n[:, None] * stride_ks + dd[None, :] * stride_kd,
                     mask=kv_ok[:, None], other=0.0)
-        s = _scores(q, k, tok, offs_n, slope2, qk_scale, window, HAS_ALIBI, HAS_WINDOW, MASKED, IEEE)
+        s = _scores(q, k, tok, offs_n, slope2, qk_scale, HAS_ALIBI, MASKED, IEEE)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Guard: m_new is -inf only if the sink is -inf and no key has been visible yet.
         m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -141,9 +139,9 @@ def _sink_attn_fwd_kernel(
     stride_ks, stride_kb, stride_kh, stride_kd,
     stride_vs, stride_vb, stride_vh, stride_vd,
     stride_os, stride_ob, stride_oh, stride_od,
-    seqlen, num_heads, qk_scale, window,
+    seqlen, num_heads, qk_scale,
     HPG: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, STORE_LO: tl.constexpr, IEEE: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, STORE_LO: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = BLOCK_M // PACK  # tokens per program
@@ -176,19 +174,13 @@ def _sink_attn_fwd_kernel(
     k_base = K + bb * stride_kb + g * stride_kh
     v_base = V + bb * stride_vb + g * stride_vh
     t_end = tl.minimum(t0 + BLOCK_T, seqlen)
-    if HAS_WINDOW:
-        lo = (tl.maximum(t0 - window + 1, 0) // BLOCK_N) * BLOCK_N
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd,
-                                   stride_vs, stride_vd, tok, slope2, qk_scale, window, seqlen,
-                                   lo, t_end, HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, True, IEEE)
-    else:
-        mid = (t0 // BLOCK_N) * BLOCK_N  # keys < t0 are visible to every row: no mask
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd,
-                                   stride_vs, stride_vd, tok, slope2, qk_scale, window, seqlen,
-                                   0, mid, HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, False, IEEE)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd,
-                                   stride_vs, stride_vd, tok, slope2, qk_scale, window, seqlen,
-                                   mid, t_end, HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, True, IEEE)
+    mid = (t0 // BLOCK_N) * BLOCK_N  # keys < t0 are visible to every row: no mask
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd,
+                               stride_vs, stride_vd, tok, slope2, qk_scale, seqlen,
+                               0, mid, HEAD_DIM, BLOCK_N, HAS_ALIBI, False, IEEE)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd,
+                               stride_vs, stride_vd, tok, slope2, qk_scale, seqlen,
+                               mid, t_end, HEAD_DIM, BLOCK_N, HAS_ALIBI, True, IEEE)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows with a -inf sink can reach 0
     o = acc / l_safe[:, None]
@@ -207,9 +199,9 @@ def _sink_attn_fwd_kernel(
 @triton.jit
 def _dq_tiles(
     dq, dsum, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
-    tok, slope2, qk_scale, window, seqlen, lo, hi,
+    tok, slope2, qk_scale, seqlen, lo, hi,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
 ):
     dd = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
@@ -219,7 +211,7 @@ def _dq_tiles(
                     mask=kv_ok[:, None], other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vs + dd[None, :] * stride_vd,
                     mask=kv_ok[:, None], other=0.0)
-        s = _scores(q, k, tok, offs_n, slope2, qk_scale, window, HAS_ALIBI, HAS_WINDOW, MASKED, IEEE)
+        s = _scores(q, k, tok, offs_n, slope2, qk_scale, HAS_ALIBI, MASKED, IEEE)
         p = tl.math.exp2(s - lse2[:, None])
         dp = _dot(do, tl.trans(v), IEEE)
         pdp = p * dp
@@ -238,9 +230,9 @@ def _sink_attn_bwd_dq_kernel(
     stride_os, stride_ob, stride_oh, stride_od,
     stride_dos, stride_dob, stride_doh, stride_dod,
     stride_dqs, stride_dqb, stride_dqh, stride_dqd,
-    seqlen, num_heads, sm_scale, qk_scale, window,
+    seqlen, num_heads, sm_scale, qk_scale,
     HPG: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DLSE: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_DLSE: tl.constexpr,
     HAS_LO: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -290,19 +282,13 @@ def _sink_attn_bwd_dq_kernel(
     k_base = K + bb * stride_kb + g * stride_kh
     v_base = V + bb * stride_vb + g * stride_vh
     t_end = tl.minimum(t0 + BLOCK_T, seqlen)
-    if HAS_WINDOW:
-        lo = (tl.maximum(t0 - window + 1, 0) // BLOCK_N) * BLOCK_N
-        dq, dsum = _dq_tiles(dq, dsum, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs,
-                       stride_vd, tok, slope2, qk_scale, window, seqlen, lo, t_end,
-                       HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, True, IEEE)
-    else:
-        mid = (t0 // BLOCK_N) * BLOCK_N
-        dq, dsum = _dq_tiles(dq, dsum, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs,
-                       stride_vd, tok, slope2, qk_scale, window, seqlen, 0, mid,
-                       HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, False, IEEE)
-        dq, dsum = _dq_tiles(dq, dsum, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs,
-                       stride_vd, tok, slope2, qk_scale, window, seqlen, mid, t_end,
-                       HEAD_DIM, BLOCK_N, HAS_ALIBI, HAS_WINDOW, True, IEEE)
+    mid = (t0 // BLOCK_N) * BLOCK_N
+    dq, dsum = _dq_tiles(dq, dsum, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs,
+                         stride_vd, tok, slope2, qk_scale, seqlen, 0, mid,
+                         HEAD_DIM, BLOCK_N, HAS_ALIBI, False, IEEE)
+    dq, dsum = _dq_tiles(dq, dsum, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs,
+                         stride_vd, tok, slope2, qk_scale, seqlen, mid, t_end,
+                         HEAD_DIM, BLOCK_N, HAS_ALIBI, True, IEEE)
     # The dk/dv kernel and the sink gradient take delta from sum_j P_ij dP_ij, accumulated above
     # in fp32 over the very tiles (fp32 P) of this row: rowsum(dO * O) through the 16-bit O carries
     # O's rounding (and P's bf16 rounding inside P @ V), which dsink = -sum_i p_sink,i delta_i
@@ -320,9 +306,9 @@ def _sink_attn_bwd_dq_kernel(
 def _dkv_tiles(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base,
     stride_qs, stride_qh, stride_qd, stride_dos, stride_doh, stride_dod,
-    h0, offs_n, slope2, qk_scale, window, seqlen, lo, hi,
+    h0, offs_n, slope2, qk_scale, seqlen, lo, hi,
     PACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = BLOCK_M // PACK
     r = tl.arange(0, BLOCK_M)
@@ -345,10 +331,7 @@ def _dkv_tiles(
         if HAS_ALIBI:
             sT = sT - slope2[None, :] * rel.to(tl.float32)
         if MASKED:
-            vis = rel >= 0
-            if HAS_WINDOW:
-                vis = vis & (rel < window)
-            sT = tl.where(vis, sT, float("-inf"))
+            sT = tl.where(rel >= 0, sT, float("-inf"))
         pT = tl.math.exp2(sT - lse2[None, :])
         dv += _dot(pT.to(do.dtype), do, IEEE)
         dpT = _dot(v, tl.trans(do), IEEE)
@@ -366,9 +349,9 @@ def _sink_attn_bwd_dkv_kernel(
     stride_dos, stride_dob, stride_doh, stride_dod,
     stride_dks, stride_dkb, stride_dkh, stride_dkd,
     stride_dvs, stride_dvb, stride_dvh, stride_dvd,
-    seqlen, num_heads, num_groups, sm_scale, qk_scale, window,
+    seqlen, num_heads, num_groups, sm_scale, qk_scale,
     HPG: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = BLOCK_M // PACK
@@ -393,11 +376,8 @@ def _sink_attn_bwd_dkv_kernel(
     delta_base = DELTA + bb * num_heads * seqlen
     r = tl.arange(0, BLOCK_M)
     t_lo = (n0 // BLOCK_T) * BLOCK_T
-    if HAS_WINDOW:
-        t_hi = tl.minimum(seqlen, n0 + BLOCK_N + window - 1)
-    else:
-        # Query tiles starting at or after n0 + BLOCK_N - 1 see the whole key block: no mask.
-        t_mid = t_lo + tl.cdiv(n0 + BLOCK_N - 1 - t_lo, BLOCK_T) * BLOCK_T
+    # Query tiles starting at or after n0 + BLOCK_N - 1 see the whole key block: no mask.
+    t_mid = t_lo + tl.cdiv(n0 + BLOCK_N - 1 - t_lo, BLOCK_T) * BLOCK_T
     # The group's heads, PACK at a time; their dk/dv sum stays in registers.
     for hc in range(HPG // PACK):
         h0 = g * HPG + hc * PACK
@@ -406,20 +386,14 @@ def _sink_attn_bwd_dkv_kernel(
             slope2 = tl.load(SLOPES + head).to(tl.float32) * 1.4426950408889634
         else:
             slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if HAS_WINDOW:
-            dk, dv = _dkv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                stride_qs, stride_qh, stride_qd, stride_dos, stride_doh, stride_dod,
-                                h0, offs_n, slope2, qk_scale, window, seqlen, t_lo, t_hi,
-                                PACK, HEAD_DIM, BLOCK_M, HAS_ALIBI, HAS_WINDOW, True, IEEE)
-        else:
-            dk, dv = _dkv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                stride_qs, stride_qh, stride_qd, stride_dos, stride_doh, stride_dod,
-                                h0, offs_n, slope2, qk_scale, window, seqlen, t_lo, t_mid,
-                                PACK, HEAD_DIM, BLOCK_M, HAS_ALIBI, HAS_WINDOW, True, IEEE)
-            dk, dv = _dkv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                stride_qs, stride_qh, stride_qd, stride_dos, stride_doh, stride_dod,
-                                h0, offs_n, slope2, qk_scale, window, seqlen, t_mid, seqlen,
-                                PACK, HEAD_DIM, BLOCK_M, HAS_ALIBI, HAS_WINDOW, False, IEEE)
+        dk, dv = _dkv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                            stride_qs, stride_qh, stride_qd, stride_dos, stride_doh, stride_dod,
+                            h0, offs_n, slope2, qk_scale, seqlen, t_lo, t_mid,
+                            PACK, HEAD_DIM, BLOCK_M, HAS_ALIBI, True, IEEE)
+        dk, dv = _dkv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                            stride_qs, stride_qh, stride_qd, stride_dos, stride_doh, stride_dod,
+                            h0, offs_n, slope2, qk_scale, seqlen, t_mid, seqlen,
+                            PACK, HEAD_DIM, BLOCK_M, HAS_ALIBI, False, IEEE)
     dk = dk * sm_scale
     tl.store(DK + bb * stride_dkb + g * stride_dkh + offs_n[:, None] * stride_dks
              + dd[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_ok[:, None])
@@ -487,7 +461,7 @@ def _interpreter_tiles(seqlen: int, pack: int) -> KernelTiles:
     return KernelTiles(block_m=rows, block_n=min(64, max(16, _next_pow2(seqlen))))
 
 
-_AUTOTUNE_KEY = ["seqlen", "HEAD_DIM", "HPG", "PACK", "HAS_ALIBI", "HAS_WINDOW"]
+_AUTOTUNE_KEY = ["seqlen", "HEAD_DIM", "HPG", "PACK", "HAS_ALIBI"]
 
 
 def _cfgs(rows):
@@ -497,9 +471,9 @@ def _cfgs(rows):
 
 # H100 candidates for d = 128, chosen from the sm_90 resource report (no local-memory spills with
 # ALiBi on; 255 registers/thread at most). fwd: 128 packed rows = 32 tokens x 4 heads.
-# Picked on the H100 (b=8, s=4096, H=8, G=2, bf16; benchmarks/results/attention_*.json):
-# causal+ALiBi fwd (128, 64, 8w), dq (128, 64, 8w), dkv (32, 64, 4w); window W=128 fwd (64, 64, 4w),
-# dq (64, 32, 4w), dkv (32, 64, 4w).
+# Picked on the H100 (b=8, s=4096, H=8, G=2, bf16; benchmarks/results/attention_global.json):
+# causal+ALiBi fwd (128, 64, 8w), dq (128, 64, 8w), dkv (32, 64, 4w). (The candidates also covered
+# the former window path, which picked fwd (64, 64, 4w), dq (64, 32, 4w), dkv (32, 64, 4w).)
 _FWD_CONFIGS = _cfgs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2)])
 _DQ_CONFIGS = _cfgs([(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 128, 8, 2)])
 _DKV_CONFIGS = _cfgs([(32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 1),
@@ -536,30 +510,29 @@ def output_residual_dtype(out_dtype: torch.dtype) -> Optional[torch.dtype]:
 RESIDUAL_MAX_MEAN_KEYS = 8.0
 
 
-def mean_keys_per_row(seqlen: int, window: Optional[int]) -> float:
-    """Average number of visible keys of a query row (causal, optional window ``W``)."""
-    w = seqlen if window is None else min(int(window), seqlen)
-    return (w * (w + 1) / 2 + (seqlen - w) * w) / seqlen
+def mean_keys_per_row(seqlen: int) -> float:
+    """Average number of visible keys of a (full causal) query row: ``(s + 1) / 2``."""
+    return (seqlen + 1) / 2
 
 
-def residual_helps(seqlen: int, window: Optional[int]) -> bool:
+def residual_helps(seqlen: int) -> bool:
     """Whether the forward should keep O's rounding residual for the backward's ``dq``.
 
     The ``dq`` kernel forms ``dS = P * (dP - delta)`` with ``delta = rowsum(dO * O)`` taken before
     it sees the row's tiles (dk/dv and dsink use the exact ``sum_j P_ij dP_ij`` it accumulates
     along the way). Where a row has few keys, one ``P_ij ~ 1 - p_sink`` dominates and ``dP - delta``
     cancels, so ``delta`` needs O to better than 16 bits. With many keys the rounding averages out
-    and the residual's extra write + read of O's size (~11 % of the W=128 window fwd+bwd) buys
-    nothing measurable."""
-    return mean_keys_per_row(seqlen, window) <= RESIDUAL_MAX_MEAN_KEYS
+    and the residual's extra write + read of O's size buys nothing measurable. Full causal rows
+    see ``(s + 1) / 2`` keys on average: the residual is kept for ``s <= 15``."""
+    return mean_keys_per_row(seqlen) <= RESIDUAL_MAX_MEAN_KEYS
 
 
-def planned_residual_dtype(out_dtype: torch.dtype, seqlen: int, window: Optional[int],
+def planned_residual_dtype(out_dtype: torch.dtype, seqlen: int,
                            store: Optional[bool] = None) -> Optional[torch.dtype]:
     """dtype of the ``out_lo`` the forward returns (``None``: none), the one decision shared by the
-    launcher and the fake implementations of the ops that call it. ``store``: force on/off;
+    launcher and the fake implementation of the op that calls it. ``store``: force on/off;
     default :func:`residual_helps`."""
-    if not (store if store is not None else residual_helps(seqlen, window)):
+    if not (store if store is not None else residual_helps(seqlen)):
         return None
     return output_residual_dtype(out_dtype)
 
@@ -592,7 +565,9 @@ def check_supported(shapes, dtype: Optional[torch.dtype] = None, device=None) ->
     """Raise (``TypeError`` / ``ValueError`` / ``RuntimeError``, naming the limit) unless the
     kernels run ``shapes = {"head_dim": d}`` in ``dtype`` on ``device``: bf16 / fp16 / fp32,
     ``d`` a power of two in [16, 256], a CUDA device (kernels built without the interpreter) or
-    the CPU under ``TRITON_INTERPRET=1``. ``None`` is not judged."""
+    the CPU under ``TRITON_INTERPRET=1``. ``None`` is not judged. The op also passes
+    ``"alibi_with_window": True`` for ALiBi slopes together with a window, which no Triton kernel
+    runs (the window flavour runs on the sliding-window family, which has no ALiBi)."""
     if dtype is not None and dtype not in _KERNEL_DTYPES:
         raise TypeError(
             f"sink attention (triton): dtype {dtype} unsupported; use bf16/fp16/fp32 "
@@ -601,6 +576,14 @@ def check_supported(shapes, dtype: Optional[torch.dtype] = None, device=None) ->
     d = shapes.get("head_dim")
     if d is not None and (d < 16 or d > 256 or d & (d - 1)):
         raise ValueError(f"sink attention (triton): head dim d={d} must be a power of two in [16, 256]")
+    if shapes.get("alibi_with_window"):
+        raise ValueError(
+            "sink attention (triton): ALiBi slopes together with a sliding window have no Triton kernel: "
+            "the window runs on the one sliding-window kernel family "
+            "(vpmoe_compile.ops.tpa_attention.triton.swa_fwd / swa_bwd), which has no ALiBi, and the "
+            "vpMoE model never combines them (ALiBi on the global full-causal layers, the window on the "
+            "local layers); use backend='reference' for ALiBi + window"
+        )
     if device is not None:
         _check_runnable(device)
 
@@ -650,22 +633,22 @@ def sink_attention_fwd_triton(
     v: torch.Tensor,
     sink: torch.Tensor,
     slopes: Optional[torch.Tensor],
-    window: Optional[int],
     softmax_scale: float,
     config: Optional[SinkAttentionConfig] = None,
     return_residual: bool = False,
     store_residual: Optional[bool] = None,
 ):
-    """Forward. Returns ``out [s, b, H, d]`` (contiguous, ``q.dtype``) and ``lse [b, H, s]`` fp32;
-    with ``return_residual=True`` also ``out_lo`` (``None`` where not stored).
+    """Full causal forward (optional ALiBi ``slopes``). Returns ``out [s, b, H, d]`` (contiguous,
+    ``q.dtype``) and ``lse [b, H, s]`` fp32; with ``return_residual=True`` also ``out_lo``
+    (``None`` where not stored).
 
     ``out_lo [s, b, H, d]`` bf16 is the rounding residual ``o_fp32 - float(out)`` of a 16-bit
     output, stored when ``store_residual`` (default: :func:`residual_helps`) and the output is
     16-bit. Passed back to :func:`sink_attention_bwd_triton`, it makes the ``dq`` kernel's
     ``delta = rowsum(dO * O)`` fp32-accurate: without it ``dP - delta`` cancels where one key holds
-    almost all of a row's mass (window 1, s = 1), measured on the H100 in bf16 as dq 2.2-2.5x the
-    error of an fp32-math reference. It costs one extra bf16 write (forward) and read (backward)
-    of ``O``'s size.
+    almost all of a row's mass (short sequences, s = 1; the former window path measured it on the
+    H100 in bf16 at window 1 as dq 2.2-2.5x the error of an fp32-math reference). It costs one
+    extra bf16 write (forward) and read (backward) of ``O``'s size.
 
     Inputs are assumed validated (see :mod:`vpmoe_compile.ops.sink_attention.op`).
     """
@@ -678,7 +661,7 @@ def sink_attention_fwd_triton(
     cfg, pack = _resolve(config, hpg)
     res_dtype = None
     if return_residual:
-        res_dtype = planned_residual_dtype(out_dtype, s, window, store_residual)
+        res_dtype = planned_residual_dtype(out_dtype, s, store_residual)
     # The interpreter's fp32 -> 16-bit casts truncate (the GPU rounds to nearest even), so there the
     # kernel writes fp32 and the launcher rounds and forms the residual with torch (RNE, as on GPU).
     emulate_store = _INTERPRET_AT_IMPORT and out_dtype != q.dtype
@@ -688,15 +671,14 @@ def sink_attention_fwd_triton(
         out_lo = torch.empty_like(out, dtype=res_dtype)
     lse = torch.empty((b, H, s), dtype=torch.float32, device=q.device)
     has_alibi = slopes is not None
-    has_window = window is not None
     slopes_t = slopes.contiguous() if has_alibi else sink  # dummy pointer when unused
     sink_c = sink.contiguous()
     args = (
         q, k, v, sink_c, slopes_t, out, out_lo if out_lo is not None else out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        s, H, float(softmax_scale) * _LOG2E, int(window) if has_window else 0,
+        s, H, float(softmax_scale) * _LOG2E,
     )
-    consts = dict(HPG=hpg, PACK=pack, HEAD_DIM=d, HAS_ALIBI=has_alibi, HAS_WINDOW=has_window,
+    consts = dict(HPG=hpg, PACK=pack, HEAD_DIM=d, HAS_ALIBI=has_alibi,
                   STORE_LO=out_lo is not None, IEEE=ieee_fp32(q.dtype))
     tiles = _tiles_for(cfg.fwd, s, pack, "fwd")
     if tiles is None:
@@ -725,13 +707,12 @@ def sink_attention_bwd_triton(
     slopes: Optional[torch.Tensor],
     out: torch.Tensor,
     lse: torch.Tensor,
-    window: Optional[int],
     softmax_scale: float,
     dlse: Optional[torch.Tensor] = None,
     config: Optional[SinkAttentionConfig] = None,
     out_lo: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward. Returns ``dq [s,b,H,d]``, ``dk, dv [s,b,G,d]`` (input dtypes) and ``dsink [H]``
+    """Full causal backward. Returns ``dq [s,b,H,d]``, ``dk, dv [s,b,G,d]`` (input dtypes) and ``dsink [H]``
     (``sink.dtype``; computed in fp32 and reduced in a fixed order).
 
     ``lse`` is the sink-inclusive LSE of the forward; ``dlse`` (optional ``[b, H, s]``) is a
@@ -753,13 +734,10 @@ def sink_attention_bwd_triton(
     lse = lse.contiguous().float()
     sink_c = sink.contiguous()
     has_alibi = slopes is not None
-    has_window = window is not None
     slopes_t = slopes.contiguous() if has_alibi else sink_c
-    win = int(window) if has_window else 0
     qk_scale = float(softmax_scale) * _LOG2E
 
-    consts = dict(HPG=hpg, PACK=pack, HEAD_DIM=d, HAS_ALIBI=has_alibi, HAS_WINDOW=has_window,
-                  IEEE=ieee_fp32(q.dtype))
+    consts = dict(HPG=hpg, PACK=pack, HEAD_DIM=d, HAS_ALIBI=has_alibi, IEEE=ieee_fp32(q.dtype))
     # 1) dq, delta = rowsum(dO * O) - dlse, per-row sink terms exp(sink - L) * delta.
     delta = torch.empty((b, H, s), dtype=torch.float32, device=q.device)
     psink = torch.empty((b, H, s), dtype=torch.float32, device=q.device)
@@ -769,7 +747,7 @@ def sink_attention_bwd_triton(
         q, k, v, out, out_lo if out_lo is not None else out, dout, lse, dlse_t, sink_c, slopes_t,
         dq, delta, psink,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
-        s, H, float(softmax_scale), qk_scale, win,
+        s, H, float(softmax_scale), qk_scale,
     )
     consts_dq = dict(consts, HAS_DLSE=dlse is not None, HAS_LO=out_lo is not None)
     tiles = _tiles_for(cfg.dq, s, pack, "dq")
@@ -790,7 +768,7 @@ def sink_attention_bwd_triton(
     dkv_args = (
         q, k, v, dout, lse, delta, slopes_t, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        s, H, G, float(softmax_scale), qk_scale, win,
+        s, H, G, float(softmax_scale), qk_scale,
     )
     tiles = _tiles_for(cfg.dkv, s, pack, "dkv")
     if tiles is None:

@@ -4,7 +4,9 @@ GRAPE-M rotation, sliding-window attention with a sink (``docs/design.md#tpa-att
 * ``op.py`` — :func:`tpa_window_attention` and the ``torch.library`` custom ops (autograd, fake
   implementations, argument checks).
 * ``triton.py`` — the Triton kernels (prologue, window + sink attention, their backwards) and
-  ``supports(...)`` / ``check_supported(...)``.
+  ``supports(...)`` / ``check_supported(...)``. Its window + sink attention (``swa_fwd`` /
+  ``swa_bwd``) is the library's one sliding-window kernel family: ``window_sink_attention``
+  (``ops/sink_attention``) runs on it too.
 * ``reference.py`` — plain PyTorch: the whole op (the fallback and the tests' oracle), the
   fork's rounding emulation and the fork's unpacked-weight layout.
 * ``layout.py`` — the packed factor layout (:func:`tpa_factor_rows`, the one owner of the

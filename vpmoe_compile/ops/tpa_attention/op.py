@@ -13,14 +13,18 @@ Backends:
 * ``"reference"``: plain PyTorch (:mod:`.reference`); backward through autograd of the
   reference (recompute).
 * ``"triton"``: the kernels of :mod:`.triton` (prologue kernel -> sliding-window sink flash
-  attention; backward dq/dkv kernels -> prologue-backward kernel). On CPU this needs
-  ``TRITON_INTERPRET=1``. ``attention_middle`` picks the window + sink kernels in between:
-  ``"own"`` (:func:`.triton.swa_fwd`) or ``"shared"`` (the ``sink_attention`` kernels).
+  attention, :func:`.triton.swa_fwd`; backward dq/dkv kernels -> prologue-backward kernel). On
+  CPU this needs ``TRITON_INTERPRET=1``. The attention in between is the library's one
+  sliding-window kernel family (also the Triton path of
+  :func:`vpmoe_compile.ops.sink_attention.window_sink_attention`); the former choice of the
+  sink-attention kernels there (``attention_middle="shared"``, ``[kernels]
+  tpa_attention_middle``) was removed after the measured H100 comparison
+  (``benchmarks/results/window_kernels.json``: the own kernels were faster inside the op).
 * ``"auto"``: ``"triton"`` for CUDA tensors the kernels support, ``"reference"`` otherwise (the
   rule of :func:`vpmoe_compile.kernels.resolve_backend`).
 
-The model's modules take both choices from the kernel policy (``[kernels] attention``,
-``[kernels] tpa_attention_middle``; :mod:`vpmoe_compile.kernels`).
+The model's modules take the backend from the kernel policy (``[kernels] attention``;
+:mod:`vpmoe_compile.kernels`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from vpmoe_compile.kernels import ATTENTION_BACKENDS, TPA_ATTENTION_MIDDLES, resolve_backend
+from vpmoe_compile.kernels import ATTENTION_BACKENDS, resolve_backend
 from vpmoe_compile.ops.tpa_attention import reference as _ref
 from vpmoe_compile.ops.tpa_attention.layout import factor_width
 
@@ -96,50 +100,7 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-def _attention_middle(choice: str):
-    """The sliding-window sink attention kernels used on the materialised q/k/v.
-
-    ``choice`` (the op's ``attention_middle`` argument, ``[kernels] tpa_attention_middle``):
-    ``"shared"`` = the project's :mod:`vpmoe_compile.ops.sink_attention.triton` launchers
-    (PackGQA, autotuned), ``"own"`` (default) = the per-head kernels of
-    :mod:`vpmoe_compile.ops.tpa_attention.triton`: on the H100 at the vpMoE shape they measured
-    faster (attention fwd + bwd 122 + 337 us vs 122 + 416 us; whole op fwd+bwd 1687 vs 2030 us,
-    ``benchmarks/results/tpa_bench_h100_run2.json``). Both give an fp32-accurate
-    ``delta = rowsum(dO*O)`` for 16-bit outputs: the own kernels recompute it as
-    ``rowsum(P*dP)``, the shared ones keep the output's bf16 rounding residual ``o_lo`` (saved by
-    the op as ``out_lo``).
-
-    Returns:
-        ``(fwd(q, k, v, sink, window, scale) -> (o, lse, o_lo or None),
-        bwd(do, q, k, v, o, lse, sink, window, scale, o_lo) -> (dq, dk, dv, dsink fp32))``.
-    """
-    from vpmoe_compile.ops.tpa_attention import triton as tk
-
-    if choice not in TPA_ATTENTION_MIDDLES:
-        raise ValueError(f"attention_middle must be one of {TPA_ATTENTION_MIDDLES}, got {choice!r}")
-    if choice == "shared":
-        from vpmoe_compile.ops.sink_attention import triton as sa
-
-        def fwd(q, k, v, sink, window, scale):
-            return sa.sink_attention_fwd_triton(q, k, v, sink, None, window, scale, return_residual=True)
-
-        def bwd(do, q, k, v, o, lse, sink, window, scale, o_lo):
-            dq, dk, dv, dsink = sa.sink_attention_bwd_triton(do, q, k, v, sink, None, o, lse, window, scale,
-                                                             out_lo=o_lo)
-            return dq, dk, dv, dsink.float()
-
-        return fwd, bwd
-
-    def own_fwd(q, k, v, sink, window, scale):
-        return (*tk.swa_fwd(q, k, v, sink, window, scale), None)
-
-    def own_bwd(do, q, k, v, o, lse, sink, window, scale, o_lo):
-        return tk.swa_bwd(do, q, k, v, o, lse, sink, window, scale)
-
-    return own_fwd, own_bwd
-
-
-def _fwd_triton(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq, R, window, eps, scale, middle):
+def _fwd_triton(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq, R, window, eps, scale):
     from vpmoe_compile.ops.tpa_attention import triton as tk
 
     bias = qkv_bias.contiguous() if qkv_bias is not None else None
@@ -150,23 +111,19 @@ def _fwd_triton(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq
     q, k, v, rs_q, rs_k = tk.prologue_fwd(
         factors, bias, gq, gk, cos32, sin32, H=H, G=G, d=d, Rq=Rq, R=R, eps=eps, act_dtype=factors.dtype,
     )
-    attn_fwd, _ = _attention_middle(middle)
-    o, lse, o_lo = attn_fwd(q, k, v, sink.contiguous(), window, scale)
+    o, lse = tk.swa_fwd(q, k, v, sink.contiguous(), window, scale)
     s, b = factors.shape[:2]
-    o_lo = o_lo.view(s, b, H * d) if o_lo is not None else _empty(lse)
-    return o.view(s, b, H * d), lse, q, k, v, rs_q, rs_k, o_lo
+    return o.view(s, b, H * d), lse, q, k, v, rs_q, rs_k
 
 
-def _bwd_triton(dout, factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v, rs_q, rs_k, o_lo,
-                H, G, d, Rq, R, window, scale, middle):
+def _bwd_triton(dout, factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v, rs_q, rs_k,
+                H, G, d, Rq, R, window, scale):
     from vpmoe_compile.ops.tpa_attention import triton as tk
 
     s, b = factors.shape[:2]
     do = dout.reshape(s, b, H, d).to(q.dtype).contiguous()
     o = out.view(s, b, H, d)
-    _, attn_bwd = _attention_middle(middle)
-    o_lo = o_lo.view(s, b, H, d) if o_lo.numel() else None
-    dq, dk, dv, dsink = attn_bwd(do, q, k, v, o, lse, sink.contiguous(), window, scale, o_lo)
+    dq, dk, dv, dsink = tk.swa_bwd(do, q, k, v, o, lse, sink.contiguous(), window, scale)
     bias = qkv_bias.contiguous() if qkv_bias is not None else None
     gq = gamma_q.contiguous() if gamma_q is not None else None
     gk = gamma_k.contiguous() if gamma_k is not None else None
@@ -190,31 +147,29 @@ def _tpa_fwd_op(
     factors: Tensor, qkv_bias: Optional[Tensor], gamma_q: Optional[Tensor], gamma_k: Optional[Tensor],
     cos: Tensor, sin: Tensor, sink: Tensor,
     num_heads: int, num_groups: int, head_dim: int, q_rank: int, kv_rank: int, window: int,
-    eps: float, softmax_scale: float, backend: str, attention_middle: str = "own",
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Forward op. Returns ``(out [s,b,H*d], lse [b,H,s] fp32, q, k, v, rstd_q, rstd_k, out_lo)``.
+    eps: float, softmax_scale: float, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward op. Returns ``(out [s,b,H*d], lse [b,H,s] fp32, q, k, v, rstd_q, rstd_k)``.
 
-    ``q, k, v, rstd_*`` and ``out_lo`` are saved activations for the Triton backward (empty for
-    the reference backend, which recomputes). ``out_lo`` is the bf16 rounding residual of a 16-bit
-    ``out`` when the shared attention middle serves the op (``attention_middle="shared"``) and its
-    launcher keeps one (:func:`vpmoe_compile.ops.sink_attention.triton.residual_helps`), else empty:
-    the own middle recomputes ``delta`` instead (:func:`vpmoe_compile.ops.tpa_attention.triton.swa_bwd`).
+    ``q, k, v, rstd_*`` are saved activations for the Triton backward (empty for the reference
+    backend, which recomputes). For a 16-bit ``out`` the backward recomputes
+    ``delta = rowsum(P * dP)`` (:func:`vpmoe_compile.ops.tpa_attention.triton.swa_bwd`), so no
+    rounding residual of ``out`` is saved.
     """
     args = (num_heads, num_groups, head_dim, q_rank, kv_rank, window)
     if backend == "triton":
-        return _fwd_triton(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, *args, eps, softmax_scale,
-                           attention_middle)
+        return _fwd_triton(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, *args, eps, softmax_scale)
     out, lse = _ref.tpa_reference(
         factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, return_lse=True,
         **_ref_kwargs(*args, eps, softmax_scale),
     )
     e = _empty(factors)
-    return out.contiguous(), lse.float().contiguous(), e, e.clone(), e.clone(), e.clone(), e.clone(), e.clone()
+    return out.contiguous(), lse.float().contiguous(), e, e.clone(), e.clone(), e.clone(), e.clone()
 
 
 @_tpa_fwd_op.register_fake
 def _tpa_fwd_fake(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, num_heads, num_groups, head_dim,
-                  q_rank, kv_rank, window, eps, softmax_scale, backend, attention_middle="own"):
+                  q_rank, kv_rank, window, eps, softmax_scale, backend):
     s, b, _ = factors.shape
     H, G, d = num_heads, num_groups, head_dim
     out = factors.new_empty(s, b, H * d)
@@ -225,14 +180,8 @@ def _tpa_fwd_fake(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, num_heads
         v = factors.new_empty(s, b, G, d)
         rq = factors.new_empty((s, b, H) if gamma_q is not None else (0,), dtype=torch.float32)
         rk = factors.new_empty((s, b, G) if gamma_k is not None else (0,), dtype=torch.float32)
-        has_lo = False
-        if attention_middle == "shared":
-            from vpmoe_compile.ops.sink_attention import triton as sa  # the launcher's own decision
-
-            has_lo = sa.planned_residual_dtype(factors.dtype, s, window) is not None
-        lo = factors.new_empty((s, b, H * d) if has_lo else (0,), dtype=torch.bfloat16 if has_lo else torch.float32)
-        return out, lse, q, k, v, rq, rk, lo
-    return out, lse, *(factors.new_empty(0) for _ in range(6))
+        return out, lse, q, k, v, rq, rk
+    return out, lse, *(factors.new_empty(0) for _ in range(5))
 
 
 def _autograd_inside_op():
@@ -252,16 +201,16 @@ def _autograd_inside_op():
 def _tpa_bwd_op(
     dout: Tensor, factors: Tensor, qkv_bias: Optional[Tensor], gamma_q: Optional[Tensor],
     gamma_k: Optional[Tensor], cos: Tensor, sin: Tensor, sink: Tensor,
-    out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, rstd_q: Tensor, rstd_k: Tensor, out_lo: Tensor,
+    out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, rstd_q: Tensor, rstd_k: Tensor,
     num_heads: int, num_groups: int, head_dim: int, q_rank: int, kv_rank: int, window: int,
-    eps: float, softmax_scale: float, backend: str, attention_middle: str = "own",
+    eps: float, softmax_scale: float, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward op. Returns ``(dfactors, dqkv_bias, dgamma_q, dgamma_k, dcos, dsin, dsink)``;
     the gradient of an absent optional input is an empty tensor."""
     args = (num_heads, num_groups, head_dim, q_rank, kv_rank, window)
     if backend == "triton":
         return _bwd_triton(dout, factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v,
-                           rstd_q, rstd_k, out_lo, *args, softmax_scale, attention_middle)
+                           rstd_q, rstd_k, *args, softmax_scale)
     inputs = [factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink]
     with _autograd_inside_op(), torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) if t is not None else None for t in inputs]
@@ -277,8 +226,7 @@ def _tpa_bwd_op(
 
 @_tpa_bwd_op.register_fake
 def _tpa_bwd_fake(dout, factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v, rstd_q, rstd_k,
-                  out_lo, num_heads, num_groups, head_dim, q_rank, kv_rank, window, eps, softmax_scale, backend,
-                  attention_middle="own"):
+                  num_heads, num_groups, head_dim, q_rank, kv_rank, window, eps, softmax_scale, backend):
     def like(t):
         return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else factors.new_empty(0)
 
@@ -286,27 +234,27 @@ def _tpa_bwd_fake(dout, factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out
 
 
 _CONST_NAMES = ("num_heads", "num_groups", "head_dim", "q_rank", "kv_rank", "window", "eps", "softmax_scale",
-                "backend", "attention_middle")
+                "backend")
 
 
 def _setup_context(ctx, inputs, output):
     factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink = inputs[:7]
     consts = inputs[7:]
-    out, lse, q, k, v, rq, rk, lo = output
+    out, lse, q, k, v, rq, rk = output
     # lse and the saved activations are internal outputs: no zero-filled gradients for them
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(lse, q, k, v, rq, rk, lo)
+    ctx.mark_non_differentiable(lse, q, k, v, rq, rk)
     ctx.consts = consts
     ctx.present = [t is not None for t in (qkv_bias, gamma_q, gamma_k)]
-    ctx.save_for_backward(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v, rq, rk, lo)
+    ctx.save_for_backward(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v, rq, rk)
 
 
 def _backward(ctx, dout, *_aux_grads):
     if dout is None:  # the output's gradient is undefined: nothing flows back
         return (None,) * (7 + len(_CONST_NAMES))
-    factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v, rq, rk, lo = ctx.saved_tensors
+    factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v, rq, rk = ctx.saved_tensors
     grads = _tpa_bwd_op(dout.contiguous(), factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse,
-                        q, k, v, rq, rk, lo, *ctx.consts)
+                        q, k, v, rq, rk, *ctx.consts)
     dF, dbias, dgq, dgk, dcos, dsin, dsink = grads
     has_b, has_gq, has_gk = ctx.present
     return (dF, dbias if has_b else None, dgq if has_gq else None, dgk if has_gk else None, dcos, dsin, dsink,
@@ -337,7 +285,6 @@ def tpa_window_attention(
     eps: float = 1e-5,
     softmax_scale: Optional[float] = None,
     backend: str = "auto",
-    attention_middle: str = "own",
     v1: Optional[Tensor] = None,
     lam: Optional[Tensor] = None,
 ) -> Tensor:
@@ -364,8 +311,6 @@ def tpa_window_attention(
         eps: RMSNorm epsilon.
         softmax_scale: defaults to ``1/sqrt(d)``.
         backend: ``"auto"``, ``"reference"`` or ``"triton"``.
-        attention_middle: ``"own"`` or ``"shared"``: the window + sink kernels of the Triton
-            path (see :func:`_attention_middle`); ignored by the reference.
         v1: reserved for the fork's value residual (``v = lam*v + (1-lam)*v1``, ``[s, b, G, d]``);
             not implemented yet, must be None.
         lam: reserved (scalar mixing weight of the value residual); must be None.
@@ -377,8 +322,6 @@ def tpa_window_attention(
         raise NotImplementedError("value residual (v1, lam) is not implemented in tpa_window_attention yet")
     H, G, d, Rq, R = num_heads, num_groups, head_dim, q_rank, kv_rank
     _validate(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq, R, window, eps)
-    if attention_middle not in TPA_ATTENTION_MIDDLES:
-        raise ValueError(f"attention_middle must be one of {TPA_ATTENTION_MIDDLES}, got {attention_middle!r}")
     shapes = {"head_dim": d, "q_rank": Rq, "kv_rank": R}
     be = resolve_backend(backend, allowed=ATTENTION_BACKENDS, supports=_triton_supports, shapes=shapes,
                          dtype=factors.dtype, device=factors.device, what="tpa_window_attention")
@@ -388,5 +331,5 @@ def tpa_window_attention(
         tk.check_supported(shapes, factors.dtype, factors.device)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
     out = _tpa_fwd_op(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq, R, int(window),
-                      float(eps), scale, be, attention_middle)[0]
+                      float(eps), scale, be)[0]
     return out

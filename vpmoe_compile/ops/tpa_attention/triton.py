@@ -10,6 +10,11 @@ materialised q/k/v). Backward: ``attention dq`` (also ``D = rowsum(dO*O)``, reco
 parameter-gradient reductions are per-program partials summed in a fixed order by PyTorch
 afterwards: deterministic, no atomics.
 
+The attention kernels (``swa_fwd`` / ``swa_bwd``, the ``_swa_*`` kernels) are the library's one
+sliding-window + sink kernel family: :func:`vpmoe_compile.ops.sink_attention.window_sink_attention`
+runs on them too. They were kept over the sink-attention kernels' former window path on a
+measured H100 comparison inside the fused op (``benchmarks/results/window_kernels.json``).
+
 Layouts (Megatron, sequence first; token ``(t, bi)`` is row ``t*b + bi``):
 ``factors [s, b, F]`` (any strides), ``q [s, b, H, d]``, ``k``/``v`` ``[s, b, G, d]``,
 ``o [s, b, H, d]``, ``lse``/``delta`` ``[b, H, s]`` fp32 (natural log,
@@ -437,7 +442,9 @@ def _swa_fwd_kernel(
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """One program = ``BM`` query rows of one (sample, head); visits only the KV tiles of the band."""
+    """One program = ``BM`` query rows of one (sample, head); visits only the KV tiles of the band.
+    The online-softmax state starts with the sink counted (``m = sink``, ``l = 1``, acc 0: a virtual
+    first key of value 0), so the stored LSE includes the sink."""
     HPG: tl.constexpr = H // G
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -461,11 +468,15 @@ def _swa_fwd_kernel(
                                         qk_scale, D, BN, IEEE)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        pr = tl.exp2(s - m_new[:, None])
+        # m_new is -inf only for a sink of -inf (no sink) before the row's first visible key: take
+        # the exponents from 0 there (alpha = p = 0), not -inf - -inf = NaN
+        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_base)
+        pr = tl.exp2(s - m_base[:, None])
         l_i = l_i * alpha + tl.sum(pr, axis=1)
         acc = acc * alpha[:, None] + _dot(pr.to(v.dtype), v, IEEE)
         m_i = m_new
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows with a sink of -inf reach 0
     out = acc / l_i[:, None]
     tl.store(O_ptr + qrow[:, None] * D + offs_d[None, :], out.to(O_ptr.dtype.element_ty), mask=mmask[:, None])
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
@@ -486,11 +497,12 @@ def _swa_bwd_tile(q, do, lse2, K_ptr, V_ptr, n0, offs_m, mmask, offs_d, S, B, G,
 
 @triton.jit
 def _swa_bwd_dq_kernel(
-    Q_ptr, K_ptr, V_ptr, O_ptr, DO_ptr, L_ptr, SINK_ptr,
+    Q_ptr, K_ptr, V_ptr, O_ptr, DO_ptr, L_ptr, DLSE_ptr, SINK_ptr,
     DQ_ptr, DELTA_ptr, DSINK_part,
     S, B, W, qk_scale, sm_scale,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, RECOMPUTE_DELTA: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
 ):
     """dq of ``BM`` query rows of one (sample, head); also ``delta`` (stored for the dkv kernel) and
     the program's partial of ``dsink_h = -sum_i exp(sink_h - L_i) * delta_i``.
@@ -498,7 +510,9 @@ def _swa_bwd_dq_kernel(
     ``RECOMPUTE_DELTA``: ``delta = rowsum(P * dP)`` over the band in a first pass (exactly the
     quantity ``dS`` needs, from the same fp32 ``P`` and ``dP`` as the second pass; ``O`` is not
     read); otherwise ``rowsum(dO * O)`` from the stored ``O`` (the FlashAttention-2 way, exact
-    enough only for an fp32 ``O``: see :func:`swa_bwd`).
+    enough only for an fp32 ``O``: see :func:`swa_bwd`). ``HAS_DLSE``: a gradient ``dL`` flowing
+    into the LSE enters as ``delta - dL`` (``dS = P (dP - delta + dL)``; also in the stored
+    ``delta`` and the sink term).
     """
     HPG: tl.constexpr = H // G
     pid_m = tl.program_id(0)
@@ -527,6 +541,8 @@ def _swa_bwd_dq_kernel(
     else:
         o = tl.load(O_ptr + qoff, mask=mmask[:, None], other=0.0).to(tl.float32)
         delta = tl.sum(do.to(tl.float32) * o, axis=1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE_ptr + pid_bh.to(tl.int64) * S + offs_m, mask=mmask, other=0.0)
     tl.store(DELTA_ptr + pid_bh.to(tl.int64) * S + offs_m, delta, mask=mmask)
     sink = tl.load(SINK_ptr + h).to(tl.float32)
     psink = tl.where(mmask, tl.exp(sink - lse), 0.0)
@@ -618,6 +634,23 @@ def _blocks(kind: str = "attn"):
     if kind == "attn_bwd":
         return dict(BM=t["BM_BWD"], BN=t["BN_BWD"], warps=t["WARPS_ATTN_BWD"], stages=t["STAGES_ATTN_BWD"])
     return dict(BM=t["BM"], BN=t["BN"], warps=t["WARPS_ATTN"], stages=t["STAGES_ATTN"])
+
+
+# The attention kernels' shared memory grows with (BM + BN) * d * element size. At most the
+# footprint of 64 x 64 tiles at d = 256 in bf16 (~197 KB of the H100's 227 KB per block, sm_90
+# compile as in benchmarks/tpa_static.py) is allowed; above it (fp32 at d = 256: ~279 KB) the tiles
+# are halved (fp32 at d = 256: 32 x 32, ~135 KB). The vpMoE shape (bf16, d = 128) is not affected.
+_ATTN_TILE_BUDGET = (64 + 64) * 256 * 2
+
+
+def _fit_attention_tiles(blk: dict, head_dim: int, elem_bytes: int) -> dict:
+    """``blk`` with ``BM``/``BN`` halved until the tiles fit :data:`_ATTN_TILE_BUDGET` (GPU only)."""
+    if _interpreting():
+        return blk
+    bm, bn = blk["BM"], blk["BN"]
+    while (bm + bn) * head_dim * elem_bytes > _ATTN_TILE_BUDGET and max(bm, bn) > 16:
+        bm, bn = max(16, bm // 2), max(16, bn // 2)
+    return dict(blk, BM=bm, BN=bn)
 
 
 def _check_dims(head_dim: int, q_rank: int = 1, kv_rank: int = 1):
@@ -768,7 +801,10 @@ def prologue_bwd(dq, dk, dv, factors, qkv_bias, gamma_q, gamma_k, rs_q, rs_k, co
 
 
 def swa_fwd(q, k, v, sink, window: int, softmax_scale: float):
-    """Sliding-window sink attention forward on materialised tensors.
+    """Sliding-window sink attention forward on materialised tensors: the library's one
+    sliding-window kernel family (the fused TPA op's attention middle and the Triton path of
+    :func:`vpmoe_compile.ops.sink_attention.window_sink_attention`). Key ``j`` is visible to query
+    ``i`` iff ``0 <= i - j <= window - 1``; no ALiBi. ``sink`` may be ``-inf`` (no sink).
 
     Args:
         q: ``[s,b,H,d]``, k, v: ``[s,b,G,d]`` (made contiguous); sink ``[H]``.
@@ -777,16 +813,17 @@ def swa_fwd(q, k, v, sink, window: int, softmax_scale: float):
         ``o [s,b,H,d]`` (q dtype), ``lse [b,H,s]`` fp32 (natural log, sink-inclusive).
     """
     out_dtype = q.dtype
-    if _interpreting() and q.dtype != torch.float32:
-        # the interpreter's 16-bit tl.dot is wrong: compute in fp32 there; o keeps the caller's
-        # dtype (16-bit stores are exact; the fp32 -> bf16 conversion truncates there), so the
-        # backward sees a 16-bit o as on the GPU
+    # The interpreter's 16-bit tl.dot is wrong and its fp32 -> 16-bit stores truncate (the GPU
+    # rounds to nearest even): there the kernel computes and stores in fp32 and torch rounds o, so
+    # the backward sees a 16-bit o rounded as on the GPU.
+    emulate_store = _interpreting() and q.dtype != torch.float32
+    if emulate_store:
         q, k, v = q.float(), k.float(), v.float()
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     s, b, H, d = q.shape
     G = k.shape[2]
-    blk = _blocks()
-    o = torch.empty(s, b, H, d, device=q.device, dtype=out_dtype)
+    blk = _fit_attention_tiles(_blocks(), d, q.element_size())
+    o = torch.empty(s, b, H, d, device=q.device, dtype=torch.float32 if emulate_store else out_dtype)
     lse = torch.empty(b, H, s, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(s, blk["BM"]), b * H)
     _swa_fwd_kernel[grid](
@@ -794,10 +831,10 @@ def swa_fwd(q, k, v, sink, window: int, softmax_scale: float):
         H=H, G=G, D=d, BM=blk["BM"], BN=blk["BN"], IEEE=ieee_fp32(q.dtype),
         num_warps=blk["warps"], num_stages=blk["stages"],
     )
-    return o, lse
+    return (o.to(out_dtype) if emulate_store else o), lse
 
 
-def swa_bwd(do, q, k, v, o, lse, sink, window: int, softmax_scale: float):
+def swa_bwd(do, q, k, v, o, lse, sink, window: int, softmax_scale: float, dlse=None):
     """Backward of :func:`swa_fwd`.
 
     ``delta = rowsum(dO * O)`` enters ``dS = P (dP - delta)``. From a 16-bit ``o`` this cancels
@@ -814,6 +851,8 @@ def swa_bwd(do, q, k, v, o, lse, sink, window: int, softmax_scale: float):
 
     Args:
         do: ``[s,b,H,d]``; q, k, v, o, lse, sink as for/from :func:`swa_fwd`.
+        dlse: optional ``[b,H,s]``, a gradient flowing into the (sink-inclusive) LSE; it enters
+            as ``delta - dlse``.
 
     Returns:
         ``dq [s,b,H,d]``, ``dk``, ``dv`` ``[s,b,G,d]`` (q dtype) and ``dsink [H]`` fp32
@@ -823,9 +862,11 @@ def swa_bwd(do, q, k, v, o, lse, sink, window: int, softmax_scale: float):
     if _interpreting() and q.dtype != torch.float32:  # the interpreter's 16-bit tl.dot is wrong
         q, k, v, do = q.float(), k.float(), v.float(), do.float()
     q, k, v, do, o = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous(), o.contiguous()
+    lse = lse.contiguous().float()
+    dlse_t = dlse.contiguous().float() if dlse is not None else lse  # a dummy pointer when absent
     s, b, H, d = q.shape
     G = k.shape[2]
-    blk = _blocks("attn_bwd")
+    blk = _fit_attention_tiles(_blocks("attn_bwd"), d, q.element_size())
     BM, BN = blk["BM"], blk["BN"]
     ieee = ieee_fp32(q.dtype)
     mode = GPU_TILES["DELTA"]
@@ -840,9 +881,9 @@ def swa_bwd(do, q, k, v, o, lse, sink, window: int, softmax_scale: float):
     dsink_part = torch.empty(nM, b, H, device=q.device, dtype=torch.float32)
     qk_scale = float(softmax_scale) * LOG2E
     _swa_bwd_dq_kernel[(nM, b * H)](
-        q, k, v, o, do, lse, sink.contiguous(), dq, delta, dsink_part,
+        q, k, v, o, do, lse, dlse_t, sink.contiguous(), dq, delta, dsink_part,
         s, b, int(window), qk_scale, float(softmax_scale),
-        H=H, G=G, D=d, BM=BM, BN=BN, IEEE=ieee, RECOMPUTE_DELTA=recompute,
+        H=H, G=G, D=d, BM=BM, BN=BN, IEEE=ieee, RECOMPUTE_DELTA=recompute, HAS_DLSE=dlse is not None,
         num_warps=blk["warps"], num_stages=blk["stages"],
     )
     _swa_bwd_dkv_kernel[(triton.cdiv(s, BN), b * G)](
