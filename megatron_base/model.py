@@ -164,7 +164,25 @@ def transformer_config_from_vpmoe(
             moe_permute_fusion=False,
             moe_router_fusion=False,
         )
+    kwargs.update(_parallel_sizes())
     return TransformerConfig(**kwargs)
+
+
+def _parallel_sizes() -> dict:
+    """The model-parallel sizes of Megatron's initialised parallel state, as ``TransformerConfig``
+    fields (Megatron-LM sets them from its arguments). The layers read them at construction: an
+    expert linear marks its weight ``allreduce=False`` only when the config's
+    ``expert_model_parallel_size`` > 1, and Megatron's DDP then reduces it over the
+    expert-data-parallel group instead of mixing other ranks' experts into it."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return {}
+    return {
+        "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+        "expert_model_parallel_size": ps.get_expert_model_parallel_world_size(),
+    }
 
 
 def build_stock_gpt(

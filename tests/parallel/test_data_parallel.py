@@ -49,7 +49,7 @@ def one_process(demo_prefix, tmp_path_factory, init_ckpt):
     return _run(1, demo_prefix, tmp_path_factory.mktemp("one") / "one.pt", init_from=init_ckpt)
 
 
-@pytest.mark.parametrize("ep", [1], ids=["dp2"])
+@pytest.mark.parametrize("ep", [1, 2], ids=["dp2", "dp2_ep2"])
 def test_two_ranks_equal_one_process(demo_prefix, tmp_path, one_process, init_ckpt, ep):
     """DP 2 (Megatron DDP), and DP 2 with expert parallelism 2 (each rank 4 of the 8 experts,
     Megatron's token dispatcher, expert grads reduced over the expert-data-parallel group,
