@@ -82,7 +82,7 @@ def format_plan(plan) -> str:
                           key=lambda c: c.layout.ep, default=None)
                 if alt is not None:
                     lines.append(f"  with the replicated optimizer, EP={alt.layout.ep} is the smallest EP that fits "
-                                 f"({alt.memory.total / GIB:.1f} GiB per rank; EP > 1 is not tested on GPUs, see the notes).")
+                                 f"({alt.memory.total / GIB:.1f} GiB per rank; EP > 1 is tested on the CPU only, see the notes).")
     else:
         lines.append(f"recommendation: none: {plan.reason}.")
     a = plan.activation

@@ -24,7 +24,7 @@ main params (fp32)     4                                       4 / D
 AdamW state            8 (exp_avg + exp_avg_sq, fp32)          8 / D
 NorMuon state          4 (momentum) + 4 per row (second        the same / D (pending: the
                        moment) + 4 for 2-D matrices (the        NorMuon distributed optimizer is
-                       bank's fp32 gradient gather buffer)     issue 14 item 3)
+                       bank's fp32 gradient gather buffer)     not built yet)
 =====================  ======================================  ================================
 
 ``D`` is the data-parallel size of the parameter's group: ``world`` for replicated parameters
@@ -100,9 +100,9 @@ NOTES = (
     "TP and PP are not planned: the transform refuses tensor / pipeline parallel > 1 today.",
     "distributed optimizer: Megatron shards fp32 main params and optimizer state over the data-parallel "
     "group (routed experts over the expert-data-parallel group, world / EP); for NorMuon this path is "
-    "pending (issue 14 item 3), the replicated optimizer is what runs today.",
-    "EP > 1: Megatron's all-gather dispatcher in front of the grouped experts; not tested on GPUs for "
-    "transformed models.",
+    "pending, the replicated optimizer is what runs today.",
+    "EP > 1: Megatron's all-gather dispatcher in front of the grouped experts; tested on the CPU "
+    "(2 gloo ranks), not yet on GPUs.",
     "activations are an estimate (no recomputation, balanced routing); parameter and optimizer bytes are "
     "exact counts of the transformed model.",
 )
