@@ -23,6 +23,13 @@ Device-independent (applied on every machine):
   ``te_general_gemm`` when Transformer Engine imports, but ``RouterGatingLinearFunction`` reads
   it unconditionally, so MoE routing raises ``NameError`` without TE -- on GPU as well. Fix:
   define the module attribute as ``None`` (the code then takes its plain ``torch`` path).
+* ``moe_aux_loss_scale_shape``: ``MoEAuxLossAutoScaler`` keeps the aux-loss scale in a class
+  attribute. Its ``backward`` creates it as a 0-d ``torch.tensor(1.0)`` when unset, while the
+  pipeline schedules set it with ``torch.ones(1)`` through ``set_loss_scale``, which ``copy_``\ s
+  into the existing tensor: once a MoE backward ran outside a schedule (an eager step, a test),
+  every later schedule step raises ``output with shape [] doesn't match the broadcast shape
+  [1]``. Fix: ``set_loss_scale`` copies a same-size scale in the existing tensor's shape (still
+  in place, so compiled graphs that read that tensor keep seeing the update).
 * ``tokenizer_class_metadata``: megatron-core 0.16.1's tokenizer metadata is inconsistent about
   how it names a tokenizer class. ``MegatronTokenizer.write_metadata`` (and the
   ``MegatronTokenizerBase`` docstring, and every stock tokenizer's config) name it with the
@@ -276,6 +283,23 @@ class _CpuScheduleTorch:
         return torch.zeros(*args, **kwargs)
 
 
+def _fix_moe_aux_loss_scale_shape(record: list) -> None:
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    cls = moe_utils.MoEAuxLossAutoScaler
+
+    def set_loss_scale(scale: torch.Tensor) -> None:
+        current = cls.main_loss_backward_scale
+        if current is None:
+            cls.main_loss_backward_scale = scale
+        elif current.numel() == scale.numel():
+            current.copy_(scale.reshape(current.shape))  # in place: captured graphs keep reading it
+        else:
+            current.copy_(scale)  # Megatron's own behaviour (and its error)
+
+    record.append((cls, "set_loss_scale", cls.__dict__["set_loss_scale"]))
+    cls.set_loss_scale = staticmethod(set_loss_scale)
+
+
 def _fix_cpu_schedule_token_count(record: list) -> None:
     schedules = importlib.import_module("megatron.core.pipeline_parallel.schedules")
     _set(record, schedules, "torch", _CpuScheduleTorch())
@@ -289,6 +313,7 @@ _FIXES: Dict[str, Tuple[Callable[[list], None], str]] = {
     "cpu_mask_builders": (_fix_mask_builders, "cpu"),
     "cpu_dist_checkpoint_save": (_fix_cpu_dist_checkpoint_save, "cpu"),
     "cpu_schedule_token_count": (_fix_cpu_schedule_token_count, "cpu"),
+    "moe_aux_loss_scale_shape": (_fix_moe_aux_loss_scale_shape, "any"),
 }
 
 

@@ -15,6 +15,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: the MASTER_PORT of the one-process world init_process started itself (None: a launcher's)
+_SELF_STARTED = [None]
+
+
 def init_process(
     seed: int = 1234,
     tensor_model_parallel_size: int = 1,
@@ -39,16 +43,30 @@ def init_process(
     compat.apply()
     on_gpu = torch.cuda.is_available()
     if not torch.distributed.is_initialized():
+        if _SELF_STARTED[0] and os.environ.get("MASTER_PORT") == _SELF_STARTED[0]:
+            # our own one-process world was torn down: its port may still be held; take a new one
+            os.environ["MASTER_PORT"] = _SELF_STARTED[0] = str(_free_port())
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
             os.environ.setdefault("LOCAL_RANK", "0")
+            _SELF_STARTED[0] = os.environ["MASTER_PORT"]
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(backend=backend or ("nccl" if on_gpu else "gloo"))
-    if not parallel_state.model_parallel_is_initialized():
+    if parallel_state.model_parallel_is_initialized():
+        have = (parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_pipeline_model_parallel_world_size(),
+                parallel_state.get_expert_model_parallel_world_size())
+        want = (tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size)
+        if have != want:
+            raise RuntimeError(
+                f"Megatron's parallel state is already initialised with (TP, PP, EP) = {have}, not the {want} "
+                "asked for; call megatron_base.destroy_process() first (or start a new process)"
+            )
+    else:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,

@@ -49,9 +49,15 @@ def progress_logging() -> Iterator[None]:
             if handler not in before:
                 handler.setLevel(level)
         logging.captureWarnings(True)
+        turned_on = warnings.showwarning is not saved_showwarning  # else an outer capture was on
         try:
             yield
         finally:
+            if turned_on:
+                # undo our captureWarnings(True) through logging itself: restoring showwarning
+                # alone would leave logging believing it still captures, and the next
+                # captureWarnings(True) (the next bar) would then do nothing
+                logging.captureWarnings(False)
             warnings.showwarning = saved_showwarning
 
 

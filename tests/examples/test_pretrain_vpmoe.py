@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_example_trains_saves_and_loads_into_a_stock_model(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), CUDA_VISIBLE_DEVICES="")
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # the test process's own world
+        env.pop(k, None)
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "pretrain_vpmoe.py"), "--steps", "2", "--out", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=600,

@@ -11,6 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_user_pass_example(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), CUDA_VISIBLE_DEVICES="")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # the test process's own world
+        env.pop(k, None)
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "user_pass.py"), "--dump-dir", str(tmp_path / "d")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -72,3 +72,13 @@ def test_outer_capture_warnings_stays_on():
         assert warnings.showwarning is outer
     finally:
         logging.captureWarnings(False)
+
+
+def test_a_second_bar_still_routes_warnings(tqdm_writes):
+    """Leaving a bar must undo logging's warning capture fully: the next bar captures again."""
+    for i in range(2):
+        with progress_logging(), tqdm.std.tqdm(total=1, file=io.StringIO()):
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                warnings.warn(f"warning in bar {i}", UserWarning)
+    assert [i for i in range(2) if any(f"warning in bar {i}" in m for m in tqdm_writes)] == [0, 1]

@@ -263,3 +263,17 @@ def test_dynamo_config_guards_megatron_cuda_rng_setter(megatron_env, monkeypatch
                 assert mrandom._set_cuda_rng_state is patched
             assert mrandom._set_cuda_rng_state is patched
     assert mrandom._set_cuda_rng_state is orig
+
+
+def test_moe_aux_loss_scale_set_by_a_schedule_after_an_eager_backward(megatron_env):
+    """Megatron's MoE backward leaves a 0-d scale; its schedules then set_loss_scale(ones(1)):
+    the compat fix copies it in place instead of raising a shape error."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    saved = MoEAuxLossAutoScaler.main_loss_backward_scale
+    try:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = scale = torch.tensor(1.0)
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1) * 0.25)
+        assert MoEAuxLossAutoScaler.main_loss_backward_scale is scale and float(scale) == 0.25
+    finally:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = saved

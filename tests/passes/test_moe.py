@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from passes.base import PassError
+from tests._forward import forward as _forward
 
 
 def _pair(megatron_env, overrides=None, tc_overrides=None, seed=0):
@@ -201,13 +202,6 @@ def test_grouped_layer_is_one_graph_without_host_sync_ops(megatron_env):
 # ---------------------------------------------------------------------------------------------
 
 
-def _forward(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.vocab_size, (2, 16), generator=g)
-    pos = torch.arange(16).unsqueeze(0).expand(2, 16)
-    model.eval()
-    with torch.no_grad():
-        return model(ids, pos, None)
 
 
 def test_plain_state_dicts_round_trip_and_stock_ones_load(megatron_env):

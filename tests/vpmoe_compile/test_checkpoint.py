@@ -6,14 +6,9 @@ import os
 import pytest
 import torch
 
+from tests._forward import forward as _forward
 
-def _forward(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.vocab_size, (2, 16), generator=g)
-    pos = torch.arange(16).unsqueeze(0).expand(2, 16)
-    model.eval()
-    with torch.no_grad():
-        return model(ids, pos, None)
+
 
 
 def _transformed(cfg="tiny", seed=0, **kw):
