@@ -480,7 +480,8 @@ def load_checkpoint(
     sharded = _model_sharded(chunks, None)
     if optimizer is not None:
         if "optimizer" not in _saved_keys(ck):
-            raise CheckpointError(f"{ck} has no optimizer state; pass optimizer=None to load the model only")
+            raise CheckpointError(f"{ck} has no optimizer state: load the model only (optimizer=None; "
+                                  "`train --init-from` starts a new run from its weights)")
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True)
     want_rng = rng and "rng_state" in _saved_keys(ck)
     if want_rng:
