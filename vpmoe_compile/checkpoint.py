@@ -299,6 +299,11 @@ def _dist():
     return d if d.is_available() and d.is_initialized() else None
 
 
+def _world_size() -> int:
+    d = _dist()
+    return d.get_world_size() if d else 1
+
+
 def _rank() -> int:
     d = _dist()
     return d.get_rank() if d else 0
@@ -407,6 +412,7 @@ def save_checkpoint(
         sharded["opt_param_scheduler"] = scheduler.state_dict()
     if rng:
         sharded["rng_state"] = _rng_sharded(None)
+        sharded["rng_world_size"] = _world_size()
     sharded[STATE_KEY] = state
     sharded["iteration"] = iteration
     sharded["vpmoe_extra"] = dict(extra or {})
@@ -438,8 +444,9 @@ def load_checkpoint(
     checkpoint of another tokenizer or vocabulary is refused with both identities.
 
     Returns:
-        ``{"path", "iteration", "extra", "transform_state", "restored"}`` (``restored``: whether
-        the transform was replayed on ``model``).
+        ``{"path", "iteration", "extra", "transform_state", "restored", "rng_restored"}``
+        (``restored``: whether the transform was replayed on ``model``; the per-rank RNG states
+        are restored only at the world size they were saved at).
     """
     from megatron.core import dist_checkpointing
 
@@ -483,7 +490,8 @@ def load_checkpoint(
             raise CheckpointError(f"{ck} has no optimizer state: load the model only (optimizer=None; "
                                   "`train --init-from` starts a new run from its weights)")
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True)
-    want_rng = rng and "rng_state" in _saved_keys(ck)
+    # RNG states are per rank: restored at the world size they were saved at, else left alone
+    want_rng = rng and "rng_state" in _saved_keys(ck) and common.get("rng_world_size", 1) == _world_size()
     if want_rng:
         sharded["rng_state"] = _rng_sharded({})
     loaded = dist_checkpointing.load(sharded, str(ck))
@@ -506,6 +514,7 @@ def load_checkpoint(
         "extra": common.get("vpmoe_extra") or {},
         "transform_state": state,
         "restored": restored,
+        "rng_restored": bool(want_rng),
     }
 
 

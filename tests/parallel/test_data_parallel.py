@@ -50,12 +50,12 @@ def one_process(demo_prefix, tmp_path_factory, init_ckpt):
 
 
 @pytest.mark.parametrize("ep", [1, 2], ids=["dp2", "dp2_ep2"])
-def test_two_ranks_equal_one_process(demo_prefix, tmp_path, one_process, init_ckpt, ep):
+def test_two_ranks_equal_one_process(megatron_env, demo_prefix, tmp_path, one_process, init_ckpt, ep):
     """DP 2 (Megatron DDP), and DP 2 with expert parallelism 2 (each rank 4 of the 8 experts,
     Megatron's token dispatcher, expert grads reduced over the expert-data-parallel group,
     the grad norm summed over the expert group)."""
     one = one_process
-    two = _run(2, demo_prefix, tmp_path / "two.pt", ep=ep, init_from=init_ckpt)
+    two = _run(2, demo_prefix, tmp_path / "two.pt", ep=ep, init_from=init_ckpt, save=tmp_path / "ck2")
     la = [r["loss"] for r in one["records"]]
     lb = [r["loss"] for r in two["records"]]
     assert len(la) == len(lb) == 3
@@ -66,3 +66,13 @@ def test_two_ranks_equal_one_process(demo_prefix, tmp_path, one_process, init_ck
     assert one["weights"].keys() == two["weights"].keys()
     for n in one["weights"]:
         torch.testing.assert_close(two["weights"][n], one["weights"][n], rtol=1e-4, atol=1e-5, msg=n)
+    # the two-rank checkpoint (experts split over the ranks at EP 2) loads into one process:
+    # a fresh stock model takes the transform and exactly the trained weights
+    import vpmoe_compile
+    from megatron_base import build_stock_gpt
+
+    stock = build_stock_gpt("tiny", device="cpu")
+    info = vpmoe_compile.load_checkpoint(tmp_path / "ck2", stock)
+    assert info["restored"] and info["iteration"] == 3
+    for n, p in stock.named_parameters():
+        assert torch.equal(p.detach(), two["weights"][n]), n
