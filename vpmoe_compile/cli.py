@@ -32,6 +32,9 @@ def _quiet_imports() -> None:
     warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
     warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # megatron-core 0.16.1's torch_dist loader calls torch.distributed.checkpoint's deprecated
+    # load_state_dict on every checkpoint load (train --load, the demo's resume)
+    warnings.filterwarnings("ignore", message=".*load_state_dict. is deprecated.*", category=FutureWarning)
 
 
 def _load_cfg(name: str):
