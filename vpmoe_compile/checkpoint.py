@@ -32,6 +32,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from vpmoe_compile.compiler import bare_module
+
 __all__ = [
     "CheckpointError",
     "STATE_KEY",
@@ -64,13 +66,6 @@ class CheckpointError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 
 
-def _bare(model: nn.Module) -> nn.Module:
-    """The module inside Megatron's ``DistributedDataParallel`` / ``Float16Module`` wrappers."""
-    depth = 0
-    while hasattr(model, "module") and not hasattr(model, "decoder") and depth < 8:
-        model = model.module
-        depth += 1
-    return model
 
 
 def _chunks(model) -> List[nn.Module]:
@@ -123,7 +118,7 @@ def transform_state(model: nn.Module) -> Dict[str, Any]:
     Args:
         model: a transformed model (bare or inside Megatron's wrappers).
     """
-    bare = _bare(model)
+    bare = bare_module(model)
     record = getattr(bare, "vpmoe_transform", None)
     cfg = getattr(bare, "vpmoe_config", None)
     if record is None or cfg is None:
@@ -204,7 +199,7 @@ def restore(model: nn.Module, state: Dict[str, Any], *, progress: bool = False) 
     from vpmoe_compile.pipeline import TransformError, available_passes, transform
 
     state = _check_state(state)
-    bare = _bare(model)
+    bare = bare_module(model)
     if bare is not model:
         raise CheckpointError(
             f"restore() got a {type(model).__name__}: replay the transform on the bare GPTModel before "
@@ -335,8 +330,8 @@ def _model_sharded(chunks: Sequence[nn.Module], metadata: Optional[dict]) -> Dic
     """Each chunk's GPTModel's sharded state dict (Megatron's DDP has none of its own: through it
     every key would gain a ``module.`` prefix that a bare model's checkpoint lacks)."""
     if len(chunks) == 1:
-        return {"model": _bare(chunks[0]).sharded_state_dict(metadata=metadata)}
-    return {f"model{i}": _bare(c).sharded_state_dict(metadata=metadata) for i, c in enumerate(chunks)}
+        return {"model": bare_module(chunks[0]).sharded_state_dict(metadata=metadata)}
+    return {f"model{i}": bare_module(c).sharded_state_dict(metadata=metadata) for i, c in enumerate(chunks)}
 
 
 def _rng_sharded(state: Optional[dict]):
@@ -458,7 +453,7 @@ def load_checkpoint(
     if state is not None:
         state = _check_state(state)
         for i, chunk in enumerate(chunks):
-            bare = _bare(chunk)
+            bare = bare_module(chunk)
             if getattr(bare, "vpmoe_transform", None) is not None:
                 _same_transform(bare, state)
             elif bare is not chunk:
@@ -479,7 +474,7 @@ def load_checkpoint(
                 restored = True
     else:
         for chunk in chunks:
-            if getattr(_bare(chunk), "vpmoe_transform", None) is not None:
+            if getattr(bare_module(chunk), "vpmoe_transform", None) is not None:
                 raise CheckpointError(
                     f"{ck} has no vpmoe_compile transform state (a stock model's checkpoint?) but the model is "
                     "transformed; load it into the stock model first, then transform it"
@@ -496,10 +491,10 @@ def load_checkpoint(
         sharded["rng_state"] = _rng_sharded({})
     loaded = dist_checkpointing.load(sharded, str(ck))
     if len(chunks) == 1:
-        _bare(chunks[0]).load_state_dict(loaded["model"], strict=strict)
+        bare_module(chunks[0]).load_state_dict(loaded["model"], strict=strict)
     else:
         for i, c in enumerate(chunks):
-            _bare(c).load_state_dict(loaded[f"model{i}"], strict=strict)
+            bare_module(c).load_state_dict(loaded[f"model{i}"], strict=strict)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:

@@ -30,19 +30,26 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-__all__ = ["compile", "unwrap_gpt"]
+__all__ = ["compile", "unwrap_gpt", "bare_module"]
 
 
 class CompileError(RuntimeError):
     """The model cannot be compiled as asked; the message says why and what to do."""
 
 
-def unwrap_gpt(model: nn.Module) -> nn.Module:
-    """The ``GPTModel`` inside Megatron's ``DistributedDataParallel`` / ``Float16Module``."""
+def bare_module(model: nn.Module) -> nn.Module:
+    """The module inside Megatron's ``DistributedDataParallel`` / ``Float16Module`` wrappers
+    (the first one with a ``decoder``, or the innermost ``.module``); ``model`` itself if bare."""
     seen = 0
     while not hasattr(model, "decoder") and hasattr(model, "module") and seen < 8:
         model = model.module
         seen += 1
+    return model
+
+
+def unwrap_gpt(model: nn.Module) -> nn.Module:
+    """The ``GPTModel`` inside Megatron's ``DistributedDataParallel`` / ``Float16Module``."""
+    model = bare_module(model)
     if not hasattr(model, "decoder"):
         raise CompileError(f"vpmoe_compile.compile needs a (wrapped) Megatron GPTModel, got {type(model).__name__}")
     return model
