@@ -25,7 +25,7 @@ Device-independent (applied on every machine):
   define the module attribute as ``None`` (the code then takes its plain ``torch`` path).
 * ``moe_aux_loss_scale_shape``: ``MoEAuxLossAutoScaler`` keeps the aux-loss scale in a class
   attribute. Its ``backward`` creates it as a 0-d ``torch.tensor(1.0)`` when unset, while the
-  pipeline schedules set it with ``torch.ones(1)`` through ``set_loss_scale``, which ``copy_``\ s
+  pipeline schedules set it with ``torch.ones(1)`` through ``set_loss_scale``, which ``copy_`` calls
   into the existing tensor: once a MoE backward ran outside a schedule (an eager step, a test),
   every later schedule step raises ``output with shape [] doesn't match the broadcast shape
   [1]``. Fix: ``set_loss_scale`` copies a same-size scale in the existing tensor's shape (still

@@ -61,6 +61,9 @@ class TrainArgs:
         init_from: start from a checkpoint's model weights with a fresh optimizer, scheduler and
             data position (Megatron-LM's ``--load`` with ``--finetune``); it may have been saved
             at another expert-parallel size.
+        distributed_optimizer: shard the optimizer state over the data-parallel ranks by whole
+            parameters (``build_optimizer(..., layer_wise_distributed_optimizer=True)``; the
+            fp32 path, CPU); a checkpoint saved with it loads at any data-parallel size.
         warmup_steps: linear warm-up iterations; then cosine decay to ``min_lr`` at
             ``lr_decay_steps`` (default ``steps``; Megatron-LM's ``--lr-decay-iters``: set it to
             the full run's length when training in pieces). A resumed run takes the schedule
@@ -87,6 +90,7 @@ class TrainArgs:
     plot: Optional[str] = None
     seed: int = 1234
     expert_parallel: int = 1
+    distributed_optimizer: bool = False
     device: str = "auto"
     data_cache: Optional[str] = None
     progress: Optional[bool] = None
@@ -295,6 +299,9 @@ def train(a: TrainArgs) -> Dict[str, Any]:
         raise TrainError("--device cpu with a visible GPU: megatron-core 0.16.1 hardcodes CUDA inside forward; "
                          "run with CUDA_VISIBLE_DEVICES='' to train on the CPU")
     on_gpu = torch.cuda.is_available()
+    if a.distributed_optimizer and on_gpu:
+        raise TrainError("--distributed-optimizer shards the fp32 optimizer and runs on the CPU in this release; "
+                         "on GPUs train without it (the replicated optimizer)")
     device = torch.device("cuda" if on_gpu else "cpu")
     state = read_transform_state(a.load) if a.load else None
     if a.config:
@@ -327,7 +334,7 @@ def train(a: TrainArgs) -> Dict[str, Any]:
     else:
         vpmoe_compile.transform(model, cfg, progress=False, dump_dir=a.dump_dir)
     wrapped = wrap_megatron(model)
-    optimizer = vpmoe_compile.build_optimizer(wrapped, cfg)
+    optimizer = vpmoe_compile.build_optimizer(wrapped, cfg, layer_wise_distributed_optimizer=a.distributed_optimizer)
     st = optimizer.settings  # the [optimizer] section as build_optimizer resolved it
     max_lr = float(a.lr if a.lr is not None else st.lr)
     min_lr = float(a.min_lr if a.min_lr is not None else (st.min_lr if a.lr is None else max_lr * st.min_lr / st.lr))

@@ -1,5 +1,8 @@
 """Run by tests/parallel/test_data_parallel.py under torchrun: a few `train` steps, then rank 0
-writes the records and the trained weights to OUT (a torch.save file)."""
+writes the records and the trained weights to OUT (a torch.save file).
+
+    _train_worker.py PREFIX OUT STEPS GLOBAL_BATCH MICRO_BATCH [EP [INIT_FROM|- [SAVE|- [LOAD|-]]]] [--distopt]
+"""
 
 import sys
 
@@ -7,15 +10,18 @@ import torch
 
 
 def main():
-    prefix, out, steps, global_batch, micro_batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-    ep = int(sys.argv[6]) if len(sys.argv) > 6 else 1
-    init_from = sys.argv[7] if len(sys.argv) > 7 and sys.argv[7] != "-" else None
-    save = sys.argv[8] if len(sys.argv) > 8 else None
+    argv = [a for a in sys.argv[1:] if a != "--distopt"]
+    distopt = "--distopt" in sys.argv[1:]
+    prefix, out, steps, global_batch, micro_batch = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
+    opt = [(a if a != "-" else None) for a in argv[5:]] + [None] * 4
+    ep = int(opt[0] or 1)
+    init_from, save, load = opt[1], opt[2], opt[3]
     from vpmoe_compile.train import TrainArgs, train
 
     run = train(TrainArgs(config="tiny", data=[prefix], micro_batch=micro_batch, global_batch=global_batch,
-                          seq_len=32, steps=steps, warmup_steps=0, device="cpu", quiet=True, expert_parallel=ep,
-                          init_from=init_from, save=save,
+                          seq_len=32, steps=steps, warmup_steps=0, lr_decay_steps=6, device="cpu", quiet=True,
+                          expert_parallel=ep, distributed_optimizer=distopt,
+                          init_from=init_from, save=save, load=load,
                           data_cache=out + ".cache"))
     bare = run["model"].module
     weights = {n: p.detach().clone() for n, p in bare.named_parameters()}
@@ -28,8 +34,21 @@ def main():
                 parts = [torch.empty_like(w) for _ in range(ep)]
                 torch.distributed.all_gather(parts, w.contiguous(), group=group)
                 weights[n] = torch.cat(parts, 0)
+    # every rank's replicated weights must be equal (the distributed optimizer broadcasts them)
+    flat = torch.cat([w.reshape(-1) for n, w in sorted(weights.items())])
+    ref = flat.clone()
+    torch.distributed.broadcast(ref, 0)
+    same = torch.tensor([float(torch.equal(ref, flat))])
+    torch.distributed.all_reduce(same, op=torch.distributed.ReduceOp.MIN)
+    owned = {}
+    optimizer = run["optimizer"]
+    if getattr(optimizer, "sharding", None) is not None:
+        owned = {"state_tensors": sum(len(s) for s in optimizer.state.values()), "params": len(optimizer.get_parameters())}
+    all_owned = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(all_owned, owned)
     if torch.distributed.get_rank() == 0:
-        torch.save({"records": run["records"], "weights": weights}, out)
+        torch.save({"records": run["records"], "weights": weights, "ranks_equal": bool(same.item()),
+                    "owned": all_owned, "num_params": len(list(bare.parameters()))}, out)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

@@ -13,15 +13,15 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_train_worker.py")
 
 
-def _run(nproc, prefix, out, steps=3, global_batch=4, micro_batch=2, ep=1, init_from=None, save=None):
+def _run(nproc, prefix, out, steps=3, global_batch=4, micro_batch=2, ep=1, init_from=None, save=None, load=None,
+         distopt=False):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(WORKER),
-           prefix, str(out), str(steps), str(global_batch), str(micro_batch), str(ep), str(init_from or "-")]
-    if save:
-        cmd.append(str(save))
+           prefix, str(out), str(steps), str(global_batch), str(micro_batch), str(ep), str(init_from or "-"),
+           str(save or "-"), str(load or "-")] + (["--distopt"] if distopt else [])
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     return torch.load(out, weights_only=False)
@@ -46,7 +46,24 @@ def init_ckpt(demo_prefix, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process(demo_prefix, tmp_path_factory, init_ckpt):
-    return _run(1, demo_prefix, tmp_path_factory.mktemp("one") / "one.pt", init_from=init_ckpt)
+    """3 steps in one process from the common start, saved at step 3 (``ck``)."""
+    d = tmp_path_factory.mktemp("one")
+    run = _run(1, demo_prefix, d / "one.pt", init_from=init_ckpt, save=d / "ck")
+    run["ck"] = d / "ck"
+    return run
+
+
+def _assert_same_run(a, b, steps):
+    la = [r["loss"] for r in a["records"]]
+    lb = [r["loss"] for r in b["records"]]
+    assert len(la) == len(lb) == steps
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=1e-5)
+    ga = [r["grad_norm"] for r in a["records"]]
+    gb = [r["grad_norm"] for r in b["records"]]
+    torch.testing.assert_close(torch.tensor(gb), torch.tensor(ga), rtol=1e-4, atol=1e-6)
+    assert a["weights"].keys() == b["weights"].keys()
+    for n in a["weights"]:
+        torch.testing.assert_close(b["weights"][n], a["weights"][n], rtol=1e-4, atol=1e-5, msg=n)
 
 
 @pytest.mark.parametrize("ep", [1, 2], ids=["dp2", "dp2_ep2"])
@@ -56,16 +73,8 @@ def test_two_ranks_equal_one_process(megatron_env, demo_prefix, tmp_path, one_pr
     the grad norm summed over the expert group)."""
     one = one_process
     two = _run(2, demo_prefix, tmp_path / "two.pt", ep=ep, init_from=init_ckpt, save=tmp_path / "ck2")
-    la = [r["loss"] for r in one["records"]]
-    lb = [r["loss"] for r in two["records"]]
-    assert len(la) == len(lb) == 3
-    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=1e-5)
-    ga = [r["grad_norm"] for r in one["records"]]
-    gb = [r["grad_norm"] for r in two["records"]]
-    torch.testing.assert_close(torch.tensor(gb), torch.tensor(ga), rtol=1e-4, atol=1e-6)
-    assert one["weights"].keys() == two["weights"].keys()
-    for n in one["weights"]:
-        torch.testing.assert_close(two["weights"][n], one["weights"][n], rtol=1e-4, atol=1e-5, msg=n)
+    _assert_same_run(one, two, 3)
+    assert two["ranks_equal"]
     # the two-rank checkpoint (experts split over the ranks at EP 2) loads into one process:
     # a fresh stock model takes the transform and exactly the trained weights
     import vpmoe_compile
@@ -76,3 +85,50 @@ def test_two_ranks_equal_one_process(megatron_env, demo_prefix, tmp_path, one_pr
     assert info["restored"] and info["iteration"] == 3
     for n, p in stock.named_parameters():
         assert torch.equal(p.detach(), two["weights"][n]), n
+
+
+# ---------------------------------------------------------------------------------------------
+# DP 2 with the layer-wise distributed optimizer (whole parameters sharded over the ranks)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dp2_distopt(demo_prefix, tmp_path_factory, init_ckpt):
+    d = tmp_path_factory.mktemp("distopt")
+    run = _run(2, demo_prefix, d / "two.pt", init_from=init_ckpt, save=d / "ck", distopt=True)
+    run["ck"] = d / "ck"
+    return run
+
+
+@pytest.fixture(scope="module")
+def one_process_six(demo_prefix, tmp_path_factory, init_ckpt):
+    """The reference for the resumed runs: 6 steps in one process, straight."""
+    return _run(1, demo_prefix, tmp_path_factory.mktemp("six") / "six.pt", steps=6, init_from=init_ckpt)
+
+
+def test_distributed_optimizer_equals_one_process(megatron_env, one_process, dp2_distopt):
+    """Each rank keeps optimizer state for about half of the parameters (whole tensors, every
+    parameter owned by exactly one rank), steps them and broadcasts them: losses, grad norms and
+    weights equal one process with the replicated optimizer, and both ranks hold the same weights."""
+    _assert_same_run(one_process, dp2_distopt, 3)
+    assert dp2_distopt["ranks_equal"]
+    owned = dp2_distopt["owned"]
+    assert len(owned) == 2 and all(o["params"] > 0 for o in owned)
+    assert sum(o["params"] for o in owned) == dp2_distopt["num_params"]
+    assert all(o["params"] < dp2_distopt["num_params"] for o in owned)
+
+
+@pytest.mark.parametrize("direction", ["dp2_distopt_to_one", "one_to_dp2_distopt"])
+def test_distributed_optimizer_checkpoint_reshards(megatron_env, demo_prefix, tmp_path, one_process, dp2_distopt,
+                                                   one_process_six, direction):
+    """A checkpoint saved at step 3 with the optimizer sharded over 2 ranks resumes in one process,
+    and one saved by one process resumes sharded over 2 ranks: steps 4-6 (losses, grad norms,
+    weights) equal 6 straight steps in one process, so every optimizer state tensor (NorMuon
+    momentum and second moment, AdamW moments and step) reached its new owner."""
+    if direction == "dp2_distopt_to_one":
+        run = _run(1, demo_prefix, tmp_path / "r.pt", steps=6, load=dp2_distopt["ck"], save=tmp_path / "ck")
+    else:
+        run = _run(2, demo_prefix, tmp_path / "r.pt", steps=6, load=one_process["ck"], save=tmp_path / "ck",
+                   distopt=True)
+        assert run["ranks_equal"]
+    ref = dict(one_process_six, records=one_process_six["records"][3:])
+    _assert_same_run(ref, run, 3)

@@ -39,6 +39,11 @@ imports Megatron's optimizer when imported, is loaded on the Megatron path only)
   ``torch.compile`` of the NorMuon bank step (and ``cuda_graph``) is used on this path only when
   the parameters are on CUDA (Inductor on a CPU takes minutes).
 
+* **Layer-wise distributed optimizer** (``layer_wise_distributed_optimizer=True``, :mod:`.layer_wise`,
+  Megatron-Core's ``LayerWiseDistributedOptimizer`` scheme): on the plain path over a
+  Megatron-DDP-wrapped model, each data-parallel rank builds the same groups with only the whole
+  parameters it owns, steps them and broadcasts them; the grad norm covers every parameter.
+
 On both paths the global grad norm accumulates in fp64 (a finite gradient of 1e20 no longer
 overflows fp32 squares into an inf norm, i.e. a skipped step), ``nan_policy="raise"`` names the
 parameters with non-finite gradients by their model names, and ``load_state_dict`` validates the
@@ -114,9 +119,11 @@ def _check_ddp(chunks) -> None:
         if ddp is not None and getattr(ddp, "use_distributed_optimizer", False):
             raise UnsupportedOptimizerSetup(
                 "NorMuon does not support Megatron's distributed optimizer "
-                "(DistributedDataParallelConfig.use_distributed_optimizer=True); use the "
-                "replicated optimizer (the distributed one gives each rank a slice of the "
-                "flattened parameters, not whole matrices)"
+                "(DistributedDataParallelConfig.use_distributed_optimizer=True: it gives each rank "
+                "a slice of the flattened parameters, not whole matrices). Wrap the model with "
+                "use_distributed_optimizer=False and build the optimizer with "
+                "build_optimizer(model, layer_wise_distributed_optimizer=True), which shards whole "
+                "parameters over the data-parallel ranks as Megatron's own Muon does"
             )
         if ddp is not None and getattr(ddp, "use_megatron_fsdp", False):
             raise UnsupportedOptimizerSetup("NorMuon does not support Megatron FSDP")
@@ -129,6 +136,7 @@ def build_optimizer(
     optimizer_config: Any = None,
     pg_collection: Any = None,
     use_gloo_process_groups: bool = True,
+    layer_wise_distributed_optimizer: bool = False,
 ):
     """Build NorMuon (matrices) + AdamW (everything else) for ``model``.
 
@@ -152,6 +160,12 @@ def build_optimizer(
             set field raises :class:`UnsupportedOptimizerSetup` naming it
             (:mod:`.optimizer_config`). It is not modified.
         pg_collection, use_gloo_process_groups: forwarded to ``get_megatron_optimizer``.
+        layer_wise_distributed_optimizer: shard the optimizer over the data-parallel ranks by
+            whole parameters (:mod:`.layer_wise`; the argument of Megatron's
+            ``get_megatron_muon_optimizer``): each rank keeps state for the parameters it owns
+            (about ``1 / D`` of it), steps them and broadcasts them. Needs a Megatron-DDP-wrapped
+            model (the gradients all-reduced) and, in this release, the fp32 path (no CUDA
+            ``bf16`` wrappers: refused on the Megatron path). A no-op at data-parallel size 1.
 
     Returns:
         ``NorMuonChainedOptimizer`` (Megatron path) or ``NorMuonWithAuxAdamW`` (plain path), both
@@ -181,6 +195,24 @@ def build_optimizer(
         raise ValueError(f"build_optimizer builds NorMuon; optimizer.name is {st.name!r}")
     routes = classify_parameters(chunks if len(chunks) > 1 else chunks[0], st)
     _check_parallel(routes)
+    sharding = None
+    if layer_wise_distributed_optimizer:
+        if megatron_path:
+            raise UnsupportedOptimizerSetup(
+                "layer_wise_distributed_optimizer=True runs on the fp32 path only in this release "
+                "(Megatron DDP-wrapped fp32 parameters, without CUDA); Megatron's bf16 wrappers "
+                "(Float16OptimizerWithFloat16Params) on CUDA are not sharded yet: build without it "
+                "(replicated optimizer) on GPUs"
+            )
+        if not megatron_ddp:
+            raise UnsupportedOptimizerSetup(
+                "layer_wise_distributed_optimizer=True needs every model chunk wrapped in Megatron's "
+                "DistributedDataParallel (its all-reduced gradients are what each rank steps on); "
+                "wrap the model first (vpmoe_compile.training.wrap_megatron)"
+            )
+        from .layer_wise import build_sharding
+
+        sharding = build_sharding(routes)
     if megatron_path:
         from .megatron_wrappers import build_megatron_optimizer  # imports Megatron's optimizer
 
@@ -188,7 +220,7 @@ def build_optimizer(
             chunks, routes, st, optimizer_config, pg_collection, use_gloo_process_groups
         )
     else:
-        opt = build_plain_optimizer(routes, st, resolved.runtime, use_main_grad=megatron_ddp)
+        opt = build_plain_optimizer(routes, st, resolved.runtime, use_main_grad=megatron_ddp, sharding=sharding)
     opt.settings = st
     opt.routes = routes
     opt.routing_table = lambda: routing_table(model, st)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .grad_norm import grad_sq_sum, local_grad_norm, nonfinite_param_names
+from .layer_wise import ParamSharding
 from .normuon import NorMuon
 from .param_groups import aux_override, normuon_group, normuon_kwargs
 from .routing import ParamRoute
@@ -69,8 +70,14 @@ class NorMuonWithAuxAdamW:
         timers: Optional[Callable] = None,
         barrier_with_L1_time: bool = False,
         use_main_grad: bool = False,
+        sharding: Optional[ParamSharding] = None,
+        all_params: Optional[Sequence[torch.Tensor]] = None,
     ):
         self.normuon = normuon
+        # layer-wise distributed optimizer (:mod:`.layer_wise`): the parts hold this rank's
+        # parameters only; the grad norm, clipping and NaN policy see every parameter
+        self.sharding = sharding
+        self._all_params = list(all_params) if sharding is not None else None
         # built from Megatron-DDP-wrapped chunks (CPU): the gradients are DDP's main_grad views
         self.use_main_grad = bool(use_main_grad)
         self.adamw = adamw
@@ -104,14 +111,21 @@ class NorMuonWithAuxAdamW:
     def _params(self) -> List[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
+    def _grad_params(self) -> List[torch.Tensor]:
+        """The parameters whose gradients enter the grad norm: every trained parameter (also
+        those another rank owns under the layer-wise distributed optimizer, whose gradients
+        DDP has all-reduced here too), else :meth:`_params`."""
+        return self._all_params if self._all_params is not None else self._params()
+
     def get_parameters(self) -> List[torch.nn.Parameter]:
         """Every parameter this optimizer updates (NorMuon's, then AdamW's)."""
         return self._params()
 
     def get_main_grads_for_grad_norm(self) -> List[torch.Tensor]:
         """The gradients the grad norm is taken over (every parameter's ``.grad`` that is not
-        ``None``; there are no tensor-parallel duplicates on this path)."""
-        return [p.grad for p in self._params() if p.grad is not None]
+        ``None``, including parameters another rank owns under the layer-wise distributed
+        optimizer; there are no tensor-parallel duplicates on this path)."""
+        return [p.grad for p in self._grad_params() if p.grad is not None]
 
     @torch.no_grad()
     def get_grad_norm(self) -> float:
@@ -125,7 +139,7 @@ class NorMuonWithAuxAdamW:
             return local_grad_norm(self.get_main_grads_for_grad_norm())
         import torch.distributed as dist
 
-        params = [p for p in self._params() if p.grad is not None]
+        params = [p for p in self._grad_params() if p.grad is not None]
         dense = grad_sq_sum([p.grad for p in params if getattr(p, "allreduce", True)])
         expert = grad_sq_sum([p.grad for p in params if not getattr(p, "allreduce", True)], device=dense.device)
         dist.all_reduce(expert, op=dist.ReduceOp.SUM, group=group)
@@ -142,8 +156,10 @@ class NorMuonWithAuxAdamW:
     def _clip(self, grad_norm: float, clip_grad: float) -> None:
         if clip_grad > 0.0 and math.isfinite(grad_norm):
             coef = clip_grad / (grad_norm + 1e-6)
-            if coef < 1.0:
-                torch._foreach_mul_(self.get_main_grads_for_grad_norm(), coef)
+            if coef < 1.0:  # the gradients this rank steps on (all of them when not sharded)
+                grads = [p.grad for p in self._params() if p.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, coef)
 
     @torch.no_grad()
     def count_zeros(self) -> float:
@@ -155,7 +171,7 @@ class NorMuonWithAuxAdamW:
         return float(torch.stack(counts).sum().item())
 
     def _nonfinite_names(self) -> List[str]:
-        return nonfinite_param_names(self._params(), self._names)
+        return nonfinite_param_names(self._grad_params(), self._names)
 
     def _check_not_megatron_ddp(self) -> None:
         for p in self._params():
@@ -188,7 +204,7 @@ class NorMuonWithAuxAdamW:
         DDP are refused (their gradients go to ``main_grad``, which this optimizer would not see)."""
         if self.use_main_grad:
             # as Megatron's FP32Optimizer.prepare_grads: the step reads DDP's (reduced) buffers
-            for p in self._params():
+            for p in self._grad_params():
                 main = getattr(p, "main_grad", None)
                 if main is not None:
                     if main.dtype != p.dtype:
@@ -203,10 +219,15 @@ class NorMuonWithAuxAdamW:
 
     @torch.no_grad()
     def step_with_ready_grads(self) -> bool:
-        """Step NorMuon then AdamW on the current (clipped) gradients; returns True."""
+        """Step NorMuon then AdamW on the current (clipped) gradients; under the layer-wise
+        distributed optimizer, then every owner broadcasts its updated parameters
+        (:meth:`~.layer_wise.ParamSharding.broadcast_updated`). Returns True."""
         with self._timed("optimizer-inner-step"):
             for opt in self.optimizers:
                 opt.step()
+        if self.sharding is not None:
+            with self._timed("params-all-gather"):
+                self.sharding.broadcast_updated()
         return True
 
     @torch.no_grad()
@@ -231,6 +252,13 @@ class NorMuonWithAuxAdamW:
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=set_to_none)
+        if self._all_params is not None:  # the parameters other ranks own
+            for p in self._all_params:
+                if p.grad is not None:
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        p.grad.zero_()
 
     def get_loss_scale(self) -> torch.Tensor:
         """No loss scaling: a ``[1.0]`` fp32 tensor on the parameters' device (as Megatron's
@@ -341,27 +369,59 @@ class NorMuonWithAuxAdamW:
                 )
             optimizer_state_to_sharded(sd, id_map)
             out[key] = sd
+        if self.sharding is not None:
+            _owner_saves(out)
         return out
 
 
+def _owner_saves(sharded: Dict[str, Any]) -> None:
+    """In place, for the layer-wise distributed optimizer: each state tensor exists on its owner
+    only, so its data-parallel replica id becomes 0 there (it is saved once, by the owner;
+    Megatron's ``LayerWiseDistributedOptimizer.sharded_state_dict`` does the same). The keys are
+    the model parameters' (and the groups' per-parameter entries the loading rank's own,
+    :mod:`.sharded_state`), so a checkpoint saved at one data-parallel size loads at another."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    for part in sharded.values():
+        if part is None:
+            continue
+        for sh in nested_values(part["state"]):
+            rid = getattr(sh, "replica_id", None)
+            if isinstance(rid, tuple) and len(rid) == 3:
+                sh.replica_id = (*rid[:2], 0)
+            elif isinstance(rid, int):
+                sh.replica_id = 0
+
+
 def build_plain_optimizer(
-    routes: Sequence[ParamRoute], st, runtime: Optional[Dict[str, Any]] = None, *, use_main_grad: bool = False
+    routes: Sequence[ParamRoute],
+    st,
+    runtime: Optional[Dict[str, Any]] = None,
+    *,
+    use_main_grad: bool = False,
+    sharding: Optional[ParamSharding] = None,
 ) -> NorMuonWithAuxAdamW:
     """The plain path of :func:`~.build.build_optimizer`: NorMuon (dense and expert-parallel
     groups) + one ``torch.optim.AdamW`` whose groups bucket the AdamW parameters by
     :func:`~.param_groups.aux_override`; ``torch.compile`` / CUDA graphs of the NorMuon step only
     when its parameters are on CUDA. ``runtime``: the ``OptimizerConfig`` fields the step honours
-    (``log_num_zeros_in_grad``, ``timers``, ``barrier_with_L1_time``)."""
+    (``log_num_zeros_in_grad``, ``timers``, ``barrier_with_L1_time``). ``sharding``: the
+    layer-wise distributed optimizer (:mod:`.layer_wise`): every group is built (the same groups
+    on every rank, some possibly empty) with the parameters this rank owns."""
     nm = [r for r in routes if r.optimizer == "normuon"]
     aux = [r for r in routes if r.optimizer == "adamw"]
     names = {id(r.param): r.name for r in routes}
+
+    def mine(rs: Sequence[ParamRoute]) -> List[ParamRoute]:
+        return list(rs) if sharding is None else [r for r in rs if sharding.owns(r.param)]
+
     normuon = None
     if nm:
         groups = []
         for expert in (False, True):
             sel = [r for r in nm if r.is_expert_parallel == expert]
             if sel:
-                groups.append(normuon_group(sel, st, expert))
+                groups.append(normuon_group(mine(sel), st, expert))
         on_cuda = all(r.param.is_cuda for r in nm)
         normuon = NorMuon(
             groups,
@@ -388,7 +448,7 @@ def build_plain_optimizer(
             max_lr = ov.get("max_lr", st.lr)
             groups.append(
                 {
-                    "params": [r.param for r in rs],
+                    "params": [r.param for r in mine(rs)],
                     "is_expert_parallel": expert,
                     "default_config": "max_lr" not in ov,
                     "wd_mult": ov["wd_mult"],
@@ -410,7 +470,8 @@ def build_plain_optimizer(
             fused=True if fused else None,
         )
     return NorMuonWithAuxAdamW(
-        normuon, adamw, st.clip_grad, st.nan_policy, names, use_main_grad=use_main_grad, **(runtime or {})
+        normuon, adamw, st.clip_grad, st.nan_policy, names, use_main_grad=use_main_grad,
+        sharding=sharding, all_params=[r.param for r in routes], **(runtime or {})
     )
 
 

@@ -4,7 +4,9 @@ Every state tensor shards like its parameter (``optim_state_to_sharding_state``,
 ``optimizer.state.<state key>.<model key>``), except NorMuon's second moment, whose reduced axis
 is collapsed (:func:`second_moment_sharded`); per-parameter ``step`` entries become one
 ``common_step`` (Megatron's convention, restored by the loaders with
-:func:`~.state_check.spread_common_step`).
+:func:`~.state_check.spread_common_step`); the groups' per-parameter entries are the loading
+optimizer's own (``LocalNonpersistentObject``), so a checkpoint loads at another data-parallel
+layout of the layer-wise distributed optimizer.
 
 Megatron's ``dist_checkpointing`` is imported when a function here is called, not at import.
 """
@@ -19,6 +21,8 @@ import torch
 __all__ = ["SECOND_MOMENT_KEY", "second_moment_sharded", "optimizer_state_to_sharded"]
 
 SECOND_MOMENT_KEY = "second_moment"
+#: NorMuon param-group entries with one item per parameter of the group.
+PER_PARAM_GROUP_KEYS = ("blocks", "layouts")
 
 
 def second_moment_sharded(sh_param, v: torch.Tensor, prefix: str):
@@ -84,6 +88,7 @@ def optimizer_state_to_sharded(opt_sd: Dict[str, Any], id_map: Dict[int, Any]) -
         id_map: optimizer state id -> the model's ShardedTensor of that parameter
             (``get_param_id_to_sharded_param_map``).
     """
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
     from megatron.core.dist_checkpointing.optimizer import optim_state_to_sharding_state
 
     from megatron_base import compat
@@ -104,3 +109,10 @@ def optimizer_state_to_sharded(opt_sd: Dict[str, Any], id_map: Dict[int, Any]) -
         )
     if step:
         opt_sd["state"]["common_step"] = step
+    # NorMuon's per-parameter group metadata is the loading optimizer's own, like ``params``: it
+    # lists the parameters a rank optimises, which differ between data-parallel layouts under the
+    # layer-wise distributed optimizer (the state tensors' shapes are checked through their keys)
+    for group in opt_sd["param_groups"]:
+        for key in PER_PARAM_GROUP_KEYS:
+            if key in group and not isinstance(group[key], LocalNonpersistentObject):
+                group[key] = LocalNonpersistentObject(group[key])
