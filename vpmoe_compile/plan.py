@@ -22,10 +22,15 @@ params (bf16)          2                                       2
 grads (fp32 DDP buf)   4                                       4 (the buffer stays whole)
 main params (fp32)     4                                       4 / D
 AdamW state            8 (exp_avg + exp_avg_sq, fp32)          8 / D
-NorMuon state          4 (momentum) + 4 per row (second        the same / D (pending: the
-                       moment) + 4 for 2-D matrices (the        NorMuon distributed optimizer is
-                       bank's fp32 gradient gather buffer)     not built yet)
+NorMuon state          4 (momentum) + 4 per row (second        the same / D (whole parameters
+                       moment) + 4 for 2-D matrices (the        dealt to the ranks: the
+                       bank's fp32 gradient gather buffer)     layer-wise scheme, see below)
 =====================  ======================================  ================================
+
+The distributed optimizer of NorMuon is Megatron's layer-wise scheme
+(:mod:`vpmoe_compile.optim.layer_wise`): whole parameters dealt to the ranks, so a rank's share is
+``1 / D`` of the state within at most two of the part's largest parameters (the estimate uses
+``1 / D``).
 
 ``D`` is the data-parallel size of the parameter's group: ``world`` for replicated parameters
 (TP = PP = CP = 1), ``world / EP`` (Megatron's expert-data-parallel size, expert TP = 1) for
@@ -98,9 +103,11 @@ DEFAULT_RESERVE = 0.10
 
 NOTES = (
     "TP and PP are not planned: the transform refuses tensor / pipeline parallel > 1 today.",
-    "distributed optimizer: Megatron shards fp32 main params and optimizer state over the data-parallel "
-    "group (routed experts over the expert-data-parallel group, world / EP); for NorMuon this path is "
-    "pending, the replicated optimizer is what runs today.",
+    "distributed optimizer: optimizer state (and fp32 main params) sharded over the data-parallel group "
+    "(routed experts over the expert-data-parallel group, world / EP) by whole parameters, Megatron's "
+    "layer-wise scheme for Muon; a rank holds 1/D of it within two of the largest parameters. It runs "
+    "on the fp32 path (CPU-tested, train --distributed-optimizer); on the bf16 GPU path it is pending, "
+    "the replicated optimizer is what runs there today.",
     "EP > 1: Megatron's all-gather dispatcher in front of the grouped experts; tested on the CPU "
     "(2 gloo ranks), not yet on GPUs.",
     "activations are an estimate (no recomputation, balanced routing); parameter and optimizer bytes are "
