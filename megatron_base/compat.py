@@ -48,6 +48,14 @@ Device-independent (applied on every machine):
   to the original unchanged. :func:`megatron_base.tokenizer.write_tokenizer_metadata` writes
   such metadata for :class:`~megatron_base.tokenizer.O200kHarmonyTokenizer`.
 
+* ``moe_logging_tracker_size``: the router logs its aux losses per layer into a process-wide
+  tracker (``save_to_aux_losses_tracker``) whose ``values`` tensor is sized by the *first*
+  model's ``num_layers`` and never resized: once a shallower model ran a MoE forward, a deeper
+  one built later in the same process (two configs in one script, a benchmark, a test session)
+  raises ``IndexError: index 2 is out of bounds for dimension 0 with size 2`` on CPU, or a
+  device-side assert on the GPU. Fix: an entry sized for fewer layers (or on another device) is
+  dropped and re-created at the new size before Megatron's own function records the loss.
+
 CPU-only (applied only when ``torch.cuda.is_available()`` is False, so they can never change
 what runs on a GPU machine):
 
@@ -300,6 +308,24 @@ def _fix_moe_aux_loss_scale_shape(record: list) -> None:
     cls.set_loss_scale = staticmethod(set_loss_scale)
 
 
+def _fix_moe_logging_tracker_size(record: list) -> None:
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    router = importlib.import_module("megatron.core.transformer.moe.router")
+    original = moe_utils.save_to_aux_losses_tracker
+
+    def save_to_aux_losses_tracker(name, loss, layer_number, num_layers, *args, **kwargs):
+        if layer_number is not None:
+            entry = moe_utils.get_moe_layer_wise_logging_tracker().get(name)
+            values = entry.get("values") if isinstance(entry, dict) else None
+            if values is not None and (values.numel() < num_layers or values.device != loss.device):
+                # sized by an earlier, shallower model (or on another device): start it afresh
+                del moe_utils.get_moe_layer_wise_logging_tracker()[name]
+        return original(name, loss, layer_number, num_layers, *args, **kwargs)
+
+    _set(record, moe_utils, "save_to_aux_losses_tracker", save_to_aux_losses_tracker)
+    _set(record, router, "save_to_aux_losses_tracker", save_to_aux_losses_tracker)
+
+
 def _fix_cpu_schedule_token_count(record: list) -> None:
     schedules = importlib.import_module("megatron.core.pipeline_parallel.schedules")
     _set(record, schedules, "torch", _CpuScheduleTorch())
@@ -314,6 +340,7 @@ _FIXES: Dict[str, Tuple[Callable[[list], None], str]] = {
     "cpu_dist_checkpoint_save": (_fix_cpu_dist_checkpoint_save, "cpu"),
     "cpu_schedule_token_count": (_fix_cpu_schedule_token_count, "cpu"),
     "moe_aux_loss_scale_shape": (_fix_moe_aux_loss_scale_shape, "any"),
+    "moe_logging_tracker_size": (_fix_moe_logging_tracker_size, "any"),
 }
 
 

@@ -481,7 +481,7 @@ def load_checkpoint(
                 )
     sharded = _model_sharded(chunks, None)
     if optimizer is not None:
-        if "optimizer" not in _saved_keys(ck):
+        if not _has_optimizer_state(_saved_keys(ck)):
             raise CheckpointError(f"{ck} has no optimizer state: load the model only (optimizer=None; "
                                   "`train --init-from` starts a new run from its weights)")
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True)
@@ -511,6 +511,13 @@ def load_checkpoint(
         "restored": restored,
         "rng_restored": bool(want_rng),
     }
+
+
+def _has_optimizer_state(keys: set) -> bool:
+    """Whether a checkpoint's top-level sharded keys hold optimizer state: ``optimizer.…`` (one
+    optimizer, the plain path) or ``chained_<i>.optimizer.…`` (Megatron's ``ChainedOptimizer``
+    prefixes each part's keys, the Megatron path)."""
+    return any(k == "optimizer" or (k.startswith("chained_") and k[len("chained_"):].isdigit()) for k in keys)
 
 
 def _saved_keys(ck: Path) -> set:

@@ -277,3 +277,32 @@ def test_moe_aux_loss_scale_set_by_a_schedule_after_an_eager_backward(megatron_e
         assert MoEAuxLossAutoScaler.main_loss_backward_scale is scale and float(scale) == 0.25
     finally:
         MoEAuxLossAutoScaler.main_loss_backward_scale = saved
+
+
+def test_a_deeper_moe_model_after_a_shallower_one_logs_its_aux_losses(megatron_env):
+    """Megatron's per-layer aux-loss tracker is sized by the first model that logs into it; the
+    compat fix re-creates an entry sized for fewer layers instead of indexing past its end."""
+    from megatron.core.transformer.moe import moe_utils, router
+
+    from megatron_base import compat
+
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    saved = dict(tracker)
+    try:
+        tracker.clear()
+        router.save_to_aux_losses_tracker("vpmoe_test_loss", torch.tensor(1.0), 2, 2)  # 2-layer model
+        router.save_to_aux_losses_tracker("vpmoe_test_loss", torch.tensor(0.5), 4, 4)  # then a 4-layer one
+        assert tracker["vpmoe_test_loss"]["values"].tolist() == [0.0, 0.0, 0.0, 0.5]
+        router.save_to_aux_losses_tracker("vpmoe_test_loss", torch.tensor(0.25), 4, 4)  # same size: accumulates
+        assert tracker["vpmoe_test_loss"]["values"].tolist() == [0.0, 0.0, 0.0, 0.75]
+        compat.remove(only=["moe_logging_tracker_size"])
+        try:  # Megatron's own function: the defect
+            tracker.clear()
+            router.save_to_aux_losses_tracker("vpmoe_test_loss", torch.tensor(1.0), 2, 2)
+            with pytest.raises(IndexError):
+                router.save_to_aux_losses_tracker("vpmoe_test_loss", torch.tensor(0.5), 4, 4)
+        finally:
+            compat.apply(only=["moe_logging_tracker_size"])
+    finally:
+        tracker.clear()
+        tracker.update(saved)

@@ -187,3 +187,14 @@ def test_load_paths_and_errors(megatron_env, tmp_path):
     assert state["passes"] == m.vpmoe_transform.passes
     with pytest.raises(vpmoe_compile.CheckpointError, match="format"):
         vpmoe_compile.restore(_stock(), {"config": {}})
+
+
+def test_optimizer_state_found_under_megatron_chained_prefixes():
+    """The Megatron path's ChainedOptimizer saves each part under ``chained_<i>.``; the plain path
+    under ``optimizer.``; a model-only checkpoint has neither."""
+    from vpmoe_compile.checkpoint import _has_optimizer_state
+
+    assert _has_optimizer_state({"decoder", "embedding", "optimizer"})
+    assert _has_optimizer_state({"decoder", "chained_0", "chained_1", "rng_state"})
+    assert not _has_optimizer_state({"decoder", "embedding", "output_layer", "rng_state"})
+    assert not _has_optimizer_state({"chained_x", "optimizers"})
