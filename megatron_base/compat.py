@@ -63,6 +63,11 @@ what runs on a GPU machine):
   as a device (DotProductAttention's ``softmax_offset``, the router's ``expert_bias`` buffers and
   its gating, RotaryEmbedding's ``inv_freq``, the global memory buffer). On a machine without
   CUDA that call raises; the fix returns ``"cpu"``.
+* ``cpu_p2p_device``: the pipeline-parallel send/receive (``p2p_communication``) allocates its
+  receive buffers on ``torch.cuda.current_device()`` and may call ``torch.cuda.synchronize()``;
+  both raise without CUDA. Fix: that module sees a ``torch`` whose ``cuda.current_device()`` is
+  ``"cpu"`` and whose ``cuda.synchronize()`` does nothing (``build_stock_gpt`` also turns batched
+  p2p off without CUDA: gloo sends and receives one by one).
 * ``cpu_mask_builders``: ``get_sliding_window_causal_mask`` and ``get_default_causal_mask``
   hardcode ``device="cuda"``; ``fused_softmax`` imports them by name, so both namespaces get
   copies with identical math that build the mask on the CPU.
@@ -291,6 +296,37 @@ class _CpuScheduleTorch:
         return torch.zeros(*args, **kwargs)
 
 
+class _CpuCuda:
+    """``torch.cuda`` for ``megatron.core.pipeline_parallel.p2p_communication`` on a machine
+    without CUDA: receive buffers are allocated on ``current_device()`` -> ``"cpu"``, and
+    ``synchronize()`` has nothing to wait for; every other attribute is ``torch.cuda``'s."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device():
+        return "cpu"
+
+    @staticmethod
+    def synchronize(device=None):
+        return None
+
+
+class _CpuP2PTorch:
+    """``torch`` for the p2p module on a machine without CUDA (its ``cuda`` is :class:`_CpuCuda`)."""
+
+    cuda = _CpuCuda()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _fix_cpu_p2p_device(record: list) -> None:
+    p2p = importlib.import_module("megatron.core.pipeline_parallel.p2p_communication")
+    _set(record, p2p, "torch", _CpuP2PTorch())
+
+
 def _fix_moe_aux_loss_scale_shape(record: list) -> None:
     moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
     cls = moe_utils.MoEAuxLossAutoScaler
@@ -339,6 +375,7 @@ _FIXES: Dict[str, Tuple[Callable[[list], None], str]] = {
     "cpu_mask_builders": (_fix_mask_builders, "cpu"),
     "cpu_dist_checkpoint_save": (_fix_cpu_dist_checkpoint_save, "cpu"),
     "cpu_schedule_token_count": (_fix_cpu_schedule_token_count, "cpu"),
+    "cpu_p2p_device": (_fix_cpu_p2p_device, "cpu"),
     "moe_aux_loss_scale_shape": (_fix_moe_aux_loss_scale_shape, "any"),
     "moe_logging_tracker_size": (_fix_moe_logging_tracker_size, "any"),
 }

@@ -165,6 +165,8 @@ def transformer_config_from_vpmoe(
             moe_router_fusion=False,
         )
     kwargs.update(_parallel_sizes())
+    if kwargs.get("pipeline_model_parallel_size", 1) > 1:
+        kwargs["pipeline_dtype"] = params_dtype  # the dtype of the activations sent between stages
     return TransformerConfig(**kwargs)
 
 
@@ -178,11 +180,16 @@ def _parallel_sizes() -> dict:
 
     if not ps.model_parallel_is_initialized():
         return {}
-    return {
+    out = {
         "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
         "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
         "expert_model_parallel_size": ps.get_expert_model_parallel_world_size(),
     }
+    if out["pipeline_model_parallel_size"] > 1:
+        # the activations sent between stages; batched p2p ends in torch.cuda.synchronize(), so
+        # without CUDA the schedules send and receive one by one (gloo has no coalesced p2p)
+        out["batch_p2p_comm"] = torch.cuda.is_available()
+    return out
 
 
 def build_stock_gpt(
@@ -234,7 +241,15 @@ def build_stock_gpt(
         on_gpu=device.type == "cuda",
         perform_initialization=not meta,
     )
-    spec = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=False, normalization="RMSNorm")
+    from megatron.core import parallel_state as ps
+
+    pp = ps.get_pipeline_model_parallel_world_size()
+    # under pipeline parallelism each stage builds its own layers (global layer numbers) and only
+    # the first / last stage the embedding / output layer, as Megatron-LM's model provider does
+    spec = get_gpt_decoder_block_spec(
+        tcfg, use_transformer_engine=False, normalization="RMSNorm",
+        pp_rank=ps.get_pipeline_model_parallel_rank() if pp > 1 else None,
+    )
     pos = "none" if cfg.attention.position_embedding_type == "none" else "rope"
     ctx = torch.device("meta") if meta else contextlib.nullcontext()
     with ctx:
@@ -243,8 +258,8 @@ def build_stock_gpt(
             transformer_layer_spec=spec,
             vocab_size=cfg.tokenizer.vocab_size,
             max_sequence_length=max_sequence_length or cfg.attention.max_sequence_length,
-            pre_process=True,
-            post_process=True,
+            pre_process=ps.is_pipeline_first_stage() if pp > 1 else True,
+            post_process=ps.is_pipeline_last_stage() if pp > 1 else True,
             share_embeddings_and_output_weights=not cfg.model.untied_embeddings,
             position_embedding_type=pos,
             rotary_base=cfg.attention.rotary_base,

@@ -596,10 +596,16 @@ class PassManager:
         logits = _forward(ctx.model, batch)
         vocab = getattr(ctx.model, "vocab_size", None)
         s, b = batch[0].shape[1], batch[0].shape[0]
-        if logits.shape[:2] != (b, s) or (vocab and logits.shape[-1] != vocab):
+        if not getattr(ctx.model, "post_process", True):
+            # a pipeline stage before the last returns its hidden states [s, b, h]
+            hidden = ctx.model.config.hidden_size
+            if tuple(logits.shape) != (s, b, hidden):
+                raise PassError(f"verification forward of a pipeline stage returned {tuple(logits.shape)}, "
+                                f"not the hidden states [{s}, {b}, {hidden}]")
+        elif logits.shape[:2] != (b, s) or (vocab and logits.shape[-1] != vocab):
             raise PassError(f"verification forward returned logits of shape {tuple(logits.shape)}")
         if not torch.isfinite(logits.float()).all():
-            raise PassError("verification forward produced non-finite logits")
+            raise PassError("verification forward produced non-finite outputs")
         return f"parameter accounting ({len(params)} tensors) + forward [b={b}, s={s}] finite"
 
 
@@ -615,16 +621,31 @@ def _sample_batch(ctx: PassContext):
     return ids, pos
 
 
+def _stage_input(model: nn.Module, batch) -> torch.Tensor:
+    """The decoder input ``[s, b, h]`` of a pipeline stage without the embedding
+    (``pre_process=False``): deterministic values from an own generator, in the decoder's dtype."""
+    s, b = batch[0].shape[1], batch[0].shape[0]
+    ref = next(model.decoder.parameters())
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(s, b, model.config.hidden_size, generator=g).to(device=ref.device, dtype=ref.dtype)
+
+
 def _forward(model: nn.Module, batch):
     """Forward without side effects: eval mode, no grad, buffers and every module's training
-    flag restored afterwards."""
+    flag restored afterwards. A pipeline stage without the embedding gets its decoder input
+    through ``set_input_tensor``, as the pipeline schedules give it (cleared afterwards)."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     modes = [(m, m.training) for m in model.modules()]
+    staged = not getattr(model, "pre_process", True)
     model.eval()
     try:
         with torch.no_grad():
+            if staged:
+                model.set_input_tensor(_stage_input(model, batch))
             return model(batch[0], batch[1], None)
     finally:
+        if staged:
+            model.set_input_tensor(None)
         for m, mode in modes:
             m.training = mode
         with torch.no_grad():

@@ -59,8 +59,20 @@ class FusedHeadPass(Pass):
         if self.chunk_size < 1:
             raise PassError(f"fused_head: chunk_size must be >= 1, got {chunk_size}")
 
+    @staticmethod
+    def _headless_stage(model) -> bool:
+        """A pipeline stage before the last: no output layer, nothing to fuse (the pass is a
+        no-op there; the last stage's run fuses its head)."""
+        return (
+            getattr(model.config, "pipeline_model_parallel_size", 1) > 1
+            and not getattr(model, "post_process", True)
+            and getattr(model, "output_layer", None) is None
+        )
+
     def check(self, ctx: PassContext) -> None:
         model, tc = ctx.model, ctx.model.config
+        if self._headless_stage(model):
+            return
         if not getattr(model, "post_process", True) or getattr(model, "output_layer", None) is None:
             raise PassError(
                 "fused_head: this model has no output layer (a pipeline stage built with "
@@ -122,8 +134,9 @@ class FusedHeadPass(Pass):
         (a shallow copy with the new class; the model is not touched)."""
         import copy
 
-
         model = ctx.model
+        if self._headless_stage(model):
+            return []
         weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else model.output_layer.weight
         if weight is not None and not weight.is_meta:
 
@@ -145,6 +158,9 @@ class FusedHeadPass(Pass):
 
     def run(self, ctx: PassContext, result: PassResult) -> None:
         model = ctx.model
+        if self._headless_stage(model):
+            result.summary = "no output layer on this pipeline stage (post_process=False): nothing to fuse"
+            return
         head = model.output_layer
         tied = bool(model.share_embeddings_and_output_weights)
         weight = model.shared_embedding_or_output_weight() if tied else head.weight

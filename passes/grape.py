@@ -9,9 +9,14 @@
   :class:`GrapeA` (fixed ALiBi slopes) installed in the global core attention, which the
   ``global_attention`` pass has made the sink flash kernel (prerequisite).
 
+Under pipeline parallelism every stage has its own ``rotary_pos_emb``: ``log_freq`` is marked
+``pipeline_parallel`` and ``config.has_cond_embedder`` is set, so Megatron's
+``finalize_model_grads`` all-reduces its gradient over the pipeline group and the copies stay
+equal (like tied embeddings); the first stage's copy is the checkpoint's main replica.
+
 Refused before anything changes: per-head frequencies, a model without a rotary table
-(``position_embedding_type`` other than ``'rope'``), TP or PP > 1 (the shared ``log_freq`` would
-need TP/PP gradient reductions, docs/design.md#grape), MLA.
+(``position_embedding_type`` other than ``'rope'``), TP > 1 (docs/design.md#grape), the virtual
+pipeline schedule, MLA.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from megatron.core import parallel_state
 from passes.base import Pass, PassContext, PassError, PassResult
 from passes.registry import register_pass
 from vpmoe_compile.modules.attention import SinkCoreAttention, VpMoESelfAttention
-from vpmoe_compile.modules.grape import GrapeA, GrapeMRotaryEmbedding
+from vpmoe_compile.modules.grape import GrapeA, GrapeMRotaryEmbedding, share_across_pipeline_stages
 
 
 @register_pass
@@ -53,12 +58,13 @@ class GrapePass(Pass):
             )
         if getattr(tcfg, "multi_latent_attention", False):
             raise PassError("multi-latent attention models are not supported by the GRAPE pass")
-        if tcfg.tensor_model_parallel_size > 1 or tcfg.pipeline_model_parallel_size > 1:
+        if tcfg.tensor_model_parallel_size > 1:
             raise PassError(
-                f"GRAPE-M's shared log_freq needs TP/PP gradient reductions that v1 does not "
-                f"implement; got TP={tcfg.tensor_model_parallel_size}, "
-                f"PP={tcfg.pipeline_model_parallel_size}. Use TP = PP = 1 (MoE scales with EP)."
+                f"tensor parallelism is not supported by the vpMoE attention modules yet (got "
+                f"TP={tcfg.tensor_model_parallel_size}); use TP = 1 (MoE scales with EP, depth with PP)"
             )
+        if getattr(tcfg, "virtual_pipeline_model_parallel_size", None):
+            raise PassError("the virtual (interleaved) pipeline schedule is not supported; use PP without VPP")
         if tcfg.kv_channels % 2:
             raise PassError(f"GRAPE-M needs an even head dim, got {tcfg.kv_channels}")
         if getattr(tcfg, "attention_output_gate", False):
@@ -97,6 +103,11 @@ class GrapePass(Pass):
                 grape_m.log_freq.requires_grad_(False)
         self.replace_module(model, "rotary_pos_emb", grape_m, result)
         result.sites.append("rotary_pos_emb")
+        if share_across_pipeline_stages(grape_m, model.config):
+            result.notes.append(
+                "pipeline parallel: every stage holds log_freq; finalize_model_grads all-reduces its "
+                "gradient over the pipeline group (pipeline_parallel + config.has_cond_embedder)"
+            )
 
         tp_rank = parallel_state.get_tensor_model_parallel_rank() if parallel_state.is_initialized() else 0
         for layer in plan.layers:

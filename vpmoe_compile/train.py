@@ -61,6 +61,8 @@ class TrainArgs:
         init_from: start from a checkpoint's model weights with a fresh optimizer, scheduler and
             data position (Megatron-LM's ``--load`` with ``--finetune``); it may have been saved
             at another expert-parallel size.
+        pipeline_parallel: pipeline-parallel size (the layers split over that many stages, each
+            stage on its own ranks, Megatron's 1F1B schedule; divides the number of ranks).
         distributed_optimizer: shard the optimizer state over the data-parallel ranks by whole
             parameters (``build_optimizer(..., layer_wise_distributed_optimizer=True)``; the
             fp32 path, CPU); a checkpoint saved with it loads at any data-parallel size.
@@ -90,6 +92,7 @@ class TrainArgs:
     plot: Optional[str] = None
     seed: int = 1234
     expert_parallel: int = 1
+    pipeline_parallel: int = 1
     distributed_optimizer: bool = False
     device: str = "auto"
     data_cache: Optional[str] = None
@@ -318,7 +321,13 @@ def train(a: TrainArgs) -> Dict[str, Any]:
 
     if a.expert_parallel < 1:
         raise TrainError(f"--expert-parallel must be >= 1, got {a.expert_parallel}")
-    init_process(seed=a.seed, expert_model_parallel_size=a.expert_parallel)
+    if a.pipeline_parallel < 1:
+        raise TrainError(f"--pipeline-parallel must be >= 1, got {a.pipeline_parallel}")
+    if a.pipeline_parallel > 1 and cfg.model.num_layers % a.pipeline_parallel:
+        raise TrainError(f"--pipeline-parallel {a.pipeline_parallel} does not divide the {cfg.model.num_layers} "
+                         f"layers of config {cfg.source!r}")
+    init_process(seed=a.seed, expert_model_parallel_size=a.expert_parallel,
+                 pipeline_model_parallel_size=a.pipeline_parallel)
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     if a.global_batch % (a.micro_batch * dp_size):

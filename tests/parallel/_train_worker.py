@@ -1,7 +1,10 @@
 """Run by tests/parallel/test_data_parallel.py under torchrun: a few `train` steps, then rank 0
 writes the records and the trained weights to OUT (a torch.save file).
 
-    _train_worker.py PREFIX OUT STEPS GLOBAL_BATCH MICRO_BATCH [EP [INIT_FROM|- [SAVE|- [LOAD|-]]]] [--distopt]
+    _train_worker.py PREFIX OUT STEPS GLOBAL_BATCH MICRO_BATCH [EP [INIT_FROM|- [SAVE|- [LOAD|-]]]] [--distopt] [--pp N]
+
+Under pipeline parallelism each stage holds other layers: the weights are not gathered (compare
+through the saved checkpoint).
 """
 
 import sys
@@ -10,8 +13,14 @@ import torch
 
 
 def main():
-    argv = [a for a in sys.argv[1:] if a != "--distopt"]
-    distopt = "--distopt" in sys.argv[1:]
+    argv = list(sys.argv[1:])
+    pp = 1
+    if "--pp" in argv:
+        i = argv.index("--pp")
+        pp = int(argv[i + 1])
+        del argv[i : i + 2]
+    distopt = "--distopt" in argv
+    argv = [a for a in argv if a != "--distopt"]
     prefix, out, steps, global_batch, micro_batch = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
     opt = [(a if a != "-" else None) for a in argv[5:]] + [None] * 4
     ep = int(opt[0] or 1)
@@ -20,7 +29,7 @@ def main():
 
     run = train(TrainArgs(config="tiny", data=[prefix], micro_batch=micro_batch, global_batch=global_batch,
                           seq_len=32, steps=steps, warmup_steps=0, lr_decay_steps=6, device="cpu", quiet=True,
-                          expert_parallel=ep, distributed_optimizer=distopt,
+                          expert_parallel=ep, pipeline_parallel=pp, distributed_optimizer=distopt,
                           init_from=init_from, save=save, load=load,
                           data_cache=out + ".cache"))
     bare = run["model"].module
@@ -35,11 +44,20 @@ def main():
                 torch.distributed.all_gather(parts, w.contiguous(), group=group)
                 weights[n] = torch.cat(parts, 0)
     # every rank's replicated weights must be equal (the distributed optimizer broadcasts them)
-    flat = torch.cat([w.reshape(-1) for n, w in sorted(weights.items())])
-    ref = flat.clone()
-    torch.distributed.broadcast(ref, 0)
-    same = torch.tensor([float(torch.equal(ref, flat))])
-    torch.distributed.all_reduce(same, op=torch.distributed.ReduceOp.MIN)
+    same = torch.tensor([1.0])
+    if pp == 1:
+        flat = torch.cat([w.reshape(-1) for n, w in sorted(weights.items())])
+        ref = flat.clone()
+        torch.distributed.broadcast(ref, 0)
+        same = torch.tensor([float(torch.equal(ref, flat))])
+        torch.distributed.all_reduce(same, op=torch.distributed.ReduceOp.MIN)
+    else:  # GRAPE-M's log_freq is held by every stage: the copies must stay equal
+        lf = dict(bare.named_parameters()).get("rotary_pos_emb.log_freq")
+        if lf is not None:
+            ref = lf.detach().clone()
+            torch.distributed.broadcast(ref, 0)
+            same = torch.tensor([float(torch.equal(ref, lf.detach()))])
+            torch.distributed.all_reduce(same, op=torch.distributed.ReduceOp.MIN)
     owned = {}
     optimizer = run["optimizer"]
     if getattr(optimizer, "sharding", None) is not None:

@@ -14,14 +14,14 @@ WORKER = Path(__file__).with_name("_train_worker.py")
 
 
 def _run(nproc, prefix, out, steps=3, global_batch=4, micro_batch=2, ep=1, init_from=None, save=None, load=None,
-         distopt=False):
+         distopt=False, pp=1):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(WORKER),
            prefix, str(out), str(steps), str(global_batch), str(micro_batch), str(ep), str(init_from or "-"),
-           str(save or "-"), str(load or "-")] + (["--distopt"] if distopt else [])
+           str(save or "-"), str(load or "-")] + (["--distopt"] if distopt else []) + (["--pp", str(pp)] if pp > 1 else [])
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     return torch.load(out, weights_only=False)
@@ -132,3 +132,31 @@ def test_distributed_optimizer_checkpoint_reshards(megatron_env, demo_prefix, tm
         assert run["ranks_equal"]
     ref = dict(one_process_six, records=one_process_six["records"][3:])
     _assert_same_run(ref, run, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# PP 2: the layers over two pipeline stages (Megatron's 1F1B schedule, gloo send / receive)
+# ---------------------------------------------------------------------------------------------
+
+def test_pipeline_parallel_equals_one_process(megatron_env, demo_prefix, tmp_path, one_process, init_ckpt):
+    """Layers 1-2 on stage 0 (with the embedding), 3-4 on stage 1 (with the fused head): the
+    transform runs per stage (the layer plan by global layer number, the 3:1 local:global schedule
+    intact, the head fused on the last stage only), GRAPE-M's shared log_freq stays equal on both
+    stages (its gradient all-reduced over the pipeline group), the grad norm sums both stages.
+    Same losses and grad norms as one process; the PP 2 checkpoint loads into one process
+    (PP 2 -> 1) with the weights one process trained, within fp32 tolerance."""
+    two = _run(2, demo_prefix, tmp_path / "pp.pt", init_from=init_ckpt, save=tmp_path / "ck", pp=2)
+    la = [r["loss"] for r in one_process["records"]]
+    lb = [r["loss"] for r in two["records"]]
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor([r["grad_norm"] for r in two["records"]]),
+                               torch.tensor([r["grad_norm"] for r in one_process["records"]]), rtol=1e-4, atol=1e-6)
+    assert two["ranks_equal"]  # log_freq equal on both stages
+    import vpmoe_compile
+    from megatron_base import build_stock_gpt
+
+    stock = build_stock_gpt("tiny", device="cpu")
+    info = vpmoe_compile.load_checkpoint(tmp_path / "ck", stock)
+    assert info["restored"] and info["iteration"] == 3
+    for n, p in stock.named_parameters():
+        torch.testing.assert_close(p.detach(), one_process["weights"][n], rtol=1e-4, atol=1e-5, msg=n)

@@ -115,6 +115,28 @@ class GrapeMRotaryEmbedding(nn.Module):
             seq *= transformer_config.tensor_model_parallel_size
         return seq * transformer_config.context_parallel_size
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """``torch_dist`` form: ``log_freq`` replicated across TP and DP (Megatron's default for a
+        plain module) and, under pipeline parallelism, across the stages: every stage holds a
+        copy (kept equal by the gradient all-reduce over the pipeline group, see
+        :func:`share_across_pipeline_stages`), the first stage's is the main replica (the other
+        stages' replica id is their pipeline rank, as Megatron marks the last stage's copy of a
+        tied embedding)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        metadata = metadata or {}
+        state = {"log_freq": self.log_freq} if self.log_freq is not None else {}
+        out = make_sharded_tensors_for_checkpoint(
+            state, prefix, {}, sharded_offsets, dp_cp_group=metadata.get("dp_cp_group")
+        )
+        pp_rank = ps.get_pipeline_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
+        if pp_rank:
+            for sh in out.values():
+                rid = sh.replica_id
+                sh.replica_id = (pp_rank, *rid[1:]) if isinstance(rid, tuple) else pp_rank
+        return out
+
     def _apply(self, fn, *args, **kwargs):
         # Overrides torch's private nn.Module._apply, the one method every module-wide cast and
         # move (.to(), .bfloat16(), Float16Module) goes through; an override has to be a method
@@ -199,3 +221,17 @@ class GrapeA(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, slopes={[round(float(s), 6) for s in self.slopes[:4]]}..."
+
+
+def share_across_pipeline_stages(rope: GrapeMRotaryEmbedding, config) -> bool:
+    """Keep a model's ``log_freq`` equal on every pipeline stage with Megatron's own mechanism:
+    ``finalize_model_grads`` all-reduces the gradient of every parameter marked
+    ``pipeline_parallel`` over the pipeline group when ``config.has_cond_embedder`` is set (the
+    path Megatron has for embedders replicated on each stage). Each stage builds the same
+    initial value (RoPE frequencies), so the copies stay bitwise equal. Returns whether anything
+    was marked (pipeline size > 1 and a learnable ``log_freq``)."""
+    if rope.log_freq is None or getattr(config, "pipeline_model_parallel_size", 1) <= 1:
+        return False
+    rope.log_freq.pipeline_parallel = True
+    config.has_cond_embedder = True
+    return True

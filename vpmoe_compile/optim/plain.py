@@ -133,17 +133,26 @@ class NorMuonWithAuxAdamW:
         overflows it), one host sync (:func:`local_grad_norm`). Under expert parallelism each
         rank holds other experts: their squares are summed over the expert-model-parallel group
         (as Megatron's ``get_grad_norm_fp32`` does over its grad-stats group), the replicated
-        parameters' counted once."""
-        group = _expert_parallel_group()
-        if group is None:
+        parameters' counted once. Under pipeline parallelism each stage holds other layers: the
+        sums are added over the pipeline group, a parameter every stage holds
+        (``pipeline_parallel``, GRAPE-M's ``log_freq``) counted on the first stage only."""
+        group, pp_group, pp_rank = _expert_parallel_group(), *_pipeline_group()
+        if group is None and pp_group is None:
             return local_grad_norm(self.get_main_grads_for_grad_norm())
         import torch.distributed as dist
 
         params = [p for p in self._grad_params() if p.grad is not None]
+        if pp_group is not None and pp_rank:
+            # a parameter every stage holds (GRAPE-M's log_freq) is counted once, on stage 0
+            params = [p for p in params if not getattr(p, "pipeline_parallel", False)]
         dense = grad_sq_sum([p.grad for p in params if getattr(p, "allreduce", True)])
         expert = grad_sq_sum([p.grad for p in params if not getattr(p, "allreduce", True)], device=dense.device)
-        dist.all_reduce(expert, op=dist.ReduceOp.SUM, group=group)
-        return math.sqrt(float((dense + expert.to(dense.device)).item()))
+        if group is not None:
+            dist.all_reduce(expert, op=dist.ReduceOp.SUM, group=group)
+        total = dense + expert.to(dense.device)
+        if pp_group is not None:  # each stage holds other layers
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=pp_group)
+        return math.sqrt(float(total.item()))
 
     @torch.no_grad()
     def clip_grad_norm(self, clip_grad: float) -> float:
@@ -443,7 +452,9 @@ def build_plain_optimizer(
             key = (tuple(sorted(ov.items())), r.is_expert_parallel)
             buckets.setdefault(key, []).append(r)
         groups = []
-        for (ov_items, expert), rs in buckets.items():
+        # a canonical group order (not the parameters' order), so that pipeline stages holding
+        # other parameters with the same overrides have the same groups in the same order
+        for (ov_items, expert), rs in sorted(buckets.items(), key=lambda kv: (kv[0][1], repr(kv[0][0]))):
             ov = dict(ov_items)
             max_lr = ov.get("max_lr", st.lr)
             groups.append(
@@ -473,6 +484,22 @@ def build_plain_optimizer(
         normuon, adamw, st.clip_grad, st.nan_policy, names, use_main_grad=use_main_grad,
         sharding=sharding, all_params=[r.param for r in routes], **(runtime or {})
     )
+
+
+def _pipeline_group():
+    """``(group, rank)`` of Megatron's pipeline-model-parallel group when its size is > 1, else
+    ``(None, 0)``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None, 0
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None, 0
+    if parallel_state.get_pipeline_model_parallel_world_size() <= 1:
+        return None, 0
+    return parallel_state.get_pipeline_model_parallel_group(), parallel_state.get_pipeline_model_parallel_rank()
 
 
 def _expert_parallel_group():
