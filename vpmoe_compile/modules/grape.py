@@ -228,10 +228,17 @@ def share_across_pipeline_stages(rope: GrapeMRotaryEmbedding, config) -> bool:
     ``finalize_model_grads`` all-reduces the gradient of every parameter marked
     ``pipeline_parallel`` over the pipeline group when ``config.has_cond_embedder`` is set (the
     path Megatron has for embedders replicated on each stage). Each stage builds the same
-    initial value (RoPE frequencies), so the copies stay bitwise equal. Returns whether anything
-    was marked (pipeline size > 1 and a learnable ``log_freq``)."""
+    initial value (RoPE frequencies), so the copies stay bitwise equal. The copies after the
+    first stage are marked ``shared`` (Megatron's attribute for a tied embedding's second copy),
+    so grad norms count the parameter once. Returns whether anything was marked (pipeline size
+    > 1 and a learnable ``log_freq``)."""
     if rope.log_freq is None or getattr(config, "pipeline_model_parallel_size", 1) <= 1:
         return False
+    from megatron.core import parallel_state as ps
+
     rope.log_freq.pipeline_parallel = True
     config.has_cond_embedder = True
+    # Megatron's mark of a copy held by another stage too: the grad norm (Megatron's
+    # get_main_grads_for_grad_norm, and the plain optimizer's) counts it on the first stage only
+    rope.log_freq.shared = ps.get_pipeline_model_parallel_rank() > 0
     return True

@@ -134,17 +134,17 @@ class NorMuonWithAuxAdamW:
         rank holds other experts: their squares are summed over the expert-model-parallel group
         (as Megatron's ``get_grad_norm_fp32`` does over its grad-stats group), the replicated
         parameters' counted once. Under pipeline parallelism each stage holds other layers: the
-        sums are added over the pipeline group, a parameter every stage holds
-        (``pipeline_parallel``, GRAPE-M's ``log_freq``) counted on the first stage only."""
-        group, pp_group, pp_rank = _expert_parallel_group(), *_pipeline_group()
+        sums are added over the pipeline group, a parameter every stage holds (GRAPE-M's
+        ``log_freq``) counted on the first stage only (the others' copies are marked ``shared``,
+        Megatron's convention)."""
+        group, pp_group = _expert_parallel_group(), _pipeline_group()
         if group is None and pp_group is None:
             return local_grad_norm(self.get_main_grads_for_grad_norm())
         import torch.distributed as dist
 
-        params = [p for p in self._grad_params() if p.grad is not None]
-        if pp_group is not None and pp_rank:
-            # a parameter every stage holds (GRAPE-M's log_freq) is counted once, on stage 0
-            params = [p for p in params if not getattr(p, "pipeline_parallel", False)]
+        # a copy another stage also holds (Megatron's ``shared``: GRAPE-M's log_freq after the
+        # first stage) is counted once
+        params = [p for p in self._grad_params() if p.grad is not None and not getattr(p, "shared", False)]
         dense = grad_sq_sum([p.grad for p in params if getattr(p, "allreduce", True)])
         expert = grad_sq_sum([p.grad for p in params if not getattr(p, "allreduce", True)], device=dense.device)
         if group is not None:
@@ -487,19 +487,18 @@ def build_plain_optimizer(
 
 
 def _pipeline_group():
-    """``(group, rank)`` of Megatron's pipeline-model-parallel group when its size is > 1, else
-    ``(None, 0)``."""
+    """Megatron's pipeline-model-parallel group when its size is > 1, else ``None``."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return None, 0
+        return None
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
-        return None, 0
+        return None
     if parallel_state.get_pipeline_model_parallel_world_size() <= 1:
-        return None, 0
-    return parallel_state.get_pipeline_model_parallel_group(), parallel_state.get_pipeline_model_parallel_rank()
+        return None
+    return parallel_state.get_pipeline_model_parallel_group()
 
 
 def _expert_parallel_group():
