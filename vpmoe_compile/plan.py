@@ -102,7 +102,8 @@ GIB = 2**30
 DEFAULT_RESERVE = 0.10
 
 NOTES = (
-    "TP and PP are not planned: the transform refuses tensor / pipeline parallel > 1 today.",
+    "TP and PP are not planned: the transform refuses tensor parallel > 1; pipeline parallelism runs "
+    "(CPU-tested, train --pipeline-parallel) but the planner does not split layers over stages.",
     "distributed optimizer: optimizer state (and fp32 main params) sharded over the data-parallel group "
     "(routed experts over the expert-data-parallel group, world / EP) by whole parameters, Megatron's "
     "layer-wise scheme for Muon; a rank holds 1/D of it within two of the largest parameters. It runs "
