@@ -385,6 +385,8 @@ def train(a: TrainArgs) -> Dict[str, Any]:
     tconf.no_sync_func = wrapped.no_sync
     tconf.finalize_model_grads_func = finalize_model_grads
     fb = get_forward_backward_func()
+    if a.log_json and rank0:
+        Path(a.log_json).parent.mkdir(parents=True, exist_ok=True)
     log = open(a.log_json, "a", encoding="utf-8") if (a.log_json and rank0) else None
     records: List[Dict[str, Any]] = []
     checkpoints: List[str] = []

@@ -427,9 +427,12 @@ def build_plain_optimizer(
     normuon = None
     if nm:
         groups = []
+        # the groups every pipeline stage has (a stage without MoE layers gets an empty expert
+        # group), so that the stages' optimizers have the same structure
+        present = _pipeline_union(sorted({bool(r.is_expert_parallel) for r in nm}))
         for expert in (False, True):
             sel = [r for r in nm if r.is_expert_parallel == expert]
-            if sel:
+            if expert in present:
                 groups.append(normuon_group(mine(sel), st, expert))
         on_cuda = all(r.param.is_cuda for r in nm)
         normuon = NorMuon(
@@ -449,12 +452,14 @@ def build_plain_optimizer(
         buckets: Dict[Tuple, List[ParamRoute]] = {}
         for r in aux:
             ov = aux_override(r, st)
-            key = (tuple(sorted(ov.items())), r.is_expert_parallel)
+            key = (tuple(sorted(ov.items())), bool(r.is_expert_parallel))
             buckets.setdefault(key, []).append(r)
         groups = []
-        # a canonical group order (not the parameters' order), so that pipeline stages holding
-        # other parameters with the same overrides have the same groups in the same order
-        for (ov_items, expert), rs in sorted(buckets.items(), key=lambda kv: (kv[0][1], repr(kv[0][0]))):
+        # every pipeline stage's buckets (a middle stage has no embedding / output layer), in a
+        # canonical order (not the parameters' order): the stages' optimizers have the same
+        # groups in the same order, so a checkpoint's group settings fit every stage
+        for ov_items, expert in _pipeline_union(list(buckets)):
+            rs = buckets.get((ov_items, expert), [])
             ov = dict(ov_items)
             max_lr = ov.get("max_lr", st.lr)
             groups.append(
@@ -484,6 +489,19 @@ def build_plain_optimizer(
         normuon, adamw, st.clip_grad, st.nan_policy, names, use_main_grad=use_main_grad,
         sharding=sharding, all_params=[r.param for r in routes], **(runtime or {})
     )
+
+
+def _pipeline_union(keys: List) -> List:
+    """The union of ``keys`` over Megatron's pipeline group (``all_gather_object``; just
+    ``keys`` without pipeline parallelism), sorted canonically (by ``repr``)."""
+    group = _pipeline_group()
+    if group is not None:
+        import torch.distributed as dist
+
+        gathered: List[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, list(keys), group=group)
+        keys = [k for ks in gathered for k in ks]
+    return sorted(set(keys), key=repr)
 
 
 def _pipeline_group():
