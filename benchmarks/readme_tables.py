@@ -641,7 +641,12 @@ def render_tokenizer(results: Path) -> str:
         f"{enc['tiktoken_loop']['mb_per_s']:.2f} MB/s single-threaded ({ratio['loop']:.3f}×), "
         f"{enc['ours_batch']['mb_per_s']:.2f} vs {enc['tiktoken_batch']['mb_per_s']:.2f} MB/s batched "
         f"({ratio['batch']:.3f}×); dataset builder {b['workers_1']['mb_per_s']:.1f} MB/s (1 worker) / "
-        f"{b['workers_2']['mb_per_s']:.1f} MB/s (2 workers); rendering one 100k-character message "
+        f"{b['workers_2']['mb_per_s']:.1f} MB/s (2 workers)"
+        + (f", {d['builder_vs_raw']['ratio']:.2f}× the raw batched tokenizer timed alongside it (threads; "
+           f"{d['builder_vs_raw']['ratio_processes']:.2f}× with the process pool; goal ≥ "
+           f"{d['builder_vs_raw']['goal']:.1f}×: {'met' if d['builder_vs_raw']['goal_met'] else 'missed'})"
+           if "builder_vs_raw" in d else "")
+        + f"; rendering one 100k-character message "
         f"{rs['100000']['ours_s']:.2f} s vs openai-harmony's {rs['100000']['openai_harmony_s']:.1f} s (quadratic: "
         f"{rs['25000']['openai_harmony_s']:.2f} s at 25k, {rs['50000']['openai_harmony_s']:.2f} s at 50k), 1 MB in "
         f"{rs['1000000']['ours_s']:.2f} s. All from one run.\n\n" + source_note(results, name))

@@ -354,6 +354,7 @@ def main() -> None:
                     f.write(json.dumps(convs[(i // 4) % len(convs)], ensure_ascii=False) + "\n")
         in_bytes = inp.stat().st_size
         counter = itertools.count()
+        pairs = []  # (raw batched tokenizer s, builder s) timed back to back, workers = cores
         for workers in sorted({1, cores}):
             ts = []
             for r in range(max(3, args.reps // 2)):
@@ -364,17 +365,44 @@ def main() -> None:
                     holder["r"] = build_dataset(DatasetBuildConfig(
                         str(inp), str(out), workers=workers, progress=False))
 
+                raw_s = _time(configs["tiktoken_batch"]) if workers == cores else None
                 ts.append(_time(run_build))
+                if raw_s is not None:
+                    def run_processes():
+                        build_dataset(DatasetBuildConfig(str(inp), str(Path(tmp) / f"p_{next(counter)}" / "d"),
+                                                         workers=cores, executor="processes", progress=False))
+
+                    pairs.append((raw_s, ts[-1], _time(run_processes)))
                 res = holder["r"]
             builder[f"workers_{workers}"] = {
                 "median_s": statistics.median(ts),
                 "mb_per_s": in_bytes / 1e6 / statistics.median(ts),
                 "trials": ts,
+                "executor": "in-process" if workers == 1 else DatasetBuildConfig("x", "y").executor,
                 "documents": res.manifest["counts"]["documents"],
                 "tokens": res.manifest["counts"]["tokens"],
             }
             print(f"builder workers={workers}: {builder[f'workers_{workers}']['mb_per_s']:.2f} MB/s "
                   f"of JSONL ({in_bytes / 1e6:.2f} MB)", flush=True)
+    paired = [(in_bytes / b_s) / (nbytes / raw_s) for raw_s, b_s, _ in pairs]
+    paired_processes = [(in_bytes / p_s) / (nbytes / raw_s) for raw_s, _, p_s in pairs]
+    builder_vs_raw = {
+        "what": (f"build-dataset with {cores} workers (MB/s of its JSONL input: the corpus documents plus "
+                 "Harmony conversations, process start-up included) over the raw batched tokenizer "
+                 f"(tiktoken encode_ordinary_batch, {cores} threads, MB/s of the documents' text); each "
+                 "builder trial timed right after a raw trial, the median of the paired ratios"),
+        "paired_ratios": paired,
+        "ratio": statistics.median(paired),
+        "ratio_of_medians": builder[f"workers_{cores}"]["mb_per_s"] / results["tiktoken_batch"]["mb_per_s"],
+        "executor": DatasetBuildConfig("x", "y").executor,
+        "paired_ratios_processes": paired_processes,
+        "ratio_processes": statistics.median(paired_processes),
+        "goal": 0.9,
+        "goal_met": statistics.median(paired) >= 0.9,
+    }
+    print(f"builder vs raw batched tokenizer: {builder_vs_raw['ratio']:.3f} (paired median), "
+          f"{builder_vs_raw['ratio_of_medians']:.3f} (ratio of medians); with the process pool "
+          f"{builder_vs_raw['ratio_processes']:.3f}", flush=True)
 
     # ---- Harmony rendering --------------------------------------------------------------------
     henc = load_harmony_encoding_offline()
@@ -436,6 +464,7 @@ def main() -> None:
         "goal_ratio": 0.95,
         "goal_met": ratio_loop >= 0.95 and ratio_batch >= 0.95,
         "builder": builder,
+        "builder_vs_raw": builder_vs_raw,
         "render": render,
         "render_single_piece": long_piece,
         "unit_test_timings": unit_timings,

@@ -57,6 +57,7 @@ import logging
 import multiprocessing
 import os
 import re
+import threading
 import sys
 import time
 from dataclasses import dataclass, field
@@ -137,8 +138,13 @@ class DatasetBuildConfig:
         input_path: the JSONL file.
         output_prefix: path prefix of the outputs (no ``.bin``/``.idx`` suffix); missing parent
             directories are created.
-        workers: worker processes; ``None`` = all cores (``os.cpu_count()``); 1 = in-process.
+        workers: parallel workers; ``None`` = all cores (``os.cpu_count()``); 1 = in-process.
             Does not affect the output.
+        executor: ``"threads"`` (default: one process; the tokenizer releases the GIL while
+            it encodes, so text documents encode in parallel while another thread parses
+            JSON) or ``"processes"`` (a process pool: also the Python-heavy Harmony rendering
+            of conversations runs in parallel, at the cost of process start-up and of moving
+            lines and results between processes). Does not affect the output.
         strict: abort on the first bad line instead of skipping it.
         render: Harmony rendering / mask policy.
         vocab_path: o200k_base asset (default: the vendored copy).
@@ -149,6 +155,7 @@ class DatasetBuildConfig:
     input_path: str
     output_prefix: str
     workers: Optional[int] = None
+    executor: str = "threads"
     strict: bool = False
     render: HarmonyRenderConfig = field(default_factory=HarmonyRenderConfig)
     vocab_path: Optional[str] = None
@@ -160,6 +167,8 @@ class DatasetBuildConfig:
             self.workers = os.cpu_count() or 1
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1:
             raise ValueError(f"workers must be a positive integer, got {self.workers!r}")
+        if self.executor not in ("threads", "processes"):
+            raise ValueError(f"executor must be 'threads' or 'processes', got {self.executor!r}")
         prefix = os.fspath(self.output_prefix)
         if not prefix or prefix.endswith(("/", os.sep)):
             raise ValueError(f"output prefix {prefix!r} must name a file prefix, not a directory")
@@ -193,8 +202,15 @@ class BuildResult:
 
 
 class _LineProcessor:
-    def __init__(self, render_cfg: HarmonyRenderConfig, vocab_path: Optional[str]) -> None:
-        self.tokenizer = O200kHarmonyTokenizer(
+    def __init__(
+        self,
+        render_cfg: HarmonyRenderConfig,
+        vocab_path: Optional[str],
+        tokenizer: Optional[O200kHarmonyTokenizer] = None,
+    ) -> None:
+        # a tokenizer may be shared by threads (its encoder is thread-safe); the renderer is
+        # per processor (it keeps per-chunk state)
+        self.tokenizer = tokenizer or O200kHarmonyTokenizer(
             vocab_path, surrogate_errors=render_cfg.surrogate_errors
         )
         self.renderer = HarmonyRenderer(render_cfg, tokenizer=self.tokenizer)
@@ -232,7 +248,7 @@ class _LineProcessor:
             text = obj["text"]
             if not isinstance(text, str):
                 raise ValueError(f"'text' must be a string, got {type(text).__name__}")
-            ids = self._lib.encode(text)
+            ids = self._lib.encode_to_numpy(text)
             arr = np.empty(len(ids) + 1, dtype=np.int32)
             arr[:-1] = ids
             arr[-1] = EOD_ID
@@ -366,6 +382,9 @@ def _ordered_results(cfg: DatasetBuildConfig, chunks):
         for c in chunks:
             yield proc.chunk(*c)
         return
+    if cfg.executor == "threads":
+        yield from _threaded_results(cfg, chunks)
+        return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     if method == "fork":
         # Build the encodings once here; forked workers inherit them (copy-on-write).
@@ -380,6 +399,30 @@ def _ordered_results(cfg: DatasetBuildConfig, chunks):
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+
+
+def _threaded_results(cfg: DatasetBuildConfig, chunks):
+    """``_ordered_results`` on a thread pool: one tokenizer shared by all threads, a processor
+    (renderer state) per thread; results in input order, a bounded number in flight."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tokenizer = O200kHarmonyTokenizer(cfg.vocab_path, surrogate_errors=cfg.render.surrogate_errors)
+    local = threading.local()
+
+    def work(c):
+        proc = getattr(local, "proc", None)
+        if proc is None:
+            proc = local.proc = _LineProcessor(cfg.render, cfg.vocab_path, tokenizer=tokenizer)
+        return proc.chunk(*c)
+
+    with ThreadPoolExecutor(cfg.workers, thread_name_prefix="build-dataset") as pool:
+        pending = collections.deque()
+        for c in chunks:
+            pending.append(pool.submit(work, c))
+            if len(pending) >= 3 * cfg.workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _output_paths(prefix: str) -> Dict[str, str]:

@@ -224,6 +224,7 @@ def find_long_whitespace_runs(text: str, threshold: int) -> List[Tuple[int, int]
 #: Runs of at least this many such characters bypass the regex engine (tiktoken 0.14 panics
 #: at 999,999); a 10x margin. Tests lower it (``_long_run_threshold``) to prove the cut exact.
 LONG_WHITESPACE_RUN = 100_000
+_NO_SPECIAL: frozenset = frozenset()
 
 LONE_SURROGATE_RE = re.compile(
     "[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]"
@@ -605,7 +606,24 @@ class O200kHarmonyLibrary(MegatronTokenizerTextAbstract):
         return allowed
 
     def encode_to_numpy(self, text: str, allowed_special=None) -> np.ndarray:
-        """Like :meth:`encode`, returning an ``int32`` NumPy array (for ``.bin`` writing)."""
+        """Like :meth:`encode`, returning an ``int32`` NumPy array (for ``.bin`` writing).
+
+        The common case -- no special token allowed, valid Unicode, shorter than the long
+        whitespace-run threshold -- reads tiktoken's token buffer directly
+        (``encode_to_tiktoken_buffer``, the GIL released while it encodes) instead of building
+        a Python list; everything else takes :meth:`encode`. Same ids either way."""
+        if (
+            type(text) is str
+            and len(text) < self._long_run_threshold
+            and not self._allowed_set(allowed_special)
+            and (self.special_tokens_policy != "raise" or "<|" not in text)
+        ):
+            try:
+                buf = self._core.encode_to_tiktoken_buffer(text, _NO_SPECIAL)
+            except UnicodeEncodeError:
+                pass  # lone surrogates: repaired or refused by encode()
+            else:
+                return np.frombuffer(buf, dtype=np.uint32).astype(np.int32)
         return np.asarray(self.encode(text, allowed_special), dtype=np.int32)
 
     def encode_batch(

@@ -92,7 +92,11 @@ def add_build_dataset_parser(subparsers) -> argparse.ArgumentParser:
                    help="output prefix: writes PREFIX.bin/.idx, PREFIX_loss_mask.bin/.idx, "
                         "PREFIX.manifest.json")
     p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
-                   help="worker processes (default: all cores)")
+                   help="parallel workers (default: all cores)")
+    p.add_argument("--executor", choices=("threads", "processes"), default="threads",
+                   help="'threads' (default): one process, text encodes in parallel while another thread "
+                        "parses; 'processes': a process pool, also renders Harmony conversations in parallel "
+                        "(better for conversation-heavy input)")
     p.add_argument("--strict", action="store_true",
                    help="abort on the first bad line (default: report it and skip it)")
     p.add_argument("--force", action="store_true",
@@ -124,6 +128,7 @@ def run_build_dataset(args: argparse.Namespace) -> int:
             input_path=args.input,
             output_prefix=args.output,
             workers=args.workers,
+            executor=args.executor,
             strict=args.strict,
             render=HarmonyRenderConfig(
                 auto_drop_analysis=args.auto_drop_analysis,

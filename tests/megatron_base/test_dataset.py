@@ -100,14 +100,22 @@ def built(tmp_path_factory):
     r1 = build_dataset(DatasetBuildConfig(str(inp), str(d / "w1" / "data"), workers=1, progress=False))
     r2_ = build_dataset(DatasetBuildConfig(str(inp), str(d / "w2" / "data"), workers=2, progress=False))
     r3 = build_dataset(DatasetBuildConfig(str(inp), str(d / "w3" / "data"), workers=3, progress=True))
+    build_dataset(DatasetBuildConfig(str(inp), str(d / "p2" / "data"), workers=2, executor="processes",
+                                     progress=False))
     return d, inp, expected, bad, (r1, r2_, r3)
 
 
 def test_builder_deterministic_across_workers(built):
+    """In-process, 2 and 3 threads (the default executor) and 2 processes: the same bytes."""
     d, _, _, _, _ = built
     for suffix in FILES:
-        blobs = {open(d / w / ("data" + suffix), "rb").read() for w in ("w1", "w2", "w3")}
+        blobs = {open(d / w / ("data" + suffix), "rb").read() for w in ("w1", "w2", "w3", "p2")}
         assert len(blobs) == 1, suffix
+
+
+def test_builder_executor_is_checked():
+    with pytest.raises(ValueError, match="executor"):
+        DatasetBuildConfig("x", "y", executor="fibers")
 
 
 def test_builder_contents(built, tok):

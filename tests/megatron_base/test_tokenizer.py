@@ -232,6 +232,31 @@ def test_batch_and_numpy_paths(tok, r1, corpus):
         tok.tokenize_batch(docs, num_threads=0)
 
 
+def test_numpy_path_equals_encode_in_every_case(cut_lib, corpus):
+    """``encode_to_numpy`` reads tiktoken's buffer in the common case and falls back to
+    ``encode`` otherwise: same ids (or the same error) for special-token text under each policy,
+    lone surrogates (replaced or refused), allowed specials, and the long-run cut."""
+    texts = corpus[:20] + ["a <|endoftext|> b <|start|>x", "caf\u00e9 \U0001F600", "", " \t\n"]
+    for policy in ("ordinary", "allow_all"):
+        lib = O200kHarmonyLibrary(special_tokens_policy=policy)
+        for t in texts:
+            arr = lib.encode_to_numpy(t)
+            assert arr.dtype == np.int32 and arr.flags.writeable and arr.tolist() == lib.encode(t)
+        t = texts[-4]
+        assert lib.encode_to_numpy(t, allowed_special="all").tolist() == lib.encode(t, allowed_special="all")
+    strict = O200kHarmonyLibrary(special_tokens_policy="raise")
+    with pytest.raises(ValueError, match="special token"):
+        strict.encode_to_numpy("x <|endoftext|>")
+    assert strict.encode_to_numpy("no specials").tolist() == strict.encode("no specials")
+    lone = "ab\ud800cd"
+    with pytest.raises(ValueError):
+        O200kHarmonyLibrary().encode_to_numpy(lone)
+    rep = O200kHarmonyLibrary(surrogate_errors="replace")
+    assert rep.encode_to_numpy(lone).tolist() == rep.encode(lone) == rep.encode("ab\ufffdcd")
+    long = "x" + " " * 9 + "y"  # a run the threshold-2 library cuts
+    assert cut_lib.encode_to_numpy(long).tolist() == cut_lib.encode(long)
+
+
 def test_long_run_cut_equals_tiktoken(cut_lib, r1, corpus):
     """The whitespace-run cut (used for >= 100k runs) is exact: prove it at threshold 2."""
     for d in corpus:
