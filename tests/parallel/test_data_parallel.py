@@ -66,13 +66,16 @@ def _assert_same_run(a, b, steps):
         torch.testing.assert_close(b["weights"][n], a["weights"][n], rtol=1e-4, atol=1e-5, msg=n)
 
 
-@pytest.mark.parametrize("ep", [1, 2], ids=["dp2", "dp2_ep2"])
-def test_two_ranks_equal_one_process(megatron_env, demo_prefix, tmp_path, one_process, init_ckpt, ep):
+@pytest.mark.parametrize("ep,distopt", [(1, False), (2, False), (2, True)], ids=["dp2", "dp2_ep2", "dp2_ep2_distopt"])
+def test_two_ranks_equal_one_process(megatron_env, demo_prefix, tmp_path, one_process, init_ckpt, ep, distopt):
     """DP 2 (Megatron DDP), and DP 2 with expert parallelism 2 (each rank 4 of the 8 experts,
     Megatron's token dispatcher, expert grads reduced over the expert-data-parallel group,
-    the grad norm summed over the expert group)."""
+    the grad norm summed over the expert group); with the layer-wise distributed optimizer too
+    (the replicated parameters dealt over the 2 data-parallel ranks, the experts, whose
+    expert-data-parallel group has one rank, kept whole on each rank)."""
     one = one_process
-    two = _run(2, demo_prefix, tmp_path / "two.pt", ep=ep, init_from=init_ckpt, save=tmp_path / "ck2")
+    two = _run(2, demo_prefix, tmp_path / "two.pt", ep=ep, init_from=init_ckpt, save=tmp_path / "ck2",
+               distopt=distopt)
     _assert_same_run(one, two, 3)
     assert two["ranks_equal"]
     # the two-rank checkpoint (experts split over the ranks at EP 2) loads into one process:
