@@ -28,9 +28,10 @@ NorMuon state          4 (momentum) + 4 per row (second        the same / D (who
 =====================  ======================================  ================================
 
 The distributed optimizer of NorMuon is Megatron's layer-wise scheme
-(:mod:`vpmoe_compile.optim.layer_wise`): whole parameters dealt to the ranks, so a rank's share is
-``1 / D`` of the state within at most two of the part's largest parameters (the estimate uses
-``1 / D``).
+(:mod:`vpmoe_compile.optim.layer_wise`): whole parameters dealt to the ranks. With the model's
+parameter list (``ModelInventory.items``, from :func:`inventory_from_model`) the main-param and
+state bytes are those of the most loaded rank of that deal (:func:`dealt_memory`); without it,
+``1 / D``.
 
 ``D`` is the data-parallel size of the parameter's group: ``world`` for replicated parameters
 (TP = PP = CP = 1), ``world / EP`` (Megatron's expert-data-parallel size, expert TP = 1) for
@@ -106,7 +107,7 @@ NOTES = (
     "(CPU-tested, train --pipeline-parallel) but the planner does not split layers over stages.",
     "distributed optimizer: optimizer state (and fp32 main params) sharded over the data-parallel group "
     "(routed experts over the expert-data-parallel group, world / EP) by whole parameters, Megatron's "
-    "layer-wise scheme for Muon; a rank holds 1/D of it within two of the largest parameters. It runs "
+    "layer-wise scheme for Muon; the figures are the most loaded rank's of that deal. It runs "
     "on the fp32 path (CPU-tested, train --distributed-optimizer); on the bf16 GPU path it is pending, "
     "the replicated optimizer is what runs there today.",
     "EP > 1: Megatron's all-gather dispatcher in front of the grouped experts; tested on the CPU "
@@ -182,14 +183,30 @@ class ModelShape:
 
 
 @dataclass(frozen=True)
+class ParamItem:
+    """One trained parameter as the distributed optimizer deals it: its optimizer part, whether
+    it is a routed-expert stack, its elements and its optimizer-state bytes (for a stack: of all
+    ``E`` experts)."""
+
+    optimizer: str  # "normuon" | "adamw"
+    expert: bool
+    numel: int
+    state_bytes: int
+
+
+@dataclass(frozen=True)
 class ModelInventory:
-    """Exact parameter counts by placement and optimizer, plus the model's shape."""
+    """Exact parameter counts by placement and optimizer, plus the model's shape. ``items``
+    (every trained parameter, in model order) lets :func:`static_memory` deal whole parameters
+    to the ranks as the layer-wise distributed optimizer does; without them the distributed
+    optimizer's shares are taken as ``1 / D``."""
 
     config: str
     max_sequence_length: int
     replicated: ParamSplit
     expert: ParamSplit
     shape: ModelShape
+    items: Tuple[ParamItem, ...] = ()
 
     @property
     def total_params(self) -> int:
@@ -207,18 +224,24 @@ def inventory_from_model(model, cfg: Any = None, name: str = "", max_sequence_le
 
     st = optimizer_settings(cfg)
     acc = {False: asdict(ParamSplit()), True: asdict(ParamSplit())}
+    items = []
     for row in routing_table(model, cfg):
         n = math.prod(row["shape"])
-        a = acc[row["role"] == "expert"]
+        expert = row["role"] == "expert"
+        a = acc[expert]
         a["total"] += n
         if row["group"] == "normuon":
             a["normuon"] += n
+            sm = 0
             if len(row["shape"]) == 2:
                 a["normuon_2d"] += n
             for _, rows, cols in row["matrices"]:
-                a["second_moment"] += rows if (st.neuron_axis == "rows" or rows >= cols) else cols
+                sm += rows if (st.neuron_axis == "rows" or rows >= cols) else cols
+            a["second_moment"] += sm
+            items.append(ParamItem("normuon", expert, n, 4 * n + 4 * sm + (4 * n if len(row["shape"]) == 2 else 0)))
         elif row["group"] == "adamw":
             a["adamw"] += n
+            items.append(ParamItem("adamw", expert, n, 8 * n))
         else:
             a["frozen"] += n
     mc = model.config
@@ -248,7 +271,8 @@ def inventory_from_model(model, cfg: Any = None, name: str = "", max_sequence_le
         gated_linear_unit=bool(mc.gated_linear_unit),
         head_chunk_size=int(chunk) if chunk else None,
     )
-    return ModelInventory(name, int(max_sequence_length), ParamSplit(**acc[False]), ParamSplit(**acc[True]), shape)
+    return ModelInventory(name, int(max_sequence_length), ParamSplit(**acc[False]), ParamSplit(**acc[True]), shape,
+                          tuple(items))
 
 
 def build_inventory(cfg) -> ModelInventory:
@@ -341,6 +365,29 @@ def candidate_layouts(inv: ModelInventory, gpus: int, ep: Optional[int] = None) 
     return out
 
 
+def dealt_memory(items: Sequence[ParamItem], layout: Layout) -> Tuple[int, int]:
+    """``(main-param bytes, optimizer-state bytes)`` of the most loaded rank under the layer-wise
+    distributed optimizer: within each optimizer part, replicated parameters are dealt over the
+    ``dp`` ranks and routed-expert stacks (``1 / EP`` of each on a rank) over the ``expert_dp``
+    ranks, by size, ping-pong -- the deal of :func:`vpmoe_compile.ownership.deal`, as the optimizer shards.
+    The replicated and the expert maxima are added (a bound: the same rank need not carry both)."""
+    from vpmoe_compile.ownership import deal as _deal
+
+    worst = {}
+    for expert, size, div in ((False, layout.dp, 1), (True, layout.expert_dp, layout.ep)):
+        main = [0] * size
+        opt = [0] * size
+        for part in ("normuon", "adamw"):
+            sel = [it for it in items if it.optimizer == part and it.expert == expert]
+            for it, r in zip(sel, _deal([it.numel for it in sel], size)):
+                main[r] += 4 * it.numel // div
+                opt[r] += it.state_bytes // div
+        totals = [m + o for m, o in zip(main, opt)]
+        r = max(range(size), key=totals.__getitem__)
+        worst[expert] = (main[r], opt[r])
+    return worst[False][0] + worst[True][0], worst[False][1] + worst[True][1]
+
+
 def static_memory(inv: ModelInventory, layout: Layout) -> Dict[str, int]:
     """Bytes per rank of params (bf16), grads (fp32), main params (fp32) and optimizer states;
     the table in the module docstring."""
@@ -356,6 +403,14 @@ def static_memory(inv: ModelInventory, layout: Layout) -> Dict[str, int]:
     def states(s: ParamSplit) -> int:
         return 8 * s.adamw + 4 * s.normuon + 4 * s.second_moment + 4 * s.normuon_2d
 
+    if layout.distributed_optimizer and inv.items:
+        main, opt = dealt_memory(inv.items, layout)
+        return {
+            "params": 2 * (rep.total + exp.total),
+            "grads": 4 * (trained(rep) + trained(exp)),
+            "main_params": main,
+            "optimizer_states": opt,
+        }
     return {
         "params": 2 * (rep.total + exp.total),
         "grads": 4 * (trained(rep) + trained(exp)),

@@ -174,11 +174,22 @@ def test_vpmoe_8_gpus_80gb(inv_vpmoe):
     states = 8 * (r.adamw + x.adamw) + 4 * (r.normuon + x.normuon + r.second_moment + x.second_moment + r.normuon_2d)
     act = plan.candidates[0].memory.activations
     replicated = 10 * P + states + act  # 2 + 4 + 4 bytes per parameter + optimizer state
-    distributed = 6 * P + (4 * P + states) / 8 + act
+    even = 6 * P + (4 * P + states) / 8 + act  # an even 1/8 of main params and state
     assert plan.candidates[0].memory.total == replicated
-    assert plan.candidates[1].memory.total == pytest.approx(distributed, abs=16)
+    # the distributed optimizer deals whole parameters: the most loaded rank carries at least
+    # the even share and at most two of each part's largest parameters more (main + state bytes)
+    dist = plan.candidates[1].memory.total
+    items = inv_vpmoe.items
+    assert sum(it.numel for it in items) == P - r.frozen - x.frozen
+    slack = sum(2 * max(((4 * it.numel + it.state_bytes) for it in items if it.optimizer == o and it.expert == e), default=0)
+                for o in ("normuon", "adamw") for e in (False, True))
+    assert even - 16 <= dist <= even + slack
+    # by hand for the dense AdamW part: its largest two (embedding and output layer, equal size)
+    # go to different ranks, so no rank holds both
+    adam = sorted((it.numel for it in items if it.optimizer == "adamw" and not it.expert), reverse=True)
+    assert adam[0] == adam[1] == 201088 * 1024
     usable = 0.9 * 80e9
-    assert replicated > usable > distributed  # today's replicated optimizer does not fit, sharding does
+    assert replicated > usable > dist  # the replicated optimizer does not fit, the sharded one does
     rec = plan.recommended
     assert (rec.layout.dp, rec.layout.ep, rec.layout.distributed_optimizer) == (8, 1, True)
 
@@ -270,3 +281,16 @@ def test_cli_plan_bad_input(argv, message, capsys):
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1  # one line
+
+
+def test_distributed_optimizer_deals_whole_parameters():
+    """dealt_memory by hand: dense AdamW parameters of 100, 1 and 2 elements over DP 2 are dealt
+    by size 1 -> rank 0, 2 -> rank 1, 100 -> rank 1 (ping-pong), so rank 1 carries 102 elements
+    (main 4 B + state 8 B each); an expert stack of 80 elements at EP 2 is 40 per rank, all on the
+    single expert-data-parallel rank (main 4 B + NorMuon momentum 4 B each)."""
+    from vpmoe_compile.plan import ParamItem, dealt_memory
+
+    items = [ParamItem("adamw", False, 100, 800), ParamItem("adamw", False, 1, 8), ParamItem("adamw", False, 2, 16),
+             ParamItem("normuon", True, 80, 320)]
+    main, opt = dealt_memory(items, Layout(2, 2, True))
+    assert main == 4 * 102 + 4 * 40 and opt == 8 * 102 + 4 * 40

@@ -33,18 +33,11 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from vpmoe_compile.ownership import deal as _deal
+
 from .routing import ParamRoute
 
 __all__ = ["ParamSharding", "assign_owners", "build_sharding", "sharded_state_numel"]
-
-
-def _deal(numels: Sequence[int], size: int) -> List[int]:
-    """The owner rank of each item: items sorted by size (stable), dealt ping-pong."""
-    loop = list(range(size)) + list(range(size))[::-1]
-    owners = [0] * len(numels)
-    for k, i in enumerate(sorted(range(len(numels)), key=lambda j: numels[j])):
-        owners[i] = loop[k % len(loop)]
-    return owners
 
 
 def assign_owners(routes: Sequence[ParamRoute], dense_size: int, expert_size: int) -> List[int]:
