@@ -22,6 +22,12 @@ Two runs in one process, one after the other, identical except for ``vpmoe_compi
   micro-batch per optimizer step; loss = masked mean of the per-token loss (as the demo);
 * one step = zero grads, forward, loss, backward, finalize, ``optimizer.step()``.
 
+``--yardstick`` adds a third run: eager from weights with the last bit of 1 % of the elements
+flipped (a 1-ulp difference, the size of the rounding changes compilation brings), recording how
+far two eager runs drift apart from that alone, and a second verdict: the compiled run's
+differences from eager within 2x of that drift (the project's rule for bf16 kernels: within 2x
+of a reference's own error).
+
 Recorded: both loss curves, per-step ``|l_c - l_e|`` and ``|l_c - l_e| / l_e``, the maximum
 relative difference, step times, and the verdict of the tolerance rule (stated in the JSON and
 the plot)::
@@ -53,6 +59,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+#: ``--yardstick``: the share of every parameter's elements whose last bit the third run flips.
+YARDSTICK_FRACTION = 0.01
 MAX_REL_TOL = 2e-2
 FINAL_MEAN_REL_TOL = 1e-2
 FINAL_WINDOW = 10
@@ -100,6 +108,25 @@ def fingerprint(model) -> list:
     return out
 
 
+def perturb_last_bit(model, fraction: float, seed: int) -> int:
+    """Flip the lowest mantissa bit of a random ``fraction`` of every floating parameter's
+    elements (1 ulp: the size of the rounding differences compilation introduces), in place;
+    returns the number of elements changed. Own generator: the global RNG is not consumed."""
+    g = torch.Generator().manual_seed(seed)
+    ints = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
+            torch.float64: torch.int64}
+    changed = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dtype not in ints:
+                continue
+            flip = (torch.rand(p.shape, generator=g) < fraction).to(p.device)
+            bits = p.data.view(ints[p.dtype])
+            bits ^= flip.to(bits.dtype)
+            changed += int(flip.sum())
+    return changed
+
+
 def run_mode(mode: str, args, cfg, tokens, mask) -> dict:
     import vpmoe_compile
     from megatron_base import build_stock_gpt
@@ -114,6 +141,7 @@ def run_mode(mode: str, args, cfg, tokens, mask) -> dict:
     gpt = build_stock_gpt(cfg, device=dev, params_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
                           max_sequence_length=args.seq_len)
     vpmoe_compile.transform(gpt, cfg, progress=False)
+    perturbed = perturb_last_bit(gpt, YARDSTICK_FRACTION, args.seed) if mode == "eager_1ulp" else None
     fp = fingerprint(gpt)
     if megatron:
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -151,6 +179,7 @@ def run_mode(mode: str, args, cfg, tokens, mask) -> dict:
             _log(f"  {mode} step {step + 1}/{args.steps}: loss {losses[-1]:.5f}, {times[-1] * 1e3:.1f} ms")
     out = {
         "mode": mode, "losses": losses, "step_ms": [t * 1e3 for t in times],
+        "perturbed_elements": perturbed,
         "first_step_s": times[0],
         "median_step_ms": statistics.median(times[1:] if len(times) > 1 else times) * 1e3,
         "compiled_regions": regions, "passes": list(gpt.vpmoe_transform.passes),
@@ -196,6 +225,9 @@ def plot(res: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(10, 6))
     ax.plot(steps, le, "-", color="#4c72b0", lw=2.2, label="vpMoE, eager")
     ax.plot(steps, lc, "--", color="#dd8452", lw=1.8, label="vpMoE, compiled")
+    ly = (res.get("eager_1ulp") or {}).get("losses")
+    if ly:
+        ax.plot(steps[: len(ly)], ly, ":", color="#555555", lw=1.6, label="vpMoE, eager from 1-ulp-perturbed weights")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (masked mean over the micro-batch)")
     ax.grid(alpha=0.3)
@@ -248,6 +280,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--data-cache", default=None, help="where the tokenized demo corpus is cached (default: the demo's)")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--yardstick", action="store_true",
+                   help="also train eager from weights with the last bit of 1%% of the elements flipped: how far "
+                        "two eager runs drift apart from a 1-ulp difference (the size of compilation's rounding "
+                        "changes); the compiled run is then also judged against 2x that drift")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: benchmarks/train_parity.py needs a CUDA GPU (or --device cpu for a smoke run)", file=sys.stderr)
@@ -285,7 +321,8 @@ def main(argv=None) -> int:
     }
     res = {"meta": meta}
     fps = {}
-    for mode in ("eager", "compiled"):
+    modes = ("eager", "compiled") + (("eager_1ulp",) if args.yardstick else ())
+    for mode in modes:
         _log(f"[parity] {mode}, {time.perf_counter() - t_run:.0f} s into the run")
         try:
             res[mode], fps[mode] = run_mode(mode, args, cfg, tokens, mask)
@@ -302,13 +339,27 @@ def main(argv=None) -> int:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     meta["run_wall_s"] = time.perf_counter() - t_run
-    for mode in ("eager", "compiled"):
+    for mode in modes:
         res.setdefault(mode, {"mode": mode, "error": "not run (interrupted)"})
     ok = "error" not in res["eager"] and "error" not in res["compiled"]
     if ok:
         res["comparison"] = compare(res["eager"]["losses"], res["compiled"]["losses"])
         res["comparison"]["same_initial_weights"] = fps["eager"] == fps["compiled"]
         res["comparison"]["compiled_speedup_median_step"] = res["eager"]["median_step_ms"] / res["compiled"]["median_step_ms"]
+        if args.yardstick and "error" not in res["eager_1ulp"]:
+            y = compare(res["eager"]["losses"], res["eager_1ulp"]["losses"])
+            c = res["comparison"]
+            res["yardstick"] = {
+                "what": (f"eager vs eager from weights with the last bit of {YARDSTICK_FRACTION:.0%} of the elements "
+                         "flipped; the compiled run is within the yardstick when its max and final-mean relative "
+                         "differences from eager are at most 2x the yardstick's (the project's bf16 rule: within 2x "
+                         "of a reference's own error)"),
+                "initial_weights_differ": fps["eager"] != fps["eager_1ulp"],
+                "max_rel_diff": y["max_rel_diff"], "final_mean_rel_diff": y["final_mean_rel_diff"],
+                "rel_diff": y["rel_diff"],
+                "compiled_within_2x": bool(c["all_finite"] and c["max_rel_diff"] <= 2 * y["max_rel_diff"]
+                                           and c["final_mean_rel_diff"] <= 2 * y["final_mean_rel_diff"]),
+            }
     else:
         res["comparison"] = {"rule": RULE, "within_bf16_tolerance": None, "error": "a run failed"}
     (out / "train_parity.json").write_text(json.dumps(res, indent=1))
@@ -330,6 +381,10 @@ def main(argv=None) -> int:
               f"final-{c['final_window']} mean diff {c['final_mean_diff']:+.3e} (rel {c['final_mean_rel_diff']:.3e}); "
               f"same initial weights: {c['same_initial_weights']}")
         print(f"rule: {RULE}\n-> {'WITHIN' if c['within_bf16_tolerance'] else 'OUTSIDE'} tolerance")
+        if "yardstick" in res:
+            y = res["yardstick"]
+            print(f"yardstick (eager vs 1-ulp-perturbed eager): max rel diff {y['max_rel_diff']:.3e}, final-mean rel "
+                  f"diff {y['final_mean_rel_diff']:.3e} -> compiled {'WITHIN' if y['compiled_within_2x'] else 'OUTSIDE'} 2x")
     _log(f"[parity] wrote {out / 'train_parity.json'} and {out / 'train_parity.png'} ({meta['run_wall_s']:.0f} s)")
     return 0 if ok and c["within_bf16_tolerance"] else 1
 

@@ -60,7 +60,7 @@ def test_step_benchmark_smoke(tmp_path, megatron_env):
 def test_train_parity_smoke(tmp_path, megatron_env):
     parity = _load("train_parity")
     rc = parity.main(["--device", "cpu", "--config", "tiny", "--seq-len", "32", "--steps", "2",
-                      "--compile-backend", "aot_eager", "--out", str(tmp_path)])
+                      "--compile-backend", "aot_eager", "--yardstick", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "train_parity.json").read_text())
     assert (tmp_path / "train_parity.png").stat().st_size > 0
     assert data["meta"]["path"] == "plain"
@@ -71,3 +71,6 @@ def test_train_parity_smoke(tmp_path, megatron_env):
     assert c["rule"] == parity.RULE and c["same_initial_weights"] is True
     assert c["within_bf16_tolerance"] is True and rc == 0
     assert len(c["abs_diff"]) == 2 and c["max_rel_diff"] < 1e-4  # fp32 + aot_eager: same math
+    y = data["yardstick"]  # the third run starts from other weights (1 ulp apart on 1 % of elements)
+    assert data["eager_1ulp"]["perturbed_elements"] > 0 and len(data["eager_1ulp"]["losses"]) == 2
+    assert y["initial_weights_differ"] is True and isinstance(y["compiled_within_2x"], bool)
