@@ -504,8 +504,9 @@ def _pipeline_union(keys: List) -> List:
     return sorted(set(keys), key=repr)
 
 
-def _pipeline_group():
-    """Megatron's pipeline-model-parallel group when its size is > 1, else ``None``."""
+def _parallel_group(kind: str):
+    """Megatron's ``kind`` ("pipeline" or "expert") model-parallel group when its size is > 1,
+    else ``None`` (also without ``torch.distributed`` or Megatron's parallel state)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -514,23 +515,14 @@ def _pipeline_group():
 
     if not parallel_state.model_parallel_is_initialized():
         return None
-    if parallel_state.get_pipeline_model_parallel_world_size() <= 1:
+    if getattr(parallel_state, f"get_{kind}_model_parallel_world_size")() <= 1:
         return None
-    return parallel_state.get_pipeline_model_parallel_group()
+    return getattr(parallel_state, f"get_{kind}_model_parallel_group")()
+
+
+def _pipeline_group():
+    return _parallel_group("pipeline")
 
 
 def _expert_parallel_group():
-    """Megatron's expert-model-parallel group when its size is > 1, else ``None``."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    try:
-        from megatron.core import parallel_state
-    except ImportError:  # pragma: no cover - megatron-core is a dependency
-        return None
-    if not parallel_state.model_parallel_is_initialized():
-        return None
-    if parallel_state.get_expert_model_parallel_world_size() <= 1:
-        return None
-    return parallel_state.get_expert_model_parallel_group()
+    return _parallel_group("expert")
