@@ -184,6 +184,7 @@ def _parallel_sizes() -> dict:
         "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
         "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
         "expert_model_parallel_size": ps.get_expert_model_parallel_world_size(),
+        "expert_tensor_parallel_size": ps.get_expert_tensor_parallel_world_size(),
     }
     if out["pipeline_model_parallel_size"] > 1:
         # the activations sent between stages; batched p2p ends in torch.cuda.synchronize(), so

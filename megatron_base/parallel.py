@@ -71,6 +71,9 @@ def init_process(
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,
             expert_model_parallel_size=expert_model_parallel_size,
+            # experts are never tensor-split (NorMuon orthogonalises whole expert matrices; the
+            # grouped experts scale with expert parallelism): Megatron's default is ETP = TP
+            expert_tensor_parallel_size=1,
         )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not on_gpu, force_reset_rng=True)

@@ -602,11 +602,23 @@ class PassManager:
             if tuple(logits.shape) != (s, b, hidden):
                 raise PassError(f"verification forward of a pipeline stage returned {tuple(logits.shape)}, "
                                 f"not the hidden states [{s}, {b}, {hidden}]")
-        elif logits.shape[:2] != (b, s) or (vocab and logits.shape[-1] != vocab):
+        elif logits.shape[:2] != (b, s) or (vocab and logits.shape[-1] * _vocab_split(ctx.model) != vocab):
             raise PassError(f"verification forward returned logits of shape {tuple(logits.shape)}")
         if not torch.isfinite(logits.float()).all():
             raise PassError("verification forward produced non-finite outputs")
         return f"parameter accounting ({len(params)} tensors) + forward [b={b}, s={s}] finite"
+
+
+def _vocab_split(model: nn.Module) -> int:
+    """Over how many tensor-parallel ranks the logits' vocabulary is split (Megatron's output
+    layer returns this rank's vocabulary slice unless it gathers the output)."""
+    head = getattr(model, "output_layer", None)
+    if head is None or getattr(head, "gather_output", False):
+        return 1
+    group = getattr(head, "tp_group", None)
+    if group is not None and hasattr(group, "size"):
+        return int(group.size())
+    return int(getattr(model.config, "tensor_model_parallel_size", 1) or 1)
 
 
 def _sample_batch(ctx: PassContext):

@@ -15,9 +15,10 @@ of them to fp32. After this pass the same per-token loss ``[b, s]`` comes from
   when labels are given; without labels, with MTP, an inference context or the config logger it
   is the stock ``_postprocess``, so logits are returned exactly as before.
 
-Tied embeddings work (the embedding weight is passed as ``weight=``, as stock does). Refused
-before anything changes: TP > 1 or sequence parallelism (the loss would need the vocab-parallel
-reductions), multi-token prediction, ``defer_embedding_wgrad_compute``, a pipeline stage without
+Tied embeddings work (the embedding weight is passed as ``weight=``, as stock does). Under TP > 1
+or sequence parallelism the pass is a no-op and says so (the vocab-parallel loss needs cross-rank
+max / sum reductions the fused op does not do: the stock head and Megatron's
+``vocab_parallel_cross_entropy`` stay). Refused before anything changes: multi-token prediction, ``defer_embedding_wgrad_compute``, a pipeline stage without
 the output layer, an output layer that is not the stock ``ColumnParallelLinear`` (e.g.
 Transformer Engine) or has a bias, and a megatron-core whose ``_postprocess`` signature differs
 from 0.16.1's. Needs no other pass.
@@ -69,9 +70,21 @@ class FusedHeadPass(Pass):
             and getattr(model, "output_layer", None) is None
         )
 
+    @staticmethod
+    def _vocab_parallel(model) -> int:
+        """The TP size when the output layer is vocab-parallel (TP > 1, or sequence parallel):
+        the fused op computes the loss of a whole vocabulary, so the pass leaves the stock head
+        and Megatron's ``vocab_parallel_cross_entropy`` in place there (a no-op); else 0."""
+        head = getattr(model, "output_layer", None)
+        tp = model.config.tensor_model_parallel_size
+        group = getattr(head, "tp_group", None)
+        if group is not None and hasattr(group, "size"):
+            tp = max(tp, group.size())
+        return tp if tp > 1 or getattr(head, "sequence_parallel", False) else 0
+
     def check(self, ctx: PassContext) -> None:
         model, tc = ctx.model, ctx.model.config
-        if self._headless_stage(model):
+        if self._headless_stage(model) or self._vocab_parallel(model):
             return
         if not getattr(model, "post_process", True) or getattr(model, "output_layer", None) is None:
             raise PassError(
@@ -86,17 +99,8 @@ class FusedHeadPass(Pass):
                 "megatron.core.tensor_parallel.ColumnParallelLinear (Transformer Engine or a custom "
                 "head?); build the model with the local spec, or leave 'fused_head' out of the pipeline"
             )
-        tp = tc.tensor_model_parallel_size
-        tp_group = getattr(head, "tp_group", None)
-        if tp_group is not None and hasattr(tp_group, "size"):
-            tp = max(tp, tp_group.size())
-        if tp > 1 or head.sequence_parallel:
-            raise PassError(
-                f"fused_head supports tensor_model_parallel_size = 1 without sequence parallelism "
-                f"only (got TP={tp}, sequence_parallel={head.sequence_parallel}): a vocab-parallel "
-                "fused loss needs cross-rank max/sum reductions that are not implemented. Use TP = 1 "
-                "or leave 'fused_head' out of the pipeline."
-            )
+        if self._vocab_parallel(model):
+            return
         if getattr(model, "mtp_process", False) or tc.mtp_num_layers is not None:
             raise PassError(
                 f"fused_head does not support multi-token prediction (mtp_num_layers="
@@ -160,6 +164,13 @@ class FusedHeadPass(Pass):
         model = ctx.model
         if self._headless_stage(model):
             result.summary = "no output layer on this pipeline stage (post_process=False): nothing to fuse"
+            return
+        tp = self._vocab_parallel(model)
+        if tp:
+            result.summary = (
+                f"tensor parallel {tp}: the output layer is vocab-parallel; the stock head and "
+                "Megatron's vocab_parallel_cross_entropy stay (no vocab-parallel fused loss yet)"
+            )
             return
         head = model.output_layer
         tied = bool(model.share_embeddings_and_output_weights)

@@ -14,9 +14,13 @@ Under pipeline parallelism every stage has its own ``rotary_pos_emb``: ``log_fre
 ``finalize_model_grads`` all-reduces its gradient over the pipeline group and the copies stay
 equal (like tied embeddings); the first stage's copy is the checkpoint's main replica.
 
+Under tensor parallelism each rank holds whole query groups (Megatron's head split): ALiBi slopes
+per local head, the sinks as Megatron shards them, and ``log_freq`` replicated with its gradient
+summed over the TP group inside autograd (docs/design.md#tensor-parallelism).
+
 Refused before anything changes: per-head frequencies, a model without a rotary table
-(``position_embedding_type`` other than ``'rope'``), TP > 1 (docs/design.md#grape), the virtual
-pipeline schedule, MLA.
+(``position_embedding_type`` other than ``'rope'``), a TP size that does not divide the query
+groups, the virtual pipeline schedule, MLA.
 """
 
 from __future__ import annotations
@@ -58,10 +62,19 @@ class GrapePass(Pass):
             )
         if getattr(tcfg, "multi_latent_attention", False):
             raise PassError("multi-latent attention models are not supported by the GRAPE pass")
-        if tcfg.tensor_model_parallel_size > 1:
+        tp = tcfg.tensor_model_parallel_size
+        groups = tcfg.num_query_groups or tcfg.num_attention_heads
+        if getattr(tcfg, "sequence_parallel", False):
             raise PassError(
-                f"tensor parallelism is not supported by the vpMoE attention modules yet (got "
-                f"TP={tcfg.tensor_model_parallel_size}); use TP = 1 (MoE scales with EP, depth with PP)"
+                "sequence parallelism is not supported by the vpMoE attention modules (the TPA factor "
+                "projection and the sort-based MoE dispatch take the whole sequence); set "
+                "sequence_parallel = False (tensor parallelism works without it)"
+            )
+        if tp > 1 and groups % tp:
+            raise PassError(
+                f"tensor parallelism {tp} does not divide the {groups} query groups: each TP rank "
+                "must hold whole groups (their heads, ALiBi slopes and sinks); pick a TP size that "
+                "divides num_query_groups"
             )
         if getattr(tcfg, "virtual_pipeline_model_parallel_size", None):
             raise PassError("the virtual (interleaved) pipeline schedule is not supported; use PP without VPP")

@@ -103,8 +103,9 @@ GIB = 2**30
 DEFAULT_RESERVE = 0.10
 
 NOTES = (
-    "TP and PP are not planned: the transform refuses tensor parallel > 1; pipeline parallelism runs "
-    "(CPU-tested, train --pipeline-parallel) but the planner does not split layers over stages.",
+    "TP and PP are not planned: tensor parallelism (train --tensor-parallel) and pipeline parallelism "
+    "(train --pipeline-parallel) run on the fp32 path (CPU-tested), but the planner does not split heads "
+    "or layers.",
     "distributed optimizer: optimizer state (and fp32 main params) sharded over the data-parallel group "
     "(routed experts over the expert-data-parallel group, world / EP) by whole parameters, Megatron's "
     "layer-wise scheme for Muon; the figures are the most loaded rank's of that deal. It runs "

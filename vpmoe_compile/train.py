@@ -63,6 +63,10 @@ class TrainArgs:
             at another expert-parallel size.
         pipeline_parallel: pipeline-parallel size (the layers split over that many stages, each
             stage on its own ranks, Megatron's 1F1B schedule; divides the number of ranks).
+        tensor_parallel: tensor-parallel size (Megatron's head / MLP / vocabulary split; the TPA
+            head factors split with the heads, the token factors replicated; NorMuon
+            orthogonalises each matrix whole). Without sequence parallelism (megatron-core
+            0.16.1 builds it only with Transformer Engine norms), so not with expert parallelism.
         distributed_optimizer: shard the optimizer state over the data-parallel ranks by whole
             parameters (``build_optimizer(..., layer_wise_distributed_optimizer=True)``; the
             fp32 path, CPU); a checkpoint saved with it loads at any data-parallel size.
@@ -93,6 +97,7 @@ class TrainArgs:
     seed: int = 1234
     expert_parallel: int = 1
     pipeline_parallel: int = 1
+    tensor_parallel: int = 1
     distributed_optimizer: bool = False
     device: str = "auto"
     data_cache: Optional[str] = None
@@ -326,8 +331,20 @@ def train(a: TrainArgs) -> Dict[str, Any]:
     if a.pipeline_parallel > 1 and cfg.model.num_layers % a.pipeline_parallel:
         raise TrainError(f"--pipeline-parallel {a.pipeline_parallel} does not divide the {cfg.model.num_layers} "
                          f"layers of config {cfg.source!r}")
+    if a.tensor_parallel < 1:
+        raise TrainError(f"--tensor-parallel must be >= 1, got {a.tensor_parallel}")
+    groups = cfg.model.num_query_groups or cfg.model.num_attention_heads
+    if groups % a.tensor_parallel:
+        raise TrainError(f"--tensor-parallel {a.tensor_parallel} does not divide the {groups} query groups of "
+                         f"config {cfg.source!r} (each rank holds whole groups)")
+    if a.tensor_parallel > 1 and a.expert_parallel > 1:
+        raise TrainError("--tensor-parallel > 1 with --expert-parallel > 1 needs Megatron's sequence parallelism, "
+                         "which megatron-core 0.16.1 builds only with Transformer Engine norms (its local-spec "
+                         "torch norms refuse it); use one of them")
+    if a.tensor_parallel > 1 and a.distributed_optimizer:
+        raise TrainError("--distributed-optimizer with --tensor-parallel > 1 is not supported yet: use one of them")
     init_process(seed=a.seed, expert_model_parallel_size=a.expert_parallel,
-                 pipeline_model_parallel_size=a.pipeline_parallel)
+                 pipeline_model_parallel_size=a.pipeline_parallel, tensor_model_parallel_size=a.tensor_parallel)
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     if a.global_batch % (a.micro_batch * dp_size):

@@ -1,10 +1,11 @@
 """Run by tests/parallel/test_data_parallel.py under torchrun: a few `train` steps, then rank 0
 writes the records and the trained weights to OUT (a torch.save file).
 
-    _train_worker.py PREFIX OUT STEPS GLOBAL_BATCH MICRO_BATCH [EP [INIT_FROM|- [SAVE|- [LOAD|-]]]] [--distopt] [--pp N]
+    _train_worker.py PREFIX OUT STEPS GLOBAL_BATCH MICRO_BATCH [EP [INIT_FROM|- [SAVE|- [LOAD|-]]]] [--distopt] [--pp N] [--tp N]
 
-Under pipeline parallelism each stage holds other layers: the weights are not gathered (compare
-through the saved checkpoint).
+Under pipeline or tensor parallelism each rank holds other layers or shards: the weights are not
+gathered (compare through the saved checkpoint); under TP the replicated parts (every dense
+parameter's elements that are not TP-split) must be equal on every rank.
 """
 
 import sys
@@ -19,6 +20,11 @@ def main():
         i = argv.index("--pp")
         pp = int(argv[i + 1])
         del argv[i : i + 2]
+    tp = 1
+    if "--tp" in argv:
+        i = argv.index("--tp")
+        tp = int(argv[i + 1])
+        del argv[i : i + 2]
     distopt = "--distopt" in argv
     argv = [a for a in argv if a != "--distopt"]
     prefix, out, steps, global_batch, micro_batch = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
@@ -30,11 +36,12 @@ def main():
     run = train(TrainArgs(config="tiny", data=[prefix], micro_batch=micro_batch, global_batch=global_batch,
                           seq_len=32, steps=steps, warmup_steps=0, lr_decay_steps=6, device="cpu", quiet=True,
                           expert_parallel=ep, pipeline_parallel=pp, distributed_optimizer=distopt,
+                          tensor_parallel=tp,
                           init_from=init_from, save=save, load=load,
                           data_cache=out + ".cache"))
     bare = run["model"].module
     weights = {n: p.detach().clone() for n, p in bare.named_parameters()}
-    if ep > 1:  # each rank holds E/ep experts: gather the stacks to compare with one process
+    if ep > 1 and tp == 1:  # each rank holds E/ep experts: gather the stacks to compare with one process
         from megatron.core import parallel_state
 
         group = parallel_state.get_expert_model_parallel_group()
@@ -45,7 +52,24 @@ def main():
                 weights[n] = torch.cat(parts, 0)
     # every rank's replicated weights must be equal (the distributed optimizer broadcasts them)
     same = torch.tensor([1.0])
-    if pp == 1:
+    if tp > 1:  # the replicated elements of every dense parameter must be equal on all ranks
+        from vpmoe_compile.tensor_parallel import is_tp_partitioned, tp_layout
+
+        parts = []
+        for n, p in sorted(bare.named_parameters()):
+            if getattr(p, "expert_stack", False) or not getattr(p, "allreduce", True):
+                continue
+            layout = tp_layout(p)
+            if layout is not None:
+                parts.extend(r.reshape(-1) for r in layout.split_sharded(p.detach())[1])
+            elif not is_tp_partitioned(p):
+                parts.append(p.detach().reshape(-1))
+        flat = torch.cat(parts)
+        ref = flat.clone()
+        torch.distributed.broadcast(ref, 0)
+        same = torch.tensor([float(torch.equal(ref, flat))])
+        torch.distributed.all_reduce(same, op=torch.distributed.ReduceOp.MIN)
+    elif pp == 1:
         flat = torch.cat([w.reshape(-1) for n, w in sorted(weights.items())])
         ref = flat.clone()
         torch.distributed.broadcast(ref, 0)

@@ -1,5 +1,6 @@
-"""Data and expert parallelism through Megatron (DDP, token dispatcher) on CPU (gloo, 2 processes): the same global batch
-trains to the same losses and weights as one process, within fp32 tolerance."""
+"""Data, expert, pipeline and tensor parallelism through Megatron (DDP, token dispatcher, 1F1B schedule,
+Column/RowParallelLinear) on CPU (gloo, 2-4 processes): the same global batch trains to the same losses and
+weights as one process, within fp32 tolerance, and checkpoints reshard between the layouts."""
 
 import os
 import subprocess
@@ -14,14 +15,15 @@ WORKER = Path(__file__).with_name("_train_worker.py")
 
 
 def _run(nproc, prefix, out, steps=3, global_batch=4, micro_batch=2, ep=1, init_from=None, save=None, load=None,
-         distopt=False, pp=1):
+         distopt=False, pp=1, tp=1):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(WORKER),
            prefix, str(out), str(steps), str(global_batch), str(micro_batch), str(ep), str(init_from or "-"),
-           str(save or "-"), str(load or "-")] + (["--distopt"] if distopt else []) + (["--pp", str(pp)] if pp > 1 else [])
+           str(save or "-"), str(load or "-")] + (["--distopt"] if distopt else []) + (["--pp", str(pp)] if pp > 1 else []) \
+        + (["--tp", str(tp)] if tp > 1 else [])
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     return torch.load(out, weights_only=False)
@@ -176,3 +178,68 @@ def test_pipeline_parallel_four_stages_resume_bit_identically(megatron_env, demo
     assert [r["loss"] for r in resumed["records"]] == [r["loss"] for r in straight["records"][2:]]
     assert [r["grad_norm"] for r in resumed["records"]] == [r["grad_norm"] for r in straight["records"][2:]]
     assert straight["ranks_equal"] and resumed["ranks_equal"]
+
+
+# ---------------------------------------------------------------------------------------------
+# TP 2: heads, MLPs and vocabulary split over two ranks (Megatron's Column/RowParallelLinear)
+# ---------------------------------------------------------------------------------------------
+
+def _assert_same_records(a, b):
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in b]), torch.tensor([r["loss"] for r in a]),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor([r["grad_norm"] for r in b]), torch.tensor([r["grad_norm"] for r in a]),
+                               rtol=1e-4, atol=1e-6)
+
+
+def _loaded_weights(ck):
+    import vpmoe_compile
+    from megatron_base import build_stock_gpt
+
+    stock = build_stock_gpt("tiny", device="cpu")
+    info = vpmoe_compile.load_checkpoint(ck, stock)
+    assert info["restored"]
+    return {n: p.detach() for n, p in stock.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def tp2(demo_prefix, tmp_path_factory, init_ckpt):
+    d = tmp_path_factory.mktemp("tp2")
+    run = _run(2, demo_prefix, d / "tp.pt", init_from=init_ckpt, save=d / "ck", tp=2)
+    run["ck"] = d / "ck"
+    return run
+
+
+def test_tensor_parallel_equals_one_process(megatron_env, one_process, tp2):
+    """TP 2: each rank holds 4 of the 8 heads (1 of the 2 query groups), their ALiBi slopes and
+    sinks, the TPA head factors of its heads and all token factors (their gradient summed over
+    TP), half of the dense / shared-expert MLP and of the vocabulary; the routed experts whole
+    (expert TP 1, sort-based dispatch of all tokens on each rank); GRAPE-M's log_freq replicated
+    (gradient summed over TP); NorMuon orthogonalises every TP-split matrix whole; the grad norm
+    sums the split elements over TP and counts the replicated ones once (the fused head is left
+    out: the stock vocab-parallel loss). Same losses and grad norms as one process, the
+    replicated elements equal on both ranks, and the TP 2 checkpoint loads into one process
+    (TP 2 -> 1) with the weights one process trained, within fp32 tolerance."""
+    _assert_same_records(one_process["records"], tp2["records"])
+    assert tp2["ranks_equal"]
+    weights = _loaded_weights(tp2["ck"])
+    assert weights.keys() == one_process["weights"].keys()
+    for n, w in weights.items():
+        torch.testing.assert_close(w, one_process["weights"][n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("direction", ["one_to_tp2", "tp2_to_one"])
+def test_tensor_parallel_checkpoint_reshards(megatron_env, demo_prefix, tmp_path, one_process, tp2, one_process_six,
+                                             direction):
+    """A checkpoint saved at step 3 by one process resumes at TP 2, and one saved at TP 2 resumes
+    in one process: steps 4-6 equal 6 straight steps in one process (losses, grad norms, and the
+    weights of the final checkpoint), so the model (the TPA factor blocks, the split and
+    replicated tensors) and the optimizer state (AdamW's split moments, NorMuon's whole-matrix
+    state saved once in the one-rank layout) reach the other layout."""
+    if direction == "one_to_tp2":
+        run = _run(2, demo_prefix, tmp_path / "r.pt", steps=6, load=one_process["ck"], save=tmp_path / "ck", tp=2)
+        assert run["ranks_equal"]
+    else:
+        run = _run(1, demo_prefix, tmp_path / "r.pt", steps=6, load=tp2["ck"], save=tmp_path / "ck")
+    _assert_same_records(one_process_six["records"][3:], run["records"])
+    for n, w in _loaded_weights(tmp_path / "ck").items():
+        torch.testing.assert_close(w, one_process_six["weights"][n], rtol=1e-4, atol=1e-5, msg=n)

@@ -153,12 +153,16 @@ def test_refuses_unsupported_configurations(tiny_model, monkeypatch):
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
     cfg = tiny_model.config
-    with monkeypatch.context() as m:
-        m.setattr(cfg, "tensor_model_parallel_size", 2)
-        _refused(tiny_model, r"tensor_model_parallel_size = 1.*TP=2")
-    with monkeypatch.context() as m:
-        m.setattr(tiny_model.output_layer, "sequence_parallel", True)
-        _refused(tiny_model, "sequence_parallel=True")
+    for attr, obj in (("tensor_model_parallel_size", cfg), ("sequence_parallel", tiny_model.output_layer)):
+        # a vocab-parallel head: the pass leaves the stock head and loss and says so
+        with monkeypatch.context() as m:
+            m.setattr(obj, attr, 2 if attr == "tensor_model_parallel_size" else True)
+            classes = [type(x) for x in tiny_model.modules()]
+            vpmoe_compile.transform(tiny_model, passes=["fused_head"])
+            assert classes == [type(x) for x in tiny_model.modules()]
+            assert not hasattr(tiny_model.output_layer, "lce_chunk_size")
+            assert "vocab-parallel" in tiny_model.vpmoe_transform.results[-1].summary
+            del tiny_model.vpmoe_transform
     with monkeypatch.context() as m:
         m.setattr(cfg, "mtp_num_layers", 1)
         _refused(tiny_model, "multi-token prediction")

@@ -101,6 +101,14 @@ def test_blend_and_bad_arguments(megatron_env, demo_prefix, tmp_path):
     assert log.read_text() == "user data\n"
     with pytest.raises(TrainError, match="needs --save"):
         train(_args(demo_prefix, tmp_path, save_interval=2))
+    # tensor parallelism: whole query groups per rank, not with EP (no sequence parallelism), not
+    # with the layer-wise distributed optimizer; refused before the parallel state is touched
+    with pytest.raises(TrainError, match="does not divide the 2 query groups"):
+        train(_args(demo_prefix, tmp_path, tensor_parallel=4))
+    with pytest.raises(TrainError, match="sequence parallelism"):
+        train(_args(demo_prefix, tmp_path, tensor_parallel=2, expert_parallel=2))
+    with pytest.raises(TrainError, match="--distributed-optimizer with --tensor-parallel"):
+        train(_args(demo_prefix, tmp_path, tensor_parallel=2, distributed_optimizer=True))
 
 
 def test_cli_train_reports_bad_input_in_one_line(tmp_path, capsys):

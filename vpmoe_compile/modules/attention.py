@@ -30,6 +30,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from vpmoe_compile.kernels import KernelPolicy
 from vpmoe_compile.modules.grape import apply_grape_m, grape_m_cos_sin
+from vpmoe_compile.tensor_parallel import mark_head_split
 
 
 def effective_softmax_scale(stock_core) -> float:
@@ -162,6 +163,7 @@ class SinkCoreAttention(MegatronModule):
         self.softmax_type = stock.config.softmax_type
         if stock.config.softmax_type == "learnable":
             self.softmax_offset = stock.softmax_offset
+            mark_head_split(self.softmax_offset)  # [H / tp] under tensor parallelism
         elif stock.config.softmax_type == "off-by-one":
             self.register_buffer("softmax_offset", stock.softmax_offset, persistent=False)
         else:

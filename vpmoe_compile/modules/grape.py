@@ -22,6 +22,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from vpmoe_compile.tensor_parallel import tp_group, tp_world
+
 
 class GrapeMRotaryEmbedding(nn.Module):
     """Model-level GRAPE-M: learnable log-frequencies, drop-in for ``RotaryEmbedding``.
@@ -62,6 +64,7 @@ class GrapeMRotaryEmbedding(nn.Module):
         self.learnable = learnable
         self.cp_group = cp_group
         inv_freq = self._rope_inv_freq(device)
+        self.tp_size = tp_world()[0]  # > 1: the gradient of log_freq is summed over the TP group
         if learnable:
             self.log_freq = nn.Parameter(torch.log(inv_freq) * self.log_freq_scale)
             self.log_freq.grape_log_freq = True  # routed to AdamW, no weight decay
@@ -77,6 +80,12 @@ class GrapeMRotaryEmbedding(nn.Module):
         lf = self.log_freq
         if lf.dtype != torch.float64:  # fp32 math (float64 is kept for exact tests)
             lf = lf.float()
+        if self.tp_size > 1:
+            # every TP rank rotates its own heads with the shared frequencies: the gradient is the
+            # sum of the ranks' (identity forward, all-reduce backward, as for a replicated input)
+            from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+            lf = copy_to_tensor_model_parallel_region(lf, group=tp_group())
         return torch.exp(lf / self.log_freq_scale)
 
     def angles(self, seq_len: int, offset: int = 0) -> Tensor:
@@ -127,9 +136,11 @@ class GrapeMRotaryEmbedding(nn.Module):
 
         metadata = metadata or {}
         state = {"log_freq": self.log_freq} if self.log_freq is not None else {}
-        out = make_sharded_tensors_for_checkpoint(
-            state, prefix, {}, sharded_offsets, dp_cp_group=metadata.get("dp_cp_group")
-        )
+        groups = {}
+        if ps.model_parallel_is_initialized():  # replicated over TP: TP rank 0 saves it
+            groups = dict(tp_group=ps.get_tensor_model_parallel_group(),
+                          dp_cp_group=metadata.get("dp_cp_group") or ps.get_data_parallel_group(with_context_parallel=True))
+        out = make_sharded_tensors_for_checkpoint(state, prefix, {}, sharded_offsets, **groups)
         pp_rank = ps.get_pipeline_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
         if pp_rank:
             for sh in out.values():

@@ -538,11 +538,23 @@ class GroupedMoELayer(MoELayer):
         obj.__dict__.update(_copy_module_dict(stock))
         obj.router = SparseTopKRouter.from_stock(stock.router)  # nn.Module registers the child
         obj.experts = GroupedExperts.from_sequential(stock.experts, backend)
+        # Sort-based dispatch runs wherever this rank holds every token of the layer and every
+        # expert: expert parallelism 1, and no sequence parallelism (under tensor parallelism
+        # without SP the TP ranks hold the same tokens and, at expert-TP 1, the same experts:
+        # each computes the routed experts for all of them, as at TP 1; the shared expert stays
+        # Megatron's TP-split MLP).
         obj.sort_dispatch = (
             stock.ep_group.size() == 1
-            and stock.attn_tp_group.size() == 1
+            and (stock.attn_tp_group.size() == 1 or not stock.config.sequence_parallel)
             and not stock.config.moe_latent_size
         )
+        if obj.sort_dispatch and stock.attn_tp_group.size() > 1:
+            # Megatron's router sums its aux-loss token counts (and scales the z-loss) over the
+            # TP x CP group because under sequence parallelism each TP rank routes a slice of the
+            # sequence; here every TP rank routes all of them, so only CP splits the tokens
+            from megatron.core import parallel_state
+
+            obj.router.tp_cp_group = parallel_state.get_context_parallel_group()
         return obj
 
     def forward(self, hidden_states: Tensor, intermediate_tensors=None, padding_mask: Optional[Tensor] = None):

@@ -5,8 +5,13 @@
   of :func:`~vpmoe_compile.ops.tpa_attention.layout.tpa_factor_rows` (the fork's six factor
   projections fused into one; ``docs/design.md#tpa-attention``). The QKV bias (Megatron's
   interleaved ``[G*(H/G+2)*d]`` layout) is the stock ``linear_qkv.bias`` parameter, carried over.
-  The weight carries ``tpa_factor_rows`` so the optimizer orthogonalises each factor matrix on
-  its own.
+  The weight carries ``tpa_factor_rows`` (the one-rank rows) so the optimizer orthogonalises each
+  factor matrix on its own. Under tensor parallelism (``docs/design.md#tensor-parallelism``) each
+  rank holds its heads' rows of the head factors ``A_q``, ``A_k``, ``A_v`` and all rows of the
+  token factors ``B_q``, ``B_k``, ``B_v`` (every head contracts with them): the weight's
+  ``tp_segments`` say which rows are which (:mod:`vpmoe_compile.tensor_parallel`), the input is
+  copied to the TP region as Megatron's ``ColumnParallelLinear`` does (its gradient summed over
+  the TP group), and so is the ``B`` rows' gradient.
 * :class:`TPACoreAttention` replaces ``core_attention``: the fused op
   :func:`vpmoe_compile.ops.tpa_attention.tpa_window_attention` (contract, /R, bias, QK RMSNorm,
   GRAPE-M rotation, sliding window with sink), with the kernels the kernel policy picks
@@ -29,6 +34,23 @@ from vpmoe_compile.kernels import KernelPolicy
 from vpmoe_compile.modules.attention import VpMoESelfAttention, _unsupported, effective_softmax_scale
 from vpmoe_compile.modules.grape import grape_m_cos_sin
 from vpmoe_compile.ops.tpa_attention.layout import tpa_factor_rows
+from vpmoe_compile.tensor_parallel import mark_head_split, tp_world
+
+
+class _SumGradOverTP(torch.autograd.Function):
+    """Identity on the weight; in backward the gradient rows ``[start:]`` (the replicated token
+    factors, to which every TP rank's heads contribute) are summed over the TP group."""
+
+    @staticmethod
+    def forward(ctx, weight, start: int, group):
+        ctx.start, ctx.group = start, group
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad[ctx.start :], group=ctx.group)
+        return grad, None, None
 
 
 class TPAFactorProjection(MegatronModule):
@@ -43,6 +65,11 @@ class TPAFactorProjection(MegatronModule):
         init: ``"normal"`` (Normal(0, init_method_std), the fork) or ``"xavier"`` (2-D Xavier
             uniform per factor matrix, the TPA paper's text).
         device: where to allocate (``"meta"`` allocates nothing).
+        tp_size, tp_rank: the tensor-parallel world (default: Megatron's). ``num_heads`` and
+            ``num_groups`` are the model's totals; this rank holds ``H / tp`` heads and
+            ``G / tp`` groups. The weight is initialised whole (the same values as at TP 1 for
+            the same generator state, made equal over the TP group by a broadcast from its
+            first rank) and this rank keeps its rows.
     """
 
     def __init__(
@@ -58,18 +85,36 @@ class TPAFactorProjection(MegatronModule):
         init: str = "normal",
         device=None,
         dtype: Optional[torch.dtype] = None,
+        tp_size: Optional[int] = None,
+        tp_rank: Optional[int] = None,
     ):
         super().__init__(config=config)
-        self.num_heads, self.num_groups, self.head_dim = num_heads, num_groups, head_dim
+        if tp_size is None or tp_rank is None:
+            tp_size, tp_rank = tp_world()
+        if num_heads % tp_size or num_groups % tp_size:
+            raise ValueError(
+                f"[tpa] {num_heads} heads / {num_groups} query groups do not split over tensor-parallel "
+                f"size {tp_size}; use a TP size that divides the number of query groups"
+            )
+        self.tp_size, self.tp_rank = tp_size, tp_rank
+        self.num_heads, self.num_groups, self.head_dim = num_heads // tp_size, num_groups // tp_size, head_dim
         self.q_rank, self.kv_rank = q_rank, kv_rank
-        self.rows = tpa_factor_rows(num_heads, num_groups, head_dim, q_rank, kv_rank)
-        out_features = sum(n for _, n in self.rows)
-        self.out_features, self.in_features = out_features, config.hidden_size
-        weight = torch.empty(out_features, config.hidden_size, dtype=dtype or config.params_dtype, device=device)
+        full_rows = tpa_factor_rows(num_heads, num_groups, head_dim, q_rank, kv_rank)
+        self.rows = tpa_factor_rows(self.num_heads, self.num_groups, head_dim, q_rank, kv_rank)
+        segments, start = [], 0
+        for name, n in self.rows:
+            segments.append((start, n, name.startswith("a_")))  # head factors split, token factors replicated
+            start += n
+        self.out_features, self.in_features = start, config.hidden_size
+        #: first row of the replicated token factors (B_q, B_k, B_v): their gradient is summed over TP
+        self.replicated_start = next(s for s, _, sharded in segments if not sharded)
+        weight = torch.empty(
+            sum(n for _, n in full_rows), config.hidden_size, dtype=dtype or config.params_dtype, device=device
+        )
         if weight.device.type != "meta" and config.perform_initialization:
             with torch.no_grad():
                 start = 0
-                for _, n in self.rows:
+                for _, n in full_rows:
                     block = weight[start : start + n]
                     if init == "normal":
                         block.normal_(0.0, config.init_method_std)
@@ -79,13 +124,24 @@ class TPAFactorProjection(MegatronModule):
                     else:
                         raise ValueError(f"[tpa] tpa_init must be 'normal' or 'xavier', got {init!r}")
                     start += n
+        if tp_size > 1:
+            from vpmoe_compile.tensor_parallel import TPLayout, tp_group
+
+            if weight.device.type != "meta":
+                torch.distributed.broadcast(
+                    weight, torch.distributed.get_global_rank(tp_group(), 0), group=tp_group()
+                )
+            weight = TPLayout(0, tuple(segments), tp_size, tp_rank).shard(weight)
         self.weight = nn.Parameter(weight)
-        # Megatron attributes: replicated across TP (TP must be 1 here), reduced by DDP.
+        # Megatron attributes: reduced by DDP; not one Megatron partition (the head-factor rows
+        # are split over TP, the token-factor rows replicated: ``tp_segments``).
         self.weight.tensor_model_parallel = False
         self.weight.partition_dim = -1
         self.weight.partition_stride = 1
         self.weight.allreduce = True
-        self.weight.tpa_factor_rows = self.rows
+        self.weight.tpa_factor_rows = full_rows
+        if tp_size > 1:
+            self.weight.tp_segments = tuple(segments)
         self.bias = bias
 
     # Keep the ``linear_qkv._extra_state`` checkpoint key of the ColumnParallelLinear it replaces.
@@ -96,8 +152,37 @@ class TPAFactorProjection(MegatronModule):
         return None
 
     def forward(self, hidden_states: Tensor):
-        """``[s, b, h]`` -> ``(factors [s, b, F], bias)``."""
-        return F.linear(hidden_states, self.weight), self.bias
+        """``[s, b, h]`` -> ``(factors [s, b, F'], bias)``; ``F'`` = this rank's rows."""
+        if self.tp_size == 1:
+            return F.linear(hidden_states, self.weight), self.bias
+        from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+        from vpmoe_compile.tensor_parallel import tp_group
+
+        group = tp_group()
+        x = copy_to_tensor_model_parallel_region(hidden_states, group=group)
+        weight = _SumGradOverTP.apply(self.weight, self.replicated_start, group)
+        return F.linear(x, weight), self.bias
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """``torch_dist`` form: the weight as one tensor per factor block
+        (``<prefix>weight.a_q`` ... ``.b_v``, one-rank shapes), the head-factor blocks sharded
+        over TP, the token-factor blocks replicated, so a checkpoint loads at any TP size; the
+        bias as Megatron's ``ColumnParallelLinear`` saves it."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        from vpmoe_compile.checkpoint_tp import factor_blocks_factory
+
+        metadata = metadata or {}
+        state = {}
+        self._save_to_state_dict(state, "", keep_vars=True)  # weight, bias, _extra_state
+        groups = dict(tp_group=ps.get_tensor_model_parallel_group(),
+                      dp_cp_group=metadata.get("dp_cp_group") or ps.get_data_parallel_group(with_context_parallel=True))
+        out = make_sharded_tensors_for_checkpoint(state, prefix, {"bias": 0}, sharded_offsets, **groups)
+        base = out[f"{prefix}weight"]
+        out[f"{prefix}weight"] = factor_blocks_factory(base, self.weight)
+        return out
 
     def extra_repr(self) -> str:
         return (
@@ -133,6 +218,7 @@ class TPACoreAttention(MegatronModule):
         self.softmax_type = stock_core.config.softmax_type
         if self.softmax_type == "learnable":
             self.softmax_offset = stock_core.softmax_offset
+            mark_head_split(self.softmax_offset)  # [H / tp] under tensor parallelism
         elif self.softmax_type == "off-by-one":
             self.register_buffer("softmax_offset", stock_core.softmax_offset, persistent=False)
         else:
@@ -205,8 +291,8 @@ class TPASelfAttention(VpMoESelfAttention):
             raise RuntimeError(f"layer {self.layer_number}: TPA attention needs the GRAPE-M angle table")
         if isinstance(rotary_pos_emb, tuple):
             rotary_pos_emb = rotary_pos_emb[0]
-        factors, qkv_bias = self.linear_qkv(hidden_states)
-        cos, sin = grape_m_cos_sin(rotary_pos_emb, hidden_states.shape[0])
+        factors, qkv_bias = self.linear_qkv(hidden_states)  # [s, b, F']
+        cos, sin = grape_m_cos_sin(rotary_pos_emb, factors.shape[0])
         out = self.core_attention(
             factors, qkv_bias, self._gain(self.q_layernorm), self._gain(self.k_layernorm), cos, sin
         )

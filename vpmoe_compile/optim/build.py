@@ -84,9 +84,11 @@ def _transform_config(chunks) -> Any:
     return None
 
 
-def _check_parallel(routes: Sequence[ParamRoute]) -> None:
-    """NorMuon orthogonalises whole matrices: tensor- and expert-tensor-parallel shards of its
-    parameters are refused (docs/design.md#the-megatron-path)."""
+def _check_parallel(routes: Sequence[ParamRoute], megatron_path: bool) -> None:
+    """NorMuon orthogonalises whole matrices: expert-tensor-parallel shards are refused; tensor-
+    parallel shards are assembled whole on the plain path (:mod:`.tensor_parallel`) and refused on
+    the Megatron (bf16) path, whose wrappers' main parameters are not reassembled yet
+    (docs/design.md#tensor-parallelism)."""
     try:
         from megatron.core import parallel_state as ps
 
@@ -96,10 +98,12 @@ def _check_parallel(routes: Sequence[ParamRoute]) -> None:
     nm = [r for r in routes if r.optimizer == "normuon"]
     if initialized and nm:
         tp = ps.get_tensor_model_parallel_world_size()
-        if tp > 1 and any(not r.is_expert_parallel for r in nm):
+        if megatron_path and tp > 1 and any(not r.is_expert_parallel for r in nm):
             raise UnsupportedOptimizerSetup(
-                f"NorMuon needs tensor-model-parallel size 1 (got {tp}): a TP shard of a "
-                "matrix cannot be orthogonalised alone"
+                f"NorMuon with tensor-model-parallel size {tp} runs on the fp32 path only in this "
+                "release (each TP-split matrix is gathered whole, orthogonalised and re-split); "
+                "Megatron's bf16 wrappers on CUDA are not supported with TP > 1 yet: use TP = 1 "
+                "on GPUs (scale experts with expert parallelism, depth with pipeline parallelism)"
             )
         etp = ps.get_expert_tensor_parallel_world_size()
         if etp > 1 and any(r.is_expert_parallel for r in nm):
@@ -107,10 +111,13 @@ def _check_parallel(routes: Sequence[ParamRoute]) -> None:
                 f"NorMuon needs expert-tensor-parallel size 1 (got {etp}): an expert-TP shard of a "
                 "matrix cannot be orthogonalised alone"
             )
-    for r in nm:
-        if getattr(r.param, "tensor_model_parallel", False) and initialized:
-            if ps.get_tensor_model_parallel_world_size() > 1:
-                raise UnsupportedOptimizerSetup(f"{r.name} is tensor-parallel; NorMuon needs TP = 1")
+
+
+def _tp_size() -> int:
+    """Megatron's tensor-parallel size (1 without an initialised parallel state)."""
+    from vpmoe_compile.tensor_parallel import tp_world
+
+    return tp_world()[0]
 
 
 def _check_ddp(chunks) -> None:
@@ -194,7 +201,7 @@ def build_optimizer(
     if st.name != "normuon":
         raise ValueError(f"build_optimizer builds NorMuon; optimizer.name is {st.name!r}")
     routes = classify_parameters(chunks if len(chunks) > 1 else chunks[0], st)
-    _check_parallel(routes)
+    _check_parallel(routes, megatron_path)
     sharding = None
     if layer_wise_distributed_optimizer:
         if megatron_path:
@@ -209,6 +216,11 @@ def build_optimizer(
                 "layer_wise_distributed_optimizer=True needs every model chunk wrapped in Megatron's "
                 "DistributedDataParallel (its all-reduced gradients are what each rank steps on); "
                 "wrap the model first (vpmoe_compile.training.wrap_megatron)"
+            )
+        if _tp_size() > 1:
+            raise UnsupportedOptimizerSetup(
+                "layer_wise_distributed_optimizer=True with tensor parallelism > 1 is not supported yet "
+                "(the deal would have to own the whole-matrix copies NorMuon keeps under TP); use one of them"
             )
         from .layer_wise import build_sharding
 

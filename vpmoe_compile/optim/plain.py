@@ -13,17 +13,21 @@ it). Pure torch at import: only :meth:`NorMuonWithAuxAdamW.sharded_state_dict` i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections import ChainMap
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from vpmoe_compile.tensor_parallel import tp_layout
+
 from .grad_norm import grad_sq_sum, local_grad_norm, nonfinite_param_names
 from .layer_wise import ParamSharding
 from .normuon import NorMuon
 from .param_groups import aux_override, normuon_group, normuon_kwargs
 from .routing import ParamRoute
+from .tensor_parallel import TPShadows, whole_sharded
 from .state_check import (
     StateDictMismatch,
     check_optimizer_state,
@@ -72,12 +76,16 @@ class NorMuonWithAuxAdamW:
         use_main_grad: bool = False,
         sharding: Optional[ParamSharding] = None,
         all_params: Optional[Sequence[torch.Tensor]] = None,
+        tp_shadows: Optional[TPShadows] = None,
     ):
         self.normuon = normuon
         # layer-wise distributed optimizer (:mod:`.layer_wise`): the parts hold this rank's
         # parameters only; the grad norm, clipping and NaN policy see every parameter
         self.sharding = sharding
-        self._all_params = list(all_params) if sharding is not None else None
+        # tensor parallelism (:mod:`.tensor_parallel`): NorMuon steps whole copies of the TP-split
+        # matrices; the grad norm, clipping and NaN policy see the model's parameters
+        self.tp_shadows = tp_shadows if tp_shadows else None
+        self._all_params = list(all_params) if (sharding is not None or self.tp_shadows) else None
         # built from Megatron-DDP-wrapped chunks (CPU): the gradients are DDP's main_grad views
         self.use_main_grad = bool(use_main_grad)
         self.adamw = adamw
@@ -118,8 +126,10 @@ class NorMuonWithAuxAdamW:
         return self._all_params if self._all_params is not None else self._params()
 
     def get_parameters(self) -> List[torch.nn.Parameter]:
-        """Every parameter this optimizer updates (NorMuon's, then AdamW's)."""
-        return self._params()
+        """Every model parameter this optimizer updates (NorMuon's, then AdamW's)."""
+        if self.tp_shadows is None:
+            return self._params()
+        return [self.tp_shadows.param_of(p) for p in self._params()]
 
     def get_main_grads_for_grad_norm(self) -> List[torch.Tensor]:
         """The gradients the grad norm is taken over (every parameter's ``.grad`` that is not
@@ -137,15 +147,29 @@ class NorMuonWithAuxAdamW:
         sums are added over the pipeline group, a parameter every stage holds (GRAPE-M's
         ``log_freq``) counted on the first stage only (the others' copies are marked ``shared``,
         Megatron's convention)."""
-        group, pp_group = _expert_parallel_group(), _pipeline_group()
-        if group is None and pp_group is None:
+        group, pp_group, tp = _expert_parallel_group(), _pipeline_group(), _parallel_group("tensor")
+        if group is None and pp_group is None and tp is None:
             return local_grad_norm(self.get_main_grads_for_grad_norm())
         import torch.distributed as dist
 
         # a copy another stage also holds (Megatron's ``shared``: GRAPE-M's log_freq after the
         # first stage) is counted once
         params = [p for p in self._grad_params() if p.grad is not None and not getattr(p, "shared", False)]
-        dense = grad_sq_sum([p.grad for p in params if getattr(p, "allreduce", True)])
+        dense_params = [p for p in params if getattr(p, "allreduce", True)]
+        split, whole = [], []  # under TP: the TP-split elements (summed over the ranks), the rest once
+        for p in dense_params:
+            layout = tp_layout(p) if tp is not None else None
+            if layout is None:
+                whole.append(p.grad)
+            else:
+                s, r = layout.split_sharded(p.grad)
+                split.extend(s)
+                whole.extend(r)
+        dense = grad_sq_sum(whole)
+        if tp is not None:
+            dense_split = grad_sq_sum(split, device=dense.device)
+            dist.all_reduce(dense_split, op=dist.ReduceOp.SUM, group=tp)
+            dense = dense + dense_split
         expert = grad_sq_sum([p.grad for p in params if not getattr(p, "allreduce", True)], device=dense.device)
         if group is not None:
             dist.all_reduce(expert, op=dist.ReduceOp.SUM, group=group)
@@ -166,7 +190,10 @@ class NorMuonWithAuxAdamW:
         if clip_grad > 0.0 and math.isfinite(grad_norm):
             coef = clip_grad / (grad_norm + 1e-6)
             if coef < 1.0:  # the gradients this rank steps on (all of them when not sharded)
-                grads = [p.grad for p in self._params() if p.grad is not None]
+                params = self._params()
+                if self.tp_shadows is not None:  # the shards: the shadows gather them afterwards
+                    params = [self.tp_shadows.param_of(p) for p in params]
+                grads = [p.grad for p in params if p.grad is not None]
                 if grads:
                     torch._foreach_mul_(grads, coef)
 
@@ -231,9 +258,14 @@ class NorMuonWithAuxAdamW:
         """Step NorMuon then AdamW on the current (clipped) gradients; under the layer-wise
         distributed optimizer, then every owner broadcasts its updated parameters
         (:meth:`~.layer_wise.ParamSharding.broadcast_updated`). Returns True."""
+        if self.tp_shadows is not None:
+            with self._timed("params-all-gather"):
+                self.tp_shadows.gather()
         with self._timed("optimizer-inner-step"):
             for opt in self.optimizers:
                 opt.step()
+        if self.tp_shadows is not None:
+            self.tp_shadows.scatter()
         if self.sharding is not None:
             with self._timed("params-all-gather"):
                 self.sharding.broadcast_updated()
@@ -368,7 +400,13 @@ class NorMuonWithAuxAdamW:
                 continue
             sd = opt.state_dict()
             params = [p for g in opt.param_groups for p in g["params"]]
-            id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, params)
+            shadows = self.tp_shadows
+            model_params = params if shadows is None else [shadows.param_of(p) for p in params]
+            id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, model_params)
+            if shadows is not None:  # whole copies: saved whole, replicated over the TP group
+                for i, p in enumerate(params):
+                    if i in id_map and model_params[i] is not p:
+                        id_map[i] = whole_sharded(id_map[i], model_params[i], p)
             missing = [self._names.get(id(p), f"parameter {i}") for i, p in enumerate(params) if i not in id_map]
             if missing:
                 raise ValueError(
@@ -420,6 +458,14 @@ def build_plain_optimizer(
     nm = [r for r in routes if r.optimizer == "normuon"]
     aux = [r for r in routes if r.optimizer == "adamw"]
     names = {id(r.param): r.name for r in routes}
+    # tensor parallelism: NorMuon steps whole copies of the TP-split matrices (:mod:`.tensor_parallel`)
+    shadows = TPShadows([r.param for r in nm]) if _parallel_group("tensor") is not None else None
+    if shadows:
+        if sharding is not None:
+            raise ValueError("the layer-wise distributed optimizer with tensor parallelism > 1 is not supported yet")
+        nm = [dataclasses.replace(r, param=shadows.shadow_of(r.param)) if shadows.shadow_of(r.param) is not None
+              else r for r in nm]
+        names.update({id(r.param): r.name for r in nm})
 
     def mine(rs: Sequence[ParamRoute]) -> List[ParamRoute]:
         return list(rs) if sharding is None else [r for r in rs if sharding.owns(r.param)]
@@ -487,7 +533,7 @@ def build_plain_optimizer(
         )
     return NorMuonWithAuxAdamW(
         normuon, adamw, st.clip_grad, st.nan_policy, names, use_main_grad=use_main_grad,
-        sharding=sharding, all_params=[r.param for r in routes], **(runtime or {})
+        sharding=sharding, all_params=[r.param for r in routes], tp_shadows=shadows, **(runtime or {})
     )
 
 
@@ -505,7 +551,7 @@ def _pipeline_union(keys: List) -> List:
 
 
 def _parallel_group(kind: str):
-    """Megatron's ``kind`` ("pipeline" or "expert") model-parallel group when its size is > 1,
+    """Megatron's ``kind`` ("pipeline", "expert" or "tensor") model-parallel group when its size is > 1,
     else ``None`` (also without ``torch.distributed`` or Megatron's parallel state)."""
     import torch.distributed as dist
 

@@ -53,6 +53,8 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from vpmoe_compile.tensor_parallel import tp_layout
+
 Segment = Tuple[int, int]
 Blocks = Optional[Tuple[Tuple[Segment, ...], ...]]
 
@@ -246,6 +248,18 @@ def _named_parameters(model) -> Iterable[Tuple[str, torch.nn.Parameter]]:
             yield (name if len(chunks) == 1 else f"chunk{ci}.{name}"), p, chunk
 
 
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    """``p``, or under tensor parallelism a meta tensor of its one-rank shape: NorMuon's blocks
+    describe the whole matrix (:mod:`.tensor_parallel` steps a whole copy of a TP-split weight)."""
+    layout = tp_layout(p)
+    if layout is None:
+        return p
+    whole = torch.empty(layout.full_shape(p.shape), device="meta")
+    if hasattr(p, "tpa_factor_rows"):
+        whole.tpa_factor_rows = p.tpa_factor_rows
+    return whole
+
+
 def classify_parameters(model, cfg: Any = None) -> List[ParamRoute]:
     """Route every parameter of ``model`` (a module or a list of model chunks) by the table above.
 
@@ -294,11 +308,11 @@ def classify_parameters(model, cfg: Any = None) -> List[ParamRoute]:
             )
             continue
         if hasattr(p, "tpa_factor_rows"):
-            blocks, names = _tpa_blocks(p, name)
+            blocks, names = _tpa_blocks(_whole(p), name)
             routes.append(ParamRoute(name, p, "normuon", "tpa_factors", 1.0, blocks, names, ep))
             continue
         if name.endswith(".linear_qkv.weight"):
-            blocks, names = _qkv_blocks(p, name, _model_config(chunk), st.qkv_split)
+            blocks, names = _qkv_blocks(_whole(p), name, _model_config(chunk), st.qkv_split)
             routes.append(ParamRoute(name, p, "normuon", "qkv", 1.0, blocks, names, ep))
             continue
         if name.endswith(".linear_proj.weight"):
@@ -323,6 +337,12 @@ def classify_parameters(model, cfg: Any = None) -> List[ParamRoute]:
             blocks, names = None, ("fc2",) if ".linear_fc2." in name else ("fc1",)
             mcfg = _model_config(chunk)
             if ".linear_fc1." in name and getattr(mcfg, "gated_linear_unit", False):
+                if tp_layout(p) is not None:
+                    raise RoutingError(
+                        f"{name}: a gated fc1 split over tensor-parallel ranks interleaves each rank's gate "
+                        "and up rows; NorMuon's whole-matrix TP mode does not reassemble it yet (use TP = 1 "
+                        "or gated_linear_unit = false)"
+                    )
                 half = p.shape[0] // 2
                 blocks, names = (((0, half),), ((half, half),)), ("gate", "up")
             routes.append(ParamRoute(name, p, "normuon", role, 1.0, blocks, names, ep))

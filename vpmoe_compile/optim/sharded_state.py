@@ -36,12 +36,20 @@ def second_moment_sharded(sh_param, v: torch.Tensor, prefix: str):
     expert axis and becomes ``[*prepended, E_global, m, 1]``.
 
     Args:
-        sh_param: the model's ShardedTensor of the parameter (a factory is refused).
+        sh_param: the model's ShardedTensor of the parameter (a factory is refused, except the
+            TPA factor-block split, :mod:`vpmoe_compile.checkpoint_tp`).
         v: the local second moment, the parameter's local shape with the reduced axis 1.
         prefix: key prefix (``optimizer.state.second_moment``).
     """
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
+    from vpmoe_compile.checkpoint_tp import FactorBlocksFactory
+
+    if isinstance(sh_param, FactorBlocksFactory):
+        # the TPA factor weight's blocks are cut from the first axis: ``[F, 1]`` splits like ``[F, h]``
+        if v.dim() != 2 or v.shape[1] != 1:
+            raise ValueError(f"{sh_param.key}: a TPA factor weight's second moment is [F, 1], got {tuple(v.shape)}")
+        return replace(sh_param, key=f"{prefix}.{sh_param.key}", data=v)
     if isinstance(sh_param, ShardedTensorFactory):
         raise NotImplementedError(
             f"{sh_param.key}: NorMuon second moments of factory-sharded params (gated MLP fc1, "

@@ -151,14 +151,21 @@ def test_refusals():
         build_optimizer(model, SimpleNamespace(name="adamw"))
 
 
-def test_tensor_parallel_refused(monkeypatch):
+def test_tensor_parallel_refused_on_the_megatron_path_and_expert_tp_everywhere(monkeypatch):
+    """TP > 1 runs on the plain (fp32) path (whole-matrix copies, tests/parallel TP 2) and is
+    refused on the Megatron bf16 path; expert-tensor parallelism > 1 is refused on both."""
     from megatron.core import parallel_state as ps
 
+    from vpmoe_compile.optim.build import _check_parallel
+    from vpmoe_compile.optim.routing import classify_parameters
+
+    routes = classify_parameters(FakeVpMoE())
     monkeypatch.setattr(ps, "model_parallel_is_initialized", lambda: True)
     monkeypatch.setattr(ps, "get_tensor_model_parallel_world_size", lambda: 2)
     monkeypatch.setattr(ps, "get_expert_tensor_parallel_world_size", lambda: 1)
-    with pytest.raises(UnsupportedOptimizerSetup, match="tensor-model-parallel size 1"):
-        build_optimizer(FakeVpMoE())
+    with pytest.raises(UnsupportedOptimizerSetup, match="tensor-model-parallel size 2 runs on the fp32 path only"):
+        _check_parallel(routes, megatron_path=True)
+    _check_parallel(routes, megatron_path=False)
     monkeypatch.setattr(ps, "get_tensor_model_parallel_world_size", lambda: 1)
     monkeypatch.setattr(ps, "get_expert_tensor_parallel_world_size", lambda: 2)
     with pytest.raises(UnsupportedOptimizerSetup, match="expert-tensor-parallel"):
