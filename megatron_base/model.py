@@ -69,12 +69,6 @@ def check_stock_buildable(cfg: VpMoEConfig) -> None:
             "place onto a custom autograd output and the first backward fails. Set "
             "add_bias_linear = false."
         )
-    if m.value_residual:
-        raise UnsupportedConfigError(
-            f"{cfg.source or 'config'}: [model] value_residual = true is not supported yet (stock "
-            "Megatron has no seam for it and vpmoe-compile does not build it in v1). Set "
-            "value_residual = false."
-        )
     if moe.grouped_gemm or moe.permute_fusion or moe.router_fusion:
         raise UnsupportedConfigError(
             f"{cfg.source or 'config'}: [moe] grouped_gemm / permute_fusion / router_fusion need "

@@ -9,6 +9,7 @@ from passes.layer_plan import LayerInfo, LayerPlan, LayerPlanPass, build_layer_p
 from passes.global_attention import GlobalAttentionPass
 from passes.grape import GrapePass
 from passes.tpa import TPAPass
+from passes.value_residual import ValueResidualPass
 from passes.moe import MoEPass
 from passes.fused_head import FusedHeadPass
 from passes.optimizer_routing import OptimizerRoutingPass
@@ -28,6 +29,7 @@ __all__ = [
     "LayerPlan",
     "LayerPlanPass",
     "MoEPass",
+    "ValueResidualPass",
     "OptimizerRoutingPass",
     "Pass",
     "PassContext",

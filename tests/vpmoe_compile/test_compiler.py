@@ -7,13 +7,18 @@ import torch
 from tests.conftest import make_batch, train_steps
 
 
-def _transformed(seed=0):
-    import vpmoe_compile
-    from megatron_base import build_stock_gpt
+def _transformed(seed=0, value_residual=False):
+    import dataclasses
 
+    import vpmoe_compile
+    from megatron_base import build_stock_gpt, load_config
+
+    cfg = load_config("tiny")
+    if value_residual:  # every layer reads layer 1's values through the shared state
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, value_residual=True, value_residual_init=0.5))
     torch.manual_seed(seed)
-    model = build_stock_gpt("tiny", device="cpu")
-    vpmoe_compile.transform(model, progress=False)
+    model = build_stock_gpt(cfg, device="cpu")
+    vpmoe_compile.transform(model, cfg, progress=False)
     return model
 
 
@@ -38,10 +43,11 @@ def _layer_inputs(model, batch):
     return regions, inputs
 
 
-def test_every_layer_is_one_graph_without_breaks(megatron_env):
+@pytest.mark.parametrize("value_residual", [False, True], ids=["plain", "value_residual"])
+def test_every_layer_is_one_graph_without_breaks(megatron_env, value_residual):
     from megatron_base.compat import dynamo_config
 
-    model = _transformed()
+    model = _transformed(value_residual=value_residual)
     regions, inputs = _layer_inputs(model, make_batch(2, 32))
     for module in model.modules():
         if hasattr(module, "prime_for_compile"):
@@ -57,14 +63,17 @@ def test_every_layer_is_one_graph_without_breaks(megatron_env):
     assert {"GroupedMoELayer", "MLP"} <= kinds
 
 
-def test_compiled_training_matches_eager_without_recompiling(megatron_env):
+@pytest.mark.parametrize("value_residual", [False, True], ids=["plain", "value_residual"])
+def test_compiled_training_matches_eager_without_recompiling(megatron_env, value_residual):
     """aot_eager (AOTAutograd, no Inductor) over 4 steps with a changing lr: graphs are made in
-    the first step only (one per layer kind + final norm + head), and losses equal eager's."""
+    the first step only (one per layer kind + final norm + head), and losses equal eager's
+    (also with the value residual: layer 1's values cross the compiled layers' boundaries)."""
     import torch._dynamo.testing
 
     import vpmoe_compile
 
-    eager, compiled = _transformed(), _transformed()
+    torch._dynamo.reset()  # other tests' models compiled the same code objects (recompile limit)
+    eager, compiled = _transformed(value_residual=value_residual), _transformed(value_residual=value_residual)
     opt_e = vpmoe_compile.build_optimizer(eager)
     opt_c = vpmoe_compile.build_optimizer(compiled)
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")

@@ -30,6 +30,8 @@ from megatron.core.transformer.module import MegatronModule
 
 from vpmoe_compile.kernels import KernelPolicy
 from vpmoe_compile.modules.grape import apply_grape_m, grape_m_cos_sin
+from vpmoe_compile.modules.value_residual import ValueResidualState, initial_logit, mixing_weight
+from vpmoe_compile.ops.value_mix import mix_values
 from vpmoe_compile.tensor_parallel import mark_head_split
 
 
@@ -71,6 +73,30 @@ class VpMoESelfAttention(MegatronModule):
         self.num_query_groups_per_partition = stock.num_query_groups_per_partition
         self.hidden_size_per_attention_head = stock.hidden_size_per_attention_head
         self.rotate = rotate
+        # the value residual (installed by the value_residual pass): the model's shared state and,
+        # on layers after the first, the learnable logit
+        self.value_residual: Optional[ValueResidualState] = None
+        self.value_residual_logit: Optional[torch.nn.Parameter] = None
+        self.value_residual_tp = 1
+
+    def enable_value_residual(self, state: ValueResidualState, init: float, tp_size: int = 1):
+        """Share ``state`` (layer 1 writes its values there, the others read them) and, after the
+        first layer, create the fp32 logit ``value_residual_logit`` (the fork's name and
+        initialisation). Returns the new parameter, or None on layer 1."""
+        self.value_residual, self.value_residual_tp = state, int(tp_size)
+        if self.layer_number == 1:
+            return None
+        self.value_residual_logit = torch.nn.Parameter(
+            torch.tensor(initial_logit(init), dtype=torch.float32, device=self.linear_proj.weight.device)
+        )
+        return self.value_residual_logit
+
+    def value_residual_inputs(self):
+        """``(v1, lam)`` for a layer after the first, ``(None, None)`` otherwise."""
+        if self.value_residual is None or self.value_residual_logit is None:
+            return None, None
+        return (self.value_residual.read(self.layer_number),
+                mixing_weight(self.value_residual_logit, self.value_residual_tp))
 
     # ---- pieces -------------------------------------------------------------------------
     def split_qkv(self, mixed: Tensor):
@@ -115,6 +141,12 @@ class VpMoESelfAttention(MegatronModule):
         if key_value_states is not None:
             raise _unsupported("cross attention")
         q, k, v = self.get_query_key_value_tensors(hidden_states)
+        if self.value_residual is not None:  # [s, b, G, d] values: kept (layer 1) or mixed
+            v1, lam = self.value_residual_inputs()
+            if v1 is None:
+                self.value_residual.value = v
+            else:
+                v = mix_values(v, v1, lam)
         if self.rotate:
             if rotary_pos_emb is None:
                 raise RuntimeError(

@@ -224,7 +224,9 @@ class TPACoreAttention(MegatronModule):
         else:
             self.softmax_offset = None
 
-    def forward(self, factors, qkv_bias, gamma_q, gamma_k, cos, sin) -> Tensor:
+    def forward(self, factors, qkv_bias, gamma_q, gamma_k, cos, sin, v1=None, lam=None, return_v: bool = False):
+        """``-> out [s, b, H*d]``, or ``(out, v [s, b, G, d])`` with ``return_v`` (value residual:
+        ``v1`` / ``lam`` mix the first layer's values in, ``return_v`` hands this layer's on)."""
         from vpmoe_compile.ops.tpa_attention import tpa_window_attention
 
         sink = self.softmax_offset
@@ -234,7 +236,7 @@ class TPACoreAttention(MegatronModule):
             factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink,
             num_heads=self.num_heads, num_groups=self.num_groups, head_dim=self.head_dim,
             q_rank=self.q_rank, kv_rank=self.kv_rank, window=self.window, eps=self.eps,
-            softmax_scale=self.softmax_scale, backend=self.backend,
+            softmax_scale=self.softmax_scale, backend=self.backend, v1=v1, lam=lam, return_v=return_v,
         )
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
@@ -293,7 +295,13 @@ class TPASelfAttention(VpMoESelfAttention):
             rotary_pos_emb = rotary_pos_emb[0]
         factors, qkv_bias = self.linear_qkv(hidden_states)  # [s, b, F']
         cos, sin = grape_m_cos_sin(rotary_pos_emb, factors.shape[0])
-        out = self.core_attention(
-            factors, qkv_bias, self._gain(self.q_layernorm), self._gain(self.k_layernorm), cos, sin
-        )
+        gains = (self._gain(self.q_layernorm), self._gain(self.k_layernorm))
+        if self.value_residual is None:
+            out = self.core_attention(factors, qkv_bias, *gains, cos, sin)
+        else:  # the value residual inside the fused op: layer 1 hands its values on, the others mix
+            v1, lam = self.value_residual_inputs()
+            if v1 is None:
+                out, self.value_residual.value = self.core_attention(factors, qkv_bias, *gains, cos, sin, return_v=True)
+            else:
+                out = self.core_attention(factors, qkv_bias, *gains, cos, sin, v1=v1, lam=lam)
         return self.linear_proj(out)

@@ -406,9 +406,9 @@ def test_triton_lse_sink_limits_and_determinism():
     s, b, H, G, d, Rq, R, W = 20, 1, 4, 2, 32, 2, 2, 6
     inp = make_inputs(s, b, H, G, d, Rq, R)
     inp[6] = torch.tensor([-1e4, 0.0, 30.0, 0.7], dtype=torch.float64)
-    args = (H, G, d, Rq, R, W, 1e-5, 1 / math.sqrt(d), "triton")
+    args = (H, G, d, Rq, R, W, 1e-5, 1 / math.sqrt(d), "triton", False)
     f32 = [x.float() for x in inp]
-    out, lse = torch.ops.vpmoe.tpa_window_attention_fwd(*f32, *args)[:2]
+    out, lse = torch.ops.vpmoe.tpa_window_attention_fwd(*f32, None, None, *args)[:2]
     q, k, v = ref.tpa_prologue_reference(*inp[:6], **{k_: v_ for k_, v_ in kw(H, G, d, Rq, R, W).items()
                                                        if k_ != "window"})
     o64, lse64 = dense_attention(q, k, v, inp[6], W, 1 / math.sqrt(d))
@@ -626,7 +626,12 @@ def test_opcheck_reference():
     H, G, d, Rq, R, W = 2, 1, 4, 2, 1, 3
     inp = make_inputs(4, 1, H, G, d, Rq, R, dtype=torch.float32)
     inp = [t.requires_grad_(True) for t in inp]
-    args = (*inp, H, G, d, Rq, R, W, 1e-5, 0.5, "reference")
+    args = (*inp, None, None, H, G, d, Rq, R, W, 1e-5, 0.5, "reference", False)
+    torch.library.opcheck(torch.ops.vpmoe.tpa_window_attention_fwd.default, args)
+    # with the value residual: v1 and lam differentiable, this layer's own v returned
+    v1 = torch.randn(4, 1, G, d, requires_grad=True)
+    lam = torch.tensor(0.3, requires_grad=True)
+    args = (*inp, v1, lam, H, G, d, Rq, R, W, 1e-5, 0.5, "reference", True)
     torch.library.opcheck(torch.ops.vpmoe.tpa_window_attention_fwd.default, args)
 
 
@@ -690,8 +695,12 @@ def test_clear_errors(monkeypatch):
         call(inp[0].long(), *inp[1:])
     with pytest.raises(ValueError, match="backend"):
         call(*inp, backend="cuda")
-    with pytest.raises(NotImplementedError, match="value residual"):
+    with pytest.raises(ValueError, match="both v1 and lam"):
         call(*inp, v1=torch.randn(8, 1, G, d))
+    with pytest.raises(ValueError, match="v1 must be"):
+        call(*inp, v1=torch.randn(8, 1, G + 1, d), lam=torch.tensor(0.5))
+    with pytest.raises(ValueError, match="lam must be a 0-d"):
+        call(*inp, v1=torch.randn(8, 1, G, d), lam=torch.tensor([0.5]))
     with pytest.raises(TypeError, match="float64"):
         call(*[t.double() for t in inp], backend="triton")
     with pytest.raises(ValueError, match="power of two"):
@@ -716,11 +725,12 @@ def test_removed_attention_middle_is_refused_and_fake_matches():
     inp = [t.bfloat16() if i == 0 else t for i, t in enumerate(make_inputs(s, 1, H, G, d, Rq, R, dtype=torch.float32))]
     with pytest.raises(TypeError, match="attention_middle"):
         tpa_window_attention(*inp, backend="triton", attention_middle="own", **kw(H, G, d, Rq, R, W))
-    args = (*inp, H, G, d, Rq, R, W, 1e-5, 0.5, "triton")
+    args = (*inp, None, None, H, G, d, Rq, R, W, 1e-5, 0.5, "triton", False)
     with pytest.raises(Exception, match="argument|expected"):
         torch.ops.vpmoe.tpa_window_attention_fwd(*args, "shared")
     out = torch.ops.vpmoe.tpa_window_attention_fwd(*args)
-    assert len(out) == 7 and out[0].dtype == torch.bfloat16 and out[2].shape == (s, 1, H, d)
+    assert len(out) == 8 and out[0].dtype == torch.bfloat16 and out[2].shape == (s, 1, H, d)
+    assert out[7].numel() == 0  # no value residual, v not asked for
     torch.library.opcheck(torch.ops.vpmoe.tpa_window_attention_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -739,3 +749,49 @@ def test_attention_tiles_fit_shared_memory(monkeypatch):
     assert tk._fit_attention_tiles(dict(blk, BM=128), 256, 4) == dict(blk, BM=32, BN=16)
     monkeypatch.setattr(tk, "_interpreting", lambda: True)
     assert tk._fit_attention_tiles(blk, 256, 4) == blk
+
+
+# --------------------------------------------------------------------------- value residual
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("s,W", [(19, 5), (6, 16)], ids=["s_not_block_multiple", "seq_below_window"])
+def test_value_residual_matches_float64_oracle(backend, s, W):
+    """The reference fork's value residual inside the op: the attention reads
+    ``lam * v + (1 - lam) * v1`` (``lam = sigmoid(logit)``), and the layer's own ``v`` comes back
+    (``return_v``, what the first layer hands on). fp32 op vs a float64 oracle built from the
+    prologue reference and the dense window attention: output, own ``v``, and the gradients to
+    the factors, the bias, ``v1`` and the logit (through both outputs)."""
+    H, G, d, Rq, R, b = 4, 2, 32, 2, 2, 2
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    inp = make_inputs(s, b, H, G, d, Rq, R, gen=gen)
+    v1 = torch.randn(s, b, G, d, generator=gen, dtype=torch.float64)
+    logit = torch.randn((), generator=gen, dtype=torch.float64)
+    dout = torch.randn(s, b, H * d, generator=gen, dtype=torch.float64)
+    dvo = torch.randn(s, b, G, d, generator=gen, dtype=torch.float64)
+    scale = 1 / math.sqrt(d)
+
+    def oracle(factors, bias, v1_, logit_):
+        q, k, v = ref.tpa_prologue_reference(factors, bias, *inp[2:6], num_heads=H, num_groups=G, head_dim=d,
+                                             q_rank=Rq, kv_rank=R)
+        lam = torch.sigmoid(logit_)
+        o, _ = dense_attention(q, k, lam * v + (1 - lam) * v1_, inp[6], W, scale)
+        return o.reshape(s, b, H * d), v
+
+    leaves64 = [t.clone().requires_grad_(True) for t in (inp[0], inp[1], v1, logit)]
+    o64, v64 = oracle(*leaves64)
+    g64 = torch.autograd.grad((o64 * dout).sum() + (v64 * dvo).sum(), leaves64)
+
+    leaves = [t.float().requires_grad_(True) for t in (inp[0], inp[1], v1, logit)]
+    out, v_own = tpa_window_attention(leaves[0], leaves[1], *[t.float() for t in inp[2:7]], v1=leaves[2],
+                                      lam=torch.sigmoid(leaves[3]), return_v=True, backend=backend,
+                                      **kw(H, G, d, Rq, R, W))
+    g = torch.autograd.grad((out * dout.float()).sum() + (v_own * dvo.float()).sum(), leaves)
+    assert rel(out, o64) < 1e-5 and rel(v_own, v64) < 1e-5
+    for name, a, e in zip(("factors", "qkv_bias", "v1", "logit"), g, g64):
+        assert rel(a, e) < 1e-4, name
+    # lam = 1 is the layer without residual; lam = 0 reads v1 only (dv1 carries everything)
+    plain = tpa_window_attention(*[t.float() for t in inp], backend=backend, **kw(H, G, d, Rq, R, W))
+    one = tpa_window_attention(*[t.float() for t in inp], v1=v1.float(), lam=torch.tensor(1.0), backend=backend,
+                               **kw(H, G, d, Rq, R, W))
+    assert rel(one, plain) < 1e-6

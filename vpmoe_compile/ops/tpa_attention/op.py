@@ -38,6 +38,7 @@ from torch import Tensor
 from vpmoe_compile.kernels import ATTENTION_BACKENDS, resolve_backend
 from vpmoe_compile.ops.tpa_attention import reference as _ref
 from vpmoe_compile.ops.tpa_attention.layout import factor_width
+from vpmoe_compile.ops.value_mix import mix_values
 
 __all__ = ["tpa_window_attention"]
 
@@ -48,7 +49,7 @@ def _triton_supports(shapes, dtype=None, device=None) -> bool:
     return tk.supports(shapes, dtype, device)
 
 
-def _validate(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq, R, window, eps):
+def _validate(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq, R, window, eps, v1=None, lam=None):
     if factors.dim() != 3:
         raise ValueError(f"factors must be [s, b, F], got shape {tuple(factors.shape)}")
     if not factors.is_floating_point():
@@ -85,8 +86,15 @@ def _validate(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq, 
             raise TypeError(f"{name} must be an fp32 (or fp64) table, got {tab.dtype}")
     if sink.shape != (H,):
         raise ValueError(f"sink must be [num_heads] = [{H}], got {tuple(sink.shape)}")
+    if (v1 is None) != (lam is None):
+        raise ValueError("the value residual needs both v1 and lam (or neither)")
+    if v1 is not None:
+        if v1.shape != (s, b, G, d):
+            raise ValueError(f"v1 must be [s, b, G, d] = [{s}, {b}, {G}, {d}], got {tuple(v1.shape)}")
+        if lam.dim() != 0:
+            raise ValueError(f"lam must be a 0-d tensor, got shape {tuple(lam.shape)}")
     for name, t in (("qkv_bias", qkv_bias), ("gamma_q", gamma_q), ("gamma_k", gamma_k), ("cos", cos),
-                    ("sin", sin), ("sink", sink)):
+                    ("sin", sin), ("sink", sink), ("v1", v1), ("lam", lam)):
         if t is not None and t.device != factors.device:
             raise ValueError(f"{name} is on {t.device}, factors on {factors.device}")
         if t is not None and not t.is_floating_point():
@@ -100,7 +108,8 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-def _fwd_triton(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq, R, window, eps, scale):
+def _fwd_triton(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, v1, lam, H, G, d, Rq, R, window, eps, scale,
+                return_v):
     from vpmoe_compile.ops.tpa_attention import triton as tk
 
     bias = qkv_bias.contiguous() if qkv_bias is not None else None
@@ -111,19 +120,31 @@ def _fwd_triton(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq
     q, k, v, rs_q, rs_k = tk.prologue_fwd(
         factors, bias, gq, gk, cos32, sin32, H=H, G=G, d=d, Rq=Rq, R=R, eps=eps, act_dtype=factors.dtype,
     )
+    if v1 is not None:  # the attention reads the mix; this layer's own v is kept (dlam, return_v)
+        v_own, v = v, mix_values(v, v1, lam)
+    else:
+        v_own = v.clone() if return_v else _empty(factors)
     o, lse = tk.swa_fwd(q, k, v, sink.contiguous(), window, scale)
     s, b = factors.shape[:2]
-    return o.view(s, b, H * d), lse, q, k, v, rs_q, rs_k
+    return o.view(s, b, H * d), lse, q, k, v, rs_q, rs_k, v_own
 
 
-def _bwd_triton(dout, factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v, rs_q, rs_k,
-                H, G, d, Rq, R, window, scale):
+def _bwd_triton(dout, dv_own, factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, v1, lam, out, lse, q, k, v,
+                rs_q, rs_k, v_own, H, G, d, Rq, R, window, scale):
     from vpmoe_compile.ops.tpa_attention import triton as tk
 
     s, b = factors.shape[:2]
     do = dout.reshape(s, b, H, d).to(q.dtype).contiguous()
     o = out.view(s, b, H, d)
     dq, dk, dv, dsink = tk.swa_bwd(do, q, k, v, o, lse, sink.contiguous(), window, scale)
+    dv1, dlam = _empty(factors), _empty(factors)
+    if v1 is not None:  # through the mix: d(own v) = lam dv, dv1 = (1 - lam) dv, dlam = <dv, v_own - v1>
+        dvf, lamf = dv.float(), lam.float()
+        dlam = (dvf * (v_own.float() - v1.float())).sum().to(lam.dtype)
+        dv1 = ((1.0 - lamf) * dvf).to(v1.dtype)
+        dv = (lamf * dvf).to(dv.dtype)
+    if dv_own is not None and dv_own.numel():
+        dv = (dv.float() + dv_own.float()).to(dv.dtype)
     bias = qkv_bias.contiguous() if qkv_bias is not None else None
     gq = gamma_q.contiguous() if gamma_q is not None else None
     gk = gamma_k.contiguous() if gamma_k is not None else None
@@ -134,7 +155,7 @@ def _bwd_triton(dout, factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, 
     dbias = dbias.to(qkv_bias.dtype) if qkv_bias is not None else _empty(factors)
     dgq = dgq.to(gamma_q.dtype) if gamma_q is not None else _empty(factors)
     dgk = dgk.to(gamma_k.dtype) if gamma_k is not None else _empty(factors)
-    return dF, dbias, dgq, dgk, dcos.to(cos.dtype), dsin.to(sin.dtype), dsink.to(sink.dtype)
+    return dF, dbias, dgq, dgk, dcos.to(cos.dtype), dsin.to(sin.dtype), dsink.to(sink.dtype), dv1, dlam
 
 
 def _ref_kwargs(H, G, d, Rq, R, window, eps, scale):
@@ -145,43 +166,49 @@ def _ref_kwargs(H, G, d, Rq, R, window, eps, scale):
 @torch.library.custom_op("vpmoe::tpa_window_attention_fwd", mutates_args=())
 def _tpa_fwd_op(
     factors: Tensor, qkv_bias: Optional[Tensor], gamma_q: Optional[Tensor], gamma_k: Optional[Tensor],
-    cos: Tensor, sin: Tensor, sink: Tensor,
+    cos: Tensor, sin: Tensor, sink: Tensor, v1: Optional[Tensor], lam: Optional[Tensor],
     num_heads: int, num_groups: int, head_dim: int, q_rank: int, kv_rank: int, window: int,
-    eps: float, softmax_scale: float, backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Forward op. Returns ``(out [s,b,H*d], lse [b,H,s] fp32, q, k, v, rstd_q, rstd_k)``.
+    eps: float, softmax_scale: float, backend: str, return_v: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward op. Returns ``(out [s,b,H*d], lse [b,H,s] fp32, q, k, v, rstd_q, rstd_k, v_own)``.
 
     ``q, k, v, rstd_*`` are saved activations for the Triton backward (empty for the reference
-    backend, which recomputes). For a 16-bit ``out`` the backward recomputes
-    ``delta = rowsum(P * dP)`` (:func:`vpmoe_compile.ops.tpa_attention.triton.swa_bwd`), so no
-    rounding residual of ``out`` is saved.
+    backend, which recomputes; ``v`` is what the attention read: the value-residual mix when
+    ``v1`` is given). For a 16-bit ``out`` the backward recomputes ``delta = rowsum(P * dP)``
+    (:func:`vpmoe_compile.ops.tpa_attention.triton.swa_bwd`), so no rounding residual of ``out``
+    is saved. ``v_own [s,b,G,d]`` is this layer's own (unmixed) values, a differentiable output
+    (the first layer's feed the value residual of the later ones), when ``return_v`` or ``v1``
+    is given; else empty.
     """
     args = (num_heads, num_groups, head_dim, q_rank, kv_rank, window)
     if backend == "triton":
-        return _fwd_triton(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, *args, eps, softmax_scale)
-    out, lse = _ref.tpa_reference(
-        factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, return_lse=True,
+        return _fwd_triton(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, v1, lam, *args, eps, softmax_scale,
+                           return_v)
+    out, lse, v_own = _ref.tpa_reference(
+        factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, return_lse=True, v1=v1, lam=lam, return_v=True,
         **_ref_kwargs(*args, eps, softmax_scale),
     )
     e = _empty(factors)
-    return out.contiguous(), lse.float().contiguous(), e, e.clone(), e.clone(), e.clone(), e.clone()
+    v_own = v_own.contiguous() if (return_v or v1 is not None) else e.clone()
+    return out.contiguous(), lse.float().contiguous(), e, e.clone(), e.clone(), e.clone(), e.clone(), v_own
 
 
 @_tpa_fwd_op.register_fake
-def _tpa_fwd_fake(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, num_heads, num_groups, head_dim,
-                  q_rank, kv_rank, window, eps, softmax_scale, backend):
+def _tpa_fwd_fake(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, v1, lam, num_heads, num_groups, head_dim,
+                  q_rank, kv_rank, window, eps, softmax_scale, backend, return_v):
     s, b, _ = factors.shape
     H, G, d = num_heads, num_groups, head_dim
     out = factors.new_empty(s, b, H * d)
     lse = factors.new_empty(b, H, s, dtype=torch.float32)
+    v_own = factors.new_empty(s, b, G, d) if (return_v or v1 is not None) else factors.new_empty(0)
     if backend == "triton":
         q = factors.new_empty(s, b, H, d)
         k = factors.new_empty(s, b, G, d)
         v = factors.new_empty(s, b, G, d)
         rq = factors.new_empty((s, b, H) if gamma_q is not None else (0,), dtype=torch.float32)
         rk = factors.new_empty((s, b, G) if gamma_k is not None else (0,), dtype=torch.float32)
-        return out, lse, q, k, v, rq, rk
-    return out, lse, *(factors.new_empty(0) for _ in range(5))
+        return out, lse, q, k, v, rq, rk, v_own
+    return out, lse, *(factors.new_empty(0) for _ in range(5)), v_own
 
 
 def _autograd_inside_op():
@@ -199,66 +226,82 @@ def _autograd_inside_op():
 
 @torch.library.custom_op("vpmoe::tpa_window_attention_bwd", mutates_args=())
 def _tpa_bwd_op(
-    dout: Tensor, factors: Tensor, qkv_bias: Optional[Tensor], gamma_q: Optional[Tensor],
-    gamma_k: Optional[Tensor], cos: Tensor, sin: Tensor, sink: Tensor,
-    out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, rstd_q: Tensor, rstd_k: Tensor,
+    dout: Tensor, dv_own: Optional[Tensor], factors: Tensor, qkv_bias: Optional[Tensor], gamma_q: Optional[Tensor],
+    gamma_k: Optional[Tensor], cos: Tensor, sin: Tensor, sink: Tensor, v1: Optional[Tensor], lam: Optional[Tensor],
+    out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, rstd_q: Tensor, rstd_k: Tensor, v_own: Tensor,
     num_heads: int, num_groups: int, head_dim: int, q_rank: int, kv_rank: int, window: int,
-    eps: float, softmax_scale: float, backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward op. Returns ``(dfactors, dqkv_bias, dgamma_q, dgamma_k, dcos, dsin, dsink)``;
-    the gradient of an absent optional input is an empty tensor."""
+    eps: float, softmax_scale: float, backend: str, return_v: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward op. Returns ``(dfactors, dqkv_bias, dgamma_q, dgamma_k, dcos, dsin, dsink, dv1,
+    dlam)``; the gradient of an absent optional input is an empty tensor. ``dv_own``: the
+    gradient of the ``v_own`` output (None when it has none)."""
     args = (num_heads, num_groups, head_dim, q_rank, kv_rank, window)
     if backend == "triton":
-        return _bwd_triton(dout, factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v,
-                           rstd_q, rstd_k, *args, softmax_scale)
-    inputs = [factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink]
+        return _bwd_triton(dout, dv_own, factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, v1, lam, out, lse,
+                           q, k, v, rstd_q, rstd_k, v_own, *args, softmax_scale)
+    inputs = [factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, v1, lam]
     with _autograd_inside_op(), torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) if t is not None else None for t in inputs]
-        o = _ref.tpa_reference(*leaves, **_ref_kwargs(*args, eps, softmax_scale))
+        o, v_ref = _ref.tpa_reference(*leaves[:7], v1=leaves[7], lam=leaves[8], return_v=True,
+                                      **_ref_kwargs(*args, eps, softmax_scale))
         present = [t for t in leaves if t is not None]
-        grads = torch.autograd.grad(o, present, dout.to(o.dtype))
+        outs, douts = [o], [dout.to(o.dtype)]
+        if dv_own is not None and dv_own.numel():
+            outs.append(v_ref)
+            douts.append(dv_own.to(v_ref.dtype))
+        grads = torch.autograd.grad(outs, present, douts, allow_unused=True)
     it = iter(grads)
     res = []
     for t in leaves:
-        res.append(next(it).contiguous() if t is not None else _empty(factors))
+        if t is None:
+            res.append(_empty(factors))
+            continue
+        g = next(it)
+        res.append(g.contiguous() if g is not None else torch.zeros_like(t))
     return tuple(res)
 
 
 @_tpa_bwd_op.register_fake
-def _tpa_bwd_fake(dout, factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v, rstd_q, rstd_k,
-                  num_heads, num_groups, head_dim, q_rank, kv_rank, window, eps, softmax_scale, backend):
+def _tpa_bwd_fake(dout, dv_own, factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, v1, lam, out, lse, q, k, v,
+                  rstd_q, rstd_k, v_own, num_heads, num_groups, head_dim, q_rank, kv_rank, window, eps,
+                  softmax_scale, backend, return_v):
     def like(t):
         return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else factors.new_empty(0)
 
-    return (like(factors), like(qkv_bias), like(gamma_q), like(gamma_k), like(cos), like(sin), like(sink))
+    return (like(factors), like(qkv_bias), like(gamma_q), like(gamma_k), like(cos), like(sin), like(sink),
+            like(v1), like(lam))
 
 
 _CONST_NAMES = ("num_heads", "num_groups", "head_dim", "q_rank", "kv_rank", "window", "eps", "softmax_scale",
-                "backend")
+                "backend", "return_v")
+_N_TENSOR_INPUTS = 9  # factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, v1, lam
 
 
 def _setup_context(ctx, inputs, output):
-    factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink = inputs[:7]
-    consts = inputs[7:]
-    out, lse, q, k, v, rq, rk = output
+    factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, v1, lam = inputs[:_N_TENSOR_INPUTS]
+    consts = inputs[_N_TENSOR_INPUTS:]
+    out, lse, q, k, v, rq, rk, v_own = output
     # lse and the saved activations are internal outputs: no zero-filled gradients for them
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(lse, q, k, v, rq, rk)
     ctx.consts = consts
-    ctx.present = [t is not None for t in (qkv_bias, gamma_q, gamma_k)]
-    ctx.save_for_backward(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v, rq, rk)
+    ctx.present = [t is not None for t in (qkv_bias, gamma_q, gamma_k, v1, lam)]
+    ctx.save_for_backward(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, v1, lam, out, lse, q, k, v, rq, rk,
+                          v_own)
 
 
-def _backward(ctx, dout, *_aux_grads):
-    if dout is None:  # the output's gradient is undefined: nothing flows back
-        return (None,) * (7 + len(_CONST_NAMES))
-    factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse, q, k, v, rq, rk = ctx.saved_tensors
-    grads = _tpa_bwd_op(dout.contiguous(), factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, out, lse,
-                        q, k, v, rq, rk, *ctx.consts)
-    dF, dbias, dgq, dgk, dcos, dsin, dsink = grads
-    has_b, has_gq, has_gk = ctx.present
+def _backward(ctx, dout, _dlse, _dq, _dk, _dv, _drq, _drk, dv_own):
+    if dout is None and dv_own is None:  # no output has a gradient: nothing flows back
+        return (None,) * (_N_TENSOR_INPUTS + len(_CONST_NAMES))
+    factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, v1, lam, out, lse, q, k, v, rq, rk, v_own = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    grads = _tpa_bwd_op(dout.contiguous(), None if dv_own is None else dv_own.contiguous(), factors, qkv_bias,
+                        gamma_q, gamma_k, cos, sin, sink, v1, lam, out, lse, q, k, v, rq, rk, v_own, *ctx.consts)
+    dF, dbias, dgq, dgk, dcos, dsin, dsink, dv1, dlam = grads
+    has_b, has_gq, has_gk, has_v1, has_lam = ctx.present
     return (dF, dbias if has_b else None, dgq if has_gq else None, dgk if has_gk else None, dcos, dsin, dsink,
-            *([None] * len(_CONST_NAMES)))
+            dv1 if has_v1 else None, dlam if has_lam else None, *([None] * len(_CONST_NAMES)))
 
 
 torch.library.register_autograd("vpmoe::tpa_window_attention_fwd", _backward, setup_context=_setup_context)
@@ -287,7 +330,8 @@ def tpa_window_attention(
     backend: str = "auto",
     v1: Optional[Tensor] = None,
     lam: Optional[Tensor] = None,
-) -> Tensor:
+    return_v: bool = False,
+):
     """TPA + QK-norm + GRAPE-M + sliding-window sink attention from packed factors.
 
     Computes, per token ``t`` and head ``h`` (group ``g = h // (H/G)``)::
@@ -311,17 +355,18 @@ def tpa_window_attention(
         eps: RMSNorm epsilon.
         softmax_scale: defaults to ``1/sqrt(d)``.
         backend: ``"auto"``, ``"reference"`` or ``"triton"``.
-        v1: reserved for the fork's value residual (``v = lam*v + (1-lam)*v1``, ``[s, b, G, d]``);
-            not implemented yet, must be None.
-        lam: reserved (scalar mixing weight of the value residual); must be None.
+        v1: the value residual's first-layer values ``[s, b, G, d]`` (the reference fork's
+            ``value_residual``): the attention reads ``lam * v + (1 - lam) * v1`` (computed in
+            fp32, rounded once), with gradients to ``v1`` and ``lam``.
+        lam: 0-d mixing weight (``sigmoid`` of the layer's logit), with ``v1``.
+        return_v: also return this layer's own values ``v [s, b, G, d]`` (contraction + bias,
+            unmixed; differentiable), what the first layer hands to the later ones.
 
     Returns:
-        ``out [s, b, H*d]`` in ``factors.dtype``.
+        ``out [s, b, H*d]`` in ``factors.dtype``; ``(out, v)`` with ``return_v``.
     """
-    if v1 is not None or lam is not None:
-        raise NotImplementedError("value residual (v1, lam) is not implemented in tpa_window_attention yet")
     H, G, d, Rq, R = num_heads, num_groups, head_dim, q_rank, kv_rank
-    _validate(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq, R, window, eps)
+    _validate(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq, R, window, eps, v1, lam)
     shapes = {"head_dim": d, "q_rank": Rq, "kv_rank": R}
     be = resolve_backend(backend, allowed=ATTENTION_BACKENDS, supports=_triton_supports, shapes=shapes,
                          dtype=factors.dtype, device=factors.device, what="tpa_window_attention")
@@ -330,6 +375,6 @@ def tpa_window_attention(
 
         tk.check_supported(shapes, factors.dtype, factors.device)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
-    out = _tpa_fwd_op(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, H, G, d, Rq, R, int(window),
-                      float(eps), scale, be)[0]
-    return out
+    res = _tpa_fwd_op(factors, qkv_bias, gamma_q, gamma_k, cos, sin, sink, v1, lam, H, G, d, Rq, R, int(window),
+                      float(eps), scale, be, bool(return_v))
+    return (res[0], res[7]) if return_v else res[0]

@@ -300,14 +300,20 @@ def tpa_reference(
     eps: float = 1e-5,
     softmax_scale: Optional[float] = None,
     return_lse: bool = False,
+    v1: Optional[Tensor] = None,
+    lam: Optional[Tensor] = None,
+    return_v: bool = False,
 ):
     """Reference of the whole fused op (differentiable with plain autograd).
 
-    Args: as :func:`tpa_prologue_reference`, plus ``sink [H]`` and ``window`` W.
+    Args: as :func:`tpa_prologue_reference`, plus ``sink [H]`` and ``window`` W; the value
+    residual: ``v1 [s, b, G, d]`` (the first layer's values) and ``lam`` (0-d mixing weight),
+    both or neither: the attention reads ``lam * v + (1 - lam) * v1``.
 
     Returns:
-        ``out [s, b, H*d]`` in ``factors.dtype`` (and ``lse [b, H, s]`` in the compute dtype when
-        ``return_lse``).
+        ``out [s, b, H*d]`` in ``factors.dtype``, then ``lse [b, H, s]`` in the compute dtype when
+        ``return_lse``, then this layer's own (unmixed) ``v [s, b, G, d]`` in ``factors.dtype``
+        when ``return_v`` (a tuple when either is asked for).
     """
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
@@ -316,11 +322,16 @@ def tpa_reference(
         num_heads=num_heads, num_groups=num_groups, head_dim=head_dim,
         q_rank=q_rank, kv_rank=kv_rank, eps=eps,
     )
+    v_own = v
+    if v1 is not None:
+        lam_c = lam.to(v.dtype)
+        v = lam_c * v + (1 - lam_c) * v1.to(v.dtype)
     out, lse = sink_attention_reference(q, k, v, sink, window=window, softmax_scale=softmax_scale,
                                         compute_dtype=q.dtype)
     s, b = factors.shape[:2]
     out = out.reshape(s, b, num_heads * head_dim).to(factors.dtype)
-    return (out, lse) if return_lse else out
+    extra = ((lse,) if return_lse else ()) + ((v_own.to(factors.dtype),) if return_v else ())
+    return (out, *extra) if extra else out
 
 
 # --------------------------------------------------------------------------- fork emulation
