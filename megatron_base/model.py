@@ -47,28 +47,10 @@ def _activation(name: str, on_gpu: bool):
 
 
 def check_stock_buildable(cfg: VpMoEConfig) -> None:
-    """Raise a clear error for vpMoE options stock megatron-core 0.16.1 cannot build.
-
-    Megatron itself would fail later with a bare assert (bias + shared expert) or an in-place
-    autograd error in the first backward (biased SequentialMLP experts); see
-    docs/design.md#decisions.
-    """
+    """Raise a clear error for vpMoE options stock megatron-core 0.16.1 cannot build with the
+    local spec (the linear biases and the value residual are not built here: vpmoe_compile's
+    passes add them; see docs/design.md#linear-biases)."""
     m, moe = cfg.model, cfg.moe
-    if m.add_bias_linear and moe.num_experts and moe.shared_expert:
-        raise UnsupportedConfigError(
-            f"{cfg.source or 'config'}: [model] add_bias_linear = true together with "
-            "[moe] shared_expert = true cannot be built by stock megatron-core 0.16.1 "
-            "(SharedExpertMLP asserts 'bias is not supported in the shared experts'). "
-            "Set add_bias_linear = false (add_qkv_bias = true keeps the QKV bias), or drop the "
-            "shared expert."
-        )
-    if m.add_bias_linear and moe.num_experts:
-        raise UnsupportedConfigError(
-            f"{cfg.source or 'config'}: [model] add_bias_linear = true with routed experts cannot "
-            "be trained on stock megatron-core 0.16.1: SequentialMLP adds the expert fc2 bias in "
-            "place onto a custom autograd output and the first backward fails. Set "
-            "add_bias_linear = false."
-        )
     if moe.grouped_gemm or moe.permute_fusion or moe.router_fusion:
         raise UnsupportedConfigError(
             f"{cfg.source or 'config'}: [moe] grouped_gemm / permute_fusion / router_fusion need "
@@ -109,8 +91,12 @@ def transformer_config_from_vpmoe(
         layernorm_epsilon=m.layernorm_epsilon,
         qk_layernorm=m.qk_layernorm,
         softmax_type=m.softmax_type,
-        add_bias_linear=m.add_bias_linear,
-        add_qkv_bias=m.add_qkv_bias,
+        # The linear biases (attention output, MLPs, router, experts) are added by vpmoe_compile's
+        # linear_bias pass: stock megatron-core 0.16.1 cannot build them with a shared expert
+        # (SharedExpertMLP asserts) nor train biased SequentialMLP experts (an in-place add on a
+        # custom autograd output). The QKV bias, which add_bias_linear implies, is stock's.
+        add_bias_linear=False,
+        add_qkv_bias=m.add_qkv_bias or m.add_bias_linear,
         gated_linear_unit=m.gated_linear_unit,
         activation_func=_activation(m.activation, on_gpu),
         init_method_std=m.init_method_std,

@@ -12,6 +12,7 @@ from passes.tpa import TPAPass
 from passes.value_residual import ValueResidualPass
 from passes.moe import MoEPass
 from passes.fused_head import FusedHeadPass
+from passes.linear_bias import LinearBiasPass
 from passes.optimizer_routing import OptimizerRoutingPass
 from passes.registry import order_passes, register_pass, registered_passes, unregister_pass
 
@@ -29,6 +30,7 @@ __all__ = [
     "LayerPlan",
     "LayerPlanPass",
     "MoEPass",
+    "LinearBiasPass",
     "ValueResidualPass",
     "OptimizerRoutingPass",
     "Pass",

@@ -248,8 +248,10 @@ def _cfg_model_pairs(cfg: VpMoEConfig, model) -> List[tuple]:
         ("[model] layernorm_epsilon", m.layernorm_epsilon, tc.layernorm_epsilon),
         ("[model] qk_layernorm", m.qk_layernorm, bool(tc.qk_layernorm)),
         ("[model] softmax_type", m.softmax_type, tc.softmax_type),
-        ("[model] add_bias_linear", m.add_bias_linear, bool(tc.add_bias_linear)),
-        ("[model] add_qkv_bias", m.add_qkv_bias, bool(tc.add_qkv_bias)),
+        # the linear_bias pass adds the biases a stock model cannot have: a model without them
+        # fits a config with them (not the other way round)
+        ("[model] add_bias_linear", m.add_bias_linear, bool(tc.add_bias_linear) or m.add_bias_linear),
+        ("[model] add_qkv_bias", m.add_qkv_bias or m.add_bias_linear, bool(tc.add_qkv_bias or tc.add_bias_linear)),
         ("[model] gated_linear_unit", m.gated_linear_unit, bool(tc.gated_linear_unit)),
         ("[model] untied_embeddings", m.untied_embeddings, not model.share_embeddings_and_output_weights),
         ("[model] init_method_std", m.init_method_std, tc.init_method_std),

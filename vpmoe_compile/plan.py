@@ -214,6 +214,9 @@ class ModelInventory:
         return self.replicated.total + self.expert.total
 
 
+_ROUTED_EXPERT = re.compile(r"\.mlp\.experts\.")
+
+
 def inventory_from_model(model, cfg: Any = None, name: str = "", max_sequence_length: int = 0) -> ModelInventory:
     """Count a transformed ``GPTModel`` (any device, meta included) by optimizer route.
 
@@ -228,7 +231,8 @@ def inventory_from_model(model, cfg: Any = None, name: str = "", max_sequence_le
     items = []
     for row in routing_table(model, cfg):
         n = math.prod(row["shape"])
-        expert = row["role"] == "expert"
+        # routed experts: their weights (role "expert") and their biases, which shard with them
+        expert = row["role"] == "expert" or bool(_ROUTED_EXPERT.search(row["name"]))
         a = acc[expert]
         a["total"] += n
         if row["group"] == "normuon":

@@ -31,8 +31,9 @@ from vpmoe_compile.plan import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-VPMOE_TRANSFORMED_TOTAL = 5_998_261_952  # benchmarks/results/params_vpmoe.json, "transformed" "total"
-VPMOE_ROUTED = 5_301_600_256  # ... "routed_experts"
+VPMOE_TRANSFORMED_TOTAL = 6_021_784_719  # benchmarks/results/params_vpmoe.json, "transformed" "total"
+VPMOE_ROUTED = 5_324_898_304  # ... "routed_experts" (expert weights and biases)
+VPMOE_EXPERT_BIASES = 79 * 256 * (128 + 1024)
 VPMOE_EMBEDDING_AND_OUTPUT = 411_828_224
 VPMOE_8L_TRANSFORMED_TOTAL = 909_130_880  # python -m vpmoe_compile params --config vpmoe-8l
 
@@ -73,7 +74,8 @@ def test_split_sums_to_transformed_total(inv_vpmoe, inv_8l):
             assert s.normuon + s.adamw + s.frozen == s.total
             assert s.normuon_2d <= s.normuon
     r, e = inv_vpmoe.replicated, inv_vpmoe.expert
-    assert e.total == VPMOE_ROUTED and e.adamw == 0 and e.normuon_2d == 0  # experts: 3-D stacks, all NorMuon
+    # experts: 3-D weight stacks (NorMuon) and their [E, out] biases (AdamW)
+    assert e.total == VPMOE_ROUTED and e.adamw == VPMOE_EXPERT_BIASES and e.normuon_2d == 0
     assert r.adamw >= VPMOE_EMBEDDING_AND_OUTPUT  # embedding + output layer (+ norms, biases, sinks)
     # second moment, one per output row of each expert matrix: 79 MoE layers x 256 x (fc1 128 + fc2 1024 rows)
     assert e.second_moment == 79 * 256 * (128 + 1024)

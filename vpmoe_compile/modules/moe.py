@@ -43,6 +43,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import (
@@ -53,6 +54,7 @@ from megatron.core.transformer.moe.moe_utils import (
     z_loss_func,
 )
 from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 
 from megatron_base import compat
 from vpmoe_compile.kernels import KernelPolicy
@@ -349,18 +351,20 @@ class _Permute(torch.autograd.Function):
 
 class StackedExpertWeight(torch.nn.Module):
     """Holds one stacked expert weight ``[E, out, in]`` as ``.weight`` (the parameter then has
-    the stock checkpoint name ``…experts.linear_fc1.weight``)."""
+    the stock checkpoint name ``…experts.linear_fc1.weight``) and, with linear biases, the
+    stacked bias ``[E, out]`` as ``.bias``."""
 
     def __init__(self, weight: torch.nn.Parameter):
         super().__init__()
         self.weight = weight
+        self.bias: Optional[torch.nn.Parameter] = None
 
     def extra_repr(self) -> str:
         E, out, inp = self.weight.shape
         return f"experts={E}, out={out}, in={inp}"
 
 
-_LOCAL_KEY = re.compile(r"^local_experts\.(\d+)\.(linear_fc[12])\.(weight|_extra_state)$")
+_LOCAL_KEY = re.compile(r"^local_experts\.(\d+)\.(linear_fc[12])\.(weight|bias|_extra_state)$")
 
 
 class GroupedExperts(MegatronModule):
@@ -413,13 +417,39 @@ class GroupedExperts(MegatronModule):
             return cfg.activation_func(gate) * (up + getattr(cfg, "glu_linear_offset", 0.0))
         return cfg.activation_func(h1)
 
+    def add_biases(self) -> int:
+        """Create the stacked biases ``linear_fc1.bias [E, F1]`` and ``linear_fc2.bias [E, h]``
+        (zeros, the weights' dtype, device and reduction attributes) where absent; returns how
+        many were added (the linear-bias pass)."""
+        n = 0
+        for lin in (self.linear_fc1, self.linear_fc2):
+            if lin.bias is None:
+                w = lin.weight
+                b = torch.nn.Parameter(torch.zeros(w.shape[0], w.shape[1], dtype=w.dtype, device=w.device))
+                b.allreduce = getattr(w, "allreduce", True)
+                lin.bias = b
+                n += 1
+        return n
+
     def compute(self, x: Tensor, offs: Tensor, probs: Tensor) -> Tensor:
         """``x [M, h]`` rows sorted by expert, ``offs [E]`` int32 row ends on the device,
-        ``probs [M]`` -> ``[M, h]``: ``fc2(act(fc1(x)) * prob)`` per row, probability applied
-        before fc2 and rounded to ``x.dtype`` there, as Megatron's expert MLP."""
+        ``probs [M]`` -> ``[M, h]``: ``fc2(act(fc1(x) + b1) * prob) + prob * b2`` per row,
+        probability applied before fc2 and rounded to ``x.dtype`` there, as Megatron's expert MLP
+        (whose fc2 bias is scaled by the probability too); the biases only with linear biases.
+        Each row's expert is found from ``offs`` on the device (``searchsorted``: static shapes)."""
+        b1, b2 = self.linear_fc1.bias, self.linear_fc2.bias
+        eid = None
+        if b1 is not None or b2 is not None:
+            rows = torch.arange(x.shape[0], device=x.device, dtype=offs.dtype)
+            eid = torch.searchsorted(offs, rows, right=True)
         h1 = grouped_mm(x, self.linear_fc1.weight.mT, offs, self.backend)
+        if b1 is not None:
+            h1 = h1 + b1[eid]
         act = (self._activation(h1) * probs.unsqueeze(-1)).to(x.dtype)
-        return grouped_mm(act, self.linear_fc2.weight.mT, offs, self.backend)
+        y = grouped_mm(act, self.linear_fc2.weight.mT, offs, self.backend)
+        if b2 is not None:
+            y = y + (b2[eid] * probs.unsqueeze(-1)).to(y.dtype)
+        return y
 
     def forward(self, permuted_local_hidden_states: Tensor, tokens_per_expert: Tensor, permuted_probs: Tensor):
         """Megatron's experts interface: rows grouped by local expert, ``tokens_per_expert``
@@ -450,18 +480,21 @@ class GroupedExperts(MegatronModule):
         pre = len(sharded_offsets)
         out = {}
         for name in ("linear_fc1", "linear_fc2"):
-            weight = getattr(self, name).weight
-            if singleton:
-                for e in range(E):
-                    key = f"{prefix}experts.{first + e}.{name}.weight"
-                    out[f"{prefix}local_experts.{e}.{name}.weight"] = ShardedTensor.from_rank_offsets(
-                        key, weight[e], *sharded_offsets, replica_id=replica_id, prepend_axis_num=pre
+            lin = getattr(self, name)
+            for kind, tensor in (("weight", lin.weight), ("bias", lin.bias)):
+                if tensor is None:
+                    continue
+                if singleton:
+                    for e in range(E):
+                        key = f"{prefix}experts.{first + e}.{name}.{kind}"
+                        out[f"{prefix}local_experts.{e}.{name}.{kind}"] = ShardedTensor.from_rank_offsets(
+                            key, tensor[e], *sharded_offsets, replica_id=replica_id, prepend_axis_num=pre
+                        )
+                else:
+                    out[f"{prefix}{name}.{kind}"] = ShardedTensor.from_rank_offsets(
+                        f"{prefix}experts.{name}.{kind}", tensor, *sharded_offsets, (pre, ep_rank, ep_size),
+                        replica_id=replica_id, prepend_axis_num=pre,
                     )
-            else:
-                out[f"{prefix}{name}.weight"] = ShardedTensor.from_rank_offsets(
-                    f"{prefix}experts.{name}.weight", weight, *sharded_offsets, (pre, ep_rank, ep_size),
-                    replica_id=replica_id, prepend_axis_num=pre,
-                )
             for e in range(E):
                 if singleton:
                     key, offsets = f"{prefix}experts.{first + e}.{name}._extra_state", sharded_offsets
@@ -480,27 +513,26 @@ class GroupedExperts(MegatronModule):
         (a plain stock ``state_dict``, or a ``torch_dist`` load with singleton local shards):
         they are stacked into the stacked weights. The stock ``_extra_state`` entries (always
         ``None`` for the local spec) are consumed."""
-        per_expert: Dict[str, Dict[int, Tensor]] = {"linear_fc1": {}, "linear_fc2": {}}
+        per_expert: Dict[Tuple[str, str], Dict[int, Tensor]] = {}
         for key in [k for k in state_dict if k.startswith(prefix)]:
             m = _LOCAL_KEY.match(key[len(prefix):])
             if m is None:
                 continue
             value = state_dict.pop(key)
-            if m.group(3) == "weight":
-                per_expert[m.group(2)][int(m.group(1))] = value
-        for name, found in per_expert.items():
-            if not found:
-                continue
-            full = f"{prefix}{name}.weight"
+            if m.group(3) != "_extra_state":
+                per_expert.setdefault((m.group(2), m.group(3)), {})[int(m.group(1))] = value
+        for (lin, kind), found in per_expert.items():
+            name = f"{lin}.{kind}"
+            full = f"{prefix}{lin}.{kind}"
             E = self.num_local_experts
             if sorted(found) != list(range(E)):
                 error_msgs.append(
-                    f"{prefix}: per-expert {name} weights for experts {sorted(found)} but this layer has "
+                    f"{prefix}: per-expert {name} tensors for experts {sorted(found)} but this layer has "
                     f"{E} local experts; a checkpoint must hold all of them"
                 )
                 continue
             if full in state_dict:
-                error_msgs.append(f"{prefix}: both the stacked {full} and per-expert {name} weights are present")
+                error_msgs.append(f"{prefix}: both the stacked {full} and per-expert {name} tensors are present")
                 continue
             state_dict[full] = torch.stack([found[e] for e in range(E)])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
@@ -521,6 +553,18 @@ def _copy_module_dict(module: torch.nn.Module) -> dict:
     for key, value in module.__dict__.items():
         d[key] = copy.copy(value) if isinstance(value, dict) else value
     return d
+
+
+class BiasedSharedExpertMLP(SharedExpertMLP):
+    """A stock ``SharedExpertMLP`` (same object, class swapped by the linear-bias pass) whose
+    ``fc2`` bias is added to its output: ``forward(hidden [s, b, h]) -> [s, b, h]``. Stock
+    Megatron's forward drops the bias ``MLP.forward`` returns (it refuses biases there)."""
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        output, bias = MLP.forward(self, hidden_states)
+        if bias is not None:
+            output = output + bias
+        return output
 
 
 class GroupedMoELayer(MoELayer):
