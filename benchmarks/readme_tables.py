@@ -658,7 +658,7 @@ def render_params(results: Path) -> str:
     rows = [
         [f"stock GPTModel from `configs/{d['config']}.toml`", f"{d['stock']['total']:,}", f"{d['stock']['active']:,}"],
         ["after `transform`", f"{d['transformed']['total']:,}", f"{d['transformed']['active']:,}"],
-        ["reference fork (its docs; not computed here)", "≈ 6.02 B", "≈ 780 M"],
+        ["reference fork (its docs; not computed here)", "≈ 6.02 B", "≈ 780.0 M"],
     ]
     return _join(table(["", "total", "active per token"], rows) + ["", source_note(results, name)])
 

@@ -183,12 +183,15 @@ class ModelSection:
     #: FFN width of the dense first layer and (unless ``[moe] expert_ffn_hidden_size``) of
     #: every routed expert.
     ffn_hidden_size: int = field(default=128, metadata=_positive())
-    value_residual: bool = field(default=False, metadata=_req())
+    #: the fork's value residual (the value_residual pass): layer 1's values mixed into every
+    #: later layer with a learnable lambda initialised to ``value_residual_init``
+    value_residual: bool = field(default=True, metadata=_req())
     value_residual_init: float = 1.0
     normalization: str = field(default="RMSNorm", metadata=_choice("RMSNorm"))
     qk_layernorm: bool = field(default=True, metadata=_req())
     softmax_type: str = field(default="learnable", metadata=_choice("learnable", "vanilla", "off-by-one"))
-    add_bias_linear: bool = field(default=False, metadata=_req())
+    #: linear biases (the linear_bias pass adds them; stock builds only the QKV bias)
+    add_bias_linear: bool = field(default=True, metadata=_req())
     add_qkv_bias: bool = field(default=True, metadata=_req())
     gated_linear_unit: bool = field(default=False, metadata=_req())
     activation: str = field(default="squaredrelu", metadata=_choice("squaredrelu", "gelu", "relu", "swiglu"))

@@ -185,15 +185,15 @@ def test_full_config_parameter_count(full_meta):
     assert c.total == 6_027_261_568 and c.active == 808_498_816
 
 
-def test_stock_cannot_build_bias_with_shared_expert():
-    cfg = _small_cfg(add_bias_linear=True)
-    with pytest.raises(UnsupportedConfigError, match="shared expert"):
-        transformer_config_from_vpmoe(cfg)
-    no_shared = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, shared_expert=False))
-    with pytest.raises(UnsupportedConfigError, match="SequentialMLP"):
-        transformer_config_from_vpmoe(no_shared)
-    # the value residual is not part of the stock model (the value_residual pass adds it)
-    transformer_config_from_vpmoe(_small_cfg(value_residual=True))
+def test_stock_config_leaves_linear_biases_and_value_residual_to_the_passes():
+    """Stock megatron-core 0.16.1 cannot build the linear biases with a shared expert nor train
+    biased SequentialMLP experts: the stock config builds without them (the QKV bias, which
+    add_bias_linear implies, stays stock's), the linear_bias pass adds them; the value residual
+    is not part of the stock model either."""
+    tc = transformer_config_from_vpmoe(_small_cfg(add_bias_linear=True, add_qkv_bias=False))
+    assert (tc.add_bias_linear, tc.add_qkv_bias) == (False, True)
+    tc = transformer_config_from_vpmoe(_small_cfg(value_residual=True))
+    assert not hasattr(tc, "value_residual")
 
 
 def test_build_without_init_process_says_to_call_it():

@@ -48,7 +48,6 @@ MISMATCHES = [
     ({"model__qk_layernorm": False}, "[model] qk_layernorm: config False vs model True"),
     ({"model__softmax_type": "vanilla"}, "[model] softmax_type: config vanilla vs model learnable"),
     ({"model__add_qkv_bias": False}, "[model] add_qkv_bias: config False vs model True"),
-    ({"model__add_bias_linear": True}, "[model] add_bias_linear: config True vs model False"),
     ({"model__gated_linear_unit": True}, "[model] gated_linear_unit: config True vs model False"),
     ({"model__activation": "gelu"}, "[model] activation: config gelu vs model squaredrelu"),
     ({"model__untied_embeddings": False}, "[model] untied_embeddings: config False vs model True"),
@@ -72,6 +71,16 @@ def test_each_mismatch_is_named(tiny_meta, tiny_cfg, changes, expected):
         _check_cfg_matches(_changed(tiny_cfg, **changes), tiny_meta)
     msg = str(e.value)
     assert "does not describe this model" in msg and expected in msg, msg
+
+
+def test_linear_biases_fit_a_model_without_them_not_the_other_way(tiny_meta, tiny_cfg, monkeypatch):
+    """A stock model cannot hold the fork's linear biases (the linear_bias pass adds them), so a
+    config asking for them fits a model without them; a model built with them does not fit a
+    config without them."""
+    _check_cfg_matches(_changed(tiny_cfg, model__add_bias_linear=True), tiny_meta)
+    monkeypatch.setattr(tiny_meta.config, "add_bias_linear", True)
+    with pytest.raises(TransformError, match=r"\[model\] add_bias_linear: config False vs model True"):
+        _check_cfg_matches(tiny_cfg, tiny_meta)
 
 
 def test_all_mismatches_named_at_once(tiny_meta, tiny_cfg):
