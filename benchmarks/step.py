@@ -13,6 +13,9 @@ One process, the same synthetic batches (uniform random token ids, seed 0) for e
                         MoE, the fused LM head when that pass is in it)
   transformed_compiled  the same + ``vpmoe_compile.compile(top)`` after the Megatron wrapping
                         (each transformer layer one ``torch.compile(fullgraph=True)`` graph)
+  fork_compiled         transformed_compiled with the reference fork's value residual and linear
+                        biases on (``[model] value_residual``, ``add_bias_linear``): their cost is
+                        ``speedup_vs_fork_base`` (transformed_compiled time / this time)
 
 Every variant: bf16 parameters on the GPU (fp32 on the CPU), ``Float16Module`` + Megatron
 ``DistributedDataParallel`` (world size 1, fp32 grad buffer) unless ``--path plain``, the SAME
@@ -86,13 +89,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 H100_PEAK_TFLOPS = 989.4
-VARIANTS = ("stock_eager", "transformed_eager", "transformed_compiled")
+VARIANTS = ("stock_eager", "transformed_eager", "transformed_compiled", "fork_compiled")
 LABELS = {  # plot legend / tick labels (the JSON keys stay the variant names)
     "stock_eager": "stock Megatron, eager",
     "transformed_eager": "vpMoE, eager",
     "transformed_compiled": "vpMoE, compiled",
+    "fork_compiled": "vpMoE + value residual + biases, compiled",
 }
-COLORS = {"stock_eager": "#8c8c8c", "transformed_eager": "#4c72b0", "transformed_compiled": "#dd8452"}
+COLORS = {"stock_eager": "#8c8c8c", "transformed_eager": "#4c72b0", "transformed_compiled": "#dd8452",
+          "fork_compiled": "#937860"}
+#: the variants that run vpmoe_compile.compile
+COMPILED = ("transformed_compiled", "fork_compiled")
+
+
+def variant_config(name: str, cfg):
+    """The config a variant builds: ``fork_compiled`` turns on the reference fork's value residual
+    and linear biases (configs/vpmoe.toml has them; vpmoe-8l does not), so their cost is the
+    ratio to ``transformed_compiled`` in the same run."""
+    if name != "fork_compiled":
+        return cfg
+    import dataclasses
+
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, value_residual=True, add_bias_linear=True))
 PARTS = ("attention_local", "attention_global", "moe_layer", "dense_mlp", "head_loss")
 PART_LABELS = {
     "attention_local": "attention, local layers",
@@ -282,8 +300,15 @@ def time_part(part: dict, gpt, labels, dev, *, compiled: bool, backend: str, mod
         call = compile_part(mod, backend, mode) if compiled else mod
     grad = {}
 
+    # the value residual: an attention part alone reads layer 1's values from the model's shared
+    # state; give it a leaf copy (no graph into an earlier, already backpropagated forward)
+    state = getattr(mod, "value_residual", None)
+    v1 = state.value.detach().clone() if state is not None and state.value is not None else None
+
     def run():
         x.grad = None
+        if v1 is not None:
+            state.value = v1.detach().requires_grad_(True)
         out = _first_tensor(call(*args, **kwargs))
         if "g" not in grad:
             if is_head:  # d(mean loss)/d(per-token loss)
@@ -424,6 +449,7 @@ def run_variant(name: str, args, cfg, batches) -> dict:
 
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+    cfg = variant_config(name, cfg)
     dev = torch.device(args.device)
     megatron = args.path == "megatron"
     warmup, micro_steps, accum_steps = _counts(name, args)
@@ -460,10 +486,10 @@ def run_variant(name: str, args, cfg, batches) -> dict:
     # real inputs of each part, captured before any compilation (hooks inside compiled layers
     # would be traced)
     parts_in = None
-    if args.parts == "all" or (args.parts == "eager" and name != "transformed_compiled"):
+    if args.parts == "all" or (args.parts == "eager" and name not in COMPILED):
         tok0, lab0 = batches[0]
         parts_in = capture_part_inputs(top, gpt, cfg, tok0, lab0, pos)
-    if name == "transformed_compiled":
+    if name in COMPILED:
         t0 = time.perf_counter()
         out["compiled_regions"] = vpmoe_compile.compile(top, backend=args.compile_backend, mode=args.compile_mode)
         out["compile_call_s"] = time.perf_counter() - t0
@@ -554,7 +580,7 @@ def run_variant(name: str, args, cfg, batches) -> dict:
     # 6. parts in isolation
     breakdown = None
     if parts_in is not None:
-        compiled = name == "transformed_compiled"
+        compiled = name in COMPILED
         rows = {}
         for part in PARTS:
             if part not in parts_in:
@@ -631,14 +657,18 @@ def _cleanup(dev: torch.device) -> None:
 
 def add_ratios(results: list) -> None:
     ok = {r["variant"]: r for r in results if "error" not in r}
+    def ratio(b, r):
+        return None if b is None else {
+            "fwd_bwd": b["fwd_bwd_ms"] / r["fwd_bwd_ms"],
+            "micro_step": b["micro_step_ms"] / r["micro_step_ms"],
+            "accumulated_step": b["accumulated_step_ms"] / r["accumulated_step_ms"],
+        }
+
     for r in ok.values():
         for base in ("stock_eager", "transformed_eager"):
-            b = ok.get(base)
-            r[f"speedup_vs_{base}"] = None if b is None else {
-                "fwd_bwd": b["fwd_bwd_ms"] / r["fwd_bwd_ms"],
-                "micro_step": b["micro_step_ms"] / r["micro_step_ms"],
-                "accumulated_step": b["accumulated_step_ms"] / r["accumulated_step_ms"],
-            }
+            r[f"speedup_vs_{base}"] = ratio(ok.get(base), r)
+    if "fork_compiled" in ok:  # the value residual's and the biases' cost: < 1 = slower
+        ok["fork_compiled"]["speedup_vs_fork_base"] = ratio(ok.get("transformed_compiled"), ok["fork_compiled"])
 
 
 def evaluate_goals(results: list) -> list:

@@ -55,6 +55,9 @@ def test_step_benchmark_smoke(tmp_path, megatron_env):
     assert results[0]["speedup_vs_stock_eager"]["fwd_bwd"] == pytest.approx(1.0)
     assert results[2]["breakdown"]["parts"]["attention_local"]["mode"] == "compiled"
     assert results[2]["compiled_regions"][0] == "decoder.layers.0"
+    fork = results[3]  # value residual + linear biases on: their cost against transformed_compiled
+    assert fork["variant"] == "fork_compiled" and fork["speedup_vs_fork_base"]["fwd_bwd"] > 0
+    assert "value_residual" in fork["passes"] and "linear_bias" in fork["passes"]
 
 
 def test_train_parity_smoke(tmp_path, megatron_env):
