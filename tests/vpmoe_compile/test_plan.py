@@ -39,11 +39,37 @@ VPMOE_8L_TRANSFORMED_TOTAL = 909_130_880  # python -m vpmoe_compile params --con
 
 
 @pytest.fixture(scope="module")
-def inv_vpmoe():
-    from megatron_base import load_config
-    from vpmoe_compile.plan import build_inventory
+def vpmoe_meta():
+    """configs/vpmoe.toml's model on the meta device, transformed (as the params command does)."""
+    import vpmoe_compile
+    from megatron_base import build_stock_gpt, init_process, load_config
 
-    return build_inventory(load_config("vpmoe"))
+    init_process()
+    cfg = load_config("vpmoe")
+    model = build_stock_gpt(cfg, device="meta")
+    vpmoe_compile.transform(model, cfg, verify="params", progress=False)
+    return model, cfg
+
+
+@pytest.fixture(scope="module")
+def inv_vpmoe(vpmoe_meta):
+    from vpmoe_compile.plan import inventory_from_model
+
+    model, cfg = vpmoe_meta
+    return inventory_from_model(model, cfg, name=cfg.source, max_sequence_length=cfg.attention.max_sequence_length)
+
+
+def test_vpmoe_counts_match_the_reference_fork(vpmoe_meta):
+    """configs/vpmoe.toml (the fork's locked config: value residual and linear biases on) after
+    the transform: 6,021,784,719 parameters, 780,087,951 active (what ``python -m vpmoe_compile
+    params --config vpmoe`` prints). The fork's own counter (scripts/param_count_megatron.py)
+    reports 6,021,692,480 / 779,995,712: it leaves out the QKV bias of its 60 TPA layers
+    (60 x 1,536) and the 79 value-residual logits."""
+    from megatron_base import count_parameters
+
+    c = count_parameters(vpmoe_meta[0])
+    assert (c.total, c.active) == (6_021_784_719, 780_087_951)
+    assert (c.total, c.active) == (6_021_692_480 + 60 * 1536 + 79, 779_995_712 + 60 * 1536 + 79)
 
 
 @pytest.fixture(scope="module")
