@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["TPLayout", "tp_layout", "tp_group", "tp_world", "is_tp_partitioned", "mark_head_split"]
+__all__ = ["TPLayout", "tp_layout", "tp_group", "tp_world", "is_tp_partitioned", "mark_head_split", "into_tp_region"]
 
 Segment = Tuple[int, int, bool]  # (local start, local length, sharded)
 
@@ -147,3 +147,12 @@ def mark_head_split(p: Optional[torch.Tensor]) -> None:
     p.tensor_model_parallel = True
     p.partition_dim = 0
     p.partition_stride = 1
+
+
+def into_tp_region(t: torch.Tensor) -> torch.Tensor:
+    """A replicated tensor that every TP rank uses for its own heads (an input, GRAPE-M's
+    ``log_freq``, a value-residual logit): identity forward, gradient summed over the TP group in
+    backward (Megatron's ``copy_to_tensor_model_parallel_region``)."""
+    from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+    return copy_to_tensor_model_parallel_region(t, group=tp_group())

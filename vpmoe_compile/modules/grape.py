@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from vpmoe_compile.tensor_parallel import tp_group, tp_world
+from vpmoe_compile.tensor_parallel import into_tp_region, tp_world
 
 
 class GrapeMRotaryEmbedding(nn.Module):
@@ -80,12 +80,8 @@ class GrapeMRotaryEmbedding(nn.Module):
         lf = self.log_freq
         if lf.dtype != torch.float64:  # fp32 math (float64 is kept for exact tests)
             lf = lf.float()
-        if self.tp_size > 1:
-            # every TP rank rotates its own heads with the shared frequencies: the gradient is the
-            # sum of the ranks' (identity forward, all-reduce backward, as for a replicated input)
-            from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
-
-            lf = copy_to_tensor_model_parallel_region(lf, group=tp_group())
+        if self.tp_size > 1:  # every TP rank rotates its own heads: the gradient sums the ranks'
+            lf = into_tp_region(lf)
         return torch.exp(lf / self.log_freq_scale)
 
     def angles(self, seq_len: int, offset: int = 0) -> Tensor:

@@ -155,13 +155,10 @@ class TPAFactorProjection(MegatronModule):
         """``[s, b, h]`` -> ``(factors [s, b, F'], bias)``; ``F'`` = this rank's rows."""
         if self.tp_size == 1:
             return F.linear(hidden_states, self.weight), self.bias
-        from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+        from vpmoe_compile.tensor_parallel import into_tp_region, tp_group
 
-        from vpmoe_compile.tensor_parallel import tp_group
-
-        group = tp_group()
-        x = copy_to_tensor_model_parallel_region(hidden_states, group=group)
-        weight = _SumGradOverTP.apply(self.weight, self.replicated_start, group)
+        x = into_tp_region(hidden_states)
+        weight = _SumGradOverTP.apply(self.weight, self.replicated_start, tp_group())
         return F.linear(x, weight), self.bias
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vpmoe_compile.tensor_parallel import tp_group
+from vpmoe_compile.tensor_parallel import into_tp_region
 
 __all__ = ["ValueResidualState", "initial_logit", "mixing_weight", "LAMBDA_EPS"]
 
@@ -65,7 +65,5 @@ def mixing_weight(logit: Tensor, tp_size: int = 1) -> Tensor:
     """``sigmoid(logit)`` in fp32 (0-d). With ``tp_size > 1`` the logit first enters the TP region
     (identity forward, gradient all-reduced over the TP group: every rank's heads use it)."""
     if tp_size > 1:
-        from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
-
-        logit = copy_to_tensor_model_parallel_region(logit, group=tp_group())
+        logit = into_tp_region(logit)
     return torch.sigmoid(logit.float())
