@@ -609,16 +609,22 @@ class PassManager:
         return f"parameter accounting ({len(params)} tensors) + forward [b={b}, s={s}] finite"
 
 
+def head_tp_size(model: nn.Module) -> int:
+    """The tensor-parallel size of the model's output layer (its own group's, else the config's)."""
+    head = getattr(model, "output_layer", None)
+    group = getattr(head, "tp_group", None)
+    if group is not None and hasattr(group, "size"):
+        return int(group.size())
+    return int(getattr(model.config, "tensor_model_parallel_size", 1) or 1)
+
+
 def _vocab_split(model: nn.Module) -> int:
     """Over how many tensor-parallel ranks the logits' vocabulary is split (Megatron's output
     layer returns this rank's vocabulary slice unless it gathers the output)."""
     head = getattr(model, "output_layer", None)
     if head is None or getattr(head, "gather_output", False):
         return 1
-    group = getattr(head, "tp_group", None)
-    if group is not None and hasattr(group, "size"):
-        return int(group.size())
-    return int(getattr(model.config, "tensor_model_parallel_size", 1) or 1)
+    return head_tp_size(model)
 
 
 def _sample_batch(ctx: PassContext):

@@ -32,7 +32,9 @@ from typing import List
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear
 
-from passes.base import ModuleReplacement, Pass, PassContext, PassError, PassResult, SiteGraph, _qualname, capture_graph
+from passes.base import (
+    ModuleReplacement, Pass, PassContext, PassError, PassResult, SiteGraph, _qualname, capture_graph, head_tp_size,
+)
 from passes.registry import register_pass
 from vpmoe_compile.modules.head import FusedHeadLinear, fused_head_model_class
 from vpmoe_compile.ops.linear_cross_entropy import DEFAULT_CHUNK_SIZE, backward_vocab_slice
@@ -75,12 +77,8 @@ class FusedHeadPass(Pass):
         """The TP size when the output layer is vocab-parallel (TP > 1, or sequence parallel):
         the fused op computes the loss of a whole vocabulary, so the pass leaves the stock head
         and Megatron's ``vocab_parallel_cross_entropy`` in place there (a no-op); else 0."""
-        head = getattr(model, "output_layer", None)
-        tp = model.config.tensor_model_parallel_size
-        group = getattr(head, "tp_group", None)
-        if group is not None and hasattr(group, "size"):
-            tp = max(tp, group.size())
-        return tp if tp > 1 or getattr(head, "sequence_parallel", False) else 0
+        tp = max(head_tp_size(model), int(model.config.tensor_model_parallel_size or 1))
+        return tp if tp > 1 or getattr(getattr(model, "output_layer", None), "sequence_parallel", False) else 0
 
     def check(self, ctx: PassContext) -> None:
         model, tc = ctx.model, ctx.model.config

@@ -113,13 +113,6 @@ def _check_parallel(routes: Sequence[ParamRoute], megatron_path: bool) -> None:
             )
 
 
-def _tp_size() -> int:
-    """Megatron's tensor-parallel size (1 without an initialised parallel state)."""
-    from vpmoe_compile.tensor_parallel import tp_world
-
-    return tp_world()[0]
-
-
 def _check_ddp(chunks) -> None:
     for chunk in chunks:
         ddp = getattr(chunk, "ddp_config", None)
@@ -217,7 +210,9 @@ def build_optimizer(
                 "DistributedDataParallel (its all-reduced gradients are what each rank steps on); "
                 "wrap the model first (vpmoe_compile.training.wrap_megatron)"
             )
-        if _tp_size() > 1:
+        from vpmoe_compile.tensor_parallel import tp_world
+
+        if tp_world()[0] > 1:
             raise UnsupportedOptimizerSetup(
                 "layer_wise_distributed_optimizer=True with tensor parallelism > 1 is not supported yet "
                 "(the deal would have to own the whole-matrix copies NorMuon keeps under TP); use one of them"

@@ -460,9 +460,7 @@ def build_plain_optimizer(
     names = {id(r.param): r.name for r in routes}
     # tensor parallelism: NorMuon steps whole copies of the TP-split matrices (:mod:`.tensor_parallel`)
     shadows = TPShadows([r.param for r in nm]) if _parallel_group("tensor") is not None else None
-    if shadows:
-        if sharding is not None:
-            raise ValueError("the layer-wise distributed optimizer with tensor parallelism > 1 is not supported yet")
+    if shadows:  # (with the layer-wise distributed optimizer: refused by build_optimizer)
         nm = [dataclasses.replace(r, param=shadows.shadow_of(r.param)) if shadows.shadow_of(r.param) is not None
               else r for r in nm]
         names.update({id(r.param): r.name for r in nm})
