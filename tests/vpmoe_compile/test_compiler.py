@@ -14,8 +14,10 @@ def _transformed(seed=0, value_residual=False):
     from megatron_base import build_stock_gpt, load_config
 
     cfg = load_config("tiny")
-    if value_residual:  # every layer reads layer 1's values through the shared state
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, value_residual=True, value_residual_init=0.5))
+    if value_residual:  # the fork's features: every layer reads layer 1's values through the
+        # shared state, and the linear biases (grouped-expert biases gathered per sorted row)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, value_residual=True, value_residual_init=0.5,
+                                                                 add_bias_linear=True))
     torch.manual_seed(seed)
     model = build_stock_gpt(cfg, device="cpu")
     vpmoe_compile.transform(model, cfg, progress=False)
@@ -43,7 +45,7 @@ def _layer_inputs(model, batch):
     return regions, inputs
 
 
-@pytest.mark.parametrize("value_residual", [False, True], ids=["plain", "value_residual"])
+@pytest.mark.parametrize("value_residual", [False, True], ids=["plain", "value_residual_and_biases"])
 def test_every_layer_is_one_graph_without_breaks(megatron_env, value_residual):
     from megatron_base.compat import dynamo_config
 
@@ -63,7 +65,7 @@ def test_every_layer_is_one_graph_without_breaks(megatron_env, value_residual):
     assert {"GroupedMoELayer", "MLP"} <= kinds
 
 
-@pytest.mark.parametrize("value_residual", [False, True], ids=["plain", "value_residual"])
+@pytest.mark.parametrize("value_residual", [False, True], ids=["plain", "value_residual_and_biases"])
 def test_compiled_training_matches_eager_without_recompiling(megatron_env, value_residual):
     """aot_eager (AOTAutograd, no Inductor) over 4 steps with a changing lr: graphs are made in
     the first step only (one per layer kind + final norm + head), and losses equal eager's
