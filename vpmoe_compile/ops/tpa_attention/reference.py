@@ -355,6 +355,8 @@ def tpa_fork_emulation(
     eps: float = 1e-5,
     softmax_scale: Optional[float] = None,
     dtype: torch.dtype = torch.bfloat16,
+    v1: Optional[Tensor] = None,
+    lam: Optional[Tensor] = None,
 ) -> Tensor:
     """The fork's local-layer chain with its rounding points.
 
@@ -362,7 +364,8 @@ def tpa_fork_emulation(
     ``dtype`` output; cos/sin rounded to ``dtype`` and the rotation done in ``dtype``; logits
     from a ``dtype`` ``baddbmm`` (rounded), softmax in fp32 with ``-10000`` fill for masked
     entries and the sink as an extra column; probabilities rounded to ``dtype`` before
-    ``P @ V``.
+    ``P @ V``. The value residual (``v1 [s, b, G, d]`` and the 0-d ``lam``, both or neither) is
+    mixed in ``dtype``: ``lam * v + (1 - lam) * v1``, as the fork mixes its bf16 values.
 
     Returns:
         ``out [s, b, H*d]`` in ``dtype``.
@@ -376,6 +379,9 @@ def tpa_fork_emulation(
     if qkv_bias is not None:
         mixed = mixed + qkv_bias.to(dtype)
     q, k, v = split_mixed_qkv(mixed, H, G, d)
+    if v1 is not None:
+        lam_d = lam.to(dtype)
+        v = lam_d * v + (1 - lam_d) * v1.to(dtype)
 
     def norm(x, g):
         if g is None:
