@@ -382,6 +382,12 @@ def build_megatron_optimizer(
         if main is not None:
             names.setdefault(id(main), r.name)
     chained = NorMuonChainedOptimizer(optimizers, nan_policy=st.nan_policy, names=names)
+    # Megatron's groups carry only wd_mult (its scheduler writes weight_decay = wd * wd_mult on
+    # each step); until then torch's AdamW would decay every group, norms and biases included.
+    # Set it now, as the plain path does, so an optimizer stepped before (or without) a
+    # scheduler decays what the scheduler would.
+    for g in chained.param_groups:
+        g["weight_decay"] = st.weight_decay * float(g.get("wd_mult", 1.0))
     names = chained._names
     for o in optimizers:
         if isinstance(getattr(o, "optimizer", None), NorMuon):

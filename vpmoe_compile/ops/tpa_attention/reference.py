@@ -365,7 +365,8 @@ def tpa_fork_emulation(
     from a ``dtype`` ``baddbmm`` (rounded), softmax in fp32 with ``-10000`` fill for masked
     entries and the sink as an extra column; probabilities rounded to ``dtype`` before
     ``P @ V``. The value residual (``v1 [s, b, G, d]`` and the 0-d ``lam``, both or neither) is
-    mixed in ``dtype``: ``lam * v + (1 - lam) * v1``, as the fork mixes its bf16 values.
+    mixed as the fork mixes its bf16 values: ``lam * v + (1 - lam) * v1`` with each product and
+    the sum rounded to ``dtype`` (``lam`` a 0-d fp32 tensor, which does not round it).
 
     Returns:
         ``out [s, b, H*d]`` in ``dtype``.
@@ -379,9 +380,8 @@ def tpa_fork_emulation(
     if qkv_bias is not None:
         mixed = mixed + qkv_bias.to(dtype)
     q, k, v = split_mixed_qkv(mixed, H, G, d)
-    if v1 is not None:
-        lam_d = lam.to(dtype)
-        v = lam_d * v + (1 - lam_d) * v1.to(dtype)
+    if v1 is not None:  # 0-d fp32 lam: each product is a dtype tensor, computed with lam unrounded
+        v = lam * v + (1 - lam) * v1.to(dtype)
 
     def norm(x, g):
         if g is None:
