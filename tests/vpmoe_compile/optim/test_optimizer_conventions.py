@@ -547,10 +547,11 @@ def test_scheduler_drives_the_lr_the_step_uses(megatron_world, path):
     sched_opt = build_optimizer(tops[1], SimpleNamespace(**base))
     half_opt = build_optimizer(tops[2], SimpleNamespace(**half))
     full_opt = build_optimizer(tops[3], SimpleNamespace(**base))
-    # before any scheduler each group already decays as the scheduler would (wd * wd_mult;
-    # Megatron's own groups carry only wd_mult)
-    for opt in (half_opt, full_opt):
+    # before any scheduler each group already runs at its peak lr and decays as the scheduler
+    # would (Megatron's own groups carry only max_lr / wd_mult until its scheduler runs)
+    for opt, peak in ((half_opt, half), (full_opt, base)):
         assert all(g["weight_decay"] == wd * g["wd_mult"] for g in opt.param_groups)
+        assert {g["lr"] for g in opt.param_groups} == {peak["lr"], peak["normuon_aux_lr"]}
     assert {g["wd_mult"] for g in full_opt.param_groups} == {0.0, 1.0}
     _scheduler(frozen_opt, lr, 0.0, wd)  # warm-up step 0: lr 0 everywhere
     assert {g["lr"] for g in frozen_opt.param_groups} == {0.0}
