@@ -257,6 +257,29 @@ def render_step_summary(results: Path) -> str:
     return _join(lines + ["", source_note(results, name)])
 
 
+def render_step_fork(results: Path) -> str:
+    """The fork's locked features (value residual + linear biases) against the same model without
+    them, both compiled, one run."""
+    name = "step_fork_features.json"
+    data = load(results, name)
+    res = {r["variant"]: r for r in data["results"] if "error" not in r}
+    base, fork = res["transformed_compiled"], res["fork_compiled"]
+    acc = data["meta"]["accum"]
+    rows = [[r["label"], num(r["fwd_bwd_ms"]), num(r["finalize_optimizer_ms"]), num(r["accumulated_step_ms"]),
+             f"{r['tokens_per_s']:,.0f}", f"{r['peak_mem_gib']:.1f} GiB"] for r in (base, fork)]
+    sp = fork["speedup_vs_fork_base"]
+    times = base["micro_batch"]["fwd_bwd_ms"]
+    spread = 100 * (max(times) - min(times)) / base["fwd_bwd_ms"]
+    head = ["variant (compiled)", "fwd+bwd / micro-batch (ms)", "finalize + optimizer (ms)",
+            f"step of {acc} micro-batches (ms)", "tokens/s", "peak memory"]
+    text = wrap(f"Time of the variant without them over the time with them: fwd+bwd {sp['fwd_bwd']:.2f}, "
+                f"micro-batch step {sp['micro_step']:.2f}, step of {acc} micro-batches {sp['accumulated_step']:.2f} "
+                f"(medians of {fork['counts']['micro_steps']} micro-batches and {fork['counts']['accum_steps']} "
+                f"accumulated step; one variant's micro-batch fwd+bwd times spread over {spread:.0f} % of their "
+                "median, so differences below that are noise).")
+    return _join(table(head, rows) + ["", text, "", source_note(results, name)])
+
+
 def render_window_kernels(results: Path) -> str:
     name = "window_kernels.json"
     data = load(results, name)
@@ -667,6 +690,7 @@ REGIONS: dict[str, Callable[[Path], str]] = {
     "step_before_moe_pass": render_step_before_moe,
     "step": render_step,
     "step_summary": render_step_summary,
+    "step_fork": render_step_fork,
     "window_kernels": render_window_kernels,
     "head": render_head,
     "head_summary": render_head_summary,
