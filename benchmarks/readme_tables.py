@@ -665,7 +665,7 @@ def render_tokenizer(results: Path) -> str:
         f"{enc['ours_batch']['mb_per_s']:.2f} vs {enc['tiktoken_batch']['mb_per_s']:.2f} MB/s batched "
         f"({ratio['batch']:.3f}×); dataset builder {b['workers_1']['mb_per_s']:.1f} MB/s (1 worker) / "
         f"{b['workers_2']['mb_per_s']:.1f} MB/s (2 workers)"
-        + (f", {d['builder_vs_raw']['ratio']:.2f}× the raw batched tokenizer timed alongside it (threads; "
+        + (f", {d['builder_vs_raw']['ratio']:.2f}× the raw batched tokenizer timed interleaved with it (threads; "
            f"{d['builder_vs_raw']['ratio_processes']:.2f}× with the process pool; goal ≥ "
            f"{d['builder_vs_raw']['goal']:.1f}×: {'met' if d['builder_vs_raw']['goal_met'] else 'missed'})"
            if "builder_vs_raw" in d else "")

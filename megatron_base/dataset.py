@@ -621,11 +621,11 @@ def build_dataset(config: DatasetBuildConfig) -> BuildResult:
                         errors.append({"line": line_no, "error": msg})
                 counts.update(kinds)
                 preambles.update(pre)
-                offset = 0
-                for n in lengths.tolist():
-                    tok_builder.add_document(tok_arr[offset : offset + n], [n])
-                    mask_builder.add_document(mask_arr[offset : offset + n], [n])
-                    offset += n
+                if lengths.size:
+                    # one write per chunk: its documents' sequences, then (below, before
+                    # finalize) one document boundary after every sequence
+                    tok_builder.add_document(tok_arr, lengths.tolist())
+                    mask_builder.add_document(mask_arr, lengths.tolist())
                 counts["tokens"] += int(tok_arr.size)
                 counts["trained_tokens"] += int(mask_arr.sum(dtype=np.int64))
                 bar.update(nbytes)
@@ -634,6 +634,10 @@ def build_dataset(config: DatasetBuildConfig) -> BuildResult:
             raise DatasetBuildError(
                 _no_document_message(cfg.input_path, input_size, counts, n_bad, errors)
             )
+        for b in (tok_builder, mask_builder):
+            # every document is one sequence: the boundaries are 0, 1, ..., n (what one
+            # add_document per document would have recorded)
+            b.document_indices = list(range(len(b.sequence_lengths) + 1))
         tok_builder.finalize(tmp["tokens_idx"])
         mask_builder.finalize(tmp["mask_idx"])
         if n_bad:
