@@ -244,6 +244,11 @@ def plot(res: dict, path: Path) -> None:
     rule = (f"rule: max_t |l_c - l_e| / l_e <= {MAX_REL_TOL:g}  (measured {cmp_['max_rel_diff']:.2e} at step "
             f"{cmp_['max_rel_diff_step']})\n      |mean of last {cmp_['final_window']} (l_c - l_e)| / mean l_e <= "
             f"{FINAL_MEAN_REL_TOL:g}  (measured {cmp_['final_mean_rel_diff']:.2e})  ->  {verdict} tolerance")
+    y = res.get("yardstick")
+    if y:
+        rule += (f"\nyardstick: eager vs eager from 1-ulp-perturbed weights drifts max {y['max_rel_diff']:.2e}, "
+                 f"final mean {y['final_mean_rel_diff']:.2e}\n      compiled vs eager within 2x of that  ->  "
+                 f"{'WITHIN' if y['compiled_within_2x'] else 'OUTSIDE'}")
     fig.text(0.01, 0.01, rule, fontsize=8.5, family="monospace", va="bottom", ha="left",
              bbox=dict(boxstyle="round", facecolor="white", alpha=0.9, edgecolor="#999999"))
     from matplotlib.ticker import MaxNLocator
@@ -251,7 +256,8 @@ def plot(res: dict, path: Path) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     lo, hi = min(le + lc), max(le + lc)
     pad = (hi - lo) * 0.1 or 0.1
-    ax.set_ylim(lo - 3.5 * pad, hi + 2.5 * pad)  # curves above the difference bars, legend on top
+    # curves above the difference bars, legend on top; a loss is never negative
+    ax.set_ylim(max(0.0, lo - 3.5 * pad), hi + 2.5 * pad)
     same = cmp_.get("same_initial_weights")
     fig.suptitle(
         f"Training parity, eager vs compiled: config {meta['config']}, {meta['steps']} steps, micro-batch "
@@ -259,7 +265,7 @@ def plot(res: dict, path: Path) -> None:
         f"{meta['device']}, torch {meta['torch']}, compile backend {meta['compile_backend']}; same seed and batches, "
         f"same initial weights: {'yes' if same else 'NO' if same is not None else '?'}",
         fontsize=10.5)
-    fig.tight_layout(rect=(0, 0.09, 1, 0.93))
+    fig.tight_layout(rect=(0, 0.14 if y else 0.09, 1, 0.93))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -284,7 +290,13 @@ def main(argv=None) -> int:
                    help="also train eager from weights with the last bit of 1%% of the elements flipped: how far "
                         "two eager runs drift apart from a 1-ulp difference (the size of compilation's rounding "
                         "changes); the compiled run is then also judged against 2x that drift")
+    p.add_argument("--replot", default=None, metavar="JSON", help="only redraw the PNG beside an existing JSON")
     args = p.parse_args(argv)
+    if args.replot:
+        src = Path(args.replot)
+        plot(json.loads(src.read_text()), src.with_suffix(".png"))
+        print(f"[parity] wrote {src.with_suffix('.png')}")
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: benchmarks/train_parity.py needs a CUDA GPU (or --device cpu for a smoke run)", file=sys.stderr)
         return 2
