@@ -235,7 +235,7 @@ def plot(out: dict, path: str) -> None:
 
     results, builder, render, long_piece = out["encode"], out["builder"], out["render"], out["render_single_piece"]
     ratio = out["ratio_ours_over_tiktoken"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [1, 1.5, 1]})
 
     def bars(ax, labels, vals, colors, fmt):
         drawn = ax.bar(range(len(vals)), vals, color=colors)
@@ -260,7 +260,7 @@ def plot(out: dict, path: str) -> None:
         return f"builder, {n} thread{'s' if n != '1' else ''}"
 
     bvr = out.get("builder_vs_raw", {})
-    raw = [("raw tiktoken batched (same phase)", bvr["raw_mb_per_s"])] if "raw_mb_per_s" in bvr else []
+    raw = [("raw tiktoken, batched", bvr["raw_mb_per_s"])] if "raw_mb_per_s" in bvr else []
     bars(axes[1], [worker_label(k) for k in builder] + [x for x, _ in raw]
          + ["render, ours", "render, openai-harmony"],
          [builder[k]["mb_per_s"] for k in builder] + [v for _, v in raw]
