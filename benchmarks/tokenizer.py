@@ -15,12 +15,14 @@ Configurations (all on the same ``tiktoken.Encoding`` built from the verified as
 * ``ours_loop``: ``O200kHarmonyTokenizer.tokenize(doc)``, 1 thread;
 * ``tiktoken_batch``: ``enc.encode_ordinary_batch(docs, num_threads=cores)``;
 * ``ours_batch``: ``tokenize_batch(docs, num_threads=cores)``;
-* ``builder``: ``build_dataset`` on a JSONL of the corpus documents plus the demo
-  conversations, ``--builder-repeat`` times over (default 4, ~21 MB), with ``workers=cores``
-  threads (the default executor), ``workers=cores`` processes and ``workers=1`` (MB/s of JSONL
-  input, each build's start-up included), timed interleaved in random order with the raw
-  batched tokenizer over the same documents; ``builder_vs_raw`` is the ratio of the medians
-  (goal >= 0.9), and the start-up alone is timed on a one-line input;
+* ``builder``: ``build_dataset`` on a JSONL of the corpus documents, ``--builder-repeat`` times
+  over (default 4, ~20 MB), with ``workers=cores`` threads (the default executor),
+  ``workers=cores`` processes and ``workers=1``, and with ``workers=cores`` threads on the same
+  JSONL plus a Harmony conversation after every 4th document (``mixed``); each build's start-up
+  included, timed interleaved in random order with the raw batched tokenizer over the same
+  documents. ``builder_vs_raw.ratio`` is the builder's tokens per second over the raw
+  tokenizer's on the same documents (goal >= 0.9; ``ratio_mixed`` with the conversations); the
+  start-up alone is timed on a one-line input;
 * Harmony render: ours vs openai-harmony's ``render_conversation_for_training`` on the demo
   conversations (MB/s of rendered content), and the time to render one message holding a single
   unbroken piece of 25k ... 100k characters (harmony is quadratic there) and 1 MB (ours only).
@@ -224,7 +226,7 @@ ENCODE_LABELS = {
 
 
 def plot(out: dict, path: str) -> None:
-    """The three panels of tokenizer.png from the JSON this script writes."""
+    """The four panels of tokenizer.png from the JSON this script writes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,7 +237,9 @@ def plot(out: dict, path: str) -> None:
 
     results, builder, render, long_piece = out["encode"], out["builder"], out["render"], out["render_single_piece"]
     ratio = out["ratio_ours_over_tiktoken"]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [1, 1.5, 1]})
+    bvr = out.get("builder_vs_raw", {})
+    by_tokens = "raw_mtokens_per_s" in bvr and all("mtokens_per_s" in v for v in builder.values())
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.8), gridspec_kw={"width_ratios": [1, 1.1, 0.6, 1]})
 
     def bars(ax, labels, vals, colors, fmt):
         drawn = ax.bar(range(len(vals)), vals, color=colors)
@@ -257,21 +261,29 @@ def plot(out: dict, path: str) -> None:
         if k == "processes":
             return f"builder, {out['machine']['cpu_count']} processes"
         n = k.split("_")[-1]
-        return f"builder, {n} thread{'s' if n != '1' else ''}"
+        mixed = " + conversations" if k.startswith("mixed") else ""
+        return f"builder, {n} thread{'s' if n != '1' else ''}{mixed}"
 
-    bvr = out.get("builder_vs_raw", {})
-    raw = [("raw tiktoken, batched", bvr["raw_mb_per_s"])] if "raw_mb_per_s" in bvr else []
-    bars(axes[1], [worker_label(k) for k in builder] + [x for x, _ in raw]
-         + ["render, ours", "render, openai-harmony"],
-         [builder[k]["mb_per_s"] for k in builder] + [v for _, v in raw]
-         + [render["ours"]["content_mb_per_s"], render["openai_harmony"]["content_mb_per_s"]],
-         ["#2ca02c"] * len(builder) + ["#888"] * len(raw) + ["#1f77b4", "#888"], "{:.2f}")
-    axes[1].set_ylabel("MB/s (higher is better)")
-    title = "dataset builder (MB of JSONL input per second) vs raw tokenizer,\nHarmony render (MB of message content per second)"
-    if "raw_mb_per_s" in bvr:
-        title += f"\nbuilder / raw: {bvr['ratio']:.2f} (goal >= {bvr['goal']:.1f})"
-    axes[1].set_title(title, fontsize=9)
-    ax = axes[2]
+    if by_tokens:  # the builder against the raw tokenizer, in tokens per second
+        key, raw_v, unit = "mtokens_per_s", bvr["raw_mtokens_per_s"], "M tokens/s"
+        head = "dataset builder vs raw tokenizer (tokens written per second)"
+    else:  # a record from before tokens/s was measured
+        key, raw_v, unit = "mb_per_s", bvr.get("raw_mb_per_s"), "MB/s"
+        head = "dataset builder (MB of JSONL input per second)"
+    raw = [("raw tiktoken, batched", raw_v)] if raw_v else []
+    bars(axes[1], [worker_label(k) for k in builder] + [x for x, _ in raw],
+         [builder[k][key] for k in builder] + [v for _, v in raw],
+         ["#2ca02c"] * len(builder) + ["#888"] * len(raw), "{:.2f}")
+    axes[1].set_ylabel(f"{unit} (median, higher is better)")
+    if "ratio" in bvr:
+        head += f"\nbuilder ({out['machine']['cpu_count']} threads) / raw: {bvr['ratio']:.2f} (goal >= {bvr['goal']:.1f})"
+    axes[1].set_title(head, fontsize=9.5)
+    bars(axes[2], ["ours", "openai-harmony"],
+         [render["ours"]["content_mb_per_s"], render["openai_harmony"]["content_mb_per_s"]], ["#1f77b4", "#888"],
+         "{:.2f}")
+    axes[2].set_ylabel("MB of message content per second")
+    axes[2].set_title("Harmony render,\ndemo conversations", fontsize=9.5)
+    ax = axes[3]
     pts = list(long_piece.values())
     ax.loglog([p["chars"] for p in pts], [p["ours_s"] for p in pts], "o-", label="ours (tiktoken)")
     hp = [p for p in pts if "openai_harmony_s" in p]
@@ -362,44 +374,50 @@ def main() -> None:
 
     # ---- dataset builder --------------------------------------------------------------------
     # One phase, interleaved: each rep times the raw batched tokenizer and the builder variants in
-    # a fresh random order, so that the ratio compares trials taken under the same machine state
+    # a fresh random order, so that the ratios compare trials taken under the same machine state
     # (the raw numbers of the encode phase above are not reused: on a shared 2-core VM a phase
     # apart they differed by 20 %, and a raw trial timed right after the process pool shut down
-    # was slowed by it). The input is the corpus --builder-repeat times over, so the build's
-    # one-off start-up (timed apart on a one-line input) is a small part of each trial.
+    # was slowed by it). Inputs are the corpus --builder-repeat times over, so the build's one-off
+    # start-up (timed apart on a one-line input) is a small part of each trial: "text" holds the
+    # very documents the raw tokenizer encodes (one {"text": ...} line each), "mixed" adds a
+    # Harmony conversation after every 4th document (rendered by the builder, which the raw
+    # tokenizer cannot do). Throughput is compared in tokens per second.
     builder = {}
+    reps_in = max(1, args.builder_repeat)
     with tempfile.TemporaryDirectory() as tmp:
-        inp = Path(tmp) / "bench.jsonl"
-        reps_in = max(1, args.builder_repeat)
-        with open(inp, "w", encoding="utf-8") as f:
-            for _ in range(reps_in):
-                for i, d in enumerate(docs):
-                    f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
-                    if i % 4 == 0 and convs:
-                        f.write(json.dumps(convs[(i // 4) % len(convs)], ensure_ascii=False) + "\n")
+        inputs = {"text": Path(tmp) / "text.jsonl", "mixed": Path(tmp) / "mixed.jsonl"}
+        for kind, path in inputs.items():
+            with open(path, "w", encoding="utf-8") as f:
+                for _ in range(reps_in):
+                    for i, d in enumerate(docs):
+                        f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+                        if kind == "mixed" and i % 4 == 0 and convs:
+                            f.write(json.dumps(convs[(i // 4) % len(convs)], ensure_ascii=False) + "\n")
+        in_bytes = {kind: path.stat().st_size for kind, path in inputs.items()}
         one = Path(tmp) / "one.jsonl"
         one.write_text(json.dumps({"text": docs[0][:200]}, ensure_ascii=False) + "\n", encoding="utf-8")
-        in_bytes = inp.stat().st_size
         raw_docs = docs * reps_in
-        raw_bytes = nbytes * reps_in
         counter = itertools.count()
         manifests = {}
 
-        def run_build(key, **kw):
+        def run_build(key, kind, **kw):
             out = Path(tmp) / f"{key}_{next(counter)}" / "d"
-            manifests[key] = build_dataset(DatasetBuildConfig(str(inp), str(out), progress=False, **kw)).manifest
+            manifests[key] = build_dataset(DatasetBuildConfig(str(inputs[kind]), str(out), progress=False,
+                                                              **kw)).manifest
 
         def run_startup():  # a one-line input: the build's one-off cost (vocab check, pool, commit)
             build_dataset(DatasetBuildConfig(str(one), str(Path(tmp) / f"s_{next(counter)}" / "d"), workers=cores,
                                              progress=False))
 
-        variants = {
-            "raw": lambda: enc.encode_ordinary_batch(raw_docs, num_threads=cores),
-            "workers_1": lambda: run_build("workers_1", workers=1),
-            f"workers_{cores}": lambda: run_build(f"workers_{cores}", workers=cores),
-            "processes": lambda: run_build("processes", workers=cores, executor="processes"),
-            "startup": run_startup,
+        plan = {  # key: (input, build_dataset keywords)
+            "workers_1": ("text", dict(workers=1)),
+            f"workers_{cores}": ("text", dict(workers=cores)),
+            "processes": ("text", dict(workers=cores, executor="processes")),
+            f"mixed_workers_{cores}": ("mixed", dict(workers=cores)),
         }
+        variants = {"raw": lambda: enc.encode_ordinary_batch(raw_docs, num_threads=cores), "startup": run_startup}
+        for key, (kind, kw) in plan.items():
+            variants[key] = lambda key=key, kind=kind, kw=kw: run_build(key, kind, **kw)
         for fn in variants.values():
             fn()  # warm-up (worker start-up stays in every timed trial)
         bt = {k: [] for k in variants}
@@ -408,42 +426,49 @@ def main() -> None:
             rnd.shuffle(order)
             for k in order:
                 bt[k].append(_time(variants[k]))
-        for k in variants:
-            if k in ("raw", "startup"):
-                continue
-            builder[k] = {
-                "median_s": statistics.median(bt[k]),
-                "mb_per_s": in_bytes / 1e6 / statistics.median(bt[k]),
-                "trials": bt[k],
-                "executor": ("in-process" if k == "workers_1" else "processes" if k == "processes"
-                             else DatasetBuildConfig("x", "y").executor),
-                "documents": manifests[k]["counts"]["documents"],
-                "tokens": manifests[k]["counts"]["tokens"],
+        for key, (kind, kw) in plan.items():
+            counts, med = manifests[key]["counts"], statistics.median(bt[key])
+            builder[key] = {
+                "input": kind,
+                "median_s": med,
+                "mb_per_s": in_bytes[kind] / 1e6 / med,
+                # the tokenizer's output only: each document's appended EOD is not counted
+                "mtokens_per_s": (counts["tokens"] - counts["documents"]) / 1e6 / med,
+                "trials": bt[key],
+                "executor": ("in-process" if kw["workers"] == 1 else kw.get("executor", DatasetBuildConfig("x", "y").executor)),
+                "documents": counts["documents"],
+                "conversations": counts["conversations"],
+                "tokens": counts["tokens"],
             }
-            print(f"builder {k}: {builder[k]['mb_per_s']:.2f} MB/s of JSONL ({in_bytes / 1e6:.2f} MB)",
-                  flush=True)
+            print(f"builder {key}: {builder[key]['mtokens_per_s']:.2f} M tokens/s, {builder[key]['mb_per_s']:.2f} MB/s "
+                  f"of JSONL ({in_bytes[kind] / 1e6:.2f} MB, {kind})", flush=True)
         print(f"builder start-up (one-line input): {statistics.median(bt['startup']) * 1e3:.1f} ms", flush=True)
-    raw_mb_s = raw_bytes / 1e6 / statistics.median(bt["raw"])
-    ratio = builder[f"workers_{cores}"]["mb_per_s"] / raw_mb_s
+    raw_s = statistics.median(bt["raw"])
+    raw_mtok_s = ntok * reps_in / 1e6 / raw_s
+    ratio = builder[f"workers_{cores}"]["mtokens_per_s"] / raw_mtok_s
     builder_vs_raw = {
-        "what": (f"build-dataset with {cores} workers (MB/s of its JSONL input: the corpus documents plus "
-                 "Harmony conversations, worker start-up included) over the raw batched tokenizer "
-                 f"(tiktoken encode_ordinary_batch, {cores} threads, MB/s of the documents' text), both over "
-                 "the corpus builder_repeat times, medians of trials interleaved in random order in one phase"),
+        "what": (f"build-dataset with {cores} threads over the raw batched tokenizer (tiktoken encode_ordinary_batch, "
+                 f"{cores} threads) on the same documents (the 'text' input: one JSONL line per document), in tokens "
+                 "per second (the builder's: every token it writes but the documents' EOD), both over the corpus "
+                 "builder_repeat times, worker start-up included, medians of trials interleaved in random order in "
+                 "one phase; ratio_mixed: the 'mixed' input, which adds Harmony conversations the builder renders"),
         "builder_repeat": reps_in,
         "input_bytes": in_bytes,
         "startup_s": statistics.median(bt["startup"]),
-        "raw_mb_per_s": raw_mb_s,
+        "raw_mb_per_s": nbytes * reps_in / 1e6 / raw_s,
+        "raw_mtokens_per_s": raw_mtok_s,
         "raw_trials": bt["raw"],
         "ratio": ratio,
         "executor": DatasetBuildConfig("x", "y").executor,
-        "ratio_processes": builder["processes"]["mb_per_s"] / raw_mb_s,
-        "ratio_1_worker_vs_raw_batched": builder["workers_1"]["mb_per_s"] / raw_mb_s,
+        "ratio_processes": builder["processes"]["mtokens_per_s"] / raw_mtok_s,
+        "ratio_1_worker_vs_raw_batched": builder["workers_1"]["mtokens_per_s"] / raw_mtok_s,
+        "ratio_mixed": builder[f"mixed_workers_{cores}"]["mtokens_per_s"] / raw_mtok_s,
         "goal": 0.9,
         "goal_met": ratio >= 0.9,
     }
-    print(f"builder vs raw batched tokenizer: {ratio:.3f} (threads), "
-          f"{builder_vs_raw['ratio_processes']:.3f} (process pool); raw {raw_mb_s:.2f} MB/s", flush=True)
+    print(f"builder vs raw batched tokenizer, tokens/s, same documents: {ratio:.3f} (threads), "
+          f"{builder_vs_raw['ratio_processes']:.3f} (process pool); with conversations "
+          f"{builder_vs_raw['ratio_mixed']:.3f}; raw {raw_mtok_s:.2f} M tokens/s", flush=True)
 
     # ---- Harmony rendering --------------------------------------------------------------------
     henc = load_harmony_encoding_offline()

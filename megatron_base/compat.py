@@ -120,6 +120,7 @@ import importlib
 import warnings
 from typing import Callable, Dict, Iterable, List, Tuple
 
+import numpy as np
 import torch
 
 _APPLIED: Dict[str, List[Tuple[object, str, object]]] = {}
@@ -589,6 +590,23 @@ def gpt_dataset_sample_from(dataset, indexed_dataset, idx: int):
         return dataset._query_document_sample_shuffle_indices(idx)
     finally:
         dataset.dataset = tokens_dataset
+
+
+def indexed_builder_append_documents(builder, array, lengths) -> memoryview:
+    """Append ``len(lengths)`` one-sequence documents, laid end to end in ``array``, to Megatron's
+    ``IndexedDatasetBuilder``: what one ``add_document(array[o:o + n], [n])`` per document records
+    (the bytes, ``sequence_lengths`` and ``document_indices``; 0.16.1's attributes), with one
+    ``write`` of the array's own memory instead of two copies per document. ``array`` must
+    already have the builder's dtype. Returns the bytes written (a view, for hashing)."""
+    array = np.ascontiguousarray(array)
+    if array.dtype != np.dtype(builder.dtype):
+        raise TypeError(f"array dtype {array.dtype} is not the builder's {np.dtype(builder.dtype)}")
+    view = memoryview(array).cast("B")
+    builder.data_file.write(view)
+    first = len(builder.sequence_lengths)
+    builder.sequence_lengths.extend(lengths)
+    builder.document_indices.extend(range(first + 1, len(builder.sequence_lengths) + 1))
+    return view
 
 
 def module_call_impl(module: torch.nn.Module) -> Callable:

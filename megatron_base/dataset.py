@@ -592,6 +592,7 @@ def build_dataset(config: DatasetBuildConfig) -> BuildResult:
     n_bad = 0
     tok_builder = IndexedDatasetBuilder(tmp["tokens_bin"], dtype=np.int32)
     mask_builder = IndexedDatasetBuilder(tmp["mask_bin"], dtype=np.uint8)
+    bin_hash = {"tokens": hashlib.sha256(), "mask": hashlib.sha256()}  # of the .bin bytes written
     try:
         from tqdm import tqdm
 
@@ -621,11 +622,10 @@ def build_dataset(config: DatasetBuildConfig) -> BuildResult:
                         errors.append({"line": line_no, "error": msg})
                 counts.update(kinds)
                 preambles.update(pre)
-                if lengths.size:
-                    # one write per chunk: its documents' sequences, then (below, before
-                    # finalize) one document boundary after every sequence
-                    tok_builder.add_document(tok_arr, lengths.tolist())
-                    mask_builder.add_document(mask_arr, lengths.tolist())
+                if lengths.size:  # one write per chunk, hashed as it is written
+                    n_list = lengths.tolist()
+                    bin_hash["tokens"].update(compat.indexed_builder_append_documents(tok_builder, tok_arr, n_list))
+                    bin_hash["mask"].update(compat.indexed_builder_append_documents(mask_builder, mask_arr, n_list))
                 counts["tokens"] += int(tok_arr.size)
                 counts["trained_tokens"] += int(mask_arr.sum(dtype=np.int64))
                 bar.update(nbytes)
@@ -634,10 +634,6 @@ def build_dataset(config: DatasetBuildConfig) -> BuildResult:
             raise DatasetBuildError(
                 _no_document_message(cfg.input_path, input_size, counts, n_bad, errors)
             )
-        for b in (tok_builder, mask_builder):
-            # every document is one sequence: the boundaries are 0, 1, ..., n (what one
-            # add_document per document would have recorded)
-            b.document_indices = list(range(len(b.sequence_lengths) + 1))
         tok_builder.finalize(tmp["tokens_idx"])
         mask_builder.finalize(tmp["mask_idx"])
         if n_bad:
@@ -651,7 +647,7 @@ def build_dataset(config: DatasetBuildConfig) -> BuildResult:
                 "bin": os.path.basename(final["tokens_bin"]),
                 "idx": os.path.basename(final["tokens_idx"]),
                 "dtype": "int32",
-                "bin_sha256": _sha256_file(tmp["tokens_bin"]),
+                "bin_sha256": bin_hash["tokens"].hexdigest(),
                 "idx_sha256": _sha256_file(tmp["tokens_idx"]),
                 "bin_bytes": os.path.getsize(tmp["tokens_bin"]),
                 "idx_bytes": os.path.getsize(tmp["tokens_idx"]),
@@ -660,7 +656,7 @@ def build_dataset(config: DatasetBuildConfig) -> BuildResult:
                 "bin": os.path.basename(final["mask_bin"]),
                 "idx": os.path.basename(final["mask_idx"]),
                 "dtype": "uint8",
-                "bin_sha256": _sha256_file(tmp["mask_bin"]),
+                "bin_sha256": bin_hash["mask"].hexdigest(),
                 "idx_sha256": _sha256_file(tmp["mask_idx"]),
                 "bin_bytes": os.path.getsize(tmp["mask_bin"]),
                 "idx_bytes": os.path.getsize(tmp["mask_idx"]),

@@ -382,13 +382,14 @@ def build_megatron_optimizer(
         if main is not None:
             names.setdefault(id(main), r.name)
     chained = NorMuonChainedOptimizer(optimizers, nan_policy=st.nan_policy, names=names)
-    # Megatron's groups carry only max_lr / lr_mult / wd_mult (its scheduler writes lr and
-    # weight_decay from them on each step); until then torch's AdamW steps every group at the
-    # config's lr (NorMuon's, not normuon_aux_lr) and decays every group, norms and biases
-    # included. Set both now, as the plain path does: an optimizer stepped before (or without) a
-    # scheduler runs at the peak lr and decays what the scheduler would.
+    # Megatron's groups carry only max_lr / wd_mult (its OptimizerParamScheduler writes
+    # lr = get_lr(group), from max_lr, and weight_decay = wd * wd_mult on each step); until then
+    # torch's AdamW steps every group at the config's lr (NorMuon's, not normuon_aux_lr) and
+    # decays every group, norms and biases included. Set both now, as the plain path does: an
+    # optimizer stepped before (or without) a scheduler runs at its peak lr and decays what the
+    # scheduler would.
     for g in chained.param_groups:
-        g["lr"] = float(g.get("max_lr", g["lr"])) * float(g.get("lr_mult", 1.0))
+        g["lr"] = float(g.get("max_lr", g["lr"]))
         g["weight_decay"] = st.weight_decay * float(g.get("wd_mult", 1.0))
     names = chained._names
     for o in optimizers:

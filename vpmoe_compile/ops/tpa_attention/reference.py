@@ -365,8 +365,9 @@ def tpa_fork_emulation(
     from a ``dtype`` ``baddbmm`` (rounded), softmax in fp32 with ``-10000`` fill for masked
     entries and the sink as an extra column; probabilities rounded to ``dtype`` before
     ``P @ V``. The value residual (``v1 [s, b, G, d]`` and the 0-d ``lam``, both or neither) is
-    mixed as the fork mixes its bf16 values: ``lam * v + (1 - lam) * v1`` with each product and
-    the sum rounded to ``dtype`` (``lam`` a 0-d fp32 tensor, which does not round it).
+    mixed with the fork's expression on its bf16 values, ``lam * v + (1 - lam) * v1`` (``lam`` a
+    0-d fp32 tensor: PyTorch's type promotion casts it, and ``1 - lam``, to ``dtype`` inside each
+    product; each product and the sum are rounded to ``dtype``).
 
     Returns:
         ``out [s, b, H*d]`` in ``dtype``.
@@ -380,7 +381,7 @@ def tpa_fork_emulation(
     if qkv_bias is not None:
         mixed = mixed + qkv_bias.to(dtype)
     q, k, v = split_mixed_qkv(mixed, H, G, d)
-    if v1 is not None:  # 0-d fp32 lam: each product is a dtype tensor, computed with lam unrounded
+    if v1 is not None:  # the fork's expression; a 0-d fp32 lam is cast to dtype in each product
         v = lam * v + (1 - lam) * v1.to(dtype)
 
     def norm(x, g):
