@@ -659,18 +659,13 @@ def render_tokenizer(results: Path) -> str:
     d = load(results, name)
     enc, ratio, b, rs = d["encode"], d["ratio_ours_over_tiktoken"], d["builder"], d["render_single_piece"]
     cores = d["machine"]["cpu_count"]
-    bvr = d.get("builder_vs_raw", {})
-    many = b.get(f"workers_{cores}", {})
-    if "mtokens_per_s" in many:
-        builder = (f"dataset builder on the same documents {b['workers_1']['mtokens_per_s']:.2f} M tokens/s (1 thread) / "
-                   f"{many['mtokens_per_s']:.2f} M tokens/s ({cores} threads) against the raw batched tokenizer's "
-                   f"{bvr['raw_mtokens_per_s']:.2f} M tokens/s timed interleaved with it: {bvr['ratio']:.2f}× (goal ≥ "
-                   f"{bvr['goal']:.1f}×: {'met' if bvr['goal_met'] else 'missed'}; {bvr['ratio_processes']:.2f}× with the "
-                   f"process pool); with a Harmony conversation after every 4th document, which the builder renders "
-                   f"in Python, {bvr['ratio_mixed']:.2f}×")
-    else:
-        builder = (f"dataset builder {b['workers_1']['mb_per_s']:.1f} MB/s (1 worker) / "
-                   f"{many['mb_per_s']:.1f} MB/s ({cores} workers)")
+    bvr, many = d["builder_vs_raw"], b[f"workers_{cores}"]
+    builder = (f"dataset builder on the same documents {b['workers_1']['mtokens_per_s']:.2f} M tokens/s (1 thread) / "
+               f"{many['mtokens_per_s']:.2f} M tokens/s ({cores} threads) against the raw batched tokenizer's "
+               f"{bvr['raw_mtokens_per_s']:.2f} M tokens/s timed interleaved with it: {bvr['ratio']:.2f}× (goal ≥ "
+               f"{bvr['goal']:.1f}×: {'met' if bvr['goal_met'] else 'missed'}; {bvr['ratio_processes']:.2f}× with the "
+               f"process pool); with a Harmony conversation after every 4th document, which the builder renders "
+               f"in Python, {bvr['ratio_mixed']:.2f}×")
     return (
         f"**Tokenizer** (CPU, {cores} cores) — `python benchmarks/tokenizer.py --reps "
         f"{d['reps']}`: {enc['ours_loop']['mb_per_s']:.2f} MB/s vs raw tiktoken "
