@@ -114,8 +114,8 @@ def test_builder_deterministic_across_workers(built):
 
 
 def test_builder_chunking_does_not_change_the_bytes(built, tmp_path, monkeypatch):
-    """Chunks of 3 lines (each chunk's documents written with one call, document boundaries set
-    at the end) give the bytes of the one-chunk build, in-process and threaded."""
+    """Chunks of 3 lines (each chunk's documents appended with one write) give the bytes of the
+    one-chunk build, in-process and threaded."""
     import megatron_base.dataset as dataset_mod
 
     d, inp, _, _, _ = built

@@ -137,6 +137,10 @@ def op_errors(shape, dtype, value_residual=False, draws=1):
         (lambda *a, **k: tpa_window_attention(*a, backend="triton", **cfg, **k), dtype),
     )
     logit_sq, errs = [0.0, 0.0], None
+    if value_residual:  # the float64 values and lam, for the scale of the logit's sum (dout-independent)
+        _, _, v64 = ref.tpa_prologue_reference(*[t.double() for t in inputs[:6]], num_heads=H,
+                                                num_groups=G, head_dim=D, q_rank=RQ, kv_rank=R)
+        lam = torch.sigmoid(inputs[8].double())
     for draw in range(draws if value_residual else 1):
         if draw:
             gen = torch.Generator(device="cpu").manual_seed(1000 + draw)
@@ -151,9 +155,6 @@ def op_errors(shape, dtype, value_residual=False, draws=1):
         if errs is None:
             errs = {n: (rel(g, e), rel(m, e)) for n, g, m, e in zip(names, got, emul, exact)}
         if value_residual:
-            _, _, v64 = ref.tpa_prologue_reference(*[t.double() for t in inputs[:6]], num_heads=H,
-                                                    num_groups=G, head_dim=D, q_rank=RQ, kv_rank=R)
-            lam = torch.sigmoid(inputs[8].double())
             terms = lam * exact[8] * (v64 - inputs[7].double())  # lam (1 - lam) dv (v - v1); dv1 = (1 - lam) dv
             scale = terms.norm().item()
             for i, x in enumerate((got[9], emul[9])):
