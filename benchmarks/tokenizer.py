@@ -300,8 +300,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--stdlib-mb", type=float, default=4.0)
     ap.add_argument("--builder-repeat", type=int, default=4,
-                    help="the builder phase's input is the corpus (and conversations) this many times over, "
-                         "so that its one-off start-up is a small part of a trial [4]")
+                    help="the builder phase's inputs hold the corpus this many times over, so that a build's "
+                         "one-off start-up is a small part of a trial [4]")
     ap.add_argument("--max-wait", type=float, default=900.0,
                     help="seconds to wait in total for an idle machine before timing anyway")
     ap.add_argument("--unit-timings-only", action="store_true",
