@@ -67,8 +67,13 @@ def transformer_config_from_vpmoe(
     params_dtype: torch.dtype = torch.float32,
     on_gpu: Optional[bool] = None,
     perform_initialization: bool = True,
+    sequence_parallel: bool = False,
 ):
     """The stock ``TransformerConfig`` for a vpMoE config (no library-specific fields).
+
+    ``sequence_parallel`` is Megatron's flag (``--sequence-parallel``): it needs a tensor-parallel
+    size > 1 in the initialised parallel state, and Megatron requires it when tensor and expert
+    parallelism are combined.
 
     ``no_rope_freq`` is set to the global-layer schedule so that global layers are NoPE in the
     stock base (where GRAPE-A goes), local layers get RoPE (docs/design.md#decisions).
@@ -145,6 +150,14 @@ def transformer_config_from_vpmoe(
             moe_router_fusion=False,
         )
     kwargs.update(_parallel_sizes())
+    if sequence_parallel:
+        if kwargs.get("tensor_model_parallel_size", 1) <= 1:
+            raise UnsupportedConfigError(
+                "sequence_parallel=True needs tensor parallelism > 1 (it splits the sequence over the "
+                "tensor-parallel ranks); initialise the parallel state with tensor_model_parallel_size > 1 "
+                "or leave sequence parallelism off"
+            )
+        kwargs["sequence_parallel"] = True
     if kwargs.get("pipeline_model_parallel_size", 1) > 1:
         kwargs["pipeline_dtype"] = params_dtype  # the dtype of the activations sent between stages
     return TransformerConfig(**kwargs)
@@ -179,6 +192,7 @@ def build_stock_gpt(
     *,
     params_dtype: torch.dtype = torch.float32,
     max_sequence_length: Optional[int] = None,
+    sequence_parallel: bool = False,
 ):
     """Build a **stock** Megatron-Core ``GPTModel`` (stock classes only) for a vpMoE config.
 
@@ -188,6 +202,11 @@ def build_stock_gpt(
             or initialised). Default: CUDA when available, else CPU.
         params_dtype: parameter dtype (``torch.bfloat16`` for GPU training).
         max_sequence_length: defaults to ``[attention] max_sequence_length``.
+        sequence_parallel: Megatron's sequence parallelism (tensor-parallel size > 1; required
+            with tensor x expert parallelism). The local spec's torch norms refuse it, so the
+            spec's ``WrappedTorchNorm`` becomes :class:`megatron_base.norm.SequenceParallelTorchNorm`,
+            the same ``torch.nn.RMSNorm`` with its weight marked ``sequence_parallel``, as
+            Transformer Engine's norm marks it.
 
     Requires :func:`megatron_base.parallel.init_process` (Megatron modules read their process
     groups from the parallel state); without it a ``RuntimeError`` says so before Megatron is
@@ -221,6 +240,7 @@ def build_stock_gpt(
         params_dtype=params_dtype,
         on_gpu=device.type == "cuda",
         perform_initialization=not meta,
+        sequence_parallel=sequence_parallel,
     )
     from megatron.core import parallel_state as ps
 
@@ -231,6 +251,10 @@ def build_stock_gpt(
         tcfg, use_transformer_engine=False, normalization="RMSNorm",
         pp_rank=ps.get_pipeline_model_parallel_rank() if pp > 1 else None,
     )
+    if tcfg.sequence_parallel:
+        from megatron_base.norm import allow_sequence_parallel_norms
+
+        spec = allow_sequence_parallel_norms(spec)
     pos = "none" if cfg.attention.position_embedding_type == "none" else "rope"
     ctx = torch.device("meta") if meta else contextlib.nullcontext()
     with ctx:

@@ -64,12 +64,6 @@ class GrapePass(Pass):
             raise PassError("multi-latent attention models are not supported by the GRAPE pass")
         tp = tcfg.tensor_model_parallel_size
         groups = tcfg.num_query_groups or tcfg.num_attention_heads
-        if getattr(tcfg, "sequence_parallel", False):
-            raise PassError(
-                "sequence parallelism is not supported by the vpMoE attention modules (the TPA factor "
-                "projection and the sort-based MoE dispatch take the whole sequence); set "
-                "sequence_parallel = False (tensor parallelism works without it)"
-            )
         if tp > 1 and groups % tp:
             raise PassError(
                 f"tensor parallelism {tp} does not divide the {groups} query groups: each TP rank "

@@ -54,6 +54,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--tensor-parallel", type=int, default=1,
                    help="tensor-parallel size: attention heads, the dense and shared-expert MLPs and the vocabulary "
                         "split over that many ranks (divides the query groups and the number of ranks)")
+    t.add_argument("--sequence-parallel", action="store_true",
+                   help="Megatron's sequence parallelism: norms, residual stream and router on seq_len / TP tokens "
+                        "per rank (needs --tensor-parallel > 1; required with --tensor-parallel and --expert-parallel)")
     t.add_argument("--distributed-optimizer", action="store_true",
                    help="shard the optimizer state over the data-parallel ranks by whole parameters (Megatron's "
                         "layer-wise scheme for Muon; fp32 training on the CPU in this release)")
@@ -70,7 +73,7 @@ def cmd_train(args) -> int:
         seq_len=args.seq_len, steps=args.steps, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps, lr_decay_steps=args.lr_decay_steps,
         compile=args.compile, compile_backend=args.compile_backend, save=args.save, save_interval=args.save_interval,
         load=args.load, init_from=args.init_from, log_json=args.log_json, plot=args.plot, seed=args.seed, expert_parallel=args.expert_parallel,
-        pipeline_parallel=args.pipeline_parallel, tensor_parallel=args.tensor_parallel, distributed_optimizer=args.distributed_optimizer, device=args.device,
+        pipeline_parallel=args.pipeline_parallel, tensor_parallel=args.tensor_parallel, sequence_parallel=args.sequence_parallel, distributed_optimizer=args.distributed_optimizer, device=args.device,
         data_cache=args.data_cache,
     )
     train(targs)  # TrainError / CheckpointError: one-line errors of the command line's main()

@@ -65,8 +65,12 @@ class TrainArgs:
             stage on its own ranks, Megatron's 1F1B schedule; divides the number of ranks).
         tensor_parallel: tensor-parallel size (Megatron's head / MLP / vocabulary split; the TPA
             head factors split with the heads, the token factors replicated; NorMuon
-            orthogonalises each matrix whole). Without sequence parallelism (megatron-core
-            0.16.1 builds it only with Transformer Engine norms), so not with expert parallelism.
+            orthogonalises each matrix whole).
+        sequence_parallel: Megatron's sequence parallelism (``--sequence-parallel``): the
+            norms, residual stream and MoE router see ``seq_len / tensor_parallel`` tokens per
+            rank, gathered before attention and the MLPs and reduce-scattered after. Needs
+            ``tensor_parallel`` > 1; required with ``tensor_parallel`` > 1 and
+            ``expert_parallel`` > 1, as in Megatron-LM.
         distributed_optimizer: shard the optimizer state over the data-parallel ranks by whole
             parameters (``build_optimizer(..., layer_wise_distributed_optimizer=True)``; the
             fp32 path, CPU); a checkpoint saved with it loads at any data-parallel size.
@@ -98,6 +102,7 @@ class TrainArgs:
     expert_parallel: int = 1
     pipeline_parallel: int = 1
     tensor_parallel: int = 1
+    sequence_parallel: bool = False
     distributed_optimizer: bool = False
     device: str = "auto"
     data_cache: Optional[str] = None
@@ -337,10 +342,16 @@ def train(a: TrainArgs) -> Dict[str, Any]:
     if groups % a.tensor_parallel:
         raise TrainError(f"--tensor-parallel {a.tensor_parallel} does not divide the {groups} query groups of "
                          f"config {cfg.source!r} (each rank holds whole groups)")
-    if a.tensor_parallel > 1 and a.expert_parallel > 1:
-        raise TrainError("--tensor-parallel > 1 with --expert-parallel > 1 needs Megatron's sequence parallelism, "
-                         "which megatron-core 0.16.1 builds only with Transformer Engine norms (its local-spec "
-                         "torch norms refuse it); use one of them")
+    if a.tensor_parallel > 1 and a.expert_parallel > 1 and not a.sequence_parallel:
+        raise TrainError("--tensor-parallel > 1 with --expert-parallel > 1 needs Megatron's sequence parallelism "
+                         "(Megatron-LM requires it: the MoE layers dispatch each TP rank's slice of the sequence); "
+                         "add --sequence-parallel")
+    if a.sequence_parallel and a.tensor_parallel <= 1:
+        raise TrainError("--sequence-parallel splits the sequence over the tensor-parallel ranks and needs "
+                         "--tensor-parallel > 1")
+    if a.sequence_parallel and seq_len % a.tensor_parallel:
+        raise TrainError(f"--sequence-parallel: --seq-len {seq_len} is not a multiple of --tensor-parallel "
+                         f"{a.tensor_parallel} (each rank holds seq_len / tensor_parallel tokens)")
     if a.tensor_parallel > 1 and a.distributed_optimizer:
         raise TrainError("--distributed-optimizer with --tensor-parallel > 1 is not supported yet: use one of them")
     init_process(seed=a.seed, expert_model_parallel_size=a.expert_parallel,
@@ -354,7 +365,8 @@ def train(a: TrainArgs) -> Dict[str, Any]:
     rank0 = torch.distributed.get_rank() == 0
     say = (lambda *x: print("[train]", *x, file=sys.stderr, flush=True)) if (rank0 and not a.quiet) else (lambda *x: None)
 
-    model = build_stock_gpt(cfg, device=device, params_dtype=torch.bfloat16 if on_gpu else torch.float32)
+    model = build_stock_gpt(cfg, device=device, params_dtype=torch.bfloat16 if on_gpu else torch.float32,
+                            sequence_parallel=a.sequence_parallel)
     if state is not None:
         restore(model, state)
     else:

@@ -1,7 +1,7 @@
 """Run by tests/parallel/test_data_parallel.py under torchrun: a few `train` steps, then rank 0
 writes the records and the trained weights to OUT (a torch.save file).
 
-    _train_worker.py PREFIX OUT STEPS GLOBAL_BATCH MICRO_BATCH [EP [INIT_FROM|- [SAVE|- [LOAD|-]]]] [--distopt] [--pp N] [--tp N]
+    _train_worker.py PREFIX OUT STEPS GLOBAL_BATCH MICRO_BATCH [EP [INIT_FROM|- [SAVE|- [LOAD|-]]]] [--distopt] [--pp N] [--tp N] [--sp]
 
 Under pipeline or tensor parallelism each rank holds other layers or shards: the weights are not
 gathered (compare through the saved checkpoint); under TP the replicated parts (every dense
@@ -26,7 +26,8 @@ def main():
         tp = int(argv[i + 1])
         del argv[i : i + 2]
     distopt = "--distopt" in argv
-    argv = [a for a in argv if a != "--distopt"]
+    sp = "--sp" in argv
+    argv = [a for a in argv if a not in ("--distopt", "--sp")]
     prefix, out, steps, global_batch, micro_batch = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
     opt = [(a if a != "-" else None) for a in argv[5:]] + [None] * 4
     ep = int(opt[0] or 1)
@@ -36,7 +37,7 @@ def main():
     run = train(TrainArgs(config="tiny", data=[prefix], micro_batch=micro_batch, global_batch=global_batch,
                           seq_len=32, steps=steps, warmup_steps=0, lr_decay_steps=6, device="cpu", quiet=True,
                           expert_parallel=ep, pipeline_parallel=pp, distributed_optimizer=distopt,
-                          tensor_parallel=tp,
+                          tensor_parallel=tp, sequence_parallel=sp,
                           init_from=init_from, save=save, load=load,
                           data_cache=out + ".cache"))
     bare = run["model"].module

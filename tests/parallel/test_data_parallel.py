@@ -1,4 +1,4 @@
-"""Data, expert, pipeline and tensor parallelism through Megatron (DDP, token dispatcher, 1F1B schedule,
+"""Data, expert, pipeline, tensor and sequence parallelism through Megatron (DDP, token dispatcher, 1F1B schedule,
 Column/RowParallelLinear) on CPU (gloo, 2-4 processes): the same global batch trains to the same losses and
 weights as one process, within fp32 tolerance, and checkpoints reshard between the layouts."""
 
@@ -15,7 +15,7 @@ WORKER = Path(__file__).with_name("_train_worker.py")
 
 
 def _run(nproc, prefix, out, steps=3, global_batch=4, micro_batch=2, ep=1, init_from=None, save=None, load=None,
-         distopt=False, pp=1, tp=1):
+         distopt=False, pp=1, tp=1, sp=False):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -23,7 +23,7 @@ def _run(nproc, prefix, out, steps=3, global_batch=4, micro_batch=2, ep=1, init_
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(WORKER),
            prefix, str(out), str(steps), str(global_batch), str(micro_batch), str(ep), str(init_from or "-"),
            str(save or "-"), str(load or "-")] + (["--distopt"] if distopt else []) + (["--pp", str(pp)] if pp > 1 else []) \
-        + (["--tp", str(tp)] if tp > 1 else [])
+        + (["--tp", str(tp)] if tp > 1 else []) + (["--sp"] if sp else [])
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     return torch.load(out, weights_only=False)
@@ -240,6 +240,56 @@ def test_tensor_parallel_checkpoint_reshards(megatron_env, demo_prefix, tmp_path
         assert run["ranks_equal"]
     else:
         run = _run(1, demo_prefix, tmp_path / "r.pt", steps=6, load=tp2["ck"], save=tmp_path / "ck")
+    _assert_same_records(one_process_six["records"][3:], run["records"])
+    for n, w in _loaded_weights(tmp_path / "ck").items():
+        torch.testing.assert_close(w, one_process_six["weights"][n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence parallelism: TP 2 with SP, and TP 2 x EP 2 (which Megatron runs only with SP)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tp2_ep2_sp(demo_prefix, tmp_path_factory, init_ckpt):
+    d = tmp_path_factory.mktemp("tp2ep2")
+    run = _run(2, demo_prefix, d / "tpep.pt", init_from=init_ckpt, save=d / "ck", tp=2, ep=2, sp=True)
+    run["ck"] = d / "ck"
+    return run
+
+
+@pytest.mark.parametrize("ep", [1, 2], ids=["tp2_sp", "tp2_ep2_sp"])
+def test_sequence_parallel_equals_one_process(megatron_env, demo_prefix, tmp_path, one_process, init_ckpt,
+                                              tp2_ep2_sp, ep):
+    """TP 2 with Megatron's sequence parallelism on 2 ranks: the norms, residual stream and router
+    see 16 of the 32 tokens per rank (the norm weights' gradients summed over TP by
+    ``finalize_model_grads``), the TPA factor projection all-gathers the sequence (its backward
+    reduce-scatters), the routed experts go behind Megatron's all-gather dispatcher. At EP 1 both
+    ranks hold all 8 experts and their gradients are summed over the TP ranks (each routed other
+    tokens); at EP 2 (TP x EP on the same 2 ranks, expert-TP 1) each rank holds 4 of them. Same
+    losses and grad norms as one process, the replicated elements equal on both ranks, and the
+    checkpoint loads into one process with the weights one process trained."""
+    run = tp2_ep2_sp if ep == 2 else _run(2, demo_prefix, tmp_path / "sp.pt", init_from=init_ckpt,
+                                          save=tmp_path / "ck", tp=2, sp=True)
+    _assert_same_records(one_process["records"], run["records"])
+    assert run["ranks_equal"]
+    weights = _loaded_weights(tp2_ep2_sp["ck"] if ep == 2 else tmp_path / "ck")
+    assert weights.keys() == one_process["weights"].keys()
+    for n, w in weights.items():
+        torch.testing.assert_close(w, one_process["weights"][n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("direction", ["one_to_tp2_ep2_sp", "tp2_ep2_sp_to_one"])
+def test_tensor_x_expert_parallel_checkpoint_reshards(megatron_env, demo_prefix, tmp_path, one_process, tp2_ep2_sp,
+                                                      one_process_six, direction):
+    """TP 1 x EP 1 <-> TP 2 x EP 2 (sequence parallel): a checkpoint saved at step 3 by one process
+    resumes with the heads and the experts split over 2 ranks, and one saved there resumes in one
+    process; steps 4-6 and the final weights equal 6 straight steps in one process."""
+    if direction == "one_to_tp2_ep2_sp":
+        run = _run(2, demo_prefix, tmp_path / "r.pt", steps=6, load=one_process["ck"], save=tmp_path / "ck", tp=2,
+                   ep=2, sp=True)
+        assert run["ranks_equal"]
+    else:
+        run = _run(1, demo_prefix, tmp_path / "r.pt", steps=6, load=tp2_ep2_sp["ck"], save=tmp_path / "ck")
     _assert_same_records(one_process_six["records"][3:], run["records"])
     for n, w in _loaded_weights(tmp_path / "ck").items():
         torch.testing.assert_close(w, one_process_six["weights"][n], rtol=1e-4, atol=1e-5, msg=n)

@@ -101,12 +101,17 @@ def test_blend_and_bad_arguments(megatron_env, demo_prefix, tmp_path):
     assert log.read_text() == "user data\n"
     with pytest.raises(TrainError, match="needs --save"):
         train(_args(demo_prefix, tmp_path, save_interval=2))
-    # tensor parallelism: whole query groups per rank, not with EP (no sequence parallelism), not
-    # with the layer-wise distributed optimizer; refused before the parallel state is touched
+    # tensor parallelism: whole query groups per rank, with EP only under sequence parallelism
+    # (as Megatron-LM requires), which needs TP > 1 and a sequence that splits over the TP ranks;
+    # not with the layer-wise distributed optimizer; refused before the parallel state is touched
     with pytest.raises(TrainError, match="does not divide the 2 query groups"):
         train(_args(demo_prefix, tmp_path, tensor_parallel=4))
-    with pytest.raises(TrainError, match="sequence parallelism"):
+    with pytest.raises(TrainError, match="add --sequence-parallel"):
         train(_args(demo_prefix, tmp_path, tensor_parallel=2, expert_parallel=2))
+    with pytest.raises(TrainError, match="needs --tensor-parallel > 1"):
+        train(_args(demo_prefix, tmp_path, sequence_parallel=True))
+    with pytest.raises(TrainError, match="--seq-len 31 is not a multiple of --tensor-parallel 2"):
+        train(_args(demo_prefix, tmp_path, tensor_parallel=2, sequence_parallel=True, seq_len=31))
     with pytest.raises(TrainError, match="--distributed-optimizer with --tensor-parallel"):
         train(_args(demo_prefix, tmp_path, tensor_parallel=2, distributed_optimizer=True))
 

@@ -402,6 +402,13 @@ class GroupedExperts(MegatronModule):
             for key, value in weights[0].__dict__.items():
                 setattr(p, key, value)
             p.expert_stack = True
+            if stock.config.sequence_parallel and stock.tp_group.size() == 1 and getattr(p, "allreduce", True):
+                # Sequence parallelism at expert-parallel size 1: each TP rank routes its own slice
+                # of the sequence through the same (whole) experts, so their gradient must be summed
+                # over the TP ranks too. Megatron marks expert weights for its expert-data-parallel
+                # reduction (which spans the TP ranks at expert-TP 1) only when EP > 1; mark them
+                # here so DDP reduces them over that group (at EP 1 it is data x tensor parallel).
+                p.allreduce = False
             stacked.append(p)
         return cls(stock.config, stacked[0], stacked[1], ep_group=stock.ep_group,
                    tp_group=stock.tp_group, dp_group=stock.dp_group, backend=backend)

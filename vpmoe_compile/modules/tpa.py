@@ -152,12 +152,21 @@ class TPAFactorProjection(MegatronModule):
         return None
 
     def forward(self, hidden_states: Tensor):
-        """``[s, b, h]`` -> ``(factors [s, b, F'], bias)``; ``F'`` = this rank's rows."""
+        """``[s, b, h]`` -> ``(factors [s, b, F'], bias)``; ``F'`` = this rank's rows. Under
+        sequence parallelism the input is this rank's ``[s / tp, b, h]`` and the factors cover
+        the whole sequence."""
         if self.tp_size == 1:
             return F.linear(hidden_states, self.weight), self.bias
         from vpmoe_compile.tensor_parallel import into_tp_region, tp_group
 
-        x = into_tp_region(hidden_states)
+        if self.config.sequence_parallel:
+            # this rank's [s / tp, b, h] slice: all-gather the sequence (backward: reduce-scatter,
+            # which also sums the TP ranks' input gradients), as ColumnParallelLinear does
+            from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+            x = gather_from_sequence_parallel_region(hidden_states, group=tp_group())
+        else:
+            x = into_tp_region(hidden_states)
         weight = _SumGradOverTP.apply(self.weight, self.replicated_start, tp_group())
         return F.linear(x, weight), self.bias
 

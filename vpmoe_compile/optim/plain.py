@@ -472,8 +472,13 @@ def build_plain_optimizer(
     if nm:
         groups = []
         # the groups every pipeline stage has (a stage without MoE layers gets an empty expert
-        # group), so that the stages' optimizers have the same structure
-        present = _pipeline_union(sorted({bool(r.is_expert_parallel) for r in nm}))
+        # group), so that the stages' optimizers have the same structure; with routed experts
+        # both groups at any expert-parallel size (at EP 1 the experts are in the dense group and
+        # the expert group is empty), so that a checkpoint loads at another EP size
+        kinds = {bool(r.is_expert_parallel) for r in nm}
+        if any(_routed_expert(r) for r in nm):
+            kinds |= {False, True}
+        present = _pipeline_union(sorted(kinds))
         for expert in (False, True):
             sel = [r for r in nm if r.is_expert_parallel == expert]
             if expert in present:
@@ -495,9 +500,11 @@ def build_plain_optimizer(
     if aux:
         buckets: Dict[Tuple, List[ParamRoute]] = {}
         for r in aux:
-            ov = aux_override(r, st)
-            key = (tuple(sorted(ov.items())), bool(r.is_expert_parallel))
-            buckets.setdefault(key, []).append(r)
+            ov_items = tuple(sorted(aux_override(r, st).items()))
+            buckets.setdefault((ov_items, bool(r.is_expert_parallel)), []).append(r)
+            if _routed_expert(r):  # both buckets at any EP size (see the NorMuon groups above)
+                for expert in (False, True):
+                    buckets.setdefault((ov_items, expert), [])
         groups = []
         # every pipeline stage's buckets (a middle stage has no embedding / output layer), in a
         # canonical order (not the parameters' order): the stages' optimizers have the same
@@ -533,6 +540,13 @@ def build_plain_optimizer(
         normuon, adamw, st.clip_grad, st.nan_policy, names, use_main_grad=use_main_grad,
         sharding=sharding, all_params=[r.param for r in routes], tp_shadows=shadows, **(runtime or {})
     )
+
+
+def _routed_expert(r: ParamRoute) -> bool:
+    """Whether ``r`` is a routed expert's parameter (an expert stack, or a stock per-expert or
+    ``GroupedMLP`` weight), which Megatron reduces over the expert-data-parallel group when the
+    expert-parallel size is > 1 (then ``r.is_expert_parallel``) and with the dense ones at EP 1."""
+    return bool(getattr(r.param, "expert_stack", False)) or ".experts." in r.name
 
 
 def _pipeline_union(keys: List) -> List:
