@@ -8,7 +8,9 @@ Parameter set (built here from the numbers, no model needed): 8 layers at full w
 fused QKV ``[1536, 1024]`` split per Q/K/V, 6 local with packed TPA factors q-rank 4 / kv-rank 2),
 ``linear_proj`` ``[1024, 1024]`` per layer, layer 1 dense MLP (ffn 128), 7 MoE layers with a
 router ``[256, 1024]``, 256 experts ``[128, 1024]`` / ``[1024, 128]`` and a shared expert 512.
-Random fp32 weights and gradients; expert params form a separate (expert-parallel) group.
+The routed experts are two ``[256, m, n]`` stacks per MoE layer, as the ``moe`` pass holds them
+(``--experts separate``: one matrix per expert, the stock ``SequentialMLP`` layout). Random fp32
+weights and gradients; expert params form a separate (expert-parallel) group.
 
 Variants (same matrices, same hyper-parameters, same random gradients):
 * ``fork_loop``: one Python iteration per matrix (fork semantics: fused QKV whole, TPA factors as
@@ -72,10 +74,14 @@ LR, WD, MU, BETA2, EPS = 3e-3, 0.01, 0.95, 0.95, 1e-10
 
 
 # ------------------------------------------------------------------------------------ shapes
-def vpmoe_8l_matrices(small: bool = False, layers: int = 8, local_experts: int = 256) -> List[Dict]:
+def vpmoe_8l_matrices(small: bool = False, layers: int = 8, local_experts: int = 256,
+                      stacked: bool = True) -> List[Dict]:
     """Parameters of vpMoE-8L as dicts {name, shape, blocks, expert}.
 
     ``layers=80, local_experts=32``: the full vpMoE's per-GPU set at EP = 8 (``--set ep8``).
+    ``stacked``: the routed experts as the ``moe`` pass holds them, two 3-D stacks per layer
+    (``experts.linear_fc1.weight [E, F, h]``, ``linear_fc2.weight [E, h, F]``); otherwise one 2-D
+    tensor per expert and linear (the stock ``SequentialMLP``).
     """
     if small:
         L, h, H, G, d, E, F, S, Fd, V = 4, 64, 4, 2, 16, 8, 16, 32, 16, 512
@@ -109,7 +115,10 @@ def vpmoe_8l_matrices(small: bool = False, layers: int = 8, local_experts: int =
             add(f"{pre}.mlp.linear_fc2.weight", (h, Fd))
         else:
             add(f"{pre}.mlp.router.weight", (E, h))
-            for e in range(E):
+            if stacked:
+                add(f"{pre}.mlp.experts.linear_fc1.weight", (E, F, h), expert=True)
+                add(f"{pre}.mlp.experts.linear_fc2.weight", (E, h, F), expert=True)
+            for e in range(0 if stacked else E):
                 add(f"{pre}.mlp.experts.local_experts.{e}.linear_fc1.weight", (F, h), expert=True)
                 add(f"{pre}.mlp.experts.local_experts.{e}.linear_fc2.weight", (h, F), expert=True)
             add(f"{pre}.mlp.shared_experts.linear_fc1.weight", (S, h))
@@ -121,6 +130,10 @@ def logical_shapes(spec: List[Dict], fork: bool = False) -> List[Tuple[int, int]
     """Logical matrices; ``fork=True``: fused QKV whole (fork), TPA factors separate."""
     shapes = []
     for s in spec:
+        if len(s["shape"]) == 3:  # an expert stack: E matrices
+            e, m, n = s["shape"]
+            shapes.extend([(m, n)] * e)
+            continue
         m, n = s["shape"]
         if s["blocks"] is None or (fork and "linear_qkv" in s["name"] and len(s["blocks"]) == 3):
             shapes.append((m, n))
@@ -569,10 +582,16 @@ def main(argv=None):
     ap.add_argument("--tag", default=None)
     ap.add_argument("--set", default="8l", choices=["8l", "ep8"],
                     help="8l: vpMoE-8L, all 256 experts; ep8: full 80-layer vpMoE, 32 experts per GPU")
+    ap.add_argument("--experts", default="stacked", choices=["stacked", "separate"],
+                    help="stacked: the routed experts as the moe pass holds them ([E, m, n] per layer and "
+                         "linear, the default); separate: one matrix per expert (stock SequentialMLP)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
     tag = args.tag or ("small" if args.small else ("vpmoe-8l" if args.set == "8l" else "vpmoe-ep8"))
+    stacked = args.experts == "stacked"
+    if not stacked and args.tag is None:
+        tag += "_separate"
     res: Dict = {"config": tag, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                  "torch": torch.__version__, "hyper": dict(lr=LR, wd=WD, mu=MU, beta2=BETA2, eps=EPS),
                  "command": "python benchmarks/optimizer.py " + " ".join(argv if argv is not None else sys.argv[1:])}
@@ -585,9 +604,10 @@ def main(argv=None):
     print(f"device {res['device']} torch {torch.__version__}", flush=True)
 
     if args.set == "ep8" and not args.small:
-        spec, vocab, hidden = vpmoe_8l_matrices(layers=80, local_experts=32)
+        spec, vocab, hidden = vpmoe_8l_matrices(layers=80, local_experts=32, stacked=stacked)
     else:
-        spec, vocab, hidden = vpmoe_8l_matrices(args.small)
+        spec, vocab, hidden = vpmoe_8l_matrices(args.small, stacked=stacked)
+    res["experts"] = args.experts
     shapes = logical_shapes(spec)
     numel = sum(m * n for m, n in shapes)
     flops = pe_flops(shapes)
@@ -648,19 +668,22 @@ def main(argv=None):
             ref_err = {}
             samples = [i for i, s in enumerate(spec)
                        if ("local_experts.0." in s["name"] and "layers.1." in s["name"])
+                       or (".experts.linear_fc" in s["name"] and "layers.1." in s["name"])
                        or s["name"].endswith("layers.3.self_attention.linear_qkv.weight")
                        or s["name"].endswith("layers.0.self_attention.linear_qkv.weight")
                        or s["name"].endswith("layers.0.self_attention.linear_proj.weight")]
             _, grads = make_params(spec, device)
             grads = {i: grads[i].cpu() for i in samples}
             for i in samples:
-                W = init[i].double().cpu().clone()
+                # an expert stack: its expert 0 (each expert's matrix is updated on its own)
+                pick = (lambda t: t[0]) if len(spec[i]["shape"]) == 3 else (lambda t: t)
+                W = pick(init[i]).double().cpu().clone()
                 M = torch.zeros_like(W)
                 vv = torch.zeros(W.shape[0], 1, dtype=torch.float64)
                 for k in range(CHECK_STEPS):
-                    normuon_reference_update(W, grads[i].double(), M, vv, lr=lr_at(k), weight_decay=WD,
+                    normuon_reference_update(W, pick(grads[i]).double(), M, vv, lr=lr_at(k), weight_decay=WD,
                                              blocks=spec[i]["blocks"])
-                ref_err[spec[i]["name"]] = rel(delta[i].cpu(), W - init[i].double().cpu())
+                ref_err[spec[i]["name"]] = rel(pick(delta[i]).cpu(), W - pick(init[i]).double().cpu())
             res["headline_vs_fp64_ref_rel_err"] = ref_err
             print(HEADLINE, "vs REF", ref_err, flush=True)
         del delta
@@ -704,6 +727,14 @@ def main(argv=None):
         res["speedup_best_vs_eager"] = results["batched_eager"]["median_ms"] / results[best]["median_ms"]
 
     dump()
+    if fl and best and device.type == "cuda" and not args.small:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from _kernel_goals import update
+
+        update(args.out, res["device"], {"normuon_step_ms": results[best]["median_ms"], "normuon_floor_ms": fl["floor_ms"]},
+               script="benchmarks/optimizer.py",
+               details={"set": tag, "experts": args.experts, "variant": best,
+                        "floor": "measured" if "measured" in floors else "datasheet"})
     try:
         plot(res, stem + ".png")
     except Exception as e:  # plotting must not lose the numbers

@@ -677,6 +677,29 @@ def render_tokenizer(results: Path) -> str:
         f"{rs['1000000']['ours_s']:.2f} s. All from one run.\n\n" + source_note(results, name))
 
 
+def render_kernel_goals(results: Path) -> str:
+    """The kernel speed goals from ``kernel_goals.json`` (each ratio within one benchmark run)."""
+    d = load(results, "kernel_goals.json")
+    g = d["goals"]
+    verdict = lambda ok: "met" if ok else "**missed**"  # noqa: E731
+    rows = []
+    if "tpa_le_350us" in g:
+        rows.append(["fused TPA op (factors → output), fwd+bwd", us(d["tpa_fwd_bwd_us"]), "≤ 350 µs",
+                     f"{d['tpa_fwd_bwd_us'] / 350.0:.2f}× the goal", verdict(g["tpa_le_350us"]["met"])])
+    if "global_le_sdpa" in g:
+        rows.append(["global causal ALiBi + sink attention, fwd+bwd", us(d["global_fwd_bwd_us"]),
+                     f"≤ SDPA default (cuDNN; no bias, no sink) in the same run: {us(d['sdpa_default_fwd_bwd_us'])}",
+                     f"{g['global_le_sdpa']['ratio']:.2f}× SDPA", verdict(g["global_le_sdpa"]["met"])])
+    if "normuon_le_2x_floor" in g:
+        rows.append(["NorMuon step, vpmoe-8l (experts stacked as the `moe` pass holds them)",
+                     f"{num(d['normuon_step_ms'])} ms",
+                     f"≤ 2 × its roofline floor {num(d['normuon_floor_ms'])} ms (same run)",
+                     f"{g['normuon_le_2x_floor']['ratio']:.2f}× the floor", verdict(g["normuon_le_2x_floor"]["met"])])
+    runs = "; ".join(f"`{r['command']}` ({r['time_utc']})" for r in d.get("runs", {}).values())
+    return _join(table(["", "measured", "goal", "ratio", ""], rows) + [
+        "", f"<sub>Source: `kernel_goals.json` ({d['device']}; fwd+bwd as CUDA-graph replays; {runs}).</sub>"])
+
+
 def render_params(results: Path) -> str:
     name = "params_vpmoe.json"
     d = load(results, name)

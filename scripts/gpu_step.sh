@@ -32,15 +32,8 @@ print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.ve
 import megatron.core, vpmoe_compile  # fail here, clearly, if either is not importable
 print("megatron.core from", megatron.core.__file__, "; vpmoe_compile from", vpmoe_compile.__file__)
 PY
-declare -A RC=()
-run_phase() {  # name limit_s log -- command...
-  local name=$1 limit=$2 log=$3; shift 3
-  echo "=== [$name] $(date -u +%H:%M:%S) limit ${limit}s: $*" | tee "$log"
-  local t0=$SECONDS
-  timeout -s INT -k 30 "$limit" "$@" 2>&1 | tee -a "$log"
-  RC[$name]=${PIPESTATUS[0]}
-  echo "=== [$name] rc ${RC[$name]} after $((SECONDS - t0)) s" | tee -a "$log"
-}
+# shellcheck source=scripts/_phases.sh
+source scripts/_phases.sh
 if [[ ",$PHASES," == *",tests,"* ]]; then
   run_phase tests "${TESTS_S:-300}" "$OUT/tests.log" python3 -m pytest -q -p no:cacheprovider -rA -m gpu tests/
 fi
@@ -51,10 +44,6 @@ if [[ ",$PHASES," == *",parity,"* ]]; then
   # shellcheck disable=SC2086
   run_phase parity "${PARITY_S:-240}" "$OUT/train_parity.log" python3 benchmarks/train_parity.py --out "$OUT" ${PARITY_ARGS:-}
 fi
-status=0
-for k in "${!RC[@]}"; do
-  echo "phase $k: rc ${RC[$k]}"
-  [ "${RC[$k]}" = 0 ] || status=1
-done
+finish_phases; status=$?
 ls -la "$OUT"
 exit $status

@@ -5,13 +5,13 @@
 * tick labels of one axis that do not overlap each other, and value labels inside their axes,
 * legends and tick labels in words, not the internal variant names the JSON is keyed by."""
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.benchmarks._load import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -25,12 +25,7 @@ PLAIN_NUMBER = re.compile(r"^−?[\d,]+(\.\d+)?$")
 pytest.importorskip("matplotlib")
 
 
-def _load(name):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(f"_bench_plot_{name}", ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_load = load_benchmark
 
 
 @pytest.fixture()

@@ -2,21 +2,19 @@
 ``benchmarks/readme_tables.py``: editing a number there by hand, or a recorded JSON, without
 running ``python benchmarks/readme_tables.py --write`` fails here."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.benchmarks._load import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("_bench_readme_tables", ROOT / "benchmarks" / "readme_tables.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("readme_tables")
 
 
 rt = _load()

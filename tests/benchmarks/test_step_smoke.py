@@ -3,14 +3,13 @@
 ``aot_eager`` for the compiled variant, profiler and per-part breakdown included) and write JSON
 with the keys the GPU runs are read by."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks._load import load_benchmark
+
 
 # 2 CPU cores: ~17 s + ~8 s when the machine is quiet, up to ~45 s + ~15 s under load
 pytestmark = [
@@ -19,11 +18,7 @@ pytestmark = [
 ]
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_load = load_benchmark
 
 
 def test_step_benchmark_smoke(tmp_path, megatron_env):

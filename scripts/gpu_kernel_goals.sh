@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The kernel speed goals on a CUDA machine (one H100): every number of OUT_DIR/kernel_goals.json
+# (and its PNG) in one run, each ratio measured within its own benchmark run.
+#
+#   bash scripts/gpu_kernel_goals.sh OUT_DIR [PHASES]
+#
+# PHASES: comma list of global,tpa,normuon,normuon_separate (default global,tpa,normuon):
+#   global    benchmarks/attention.py --suite global --kernel-sweep  -> attention_global.json/.png
+#             (ours vs SDPA default in one run; per-kernel profile of ours)
+#   tpa       benchmarks/tpa.py --skip-chain                         -> tpa_bench.json
+#             (the fused TPA op, CUDA-graph replay, per-kernel profile)
+#   normuon_separate  benchmarks/optimizer.py --experts separate     -> optimizer_vpmoe-8l_separate.json
+#             (the stock one-matrix-per-expert layout, for comparison; runs before normuon so the
+#             goal record keeps the stacked layout's numbers)
+#   normuon   benchmarks/optimizer.py (experts stacked as the moe pass holds them) -> optimizer_vpmoe-8l.json
+# Each phase has a time limit in seconds (GLOBAL_S, TPA_S, NORMUON_S; defaults 240 / 150 / 240):
+# at the limit it gets SIGINT, 30 s later SIGKILL. A failing phase does not stop the next; the exit
+# status is 1 if any failed. NORMUON_VARIANTS picks the optimizer variants
+# (default pe_kernel_graph,bank_kernel_graph,bank_kernel_graph_direct), NORMUON_SEPARATE_VARIANTS
+# those of normuon_separate (default pe_kernel_graph, that layout's best).
+#
+# No installation: the repository is put on PYTHONPATH in front of whatever is there.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: gpu_kernel_goals.sh OUT_DIR [PHASES]}; shift
+PHASES=${1:-global,tpa,normuon}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,temperature.gpu --format=csv,noheader || true
+VARIANTS=${NORMUON_VARIANTS:-pe_kernel_graph,bank_kernel_graph,bank_kernel_graph_direct}
+# shellcheck source=scripts/_phases.sh
+source scripts/_phases.sh
+has() { [[ ",$PHASES," == *",$1,"* ]]; }
+has global && run_phase global "${GLOBAL_S:-240}" "$OUT/global.log" \
+  python3 benchmarks/attention.py --suite global --kernel-sweep --out "$OUT"
+has tpa && run_phase tpa "${TPA_S:-150}" "$OUT/tpa.log" python3 benchmarks/tpa.py --skip-chain --out "$OUT"
+has normuon_separate && run_phase normuon_separate "${NORMUON_S:-240}" "$OUT/normuon_separate.log" \
+  python3 benchmarks/optimizer.py --experts separate --skip-fork --variants "${NORMUON_SEPARATE_VARIANTS:-pe_kernel_graph}" --out "$OUT"
+has normuon && run_phase normuon "${NORMUON_S:-240}" "$OUT/normuon.log" \
+  python3 benchmarks/optimizer.py --skip-fork --variants "$VARIANTS" --out "$OUT"
+finish_phases; status=$?
+[ -f "$OUT/kernel_goals.json" ] && cat "$OUT/kernel_goals.json"
+exit $status
