@@ -476,7 +476,7 @@ def build_plain_optimizer(
         # both groups at any expert-parallel size (at EP 1 the experts are in the dense group and
         # the expert group is empty), so that a checkpoint loads at another EP size
         kinds = {bool(r.is_expert_parallel) for r in nm}
-        if any(_routed_expert(r) for r in nm):
+        if any(r.routed_expert for r in nm):
             kinds |= {False, True}
         present = _pipeline_union(sorted(kinds))
         for expert in (False, True):
@@ -502,7 +502,7 @@ def build_plain_optimizer(
         for r in aux:
             ov_items = tuple(sorted(aux_override(r, st).items()))
             buckets.setdefault((ov_items, bool(r.is_expert_parallel)), []).append(r)
-            if _routed_expert(r):  # both buckets at any EP size (see the NorMuon groups above)
+            if r.routed_expert:  # both buckets at any EP size (see the NorMuon groups above)
                 for expert in (False, True):
                     buckets.setdefault((ov_items, expert), [])
         groups = []
@@ -540,13 +540,6 @@ def build_plain_optimizer(
         normuon, adamw, st.clip_grad, st.nan_policy, names, use_main_grad=use_main_grad,
         sharding=sharding, all_params=[r.param for r in routes], tp_shadows=shadows, **(runtime or {})
     )
-
-
-def _routed_expert(r: ParamRoute) -> bool:
-    """Whether ``r`` is a routed expert's parameter (an expert stack, or a stock per-expert or
-    ``GroupedMLP`` weight), which Megatron reduces over the expert-data-parallel group when the
-    expert-parallel size is > 1 (then ``r.is_expert_parallel``) and with the dense ones at EP 1."""
-    return bool(getattr(r.param, "expert_stack", False)) or ".experts." in r.name
 
 
 def _pipeline_union(keys: List) -> List:

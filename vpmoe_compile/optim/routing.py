@@ -117,6 +117,14 @@ class ParamRoute:
     def shape(self) -> Tuple[int, ...]:
         return tuple(self.param.shape)
 
+    @property
+    def routed_expert(self) -> bool:
+        """A routed expert's parameter (Megatron's ``.experts.`` names, expert stacks), whether or
+        not it is expert-parallel: Megatron reduces it over the expert-data-parallel group when
+        the expert-parallel size is > 1 (then ``is_expert_parallel``), with the dense ones at EP 1."""
+        return self.role == "expert" or bool(getattr(self.param, "expert_stack", False)) or bool(
+            _EXPERT_RE.search(self.name))
+
 
 _NORM_RE = re.compile(r"(layernorm|layer_norm|final_norm|\.norm)\.(weight|bias)$")
 _EXPERT_RE = re.compile(r"\.experts\.")
