@@ -69,6 +69,9 @@ def update(out_dir: str, device: str, values: Dict[str, float], *, script: str, 
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(rec, f, indent=2)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have created
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

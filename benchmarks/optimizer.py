@@ -24,7 +24,8 @@ Variants (same matrices, same hyper-parameters, same random gradients):
 * ``bank_kernel``: the same banks run the whole NorMuon step in one Triton kernel per bank
   (``fused_bank=True``, the default); ``*_direct``: that kernel reads each member's gradient
   in place instead of a gathered copy (``direct_grads=True``, opt-in).
-* ``*_graph``: the same, with the step captured in CUDA graphs (``cuda_graph=True``);
+* ``*_graph``: the same, with the step captured in CUDA graphs (``cuda_graph=True``;
+  ``batched_compiled_graph``: the compiled ``bmm`` banks captured);
   ``bank_kernel_graph`` is the recommended configuration.
 * ``floor``: max(PE FLOPs / bf16 GEMM rate, minimal bytes / copy bandwidth)
   (docs/design.md#optimizer-tests-and-benchmark), with the
@@ -257,6 +258,7 @@ VARIANTS = {
     # name: (compile, pe_backend, cuda_graph, fused_bank, direct_grads)
     "batched_eager": (False, "torch", False, False, False),
     "batched_compiled": (True, "torch", False, False, False),
+    "batched_compiled_graph": (True, "torch", True, False, False),
     "pe_kernel": (True, "auto", False, False, False),
     "pe_kernel_graph": (True, "auto", True, False, False),
     "bank_kernel": (True, "auto", False, True, False),
@@ -271,6 +273,7 @@ VARIANT_LABELS = {  # plot labels (the JSON keeps the variant names)
     "fork_loop": "fork's per-matrix loop",
     "batched_eager": "batched, eager",
     "batched_compiled": "batched, torch.compile",
+    "batched_compiled_graph": "batched, torch.compile + CUDA graph",
     "pe_kernel": "Polar Express kernel",
     "pe_kernel_graph": "Polar Express kernel + CUDA graph",
     "bank_kernel": "one kernel per bank",

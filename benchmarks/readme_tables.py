@@ -700,6 +700,33 @@ def render_kernel_goals(results: Path) -> str:
         "", f"<sub>Source: `kernel_goals.json` ({d['device']}; fwd+bwd as CUDA-graph replays; {runs}).</sub>"])
 
 
+def render_kernel_goals_profile(results: Path) -> str:
+    """Where the time of each missed goal goes, from the per-script JSON of the same record."""
+    tpa = {r["kernel"]: r["us_per_call"] for r in load(results, "kernel_goals_tpa_bench.json")["profile_fwd_bwd"]}
+    glob = load(results, "kernel_goals_attention_global.json")["kernel_sweep_us"]["global:autotuned"]
+    st, sep = load(results, "optimizer_vpmoe-8l_stacked.json"), load(results, "optimizer_vpmoe-8l_separate.json")
+    bst, bsep = st["best_variant"], sep["best_variant"]
+    vst = st["variants"][bst]
+    cls = vst["profile"]["kernel_classes_ms"]
+    red = sum(v for k, v in tpa.items() if "reduce_kernel" in k)
+    return "\n".join([
+        "**Where the time goes** (`torch.profiler` in the same runs):",
+        f"- TPA op ({us(tpa['TOTAL device busy'])} busy): prologue backward {us(tpa['_tpa_prologue_bwd_kernel'])}, "
+        f"attention backward {us(tpa['_swa_bwd_dq_kernel'])} (dq) + {us(tpa['_swa_bwd_dkv_kernel'])} (dk / dv), "
+        f"attention forward {us(tpa['_swa_fwd_kernel'])}, prologue forward {us(tpa['_tpa_prologue_fwd_kernel'])}, "
+        f"PyTorch sums of per-program partials {us(red)} (`kernel_goals_tpa_bench.json`).",
+        f"- Global attention: dk / dv kernel {us(glob['_sink_attn_bwd_dkv_kernel'])}, dq kernel "
+        f"{us(glob['_sink_attn_bwd_dq_kernel'])}, forward {us(glob['_sink_attn_fwd_kernel'])} "
+        f"(`kernel_goals_attention_global.json`); the backward recomputes the scores in both kernels.",
+        f"- NorMuon, experts stacked (`{bst}`, {num(st['results'][bst]['median_ms'])} ms): the bank kernels "
+        f"{num(cls['normuon_bank_triton'])} ms, cuBLAS banks {num(cls.get('gemm_cublas', 0.0))} ms, copies "
+        f"{num(cls.get('memcpy', 0.0) + cls.get('foreach_copy', 0.0))} ms; host time to issue a step "
+        f"{vst['host_issue_ms']:.1f} ms. With one matrix per expert (`{bsep}`, other run, same machine): "
+        f"{num(sep['results'][bsep]['median_ms'])} ms, host time {sep['variants'][bsep]['host_issue_ms']:.1f} ms "
+        f"(`optimizer_vpmoe-8l_stacked.json`, `optimizer_vpmoe-8l_separate.json`).",
+    ])
+
+
 def render_params(results: Path) -> str:
     name = "params_vpmoe.json"
     d = load(results, name)
@@ -733,6 +760,8 @@ REGIONS: dict[str, Callable[[Path], str]] = {
     "megatron_optimizer_checks": render_megatron_optimizer_checks,
     "tokenizer": render_tokenizer,
     "params": render_params,
+    "kernel_goals": render_kernel_goals,
+    "kernel_goals_profile": render_kernel_goals_profile,
 }
 
 

@@ -27,6 +27,7 @@ def test_update_merges_per_device_and_judges_each_goal(tmp_path):
     assert on_disk == rec and set(on_disk["runs"]) == {"benchmarks/attention.py", "benchmarks/optimizer.py"}
     assert (tmp_path / "kernel_goals.png").stat().st_size > 0
     assert not list(tmp_path.glob(".kernel_goals.*"))  # no temporary file left
+    assert (tmp_path / "kernel_goals.json").stat().st_mode & 0o044  # readable as a plain open() file is
     # another device's numbers are not mixed with these: the record starts over
     rec = kg.update(str(tmp_path), "GPU B", {"tpa_fwd_bwd_us": 400.0}, script="benchmarks/attention.py")
     assert "global_fwd_bwd_us" not in rec and rec["goals"] == {"tpa_le_350us": {

@@ -80,7 +80,7 @@ def test_tokenizer_plot(tmp_path, figures):
     _check(figures[0])
 
 
-@pytest.mark.parametrize("tag", ["vpmoe-8l", "vpmoe-ep8"])
+@pytest.mark.parametrize("tag", ["vpmoe-8l", "vpmoe-ep8", "vpmoe-8l_stacked", "vpmoe-8l_separate"])
 def test_optimizer_plot(tmp_path, figures, tag):
     _load("optimizer").plot(json.loads((RESULTS / f"optimizer_{tag}.json").read_text()), str(tmp_path / "o.png"))
     _check(figures[0])
@@ -130,4 +130,10 @@ def test_train_parity_plot(tmp_path, figures):
                        "final_mean_rel_diff": 1e-5, "same_initial_weights": True},
     }
     _load("train_parity").plot(res, tmp_path / "p.png")
+    _check(figures[0])
+
+
+def test_kernel_goals_plot(tmp_path, figures):
+    _load("_kernel_goals").plot(json.loads((RESULTS / "kernel_goals.json").read_text()), str(tmp_path / "k.png"))
+    assert len(figures) == 1
     _check(figures[0])
