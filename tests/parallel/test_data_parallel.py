@@ -227,19 +227,27 @@ def test_tensor_parallel_equals_one_process(megatron_env, one_process, tp2):
         torch.testing.assert_close(w, one_process["weights"][n], rtol=1e-4, atol=1e-5, msg=n)
 
 
-@pytest.mark.parametrize("direction", ["one_to_tp2", "tp2_to_one"])
-def test_tensor_parallel_checkpoint_reshards(megatron_env, demo_prefix, tmp_path, one_process, tp2, one_process_six,
-                                             direction):
-    """A checkpoint saved at step 3 by one process resumes at TP 2, and one saved at TP 2 resumes
-    in one process: steps 4-6 equal 6 straight steps in one process (losses, grad norms, and the
-    weights of the final checkpoint), so the model (the TPA factor blocks, the split and
-    replicated tensors) and the optimizer state (AdamW's split moments, NorMuon's whole-matrix
-    state saved once in the one-rank layout) reach the other layout."""
-    if direction == "one_to_tp2":
-        run = _run(2, demo_prefix, tmp_path / "r.pt", steps=6, load=one_process["ck"], save=tmp_path / "ck", tp=2)
+RESHARD_LAYOUTS = {"tp2": dict(tp=2), "tp2_ep2_sp": dict(tp=2, ep=2, sp=True)}
+
+
+@pytest.mark.parametrize("layout", list(RESHARD_LAYOUTS))
+@pytest.mark.parametrize("direction", ["from_one", "to_one"])
+def test_tensor_parallel_checkpoint_reshards(megatron_env, demo_prefix, tmp_path, request, one_process,
+                                             one_process_six, layout, direction):
+    """A checkpoint saved at step 3 by one process resumes at TP 2 (or TP 2 x EP 2 with sequence
+    parallelism: the experts split over the ranks too), and one saved there resumes in one
+    process: steps 4-6 equal 6 straight steps in one process (losses, grad norms, and the weights
+    of the final checkpoint), so the model (the TPA factor blocks, the split and replicated
+    tensors, the expert stacks) and the optimizer state (AdamW's split moments, NorMuon's
+    whole-matrix state saved once in the one-rank layout, the experts' state by global expert)
+    reach the other layout."""
+    split = request.getfixturevalue(layout)  # the 3-step run saved at that layout
+    if direction == "from_one":
+        run = _run(2, demo_prefix, tmp_path / "r.pt", steps=6, load=one_process["ck"], save=tmp_path / "ck",
+                   **RESHARD_LAYOUTS[layout])
         assert run["ranks_equal"]
     else:
-        run = _run(1, demo_prefix, tmp_path / "r.pt", steps=6, load=tp2["ck"], save=tmp_path / "ck")
+        run = _run(1, demo_prefix, tmp_path / "r.pt", steps=6, load=split["ck"], save=tmp_path / "ck")
     _assert_same_records(one_process_six["records"][3:], run["records"])
     for n, w in _loaded_weights(tmp_path / "ck").items():
         torch.testing.assert_close(w, one_process_six["weights"][n], rtol=1e-4, atol=1e-5, msg=n)
@@ -276,20 +284,3 @@ def test_sequence_parallel_equals_one_process(megatron_env, demo_prefix, tmp_pat
     assert weights.keys() == one_process["weights"].keys()
     for n, w in weights.items():
         torch.testing.assert_close(w, one_process["weights"][n], rtol=1e-4, atol=1e-5, msg=n)
-
-
-@pytest.mark.parametrize("direction", ["one_to_tp2_ep2_sp", "tp2_ep2_sp_to_one"])
-def test_tensor_x_expert_parallel_checkpoint_reshards(megatron_env, demo_prefix, tmp_path, one_process, tp2_ep2_sp,
-                                                      one_process_six, direction):
-    """TP 1 x EP 1 <-> TP 2 x EP 2 (sequence parallel): a checkpoint saved at step 3 by one process
-    resumes with the heads and the experts split over 2 ranks, and one saved there resumes in one
-    process; steps 4-6 and the final weights equal 6 straight steps in one process."""
-    if direction == "one_to_tp2_ep2_sp":
-        run = _run(2, demo_prefix, tmp_path / "r.pt", steps=6, load=one_process["ck"], save=tmp_path / "ck", tp=2,
-                   ep=2, sp=True)
-        assert run["ranks_equal"]
-    else:
-        run = _run(1, demo_prefix, tmp_path / "r.pt", steps=6, load=tp2_ep2_sp["ck"], save=tmp_path / "ck")
-    _assert_same_records(one_process_six["records"][3:], run["records"])
-    for n, w in _loaded_weights(tmp_path / "ck").items():
-        torch.testing.assert_close(w, one_process_six["weights"][n], rtol=1e-4, atol=1e-5, msg=n)
