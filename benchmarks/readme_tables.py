@@ -705,6 +705,7 @@ def render_kernel_goals_profile(results: Path) -> str:
     tpa = {r["kernel"]: r["us_per_call"] for r in load(results, "kernel_goals_tpa_bench.json")["profile_fwd_bwd"]}
     glob = load(results, "kernel_goals_attention_global.json")["kernel_sweep_us"]["global:autotuned"]
     st, sep = load(results, "optimizer_vpmoe-8l_stacked.json"), load(results, "optimizer_vpmoe-8l_separate.json")
+    bmm = load(results, "optimizer_vpmoe-8l_bmm.json")
     bst, bsep = st["best_variant"], sep["best_variant"]
     vst = st["variants"][bst]
     cls = vst["profile"]["kernel_classes_ms"]
@@ -724,6 +725,10 @@ def render_kernel_goals_profile(results: Path) -> str:
         f"{vst['host_issue_ms']:.1f} ms. With one matrix per expert (`{bsep}`, other run, same machine): "
         f"{num(sep['results'][bsep]['median_ms'])} ms, host time {sep['variants'][bsep]['host_issue_ms']:.1f} ms "
         f"(`optimizer_vpmoe-8l_stacked.json`, `optimizer_vpmoe-8l_separate.json`).",
+        f"- Every bank through compiled `bmm` Polar Express (cuBLAS, `pe_backend = \"torch\"`) under a CUDA "
+        f"graph instead of the bank kernels: {num(bmm['results']['batched_compiled_graph']['median_ms'])} ms against "
+        f"{num(bmm['results']['bank_kernel_graph_direct']['median_ms'])} ms in the same run "
+        f"(`optimizer_vpmoe-8l_bmm.json`).",
     ])
 
 

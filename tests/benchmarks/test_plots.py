@@ -80,7 +80,7 @@ def test_tokenizer_plot(tmp_path, figures):
     _check(figures[0])
 
 
-@pytest.mark.parametrize("tag", ["vpmoe-8l", "vpmoe-ep8", "vpmoe-8l_stacked", "vpmoe-8l_separate"])
+@pytest.mark.parametrize("tag", ["vpmoe-8l", "vpmoe-ep8", "vpmoe-8l_stacked", "vpmoe-8l_separate", "vpmoe-8l_bmm"])
 def test_optimizer_plot(tmp_path, figures, tag):
     _load("optimizer").plot(json.loads((RESULTS / f"optimizer_{tag}.json").read_text()), str(tmp_path / "o.png"))
     _check(figures[0])
