@@ -1,7 +1,7 @@
 """Run by tests/parallel/test_data_parallel.py under torchrun: a few `train` steps, then rank 0
 writes the records and the trained weights to OUT (a torch.save file).
 
-    _train_worker.py PREFIX OUT STEPS GLOBAL_BATCH MICRO_BATCH [EP [INIT_FROM|- [SAVE|- [LOAD|-]]]] [--distopt] [--pp N] [--tp N] [--sp]
+    _train_worker.py PREFIX OUT STEPS GLOBAL_BATCH MICRO_BATCH [EP [INIT_FROM|- [SAVE|- [LOAD|-]]]] [--distopt] [--pp N] [--tp N] [--sp] [--save-interval N]
 
 Under pipeline or tensor parallelism each rank holds other layers or shards: the weights are not
 gathered (compare through the saved checkpoint); under TP the replicated parts (every dense
@@ -25,6 +25,11 @@ def main():
         i = argv.index("--tp")
         tp = int(argv[i + 1])
         del argv[i : i + 2]
+    save_interval = 0
+    if "--save-interval" in argv:
+        i = argv.index("--save-interval")
+        save_interval = int(argv[i + 1])
+        del argv[i : i + 2]
     distopt = "--distopt" in argv
     sp = "--sp" in argv
     argv = [a for a in argv if a not in ("--distopt", "--sp")]
@@ -38,7 +43,7 @@ def main():
                           seq_len=32, steps=steps, warmup_steps=0, lr_decay_steps=6, device="cpu", quiet=True,
                           expert_parallel=ep, pipeline_parallel=pp, distributed_optimizer=distopt,
                           tensor_parallel=tp, sequence_parallel=sp,
-                          init_from=init_from, save=save, load=load,
+                          init_from=init_from, save=save, load=load, save_interval=save_interval,
                           data_cache=out + ".cache"))
     bare = run["model"].module
     weights = {n: p.detach().clone() for n, p in bare.named_parameters()}

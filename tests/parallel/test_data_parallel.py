@@ -15,7 +15,7 @@ WORKER = Path(__file__).with_name("_train_worker.py")
 
 
 def _run(nproc, prefix, out, steps=3, global_batch=4, micro_batch=2, ep=1, init_from=None, save=None, load=None,
-         distopt=False, pp=1, tp=1, sp=False):
+         distopt=False, pp=1, tp=1, sp=False, save_interval=0):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -23,7 +23,8 @@ def _run(nproc, prefix, out, steps=3, global_batch=4, micro_batch=2, ep=1, init_
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(WORKER),
            prefix, str(out), str(steps), str(global_batch), str(micro_batch), str(ep), str(init_from or "-"),
            str(save or "-"), str(load or "-")] + (["--distopt"] if distopt else []) + (["--pp", str(pp)] if pp > 1 else []) \
-        + (["--tp", str(tp)] if tp > 1 else []) + (["--sp"] if sp else [])
+        + (["--tp", str(tp)] if tp > 1 else []) + (["--sp"] if sp else []) \
+        + (["--save-interval", str(save_interval)] if save_interval else [])
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     return torch.load(out, weights_only=False)
@@ -170,11 +171,11 @@ def test_pipeline_parallel_equals_one_process(megatron_env, demo_prefix, tmp_pat
 def test_pipeline_parallel_four_stages_resume_bit_identically(megatron_env, demo_prefix, tmp_path, init_ckpt):
     """PP 4 (one layer per stage: the two middle stages hold neither the embedding nor the head,
     so their AdamW parameters need other groups than the first and last stage's): every stage
-    builds the same optimizer groups, so 2 steps + save + resume + 1 step equals 3 straight steps
-    bit for bit (losses and grad norms)."""
-    straight = _run(4, demo_prefix, tmp_path / "s.pt", steps=3, init_from=init_ckpt, pp=4)
-    _run(4, demo_prefix, tmp_path / "a.pt", steps=2, init_from=init_ckpt, save=tmp_path / "ck", pp=4)
-    resumed = _run(4, demo_prefix, tmp_path / "b.pt", steps=3, load=tmp_path / "ck", pp=4)
+    builds the same optimizer groups, so resuming from the step-2 checkpoint of a 3-step run
+    (saved every 2 steps) gives its step 3 bit for bit (loss and grad norm)."""
+    straight = _run(4, demo_prefix, tmp_path / "s.pt", steps=3, init_from=init_ckpt, save=tmp_path / "ck", pp=4,
+                    save_interval=2)
+    resumed = _run(4, demo_prefix, tmp_path / "b.pt", steps=3, load=tmp_path / "ck" / "iter_0000002", pp=4)
     assert [r["loss"] for r in resumed["records"]] == [r["loss"] for r in straight["records"][2:]]
     assert [r["grad_norm"] for r in resumed["records"]] == [r["grad_norm"] for r in straight["records"][2:]]
     assert straight["ranks_equal"] and resumed["ranks_equal"]
