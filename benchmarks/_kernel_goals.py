@@ -2,8 +2,8 @@
 
 Keys (each written by the script that measures it, with the command and time of that run):
 
-* ``tpa_fwd_bwd_us`` — the fused TPA op from factors, fwd+bwd, CUDA-graph replay
-  (``attention.py --suite tpa``); goal ≤ 350 µs.
+* ``tpa_fwd_bwd_us`` — the fused TPA op from factors, fwd+bwd, CUDA-graph replay (``tpa.py``,
+  or ``attention.py --suite tpa``); goal ≤ 350 µs.
 * ``global_fwd_bwd_us`` and ``sdpa_default_fwd_bwd_us`` — our causal ALiBi + sink attention and
   PyTorch SDPA's default causal backend (cuDNN on an H100; no bias, no sink), fwd+bwd, CUDA-graph
   replay, measured in the same run (``attention.py --suite global``); goal: ours ≤ SDPA.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Dict
 
@@ -65,16 +64,14 @@ def update(out_dir: str, device: str, values: Dict[str, float], *, script: str, 
                     "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(details or {})}
     rec["goals"] = verdicts(rec)
     os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".kernel_goals.", suffix=".json", dir=out_dir)
+    tmp = os.path.join(out_dir, f".{FILE}.tmp-{os.getpid()}")
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "w") as f:
             json.dump(rec, f, indent=2)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have created
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
     try:
         plot(rec, os.path.join(out_dir, "kernel_goals.png"))
