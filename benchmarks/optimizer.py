@@ -24,6 +24,8 @@ Variants (same matrices, same hyper-parameters, same random gradients):
 * ``bank_kernel``: the same banks run the whole NorMuon step in one Triton kernel per bank
   (``fused_bank=True``, the default); ``*_direct``: that kernel reads each member's gradient
   in place instead of a gathered copy (``direct_grads=True``, opt-in).
+* ``*_gram``: the fused kernels in the Gram form (``pe_form="gram"``, docs/design.md#gram-form):
+  the Polar Express steps on the ``s x s`` Gram matrix, three sweeps over each matrix instead of six.
 * ``*_graph``: the same, with the step captured in CUDA graphs (``cuda_graph=True``;
   ``batched_compiled_graph``: the compiled ``bmm`` banks captured);
   ``bank_kernel_graph`` is the recommended configuration.
@@ -45,7 +47,8 @@ fused Polar Express kernel on the expert bank; the AdamW part (torch fused AdamW
 + output ``2 x [201088, 1024]``).
 
 Usage: ``python benchmarks/optimizer.py --out benchmarks/results`` (GPU; ``--skip-fork`` and
-``--variants a,b`` for shorter runs, ``--pe-tune`` for the kernel sweep);
+``--variants a,b`` for shorter runs, ``--pe-tune`` for the kernel sweep, run first: the variants then
+use each kernel's fastest configuration, recorded as ``launch_used``);
 ``python benchmarks/optimizer.py --small --device cpu`` (a smoke run of the script on CPU).
 """
 
@@ -211,7 +214,7 @@ def make_params(spec, device, seed=0):
 
 
 def build_normuon(spec, params, grads, compile_mode, pe_backend="torch", cuda_graph=False,
-                  fused_bank=True, direct_grads=True):
+                  fused_bank=True, direct_grads=True, pe_form="standard"):
     groups = []
     for expert in (False, True):
         idx = [i for i, s in enumerate(spec) if s["expert"] == expert]
@@ -221,7 +224,7 @@ def build_normuon(spec, params, grads, compile_mode, pe_backend="torch", cuda_gr
         p.grad = gr
     return NorMuon(groups, lr=LR, momentum=MU, beta2=BETA2, eps=EPS, weight_decay=WD,
                    compile=compile_mode, pe_backend=pe_backend, cuda_graph=cuda_graph,
-                   fused_bank=fused_bank, direct_grads=direct_grads)
+                   fused_bank=fused_bank, direct_grads=direct_grads, pe_form=pe_form)
 
 
 class ForkLoop:
@@ -255,15 +258,17 @@ def rel(a, b):
 
 # ------------------------------------------------------------------------------------ diagnostics
 VARIANTS = {
-    # name: (compile, pe_backend, cuda_graph, fused_bank, direct_grads)
-    "batched_eager": (False, "torch", False, False, False),
-    "batched_compiled": (True, "torch", False, False, False),
-    "batched_compiled_graph": (True, "torch", True, False, False),
-    "pe_kernel": (True, "auto", False, False, False),
-    "pe_kernel_graph": (True, "auto", True, False, False),
-    "bank_kernel": (True, "auto", False, True, False),
-    "bank_kernel_graph": (True, "auto", True, True, False),
-    "bank_kernel_graph_direct": (True, "auto", True, True, True),
+    # name: (compile, pe_backend, cuda_graph, fused_bank, direct_grads, pe_form)
+    "batched_eager": (False, "torch", False, False, False, "standard"),
+    "batched_compiled": (True, "torch", False, False, False, "standard"),
+    "batched_compiled_graph": (True, "torch", True, False, False, "standard"),
+    "pe_kernel": (True, "auto", False, False, False, "standard"),
+    "pe_kernel_graph": (True, "auto", True, False, False, "standard"),
+    "bank_kernel": (True, "auto", False, True, False, "standard"),
+    "bank_kernel_graph": (True, "auto", True, True, False, "standard"),
+    "bank_kernel_graph_direct": (True, "auto", True, True, True, "standard"),
+    "bank_kernel_graph_gram": (True, "auto", True, True, False, "gram"),
+    "bank_kernel_graph_direct_gram": (True, "auto", True, True, True, "gram"),
 }
 HEADLINE = "bank_kernel_graph"
 CHECK_STEPS = 3
@@ -279,6 +284,8 @@ VARIANT_LABELS = {  # plot labels (the JSON keeps the variant names)
     "bank_kernel": "one kernel per bank",
     "bank_kernel_graph": "one kernel per bank + CUDA graph",
     "bank_kernel_graph_direct": "one kernel per bank + CUDA graph, grads in place",
+    "bank_kernel_graph_gram": "one kernel per bank, Gram form + CUDA graph",
+    "bank_kernel_graph_direct_gram": "one kernel per bank, Gram form + CUDA graph, grads in place",
 }
 
 
@@ -428,13 +435,13 @@ def run_variant(name, spec, device, reps, delta_eager, init, diagnose=True) -> T
     from torch._dynamo import reset as dynamo_reset
     from torch._dynamo.utils import counters
 
-    compile_mode, backend, graph, fused_bank, direct = VARIANTS[name]
+    compile_mode, backend, graph, fused_bank, direct, form = VARIANTS[name]
     dynamo_reset()
     counters.clear()
     params, grads = make_params(spec, device)
-    opt = build_normuon(spec, params, grads, compile_mode, backend, graph, fused_bank, direct)
+    opt = build_normuon(spec, params, grads, compile_mode, backend, graph, fused_bank, direct, form)
     info: Dict = {"compile": bool(compile_mode), "pe_backend": backend, "cuda_graph": graph,
-                  "fused_bank": fused_bank, "direct_grads": direct}
+                  "fused_bank": fused_bank, "direct_grads": direct, "pe_form": form}
     _sync(device)
     t0 = time.perf_counter()
     set_lr(opt, 0)
@@ -506,6 +513,31 @@ def run_variant(name, spec, device, reps, delta_eager, init, diagnose=True) -> T
     return timing, info, delta
 
 
+#: Launch configurations of the sweep: (form, BLOCK_L, num_warps, num_stages).
+PE_SWEEP = (("standard", 64, 8, 3), ("gram", 64, 8, 2), ("gram", 64, 8, 3), ("gram", 64, 16, 2))
+BANK_SWEEP = (("standard", 64, 8, 2), ("standard", 64, 8, 3), ("gram", 64, 8, 2),
+              ("gram", 64, 8, 3), ("gram", 32, 8, 3), ("gram", 64, 16, 2))
+
+
+def best_launch(sweep: Dict) -> Dict[str, Tuple[int, int, int]]:
+    """Fastest finite configuration per kernel kind of :func:`kernel_sweep`'s results (the bank
+    kernel by the sum of its wide and tall times), as ``pe_triton.LAUNCH_128`` keys."""
+    best: Dict[str, Tuple[float, Tuple[int, int, int]]] = {}
+    for form, bl, nw, ns in PE_SWEEP:
+        r = sweep.get(f"pe_{form}_bl{bl}_w{nw}_s{ns}", {})
+        kind = "pe" if form == "standard" else "pe_gram"
+        if "median_ms" in r and (kind not in best or r["median_ms"] < best[kind][0]):
+            best[kind] = (r["median_ms"], (bl, nw, ns))
+    for form, bl, nw, ns in BANK_SWEEP:
+        rs = [sweep.get(f"bank_{form}_{o}_bl{bl}_w{nw}_s{ns}", {}) for o in ("wide", "tall")]
+        if all("median_ms" in r and r.get("finite") for r in rs):
+            ms = sum(r["median_ms"] for r in rs)
+            kind = "bank" if form == "standard" else "bank_gram"
+            if kind not in best or ms < best[kind][0]:
+                best[kind] = (ms, (bl, nw, ns))
+    return {k: v[1] for k, v in best.items()}
+
+
 def kernel_sweep(device, reps) -> Dict:
     """Launch configurations of the fused kernels on one expert bank (1792 x [128, 1024] and
     1792 x [1024, 128]): the Polar Express kernel (vs the PyTorch bmm path) and the one-kernel
@@ -526,13 +558,13 @@ def kernel_sweep(device, reps) -> Dict:
     ref = _pe_polynomial(X0, PINNED_COEFFICIENTS, torch.bfloat16).float()
     work = torch.empty_like(Xb)
     tc = time_fn(lambda: work.copy_(Xb), device, warmup=2, reps=reps)["median_ms"]
-    for bl, nw, ns in ((64, 8, 3), (32, 8, 3), (64, 8, 4)):
-        key = f"pe_bl{bl}_w{nw}_s{ns}"
+    for form, bl, nw, ns in PE_SWEEP:
+        key = f"pe_{form}_bl{bl}_w{nw}_s{ns}"
         try:
             def run():
                 work.copy_(Xb)
                 polar_express_fused_(work, norm2, PINNED_COEFFICIENTS, 0.02, 1e-6, stat=1,
-                                     block_l=bl, num_warps=nw, num_stages=ns)
+                                     block_l=bl, num_warps=nw, num_stages=ns, form=form)
 
             run()
             err = rel(work.float(), ref)
@@ -551,13 +583,13 @@ def kernel_sweep(device, reps) -> Dict:
         W = torch.randn(shape, device=device) * 0.02
         X = torch.empty(shape, device=device, dtype=torch.bfloat16)
         V = torch.zeros((N, L) if flip else (N, S), device=device)
-        for bl, nw, ns in ((64, 8, 2), (64, 8, 3), (32, 8, 3), (32, 8, 4)):
-            key = f"bank_{'tall' if flip else 'wide'}_bl{bl}_w{nw}_s{ns}"
+        for form, bl, nw, ns in BANK_SWEEP:
+            key = f"bank_{form}_{'tall' if flip else 'wide'}_bl{bl}_w{nw}_s{ns}"
             try:
                 def run():
                     normuon_bank_fused_(G, M, V, W, X, hyper, PINNED_COEFFICIENTS, 0.02, 1e-6,
                                         flip, -2 if flip else -1, "shape", math.sqrt(8.0) if flip else 1.0,
-                                        0.0, block_l=bl, num_warps=nw, num_stages=ns)
+                                        0.0, block_l=bl, num_warps=nw, num_stages=ns, form=form)
 
                 t = time_fn(run, device, warmup=2, reps=reps)
                 ms = t["median_ms"]
@@ -637,6 +669,16 @@ def main(argv=None):
         with open(stem + ".json", "w") as f:
             json.dump(res, f, indent=2, default=str)
 
+    if args.pe_tune and device.type == "cuda" and not args.small:
+        # sweep first: the variants below run the fastest configuration of each kernel
+        res["kernel_sweep"] = kernel_sweep(device, args.reps)
+        from vpmoe_compile.optim import pe_triton
+
+        pe_triton.LAUNCH_128.update(best_launch(res["kernel_sweep"]))
+        res["launch_used"] = dict(pe_triton.LAUNCH_128)
+        print("launch used", res["launch_used"], flush=True)
+        dump()
+
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in VARIANTS:
@@ -666,6 +708,7 @@ def main(argv=None):
             delta_eager = delta
         if v == HEADLINE:
             res["banks"] = info["banks"]
+        if v == HEADLINE or VARIANTS[v][5] == "gram":
             # The accuracy bound on the real shapes (docs/design.md#polar-express): the headline
             # variant's 3-step update vs fp64 REF
             ref_err = {}
@@ -687,16 +730,14 @@ def main(argv=None):
                     normuon_reference_update(W, pick(grads[i]).double(), M, vv, lr=lr_at(k), weight_decay=WD,
                                              blocks=spec[i]["blocks"])
                 ref_err[spec[i]["name"]] = rel(pick(delta[i]).cpu(), W - pick(init[i]).double().cpu())
-            res["headline_vs_fp64_ref_rel_err"] = ref_err
-            print(HEADLINE, "vs REF", ref_err, flush=True)
+            res.setdefault("vs_fp64_ref_rel_err", {})[v] = ref_err
+            if v == HEADLINE:
+                res["headline_vs_fp64_ref_rel_err"] = ref_err
+            print(v, "vs REF", ref_err, flush=True)
         del delta
     del delta_eager
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-    if args.pe_tune and device.type == "cuda" and not args.small:
-        res["kernel_sweep"] = kernel_sweep(device, args.reps)
-        dump()
 
     # -------------------------------------------------- fork-style loop
     if not args.skip_fork:

@@ -16,8 +16,9 @@
 # Each phase has a time limit in seconds (GLOBAL_S, TPA_S, NORMUON_S; defaults 240 / 150 / 240):
 # at the limit it gets SIGINT, 30 s later SIGKILL. A failing phase does not stop the next; the exit
 # status is 1 if any failed. NORMUON_VARIANTS picks the optimizer variants
-# (default pe_kernel_graph,bank_kernel_graph,bank_kernel_graph_direct), NORMUON_SEPARATE_VARIANTS
-# those of normuon_separate (default pe_kernel_graph, that layout's best).
+# (default bank_kernel_graph,bank_kernel_graph_direct,bank_kernel_graph_direct_gram),
+# NORMUON_SEPARATE_VARIANTS those of normuon_separate (default pe_kernel_graph, that layout's best);
+# NORMUON_ARGS adds arguments to the normuon phase (e.g. --pe-tune: the launch sweep first).
 #
 # No installation: the repository is put on PYTHONPATH in front of whatever is there.
 set -uo pipefail
@@ -29,7 +30,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,temperature.gpu --format=csv,noheader || true
-VARIANTS=${NORMUON_VARIANTS:-pe_kernel_graph,bank_kernel_graph,bank_kernel_graph_direct}
+VARIANTS=${NORMUON_VARIANTS:-bank_kernel_graph,bank_kernel_graph_direct,bank_kernel_graph_direct_gram}
 # shellcheck source=scripts/_phases.sh
 source scripts/_phases.sh
 has() { [[ ",$PHASES," == *",$1,"* ]]; }
@@ -39,7 +40,7 @@ has tpa && run_phase tpa "${TPA_S:-150}" "$OUT/tpa.log" python3 benchmarks/tpa.p
 has normuon_separate && run_phase normuon_separate "${NORMUON_S:-240}" "$OUT/normuon_separate.log" \
   python3 benchmarks/optimizer.py --experts separate --skip-fork --variants "${NORMUON_SEPARATE_VARIANTS:-pe_kernel_graph}" --out "$OUT"
 has normuon && run_phase normuon "${NORMUON_S:-240}" "$OUT/normuon.log" \
-  python3 benchmarks/optimizer.py --skip-fork --variants "$VARIANTS" --out "$OUT"
+  python3 benchmarks/optimizer.py --skip-fork --variants "$VARIANTS" ${NORMUON_ARGS:-} --out "$OUT"
 finish_phases; status=$?
 [ -f "$OUT/kernel_goals.json" ] && cat "$OUT/kernel_goals.json"
 exit $status

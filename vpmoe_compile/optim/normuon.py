@@ -224,8 +224,12 @@ class NorMuon(torch.optim.Optimizer):
             fp32 expert stack) reads each member's gradient where it is (a table of addresses,
             refreshed when they change) instead of gathering them into the bank first;
             gradients must then be contiguous, 16-byte aligned fp32 tensors of the parameter's
-            shape (otherwise that bank gathers). Off by default: validated under the Triton
-            interpreter only, not yet on a GPU.
+            shape (otherwise that bank gathers). Off by default; on the GPU its steps equal
+            the gathered ones bitwise (``tests/vpmoe_compile/optim/test_normuon_gpu.py``).
+        pe_form: ``"standard"`` or ``"gram"``: the Polar Express form of the fused kernels' banks
+            (docs/design.md#gram-form; the other banks always run the standard form). The Gram
+            form runs the steps on the ``s x s`` Gram matrix and sweeps ``X`` three times
+            instead of six (restarted after :data:`~.pe_triton.GRAM_RESTART` steps).
         param_names: ``{id(param): name}`` (e.g. the model's parameter names); errors of the
             construction and of :meth:`load_state_dict` name parameters by it. Also settable
             later as the ``param_names`` attribute.
@@ -254,6 +258,7 @@ class NorMuon(torch.optim.Optimizer):
         cuda_graph: bool = False,
         fused_bank: bool = True,
         direct_grads: bool = False,
+        pe_form: str = "standard",
         param_names: Optional[Dict[int, str]] = None,
     ):
         self.param_names: Dict[int, str] = dict(param_names or {})
@@ -269,6 +274,8 @@ class NorMuon(torch.optim.Optimizer):
             raise ValueError(f"neuron_axis must be 'rows' or 'larger', got {neuron_axis!r}")
         if pe_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"pe_backend must be 'auto', 'torch' or 'triton', got {pe_backend!r}")
+        if pe_form not in ("standard", "gram"):
+            raise ValueError(f"pe_form must be 'standard' or 'gram', got {pe_form!r}")
         defaults = dict(
             lr=lr, momentum=momentum, beta2=beta2, eps=eps, weight_decay=weight_decay
         )
@@ -291,6 +298,7 @@ class NorMuon(torch.optim.Optimizer):
         self.cuda_graph = bool(cuda_graph)
         self.fused_bank = bool(fused_bank)
         self.direct_grads = bool(direct_grads)
+        self.pe_form = pe_form
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, gi)
         self._banks: Optional[List[Bank]] = None
@@ -944,6 +952,7 @@ class NorMuon(torch.optim.Optimizer):
                     G, bank.M, bank.V, bank.W, bank.X, h, self.table, self.safety,
                     self.pe_eps, bank.flip, bank.stat_dim, self.scale_mode, bank.shape_scale,
                     rms_scale, grad_ptrs=bank.gptr if bank.direct and present is None else None,
+                    form=self.pe_form,
                 )
         elif bank.fused:
             from .pe_triton import polar_express_fused_
@@ -957,7 +966,7 @@ class NorMuon(torch.optim.Optimizer):
             with _range("normuon.pe"):
                 r = polar_express_fused_(
                     X, norm2, self.table, self.safety, self.pe_eps,
-                    stat=1 if bank.stat_dim == -1 else 2,
+                    stat=1 if bank.stat_dim == -1 else 2, form=self.pe_form,
                 )
             with _range("normuon.epilogue"):
                 epilogue(

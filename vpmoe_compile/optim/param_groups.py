@@ -29,6 +29,7 @@ def normuon_kwargs(st) -> Dict[str, Any]:
         scale_mode=st.scale_mode,
         neuron_axis=st.neuron_axis,
         pe_backend=st.pe_backend,
+        pe_form=st.pe_form,
     )
 
 

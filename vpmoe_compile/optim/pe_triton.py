@@ -53,7 +53,10 @@ import triton.language as tl
 
 from vpmoe_compile._triton import dot as _dot
 
-__all__ = ["fused_pe_supported", "polar_express_fused_", "normuon_bank_fused_", "MAX_ROWS"]
+__all__ = [
+    "fused_pe_supported", "polar_express_fused_", "normuon_bank_fused_", "MAX_ROWS", "FORMS",
+    "GRAM_RESTART",
+]
 
 #: Largest ``s = min(m, n)`` handled by the fused kernel (the Gram matrix lives in registers).
 MAX_ROWS = 128
@@ -131,6 +134,63 @@ def _pe_leading_steps(
 
 
 @triton.jit
+def _gram_phase(gram, COEF, T0: tl.constexpr, T1: tl.constexpr, scale, rs,
+                dt: tl.constexpr, IEEE: tl.constexpr):
+    """Steps ``T0 .. T1-1`` in Gram space: ``P_t = a_t I + b_t A + c_t A^2``, ``A <- P_t A P_t``,
+    ``Q = P_{T1-1} ... P_{T0}`` from ``A = gram`` (fp32 state; the ``s x s`` products are fp32
+    ``tl.dot``, TF32 on the GPU, IEEE under ``IEEE``). Returns ``round(scale * Q)`` in ``dt``."""
+    A = gram
+    eye = tl.where(rs[:, None] == rs[None, :], 1.0, 0.0)
+    Q = eye
+    for t in tl.static_range(T0, T1):
+        a = tl.load(COEF + 3 * t)
+        b = tl.load(COEF + 3 * t + 1)
+        c = tl.load(COEF + 3 * t + 2)
+        P = a * eye + b * A + c * _dot(A, A, IEEE)
+        if t + 1 < T1:  # A of the next step (P commutes with A: both are polynomials in gram)
+            A = _dot(_dot(P, A, IEEE), P, IEEE)
+        if t == T0:
+            Q = P
+        else:
+            Q = _dot(P, Q, IEEE)
+    return (Q * scale).to(dt)
+
+
+@triton.jit
+def _pe_gram_leading(
+    X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF,
+    T: tl.constexpr, RESTART: tl.constexpr, BS: tl.constexpr, BL: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Gram Newton-Schulz form of the Polar Express steps (docs/design.md#gram-form): the steps
+    run on the ``s x s`` Gram matrix and their product ``Q`` is applied to ``X`` in one sweep.
+    ``gram`` is the Gram matrix of the normalised input ``gamma * X`` (``X`` holds the
+    unnormalised input). With ``0 < RESTART < T`` steps ``0 .. RESTART-1`` end in a restart
+    sweep that forms ``X <- round(Q X)`` in place and its Gram matrix anew (the restart keeps
+    the Gram iteration stable: without it, rounding errors of the small eigenvalues grow
+    step after step). Returns ``Q`` of the remaining steps (to apply in the last sweep, which
+    also applies ``gamma`` when no restart ran)."""
+    dt = X.dtype.element_ty
+    if RESTART > 0 and RESTART < T:
+        Qm = _gram_phase(gram, COEF, 0, RESTART, gamma, rs, dt, IEEE)
+        gram = tl.zeros((BS, BS), dtype=tl.float32)
+        tl.debug_barrier()
+        for l0 in range(0, L, BL):
+            cols = l0 + tl.arange(0, BL)
+            mask = row_ok[:, None] & (cols < L)[None, :]
+            ptr = X + base + rs[:, None] * SI + cols[None, :] * SL
+            x = tl.load(ptr, mask=mask, other=0.0)
+            y = _dot(Qm, x, IEEE).to(dt)
+            tl.store(ptr, y, mask=mask)
+            gram = _dot_acc(y, tl.trans(y), gram, IEEE)
+        Qm = _gram_phase(gram, COEF, RESTART, T, 1.0, rs, dt, IEEE)
+    else:
+        Qm = _gram_phase(gram, COEF, 0, T, gamma, rs, dt, IEEE)
+    tl.debug_barrier()
+    return Qm
+
+
+@triton.jit
 def _pe_fused_kernel(
     X,  # [N, S, L] oriented view (element (n, i, l) at n * SN + i * SI + l * SL), in place
     NORM2,  # [N] fp32: squared Frobenius norm of the (fp32) input
@@ -147,6 +207,8 @@ def _pe_fused_kernel(
     BS: tl.constexpr,
     BL: tl.constexpr,
     STAT: tl.constexpr,
+    GRAM: tl.constexpr,
+    RESTART: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
@@ -165,7 +227,13 @@ def _pe_fused_kernel(
         x = (tl.load(ptr, mask=mask, other=0.0).to(tl.float32) * gamma).to(dt)
         gram = _dot_acc(x, tl.trans(x), gram, IEEE)
 
-    Bm, a = _pe_leading_steps(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF, T, BS, BL, IEEE)
+    if GRAM:
+        Bm = _pe_gram_leading(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF, T, RESTART,
+                              BS, BL, IEEE)
+        a = 0.0
+    else:
+        Bm, a = _pe_leading_steps(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF, T, BS, BL,
+                                  IEEE)
     # last step, with the per-neuron statistics
     rrow = tl.zeros((BS,), dtype=tl.float32)
     for l0 in range(0, L, BL):
@@ -174,9 +242,12 @@ def _pe_fused_kernel(
         mask = row_ok[:, None] & col_ok[None, :]
         ptr = X + base + rs[:, None] * SI + cols[None, :] * SL
         x = tl.load(ptr, mask=mask, other=0.0)
-        if T == 1:
-            x = (x.to(tl.float32) * gamma).to(dt)
-        y = _dot_acc(Bm, x, a * x.to(tl.float32), IEEE).to(dt)
+        if GRAM:
+            y = _dot(Bm, x, IEEE).to(dt)
+        else:
+            if T == 1:
+                x = (x.to(tl.float32) * gamma).to(dt)
+            y = _dot_acc(Bm, x, a * x.to(tl.float32), IEEE).to(dt)
         tl.store(ptr, y, mask=mask)
         if STAT == 1:
             yf = y.to(tl.float32)
@@ -222,6 +293,8 @@ def _normuon_bank_kernel(
     SHAPE_MODE: tl.constexpr,
     HAS_W: tl.constexpr,
     G_PTRS: tl.constexpr,
+    GRAM: tl.constexpr,
+    RESTART: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
@@ -259,7 +332,13 @@ def _normuon_bank_kernel(
     gamma = 1.0 / ((1.0 + safety) * tl.sqrt(tl.sum(sq, axis=0)) + pe_eps)
     gram = gram * (gamma * gamma)
 
-    Bm, a = _pe_leading_steps(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF, T, BS, BL, IEEE)
+    if GRAM:
+        Bm = _pe_gram_leading(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF, T, RESTART,
+                              BS, BL, IEEE)
+        a = 0.0
+    else:
+        Bm, a = _pe_leading_steps(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF, T, BS, BL,
+                                  IEEE)
 
     # last step: O, per-neuron mean squares, second moment (4-5), norms of O and s * O
     rrow = tl.zeros((BS,), dtype=tl.float32)
@@ -271,9 +350,12 @@ def _normuon_bank_kernel(
         mask = row_ok[:, None] & col_ok[None, :]
         off = base + rs[:, None] * SI + cols[None, :] * SL
         x = tl.load(X + off, mask=mask, other=0.0)
-        if T == 1:
-            x = (x.to(tl.float32) * gamma).to(dt)
-        y = _dot_acc(Bm, x, a * x.to(tl.float32), IEEE).to(dt)
+        if GRAM:
+            y = _dot(Bm, x, IEEE).to(dt)
+        else:
+            if T == 1:
+                x = (x.to(tl.float32) * gamma).to(dt)
+            y = _dot_acc(Bm, x, a * x.to(tl.float32), IEEE).to(dt)
         tl.store(X + off, y, mask=mask)
         yf = y.to(tl.float32)
         if STAT == 1:
@@ -334,7 +416,7 @@ def _coefficients(table: Sequence[Sequence[float]], device: torch.device) -> tor
 #: (``benchmarks/results/optimizer_vpmoe-8l.json``, ``kernel_sweep``). The bank kernel measured
 #: 16 % faster with 3 stages (4.07 vs 4.85 ms on 1792 x [128, 1024]) but was validated against
 #: the eager path with 2; switch after a GPU test run.
-LAUNCH_128 = {"pe": (64, 8, 3), "bank": (64, 8, 2)}
+LAUNCH_128 = {"pe": (64, 8, 3), "bank": (64, 8, 2), "pe_gram": (64, 8, 2), "bank_gram": (64, 8, 2)}
 
 
 def _launch_config(
@@ -348,6 +430,20 @@ def _launch_config(
     block_l = d_bl if block_l is None else block_l
     block_l = max(16, min(block_l, 1 << (int(L) - 1).bit_length()))
     return BS, block_l, num_warps or d_nw, num_stages or d_ns
+
+
+#: Steps before the Gram form's restart (docs/design.md#gram-form): steps ``0, 1`` on the Gram
+#: matrix of the input, then ``X <- Q X`` and the remaining steps on the Gram matrix of that.
+GRAM_RESTART = 2
+
+#: The Polar Express forms of the fused kernels.
+FORMS = ("standard", "gram")
+
+
+def _check_form(form: str) -> bool:
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    return form == "gram"
 
 
 def _check_rows(S: int, L: int) -> None:
@@ -367,6 +463,7 @@ def polar_express_fused_(
     num_warps: Optional[int] = None,
     num_stages: Optional[int] = None,
     ieee: bool = False,
+    form: str = "standard",
 ) -> Optional[torch.Tensor]:
     """Polar Express of every ``X[i]`` (``[N, s, L]``, ``s <= L``, ``s <= 128``), in place.
 
@@ -382,6 +479,8 @@ def polar_express_fused_(
         r_out: optional preallocated fp32 output for ``stat`` (CUDA-graph friendly).
         block_l, num_warps, num_stages: tile width and launch configuration (defaults by ``s``).
         ieee: fp32 products with ``input_precision="ieee"`` (exactness checks on the GPU).
+        form: ``"standard"`` (every step sweeps ``X``) or ``"gram"`` (the steps run on the
+            Gram matrix, restarted after :data:`GRAM_RESTART` steps; :func:`_check_form`).
 
     Returns:
         The ``stat`` sums (fp32) or ``None``. Issues one kernel launch, no host synchronisation.
@@ -400,7 +499,8 @@ def polar_express_fused_(
     interp = interpreter_active()
     if interp and X.dtype != torch.float32:
         raise ValueError("under TRITON_INTERPRET=1 the fused Polar Express runs in fp32 only")
-    BS, BL, nw, ns = _launch_config(S, L, block_l, num_warps, num_stages)
+    gram = _check_form(form)
+    BS, BL, nw, ns = _launch_config(S, L, block_l, num_warps, num_stages, "pe_gram" if gram else "pe")
     r = None
     if stat:
         size = S if stat == 1 else L
@@ -412,7 +512,8 @@ def polar_express_fused_(
     _pe_fused_kernel[(N,)](
         X, norm2, coef, r if r is not None else norm2,
         S, L, S * L, SI, SL, float(safety), float(eps),
-        T=len(coef), BS=BS, BL=BL, STAT=int(stat), IEEE=bool(ieee or X.dtype == torch.float32),
+        T=len(coef), BS=BS, BL=BL, STAT=int(stat), GRAM=gram, RESTART=GRAM_RESTART,
+        IEEE=bool(ieee or X.dtype == torch.float32),
         **kwargs,
     )
     return r
@@ -438,6 +539,7 @@ def normuon_bank_fused_(
     num_stages: Optional[int] = None,
     ieee: bool = False,
     grad_ptrs: Optional[torch.Tensor] = None,
+    form: str = "standard",
 ) -> None:
     """One whole NorMuon step of a bank (steps 1-10 of docs/design.md#the-normuon-update) in one
     kernel, in place.
@@ -459,6 +561,7 @@ def normuon_bank_fused_(
         grad_ptrs: optional ``[N]`` int64 device tensor with the addresses of the members'
             own contiguous fp32 ``[m, n]`` gradients, read instead of ``G`` (no gather copy;
             the caller keeps those tensors alive and the addresses current).
+        form: ``"standard"`` or ``"gram"`` (as :func:`polar_express_fused_`).
     """
     N, m, n = G.shape
     S, L = (n, m) if flip else (m, n)
@@ -477,7 +580,9 @@ def normuon_bank_fused_(
         raise ValueError("grad_ptrs must be an int64 [N] tensor")
     if N == 0:
         return
-    BS, BL, nw, ns = _launch_config(S, L, block_l, num_warps, num_stages, "bank")
+    gram = _check_form(form)
+    BS, BL, nw, ns = _launch_config(S, L, block_l, num_warps, num_stages,
+                                    "bank_gram" if gram else "bank")
     SI, SL = (1, S) if flip else (L, 1)
     coef = _coefficients(table, G.device)
     kwargs = {} if interp else dict(num_warps=nw, num_stages=ns)
@@ -488,7 +593,7 @@ def normuon_bank_fused_(
         S, L, SI, SL, float(safety), float(pe_eps),
         float(shape_scale if shape_mode else rms_scale),
         T=len(coef), BS=BS, BL=BL, STAT=1 if stat_dim == -1 else 2, SHAPE_MODE=shape_mode,
-        HAS_W=W is not None, G_PTRS=grad_ptrs is not None,
+        HAS_W=W is not None, G_PTRS=grad_ptrs is not None, GRAM=gram, RESTART=GRAM_RESTART,
         IEEE=bool(ieee or X.dtype == torch.float32),
         **kwargs,
     )

@@ -217,6 +217,53 @@ def _pe_polynomial(X: torch.Tensor, table: Coefficients, compute_dtype: torch.dt
     return X
 
 
+def _round_mantissa(x: torch.Tensor, bits: Optional[int]) -> torch.Tensor:
+    """fp32 ``x`` rounded to ``bits`` explicit mantissa bits (nearest, ties away from zero, as the
+    GPU's fp32 -> TF32 conversion for ``bits = 10``); ``None``: unchanged."""
+    if bits is None or x.dtype != torch.float32:
+        return x
+    shift = 23 - int(bits)
+    i = x.contiguous().view(torch.int32)
+    mag = (i & 0x7FFFFFFF) + (1 << (shift - 1))
+    return ((mag >> shift << shift) | (i & -0x80000000)).view(torch.float32)
+
+
+def _pe_gram_polynomial(
+    X: torch.Tensor, table: Coefficients, compute_dtype: torch.dtype, restart: int = 2,
+    product_bits: Optional[int] = None,
+) -> torch.Tensor:
+    """The Polar Express steps in the Gram form (docs/design.md#gram-form) on a normalised wide
+    batch ``[N, s, L]``: the PyTorch statement of the fused kernels' ``form="gram"`` (their
+    rounding points; the test reference of those kernels).
+
+    Per phase (steps ``0 .. restart-1``, then the rest): ``A = X X^T`` (``compute_dtype``
+    inputs, fp32 accumulation), then per step ``P = a I + b A + c A^2``, ``A <- P A P``,
+    ``Q <- P Q`` in fp32 (fp64 for fp64), and ``X <- round(round(Q) X)``. In exact arithmetic
+    this equals :func:`_pe_polynomial`; the restart recomputes ``A`` from ``X`` so that the
+    rounding errors of the Gram iteration (spurious negative eigenvalues) cannot grow.
+    ``product_bits = 10`` rounds the operands of the ``s x s`` products like the GPU kernels' TF32
+    (``restart = 0``: no restart)."""
+    acc = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    X = X.to(compute_dtype)
+    bounds = [0, restart, len(table)] if 0 < restart < len(table) else [0, len(table)]
+    eye = torch.eye(X.shape[-2], dtype=acc, device=X.device)
+    for t0, t1 in zip(bounds[:-1], bounds[1:]):
+        Xa = X.to(acc)  # compute_dtype values, products and sums in acc
+        A = torch.bmm(Xa, Xa.mT)
+        Q = None
+        def mm(u, v):
+            return torch.bmm(_round_mantissa(u, product_bits), _round_mantissa(v, product_bits))
+
+        for t in range(t0, t1):
+            a, b, c = table[t]
+            P = a * eye + b * A + c * mm(A, A)
+            if t + 1 < t1:
+                A = mm(mm(P, A), P)
+            Q = P if Q is None else mm(P, Q)
+        X = torch.bmm(Q.to(compute_dtype).to(acc), Xa).to(compute_dtype)
+    return X
+
+
 def polar_express_reference(
     G: torch.Tensor,
     coefficients: Optional[Sequence[Sequence[float]]] = None,

@@ -396,8 +396,8 @@ def test_compiled_stack_banks_match_eager():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("direct", [False, True])
-def test_fused_bank_kernel_on_stacks_matches_torch_path(direct):
+@pytest.mark.parametrize("direct,form", [(False, "standard"), (True, "standard"), (True, "gram")])
+def test_fused_bank_kernel_on_stacks_matches_torch_path(direct, form):
     """The one-kernel bank step (Triton interpreter on the CPU) on stack banks, gradients read
     as the bank's G or through the address table (``direct_grads``), vs the PyTorch path."""
     pe_triton = pytest.importorskip("vpmoe_compile.optim.pe_triton")
@@ -408,7 +408,8 @@ def test_fused_bank_kernel_on_stacks_matches_torch_path(direct):
     pb = [torch.nn.Parameter(w1.clone()), torch.nn.Parameter(w2.clone())]
     blk = [_gate_up(32), None]
     kw = dict(lr=0.02, weight_decay=0.1, pe_dtype=torch.float32)
-    oa = NorMuon([{"params": pa, "blocks": blk}], pe_backend="triton", direct_grads=direct, **kw)
+    oa = NorMuon([{"params": pa, "blocks": blk}], pe_backend="triton", direct_grads=direct,
+                 pe_form=form, **kw)
     ob = NorMuon([{"params": pb, "blocks": blk}], pe_backend="torch", **kw)
     for step in range(3):
         for a, b in zip(pa, pb):

@@ -75,13 +75,13 @@ def _steady_state_step(opt, params, grads):
     return torch.cuda.memory_stats()["allocation.all.allocated"] - before
 
 
-@pytest.mark.parametrize("fused_bank", [True, False])
-def test_cuda_graph_replay_equals_eager(fused_bank):
+@pytest.mark.parametrize("fused_bank,form", [(True, "standard"), (False, "standard"), (True, "gram")])
+def test_cuda_graph_replay_equals_eager(fused_bank, form):
     """Same kernels with and without capture: bitwise equal params and state, through lr / wd
     changes, a gradient-address change (eager gather) and a step with a ``None`` gradient."""
     init = _make()
-    pa, opt_g = _optimizer(init, cuda_graph=True, compile=False, fused_bank=fused_bank)
-    pb, opt_e = _optimizer(init, cuda_graph=False, compile=False, fused_bank=fused_bank)
+    pa, opt_g = _optimizer(init, cuda_graph=True, compile=False, fused_bank=fused_bank, pe_form=form)
+    pb, opt_e = _optimizer(init, cuda_graph=False, compile=False, fused_bank=fused_bank, pe_form=form)
     static = [torch.empty_like(p) for p in pa]  # gradient buffers at fixed addresses
     for step in range(8):
         grads = _grads(pa, step)
@@ -116,7 +116,8 @@ def test_cuda_graph_replay_equals_eager(fused_bank):
     assert opt_g.graph_captures == 2
 
 
-def test_compiled_graph_fused_step_matches_eager_without_recompiling():
+@pytest.mark.parametrize("form", ["standard", "gram"])
+def test_compiled_graph_fused_step_matches_eager_without_recompiling(form):
     """Inductor-compiled banks + fused PE + CUDA graph vs the eager PyTorch path within bf16
     tolerance; lr / wd changes after the first step compile nothing new (dynamo counters); the
     steady-state step syncs nothing and allocates nothing; one step vs the fp64 reference."""
@@ -126,7 +127,7 @@ def test_compiled_graph_fused_step_matches_eager_without_recompiling():
     torch._dynamo.reset()
     counters.clear()
     init = _make()
-    pa, opt_c = _optimizer(init, cuda_graph=True, compile=True)
+    pa, opt_c = _optimizer(init, cuda_graph=True, compile=True, pe_form=form)
     pb, opt_e = _optimizer(init, cuda_graph=False, compile=False, pe_backend="torch")
     pr = [p.detach().double().cpu() for p in pa]
     assert {b["fused"] for b in opt_c.bank_summary()} == {True, False}

@@ -8,6 +8,7 @@ from vpmoe_compile.optim import NorMuon
 from vpmoe_compile.optim.polar_express import (
     PINNED_COEFFICIENTS,
     _pe_batched,
+    _pe_gram_polynomial,
     polar_express_reference,
 )
 
@@ -53,6 +54,38 @@ def test_fused_equals_torch_path_fp32_and_stats(N, S, L):
             assert r is None
 
 
+@pytest.mark.parametrize("steps", [5, 2, 1])  # restart after step 2; none (2 or 1 steps)
+@pytest.mark.parametrize("N,S,L", [_cpu_only(3, 16, 64), _cpu_only(2, 5, 48), (2, 32, 96)])
+def test_gram_form_equals_its_reference_fp32_and_stats(N, S, L, steps):
+    """``form="gram"``: the fused kernel vs :func:`_pe_gram_polynomial` (its statement in
+    PyTorch) and vs the fp64 standard-form reference, fp32 (IEEE products), both orientations."""
+    table = PINNED_COEFFICIENTS[:steps]
+    U = torch.randn(N, S, L, device=DEVICE)
+    U[1] *= 1e3
+    norm2 = U.square().sum((-2, -1))
+    X0 = U / (1.02 * norm2.sqrt()[:, None, None] + 1e-6)
+    ref = _pe_gram_polynomial(X0, table, torch.float32)
+    ref64 = torch.stack([polar_express_reference(U[i].cpu(), table) for i in range(N)])
+    for stat, column_major in ((0, False), (1, False), (2, True)):
+        X = U.mT.contiguous().mT if column_major else U.clone()
+        r = pe_triton.polar_express_fused_(
+            X, norm2, table, 0.02, 1e-6, stat=stat, block_l=32, ieee=True, form="gram"
+        )
+        assert _rel(X, ref) <= 2e-5
+        assert _rel(X.cpu(), ref64) <= 2e-5
+        if stat:
+            assert _rel(r, ref.square().sum(-1 if stat == 1 else -2)) <= 2e-5
+
+
+def test_fused_rejects_unknown_form():
+    X = torch.randn(1, 16, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="form must be one of"):
+        pe_triton.polar_express_fused_(X, X.square().sum((-2, -1)), PINNED_COEFFICIENTS, 0.02,
+                                       1e-6, form="newton")
+    with pytest.raises(ValueError, match="pe_form must be"):
+        NorMuon([torch.nn.Parameter(X[0])], pe_form="newton")
+
+
 def test_fused_zero_and_nan_matrices_stay_local():
     U = torch.randn(3, 16, 64, device=DEVICE)
     U[0] = 0.0
@@ -76,13 +109,16 @@ def test_fused_rejects_bad_inputs():
 
 
 @pytest.mark.parametrize(
-    "fused_bank,scale_mode,neuron_axis",
-    [(True, "shape", "rows"), _cpu_only(False, "shape", "rows"), _cpu_only(True, "rms0.2", "larger")],
+    "fused_bank,scale_mode,neuron_axis,form",
+    [(True, "shape", "rows", "standard"), _cpu_only(False, "shape", "rows", "standard"),
+     _cpu_only(True, "rms0.2", "larger", "standard"), (True, "shape", "rows", "gram"),
+     _cpu_only(False, "rms0.2", "larger", "gram")],
 )
-def test_normuon_fused_backend_matches_torch_backend(fused_bank, scale_mode, neuron_axis):
+def test_normuon_fused_backend_matches_torch_backend(fused_bank, scale_mode, neuron_axis, form):
     """Whole NorMuon steps through the fused kernels (the one-kernel bank step, or prologue +
-    fused PE + epilogue) vs the PyTorch backend, fp32: wide, tall (per-column statistics of the
-    oriented matrix), odd row counts, split rows, a zero-gradient member, a ``None`` gradient."""
+    fused PE + epilogue; standard or Gram form) vs the PyTorch backend, fp32: wide, tall
+    (per-column statistics of the oriented matrix), odd row counts, split rows, a zero-gradient
+    member, a ``None`` gradient."""
     shapes = [(16, 64), (16, 64), (64, 16), (64, 16), (5, 40), (24, 64)]
     blocks = [None] * 5 + [(((0, 8),), ((8, 16),))]
     if neuron_axis == "larger":
@@ -93,7 +129,7 @@ def test_normuon_fused_backend_matches_torch_backend(fused_bank, scale_mode, neu
     kw = dict(lr=0.02, weight_decay=0.1, pe_dtype=torch.float32, scale_mode=scale_mode,
               neuron_axis=neuron_axis)
     oa = NorMuon([{"params": pa, "blocks": blocks}], pe_backend="triton", fused_bank=fused_bank,
-                 direct_grads=True, **kw)
+                 direct_grads=True, pe_form=form, **kw)
     ob = NorMuon([{"params": pb, "blocks": blocks}], pe_backend="torch", **kw)
     for step in range(4):
         for i, (a, b) in enumerate(zip(pa, pb)):
@@ -157,3 +193,99 @@ def test_fused_bf16_within_t3_bounds(shape):
         ref = polar_express_reference(U[i].double().cpu())
         assert _rel(X[i].float().cpu(), ref) <= bound
         assert _rel(X[i].float(), torch_path[i].float()) <= 0.03
+
+
+def _conditioned(kind, N, s, L, device):
+    """Test matrices ``[N, s, L]``: Gaussian (well conditioned), geometric singular-value decay
+    (``decay0.9``: sigma_i = 0.9^i), a rank-1 spike over small noise, rows scaled over 1e4."""
+    g = torch.Generator(device="cpu").manual_seed(7)
+    if kind == "gauss":
+        U = torch.randn(N, s, L, generator=g)
+    elif kind.startswith("decay"):
+        u, _ = torch.linalg.qr(torch.randn(N, s, s, generator=g))
+        v, _ = torch.linalg.qr(torch.randn(N, L, s, generator=g))
+        sv = float(kind[5:]) ** torch.arange(s, dtype=torch.float32)
+        U = u @ torch.diag_embed(sv.expand(N, s)) @ v.mT
+    elif kind == "spike":
+        U = torch.randn(N, s, L, generator=g) * 0.01 + torch.randn(N, s, 1, generator=g) @ torch.randn(
+            N, 1, L, generator=g)
+    else:
+        U = torch.randn(N, s, L, generator=g) * torch.logspace(0, -4, s)[None, :, None]
+    return U.to(device)
+
+
+KINDS = ["gauss", "decay0.9", "decay0.98", "spike", "rows"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bits", [None, 10])
+def test_gram_form_bf16_statement_within_2x_standard_error(kind, bits):
+    """The Gram form's rounding points in bf16 (:func:`_pe_gram_polynomial`, fp32 Gram-space
+    products, or with TF32-rounded operands: ``bits = 10``) vs the fp64 reference, on well and ill
+    conditioned matrices: within 2x the error of the standard bf16 form (the PyTorch path) and
+    within the 4 % bound where that path is."""
+    U = _conditioned(kind, 3, 64, 256, "cpu")
+    ref = torch.stack([polar_express_reference(u) for u in U])
+    X0 = U / (1.02 * U.flatten(1).norm(dim=1)[:, None, None] + 1e-6)
+    std = _pe_batched(U, PINNED_COEFFICIENTS, 0.02, 1e-6, torch.bfloat16)
+    gram = _pe_gram_polynomial(X0, PINNED_COEFFICIENTS, torch.bfloat16, product_bits=bits)
+    for i in range(3):
+        e_std, e_gram = _rel(std[i].float(), ref[i]), _rel(gram[i].float(), ref[i])
+        assert e_gram <= 2 * e_std, (kind, i, e_gram, e_std)
+        if e_std <= 0.04:
+            assert e_gram <= 0.04
+
+
+def test_gram_form_needs_its_restart():
+    """Why the Gram form restarts: with TF32-rounded Gram-space products and no restart, a rank-1
+    spike over noise loses the small singular directions (relative error > 1 against the fp64
+    reference); with the restart after two steps it is within 2x the standard bf16 form."""
+    U = _conditioned("spike", 2, 128, 1024, "cpu")
+    ref = torch.stack([polar_express_reference(u) for u in U])
+    X0 = U / (1.02 * U.flatten(1).norm(dim=1)[:, None, None] + 1e-6)
+    std = _pe_batched(U, PINNED_COEFFICIENTS, 0.02, 1e-6, torch.bfloat16)
+    plain = _pe_gram_polynomial(X0, PINNED_COEFFICIENTS, torch.bfloat16, restart=0, product_bits=10)
+    restarted = _pe_gram_polynomial(X0, PINNED_COEFFICIENTS, torch.bfloat16, product_bits=10)
+    for i in range(2):
+        assert _rel(plain[i].float(), ref[i]) > 1.0
+        assert _rel(restarted[i].float(), ref[i]) <= 2 * _rel(std[i].float(), ref[i])
+
+
+def test_round_mantissa_is_tf32_rounding():
+    from vpmoe_compile.optim.polar_express import _round_mantissa
+
+    x = torch.tensor([1.0 + 2**-11, 1.0 + 2**-12, -(1.0 + 3 * 2**-11), 3.0, 0.0])
+    assert torch.equal(_round_mantissa(x, 10), torch.tensor([1.0 + 2**-10, 1.0, -(1.0 + 2**-9), 3.0, 0.0]))
+    assert _round_mantissa(x, None) is x
+
+
+def test_gram_form_fp64_equals_standard_form():
+    U = torch.randn(2, 24, 80, dtype=torch.float64)
+    X0 = U / (1.02 * U.flatten(1).norm(dim=1)[:, None, None] + 1e-6)
+    ref = torch.stack([polar_express_reference(u) for u in U])
+    for restart in (0, 1, 2, 4):
+        assert _rel(_pe_gram_polynomial(X0, PINNED_COEFFICIENTS, torch.float64, restart), ref) <= 1e-10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernel needs CUDA")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(128, 1024), (1024, 128), (64, 512)])
+def test_gram_form_bf16_kernels_within_2x_standard_error(kind, shape):
+    """The bf16 kernels' Gram form (TF32 Gram-space products) on the GPU vs the fp64 reference:
+    within 2x the error of the standard bf16 PyTorch path on every matrix family, within the 4 %
+    bound where that path is; the one-kernel bank step's Polar Express output likewise."""
+    N = 4
+    s, L = min(shape), max(shape)
+    U = _conditioned(kind, N, s, L, "cuda")
+    X = U.to(torch.bfloat16).contiguous()
+    if shape[0] > shape[1]:  # tall members: the column-major oriented view
+        X = X.mT.contiguous().mT
+    pe_triton.polar_express_fused_(X, U.square().sum((-2, -1)), PINNED_COEFFICIENTS, 0.02, 1e-6,
+                                   form="gram")
+    std = _pe_batched(U, PINNED_COEFFICIENTS, 0.02, 1e-6, torch.bfloat16)
+    for i in range(N):
+        ref = polar_express_reference(U[i].double().cpu())
+        e_std, e_gram = _rel(std[i].float().cpu(), ref), _rel(X[i].float().cpu(), ref)
+        assert e_gram <= 2 * e_std, (kind, i, e_gram, e_std)
+        if e_std <= 0.04:
+            assert e_gram <= 0.04
