@@ -134,11 +134,10 @@ def _pe_leading_steps(
 
 
 @triton.jit
-def _gram_phase(gram, COEF, T0: tl.constexpr, T1: tl.constexpr, scale, rs,
-                dt: tl.constexpr, IEEE: tl.constexpr):
+def _gram_phase(gram, COEF, T0: tl.constexpr, T1: tl.constexpr, rs, IEEE: tl.constexpr):
     """Steps ``T0 .. T1-1`` in Gram space: ``P_t = a_t I + b_t A + c_t A^2``, ``A <- P_t A P_t``,
     ``Q = P_{T1-1} ... P_{T0}`` from ``A = gram`` (fp32 state; the ``s x s`` products are fp32
-    ``tl.dot``, TF32 on the GPU, IEEE under ``IEEE``). Returns ``round(scale * Q)`` in ``dt``."""
+    ``tl.dot``, TF32 on the GPU, IEEE under ``IEEE``). Returns ``Q`` (fp32)."""
     A = gram
     eye = tl.where(rs[:, None] == rs[None, :], 1.0, 0.0)
     Q = eye
@@ -153,7 +152,7 @@ def _gram_phase(gram, COEF, T0: tl.constexpr, T1: tl.constexpr, scale, rs,
             Q = P
         else:
             Q = _dot(P, Q, IEEE)
-    return (Q * scale).to(dt)
+    return Q
 
 
 @triton.jit
@@ -168,11 +167,12 @@ def _pe_gram_leading(
     unnormalised input). With ``0 < RESTART < T`` steps ``0 .. RESTART-1`` end in a restart
     sweep that forms ``X <- round(Q X)`` in place and its Gram matrix anew (the restart keeps
     the Gram iteration stable: without it, rounding errors of the small eigenvalues grow
-    step after step). Returns ``Q`` of the remaining steps (to apply in the last sweep, which
-    also applies ``gamma`` when no restart ran)."""
+    step after step). Returns ``(Q, R, scale)``: the last phase's ``Q`` (fp32), the Gram matrix
+    ``R`` of its (normalised) input and the factor of the stored input (``gamma`` when no
+    restart ran, else 1): the output is ``round(round(scale Q) X)``, its Gram matrix ``Q R Q^T``."""
     dt = X.dtype.element_ty
     if RESTART > 0 and RESTART < T:
-        Qm = _gram_phase(gram, COEF, 0, RESTART, gamma, rs, dt, IEEE)
+        Qm = (_gram_phase(gram, COEF, 0, RESTART, rs, IEEE) * gamma).to(dt)
         gram = tl.zeros((BS, BS), dtype=tl.float32)
         tl.debug_barrier()
         for l0 in range(0, L, BL):
@@ -183,11 +183,13 @@ def _pe_gram_leading(
             y = _dot(Qm, x, IEEE).to(dt)
             tl.store(ptr, y, mask=mask)
             gram = _dot_acc(y, tl.trans(y), gram, IEEE)
-        Qm = _gram_phase(gram, COEF, RESTART, T, 1.0, rs, dt, IEEE)
+        Q = _gram_phase(gram, COEF, RESTART, T, rs, IEEE)
+        scale = 1.0
     else:
-        Qm = _gram_phase(gram, COEF, 0, T, gamma, rs, dt, IEEE)
+        Q = _gram_phase(gram, COEF, 0, T, rs, IEEE)
+        scale = gamma
     tl.debug_barrier()
-    return Qm
+    return Q, gram, scale
 
 
 @triton.jit
@@ -228,8 +230,9 @@ def _pe_fused_kernel(
         gram = _dot_acc(x, tl.trans(x), gram, IEEE)
 
     if GRAM:
-        Bm = _pe_gram_leading(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF, T, RESTART,
-                              BS, BL, IEEE)
+        Q, _, qscale = _pe_gram_leading(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF, T,
+                                        RESTART, BS, BL, IEEE)
+        Bm = (Q * qscale).to(dt)
         a = 0.0
     else:
         Bm, a = _pe_leading_steps(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF, T, BS, BL,
@@ -295,6 +298,7 @@ def _normuon_bank_kernel(
     G_PTRS: tl.constexpr,
     GRAM: tl.constexpr,
     RESTART: tl.constexpr,
+    GRAM_STATS: tl.constexpr,  # GRAM with per-row statistics: taken from the Gram matrix
     IEEE: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
@@ -333,8 +337,9 @@ def _normuon_bank_kernel(
     gram = gram * (gamma * gamma)
 
     if GRAM:
-        Bm = _pe_gram_leading(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF, T, RESTART,
-                              BS, BL, IEEE)
+        Q, Rg, qscale = _pe_gram_leading(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF, T,
+                                         RESTART, BS, BL, IEEE)
+        Bm = (Q * qscale).to(dt)
         a = 0.0
     else:
         Bm, a = _pe_leading_steps(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF, T, BS, BL,
@@ -344,29 +349,34 @@ def _normuon_bank_kernel(
     rrow = tl.zeros((BS,), dtype=tl.float32)
     racc = tl.zeros((BL,), dtype=tl.float32)
     sacc = tl.zeros((BL,), dtype=tl.float32)
-    for l0 in range(0, L, BL):
-        cols = l0 + tl.arange(0, BL)
-        col_ok = cols < L
-        mask = row_ok[:, None] & col_ok[None, :]
-        off = base + rs[:, None] * SI + cols[None, :] * SL
-        x = tl.load(X + off, mask=mask, other=0.0)
-        if GRAM:
-            y = _dot(Bm, x, IEEE).to(dt)
-        else:
-            if T == 1:
-                x = (x.to(tl.float32) * gamma).to(dt)
-            y = _dot_acc(Bm, x, a * x.to(tl.float32), IEEE).to(dt)
-        tl.store(X + off, y, mask=mask)
-        yf = y.to(tl.float32)
-        if STAT == 1:
-            rrow += tl.sum(yf * yf, axis=1)
-        else:
-            rcol = tl.sum(yf * yf, axis=0)
-            v = _lerp(tl.load(V + n * L + cols, mask=col_ok, other=0.0), rcol / S, 1.0 - beta2)
-            tl.store(V + n * L + cols, v, mask=col_ok)
-            sl = tl.where(col_ok, tl.rsqrt(v + eps), 0.0)
-            racc += rcol
-            sacc += rcol * sl * sl
+    if GRAM_STATS:
+        # Gram form, per-row statistics: ||O_i||^2 = (Q R Q^T)_ii, so no sweep is needed here;
+        # the update pass below forms O itself.
+        rrow = tl.sum(_dot(Q, Rg, IEEE) * Q, axis=1)
+    else:
+        for l0 in range(0, L, BL):
+            cols = l0 + tl.arange(0, BL)
+            col_ok = cols < L
+            mask = row_ok[:, None] & col_ok[None, :]
+            off = base + rs[:, None] * SI + cols[None, :] * SL
+            x = tl.load(X + off, mask=mask, other=0.0)
+            if GRAM:
+                y = _dot(Bm, x, IEEE).to(dt)
+            else:
+                if T == 1:
+                    x = (x.to(tl.float32) * gamma).to(dt)
+                y = _dot_acc(Bm, x, a * x.to(tl.float32), IEEE).to(dt)
+            tl.store(X + off, y, mask=mask)
+            yf = y.to(tl.float32)
+            if STAT == 1:
+                rrow += tl.sum(yf * yf, axis=1)
+            else:
+                rcol = tl.sum(yf * yf, axis=0)
+                v = _lerp(tl.load(V + n * L + cols, mask=col_ok, other=0.0), rcol / S, 1.0 - beta2)
+                tl.store(V + n * L + cols, v, mask=col_ok)
+                sl = tl.where(col_ok, tl.rsqrt(v + eps), 0.0)
+                racc += rcol
+                sacc += rcol * sl * sl
     if STAT == 1:
         v = _lerp(tl.load(V + n * S + rs, mask=row_ok, other=0.0), rrow / L, 1.0 - beta2)
         tl.store(V + n * S + rs, v, mask=row_ok)
@@ -388,7 +398,10 @@ def _normuon_bank_kernel(
         col_ok = cols < L
         mask = row_ok[:, None] & col_ok[None, :]
         off = base + rs[:, None] * SI + cols[None, :] * SL
-        o = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+        if GRAM_STATS:
+            o = _dot(Bm, tl.load(X + off, mask=mask, other=0.0), IEEE).to(dt).to(tl.float32)
+        else:
+            o = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
         if STAT == 1:
             k = (si * c)[:, None]
         else:
@@ -594,6 +607,7 @@ def normuon_bank_fused_(
         float(shape_scale if shape_mode else rms_scale),
         T=len(coef), BS=BS, BL=BL, STAT=1 if stat_dim == -1 else 2, SHAPE_MODE=shape_mode,
         HAS_W=W is not None, G_PTRS=grad_ptrs is not None, GRAM=gram, RESTART=GRAM_RESTART,
+        GRAM_STATS=gram and stat_dim == -1,
         IEEE=bool(ieee or X.dtype == torch.float32),
         **kwargs,
     )
