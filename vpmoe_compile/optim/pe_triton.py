@@ -134,10 +134,12 @@ def _pe_leading_steps(
 
 
 @triton.jit
-def _gram_phase(gram, COEF, T0: tl.constexpr, T1: tl.constexpr, rs, IEEE: tl.constexpr):
+def _gram_phase(gram, COEF, T0: tl.constexpr, T1: tl.constexpr, rs, LAST_A: tl.constexpr,
+                IEEE: tl.constexpr):
     """Steps ``T0 .. T1-1`` in Gram space: ``P_t = a_t I + b_t A + c_t A^2``, ``A <- P_t A P_t``,
     ``Q = P_{T1-1} ... P_{T0}`` from ``A = gram`` (fp32 state; the ``s x s`` products are fp32
-    ``tl.dot``, TF32 on the GPU, IEEE under ``IEEE``). Returns ``Q`` (fp32)."""
+    ``tl.dot``, TF32 on the GPU, IEEE under ``IEEE``). Returns ``(Q, A)``: ``A`` is the Gram
+    matrix of the phase's output when ``LAST_A`` (else that of its last step's input)."""
     A = gram
     eye = tl.where(rs[:, None] == rs[None, :], 1.0, 0.0)
     Q = eye
@@ -146,20 +148,20 @@ def _gram_phase(gram, COEF, T0: tl.constexpr, T1: tl.constexpr, rs, IEEE: tl.con
         b = tl.load(COEF + 3 * t + 1)
         c = tl.load(COEF + 3 * t + 2)
         P = a * eye + b * A + c * _dot(A, A, IEEE)
-        if t + 1 < T1:  # A of the next step (P commutes with A: both are polynomials in gram)
+        if t + 1 < T1 or LAST_A:  # A of the next step (P commutes with A: both are polynomials in gram)
             A = _dot(_dot(P, A, IEEE), P, IEEE)
         if t == T0:
             Q = P
         else:
             Q = _dot(P, Q, IEEE)
-    return Q
+    return Q, A
 
 
 @triton.jit
 def _pe_gram_leading(
     X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF,
     T: tl.constexpr, RESTART: tl.constexpr, BS: tl.constexpr, BL: tl.constexpr,
-    IEEE: tl.constexpr,
+    LAST_A: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Gram Newton-Schulz form of the Polar Express steps (docs/design.md#gram-form): the steps
     run on the ``s x s`` Gram matrix and their product ``Q`` is applied to ``X`` in one sweep.
@@ -167,12 +169,13 @@ def _pe_gram_leading(
     unnormalised input). With ``0 < RESTART < T`` steps ``0 .. RESTART-1`` end in a restart
     sweep that forms ``X <- round(Q X)`` in place and its Gram matrix anew (the restart keeps
     the Gram iteration stable: without it, rounding errors of the small eigenvalues grow
-    step after step). Returns ``(Q, R, scale)``: the last phase's ``Q`` (fp32), the Gram matrix
-    ``R`` of its (normalised) input and the factor of the stored input (``gamma`` when no
-    restart ran, else 1): the output is ``round(round(scale Q) X)``, its Gram matrix ``Q R Q^T``."""
+    step after step). Returns ``(Q, A, scale)``: the last phase's ``Q`` (fp32), the factor of
+    the stored input (``gamma`` when no restart ran, else 1): the output is
+    ``round(round(scale Q) X)``; with ``LAST_A`` ``A`` is its Gram matrix ``Q R Q^T``."""
     dt = X.dtype.element_ty
     if RESTART > 0 and RESTART < T:
-        Qm = (_gram_phase(gram, COEF, 0, RESTART, rs, IEEE) * gamma).to(dt)
+        Qm, _ = _gram_phase(gram, COEF, 0, RESTART, rs, False, IEEE)
+        Qm = (Qm * gamma).to(dt)
         gram = tl.zeros((BS, BS), dtype=tl.float32)
         tl.debug_barrier()
         for l0 in range(0, L, BL):
@@ -183,13 +186,13 @@ def _pe_gram_leading(
             y = _dot(Qm, x, IEEE).to(dt)
             tl.store(ptr, y, mask=mask)
             gram = _dot_acc(y, tl.trans(y), gram, IEEE)
-        Q = _gram_phase(gram, COEF, RESTART, T, rs, IEEE)
+        Q, A = _gram_phase(gram, COEF, RESTART, T, rs, LAST_A, IEEE)
         scale = 1.0
     else:
-        Q = _gram_phase(gram, COEF, 0, T, rs, IEEE)
+        Q, A = _gram_phase(gram, COEF, 0, T, rs, LAST_A, IEEE)
         scale = gamma
     tl.debug_barrier()
-    return Q, gram, scale
+    return Q, A, scale
 
 
 @triton.jit
@@ -231,7 +234,7 @@ def _pe_fused_kernel(
 
     if GRAM:
         Q, _, qscale = _pe_gram_leading(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF, T,
-                                        RESTART, BS, BL, IEEE)
+                                        RESTART, BS, BL, False, IEEE)
         Bm = (Q * qscale).to(dt)
         a = 0.0
     else:
@@ -337,8 +340,8 @@ def _normuon_bank_kernel(
     gram = gram * (gamma * gamma)
 
     if GRAM:
-        Q, Rg, qscale = _pe_gram_leading(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF, T,
-                                         RESTART, BS, BL, IEEE)
+        Q, A_out, qscale = _pe_gram_leading(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF,
+                                            T, RESTART, BS, BL, GRAM_STATS, IEEE)
         Bm = (Q * qscale).to(dt)
         a = 0.0
     else:
@@ -350,9 +353,9 @@ def _normuon_bank_kernel(
     racc = tl.zeros((BL,), dtype=tl.float32)
     sacc = tl.zeros((BL,), dtype=tl.float32)
     if GRAM_STATS:
-        # Gram form, per-row statistics: ||O_i||^2 = (Q R Q^T)_ii, so no sweep is needed here;
-        # the update pass below forms O itself.
-        rrow = tl.sum(_dot(Q, Rg, IEEE) * Q, axis=1)
+        # Gram form, per-row statistics: ||O_i||^2 is the diagonal of the output's Gram matrix
+        # (one more Gram-space step), so no sweep is needed here; the update pass forms O itself.
+        rrow = tl.sum(tl.where(rs[:, None] == rs[None, :], A_out, 0.0), axis=1)
     else:
         for l0 in range(0, L, BL):
             cols = l0 + tl.arange(0, BL)
@@ -425,11 +428,11 @@ def _coefficients(table: Sequence[Sequence[float]], device: torch.device) -> tor
 
 
 #: Launch configuration ``(BLOCK_L, num_warps, num_stages)`` for 128-row matrices (the expert
-#: banks), per kernel; from ``benchmarks/optimizer.py --pe-tune`` on an H100
-#: (``benchmarks/results/optimizer_vpmoe-8l.json``, ``kernel_sweep``). The bank kernel measured
-#: 16 % faster with 3 stages (4.07 vs 4.85 ms on 1792 x [128, 1024]) but was validated against
-#: the eager path with 2; switch after a GPU test run.
-LAUNCH_128 = {"pe": (64, 8, 3), "bank": (64, 8, 2), "pe_gram": (64, 8, 2), "bank_gram": (64, 8, 2)}
+#: banks), per kernel and form; from ``benchmarks/optimizer.py --pe-tune`` on an H100
+#: (``benchmarks/results/optimizer_vpmoe-8l_gram.json``, ``kernel_sweep``): 3 stages beat 2 for
+#: every kernel (standard bank kernel 4.03 vs 4.80 ms on 1792 x [128, 1024]); 16 warps and
+#: ``BLOCK_L`` 32 were slower.
+LAUNCH_128 = {"pe": (64, 8, 3), "bank": (64, 8, 3), "pe_gram": (64, 8, 3), "bank_gram": (64, 8, 3)}
 
 
 def _launch_config(
