@@ -1,0 +1,76 @@
+"""The fused NorMuon kernels compiled ahead of time for an H100 (sm_90) on a machine without a
+GPU: the one-kernel bank step at its default launch configuration (``pe_triton.LAUNCH_128``),
+in the Gram form with per-row and per-column statistics and in the standard form, must fit the
+H100's shared memory per block. A configuration over the limit fails at its first launch on the
+GPU with ``OutOfResources`` (the Gram form's first bank kernel did: 256 KiB; this compile
+reports the same number for it), so this catches it on the CPU. (Each compile takes 5-10 s on
+two cores; the Polar Express-only kernels, which hold less, are left out.)
+
+The compile runs in a subprocess: the test session's kernels are Triton-interpreter functions
+(``TRITON_INTERPRET=1``, set by ``tests/conftest.py``), which cannot be compiled."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+
+#: The H100's largest shared memory per block (227 KiB, opt-in; Triton's ``OutOfResources`` limit).
+H100_SHARED_BYTES = 232448
+
+_SCRIPT = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vpmoe_compile.optim import pe_triton as pt
+
+def compile_shared(kernel, pointers, scalars, constexprs, launch):
+    block_l, num_warps, num_stages = launch
+    constexprs = dict(constexprs, BS=128, BL=block_l)
+    names = kernel.arg_names
+    sig, const = {}, {}
+    for n in names:
+        if n in constexprs:
+            sig[n] = "constexpr"
+            const[(names.index(n),)] = constexprs[n]
+        else:
+            sig[n] = pointers.get(n) or scalars[n]
+    src = ASTSource(fn=kernel, signature=sig, constexprs=const)
+    out = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                         options=dict(num_warps=num_warps, num_stages=num_stages))
+    return out.metadata.shared
+
+out = {}
+for form, stat in (("standard", 1), ("gram", 1), ("gram", 2)):
+    gram = form == "gram"
+    out[f"bank_{form}_stat{stat}"] = compile_shared(
+        pt._normuon_bank_kernel,
+        dict(G="*fp32", GP="*i64", M="*fp32", V="*fp32", W="*fp32", X="*bf16", COEF="*fp32",
+             MU="*fp32", LR="*fp32", DECAY="*fp32", BETA2="*fp32", EPS="*fp32"),
+        dict(S="i32", L="i32", SI="i32", SL="i32", safety="fp32", pe_eps="fp32", scale="fp32"),
+        dict(T=5, STAT=stat, SHAPE_MODE=True, HAS_W=True, G_PTRS=False, GRAM=gram,
+             RESTART=pt.GRAM_RESTART, GRAM_STATS=gram and stat == 1, IEEE=False),
+        pt.LAUNCH_128["bank_gram" if gram else "bank"])
+print(json.dumps(out))
+"""
+
+
+def test_default_launches_fit_h100_shared_memory(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("this Triton has no ptxas to compile for sm_90")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shared = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(shared) == 3
+    over = {k: v for k, v in shared.items() if not 0 < v <= H100_SHARED_BYTES}
+    assert not over, f"over the H100's {H100_SHARED_BYTES} bytes of shared memory: {over}"
