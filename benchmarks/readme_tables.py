@@ -707,8 +707,9 @@ def render_kernel_goals_profile(results: Path) -> str:
     glob = load(results, "kernel_goals_attention_global.json")["kernel_sweep_us"]["global:autotuned"]
     st, sep = load(results, "optimizer_vpmoe-8l_launch_sweep.json"), load(results, "optimizer_vpmoe-8l_separate.json")
     bmm = load(results, "optimizer_vpmoe-8l_bmm.json")
-    sw = st["kernel_sweep"]
-    ms = lambda key: sw[key]["median_ms"]  # noqa: E731
+    gr = load(results, "optimizer_vpmoe-8l_gram.json")
+    gcls = gr["variants"]["bank_kernel_graph_direct_gram"]["profile"]["kernel_classes_ms"]
+    gms = lambda key: gr["kernel_sweep"][key]["median_ms"]  # noqa: E731
     bst, bsep = st["best_variant"], sep["best_variant"]
     vst = st["variants"][bst]
     cls = vst["profile"]["kernel_classes_ms"]
@@ -728,14 +729,15 @@ def render_kernel_goals_profile(results: Path) -> str:
         f"{vst['host_issue_ms']:.1f} ms. With one matrix per expert (`{bsep}`, other run, same machine): "
         f"{num(sep['results'][bsep]['median_ms'])} ms, host time {sep['variants'][bsep]['host_issue_ms']:.1f} ms "
         f"(`optimizer_vpmoe-8l_launch_sweep.json`, `optimizer_vpmoe-8l_separate.json`).",
-        f"- The Polar Express kernel on 1792 × [128, 1024] in the Gram form (`pe_form = \"gram\"`, "
-        f"[docs/design.md](docs/design.md#gram-form)): {num(ms('pe_gram_bl64_w8_s3'))} ms against "
-        f"{num(ms('pe_standard_bl64_w8_s3'))} ms for the standard form (PyTorch `bmm`: "
-        f"{num(sw['pe_torch_bmm']['median_ms'])} ms); the one-kernel bank step on the tall expert bank "
-        f"{num(ms('bank_gram_tall_bl64_w8_s3'))} vs {num(ms('bank_standard_tall_bl64_w8_s3'))} ms "
-        f"(same run, `kernel_sweep`). That run's wide bank kernel in the Gram form needed 256 KiB of "
-        f"shared memory (227 KiB on an H100) and did not run; its statistics now come from one more "
-        f"Gram-space step instead, not yet measured on a GPU, so `pe_form` stays `\"standard\"` by default.",
+        f"- The Gram form of Polar Express (`pe_form = \"gram\"`, the default; "
+        f"[docs/design.md](docs/design.md#gram-form)), one run: the step "
+        f"{num(gr['results']['bank_kernel_graph_direct_gram']['median_ms'])} ms against "
+        f"{num(gr['results']['bank_kernel_graph_direct']['median_ms'])} ms for the standard form, its bank "
+        f"kernels {num(gcls['normuon_bank_triton'])} ms; on 1792 × [128, 1024] the one-kernel bank step "
+        f"{num(gms('bank_gram_wide_bl64_w8_s3'))} vs {num(gms('bank_standard_wide_bl64_w8_s3'))} ms (per-row "
+        f"statistics) and {num(gms('bank_gram_tall_bl64_w8_s3'))} vs {num(gms('bank_standard_tall_bl64_w8_s3'))} ms "
+        f"(per-column), the Polar Express kernel alone {num(gms('pe_gram_bl64_w8_s3'))} vs "
+        f"{num(gms('pe_standard_bl64_w8_s3'))} ms (`optimizer_vpmoe-8l_gram.json`).",
         f"- Every bank through compiled `bmm` Polar Express (cuBLAS, `pe_backend = \"torch\"`) under a CUDA "
         f"graph instead of the bank kernels: {num(bmm['results']['batched_compiled_graph']['median_ms'])} ms against "
         f"{num(bmm['results']['bank_kernel_graph_direct']['median_ms'])} ms in the same run "

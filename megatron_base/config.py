@@ -311,9 +311,9 @@ class OptimizerSection:
     #: Polar Express kernels: "auto" (fused Triton kernel for min(m, n) <= 128 on CUDA),
     #: "torch" (batched bmm only) or "triton".
     pe_backend: str = field(default="auto", metadata=_choice("auto", "torch", "triton", required=False))
-    #: Polar Express form of the fused kernels' banks: "standard" (every step sweeps the matrix)
-    #: or "gram" (steps on the Gram matrix, one restart; docs/design.md#gram-form).
-    pe_form: str = field(default="standard", metadata=_choice("standard", "gram", required=False))
+    #: Polar Express form of the fused kernels' banks: "gram" (steps on the Gram matrix, one
+    #: restart; docs/design.md#gram-form) or "standard" (every step sweeps the matrix).
+    pe_form: str = field(default="gram", metadata=_choice("gram", "standard", required=False))
     #: Separate max / min learning rate of the embedding and output layer (Megatron's
     #: ``decoupled_lr``); unset: the AdamW (aux) learning rates.
     decoupled_lr: Optional[float] = field(default=None, metadata=_meta(ge=0.0))
