@@ -515,7 +515,7 @@ def run_variant(name, spec, device, reps, delta_eager, init, diagnose=True) -> T
 
 #: Launch configurations of the sweep: (form, BLOCK_L, num_warps, num_stages).
 #: (An H100 sweep with more candidates -- 2 stages, 16 warps, BLOCK_L 32 -- found each slower
-#: than 3 stages, 8 warps, BLOCK_L 64 for both forms; docs/design.md#gram-form.)
+#: than 3 stages, 8 warps, BLOCK_L 64 for both forms: results/optimizer_vpmoe-8l_launch_sweep.json.)
 PE_SWEEP = (("standard", 64, 8, 3), ("gram", 64, 8, 3))
 BANK_SWEEP = (("standard", 64, 8, 3), ("gram", 64, 8, 3), ("gram", 64, 8, 2))
 

@@ -29,7 +29,14 @@ Two kernels:
   its last sweep also updates the second moment, and a final sweep writes
   ``W * (1 - lr wd) - lr k O`` (or ``-lr k O`` for the caller to scatter).
 
-Every rounding point is the PyTorch path's (bf16 Gram, bf16 ``B``, bf16 ``X`` after every step,
+**Gram form** (``form="gram"``, NorMuon's default ``pe_form``; docs/design.md#gram-form): the
+steps run on the ``s x s`` Gram matrix (fp32, TF32 products on the GPU) and their product ``Q``
+is applied to ``X`` once, with one restart: after sweep 0, a restart sweep ``X <- round(Q X)``
+(with its Gram matrix anew), then the last sweep; the bank kernel takes per-row statistics from
+the output's Gram matrix and forms the output inside its update pass. Its rounding points are
+:func:`.polar_express._pe_gram_polynomial`'s.
+
+In the standard form every rounding point is the PyTorch path's (bf16 Gram, bf16 ``B``, bf16 ``X`` after every step,
 fp32 accumulation inside each product), except that the normalisation rounds twice
 (``round(round(U) * gamma)`` instead of ``round(U * gamma)``; the bank kernel also scales the
 Gram matrix instead of the input of sweep 0); results are validated against the fp64 reference
@@ -429,9 +436,9 @@ def _coefficients(table: Sequence[Sequence[float]], device: torch.device) -> tor
 
 #: Launch configuration ``(BLOCK_L, num_warps, num_stages)`` for 128-row matrices (the expert
 #: banks), per kernel and form; from ``benchmarks/optimizer.py --pe-tune`` on an H100
-#: (``benchmarks/results/optimizer_vpmoe-8l_gram.json``, ``kernel_sweep``): 3 stages beat 2 for
-#: every kernel (standard bank kernel 4.03 vs 4.80 ms on 1792 x [128, 1024]); 16 warps and
-#: ``BLOCK_L`` 32 were slower.
+#: (``kernel_sweep`` of ``benchmarks/results/optimizer_vpmoe-8l_launch_sweep.json`` and
+#: ``optimizer_vpmoe-8l_gram.json``): 3 stages beat 2 for every kernel (standard bank kernel 4.03
+#: vs 4.80 ms on 1792 x [128, 1024]); 16 warps and ``BLOCK_L`` 32 were slower.
 LAUNCH_128 = {"pe": (64, 8, 3), "bank": (64, 8, 3), "pe_gram": (64, 8, 3), "bank_gram": (64, 8, 3)}
 
 
