@@ -231,17 +231,17 @@ def test_tensor_parallel_equals_one_process(megatron_env, one_process, tp2):
 RESHARD_LAYOUTS = {"tp2": dict(tp=2), "tp2_ep2_sp": dict(tp=2, ep=2, sp=True)}
 
 
-@pytest.mark.parametrize("layout", list(RESHARD_LAYOUTS))
-@pytest.mark.parametrize("direction", ["from_one", "to_one"])
+@pytest.mark.parametrize("layout,direction", [("tp2_ep2_sp", "from_one"), ("tp2", "to_one")])
 def test_tensor_parallel_checkpoint_reshards(megatron_env, demo_prefix, tmp_path, request, one_process,
                                              one_process_six, layout, direction):
-    """A checkpoint saved at step 3 by one process resumes at TP 2 (or TP 2 x EP 2 with sequence
-    parallelism: the experts split over the ranks too), and one saved there resumes in one
+    """A checkpoint saved at step 3 by one process resumes at TP 2 x EP 2 with sequence
+    parallelism (the experts split over the ranks too), and one saved at TP 2 resumes in one
     process: steps 4-6 equal 6 straight steps in one process (losses, grad norms, and the weights
     of the final checkpoint), so the model (the TPA factor blocks, the split and replicated
     tensors, the expert stacks) and the optimizer state (AdamW's split moments, NorMuon's
     whole-matrix state saved once in the one-rank layout, the experts' state by global expert)
-    reach the other layout."""
+    reach the other layout. (The two other pairs ran the same resharding code in the same
+    directions; they were dropped for CI time.)"""
     split = request.getfixturevalue(layout)  # the 3-step run saved at that layout
     if direction == "from_one":
         run = _run(2, demo_prefix, tmp_path / "r.pt", steps=6, load=one_process["ck"], save=tmp_path / "ck",
