@@ -203,6 +203,21 @@ def _pe_gram_leading(
 
 
 @triton.jit
+def _last_step(Bm, a, x, gamma, T: tl.constexpr, GRAM: tl.constexpr, IEEE: tl.constexpr):
+    """The last Polar Express step on one tile ``x`` of ``X``, rounded to ``X``'s dtype: ``Q x``
+    (Gram form; ``Bm`` holds ``Q``) or ``a x + B x`` (standard; with one step, ``x`` is the
+    unnormalised input and ``gamma`` normalises it)."""
+    dt = x.dtype
+    if GRAM:
+        y = _dot(Bm, x, IEEE)
+    else:
+        if T == 1:
+            x = (x.to(tl.float32) * gamma).to(dt)
+        y = _dot_acc(Bm, x, a * x.to(tl.float32), IEEE)
+    return y.to(dt)
+
+
+@triton.jit
 def _pe_fused_kernel(
     X,  # [N, S, L] oriented view (element (n, i, l) at n * SN + i * SI + l * SL), in place
     NORM2,  # [N] fp32: squared Frobenius norm of the (fp32) input
@@ -254,13 +269,7 @@ def _pe_fused_kernel(
         col_ok = cols < L
         mask = row_ok[:, None] & col_ok[None, :]
         ptr = X + base + rs[:, None] * SI + cols[None, :] * SL
-        x = tl.load(ptr, mask=mask, other=0.0)
-        if GRAM:
-            y = _dot(Bm, x, IEEE).to(dt)
-        else:
-            if T == 1:
-                x = (x.to(tl.float32) * gamma).to(dt)
-            y = _dot_acc(Bm, x, a * x.to(tl.float32), IEEE).to(dt)
+        y = _last_step(Bm, a, tl.load(ptr, mask=mask, other=0.0), gamma, T, GRAM, IEEE)
         tl.store(ptr, y, mask=mask)
         if STAT == 1:
             yf = y.to(tl.float32)
@@ -369,13 +378,7 @@ def _normuon_bank_kernel(
             col_ok = cols < L
             mask = row_ok[:, None] & col_ok[None, :]
             off = base + rs[:, None] * SI + cols[None, :] * SL
-            x = tl.load(X + off, mask=mask, other=0.0)
-            if GRAM:
-                y = _dot(Bm, x, IEEE).to(dt)
-            else:
-                if T == 1:
-                    x = (x.to(tl.float32) * gamma).to(dt)
-                y = _dot_acc(Bm, x, a * x.to(tl.float32), IEEE).to(dt)
+            y = _last_step(Bm, a, tl.load(X + off, mask=mask, other=0.0), gamma, T, GRAM, IEEE)
             tl.store(X + off, y, mask=mask)
             yf = y.to(tl.float32)
             if STAT == 1:
