@@ -312,7 +312,8 @@ class OptimizerSection:
     #: "torch" (batched bmm only) or "triton".
     pe_backend: str = field(default="auto", metadata=_choice("auto", "torch", "triton", required=False))
     #: Polar Express form of the fused kernels' banks: "gram" (steps on the Gram matrix, one
-    #: restart; docs/design.md#gram-form) or "standard" (every step sweeps the matrix).
+    #: restart; docs/design.md#gram-form) or "standard" (every step sweeps the matrix); the
+    #: optimizer's own list is ``vpmoe_compile.optim.polar_express.PE_FORMS``.
     pe_form: str = field(default="gram", metadata=_choice("gram", "standard", required=False))
     #: Separate max / min learning rate of the embedding and output layer (Megatron's
     #: ``decoupled_lr``); unset: the AdamW (aux) learning rates.

@@ -347,7 +347,7 @@ def _gc_paused():
     snapshots and parameter tables of a pipeline allocate millions of small containers on a
     large model (the 80-layer ``vpmoe`` has 62k modules), and every full collection they trigger
     walks the whole heap. Measured on this repository's 2-core CPU machine: ``transform`` of
-    ``vpmoe`` on the meta device 52.7 s with the collector, 16.9 s without. Nothing the
+    ``vpmoe`` on the meta device 52.7 s with the collector, 17.6 s without. Nothing the
     pipeline allocates depends on a collection: cycles are collected once it resumes."""
     was_enabled = gc.isenabled()
     gc.disable()

@@ -96,7 +96,7 @@ from .banks import (
     bank_update,
     oriented_v_shape,
 )
-from .polar_express import PE_EPS, resolve_coefficients
+from .polar_express import PE_EPS, PE_FORMS, resolve_coefficients
 from .state_check import (
     StateDictMismatch,
     check_group_counts,
@@ -275,8 +275,8 @@ class NorMuon(torch.optim.Optimizer):
             raise ValueError(f"neuron_axis must be 'rows' or 'larger', got {neuron_axis!r}")
         if pe_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"pe_backend must be 'auto', 'torch' or 'triton', got {pe_backend!r}")
-        if pe_form not in ("standard", "gram"):
-            raise ValueError(f"pe_form must be 'standard' or 'gram', got {pe_form!r}")
+        if pe_form not in PE_FORMS:
+            raise ValueError(f"pe_form must be one of {PE_FORMS}, got {pe_form!r}")
         defaults = dict(
             lr=lr, momentum=momentum, beta2=beta2, eps=eps, weight_decay=weight_decay
         )

@@ -60,6 +60,8 @@ import triton.language as tl
 
 from vpmoe_compile._triton import dot as _dot
 
+from .polar_express import PE_FORMS
+
 __all__ = [
     "fused_pe_supported", "polar_express_fused_", "normuon_bank_fused_", "MAX_ROWS", "FORMS",
     "GRAM_RESTART",
@@ -463,7 +465,7 @@ def _launch_config(
 GRAM_RESTART = 2
 
 #: The Polar Express forms of the fused kernels.
-FORMS = ("standard", "gram")
+FORMS = PE_FORMS
 
 
 def _check_form(form: str) -> bool:

@@ -25,6 +25,7 @@ import torch
 Coefficients = Tuple[Tuple[float, float, float], ...]
 
 __all__ = [
+    "PE_FORMS",
     "PINNED_COEFFICIENTS",
     "DEFAULT_COEFFICIENTS",
     "polar_express_coefficients",
@@ -43,6 +44,10 @@ PINNED_COEFFICIENTS: Coefficients = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
+
+#: The forms of the online stage: the Gram form (:func:`_pe_gram_polynomial`; the fused
+#: kernels' default) and the standard form (:func:`_pe_polynomial`).
+PE_FORMS = ("gram", "standard")
 
 #: Normalisation epsilon of the online stage (fork and modded-nanogpt value).
 PE_EPS = 1e-6

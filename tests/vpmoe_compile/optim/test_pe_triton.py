@@ -82,7 +82,7 @@ def test_fused_rejects_unknown_form():
     with pytest.raises(ValueError, match="form must be one of"):
         pe_triton.polar_express_fused_(X, X.square().sum((-2, -1)), PINNED_COEFFICIENTS, 0.02,
                                        1e-6, form="newton")
-    with pytest.raises(ValueError, match="pe_form must be"):
+    with pytest.raises(ValueError, match="pe_form must be one of"):
         NorMuon([torch.nn.Parameter(X[0])], pe_form="newton")
 
 
@@ -289,3 +289,21 @@ def test_gram_form_bf16_kernels_within_2x_standard_error(kind, shape):
         assert e_gram <= 2 * e_std, (kind, i, e_gram, e_std)
         if e_std <= 0.04:
             assert e_gram <= 0.04
+
+
+def test_config_pe_form_choices_are_the_optimizers():
+    """``[optimizer] pe_form`` offers exactly the optimizer's forms, with NorMuon's default, and
+    reaches NorMuon through the config's constructor arguments."""
+    import dataclasses
+    import inspect
+    import types
+
+    from megatron_base.config import OptimizerSection
+    from vpmoe_compile.optim.param_groups import normuon_kwargs, optimizer_settings
+    from vpmoe_compile.optim.polar_express import PE_FORMS
+
+    field = {f.name: f for f in dataclasses.fields(OptimizerSection)}["pe_form"]
+    assert set(field.metadata["choices"]) == set(PE_FORMS)
+    assert field.default == inspect.signature(NorMuon).parameters["pe_form"].default == PE_FORMS[0]
+    section = types.SimpleNamespace(pe_form="standard")
+    assert normuon_kwargs(optimizer_settings(section))["pe_form"] == "standard"
