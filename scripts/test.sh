@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-exec python -m pytest -q "$@"
+# Two pytest workers (pytest-xdist), each test file on one worker (its module fixtures are built
+# once); PYTEST_WORKERS=0 runs everything in this process.
+exec python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
