@@ -216,7 +216,7 @@ def make_params(spec, device, seed=0):
 
 
 def build_normuon(spec, params, grads, compile_mode, pe_backend="torch", cuda_graph=False,
-                  fused_bank=True, direct_grads=True, pe_form="standard"):
+                  fused_bank=True, direct_grads=True, pe_form="standard", overlap_banks=True):
     groups = []
     for expert in (False, True):
         idx = [i for i, s in enumerate(spec) if s["expert"] == expert]
@@ -226,7 +226,8 @@ def build_normuon(spec, params, grads, compile_mode, pe_backend="torch", cuda_gr
         p.grad = gr
     return NorMuon(groups, lr=LR, momentum=MU, beta2=BETA2, eps=EPS, weight_decay=WD,
                    compile=compile_mode, pe_backend=pe_backend, cuda_graph=cuda_graph,
-                   fused_bank=fused_bank, direct_grads=direct_grads, pe_form=pe_form)
+                   fused_bank=fused_bank, direct_grads=direct_grads, pe_form=pe_form,
+                   overlap_banks=overlap_banks)
 
 
 class ForkLoop:
@@ -260,17 +261,18 @@ def rel(a, b):
 
 # ------------------------------------------------------------------------------------ diagnostics
 VARIANTS = {
-    # name: (compile, pe_backend, cuda_graph, fused_bank, direct_grads, pe_form)
-    "batched_eager": (False, "torch", False, False, False, "standard"),
-    "batched_compiled": (True, "torch", False, False, False, "standard"),
-    "batched_compiled_graph": (True, "torch", True, False, False, "standard"),
-    "pe_kernel": (True, "auto", False, False, False, "standard"),
-    "pe_kernel_graph": (True, "auto", True, False, False, "standard"),
-    "bank_kernel": (True, "auto", False, True, False, "standard"),
-    "bank_kernel_graph": (True, "auto", True, True, False, "standard"),
-    "bank_kernel_graph_direct": (True, "auto", True, True, True, "standard"),
-    "bank_kernel_graph_gram": (True, "auto", True, True, False, "gram"),
-    "bank_kernel_graph_direct_gram": (True, "auto", True, True, True, "gram"),
+    # name: (compile, pe_backend, cuda_graph, fused_bank, direct_grads, pe_form, overlap_banks)
+    "batched_eager": (False, "torch", False, False, False, "standard", True),
+    "batched_compiled": (True, "torch", False, False, False, "standard", True),
+    "batched_compiled_graph": (True, "torch", True, False, False, "standard", True),
+    "pe_kernel": (True, "auto", False, False, False, "standard", True),
+    "pe_kernel_graph": (True, "auto", True, False, False, "standard", True),
+    "bank_kernel": (True, "auto", False, True, False, "standard", True),
+    "bank_kernel_graph": (True, "auto", True, True, False, "standard", True),
+    "bank_kernel_graph_direct": (True, "auto", True, True, True, "standard", True),
+    "bank_kernel_graph_gram": (True, "auto", True, True, False, "gram", True),
+    "bank_kernel_graph_direct_gram": (True, "auto", True, True, True, "gram", True),
+    "bank_kernel_graph_direct_gram_serial": (True, "auto", True, True, True, "gram", False),
 }
 HEADLINE = "bank_kernel_graph"
 CHECK_STEPS = 3
@@ -288,6 +290,7 @@ VARIANT_LABELS = {  # plot labels (the JSON keeps the variant names)
     "bank_kernel_graph_direct": "one kernel per bank + CUDA graph, grads in place",
     "bank_kernel_graph_gram": "one kernel per bank, Gram form + CUDA graph",
     "bank_kernel_graph_direct_gram": "one kernel per bank, Gram form + CUDA graph, grads in place",
+    "bank_kernel_graph_direct_gram_serial": "the same, every bank on one stream",
 }
 
 
@@ -437,13 +440,15 @@ def run_variant(name, spec, device, reps, delta_eager, init, diagnose=True) -> T
     from torch._dynamo import reset as dynamo_reset
     from torch._dynamo.utils import counters
 
-    compile_mode, backend, graph, fused_bank, direct, form = VARIANTS[name]
+    compile_mode, backend, graph, fused_bank, direct, form, overlap = VARIANTS[name]
     dynamo_reset()
     counters.clear()
     params, grads = make_params(spec, device)
-    opt = build_normuon(spec, params, grads, compile_mode, backend, graph, fused_bank, direct, form)
+    opt = build_normuon(spec, params, grads, compile_mode, backend, graph, fused_bank, direct, form,
+                        overlap)
     info: Dict = {"compile": bool(compile_mode), "pe_backend": backend, "cuda_graph": graph,
-                  "fused_bank": fused_bank, "direct_grads": direct, "pe_form": form}
+                  "fused_bank": fused_bank, "direct_grads": direct, "pe_form": form,
+                  "overlap_banks": overlap}
     _sync(device)
     t0 = time.perf_counter()
     set_lr(opt, 0)
@@ -515,30 +520,40 @@ def run_variant(name, spec, device, reps, delta_eager, init, diagnose=True) -> T
     return timing, info, delta
 
 
-#: Launch configurations of the sweep: (form, BLOCK_L, num_warps, num_stages).
+#: Launch configurations of the sweep: (form, BLOCK_L, num_warps, num_stages), and for the bank
+#: kernel also its L2 eviction priorities (``pe_triton.L2_HINTS``).
 #: (An H100 sweep with more candidates -- 2 stages, 16 warps, BLOCK_L 32 -- found each slower
-#: than 3 stages, 8 warps, BLOCK_L 64 for both forms: results/optimizer_vpmoe-8l_launch_sweep.json.)
+#: than 3 stages, 8 warps, BLOCK_L 64 for both forms: results/optimizer_vpmoe-8l_launch_sweep.json
+#: and results/optimizer_vpmoe-8l_gram.json.)
 PE_SWEEP = (("standard", 64, 8, 3), ("gram", 64, 8, 3))
-BANK_SWEEP = (("standard", 64, 8, 3), ("gram", 64, 8, 3), ("gram", 64, 8, 2))
+BANK_SWEEP = (("standard", 64, 8, 3, False), ("standard", 64, 8, 3, True),
+              ("gram", 64, 8, 3, False), ("gram", 64, 8, 3, True))
 
 
-def best_launch(sweep: Dict) -> Dict[str, Tuple[int, int, int]]:
+def bank_key(form, orient, bl, nw, ns, hints) -> str:
+    return f"bank_{form}_{orient}_bl{bl}_w{nw}_s{ns}" + ("_l2" if hints else "")
+
+
+def best_launch(sweep: Dict) -> Tuple[Dict[str, Tuple[int, int, int]], Dict[str, bool]]:
     """Fastest finite configuration per kernel kind of :func:`kernel_sweep`'s results (the bank
-    kernel by the sum of its wide and tall times), as ``pe_triton.LAUNCH_128`` keys."""
-    best: Dict[str, Tuple[float, Tuple[int, int, int]]] = {}
+    kernel by the sum of its wide and tall times): ``(launch, hints)`` as
+    ``pe_triton.LAUNCH_128`` / ``pe_triton.L2_HINTS`` entries."""
+    best: Dict[str, Tuple[float, Tuple]] = {}
     for form, bl, nw, ns in PE_SWEEP:
         r = sweep.get(f"pe_{form}_bl{bl}_w{nw}_s{ns}", {})
         kind = "pe" if form == "standard" else "pe_gram"
         if "median_ms" in r and (kind not in best or r["median_ms"] < best[kind][0]):
             best[kind] = (r["median_ms"], (bl, nw, ns))
-    for form, bl, nw, ns in BANK_SWEEP:
-        rs = [sweep.get(f"bank_{form}_{o}_bl{bl}_w{nw}_s{ns}", {}) for o in ("wide", "tall")]
+    hints: Dict[str, Tuple[float, bool]] = {}
+    for form, bl, nw, ns, h in BANK_SWEEP:
+        rs = [sweep.get(bank_key(form, o, bl, nw, ns, h), {}) for o in ("wide", "tall")]
         if all("median_ms" in r and r.get("finite") for r in rs):
             ms = sum(r["median_ms"] for r in rs)
             kind = "bank" if form == "standard" else "bank_gram"
             if kind not in best or ms < best[kind][0]:
                 best[kind] = (ms, (bl, nw, ns))
-    return {k: v[1] for k, v in best.items()}
+                hints[kind] = (ms, h)
+    return {k: v[1] for k, v in best.items()}, {k: v[1] for k, v in hints.items()}
 
 
 def kernel_sweep(device, reps) -> Dict:
@@ -586,13 +601,14 @@ def kernel_sweep(device, reps) -> Dict:
         W = torch.randn(shape, device=device) * 0.02
         X = torch.empty(shape, device=device, dtype=torch.bfloat16)
         V = torch.zeros((N, L) if flip else (N, S), device=device)
-        for form, bl, nw, ns in BANK_SWEEP:
-            key = f"bank_{form}_{'tall' if flip else 'wide'}_bl{bl}_w{nw}_s{ns}"
+        for form, bl, nw, ns, hints in BANK_SWEEP:
+            key = bank_key(form, "tall" if flip else "wide", bl, nw, ns, hints)
             try:
                 def run():
                     normuon_bank_fused_(G, M, V, W, X, hyper, PINNED_COEFFICIENTS, 0.02, 1e-6,
                                         flip, -2 if flip else -1, "shape", math.sqrt(8.0) if flip else 1.0,
-                                        0.0, block_l=bl, num_warps=nw, num_stages=ns, form=form)
+                                        0.0, block_l=bl, num_warps=nw, num_stages=ns, form=form,
+                                        l2_hints=hints)
 
                 t = time_fn(run, device, warmup=2, reps=reps)
                 ms = t["median_ms"]
@@ -677,9 +693,12 @@ def main(argv=None):
         res["kernel_sweep"] = kernel_sweep(device, args.reps)
         from vpmoe_compile.optim import pe_triton
 
-        pe_triton.LAUNCH_128.update(best_launch(res["kernel_sweep"]))
+        launch, hints = best_launch(res["kernel_sweep"])
+        pe_triton.LAUNCH_128.update(launch)
+        pe_triton.L2_HINTS.update(hints)
         res["launch_used"] = dict(pe_triton.LAUNCH_128)
-        print("launch used", res["launch_used"], flush=True)
+        res["l2_hints_used"] = dict(pe_triton.L2_HINTS)
+        print("launch used", res["launch_used"], "L2 hints", res["l2_hints_used"], flush=True)
         dump()
 
     variants = [v for v in args.variants.split(",") if v]

@@ -1,5 +1,5 @@
-"""Run the Triton attention kernels of both families under ``compute-sanitizer``
-(docs/design.md#benchmarks-and-checks).
+"""Run the Triton attention kernels of both families and the fused NorMuon kernels under
+``compute-sanitizer`` (docs/design.md#benchmarks-and-checks).
 
 A GPU tool, not a test and not a benchmark: it re-runs itself under NVIDIA's ``compute-sanitizer``
 (minutes per tool), so it stays a script here in ``scripts/`` (it was ``benchmarks/sanitize_kernels.py``;
@@ -36,6 +36,13 @@ writes ``$OUT/sanitize_kernels.json`` (the copy in ``benchmarks/results/``,
      family (its own tiles); s = 1, odd s, W = 1, GQA / MQA, 3 heads per group (PACK = 3), a
      gradient into the LSE (both families), non-contiguous inputs. (Until the window path of the
      sink-attention kernels was deleted, its window cases ran those kernels.)
+   * the fused NorMuon kernels (:mod:`vpmoe_compile.optim.pe_triton`; family ``normuon``): the
+     one-kernel bank step in both Polar Express forms, wide (per-row statistics) and tall
+     (per-column), at the expert shape ``[128, 1024]`` (its default launch) and at row and
+     column counts that are not multiples of any tile (``[37, 200]``, ``[5, 40]``), reading the
+     gradients through the address table (``grad_ptrs``) or from the bank, writing ``W`` or
+     ``-lr * Delta`` into ``G``, with and without the L2 eviction hints; the Polar Express kernel
+     alone with per-row and per-column sums; one NorMuon step over mixed banks.
 
    Every case checks that outputs and gradients are finite. The sanitizer's ``ERROR SUMMARY``
    line and exit status give the verdict.
@@ -214,6 +221,83 @@ def run_sink_case(tk, ops, alibi_mod, c, cfg):
     return {}
 
 
+def _normuon_cases():
+    """(name, dict) cases of the fused NorMuon kernels: ``shape`` is ``[N, m, n]`` (tall when
+    ``m > n``), ``stat`` -1 / -2 the oriented axis of the statistics."""
+    cases = []
+    for form in ("gram", "standard"):
+        cases += [
+            (f"bank {form} expert wide [128, 1024] grad_ptrs", dict(form=form, shape=(3, 128, 1024), stat=-1, ptrs=True)),
+            (f"bank {form} expert tall [1024, 128] per column", dict(form=form, shape=(3, 1024, 128), stat=-2, ptrs=True)),
+            (f"bank {form} [37, 200] no W, no hints", dict(form=form, shape=(3, 37, 200), stat=-1, has_w=False, hints=False)),
+            (f"bank {form} tall [200, 37] per column, no W", dict(form=form, shape=(2, 200, 37), stat=-2, has_w=False)),
+            (f"bank {form} wide [37, 200] per column", dict(form=form, shape=(2, 37, 200), stat=-2)),
+            (f"bank {form} [5, 40]", dict(form=form, shape=(4, 5, 40), stat=-1, ptrs=True)),
+            (f"pe {form} [37, 200] row sums", dict(form=form, shape=(3, 37, 200), stat=-1, pe=True)),
+            (f"pe {form} tall [300, 128] column sums", dict(form=form, shape=(2, 300, 128), stat=-2, pe=True)),
+        ]
+    return cases
+
+
+def run_normuon_case(c):
+    import torch
+
+    import importlib
+
+    pt = importlib.import_module("vpmoe_compile.optim.pe_triton")
+    from vpmoe_compile.optim.polar_express import PINNED_COEFFICIENTS
+
+    N, m, n = c["shape"]
+    flip = m > n
+    S, L = (n, m) if flip else (m, n)
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    if c.get("pe"):
+        U = torch.randn(N, m, n, device=DEV)
+        X = (U.mT if flip else U).to(dt)  # oriented [N, S, L] view of the stored input
+        r = pt.polar_express_fused_(X, U.square().sum((-2, -1)), PINNED_COEFFICIENTS, 0.02, 1e-6,
+                                    stat=1 if c["stat"] == -1 else 2, form=c["form"])
+        _sync()
+        _finite(X, r)
+        return {}
+    hyper = {k: torch.tensor(v, device=DEV) for k, v in
+             dict(momentum=0.95, lr=0.01, decay=0.999, beta2=0.95, eps=1e-10).items()}
+    G = torch.randn(N, m, n, device=DEV) * 1e-3
+    M = torch.randn(N, m, n, device=DEV) * 1e-3
+    W = torch.randn(N, m, n, device=DEV) * 0.02 if c.get("has_w", True) else None
+    V = torch.rand(N, S if c["stat"] == -1 else L, device=DEV)
+    X = torch.empty(N, m, n, device=DEV, dtype=dt)
+    grads = [torch.randn(m, n, device=DEV) * 1e-3 for _ in range(N)] if c.get("ptrs") else None
+    ptrs = (torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64, device=DEV)
+            if grads is not None else None)
+    pt.normuon_bank_fused_(G, M, V, W, X, hyper, PINNED_COEFFICIENTS, 0.02, 1e-6, flip, c["stat"],
+                           "shape", 1.0, 0.0, grad_ptrs=ptrs, form=c["form"],
+                           l2_hints=c.get("hints", True))
+    _sync()
+    _finite(G, M, V, W)
+    return {}
+
+
+def run_normuon_step():
+    """One NorMuon step over fused banks (wide, tall, small, an expert stack) and a PyTorch bank."""
+    import importlib
+
+    import torch
+
+    NorMuon = importlib.import_module("vpmoe_compile.optim").NorMuon
+    shapes = [(4, 128, 256), (64, 256), (256, 64), (5, 40), (160, 160)]
+    params = [torch.nn.Parameter(torch.randn(*s, device=DEV) * 0.02) for s in shapes]
+    opt = NorMuon(params, lr=0.01, weight_decay=0.1, direct_grads=True,
+                  pe_backend="triton" if DEV == "cpu" else "auto",
+                  pe_dtype=torch.float32 if DEV == "cpu" else None)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        opt.step()
+    _sync()
+    _finite(*params)
+    return {}
+
+
 def workload(out_dir, which, budget_s=None):
     """Run the cases; once ``budget_s`` seconds have passed, the remaining ones are recorded as not
     run (so the process still ends normally and the sanitizer writes its summary)."""
@@ -251,6 +335,12 @@ def workload(out_dir, which, budget_s=None):
             if DEV == "cpu" and cfg is None and not c.get("window"):
                 continue  # autotuning is GPU-only
             record(name, lambda c=c, cfg=cfg: run_sink_case(tk, ops, alibi_mod, c, cfg))
+    if "normuon" in which:
+        for name, c in _normuon_cases():
+            if DEV == "cpu" and max(c["shape"][1:]) > 256:
+                continue  # the interpreter: small shapes only
+            record(name, lambda c=c: run_normuon_case(c))
+        record("NorMuon step, mixed banks", run_normuon_step)
     return rows
 
 
@@ -317,7 +407,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--tools", default="memcheck", help="comma list of compute-sanitizer tools")
-    ap.add_argument("--families", default="tpa,sink")
+    ap.add_argument("--families", default="tpa,sink,normuon")
     ap.add_argument("--workload", action="store_true", help="run the cases (inside the sanitizer)")
     ap.add_argument("--planted", action="store_true", help="run the planted out-of-bounds store")
     ap.add_argument("--timeout", type=int, default=330, help="seconds for the sanitized workload")

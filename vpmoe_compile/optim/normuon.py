@@ -231,6 +231,12 @@ class NorMuon(torch.optim.Optimizer):
             form). The Gram form runs the steps on the ``s x s`` Gram matrix and sweeps ``X``
             twice instead of five times (restarted after :data:`~.pe_triton.GRAM_RESTART`
             steps); measured on an H100 with the vpMoE-8L parameter set: 9.0 vs 10.7 ms per step.
+        overlap_banks: in a CUDA-graph step, run the banks that do not fill the GPU by
+            themselves (every bank but the one-kernel bank steps of at least one member per
+            SM, i.e. the expert stacks) on a second, higher-priority stream beside those that
+            do: their short, latency-bound kernels fill the SMs that the big bank kernels leave
+            idle instead of running after them (docs/design.md#banks). The result is the same
+            bitwise (the banks are independent); False runs every bank on the caller's stream.
         param_names: ``{id(param): name}`` (e.g. the model's parameter names); errors of the
             construction and of :meth:`load_state_dict` name parameters by it. Also settable
             later as the ``param_names`` attribute.
@@ -260,6 +266,7 @@ class NorMuon(torch.optim.Optimizer):
         fused_bank: bool = True,
         direct_grads: bool = False,
         pe_form: str = "gram",
+        overlap_banks: bool = True,
         param_names: Optional[Dict[int, str]] = None,
     ):
         self.param_names: Dict[int, str] = dict(param_names or {})
@@ -300,6 +307,8 @@ class NorMuon(torch.optim.Optimizer):
         self.fused_bank = bool(fused_bank)
         self.direct_grads = bool(direct_grads)
         self.pe_form = pe_form
+        self.overlap_banks = bool(overlap_banks)
+        self._side_stream: Optional[torch.cuda.Stream] = None
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, gi)
         self._banks: Optional[List[Bank]] = None
@@ -1001,11 +1010,50 @@ class NorMuon(torch.optim.Optimizer):
                 for wt, dt in zip(w, d):
                     wt.add_(dt.to(wt.dtype))
 
+    def stream_split(self) -> Tuple[List[Bank], List[Bank]]:
+        """``(main, side)``: the banks of a CUDA-graph step on the caller's stream and on the
+        second stream (``overlap_banks``). Main: the one-kernel bank steps with at least one
+        member per SM of their device (each fills the GPU alone); side: every other bank.
+        ``side`` is empty when there is nothing to overlap (``overlap_banks`` off, no CUDA,
+        or either list empty)."""
+        self._ensure_banks()
+        banks = list(self._banks)
+        if not (self.overlap_banks and self._all_cuda and banks):
+            return banks, []
+        main, side = [], []
+        for bank in banks:
+            sms = torch.cuda.get_device_properties(bank.M.device).multi_processor_count
+            big = bank.fused and self.fused_bank and bank.size >= sms
+            (main if big else side).append(bank)
+        if not main or not side:
+            return banks, []
+        return main, side
+
     def _compute_all(self) -> None:
-        """Everything after the gather, for all banks (the captured part of a graph step)."""
+        """Everything after the gather, for all banks (the captured part of a graph step);
+        with :meth:`stream_split`'s side banks on a second stream, forked after the weight
+        decay and joined before the state export (also inside a graph capture)."""
         self._apply_decay(None, skip_zero=False)
-        for bank in self._banks:
+        main, side = self.stream_split()
+        if side:
+            cur = torch.cuda.current_stream()
+            if self._side_stream is None or self._side_stream.device != cur.device:
+                self._side_stream = torch.cuda.Stream(device=cur.device, priority=-1)
+            stream = self._side_stream
+            if any(b.fused for b in self._banks):
+                # the kernels' coefficient table is shared by both streams: made here, on the
+                # caller's stream, not lazily by whichever stream launches first
+                from .pe_triton import coefficient_tensor
+
+                coefficient_tensor(self.table, cur.device)
+            stream.wait_stream(cur)
+            with torch.cuda.stream(stream):
+                for bank in side:
+                    self._compute_bank(bank, None)
+        for bank in main:
             self._compute_bank(bank, None)
+        if side:
+            cur.wait_stream(stream)
         with _range("normuon.export"):
             self._export_state()
 

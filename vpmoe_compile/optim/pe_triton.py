@@ -64,7 +64,7 @@ from .polar_express import PE_FORMS
 
 __all__ = [
     "fused_pe_supported", "polar_express_fused_", "normuon_bank_fused_", "MAX_ROWS", "FORMS",
-    "GRAM_RESTART",
+    "GRAM_RESTART", "L2_HINTS", "coefficient_tensor",
 ]
 
 #: Largest ``s = min(m, n)`` handled by the fused kernel (the Gram matrix lives in registers).
@@ -101,6 +101,24 @@ def _dot_acc(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _load_hint(ptr, mask, EVICT: tl.constexpr):
+    """``tl.load`` with the L2 eviction priority ``EVICT`` (``""``: none)."""
+    if EVICT == "":
+        return tl.load(ptr, mask=mask, other=0.0)
+    else:
+        return tl.load(ptr, mask=mask, other=0.0, eviction_policy=EVICT)
+
+
+@triton.jit
+def _store_hint(ptr, value, mask, EVICT: tl.constexpr):
+    """``tl.store`` with the L2 eviction priority ``EVICT`` (``""``: none)."""
+    if EVICT == "":
+        tl.store(ptr, value, mask=mask)
+    else:
+        tl.store(ptr, value, mask=mask, eviction_policy=EVICT)
+
+
+@triton.jit
 def _step_matrix(gram, COEF, t: tl.constexpr, X, IEEE: tl.constexpr):
     """``B = round(b_t A + c_t A A)`` with ``A = round(gram)`` (rounding to ``X``'s dtype);
     returns ``(B, a_t)``."""
@@ -116,12 +134,13 @@ def _step_matrix(gram, COEF, t: tl.constexpr, X, IEEE: tl.constexpr):
 @triton.jit
 def _pe_leading_steps(
     X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF,
-    T: tl.constexpr, BS: tl.constexpr, BL: tl.constexpr, IEEE: tl.constexpr,
+    T: tl.constexpr, BS: tl.constexpr, BL: tl.constexpr, EV_WORK: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """Polar Express steps ``0 .. T-2`` on the matrix at ``X + base`` (oriented element
     ``(i, l)`` at ``i * SI + l * SL``), in place; ``gram`` is the Gram matrix of the normalised
-    input, ``gamma`` the normalisation applied when step 0 loads the unnormalised input.
-    Returns ``(B, a)`` of the last step."""
+    input, ``gamma`` the normalisation applied when step 0 loads the unnormalised input
+    (``EV_WORK``: L2 eviction priority of ``X``). Returns ``(B, a)`` of the last step."""
     dt = X.dtype.element_ty
     for t in tl.static_range(T - 1):
         Bm, a = _step_matrix(gram, COEF, t, X, IEEE)
@@ -131,11 +150,11 @@ def _pe_leading_steps(
             cols = l0 + tl.arange(0, BL)
             mask = row_ok[:, None] & (cols < L)[None, :]
             ptr = X + base + rs[:, None] * SI + cols[None, :] * SL
-            x = tl.load(ptr, mask=mask, other=0.0)
+            x = _load_hint(ptr, mask, EV_WORK)
             if t == 0:
                 x = (x.to(tl.float32) * gamma).to(dt)
             y = _dot_acc(Bm, x, a * x.to(tl.float32), IEEE).to(dt)
-            tl.store(ptr, y, mask=mask)
+            _store_hint(ptr, y, mask, EV_WORK)
             gram = _dot_acc(y, tl.trans(y), gram, IEEE)
     Bm, a = _step_matrix(gram, COEF, T - 1, X, IEEE)
     tl.debug_barrier()
@@ -170,7 +189,7 @@ def _gram_phase(gram, COEF, T0: tl.constexpr, T1: tl.constexpr, rs, LAST_A: tl.c
 def _pe_gram_leading(
     X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF,
     T: tl.constexpr, RESTART: tl.constexpr, BS: tl.constexpr, BL: tl.constexpr,
-    LAST_A: tl.constexpr, IEEE: tl.constexpr,
+    LAST_A: tl.constexpr, EV_WORK: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Gram Newton-Schulz form of the Polar Express steps (docs/design.md#gram-form): the steps
     run on the ``s x s`` Gram matrix and their product ``Q`` is applied to ``X`` in one sweep.
@@ -191,9 +210,9 @@ def _pe_gram_leading(
             cols = l0 + tl.arange(0, BL)
             mask = row_ok[:, None] & (cols < L)[None, :]
             ptr = X + base + rs[:, None] * SI + cols[None, :] * SL
-            x = tl.load(ptr, mask=mask, other=0.0)
+            x = _load_hint(ptr, mask, EV_WORK)
             y = _dot(Qm, x, IEEE).to(dt)
-            tl.store(ptr, y, mask=mask)
+            _store_hint(ptr, y, mask, EV_WORK)
             gram = _dot_acc(y, tl.trans(y), gram, IEEE)
         Q, A = _gram_phase(gram, COEF, RESTART, T, rs, LAST_A, IEEE)
         scale = 1.0
@@ -258,12 +277,12 @@ def _pe_fused_kernel(
 
     if GRAM:
         Q, _, qscale = _pe_gram_leading(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF, T,
-                                        RESTART, BS, BL, False, IEEE)
+                                        RESTART, BS, BL, False, "", IEEE)
         Bm = (Q * qscale).to(dt)
         a = 0.0
     else:
         Bm, a = _pe_leading_steps(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF, T, BS, BL,
-                                  IEEE)
+                                  "", IEEE)
     # last step, with the per-neuron statistics
     rrow = tl.zeros((BS,), dtype=tl.float32)
     for l0 in range(0, L, BL):
@@ -320,6 +339,8 @@ def _normuon_bank_kernel(
     GRAM: tl.constexpr,
     RESTART: tl.constexpr,
     GRAM_STATS: tl.constexpr,  # GRAM with per-row statistics: taken from the Gram matrix
+    EV_ONCE: tl.constexpr,  # L2 eviction priority of data touched once (G, M, W; X's last read)
+    EV_WORK: tl.constexpr,  # and of the workspace X between its sweeps
     IEEE: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
@@ -346,25 +367,25 @@ def _normuon_bank_kernel(
         mask = row_ok[:, None] & (cols < L)[None, :]
         loc = rs[:, None] * SI + cols[None, :] * SL
         off = base + loc
-        g = tl.load(gsrc + loc, mask=mask, other=0.0)
-        m = _lerp(tl.load(M + off, mask=mask, other=0.0), g, 1.0 - mu)  # 1
-        tl.store(M + off, m, mask=mask)
+        g = _load_hint(gsrc + loc, mask, EV_ONCE)
+        m = _lerp(_load_hint(M + off, mask, EV_ONCE), g, 1.0 - mu)  # 1
+        _store_hint(M + off, m, mask, EV_ONCE)
         u = _lerp(g, m, mu)  # 2
         sq += tl.sum(u * u, axis=1)
         x = u.to(dt)
-        tl.store(X + off, x, mask=mask)
+        _store_hint(X + off, x, mask, EV_WORK)
         gram = _dot_acc(x, tl.trans(x), gram, IEEE)
     gamma = 1.0 / ((1.0 + safety) * tl.sqrt(tl.sum(sq, axis=0)) + pe_eps)
     gram = gram * (gamma * gamma)
 
     if GRAM:
         Q, A_out, qscale = _pe_gram_leading(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF,
-                                            T, RESTART, BS, BL, GRAM_STATS, IEEE)
+                                            T, RESTART, BS, BL, GRAM_STATS, EV_WORK, IEEE)
         Bm = (Q * qscale).to(dt)
         a = 0.0
     else:
         Bm, a = _pe_leading_steps(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF, T, BS, BL,
-                                  IEEE)
+                                  EV_WORK, IEEE)
 
     # last step: O, per-neuron mean squares, second moment (4-5), norms of O and s * O
     rrow = tl.zeros((BS,), dtype=tl.float32)
@@ -380,8 +401,9 @@ def _normuon_bank_kernel(
             col_ok = cols < L
             mask = row_ok[:, None] & col_ok[None, :]
             off = base + rs[:, None] * SI + cols[None, :] * SL
-            y = _last_step(Bm, a, tl.load(X + off, mask=mask, other=0.0), gamma, T, GRAM, IEEE)
-            tl.store(X + off, y, mask=mask)
+            y = _last_step(Bm, a, _load_hint(X + off, mask, EV_WORK), gamma, T, GRAM, IEEE)
+            if not GRAM:  # (the Gram form's update pass forms O again from X and Q)
+                _store_hint(X + off, y, mask, EV_WORK)
             yf = y.to(tl.float32)
             if STAT == 1:
                 rrow += tl.sum(yf * yf, axis=1)
@@ -413,10 +435,10 @@ def _normuon_bank_kernel(
         col_ok = cols < L
         mask = row_ok[:, None] & col_ok[None, :]
         off = base + rs[:, None] * SI + cols[None, :] * SL
-        if GRAM_STATS:
-            o = _dot(Bm, tl.load(X + off, mask=mask, other=0.0), IEEE).to(dt).to(tl.float32)
+        if GRAM:
+            o = _dot(Bm, _load_hint(X + off, mask, EV_ONCE), IEEE).to(dt).to(tl.float32)
         else:
-            o = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+            o = _load_hint(X + off, mask, EV_ONCE).to(tl.float32)
         if STAT == 1:
             k = (si * c)[:, None]
         else:
@@ -424,13 +446,14 @@ def _normuon_bank_kernel(
             k = (tl.rsqrt(v + eps) * c)[None, :]
         delta = (k * o) * (-lr)
         if HAS_W:
-            w = tl.load(W + off, mask=mask, other=0.0)
-            tl.store(W + off, w * decay + delta, mask=mask)
+            w = _load_hint(W + off, mask, EV_ONCE)
+            _store_hint(W + off, w * decay + delta, mask, EV_ONCE)
         else:
-            tl.store(G + off, delta, mask=mask)
+            _store_hint(G + off, delta, mask, EV_ONCE)
 
 
-def _coefficients(table: Sequence[Sequence[float]], device: torch.device) -> torch.Tensor:
+def coefficient_tensor(table: Sequence[Sequence[float]], device: torch.device) -> torch.Tensor:
+    """The ``[T, 3]`` fp32 table on ``device``, made once per table and device (cached)."""
     key = (tuple(tuple(float(v) for v in row) for row in table), device)
     coef = _coef_cache.get(key)
     if coef is None:
@@ -445,6 +468,13 @@ def _coefficients(table: Sequence[Sequence[float]], device: torch.device) -> tor
 #: ``optimizer_vpmoe-8l_gram.json``): 3 stages beat 2 for every kernel (standard bank kernel 4.03
 #: vs 4.80 ms on 1792 x [128, 1024]); 16 warps and ``BLOCK_L`` 32 were slower.
 LAUNCH_128 = {"pe": (64, 8, 3), "bank": (64, 8, 3), "pe_gram": (64, 8, 3), "bank_gram": (64, 8, 3)}
+
+#: L2 eviction priorities of the bank kernels, per form (``normuon_bank_fused_(l2_hints=None)``):
+#: the gradient, momentum and parameters are touched once per step and loaded / stored
+#: ``evict_first``; the bf16 workspace ``X``, re-read by the program's later sweeps, is kept
+#: ``evict_last`` until its last read. With one program per SM, ~132 workspaces of 256 KB
+#: (33 MB at ``[128, 1024]``) are live at once, within the H100's 50 MB L2.
+L2_HINTS = {"bank": True, "bank_gram": True}
 
 
 def _launch_config(
@@ -535,7 +565,7 @@ def polar_express_fused_(
         r = r_out if r_out is not None else torch.empty((N, size), dtype=torch.float32, device=X.device)
     if N == 0:
         return r
-    coef = _coefficients(table, X.device)
+    coef = coefficient_tensor(table, X.device)
     kwargs = {} if interp else dict(num_warps=nw, num_stages=ns)
     _pe_fused_kernel[(N,)](
         X, norm2, coef, r if r is not None else norm2,
@@ -568,6 +598,7 @@ def normuon_bank_fused_(
     ieee: bool = False,
     grad_ptrs: Optional[torch.Tensor] = None,
     form: str = "standard",
+    l2_hints: Optional[bool] = None,
 ) -> None:
     """One whole NorMuon step of a bank (steps 1-10 of docs/design.md#the-normuon-update) in one
     kernel, in place.
@@ -590,6 +621,7 @@ def normuon_bank_fused_(
             own contiguous fp32 ``[m, n]`` gradients, read instead of ``G`` (no gather copy;
             the caller keeps those tensors alive and the addresses current).
         form: ``"standard"`` or ``"gram"`` (as :func:`polar_express_fused_`).
+        l2_hints: L2 eviction priorities (:data:`L2_HINTS`; ``None``: its entry for the form).
     """
     N, m, n = G.shape
     S, L = (n, m) if flip else (m, n)
@@ -609,10 +641,11 @@ def normuon_bank_fused_(
     if N == 0:
         return
     gram = _check_form(form)
-    BS, BL, nw, ns = _launch_config(S, L, block_l, num_warps, num_stages,
-                                    "bank_gram" if gram else "bank")
+    kind = "bank_gram" if gram else "bank"
+    BS, BL, nw, ns = _launch_config(S, L, block_l, num_warps, num_stages, kind)
+    hints = L2_HINTS[kind] if l2_hints is None else bool(l2_hints)
     SI, SL = (1, S) if flip else (L, 1)
-    coef = _coefficients(table, G.device)
+    coef = coefficient_tensor(table, G.device)
     kwargs = {} if interp else dict(num_warps=nw, num_stages=ns)
     shape_mode = scale_mode == "shape"
     _normuon_bank_kernel[(N,)](
@@ -623,6 +656,7 @@ def normuon_bank_fused_(
         T=len(coef), BS=BS, BL=BL, STAT=1 if stat_dim == -1 else 2, SHAPE_MODE=shape_mode,
         HAS_W=W is not None, G_PTRS=grad_ptrs is not None, GRAM=gram, RESTART=GRAM_RESTART,
         GRAM_STATS=gram and stat_dim == -1,
+        EV_ONCE="evict_first" if hints else "", EV_WORK="evict_last" if hints else "",
         IEEE=bool(ieee or X.dtype == torch.float32),
         **kwargs,
     )

@@ -265,6 +265,44 @@ def test_expert_stacks_in_place_graph_direct_and_separate_matrices():
         assert (a - b).abs().max().item() <= 1e-6 * b.abs().max().item() + 1e-9, i
 
 
+@pytest.mark.parametrize("form", ["standard", "gram"])
+def test_overlapped_banks_equal_one_stream_and_eager(form):
+    """``overlap_banks`` (the default): an expert stack with one member per SM (its bank kernel
+    fills the GPU: the caller's stream) beside smaller fused banks and PyTorch banks (the second
+    stream). Graph steps with the two streams equal the one-stream graph steps and the eager
+    steps bitwise, through lr / wd changes; the steady step syncs and allocates nothing."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    g = torch.Generator(device="cpu").manual_seed(5)
+    init = [torch.randn(sms, 64, 256, generator=g) * 0.02] + [
+        torch.randn(*s, generator=g) * 0.02 for s in DENSE]
+    runs = {}
+    for name, kw in (("eager", {}), ("overlap", dict(cuda_graph=True)),
+                     ("serial", dict(cuda_graph=True, overlap_banks=False))):
+        params = [torch.nn.Parameter(t.clone().cuda()) for t in init]
+        opt = NorMuon(params, lr=0.01, weight_decay=0.1, compile=False, pe_form=form, **kw)
+        static = [torch.empty_like(p) for p in params]
+        for step in range(6):
+            for s_, gr in zip(static, _grads(params, step)):
+                s_.copy_(gr)
+            for p, s_ in zip(params, static):
+                p.grad = s_
+            _set_hyper(opt, step)
+            opt.step()
+        main, side = opt.stream_split()
+        if name == "serial":
+            assert side == []
+        else:
+            assert [b.shape for b in main] == [(64, 256)] and main[0].size == sms
+            assert {b.fused for b in side} == {True, False}
+        runs[name] = [p.detach().clone() for p in params]
+        if name == "overlap":
+            assert opt._graphs is not None and opt._graphs.compute is not None
+            assert _steady_state_step(opt, params, static) == 0
+    for name in ("overlap", "serial"):
+        for a, b in zip(runs[name], runs["eager"]):
+            assert torch.equal(a, b), name
+
+
 def test_megatron_path_expert_stacks(megatron_world, tmp_path):
     """Megatron path with expert stacks: DDP-wrapped bf16 toy model (a dense matrix, a norm, a
     gated fc1 stack and an fc2 stack), ``Float16OptimizerWithFloat16Params``: the fp32 main param

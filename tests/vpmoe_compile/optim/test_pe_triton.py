@@ -176,6 +176,63 @@ def test_direct_gradients_follow_new_tensors_and_fall_back_when_strided():
             assert _rel(a.detach(), b.detach()) <= 1e-5, step
 
 
+@pytest.mark.parametrize("form", ["standard", "gram"])
+def test_bank_kernel_l2_hints_change_no_result(form):
+    """The L2 eviction priorities (``l2_hints``) are cache placement only: the bank kernel's
+    parameters, momentum and second moment are bitwise the same with and without them (wide
+    and tall members, both statistics orientations)."""
+    hyper = {k: torch.tensor(v, device=DEVICE) for k, v in
+             dict(momentum=0.95, lr=0.01, decay=0.999, beta2=0.95, eps=1e-10).items()}
+    dt = torch.bfloat16 if _ON_GPU else torch.float32
+    for flip, stat_dim in ((False, -1), (True, -2), (False, -2)):
+        shape = (3, 128, 32) if flip else (3, 32, 128)
+        G = torch.randn(shape, device=DEVICE)
+        M0 = torch.randn(shape, device=DEVICE) * 1e-3
+        W0 = torch.randn(shape, device=DEVICE) * 0.02
+        V0 = torch.rand(3, 32 if stat_dim == -1 else 128, device=DEVICE)
+        out = []
+        for hints in (False, True):
+            M, W, V = M0.clone(), W0.clone(), V0.clone()
+            X = torch.empty(shape, device=DEVICE, dtype=dt)
+            pe_triton.normuon_bank_fused_(G, M, V, W, X, hyper, PINNED_COEFFICIENTS, 0.02, 1e-6,
+                                          flip, stat_dim, "shape", 1.0, 0.0, form=form,
+                                          l2_hints=hints)
+            out.append((W, M, V))
+        for a, b, before in zip(*out, (W0, M0, V0)):
+            assert torch.isfinite(a).all() and not torch.equal(a, before)
+            assert torch.equal(a, b), (flip, stat_dim)
+
+
+def test_stream_split_keeps_banks_that_fill_the_gpu_on_the_callers_stream(monkeypatch):
+    """``overlap_banks``: the one-kernel bank steps with at least one member per SM stay on the
+    caller's stream and every other bank (smaller fused banks, PyTorch banks) goes to the second
+    stream; nothing is split when ``overlap_banks`` is off, when no bank fills the GPU or when
+    the parameters are not on CUDA."""
+    from types import SimpleNamespace
+
+    shapes = [(16, 64)] * 4 + [(64, 16)] * 2 + [(5, 40), (160, 160)]
+    params = [torch.nn.Parameter(torch.randn(*s, device=DEVICE)) for s in shapes]
+
+    def split(sms, **kw):
+        opt = NorMuon(params, pe_backend="triton", pe_dtype=torch.float32, **kw)
+        if DEVICE == "cpu":
+            assert opt.stream_split() == (opt._banks, [])  # CPU parameters: nothing to overlap
+            opt._all_cuda = True
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device: SimpleNamespace(multi_processor_count=sms))
+        main, side = opt.stream_split()
+        monkeypatch.undo()
+        return [b.shape for b in main], [b.shape for b in side], [b.shape for b in opt._banks]
+
+    main, side, banks = split(4)
+    assert main == [(16, 64)] and sorted(side) == sorted([(64, 16), (5, 40), (160, 160)])
+    main, side, banks = split(2)  # the two tall members fill a 2-SM device too
+    assert sorted(main) == [(16, 64), (64, 16)] and sorted(side) == [(5, 40), (160, 160)]
+    for sms, kw in ((5, {}), (4, dict(overlap_banks=False)), (4, dict(fused_bank=False))):
+        main, side, banks = split(sms, **kw)
+        assert (main, side) == (banks, []), (sms, kw)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernel needs CUDA")
 @pytest.mark.parametrize("shape", [(4, 1024), (32, 1024), (128, 1024), (1024, 128), (96, 512)])
 def test_fused_bf16_within_t3_bounds(shape):

@@ -1,5 +1,5 @@
 """The fused NorMuon kernels compiled ahead of time for an H100 (sm_90) on a machine without a
-GPU: the one-kernel bank step at its default launch configuration (``pe_triton.LAUNCH_128``),
+GPU: the one-kernel bank step at its default launch configuration (``pe_triton.LAUNCH_128``, ``L2_HINTS``),
 in the Gram form with per-row and per-column statistics and in the standard form, must fit the
 H100's shared memory per block. A configuration over the limit fails at its first launch on the
 GPU with ``OutOfResources`` (the Gram form's first bank kernel did: 256 KiB; this compile
@@ -48,14 +48,17 @@ def compile_shared(kernel, pointers, scalars, constexprs, launch):
 out = {}
 for form, stat in (("standard", 1), ("gram", 1), ("gram", 2)):
     gram = form == "gram"
+    kind = "bank_gram" if gram else "bank"
     out[f"bank_{form}_stat{stat}"] = compile_shared(
         pt._normuon_bank_kernel,
         dict(G="*fp32", GP="*i64", M="*fp32", V="*fp32", W="*fp32", X="*bf16", COEF="*fp32",
              MU="*fp32", LR="*fp32", DECAY="*fp32", BETA2="*fp32", EPS="*fp32"),
         dict(S="i32", L="i32", SI="i32", SL="i32", safety="fp32", pe_eps="fp32", scale="fp32"),
         dict(T=5, STAT=stat, SHAPE_MODE=True, HAS_W=True, G_PTRS=False, GRAM=gram,
-             RESTART=pt.GRAM_RESTART, GRAM_STATS=gram and stat == 1, IEEE=False),
-        pt.LAUNCH_128["bank_gram" if gram else "bank"])
+             RESTART=pt.GRAM_RESTART, GRAM_STATS=gram and stat == 1, IEEE=False,
+             EV_ONCE="evict_first" if pt.L2_HINTS[kind] else "",
+             EV_WORK="evict_last" if pt.L2_HINTS[kind] else ""),
+        pt.LAUNCH_128[kind])
 print(json.dumps(out))
 """
 
