@@ -710,6 +710,11 @@ def render_kernel_goals_profile(results: Path) -> str:
     gr = load(results, "optimizer_vpmoe-8l_gram.json")
     gcls = gr["variants"]["bank_kernel_graph_direct_gram"]["profile"]["kernel_classes_ms"]
     gms = lambda key: gr["kernel_sweep"][key]["median_ms"]  # noqa: E731
+    ov = load(results, "optimizer_vpmoe-8l_overlap.json")
+    ovr = lambda v: ov["results"][v]["median_ms"]  # noqa: E731
+    oms = lambda key: ov["kernel_sweep"][key]["median_ms"]  # noqa: E731
+    ocls = ov["variants"]["bank_kernel_graph_direct_gram"]["profile"]["kernel_classes_ms"]
+    scls = ov["variants"]["bank_kernel_graph_direct_gram_serial"]["profile"]["kernel_classes_ms"]
     bst, bsep = st["best_variant"], sep["best_variant"]
     vst = st["variants"][bst]
     cls = vst["profile"]["kernel_classes_ms"]
@@ -738,6 +743,17 @@ def render_kernel_goals_profile(results: Path) -> str:
         f"statistics) and {num(gms('bank_gram_tall_bl64_w8_s3'))} vs {num(gms('bank_standard_tall_bl64_w8_s3'))} ms "
         f"(per-column), the Polar Express kernel alone {num(gms('pe_gram_bl64_w8_s3'))} vs "
         f"{num(gms('pe_standard_bl64_w8_s3'))} ms (`optimizer_vpmoe-8l_gram.json`).",
+        f"- Two streams (`overlap_banks`, the default; [docs/design.md](docs/design.md#banks)), one run on "
+        f"{ov['device']}: the step {num(ovr('bank_kernel_graph_direct_gram'))} ms against "
+        f"{num(ovr('bank_kernel_graph_direct_gram_serial'))} ms with every bank on one stream (its floor there "
+        f"{num(ov['floor']['measured']['floor_ms'])} ms: {ov['over_floor']['bank_kernel_graph_direct_gram']:.2f}×). "
+        f"Beside the expert stacks' bank kernels (one program per SM, the whole register file) the cuBLAS "
+        f"banks took {num(ocls['gemm_cublas'])} ms of kernel time instead of {num(scls['gemm_cublas'])} ms: "
+        f"they mostly wait for SMs, so the gain is the small banks' latency. L2 eviction hints on the "
+        f"bank kernels (1792 × [128, 1024], Gram form): {num(oms('bank_gram_wide_bl64_w8_s3_l2'))} vs "
+        f"{num(oms('bank_gram_wide_bl64_w8_s3'))} ms without (per-row statistics), "
+        f"{num(oms('bank_gram_tall_bl64_w8_s3_l2'))} vs {num(oms('bank_gram_tall_bl64_w8_s3'))} ms (per-column) "
+        f"(`optimizer_vpmoe-8l_overlap.json`).",
         f"- Every bank through compiled `bmm` Polar Express (cuBLAS, `pe_backend = \"torch\"`) under a CUDA "
         f"graph instead of the bank kernels: {num(bmm['results']['batched_compiled_graph']['median_ms'])} ms against "
         f"{num(bmm['results']['bank_kernel_graph_direct']['median_ms'])} ms in the same run "

@@ -1,9 +1,9 @@
 """The fused NorMuon kernels compiled ahead of time for an H100 (sm_90) on a machine without a
-GPU: the one-kernel bank step at its default launch configuration (``pe_triton.LAUNCH_128``, ``L2_HINTS``),
-in the Gram form with per-row and per-column statistics and in the standard form, must fit the
-H100's shared memory per block. A configuration over the limit fails at its first launch on the
-GPU with ``OutOfResources`` (the Gram form's first bank kernel did: 256 KiB; this compile
-reports the same number for it), so this catches it on the CPU. (Each compile takes 5-10 s on
+GPU: the one-kernel bank step at its default launch configuration (``pe_triton.LAUNCH_128``,
+``L2_HINTS``), in the Gram form with per-row and per-column statistics and in the standard
+form, must fit the H100's shared memory per block. A configuration over the limit fails at its
+first launch on the GPU with ``OutOfResources`` (the Gram form's first bank kernel did: 256 KiB;
+this compile reports the same number for it), so this catches it on the CPU. (Each compile takes 5-10 s on
 two cores; the Polar Express-only kernels, which hold less, are left out.)
 
 The compile runs in a subprocess: the test session's kernels are Triton-interpreter functions
