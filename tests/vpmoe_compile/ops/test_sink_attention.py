@@ -407,6 +407,24 @@ def test_gqa_dkdv_is_sum_over_group_heads():
 
 
 @needs_triton
+def test_grid_order_changes_no_result(monkeypatch):
+    """The longest-processing-time-first 1-D grid (``tk.HEAVY_FIRST``, the default) and the former
+    2-D ``(tile, bh)`` grid run the same programs: bitwise equal outputs, LSE and gradients
+    (several query / key tiles, batches and head chunks, ALiBi)."""
+    s, b, H, G, d = 41, 2, 8, 2, 16
+    q, k, v, sink = make(s, b, H, G, d)
+    slopes = alibi_slopes(H, device=DEV)
+    runs = []
+    for order in (True, False):
+        monkeypatch.setattr(tk, "HEAVY_FIRST", order)
+        got, dout = triton_all(q, k, v, sink, slopes, None, config=SMALL,
+                               dout=runs[0][1] if runs else None)
+        runs.append((got, dout))
+    for a, c in zip(runs[0][0], runs[1][0]):
+        assert torch.equal(a, c)
+
+
+@needs_triton
 def test_large_slopes_and_large_logits_stay_finite():
     s, b, H, G, d = 40, 1, 4, 2, 16
     q, k, v, sink = make(s, b, H, G, d)

@@ -37,6 +37,13 @@ Algorithm notes (our own code; ideas learned from public sources, nothing copied
 * ALiBi bias ``slope_h * (j - i)`` is computed per tile in fp32 from absolute positions (never an
   ``[s, s]`` tensor); no shortcut "add ``m_h j`` per row" (not shift-invariant with a sink).
 * Causal tiles strictly below the diagonal skip the mask.
+* Scheduling: each kernel's grid is one dimension of ``tiles x (batch, head or group)`` programs
+  ordered longest-processing-time first (:func:`_heavy_first`): the causal work of a program grows
+  with its query tile (forward, ``dq``) or shrinks with its key tile (``dk/dv``), and the heaviest
+  tile of *every* (batch, head) is dispatched before any lighter one. With ``(tile, bh)`` as a 2-D
+  grid the GPU dispatched ``bh`` after ``bh``, so the last ones' heaviest tiles started last and
+  ran alone at the end (the ``dk/dv`` kernel's 1024 programs at ``s = 4096``, ``b * G = 16``:
+  a greedy schedule over 264 slots gives a makespan 1.28x the ideal that way, 1.01x this way).
 * Fully-masked rows (only possible with ``sink = -inf``) are guarded: the exponent base is 0 when the
   running max is still ``-inf``, so no ``-inf - -inf`` NaN.
 
@@ -132,6 +139,35 @@ def _fwd_tiles(
     return acc, l_i, m_i
 
 
+#: Grid order of the three kernels (module docstring, "Scheduling"): True, longest processing
+#: time first over a 1-D grid; False, the former 2-D grid ``(tile, bh)`` (kept to measure the
+#: difference: ``benchmarks/attention_schedule.py``).
+HEAVY_FIRST = True
+
+
+def _grid(n_tiles: int, n_rows: int):
+    return (n_tiles * n_rows,) if HEAVY_FIRST else (n_tiles, n_rows)
+
+
+@triton.jit
+def _heavy_first(n_tiles, HEAVY_LAST_TILE: tl.constexpr, LPT: tl.constexpr):
+    """``(tile, row)`` of this program. ``LPT``: a 1-D grid of ``n_tiles x n_rows`` programs,
+    ordered longest-processing-time first: program ``p`` takes tile ``p // n_rows`` counted from
+    the heaviest end (the last tile when ``HEAVY_LAST_TILE``, else the first) and row
+    ``p % n_rows``. Else the 2-D grid ``(n_tiles, n_rows)``, heaviest tile first within a row."""
+    if LPT:
+        pid = tl.program_id(0)
+        n_rows = tl.num_programs(0) // n_tiles
+        i = pid // n_rows
+        row = pid % n_rows
+    else:
+        i = tl.program_id(0)
+        row = tl.program_id(1)
+    if HEAVY_LAST_TILE:
+        i = n_tiles - 1 - i
+    return i, row
+
+
 @triton.jit
 def _sink_attn_fwd_kernel(
     Q, K, V, SINK, SLOPES, O, O_LO, LSE,
@@ -141,13 +177,11 @@ def _sink_attn_fwd_kernel(
     stride_os, stride_ob, stride_oh, stride_od,
     seqlen, num_heads, qk_scale,
     HPG: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, STORE_LO: tl.constexpr, IEEE: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, STORE_LO: tl.constexpr, IEEE: tl.constexpr, LPT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = BLOCK_M // PACK  # tokens per program
-    n_tblocks = tl.cdiv(seqlen, BLOCK_T)
-    pid_t = n_tblocks - 1 - tl.program_id(0)  # longest (causal) rows first
-    pid_bh = tl.program_id(1)
+    pid_t, pid_bh = _heavy_first(tl.cdiv(seqlen, BLOCK_T), True, LPT)  # longest (causal) rows first
     n_hchunks = num_heads // PACK
     bb = pid_bh // n_hchunks
     h0 = (pid_bh % n_hchunks) * PACK
@@ -233,16 +267,14 @@ def _sink_attn_bwd_dq_kernel(
     seqlen, num_heads, sm_scale, qk_scale,
     HPG: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DLSE: tl.constexpr,
-    HAS_LO: tl.constexpr, IEEE: tl.constexpr,
+    HAS_LO: tl.constexpr, IEEE: tl.constexpr, LPT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq for a packed query block; also the exact ``delta = sum_j P_ij dP_ij - dLSE`` of its rows
     (stored for the dk/dv kernel, which runs after this one) and the per-row sink terms
     ``exp(sink - L) * delta`` (summed later in a fixed order: deterministic dsink)."""
     BLOCK_T: tl.constexpr = BLOCK_M // PACK
-    n_tblocks = tl.cdiv(seqlen, BLOCK_T)
-    pid_t = n_tblocks - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_t, pid_bh = _heavy_first(tl.cdiv(seqlen, BLOCK_T), True, LPT)
     n_hchunks = num_heads // PACK
     bb = pid_bh // n_hchunks
     h0 = (pid_bh % n_hchunks) * PACK
@@ -351,12 +383,11 @@ def _sink_attn_bwd_dkv_kernel(
     stride_dvs, stride_dvb, stride_dvh, stride_dvd,
     seqlen, num_heads, num_groups, sm_scale, qk_scale,
     HPG: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr, LPT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = BLOCK_M // PACK
-    pid_n = tl.program_id(0)
-    pid_bg = tl.program_id(1)
+    pid_n, pid_bg = _heavy_first(tl.cdiv(seqlen, BLOCK_N), False, LPT)  # most query tiles first
     bb = pid_bg // num_groups
     g = pid_bg % num_groups
     n0 = pid_n * BLOCK_N
@@ -461,7 +492,7 @@ def _interpreter_tiles(seqlen: int, pack: int) -> KernelTiles:
     return KernelTiles(block_m=rows, block_n=min(64, max(16, _next_pow2(seqlen))))
 
 
-_AUTOTUNE_KEY = ["seqlen", "HEAD_DIM", "HPG", "PACK", "HAS_ALIBI"]
+_AUTOTUNE_KEY = ["seqlen", "HEAD_DIM", "HPG", "PACK", "HAS_ALIBI", "LPT"]
 
 
 def _cfgs(rows):
@@ -679,14 +710,14 @@ def sink_attention_fwd_triton(
         s, H, float(softmax_scale) * _LOG2E,
     )
     consts = dict(HPG=hpg, PACK=pack, HEAD_DIM=d, HAS_ALIBI=has_alibi,
-                  STORE_LO=out_lo is not None, IEEE=ieee_fp32(q.dtype))
+                  STORE_LO=out_lo is not None, IEEE=ieee_fp32(q.dtype), LPT=HEAVY_FIRST)
     tiles = _tiles_for(cfg.fwd, s, pack, "fwd")
     if tiles is None:
         kern = _autotuned()[0]
-        grid = lambda meta: (triton.cdiv(s, meta["BLOCK_M"] // pack), b * (H // pack))  # noqa: E731
+        grid = lambda meta: _grid(triton.cdiv(s, meta["BLOCK_M"] // pack), b * (H // pack))  # noqa: E731
         kern[grid](*args, **consts)
     else:
-        grid = (triton.cdiv(s, tiles.block_m // pack), b * (H // pack))
+        grid = _grid(triton.cdiv(s, tiles.block_m // pack), b * (H // pack))
         _sink_attn_fwd_kernel[grid](*args, **consts, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
                                     num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     if emulate_store:
@@ -737,7 +768,8 @@ def sink_attention_bwd_triton(
     slopes_t = slopes.contiguous() if has_alibi else sink_c
     qk_scale = float(softmax_scale) * _LOG2E
 
-    consts = dict(HPG=hpg, PACK=pack, HEAD_DIM=d, HAS_ALIBI=has_alibi, IEEE=ieee_fp32(q.dtype))
+    consts = dict(HPG=hpg, PACK=pack, HEAD_DIM=d, HAS_ALIBI=has_alibi, IEEE=ieee_fp32(q.dtype),
+                  LPT=HEAVY_FIRST)
     # 1) dq, delta = rowsum(dO * O) - dlse, per-row sink terms exp(sink - L) * delta.
     delta = torch.empty((b, H, s), dtype=torch.float32, device=q.device)
     psink = torch.empty((b, H, s), dtype=torch.float32, device=q.device)
@@ -753,10 +785,10 @@ def sink_attention_bwd_triton(
     tiles = _tiles_for(cfg.dq, s, pack, "dq")
     if tiles is None:
         kern = _autotuned()[1]
-        grid = lambda meta: (triton.cdiv(s, meta["BLOCK_M"] // pack), b * (H // pack))  # noqa: E731
+        grid = lambda meta: _grid(triton.cdiv(s, meta["BLOCK_M"] // pack), b * (H // pack))  # noqa: E731
         kern[grid](*dq_args, **consts_dq)
     else:
-        grid = (triton.cdiv(s, tiles.block_m // pack), b * (H // pack))
+        grid = _grid(triton.cdiv(s, tiles.block_m // pack), b * (H // pack))
         _sink_attn_bwd_dq_kernel[grid](*dq_args, **consts_dq, BLOCK_M=tiles.block_m,
                                        BLOCK_N=tiles.block_n, num_warps=tiles.num_warps,
                                        num_stages=tiles.num_stages)
@@ -773,10 +805,10 @@ def sink_attention_bwd_triton(
     tiles = _tiles_for(cfg.dkv, s, pack, "dkv")
     if tiles is None:
         kern = _autotuned()[2]
-        grid = lambda meta: (triton.cdiv(s, meta["BLOCK_N"]), b * G)  # noqa: E731
+        grid = lambda meta: _grid(triton.cdiv(s, meta["BLOCK_N"]), b * G)  # noqa: E731
         kern[grid](*dkv_args, **consts)
     else:
-        grid = (triton.cdiv(s, tiles.block_n), b * G)
+        grid = _grid(triton.cdiv(s, tiles.block_n), b * G)
         _sink_attn_bwd_dkv_kernel[grid](*dkv_args, **consts, BLOCK_M=tiles.block_m,
                                         BLOCK_N=tiles.block_n, num_warps=tiles.num_warps,
                                         num_stages=tiles.num_stages)
