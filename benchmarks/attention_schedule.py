@@ -1,7 +1,7 @@
 """Grid order of the global (causal + ALiBi + sink) attention kernels: longest-processing-time
-first over a 1-D grid (``sink_attention.triton.HEAVY_FIRST = True``, the default) against the
-former 2-D ``(tile, batch x head)`` grid, with SDPA's default backend (cuDNN on the H100; causal,
-no bias, no sink: the kernel goal's baseline) in the same run.
+first over a 1-D grid (``sink_attention.triton.HEAVY_FIRST = True``) against the 2-D
+``(tile, batch x head)`` grid (the default), with SDPA's default backend (cuDNN on the H100;
+causal, no bias, no sink: the kernel goal's baseline) in the same run.
 
 Question: does dispatching every (batch, head)'s heaviest causal tile first shorten the kernels?
 With the 2-D grid the GPU dispatches ``bh`` after ``bh`` (x fastest), so the last ``bh``'s

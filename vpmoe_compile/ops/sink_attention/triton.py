@@ -37,13 +37,15 @@ Algorithm notes (our own code; ideas learned from public sources, nothing copied
 * ALiBi bias ``slope_h * (j - i)`` is computed per tile in fp32 from absolute positions (never an
   ``[s, s]`` tensor); no shortcut "add ``m_h j`` per row" (not shift-invariant with a sink).
 * Causal tiles strictly below the diagonal skip the mask.
-* Scheduling: each kernel's grid is one dimension of ``tiles x (batch, head or group)`` programs
-  ordered longest-processing-time first (:func:`_heavy_first`): the causal work of a program grows
-  with its query tile (forward, ``dq``) or shrinks with its key tile (``dk/dv``), and the heaviest
-  tile of *every* (batch, head) is dispatched before any lighter one. With ``(tile, bh)`` as a 2-D
-  grid the GPU dispatched ``bh`` after ``bh``, so the last ones' heaviest tiles started last and
-  ran alone at the end (the ``dk/dv`` kernel's 1024 programs at ``s = 4096``, ``b * G = 16``:
-  a greedy schedule over 264 slots gives a makespan 1.28x the ideal that way, 1.01x this way).
+* Scheduling: the causal work of a program grows with its query tile (forward, ``dq``) or shrinks
+  with its key tile (``dk/dv``). The grid is 2-D, ``(tile, batch x head)``, heaviest tile first
+  within each ``batch x head``; the GPU dispatches one ``batch x head`` after another, so the last
+  ones' heaviest tiles start last and run alone at the end. :data:`HEAVY_FIRST` switches to one
+  grid dimension ordered longest-processing-time first (:func:`_heavy_first`: the heaviest tile of
+  every ``batch x head`` before any lighter one). A greedy-schedule model of the ``dk/dv`` kernel
+  (1024 programs at ``s = 4096``, ``b * G = 16``, 264 slots) gives 1.28x the ideal makespan for
+  the 2-D grid and 1.01x for that order; it is not measured on a GPU yet
+  (``benchmarks/attention_schedule.py``), so the 2-D grid stays the default.
 * Fully-masked rows (only possible with ``sink = -inf``) are guarded: the exponent base is 0 when the
   running max is still ``-inf``, so no ``-inf - -inf`` NaN.
 
@@ -139,10 +141,11 @@ def _fwd_tiles(
     return acc, l_i, m_i
 
 
-#: Grid order of the three kernels (module docstring, "Scheduling"): True, longest processing
-#: time first over a 1-D grid; False, the former 2-D grid ``(tile, bh)`` (kept to measure the
-#: difference: ``benchmarks/attention_schedule.py``).
-HEAVY_FIRST = True
+#: Grid order of the three kernels (module docstring, "Scheduling"): False, the 2-D grid
+#: ``(tile, batch x head)`` (default: the measured one); True, one grid dimension ordered longest
+#: processing time first (bitwise the same results; its speed is measured by
+#: ``benchmarks/attention_schedule.py``, which runs both orders and SDPA in one run).
+HEAVY_FIRST = False
 
 
 def _grid(n_tiles: int, n_rows: int):
