@@ -241,23 +241,29 @@ class ModelSnapshot:
     detaches), each module's class (a pass may swap ``__class__`` for a subclass) plus the
     attribute dicts and version counters of every parameter and buffer. Passes must not modify
     existing tensors in place; ``changed_in_place`` detects it.
+
+    ``structure=False`` records the tensors only (for ``changed_in_place`` and ``storages``, as
+    each pass's guard needs): copying every module's attributes is most of a snapshot's cost on
+    a large model, and only the pipeline's one all-or-nothing snapshot restores them.
     """
 
-    def __init__(self, root: nn.Module):
+    def __init__(self, root: nn.Module, structure: bool = True):
         self.root = root
+        self.structure = structure
         self.modules: List[Tuple[nn.Module, dict, dict, dict, dict]] = []
         self.classes: List[Tuple[nn.Module, type]] = []
         self.tensors: List[Tuple[torch.Tensor, dict, int, torch.Tensor]] = []
         seen = set()
         self.rng = torch.random.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        for _, m in root.named_modules(remove_duplicate=True):
-            attrs = {
-                k: (type(v)(v) if isinstance(v, (dict, set)) and k not in ("_modules", "_parameters", "_buffers") else v)
-                for k, v in m.__dict__.items()
-            }
-            self.modules.append((m, attrs, dict(m._modules), dict(m._parameters), dict(m._buffers)))
-            self.classes.append((m, type(m)))
+        for _, m in walk_modules(root):
+            if structure:
+                attrs = {
+                    k: (type(v)(v) if isinstance(v, (dict, set)) and k not in ("_modules", "_parameters", "_buffers") else v)
+                    for k, v in m.__dict__.items()
+                }
+                self.modules.append((m, attrs, dict(m._modules), dict(m._parameters), dict(m._buffers)))
+                self.classes.append((m, type(m)))
             for t in list(m._parameters.values()) + list(m._buffers.values()):
                 if t is None or id(t) in seen:
                     continue
@@ -267,6 +273,8 @@ class ModelSnapshot:
 
     def restore(self) -> None:
         """Undo everything (module structure, classes, hooks, attributes, tensor attributes, RNG state)."""
+        if not self.structure:
+            raise RuntimeError("a tensors-only ModelSnapshot (structure=False) cannot restore a model")
         torch.random.set_rng_state(self.rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
@@ -358,20 +366,61 @@ def _gc_paused():
             gc.enable()
 
 
+def walk_modules(model: nn.Module, remove_duplicate: bool = True) -> List[Tuple[str, nn.Module]]:
+    """``model.named_modules(remove_duplicate=...)`` as a list, in the same order, walked
+    iteratively. ``named_modules`` nests one generator per tree level, so every module it yields
+    passes through all its ancestors' generators; a pipeline walks the tree about eight times per
+    pass, which on the 62k-module ``vpmoe`` was most of ``transform``'s time."""
+    out: List[Tuple[str, nn.Module]] = []
+    memo = set()
+    stack = [("", model)]
+    while stack:
+        prefix, m = stack.pop()
+        if remove_duplicate:
+            if m in memo:
+                continue
+            memo.add(m)
+        out.append((prefix, m))
+        children = [(f"{prefix}.{name}" if prefix else name, sub) for name, sub in m._modules.items()
+                    if sub is not None]
+        stack.extend(reversed(children))
+    return out
+
+
+def _walk_members(modules: List[Tuple[str, nn.Module]], attr: str, remove_duplicate: bool):
+    """``named_parameters`` / ``named_buffers`` over :func:`walk_modules`' list (same names, same
+    order: ``attr`` is ``"_parameters"`` or ``"_buffers"``)."""
+    memo = set()
+    for prefix, m in modules:
+        for k, v in getattr(m, attr).items():
+            if v is None or v in memo:
+                continue
+            if remove_duplicate:
+                memo.add(v)
+            yield (f"{prefix}.{k}" if prefix else k), v
+
+
+def named_parameters(model: nn.Module, remove_duplicate: bool = True):
+    """``model.named_parameters(remove_duplicate=...)`` (same names and order), walked
+    iteratively (:func:`walk_modules`)."""
+    return _walk_members(walk_modules(model, remove_duplicate), "_parameters", remove_duplicate)
+
+
 def _named_tensors(model: nn.Module):
-    yield from model.named_parameters(remove_duplicate=False)
-    yield from model.named_buffers(remove_duplicate=False)
+    modules = walk_modules(model, remove_duplicate=False)
+    yield from _walk_members(modules, "_parameters", False)
+    yield from _walk_members(modules, "_buffers", False)
 
 
 def param_table(model: nn.Module) -> Dict[str, Tuple[int, ParamInfo]]:
     """``name -> (id(param), ParamInfo)`` for every parameter (shared ones under each name)."""
-    return {n: (id(p), ParamInfo.of(n, p)) for n, p in model.named_parameters(remove_duplicate=False)}
+    return {n: (id(p), ParamInfo.of(n, p)) for n, p in named_parameters(model, remove_duplicate=False)}
 
 
 def module_tree(model: nn.Module) -> str:
     """One line per module: ``path: Class``, indented by depth."""
     lines = []
-    for path, m in model.named_modules(remove_duplicate=False):
+    for path, m in walk_modules(model, remove_duplicate=False):
         depth = path.count(".") + (1 if path else 0)
         label = path.rpartition(".")[2] if path else "(root)"
         lines.append(f"{'  ' * depth}{label}: {type(m).__name__}")
@@ -574,7 +623,7 @@ class PassManager:
         if site_paths:
             site_inputs = _record_site_inputs(ctx.model, site_paths, batch)
             before_graphs = _capture_sites(ctx.model, site_inputs)
-        pre = ModelSnapshot(ctx.model)
+        pre = ModelSnapshot(ctx.model, structure=False)
         with InPlaceGuard(pre.storages(), p.name):
             p.run(ctx, result)
         bad = pre.changed_in_place()
@@ -607,7 +656,7 @@ class PassManager:
         )
 
     def _verify(self, ctx: PassContext, batch) -> str:
-        params = list(ctx.model.named_parameters())
+        params = list(named_parameters(ctx.model))
         for name, prm in params:
             if not isinstance(prm, nn.Parameter):
                 raise PassError(f"{name} is not an nn.Parameter after the pass")
