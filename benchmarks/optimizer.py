@@ -34,7 +34,8 @@ Variants (same matrices, same hyper-parameters, same random gradients):
 * ``floor``: max(PE FLOPs / bf16 GEMM rate, minimal bytes / copy bandwidth)
   (docs/design.md#optimizer-tests-and-benchmark), with the
   rates measured on the same device (a 8192^3 bf16 GEMM and a 2 GiB device copy) and with the
-  datasheet rates (H100 SXM: 989 dense TFLOP/s bf16, 3.35 TB/s) for reference. Minimal bytes:
+  datasheet rates of the device (:data:`DATASHEET`; H100 SXM: 989 dense TFLOP/s bf16, 3.35 TB/s;
+  H200: 989, 4.8) for reference. Minimal bytes:
   20 B / element (read fp32 grad, read+write fp32 momentum, read+write fp32 param; the model's
   bf16 copy is not part of this standalone step). The floor assumes perfect overlap of the
   Polar Express arithmetic with the state traffic; it is a lower bound, not a prediction.
@@ -77,6 +78,10 @@ from vpmoe_compile.optim import NorMuon, polar_express  # noqa: E402
 from vpmoe_compile.optim.reference import normuon_reference_update  # noqa: E402
 
 LR, WD, MU, BETA2, EPS = 3e-3, 0.01, 0.95, 0.95, 1e-10
+
+#: Datasheet rates (dense bf16 TFLOP/s, HBM TB/s) by a substring of the device name, for the
+#: reference floor (none for other devices).
+DATASHEET = {"H100": (989.0, 3.35), "H200": (989.0, 4.8)}
 
 
 # ------------------------------------------------------------------------------------ shapes
@@ -672,8 +677,9 @@ def main(argv=None):
     res["ceilings_measured"] = ceil
     min_bytes = 20 * numel
     floors = {}
-    for label, (tf, bw) in {"measured": (ceil.get("bf16_gemm_tflops"), ceil.get("copy_tb_s")),
-                            "datasheet": (989.0, 3.35)}.items():
+    rates = {"measured": (ceil.get("bf16_gemm_tflops"), ceil.get("copy_tb_s"))}
+    rates.update({"datasheet": rate for name, rate in DATASHEET.items() if name in res["device"]})
+    for label, (tf, bw) in rates.items():
         if tf and bw:
             fl = flops / (tf * 1e12) * 1e3
             by = min_bytes / (bw * 1e12) * 1e3
