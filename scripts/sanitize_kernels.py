@@ -73,14 +73,19 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _op(name):
-    """``_op("sink_attention.triton")`` -> ``vpmoe_compile.ops.sink_attention.triton`` (imports
-    neither Megatron nor the rest of the package)."""
+def _module(path):
+    """Import ``path`` from this repository (put on ``sys.path`` first)."""
     import importlib
 
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
-    return importlib.import_module(f"vpmoe_compile.ops.{name}")
+    return importlib.import_module(path)
+
+
+def _op(name):
+    """``_op("sink_attention.triton")`` -> ``vpmoe_compile.ops.sink_attention.triton`` (imports
+    neither Megatron nor the rest of the package)."""
+    return _module(f"vpmoe_compile.ops.{name}")
 
 
 # ----------------------------------------------------------------------------------------- workload
@@ -242,9 +247,7 @@ def _normuon_cases():
 def run_normuon_case(c):
     import torch
 
-    import importlib
-
-    pt = importlib.import_module("vpmoe_compile.optim.pe_triton")
+    pt = _module("vpmoe_compile.optim.pe_triton")
     from vpmoe_compile.optim.polar_express import PINNED_COEFFICIENTS
 
     N, m, n = c["shape"]
@@ -279,11 +282,9 @@ def run_normuon_case(c):
 
 def run_normuon_step():
     """One NorMuon step over fused banks (wide, tall, small, an expert stack) and a PyTorch bank."""
-    import importlib
-
     import torch
 
-    NorMuon = importlib.import_module("vpmoe_compile.optim").NorMuon
+    NorMuon = _module("vpmoe_compile.optim").NorMuon
     shapes = [(4, 128, 256), (64, 256), (256, 64), (5, 40), (160, 160)]
     params = [torch.nn.Parameter(torch.randn(*s, device=DEV) * 0.02) for s in shapes]
     opt = NorMuon(params, lr=0.01, weight_decay=0.1, direct_grads=True,

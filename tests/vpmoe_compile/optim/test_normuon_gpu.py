@@ -60,6 +60,23 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+def _static_grad_steps(opt, params, steps, none_at=None):
+    """``steps`` steps with fresh gradients copied into fixed-address buffers (as Megatron's
+    ``main_grad``) and the lr / wd schedule; at step ``none_at`` ``params[1]`` has no gradient.
+    Returns the buffers."""
+    static = [torch.empty_like(p) for p in params]
+    for step in range(steps):
+        for s_, gr in zip(static, _grads(params, step)):
+            s_.copy_(gr)
+        for p, s_ in zip(params, static):
+            p.grad = s_
+        if step == none_at:
+            params[1].grad = None
+        _set_hyper(opt, step)
+        opt.step()
+    return static
+
+
 def _steady_state_step(opt, params, grads):
     """One step under sync-debug "error"; returns the allocator calls it made."""
     for p, g in zip(params, grads):
@@ -221,16 +238,7 @@ def test_expert_stacks_in_place_graph_direct_and_separate_matrices():
                      ("direct", dict(cuda_graph=True, direct_grads=True))):
         params, opt = _stack_optimizer(init, **kw)
         ptrs = [p.data_ptr() for p in params]
-        static = [torch.empty_like(p) for p in params]
-        for step in range(6):
-            for s_, gr in zip(static, _grads(params, step)):
-                s_.copy_(gr)
-            for p, s_ in zip(params, static):
-                p.grad = s_
-            if step == 4:
-                params[1].grad = None
-            _set_hyper(opt, step)
-            opt.step()
+        static = _static_grad_steps(opt, params, 6, none_at=4)
         assert [p.data_ptr() for p in params] == ptrs
         summary = opt.bank_summary()
         assert all(s["stack"] is not None and s["rehomed"] for s in summary)
@@ -280,14 +288,7 @@ def test_overlapped_banks_equal_one_stream_and_eager(form):
                      ("serial", dict(cuda_graph=True, overlap_banks=False))):
         params = [torch.nn.Parameter(t.clone().cuda()) for t in init]
         opt = NorMuon(params, lr=0.01, weight_decay=0.1, compile=False, pe_form=form, **kw)
-        static = [torch.empty_like(p) for p in params]
-        for step in range(6):
-            for s_, gr in zip(static, _grads(params, step)):
-                s_.copy_(gr)
-            for p, s_ in zip(params, static):
-                p.grad = s_
-            _set_hyper(opt, step)
-            opt.step()
+        static = _static_grad_steps(opt, params, 6)
         main, side = opt.stream_split()
         if name == "serial":
             assert side == []
