@@ -256,7 +256,7 @@ class ModelSnapshot:
         seen = set()
         self.rng = torch.random.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        for _, m in walk_modules(root):
+        for _, m in root.named_modules(remove_duplicate=True):
             if structure:
                 attrs = {
                     k: (type(v)(v) if isinstance(v, (dict, set)) and k not in ("_modules", "_parameters", "_buffers") else v)
@@ -366,61 +366,20 @@ def _gc_paused():
             gc.enable()
 
 
-def walk_modules(model: nn.Module, remove_duplicate: bool = True) -> List[Tuple[str, nn.Module]]:
-    """``model.named_modules(remove_duplicate=...)`` as a list, in the same order, walked
-    iteratively. ``named_modules`` nests one generator per tree level, so every module it yields
-    passes through all its ancestors' generators; a pipeline walks the tree about eight times per
-    pass, which on the 62k-module ``vpmoe`` was most of ``transform``'s time."""
-    out: List[Tuple[str, nn.Module]] = []
-    memo = set()
-    stack = [("", model)]
-    while stack:
-        prefix, m = stack.pop()
-        if remove_duplicate:
-            if m in memo:
-                continue
-            memo.add(m)
-        out.append((prefix, m))
-        children = [(f"{prefix}.{name}" if prefix else name, sub) for name, sub in m._modules.items()
-                    if sub is not None]
-        stack.extend(reversed(children))
-    return out
-
-
-def _walk_members(modules: List[Tuple[str, nn.Module]], attr: str, remove_duplicate: bool):
-    """``named_parameters`` / ``named_buffers`` over :func:`walk_modules`' list (same names, same
-    order: ``attr`` is ``"_parameters"`` or ``"_buffers"``)."""
-    memo = set()
-    for prefix, m in modules:
-        for k, v in getattr(m, attr).items():
-            if v is None or v in memo:
-                continue
-            if remove_duplicate:
-                memo.add(v)
-            yield (f"{prefix}.{k}" if prefix else k), v
-
-
-def named_parameters(model: nn.Module, remove_duplicate: bool = True):
-    """``model.named_parameters(remove_duplicate=...)`` (same names and order), walked
-    iteratively (:func:`walk_modules`)."""
-    return _walk_members(walk_modules(model, remove_duplicate), "_parameters", remove_duplicate)
-
-
 def _named_tensors(model: nn.Module):
-    modules = walk_modules(model, remove_duplicate=False)
-    yield from _walk_members(modules, "_parameters", False)
-    yield from _walk_members(modules, "_buffers", False)
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
 
 
 def param_table(model: nn.Module) -> Dict[str, Tuple[int, ParamInfo]]:
     """``name -> (id(param), ParamInfo)`` for every parameter (shared ones under each name)."""
-    return {n: (id(p), ParamInfo.of(n, p)) for n, p in named_parameters(model, remove_duplicate=False)}
+    return {n: (id(p), ParamInfo.of(n, p)) for n, p in model.named_parameters(remove_duplicate=False)}
 
 
 def module_tree(model: nn.Module) -> str:
     """One line per module: ``path: Class``, indented by depth."""
     lines = []
-    for path, m in walk_modules(model, remove_duplicate=False):
+    for path, m in model.named_modules(remove_duplicate=False):
         depth = path.count(".") + (1 if path else 0)
         label = path.rpartition(".")[2] if path else "(root)"
         lines.append(f"{'  ' * depth}{label}: {type(m).__name__}")
@@ -656,7 +615,7 @@ class PassManager:
         )
 
     def _verify(self, ctx: PassContext, batch) -> str:
-        params = list(named_parameters(ctx.model))
+        params = list(ctx.model.named_parameters())
         for name, prm in params:
             if not isinstance(prm, nn.Parameter):
                 raise PassError(f"{name} is not an nn.Parameter after the pass")

@@ -345,30 +345,6 @@ def test_undeclared_installs_are_refused(tiny_model):
     _assert_same(before, _structure(tiny_model))
 
 
-def test_flat_walks_equal_torch_named_modules_and_parameters(tiny_model):
-    """``passes.base.walk_modules`` / ``named_parameters`` / ``_named_tensors`` list exactly what
-    ``named_modules`` / ``named_parameters`` / ``named_buffers`` do (names, objects, order), with
-    and without duplicates: on the tiny model and on a tree with a module shared under two
-    paths, a parameter shared by two modules and a ``None`` child."""
-    from passes.base import _named_tensors, named_parameters, walk_modules
-
-    shared = torch.nn.Linear(3, 3)
-    tree = torch.nn.Sequential(shared, torch.nn.Sequential(shared, torch.nn.ReLU()), torch.nn.Linear(3, 3))
-    tree[2].weight = shared.weight
-    tree.register_module("gone", None)
-    tree.register_buffer("scale", torch.ones(2))
-    for model in (tiny_model, tree):
-        for dedupe in (True, False):
-            assert [(n, id(m)) for n, m in walk_modules(model, dedupe)] == [
-                (n, id(m)) for n, m in model.named_modules(remove_duplicate=dedupe)]
-            assert [(n, id(p)) for n, p in named_parameters(model, dedupe)] == [
-                (n, id(p)) for n, p in model.named_parameters(remove_duplicate=dedupe)]
-        assert [(n, id(t)) for n, t in _named_tensors(model)] == [
-            (n, id(t)) for n, t in list(model.named_parameters(remove_duplicate=False))
-            + list(model.named_buffers(remove_duplicate=False))]
-    assert len(walk_modules(tree, False)) > len(walk_modules(tree, True))  # the shared module twice
-
-
 def test_tensors_only_snapshot_sees_in_place_changes_and_cannot_restore(tiny_model):
     """Each pass's guard snapshot (``structure=False``) records the tensors only: it still names
     a parameter changed in place, and it refuses to restore (only the pipeline's full snapshot
