@@ -4,16 +4,20 @@
 #
 #   bash scripts/gpu_kernel_goals.sh OUT_DIR [PHASES]
 #
-# PHASES: comma list of global,tpa,normuon,normuon_separate (default global,tpa,normuon):
+# PHASES: comma list of global,schedule,tpa,normuon,normuon_separate (default global,tpa,normuon):
 #   global    benchmarks/attention.py --suite global --kernel-sweep  -> attention_global.json/.png
 #             (ours vs SDPA default in one run; per-kernel profile of ours)
+#   schedule  benchmarks/attention_schedule.py --tag tuned           -> attention_schedule_tuned.json/.png
+#             (the global kernels' two grid orders, each autotuned, vs SDPA default in one run),
+#             then the bf16 accuracy tests of both orders (tests/.../test_sink_attention_gpu.py)
 #   tpa       benchmarks/tpa.py --skip-chain                         -> tpa_bench.json
 #             (the fused TPA op, CUDA-graph replay, per-kernel profile)
 #   normuon_separate  benchmarks/optimizer.py --experts separate     -> optimizer_vpmoe-8l_separate.json
 #             (the stock one-matrix-per-expert layout, for comparison; runs before normuon so the
 #             goal record keeps the stacked layout's numbers)
 #   normuon   benchmarks/optimizer.py (experts stacked as the moe pass holds them) -> optimizer_vpmoe-8l.json
-# Each phase has a time limit in seconds (GLOBAL_S, TPA_S, NORMUON_S; defaults 240 / 150 / 240):
+# Each phase has a time limit in seconds (GLOBAL_S, SCHEDULE_S, TPA_S, NORMUON_S; defaults
+# 240 / 330 / 150 / 240):
 # at the limit it gets SIGINT, 30 s later SIGKILL. A failing phase does not stop the next; the exit
 # status is 1 if any failed. NORMUON_VARIANTS picks the optimizer variants
 # (default bank_kernel_graph,bank_kernel_graph_direct,bank_kernel_graph_direct_gram),
@@ -36,6 +40,9 @@ source scripts/_phases.sh
 has() { [[ ",$PHASES," == *",$1,"* ]]; }
 has global && run_phase global "${GLOBAL_S:-240}" "$OUT/global.log" \
   python3 benchmarks/attention.py --suite global --kernel-sweep --out "$OUT"
+has schedule && run_phase schedule "${SCHEDULE_S:-330}" "$OUT/schedule.log" bash -c \
+  "python3 benchmarks/attention_schedule.py --tag tuned --out '$OUT' && \
+   python3 -m pytest -q -p no:cacheprovider tests/vpmoe_compile/ops/test_sink_attention_gpu.py -k grid_orders"
 has tpa && run_phase tpa "${TPA_S:-150}" "$OUT/tpa.log" python3 benchmarks/tpa.py --skip-chain --out "$OUT"
 has normuon_separate && run_phase normuon_separate "${NORMUON_S:-240}" "$OUT/normuon_separate.log" \
   python3 benchmarks/optimizer.py --experts separate --skip-fork --variants "${NORMUON_SEPARATE_VARIANTS:-pe_kernel_graph}" --out "$OUT"

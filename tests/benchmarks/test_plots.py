@@ -137,3 +137,22 @@ def test_kernel_goals_plot(tmp_path, figures):
     _load("_kernel_goals").plot(json.loads((RESULTS / "kernel_goals.json").read_text()), str(tmp_path / "k.png"))
     assert len(figures) == 1
     _check(figures[0])
+
+
+def test_attention_schedule_plot(tmp_path, figures):
+    """Synthetic result of ``benchmarks/attention_schedule.py`` (no GPU record of it yet)."""
+    mod = _load("attention_schedule")
+    kern = dict(zip(mod.KERNELS, (713.0, 824.0, 1625.0)))
+    res = {
+        "device": "GPU", "tiles": "autotuned per variant",
+        "shape": dict(b=8, s=4096, H=8, G=2, d=128, dtype="bf16"),
+        "sdpa_default_fwd_bwd_us": 2186.0,
+        "variants": {
+            name: {"label": mod.VARIANTS[name][-1], "fwd_bwd_us_graph": total,
+                   "kernels_us": {k: v * f for k, v in kern.items()}}
+            for name, total, f in (("2d", 3191.0, 1.0), ("lpt", 2900.0, 0.9))
+        },
+    }
+    mod.plot(res, str(tmp_path / "s.png"))
+    assert len(figures) == 1
+    _check(figures[0])

@@ -69,7 +69,19 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_bf16_within_2x_of_fp32_math_reference_and_deterministic(name):
-    case = CASES[name]
+    _check(name, CASES[name])
+
+
+# Both grid orders of the full-causal kernels (``tk.HEAVY_FIRST``) under the same rule, on the
+# full-causal cases with fixed tiles.
+@pytest.mark.parametrize("heavy_first", [False, True])
+@pytest.mark.parametrize("name", ["global_alibi_small_tiles", "pack3_causal_alibi", "s1_alibi"])
+def test_grid_orders_within_2x_of_fp32_math_reference(monkeypatch, heavy_first, name):
+    monkeypatch.setattr(tk, "HEAVY_FIRST", heavy_first)
+    _check(name, CASES[name])
+
+
+def _check(name, case):
     s, b, H, G, d = (case[k] for k in ("s", "b", "H", "G", "d"))
     window, config = case.get("window"), case.get("config")
     slopes = alibi_slopes(H, device="cuda") if case.get("alibi") else None
