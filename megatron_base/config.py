@@ -315,6 +315,11 @@ class OptimizerSection:
     #: restart; docs/design.md#gram-form) or "standard" (every step sweeps the matrix); the
     #: optimizer's own list is ``vpmoe_compile.optim.polar_express.PE_FORMS``.
     pe_form: str = field(default="gram", metadata=_choice("gram", "standard", required=False))
+    #: The one-kernel bank steps (expert stacks, whole re-homed fp32 matrices) read each gradient
+    #: where it is, through a table of addresses, instead of copying it into the bank first
+    #: (``NorMuon(direct_grads=...)``; docs/design.md#banks). Gradients that are not contiguous,
+    #: 16-byte aligned fp32 tensors of the parameter's shape are still copied.
+    direct_grads: bool = False
     #: Separate max / min learning rate of the embedding and output layer (Megatron's
     #: ``decoupled_lr``); unset: the AdamW (aux) learning rates.
     decoupled_lr: Optional[float] = field(default=None, metadata=_meta(ge=0.0))

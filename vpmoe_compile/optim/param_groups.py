@@ -22,7 +22,8 @@ __all__ = ["normuon_kwargs", "normuon_group", "aux_override", "optimizer_setting
 
 
 def normuon_kwargs(st) -> Dict[str, Any]:
-    """The Polar Express / scaling arguments of :class:`~.normuon.NorMuon` for a config."""
+    """The Polar Express / scaling / gradient-access arguments of :class:`~.normuon.NorMuon` for a
+    config."""
     return dict(
         pe_steps=int(st.polar_express_steps),
         safety=float(st.polar_express_safety_factor),
@@ -30,6 +31,7 @@ def normuon_kwargs(st) -> Dict[str, Any]:
         neuron_axis=st.neuron_axis,
         pe_backend=st.pe_backend,
         pe_form=st.pe_form,
+        direct_grads=bool(st.direct_grads),
     )
 
 

@@ -54,6 +54,18 @@ def test_plain_path_trains_the_fake_model():
     assert len(opt.routing_table()) == len(list(model.parameters()))
 
 
+def test_direct_grads_setting_reaches_normuon():
+    """``[optimizer] direct_grads`` (default off) is NorMuon's ``direct_grads``; a wrong type is
+    refused by the config's own check."""
+    from megatron_base.config import ConfigError
+
+    assert build_optimizer(FakeVpMoE()).normuon.direct_grads is False
+    opt = build_optimizer(FakeVpMoE(), SimpleNamespace(direct_grads=True))
+    assert opt.normuon.direct_grads is True and opt.settings.direct_grads is True
+    with pytest.raises(ConfigError, match="direct_grads"):
+        build_optimizer(FakeVpMoE(), SimpleNamespace(direct_grads="yes"))
+
+
 def test_nan_grad_skips_step_with_state_untouched_and_raise_names_params():
     model = FakeVpMoE()
     opt = build_optimizer(model)
