@@ -22,7 +22,9 @@
 # status is 1 if any failed. NORMUON_VARIANTS picks the optimizer variants
 # (default bank_kernel_graph,bank_kernel_graph_direct,bank_kernel_graph_direct_gram),
 # NORMUON_SEPARATE_VARIANTS those of normuon_separate (default pe_kernel_graph, that layout's best);
-# NORMUON_ARGS adds arguments to the normuon phase (e.g. --pe-tune: the launch sweep first).
+# NORMUON_ARGS adds arguments to the normuon phase (e.g. --pe-tune: the launch sweep first), TPA_ARGS
+# to the tpa phase (e.g. --tune: every kernel's tiles timed first, the prologue backward's
+# low-register form among them).
 #
 # No installation: the repository is put on PYTHONPATH in front of whatever is there.
 set -uo pipefail
@@ -43,7 +45,7 @@ has global && run_phase global "${GLOBAL_S:-240}" "$OUT/global.log" \
 has schedule && run_phase schedule "${SCHEDULE_S:-330}" "$OUT/schedule.log" bash -c \
   "python3 benchmarks/attention_schedule.py --tag tuned --out '$OUT' && \
    python3 -m pytest -q -p no:cacheprovider tests/vpmoe_compile/ops/test_sink_attention_gpu.py -k grid_orders"
-has tpa && run_phase tpa "${TPA_S:-150}" "$OUT/tpa.log" python3 benchmarks/tpa.py --skip-chain --out "$OUT"
+has tpa && run_phase tpa "${TPA_S:-150}" "$OUT/tpa.log" python3 benchmarks/tpa.py --skip-chain ${TPA_ARGS:-} --out "$OUT"
 has normuon_separate && run_phase normuon_separate "${NORMUON_S:-240}" "$OUT/normuon_separate.log" \
   python3 benchmarks/optimizer.py --experts separate --skip-fork --variants "${NORMUON_SEPARATE_VARIANTS:-pe_kernel_graph}" --out "$OUT"
 has normuon && run_phase normuon "${NORMUON_S:-240}" "$OUT/normuon.log" \
