@@ -4,18 +4,9 @@
 registers per thread for more resident warps per SM than the default form, at the default tile
 (4 tokens, one warp): the point of that form. (Two compiles, about 10 s on two cores.)
 
-The compile runs in a subprocess: the test session's kernels are Triton-interpreter functions
-(``TRITON_INTERPRET=1``, set by ``tests/conftest.py``), which cannot be compiled."""
+The compile runs in a subprocess (:func:`tests._sm90.run_sm90_script`)."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parents[3]
+from tests._sm90 import run_sm90_script
 
 _SCRIPT = r"""
 import json, warnings
@@ -33,17 +24,7 @@ print(json.dumps(out))
 
 
 def test_low_register_prologue_backward_holds_fewer_registers_and_spills_nothing(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
-    if proc.returncode != 0 and ("ptxas" in proc.stderr or "cuobjdump" in proc.stderr) and \
-            "not found" in proc.stderr.lower():
-        pytest.skip("this Triton has no CUDA tools to compile for sm_90")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_sm90_script(_SCRIPT, tmp_path)
     low, default = res["low"], res["default"]
     assert low["registers"] is not None and default["registers"] is not None, res
     assert low["spill_stores"] == 0 and low["spill_loads"] == 0, res

@@ -6,18 +6,9 @@ first launch on the GPU with ``OutOfResources`` (the Gram form's first bank kern
 this compile reports the same number for it), so this catches it on the CPU. (Each compile takes 5-10 s on
 two cores; the Polar Express-only kernels, which hold less, are left out.)
 
-The compile runs in a subprocess: the test session's kernels are Triton-interpreter functions
-(``TRITON_INTERPRET=1``, set by ``tests/conftest.py``), which cannot be compiled."""
+The compile runs in a subprocess (:func:`tests._sm90.run_sm90_script`)."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parents[3]
+from tests._sm90 import run_sm90_script
 
 #: The H100's largest shared memory per block (227 KiB, opt-in; Triton's ``OutOfResources`` limit).
 H100_SHARED_BYTES = 232448
@@ -64,16 +55,7 @@ print(json.dumps(out))
 
 
 def test_default_launches_fit_h100_shared_memory(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-        pytest.skip("this Triton has no ptxas to compile for sm_90")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    shared = json.loads(proc.stdout.strip().splitlines()[-1])
+    shared = run_sm90_script(_SCRIPT, tmp_path)
     assert len(shared) == 3
     over = {k: v for k, v in shared.items() if not 0 < v <= H100_SHARED_BYTES}
     assert not over, f"over the H100's {H100_SHARED_BYTES} bytes of shared memory: {over}"
