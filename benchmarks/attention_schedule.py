@@ -66,10 +66,7 @@ def _compiled_resources(tk) -> list:
                 rows.append({"kernel": name, "num_warps": getattr(md, "num_warps", None),
                              "num_stages": getattr(md, "num_stages", None),
                              "shared_bytes": getattr(md, "shared", None),
-                             "n_regs": getattr(kern, "n_regs", None), "n_spills": getattr(kern, "n_spills", None),
-                             "constants": {k: v for k, v in (getattr(md, "constants", None) or {}).items()
-                                           if isinstance(v, (int, bool))} if isinstance(
-                                 getattr(md, "constants", None), dict) else None})
+                             "n_regs": getattr(kern, "n_regs", None), "n_spills": getattr(kern, "n_spills", None)})
     return rows
 
 
