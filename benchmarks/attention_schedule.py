@@ -1,6 +1,6 @@
 """Grid order of the global (causal + ALiBi + sink) attention kernels: longest-processing-time
-first over a 1-D grid (``sink_attention.triton.HEAVY_FIRST = True``) against the 2-D
-``(tile, batch x head)`` grid (the default), with SDPA's default backend (cuDNN on the H100; causal,
+first over a 1-D grid (``sink_attention.triton.HEAVY_FIRST = True``, the default) against the 2-D
+``(tile, batch x head)`` grid (``HEAVY_FIRST = False``), with SDPA's default backend (cuDNN on the H100; causal,
 no bias, no sink: the kernel goal's baseline) in the same run.
 
 Question: does dispatching every (batch, head)'s heaviest causal tile first shorten the kernels?
@@ -35,7 +35,7 @@ from _ops_import import import_op_module  # noqa: E402
 from attention import _bench_graph, _profile_kernels, make_inputs  # noqa: E402
 
 KERNELS = ("_sink_attn_fwd_kernel", "_sink_attn_bwd_dq_kernel", "_sink_attn_bwd_dkv_kernel")
-#: name -> (HEAVY_FIRST, label); "2d" is the default kernels.
+#: name -> (HEAVY_FIRST, label); "lpt" is the default kernels, "2d" the baseline.
 VARIANTS = {
     "2d": (False, "2-D grid (tile, bh)"),
     "lpt": (True, "1-D grid, heaviest tiles first"),

@@ -77,13 +77,10 @@ def tune(args, shape=(8, 4096, 8, 2, 128, 128)):
         _set_tiles(BT_FWD=bt, WARPS_FWD=w)
         trial("prologue_fwd", f"BT{bt}_w{w}", lambda: tk.prologue_fwd(f, bias, gq, gk, cos, sin, eps=1e-5,
                                                                        act_dtype=f.dtype, **kwp))
-    bwd_tiles = {}
-    for bt, w, bpp, low in ((4, 1, 1, False), (8, 2, 1, False), (4, 1, 2, False), (8, 4, 1, False),
-                            (4, 1, 1, True), (8, 2, 1, True)):
-        name = f"BT{bt}_w{w}_b{bpp}" + ("_lowreg" if low else "")
-        bwd_tiles[name] = dict(BT_BWD=bt, WARPS_BWD=w, BPP_BWD=bpp, LOWREG_BWD=low)
-        _set_tiles(**bwd_tiles[name])
-        trial("prologue_bwd", name, lambda: tk.prologue_bwd(dq, dk, dv, f, bias, gq, gk, rq, rk, cos, sin, **kwp))
+    for bt, w, bpp in ((4, 1, 1), (8, 2, 1), (4, 1, 2), (8, 4, 1)):
+        _set_tiles(BT_BWD=bt, WARPS_BWD=w, BPP_BWD=bpp)
+        trial("prologue_bwd", f"BT{bt}_w{w}_b{bpp}", lambda: tk.prologue_bwd(dq, dk, dv, f, bias, gq, gk, rq, rk,
+                                                                              cos, sin, **kwp))
     o, lse = tk.swa_fwd(q, k, v, sink, W, scale)
     for bm, bn, w, st in ((64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (32, 32, 2, 2)):
         _set_tiles(BM=bm, BN=bn, WARPS_ATTN=w, STAGES_ATTN=st, BM_BWD=bm, BN_BWD=bn, WARPS_ATTN_BWD=w,
@@ -95,7 +92,9 @@ def tune(args, shape=(8, 4096, 8, 2, 128, 128)):
     pf, pb = best["prologue_fwd"], best["prologue_bwd"]
     af = [int(x) for x in best["attn_fwd"].replace("x", "_").replace("w", "").replace("s", "").split("_")]
     ab = [int(x) for x in best["attn_bwd"].replace("x", "_").replace("w", "").replace("s", "").split("_")]
-    _set_tiles(BT_FWD=int(pf[2:].split("_")[0]), WARPS_FWD=int(pf.split("_w")[1]), **bwd_tiles[pb],
+    _set_tiles(BT_FWD=int(pf[2:].split("_")[0]), WARPS_FWD=int(pf.split("_w")[1]),
+               BT_BWD=int(pb[2:].split("_")[0]), WARPS_BWD=int(pb.split("_w")[1].split("_")[0]),
+               BPP_BWD=int(pb.split("_b")[1]),
                BM=af[0], BN=af[1], WARPS_ATTN=af[2], STAGES_ATTN=af[3],
                BM_BWD=ab[0], BN_BWD=ab[1], WARPS_ATTN_BWD=ab[2], STAGES_ATTN_BWD=ab[3])
     # cost of the accurate delta (recomputed rowsum(P*dP)) vs FlashAttention-2's rowsum(dO*O)

@@ -84,16 +84,12 @@ def main():
     warnings.filterwarnings("ignore")
     tk = import_op_module("tpa_attention.triton")
     shape = dict(H=8, G=2, D=128)
-    pro = dict(shape, P=64, RQ=4, RK=2, FW=1064, HAS_BIAS=True, NORM_Q=True, NORM_K=True, sF_f=1, LOWREG=False)
+    pro = dict(shape, P=64, RQ=4, RK=2, FW=1064, HAS_BIAS=True, NORM_Q=True, NORM_K=True, sF_f=1)
     att = dict(shape, BM=64, BN=64, IEEE=False)
     jobs = [
         ("prologue_bwd BT4 w1 (default)", tk._tpa_prologue_bwd_kernel, dict(pro, BT=4, BPP=1, ALIGN=8), 1),
-        ("prologue_bwd BT4 w1 low-register", tk._tpa_prologue_bwd_kernel,
-         dict(pro, BT=4, BPP=1, ALIGN=8, LOWREG=True), 1),
         ("prologue_bwd BT4 w1 unaligned", tk._tpa_prologue_bwd_kernel, dict(pro, BT=4, BPP=1, ALIGN=1), 1),
         ("prologue_bwd BT8 w2", tk._tpa_prologue_bwd_kernel, dict(pro, BT=8, BPP=1, ALIGN=8), 2),
-        ("prologue_bwd BT8 w2 low-register", tk._tpa_prologue_bwd_kernel,
-         dict(pro, BT=8, BPP=1, ALIGN=8, LOWREG=True), 2),
         ("prologue_bwd BT4 w1 BPP2", tk._tpa_prologue_bwd_kernel, dict(pro, BT=4, BPP=2, ALIGN=8), 1),
         ("prologue_fwd BT8 w4 (default)", tk._tpa_prologue_fwd_kernel, dict(pro, BT=8, ALIGN=8), 4),
         ("swa_fwd 64x64 w4", tk._swa_fwd_kernel, att, 4),

@@ -23,8 +23,7 @@
 # (default bank_kernel_graph,bank_kernel_graph_direct,bank_kernel_graph_direct_gram),
 # NORMUON_SEPARATE_VARIANTS those of normuon_separate (default pe_kernel_graph, that layout's best);
 # NORMUON_ARGS adds arguments to the normuon phase (e.g. --pe-tune: the launch sweep first), TPA_ARGS
-# to the tpa phase (e.g. --tune: every kernel's tiles timed first, the prologue backward's
-# low-register form among them).
+# to the tpa phase (e.g. --tune: every kernel's tiles timed first).
 #
 # No installation: the repository is put on PYTHONPATH in front of whatever is there.
 set -uo pipefail

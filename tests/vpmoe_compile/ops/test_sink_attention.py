@@ -408,8 +408,8 @@ def test_gqa_dkdv_is_sum_over_group_heads():
 
 @needs_triton
 def test_grid_order_changes_no_result(monkeypatch):
-    """The longest-processing-time-first 1-D grid (``tk.HEAVY_FIRST = True``) and the default 2-D
-    ``(tile, bh)`` grid run the same programs: bitwise equal outputs, LSE and gradients
+    """The longest-processing-time-first 1-D grid (``tk.HEAVY_FIRST = True``, the default) and
+    the 2-D ``(tile, bh)`` grid run the same programs: bitwise equal outputs, LSE and gradients
     (several query / key tiles, batches and head chunks, ALiBi)."""
     s, b, H, G, d = 41, 2, 8, 2, 16
     q, k, v, sink = make(s, b, H, G, d)

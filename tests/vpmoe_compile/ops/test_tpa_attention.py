@@ -219,35 +219,6 @@ def test_triton_matches_reference_fwd_bwd(case):
         assert rel(o64, o_causal) < 1e-14
 
 
-LOWREG_CASES = ["vpmoe_ratios", "window1_b3", "s1", "mqa_G1_odd_ranks", "no_bias_no_norm"]
-
-
-@needs_triton
-@pytest.mark.parametrize("name", LOWREG_CASES)
-def test_low_register_prologue_backward_matches(monkeypatch, name):
-    """``GPU_TILES["LOWREG_BWD"]`` (the prologue backward holding only its accumulators, the Q side
-    in two rank halves, 3 ranks split 1 + 2): the float64 reference's gradients, and those of the
-    default form."""
-    _, s, b, H, G, d, Rq, R, W, bias, norm = next(c for c in TRITON_CASES if c[0] == name)
-    cfg = kw(H, G, d, Rq, R, W)
-    inp = make_inputs(s, b, H, G, d, Rq, R, bias=bias, norm=norm)
-    dout = torch.randn(s, b, H * d, dtype=torch.float64)
-    _, g64 = run_op(inp, backend="reference", cfg=cfg, dtype=torch.float64, dout=dout)
-    _, g_default = run_op(inp, backend="triton", cfg=cfg, dtype=torch.float32, dout=dout)
-    from vpmoe_compile.ops.tpa_attention import triton as tk
-
-    monkeypatch.setitem(tk.GPU_TILES, "LOWREG_BWD", True)
-    _, g_low = run_op(inp, backend="triton", cfg=cfg, dtype=torch.float32, dout=dout)
-    for nm, g, gd, gr in zip(NAMES, g_low, g_default, g64):
-        if gr is None:
-            assert g is None
-            continue
-        assert torch.isfinite(g).all(), nm
-        assert rel(g, gd) < 1e-6 or (g.double() - gd.double()).abs().max() < 1e-6, (nm, rel(g, gd))
-        if gr.norm() >= 1e-10:
-            assert rel(g, gr) < 5e-5, (nm, rel(g, gr))
-
-
 @needs_triton
 @pytest.mark.parametrize("pad, offset", [(7, 3), (8, 0)], ids=["misaligned", "aligned_strided"])
 def test_triton_noncontiguous_factors(pad, offset):

@@ -173,15 +173,6 @@ def test_op_bf16_within_2x_of_fork_bf16_chain(shape):
     assert not bad, f"{shape}: (kernel, fork bf16 chain) errors vs float64 above 2x + 1e-3: {bad}; all: {errs}"
 
 
-@pytest.mark.parametrize("shape", ["b2_s1024_W128", "b3_s1_W128"])
-def test_low_register_prologue_backward_bf16_within_2x_of_fork_bf16_chain(monkeypatch, shape):
-    """The prologue backward's low-register form (``GPU_TILES["LOWREG_BWD"]``) under the same rule."""
-    monkeypatch.setitem(tk.GPU_TILES, "LOWREG_BWD", True)
-    errs = op_errors(shape, torch.bfloat16)
-    bad = {n: e for n, e in errs.items() if not (math.isfinite(e[0]) and e[0] <= 2 * e[1] + 1e-3)}
-    assert not bad, f"{shape}: (kernel, fork bf16 chain) errors vs float64 above 2x + 1e-3: {bad}; all: {errs}"
-
-
 @pytest.mark.parametrize("shape", FP32_SHAPES)
 def test_op_fp32_ieee_matches_float64(shape):
     errs = op_errors(shape, torch.float32)

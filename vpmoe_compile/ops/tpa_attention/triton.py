@@ -143,32 +143,6 @@ def _contract(a0, a1, a2, a3, b01, b02, b11, b12, b21, b22, b31, b32, RANK: tl.c
 
 
 @triton.jit
-def _pick(a0, a1, a2, a3, r: tl.constexpr):
-    """``a_r`` of the four rank entries (``r`` known at compile time)."""
-    if r == 0:
-        return a0
-    elif r == 1:
-        return a1
-    elif r == 2:
-        return a2
-    else:
-        return a3
-
-
-@triton.jit
-def _contract_streamed(F_ptr, roff, tmask, sF_f, a0, a1, a2, a3, OFF_B: tl.constexpr, RANK: tl.constexpr,
-                       D: tl.constexpr, P: tl.constexpr, ALIGN: tl.constexpr):
-    """:func:`_contract` with each ``B_r`` loaded as it is used (nothing held across heads)."""
-    x1 = tl.zeros([roff.shape[0], P], dtype=tl.float32)
-    x2 = tl.zeros([roff.shape[0], P], dtype=tl.float32)
-    for r in tl.static_range(RANK):
-        a = _pick(a0, a1, a2, a3, r)
-        x1 += a[:, None] * _ld_half(F_ptr, roff, tmask, sF_f, OFF_B + r * D, P, ALIGN)
-        x2 += a[:, None] * _ld_half(F_ptr, roff, tmask, sF_f, OFF_B + r * D + P, P, ALIGN)
-    return x1 / RANK, x2 / RANK
-
-
-@triton.jit
 def _prologue_fwd_side(
     F_ptr, roff, tok, tmask, sF_f, OUT_ptr, RS_ptr, BIAS_ptr, GM_ptr, eps, cs, sn,
     NH: tl.constexpr, D: tl.constexpr, P: tl.constexpr, RANK: tl.constexpr,
@@ -258,14 +232,14 @@ def _acc_store(ptr, val, j, BPP: tl.constexpr):
 
 @triton.jit
 def _prologue_bwd_side(
-    F_ptr, roff, tok, t64, tmask, sF_f, dF_row, part_idx, j,
-    DX_ptr, BIAS_ptr, GM_ptr, RS_ptr, PART_ptr, COS_ptr, SIN_ptr,
+    F_ptr, roff, tok, tmask, sF_f, dF_row, part_idx, j,
+    DX_ptr, BIAS_ptr, GM_ptr, RS_ptr, PART_ptr,
     cs, sn, dcos, dsin,
     NH: tl.constexpr, D: tl.constexpr, P: tl.constexpr, RANK: tl.constexpr,
     OFF_A: tl.constexpr, OFF_B: tl.constexpr,
     NPG: tl.constexpr, GW: tl.constexpr, SLOT: tl.constexpr, NPART: tl.constexpr, OFF_DG: tl.constexpr,
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr, BT: tl.constexpr, ALIGN: tl.constexpr,
-    BPP: tl.constexpr, LOWREG: tl.constexpr, RLO: tl.constexpr, RHI: tl.constexpr, MAIN: tl.constexpr,
+    BPP: tl.constexpr,
 ):
     """Backward of one side (q, k or v) of the prologue for a token block.
 
@@ -280,21 +254,11 @@ def _prologue_bwd_side(
     program's batch iteration ``j > 0`` they are added to what the earlier iterations stored there
     (the caller separates iterations with a barrier). Returns the updated per-token
     ``dcos``/``dsin`` accumulators.
-
-    One call covers the ranks ``RLO <= r < RHI`` of ``dA`` / ``dB``; only the ``MAIN`` call of a
-    side adds to ``dcos``/``dsin``, ``dgamma`` and the bias partial (a side split into several
-    calls recomputes ``u`` in each). ``LOWREG``: nothing but the accumulators is held across the
-    head loop (the ``B_r`` rows, ``cos``/``sin`` and ``gamma`` are loaded where each head uses
-    them, from L1-resident rows); else ``B`` and the caller's ``cs``/``sn`` stay in registers.
     """
     p = tl.arange(0, P)
     m2 = tmask[:, None]
     ty = dF_row.dtype.element_ty
-    if not LOWREG:
-        b01, b02, b11, b12, b21, b22, b31, b32 = _ld_b(F_ptr, roff, tmask, sF_f, OFF_B, RANK, D, P, ALIGN)
-        if NORM:
-            g1 = tl.load(GM_ptr + p).to(tl.float32)
-            g2 = tl.load(GM_ptr + P + p).to(tl.float32)
+    b01, b02, b11, b12, b21, b22, b31, b32 = _ld_b(F_ptr, roff, tmask, sF_f, OFF_B, RANK, D, P, ALIGN)
     d01 = tl.zeros([BT, P], dtype=tl.float32)
     d02 = tl.zeros([BT, P], dtype=tl.float32)
     d11 = tl.zeros([BT, P], dtype=tl.float32)
@@ -305,20 +269,16 @@ def _prologue_bwd_side(
     d32 = tl.zeros([BT, P], dtype=tl.float32)
     dg1 = tl.zeros([BT, P], dtype=tl.float32)
     dg2 = tl.zeros([BT, P], dtype=tl.float32)
+    if NORM:
+        g1 = tl.load(GM_ptr + p).to(tl.float32)
+        g2 = tl.load(GM_ptr + P + p).to(tl.float32)
     for h in range(NH):
         a0, a1, a2, a3 = _ld_a(F_ptr, roff, tmask, sF_f, OFF_A + h * RANK, RANK)
         gp = DX_ptr + (tok * NH + h)[:, None] * D + p[None, :]
         u1 = tl.load(gp, mask=m2, other=0.0).to(tl.float32)
         u2 = tl.load(gp + P, mask=m2, other=0.0).to(tl.float32)
-        if LOWREG:
-            if NORM:
-                g1 = tl.load(GM_ptr + p).to(tl.float32)
-                g2 = tl.load(GM_ptr + P + p).to(tl.float32)
         if ROTATE or NORM:
-            if LOWREG:
-                x1, x2 = _contract_streamed(F_ptr, roff, tmask, sF_f, a0, a1, a2, a3, OFF_B, RANK, D, P, ALIGN)
-            else:
-                x1, x2 = _contract(a0, a1, a2, a3, b01, b02, b11, b12, b21, b22, b31, b32, RANK)
+            x1, x2 = _contract(a0, a1, a2, a3, b01, b02, b11, b12, b21, b22, b31, b32, RANK)
             if HAS_BIAS:
                 cb = BIAS_ptr + (h // NPG) * GW + (h % NPG + SLOT) * D
                 x1 += tl.load(cb + p).to(tl.float32)[None, :]
@@ -333,23 +293,15 @@ def _prologue_bwd_side(
                 z1 = x1
                 z2 = x2
         if ROTATE:
-            if LOWREG:
-                ch = tl.load(COS_ptr + t64[:, None] * P + p[None, :], mask=m2, other=0.0)
-                sh = tl.load(SIN_ptr + t64[:, None] * P + p[None, :], mask=m2, other=0.0)
-            else:
-                ch = cs
-                sh = sn
-            if MAIN:
-                dcos += u1 * z1 + u2 * z2
-                dsin += u2 * z1 - u1 * z2
-            w1 = u1 * ch + u2 * sh
-            w2 = u2 * ch - u1 * sh
+            dcos += u1 * z1 + u2 * z2
+            dsin += u2 * z1 - u1 * z2
+            w1 = u1 * cs + u2 * sn
+            w2 = u2 * cs - u1 * sn
             u1 = w1
             u2 = w2
         if NORM:
-            if MAIN:
-                dg1 += u1 * n1
-                dg2 += u2 * n2
+            dg1 += u1 * n1
+            dg2 += u2 * n2
             dn1 = u1 * g1[None, :]
             dn2 = u2 * g2[None, :]
             mdot = tl.sum(dn1 * n1 + dn2 * n2, axis=1) / D
@@ -357,54 +309,43 @@ def _prologue_bwd_side(
             u2 = (dn2 - n2 * mdot[:, None]) * rstd[:, None]
         u1 = tl.where(m2, u1, 0.0)
         u2 = tl.where(m2, u2, 0.0)
-        if HAS_BIAS and MAIN:
+        if HAS_BIAS:
             dcp = PART_ptr + part_idx * NPART + (h // NPG) * GW + (h % NPG + SLOT) * D + p
             _acc_store(dcp, tl.sum(u1, axis=0), j, BPP)
             _acc_store(dcp + P, tl.sum(u2, axis=0), j, BPP)
         # contraction backward: dA[h, r] = u . B_r / RANK ; dB_r += A[h, r] u / RANK
         col = OFF_A + h * RANK
-        if LOWREG:
-            for r in tl.static_range(RLO, RHI):
-                br1 = _ld_half(F_ptr, roff, tmask, sF_f, OFF_B + r * D, P, ALIGN)
-                br2 = _ld_half(F_ptr, roff, tmask, sF_f, OFF_B + r * D + P, P, ALIGN)
-                tl.store(dF_row + col + r, (tl.sum(u1 * br1 + u2 * br2, axis=1) / RANK).to(ty), mask=tmask)
-        else:
-            tl.store(dF_row + col, (tl.sum(u1 * b01 + u2 * b02, axis=1) / RANK).to(ty), mask=tmask)
-            if RANK > 1:
-                tl.store(dF_row + col + 1, (tl.sum(u1 * b11 + u2 * b12, axis=1) / RANK).to(ty),
-                         mask=tmask)
-            if RANK > 2:
-                tl.store(dF_row + col + 2, (tl.sum(u1 * b21 + u2 * b22, axis=1) / RANK).to(ty),
-                         mask=tmask)
-            if RANK > 3:
-                tl.store(dF_row + col + 3, (tl.sum(u1 * b31 + u2 * b32, axis=1) / RANK).to(ty),
-                         mask=tmask)
-        if RLO <= 0 and 0 < RHI:
-            d01 += a0[:, None] * u1
-            d02 += a0[:, None] * u2
-        if RANK > 1 and RLO <= 1 and 1 < RHI:
+        tl.store(dF_row + col, (tl.sum(u1 * b01 + u2 * b02, axis=1) / RANK).to(ty), mask=tmask)
+        d01 += a0[:, None] * u1
+        d02 += a0[:, None] * u2
+        if RANK > 1:
+            tl.store(dF_row + col + 1, (tl.sum(u1 * b11 + u2 * b12, axis=1) / RANK).to(ty),
+                     mask=tmask)
             d11 += a1[:, None] * u1
             d12 += a1[:, None] * u2
-        if RANK > 2 and RLO <= 2 and 2 < RHI:
+        if RANK > 2:
+            tl.store(dF_row + col + 2, (tl.sum(u1 * b21 + u2 * b22, axis=1) / RANK).to(ty),
+                     mask=tmask)
             d21 += a2[:, None] * u1
             d22 += a2[:, None] * u2
-        if RANK > 3 and RLO <= 3 and 3 < RHI:
+        if RANK > 3:
+            tl.store(dF_row + col + 3, (tl.sum(u1 * b31 + u2 * b32, axis=1) / RANK).to(ty),
+                     mask=tmask)
             d31 += a3[:, None] * u1
             d32 += a3[:, None] * u2
     dp = dF_row[:, None] + (OFF_B + p)[None, :]
-    if RLO <= 0 and 0 < RHI:
-        tl.store(dp, (d01 / RANK).to(ty), mask=m2)
-        tl.store(dp + P, (d02 / RANK).to(ty), mask=m2)
-    if RANK > 1 and RLO <= 1 and 1 < RHI:
+    tl.store(dp, (d01 / RANK).to(ty), mask=m2)
+    tl.store(dp + P, (d02 / RANK).to(ty), mask=m2)
+    if RANK > 1:
         tl.store(dp + D, (d11 / RANK).to(ty), mask=m2)
         tl.store(dp + D + P, (d12 / RANK).to(ty), mask=m2)
-    if RANK > 2 and RLO <= 2 and 2 < RHI:
+    if RANK > 2:
         tl.store(dp + 2 * D, (d21 / RANK).to(ty), mask=m2)
         tl.store(dp + 2 * D + P, (d22 / RANK).to(ty), mask=m2)
-    if RANK > 3 and RLO <= 3 and 3 < RHI:
+    if RANK > 3:
         tl.store(dp + 3 * D, (d31 / RANK).to(ty), mask=m2)
         tl.store(dp + 3 * D + P, (d32 / RANK).to(ty), mask=m2)
-    if NORM and MAIN:
+    if NORM:
         _acc_store(PART_ptr + part_idx * NPART + OFF_DG + p, tl.sum(dg1, axis=0), j, BPP)
         _acc_store(PART_ptr + part_idx * NPART + OFF_DG + P + p, tl.sum(dg2, axis=0), j, BPP)
     return dcos, dsin
@@ -421,18 +362,13 @@ def _tpa_prologue_bwd_kernel(
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     RQ: tl.constexpr, RK: tl.constexpr, FW: tl.constexpr,
     HAS_BIAS: tl.constexpr, NORM_Q: tl.constexpr, NORM_K: tl.constexpr,
-    BT: tl.constexpr, BPP: tl.constexpr, ALIGN: tl.constexpr, LOWREG: tl.constexpr,
+    BT: tl.constexpr, BPP: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """One program = ``BT`` tokens x ``BPP`` consecutive samples (a dynamic loop), all heads.
 
     Per-program partials (one ``PART`` row: bias and gains, summed over the program's samples)
     and per-(token, sample chunk) ``[dcos | dsin]`` rows of ``CS [chunks, s, d]`` are reduced by
     the launcher in a fixed order.
-
-    ``LOWREG`` (the low-register form; ``GPU_TILES["LOWREG_BWD"]``): the sides hold only their
-    accumulators across the head loop (see :func:`_prologue_bwd_side`) and the Q side runs in two
-    calls, ranks ``[0, RQ/2)`` and ``[RQ/2, RQ)``, so that ``dB_q`` is held half at a time; each
-    call recomputes the heads' ``u``.
     """
     OFF_AK: tl.constexpr = H * RQ
     OFF_AV: tl.constexpr = OFF_AK + G * RK
@@ -451,13 +387,8 @@ def _tpa_prologue_bwd_kernel(
     t64 = t.to(tl.int64)
     p = tl.arange(0, P)
     m2s = (t < S)[:, None]
-    if LOWREG:  # loaded where each head uses them
-        cs = 0.0
-        sn = 0.0
-    else:
-        cs = tl.load(COS_ptr + t64[:, None] * P + p[None, :], mask=m2s, other=0.0)
-        sn = tl.load(SIN_ptr + t64[:, None] * P + p[None, :], mask=m2s, other=0.0)
-    QSPLIT: tl.constexpr = 2 if LOWREG and RQ > 1 else 1
+    cs = tl.load(COS_ptr + t64[:, None] * P + p[None, :], mask=m2s, other=0.0)
+    sn = tl.load(SIN_ptr + t64[:, None] * P + p[None, :], mask=m2s, other=0.0)
     dcos = tl.zeros([BT, P], dtype=tl.float32)
     dsin = tl.zeros([BT, P], dtype=tl.float32)
     for j in range(BPP):
@@ -466,19 +397,18 @@ def _tpa_prologue_bwd_kernel(
         roff = _row_offsets(t64, bi, sF_s, sF_b, ALIGN)
         tok = t64 * B + bi
         dF_row = DF_ptr + tok * FW
-        for qs in tl.static_range(QSPLIT):
-            dcos, dsin = _prologue_bwd_side(
-                F_ptr, roff, tok, t64, tmask, sF_f, dF_row, part_idx, j, DQ_ptr, BIAS_ptr, GQ_ptr, RSQ_ptr,
-                PART_ptr, COS_ptr, SIN_ptr, cs, sn, dcos, dsin, H, D, P, RQ, 0, OFF_BQ, HPG, GW, 0, NPART, LB,
-                HAS_BIAS, NORM_Q, True, BT, ALIGN, BPP, LOWREG, qs * RQ // QSPLIT, (qs + 1) * RQ // QSPLIT, qs == 0)
         dcos, dsin = _prologue_bwd_side(
-            F_ptr, roff, tok, t64, tmask, sF_f, dF_row, part_idx, j, DK_ptr, BIAS_ptr, GK_ptr, RSK_ptr, PART_ptr,
-            COS_ptr, SIN_ptr, cs, sn, dcos, dsin, G, D, P, RK, OFF_AK, OFF_BK, 1, GW, HPG, NPART, LB + D, HAS_BIAS,
-            NORM_K, True, BT, ALIGN, BPP, LOWREG, 0, RK, True)
+            F_ptr, roff, tok, tmask, sF_f, dF_row, part_idx, j, DQ_ptr, BIAS_ptr, GQ_ptr, RSQ_ptr, PART_ptr,
+            cs, sn, dcos, dsin, H, D, P, RQ, 0, OFF_BQ, HPG, GW, 0, NPART, LB, HAS_BIAS, NORM_Q, True, BT, ALIGN,
+            BPP)
         dcos, dsin = _prologue_bwd_side(
-            F_ptr, roff, tok, t64, tmask, sF_f, dF_row, part_idx, j, DV_ptr, BIAS_ptr, GK_ptr, RSK_ptr, PART_ptr,
-            COS_ptr, SIN_ptr, cs, sn, dcos, dsin, G, D, P, RK, OFF_AV, OFF_BV, 1, GW, HPG + 1, NPART, LB + D,
-            HAS_BIAS, False, False, BT, ALIGN, BPP, LOWREG, 0, RK, True)
+            F_ptr, roff, tok, tmask, sF_f, dF_row, part_idx, j, DK_ptr, BIAS_ptr, GK_ptr, RSK_ptr, PART_ptr,
+            cs, sn, dcos, dsin, G, D, P, RK, OFF_AK, OFF_BK, 1, GW, HPG, NPART, LB + D, HAS_BIAS, NORM_K, True, BT,
+            ALIGN, BPP)
+        dcos, dsin = _prologue_bwd_side(
+            F_ptr, roff, tok, tmask, sF_f, dF_row, part_idx, j, DV_ptr, BIAS_ptr, GK_ptr, RSK_ptr, PART_ptr,
+            cs, sn, dcos, dsin, G, D, P, RK, OFF_AV, OFF_BV, 1, GW, HPG + 1, NPART, LB + D, HAS_BIAS, False, False,
+            BT, ALIGN, BPP)
         if BPP > 1:
             tl.debug_barrier()  # this iteration's partial stores before the next one's loads
     dp = (pid_c * S + t64)[:, None] * (2 * P) + p[None, :]
@@ -685,23 +615,22 @@ def _swa_bwd_dkv_kernel(
 # GPU tile choices (tokens per prologue program and its warps; attention tiles). Module-level so a
 # benchmark can sweep them (benchmarks/tpa.py --tune); the interpreter always uses 16-wide
 # tiles. Defaults = the choice of the H100 tuning run recorded in benchmarks/results/tpa_notes.md.
-# ``DELTA`` picks how the attention backward gets ``delta = rowsum(dO * O)`` (see swa_bwd);
-# ``LOWREG_BWD`` the prologue backward's low-register form (``_tpa_prologue_bwd_kernel``; not
-# measured on a GPU yet, hence off). Both apply under the interpreter too.
-GPU_TILES = dict(BT_FWD=8, WARPS_FWD=4, BT_BWD=4, WARPS_BWD=1, BPP_BWD=1, LOWREG_BWD=False,
+# ``DELTA`` picks how the attention backward gets ``delta = rowsum(dO * O)`` (see swa_bwd); it
+# applies under the interpreter too.
+GPU_TILES = dict(BT_FWD=8, WARPS_FWD=4, BT_BWD=4, WARPS_BWD=1, BPP_BWD=1,
                  BM=64, BN=64, WARPS_ATTN=4, STAGES_ATTN=2,
                  BM_BWD=64, BN_BWD=64, WARPS_ATTN_BWD=4, STAGES_ATTN_BWD=2, DELTA="auto")
 
 
 def _blocks(kind: str = "attn"):
     """Tile sizes: small tiles under the interpreter (speed, edge coverage), ``GPU_TILES`` on GPU."""
-    t = GPU_TILES
     if _interpreting():
-        return dict(BT=16, BM=16, BN=16, warps=1, stages=1, BPP=2, LOWREG=t["LOWREG_BWD"])
+        return dict(BT=16, BM=16, BN=16, warps=1, stages=1, BPP=2)
+    t = GPU_TILES
     if kind == "prologue_fwd":
         return dict(BT=t["BT_FWD"], warps=t["WARPS_FWD"])
     if kind == "prologue_bwd":
-        return dict(BT=t["BT_BWD"], warps=t["WARPS_BWD"], BPP=t["BPP_BWD"], LOWREG=t["LOWREG_BWD"])
+        return dict(BT=t["BT_BWD"], warps=t["WARPS_BWD"], BPP=t["BPP_BWD"])
     if kind == "attn_bwd":
         return dict(BM=t["BM_BWD"], BN=t["BN_BWD"], warps=t["WARPS_ATTN_BWD"], stages=t["STAGES_ATTN_BWD"])
     return dict(BM=t["BM"], BN=t["BN"], warps=t["WARPS_ATTN"], stages=t["STAGES_ATTN"])
@@ -859,7 +788,7 @@ def prologue_bwd(dq, dk, dv, factors, qkv_bias, gamma_q, gamma_k, rs_q, rs_k, co
         s, b,
         H=H, G=G, D=d, P=P, RQ=Rq, RK=R, FW=Fw,
         HAS_BIAS=qkv_bias is not None, NORM_Q=gamma_q is not None, NORM_K=gamma_k is not None,
-        BT=BT, BPP=BPP, ALIGN=_align(factors, H, G, Rq, R), LOWREG=bool(blk["LOWREG"]), num_warps=blk["warps"],
+        BT=BT, BPP=BPP, ALIGN=_align(factors, H, G, Rq, R), num_warps=blk["warps"],
     )
     # fixed-order reductions, one launch per buffer over its full contiguous rows; the pieces are
     # copied apart (the op may not return aliasing tensors)
