@@ -814,7 +814,8 @@ def test_forward_returns_residual_only_where_it_helps():
 def test_custom_op_opcheck_triton_bf16_fake_matches_residual_policy(s, window):
     """The fake impl must predict out_lo exactly (shape/dtype or empty), else inductor asserts on
     the op's output ranks (seen on the H100 with a bf16 model). The full-causal kernels keep it for
-    few keys per row (s <= 15); the window family never (it recomputes delta)."""
+    few keys per row (s <= 15); the window family never (it recomputes delta where rows see few
+    keys)."""
     q, k, v, sink = (t.bfloat16() for t in make(s, 1, 4, 2, 16))
     args = (q, k, v, sink.requires_grad_(True), None, window, 0.25, "triton")
     out, lse, lo = torch.ops.vpmoe.sink_attention_fwd(*args)

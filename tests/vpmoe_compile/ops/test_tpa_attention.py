@@ -254,23 +254,11 @@ def _attention_grads(q, k, v, sink, dout, W, scale, dtype):
     return o, torch.autograd.grad(o, xs, dout.to(o.dtype))
 
 
-@needs_triton
-@pytest.mark.parametrize("s, b, H, G, W", [(45, 2, 4, 2, 1), (1, 3, 4, 2, 7), (40, 1, 4, 1, 3)],
-                         ids=["window1", "s1", "mqa_window3"])
-def test_window_attention_bf16_delta_is_accurate(s, b, H, G, W, monkeypatch):
-    """bf16 attention middle: the backward's ``delta = rowsum(dO * O)`` must be fp32-accurate.
-
-    From the bf16-rounded ``O``, ``dS = P (dP - delta)`` cancels catastrophically where one key
-    holds most of a row's mass (W = 1, s = 1): dq/dk errors vs float64 were 2-7x those of a
-    PyTorch implementation with the same bf16 inputs and fp32 math (its gradients rounded to
-    bf16), and dsink's 1e4x. The kernel recomputes ``delta = rowsum(P * dP)`` for a 16-bit ``O``
-    and must stay within 2x of that reference. The interpreter computes the dots in fp32 but
-    rounds ``O`` to bf16 (to nearest even, as the GPU), so the test isolates the rounding of ``O``; the backward forced to take
-    ``delta`` from the 16-bit ``O`` (``GPU_TILES["DELTA"] = "output"``) must fail the same bounds.
-    """
-    from vpmoe_compile.ops.tpa_attention import triton as tk
-
-    monkeypatch.setitem(tk.GPU_TILES, "DELTA", "auto")
+def _bf16_delta_errors(s, b, H, G, W, tk):
+    """bf16 attention middle on fresh inputs: ``errors(grads)`` gives dq, dk, dv error ratios vs a
+    PyTorch implementation with the same bf16 inputs and fp32 math (its gradients rounded to bf16),
+    both against float64, and dsink's (interpreter: relative error vs float64, fp32 dots; GPU: ratio
+    in the sink parameter's dtype); ``run()`` the kernel backward under the current ``DELTA``."""
     d = 32
     scale = 1 / math.sqrt(d)
     dev = "cuda" if not INTERPRET else "cpu"
@@ -292,15 +280,73 @@ def test_window_attention_bf16_delta_is_accurate(s, b, H, G, W, monkeypatch):
         # bf16 dots (P of the PV product is bf16): compare in the sink parameter's dtype
         return r + [rel(grads[3].bfloat16(), g64[3]) / max(rel(g32[3].bfloat16(), g64[3]), 1e-6)]
 
-    good = errors(tk.swa_bwd(dout, q, k, v, o, lse, sink, W, scale))
+    return errors, lambda: tk.swa_bwd(dout, q, k, v, o, lse, sink, W, scale)
+
+
+@needs_triton
+@pytest.mark.parametrize("s, b, H, G, W", [(45, 2, 4, 2, 1), (1, 3, 4, 2, 7), (40, 1, 4, 1, 3)],
+                         ids=["window1", "s1", "mqa_window3"])
+def test_window_attention_bf16_delta_is_accurate(s, b, H, G, W, monkeypatch):
+    """bf16 attention middle where rows see few keys: ``delta`` must be fp32-accurate.
+
+    From the bf16-rounded ``O``, ``dS = P (dP - delta)`` cancels catastrophically where one key
+    holds most of a row's mass (W = 1, s = 1): dq/dk errors vs float64 were 2-7x those of a
+    PyTorch implementation with the same bf16 inputs and fp32 math, and dsink's 1e4x. Where rows
+    see at most 8 keys on average the kernel recomputes ``delta = rowsum(P * dP)`` and must stay
+    within 2x of that reference. The interpreter computes the dots in fp32 but rounds ``O`` to
+    bf16 (to nearest even, as the GPU), so the test isolates the rounding of ``O``; with ``dq``'s
+    ``delta`` forced from the 16-bit ``O`` (``GPU_TILES["DELTA"] = "output"``) dq fails the bound at
+    W = 1, while dk, dv and dsink, which take the exact ``rowsum(P * dP)`` the loop accumulates,
+    stay exact.
+    """
+    from vpmoe_compile.ops.tpa_attention import triton as tk
+
+    monkeypatch.setitem(tk.GPU_TILES, "DELTA", "auto")
+    errors, run = _bf16_delta_errors(s, b, H, G, W, tk)
+    good = errors(run())
     assert max(good[:3]) <= 2.0, good
     assert good[3] < (1e-4 if INTERPRET else 2.0), good
     monkeypatch.setitem(tk.GPU_TILES, "DELTA", "output")
-    plain = errors(tk.swa_bwd(dout, q, k, v, o, lse, sink, W, scale))  # delta from the 16-bit O
-    if INTERPRET:
-        assert plain[3] > 10 * good[3], (good, plain)
+    plain = errors(run())  # dq's delta from the 16-bit O
+    assert max(plain[1:3]) <= 2.0, (good, plain)
+    assert plain[3] < (1e-4 if INTERPRET else 2.0), (good, plain)
     if W == 1 and s > 1:
-        assert max(plain[:2]) > 2.0, (good, plain)
+        assert plain[0] > 2.0, (good, plain)
+
+
+@needs_triton
+@pytest.mark.parametrize("s, b, H, G, W", [(96, 2, 4, 2, 16), (64, 1, 4, 1, 40)], ids=["W16", "mqa_W40"])
+def test_window_attention_bf16_many_keys_takes_delta_from_output(s, b, H, G, W, monkeypatch):
+    """Where rows see more than 8 keys on average, ``auto`` takes dq's ``delta`` from the 16-bit
+    ``O`` (bitwise the ``"output"`` mode, and not the recomputing one) and stays within 2x of the
+    fp32-math reference; dk, dv and dsink take the exact ``rowsum(P * dP)`` (interpreter: dsink
+    fp32-accurate, as with the recomputation)."""
+    from vpmoe_compile.ops.tpa_attention import triton as tk
+    from vpmoe_compile._triton import needs_exact_delta
+
+    assert not needs_exact_delta(s, W)
+    errors, run = _bf16_delta_errors(s, b, H, G, W, tk)
+    grads = {}
+    for mode in ("auto", "output", "recompute"):
+        monkeypatch.setitem(tk.GPU_TILES, "DELTA", mode)
+        grads[mode] = run()
+    assert all(torch.equal(a, c) for a, c in zip(grads["auto"], grads["output"]))
+    assert not torch.equal(grads["auto"][0], grads["recompute"][0])
+    err = errors(grads["auto"])
+    assert max(err[:3]) <= 2.0, err
+    assert err[3] < (1e-4 if INTERPRET else 2.0), err
+
+
+def test_exact_delta_rule_counts_the_window_keys():
+    from vpmoe_compile._triton import mean_keys_per_row, needs_exact_delta
+
+    assert mean_keys_per_row(15) == 8.0 and mean_keys_per_row(15, 20) == 8.0  # window >= s: causal
+    assert mean_keys_per_row(4096, 1) == 1.0
+    assert mean_keys_per_row(10, 4) == (1 + 2 + 3 + 4 * 7) / 10
+    assert abs(mean_keys_per_row(4096, 128) - (128 * 129 / 2 + 3968 * 128) / 4096) < 1e-9
+    assert needs_exact_delta(4096, 8) and not needs_exact_delta(4096, 9)
+    assert needs_exact_delta(15) and not needs_exact_delta(16)
+    assert not needs_exact_delta(4096, 128)
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vpmoe_compile._triton import dot as _dot, ieee_fp32
+from vpmoe_compile._triton import dot as _dot, ieee_fp32, mean_keys_per_row, needs_exact_delta
 
 __all__ = [
     "check_supported",
@@ -541,17 +541,6 @@ def output_residual_dtype(out_dtype: torch.dtype) -> Optional[torch.dtype]:
     return torch.bfloat16 if out_dtype in (torch.bfloat16, torch.float16) else None
 
 
-# Store the output residual when rows see at most this many keys on average (see
-# :func:`residual_helps`; 8 from the interpreter sweep in the tests: without the residual the dq
-# error ratio vs the fp32-math reference is 2.0-2.4 at 1 key, 1.5-1.8 at 2, <= 1.4 from 4 on).
-RESIDUAL_MAX_MEAN_KEYS = 8.0
-
-
-def mean_keys_per_row(seqlen: int) -> float:
-    """Average number of visible keys of a (full causal) query row: ``(s + 1) / 2``."""
-    return (seqlen + 1) / 2
-
-
 def residual_helps(seqlen: int) -> bool:
     """Whether the forward should keep O's rounding residual for the backward's ``dq``.
 
@@ -560,8 +549,9 @@ def residual_helps(seqlen: int) -> bool:
     along the way). Where a row has few keys, one ``P_ij ~ 1 - p_sink`` dominates and ``dP - delta``
     cancels, so ``delta`` needs O to better than 16 bits. With many keys the rounding averages out
     and the residual's extra write + read of O's size buys nothing measurable. Full causal rows
-    see ``(s + 1) / 2`` keys on average: the residual is kept for ``s <= 15``."""
-    return mean_keys_per_row(seqlen) <= RESIDUAL_MAX_MEAN_KEYS
+    see ``(s + 1) / 2`` keys on average: the residual is kept for ``s <= 15``
+    (:func:`vpmoe_compile._triton.needs_exact_delta`, the rule shared with the window kernels)."""
+    return needs_exact_delta(seqlen)
 
 
 def planned_residual_dtype(out_dtype: torch.dtype, seqlen: int,

@@ -4,7 +4,7 @@ Pipeline (forward): ``prologue`` (factors -> q, k, v rows, all heads of a token 
 contraction, exact ``/R``, bias, QK RMSNorm, fp32 GRAPE-M rotation; saves ``rstd``) ->
 ``attention`` (sliding-window flash attention with a learnable sink, GQA, on the
 materialised q/k/v). Backward: ``attention dq`` (also ``D = rowsum(dO*O)``, recomputed as
-``rowsum(P*dP)`` for 16-bit outputs, and the sink partials) ->
+``rowsum(P*dP)`` for 16-bit outputs where rows see few keys, and the sink partials) ->
 ``attention dkv`` (the heads of a group summed in registers) -> ``prologue backward``
 (dq, dk, dv -> dfactors, and fixed-order partials of dbias, dgamma, dcos, dsin). All
 parameter-gradient reductions are per-program partials summed in a fixed order by PyTorch
@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vpmoe_compile._triton import dot as _dot, ieee_fp32
+from vpmoe_compile._triton import dot as _dot, ieee_fp32, needs_exact_delta
 from vpmoe_compile.ops.tpa_attention.layout import factor_offsets
 
 LOG2E = 1.4426950408889634
@@ -509,10 +509,13 @@ def _swa_bwd_dq_kernel(
 
     ``RECOMPUTE_DELTA``: ``delta = rowsum(P * dP)`` over the band in a first pass (exactly the
     quantity ``dS`` needs, from the same fp32 ``P`` and ``dP`` as the second pass; ``O`` is not
-    read); otherwise ``rowsum(dO * O)`` from the stored ``O`` (the FlashAttention-2 way, exact
-    enough only for an fp32 ``O``: see :func:`swa_bwd`). ``HAS_DLSE``: a gradient ``dL`` flowing
-    into the LSE enters as ``delta - dL`` (``dS = P (dP - delta + dL)``; also in the stored
-    ``delta`` and the sink term).
+    read). Otherwise ``dq``'s ``dS`` takes ``rowsum(dO * O)`` from the stored ``O`` (the
+    FlashAttention-2 way, enough where rows see many keys: see :func:`swa_bwd`), and the loop
+    accumulates the exact ``rowsum(P * dP)`` along the way for what it stores: the ``delta`` of
+    the dkv kernel and the sink term (``dsink`` sums ``delta``'s error over all rows; from a 16-bit
+    ``O`` it was 1.7-4.4x the fp32-math reference's error in the interpreter). ``HAS_DLSE``: a
+    gradient ``dL`` flowing into the LSE enters as ``delta - dL`` (``dS = P (dP - delta + dL)``;
+    also in the stored ``delta`` and the sink term).
     """
     HPG: tl.constexpr = H // G
     pid_m = tl.program_id(0)
@@ -541,18 +544,25 @@ def _swa_bwd_dq_kernel(
     else:
         o = tl.load(O_ptr + qoff, mask=mmask[:, None], other=0.0).to(tl.float32)
         delta = tl.sum(do.to(tl.float32) * o, axis=1)
+    dl = tl.zeros([BM], dtype=tl.float32)
     if HAS_DLSE:
-        delta -= tl.load(DLSE_ptr + pid_bh.to(tl.int64) * S + offs_m, mask=mmask, other=0.0)
-    tl.store(DELTA_ptr + pid_bh.to(tl.int64) * S + offs_m, delta, mask=mmask)
-    sink = tl.load(SINK_ptr + h).to(tl.float32)
-    psink = tl.where(mmask, tl.exp(sink - lse), 0.0)
-    tl.store(DSINK_part + pid_m * (B * H) + pid_bh, -tl.sum(psink * delta, axis=0))
+        dl = tl.load(DLSE_ptr + pid_bh.to(tl.int64) * S + offs_m, mask=mmask, other=0.0)
+    delta -= dl
+    exact = tl.zeros([BM], dtype=tl.float32)
     dq = tl.zeros([BM, D], dtype=tl.float32)
     for n0 in range(lo, hi, BN):
         k, pr, dp = _swa_bwd_tile(q, do, lse2, K_ptr, V_ptr, n0, offs_m, mmask, offs_d, S, B, G,
                                   W, bi, g, qk_scale, D, BN, IEEE)
         ds = pr * (dp - delta[:, None])
+        if not RECOMPUTE_DELTA:
+            exact += tl.sum(pr * dp, axis=1)
         dq += _dot(ds.to(k.dtype), k, IEEE)
+    if not RECOMPUTE_DELTA:
+        delta = exact - dl
+    tl.store(DELTA_ptr + pid_bh.to(tl.int64) * S + offs_m, delta, mask=mmask)
+    sink = tl.load(SINK_ptr + h).to(tl.float32)
+    psink = tl.where(mmask, tl.exp(sink - lse), 0.0)
+    tl.store(DSINK_part + pid_m * (B * H) + pid_bh, -tl.sum(psink * delta, axis=0))
     dq = dq * sm_scale
     tl.store(DQ_ptr + qoff, dq.to(DQ_ptr.dtype.element_ty), mask=mmask[:, None])
 
@@ -839,15 +849,17 @@ def swa_bwd(do, q, k, v, o, lse, sink, window: int, softmax_scale: float, dlse=N
 
     ``delta = rowsum(dO * O)`` enters ``dS = P (dP - delta)``. From a 16-bit ``o`` this cancels
     catastrophically where one key holds almost all of a row's mass (window 1, the first row,
-    peaked attention): dq/dk were 2.5-2.7x less accurate than a PyTorch implementation with bf16
-    inputs and fp32 math (H100, W = 1). So for a 16-bit ``o`` the dq kernel recomputes
-    ``delta = rowsum(P * dP)`` over the band in a first pass: the exact quantity ``dS`` needs,
-    from the same fp32 ``P``, ``dP``; two extra dots per KV tile, ``o`` is not read and the
-    forward saves nothing extra. (Storing the bf16 rounding residual of ``o`` in the forward
-    instead, as the ``sink_attention`` kernels do, was as fast on the H100 at the vpMoE shape,
-    499 vs 503 us attention fwd+bwd, but saves one more ``o``-sized tensor per layer for the
-    backward.) An fp32 ``o`` gives ``delta`` from ``o`` directly. ``GPU_TILES["DELTA"]``:
-    ``"auto"`` (that rule), ``"recompute"`` or ``"output"`` (force one; tests, benchmarks).
+    peaked attention): at W = 1 dq/dk were 2.5-2.7x less accurate than a PyTorch implementation
+    with bf16 inputs and fp32 math (H100). So where rows see few keys
+    (:func:`vpmoe_compile._triton.needs_exact_delta`: at most 8 on average, the rule the
+    full-causal kernels follow with their output residual) the dq kernel recomputes
+    ``delta = rowsum(P * dP)`` over the band in a first pass: the exact quantity ``dS`` needs, from
+    the same fp32 ``P``, ``dP``; two extra dots per KV tile, ``o`` is not read and the forward
+    saves nothing extra. With more keys per row the rounding averages out and ``delta`` comes from
+    ``o``: at the vpMoE shape (``W = 128``) the recomputation cost 53 us of a 385 us backward on
+    the H100 (``benchmarks/tpa.py --tune``, ``attn_bwd_delta``). An fp32 ``o`` always gives
+    ``delta`` from ``o``. ``GPU_TILES["DELTA"]``: ``"auto"`` (that rule), ``"recompute"`` or
+    ``"output"`` (force one; tests, benchmarks).
 
     Args:
         do: ``[s,b,H,d]``; q, k, v, o, lse, sink as for/from :func:`swa_fwd`.
@@ -872,7 +884,8 @@ def swa_bwd(do, q, k, v, o, lse, sink, window: int, softmax_scale: float, dlse=N
     mode = GPU_TILES["DELTA"]
     if mode not in ("auto", "recompute", "output"):
         raise ValueError(f"GPU_TILES['DELTA'] must be auto|recompute|output, got {mode!r}")
-    recompute = mode == "recompute" or (mode == "auto" and o.dtype != torch.float32)
+    recompute = mode == "recompute" or (mode == "auto" and o.dtype != torch.float32
+                                        and needs_exact_delta(q.shape[0], window))
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
