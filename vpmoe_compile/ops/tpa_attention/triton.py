@@ -624,11 +624,13 @@ def _swa_bwd_dkv_kernel(
 
 # GPU tile choices (tokens per prologue program and its warps; attention tiles). Module-level so a
 # benchmark can sweep them (benchmarks/tpa.py --tune); the interpreter always uses 16-wide
-# tiles. Defaults = the choice of the H100 tuning run recorded in benchmarks/results/tpa_notes.md.
+# tiles. Defaults = the choice of the H100 tuning runs recorded in benchmarks/results/tpa_notes.md
+# (the attention forward's 64 x 32 tile: 116.9 / 116.3 vs 121.2 / 121.4 us for 64 x 64 in two
+# runs, tpa_bench_h100_run5.json, tpa_bench_h100_run7_tune.json).
 # ``DELTA`` picks how the attention backward gets ``delta = rowsum(dO * O)`` (see swa_bwd); it
 # applies under the interpreter too.
 GPU_TILES = dict(BT_FWD=8, WARPS_FWD=4, BT_BWD=4, WARPS_BWD=1, BPP_BWD=1,
-                 BM=64, BN=64, WARPS_ATTN=4, STAGES_ATTN=2,
+                 BM=64, BN=32, WARPS_ATTN=4, STAGES_ATTN=2,
                  BM_BWD=64, BN_BWD=64, WARPS_ATTN_BWD=4, STAGES_ATTN_BWD=2, DELTA="auto")
 
 
