@@ -24,6 +24,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 needs_triton = pytest.mark.skipif(
     not (INTERPRET or torch.cuda.is_available()), reason="needs CUDA or TRITON_INTERPRET=1"
 )
+# Checks on CPU tensors through the Triton interpreter (the CPU machines and CI): on a CUDA machine
+# they would hand CPU tensors to the CUDA kernels; their GPU runs are test_tpa_attention_gpu.py.
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRET,
+    reason="CPU tensors through the Triton interpreter (TRITON_INTERPRET=1); GPU: test_tpa_attention_gpu.py",
+)
 NAMES = ("factors", "qkv_bias", "gamma_q", "gamma_k", "cos", "sin", "sink")
 
 
@@ -191,7 +197,7 @@ TRITON_CASES = [
 ]
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("case", TRITON_CASES, ids=[c[0] for c in TRITON_CASES])
 def test_triton_matches_reference_fwd_bwd(case):
     _, s, b, H, G, d, Rq, R, W, bias, norm = case
@@ -219,7 +225,7 @@ def test_triton_matches_reference_fwd_bwd(case):
         assert rel(o64, o_causal) < 1e-14
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("pad, offset", [(7, 3), (8, 0)], ids=["misaligned", "aligned_strided"])
 def test_triton_noncontiguous_factors(pad, offset):
     """Factors as a strided view, misaligned (scalar loads) or with 16-byte aligned rows
@@ -445,7 +451,7 @@ def test_stock_megatron_window_sink_parity_cuda_bf16(megatron_gloo, s, W):
         assert e < 3e-2, (n, e)
 
 
-@needs_triton
+@needs_interpreter
 def test_triton_lse_sink_limits_and_determinism():
     """Per-head sinks at the limits: -1e4 (vanilla softmax), 0 (softmax1), +30 (O ~ 0); LSE
     includes the sink; two identical runs give bit-identical gradients."""
@@ -606,7 +612,7 @@ def _megatron_rope(x, theta):
     return x * emb.cos().to(x.dtype) + _rotate_half(x, False) * emb.sin().to(x.dtype)
 
 
-@needs_triton
+@needs_interpreter
 def test_layout_parity_with_fork():
     """From fork-shaped weights: the packed-factor path reproduces the fork's mixed_qkv, q/k/v after
     QK-norm and rotation, and the attention output (fp32 kernel and bf16 fork emulation vs fp64)."""
@@ -681,7 +687,7 @@ def test_opcheck_reference():
     torch.library.opcheck(torch.ops.vpmoe.tpa_window_attention_fwd.default, args)
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_interpreter)])
 def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
     H, G, d, Rq, R, W = 2, 1, 32, 2, 1, 5
@@ -762,7 +768,7 @@ def test_clear_errors(monkeypatch):
             call(*inp, backend="triton")
 
 
-@needs_triton
+@needs_interpreter
 def test_removed_attention_middle_is_refused_and_fake_matches():
     """The ``attention_middle`` choice was removed (one sliding-window kernel family): the public
     function and the custom op refuse it; the Triton forward op returns no ``out_lo`` any more and
@@ -800,7 +806,7 @@ def test_attention_tiles_fit_shared_memory(monkeypatch):
 # --------------------------------------------------------------------------- value residual
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_interpreter)])
 @pytest.mark.parametrize("s,W", [(19, 5), (6, 16)], ids=["s_not_block_multiple", "seq_below_window"])
 def test_value_residual_matches_float64_oracle(backend, s, W):
     """The reference fork's value residual inside the op: the attention reads
