@@ -12,8 +12,8 @@
   terms: its error is taken relative to the root-sum-square of the terms, not to the sum, and
   averaged over 8 upstream gradients).
 * The attention middle alone (``tpa_attention.triton.swa_fwd`` / ``swa_bwd`` on ready bf16 q/k/v;
-  its backward recomputes ``delta = rowsum(P*dP)`` where rows see few keys): the rule of ``test_sink_attention_gpu.py``,
-  error <= 2x that of the dense PyTorch reference on the same bf16 inputs with fp32 math (its
+  its backward recomputes ``delta = rowsum(P*dP)`` where rows see few keys): the rule of
+  ``test_sink_attention_gpu.py``, error <= 2x that of the dense PyTorch reference on the same bf16 inputs with fp32 math (its
   results rounded to the caller's dtypes) + 1e-5, for out, lse, dq, dk, dv and dsink.
 
 Freed GPU memory is filled with NaN before each kernel call, so an output element the kernels

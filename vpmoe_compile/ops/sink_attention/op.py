@@ -40,8 +40,8 @@ The Triton backend runs two kernel families, by flavour:
   the sink-inclusive fp32 ``lse`` forward; ``dq, dk, dv`` and an fp32 ``dsink`` (returned in the
   sink's dtype) backward, with a gradient into the LSE (``dlse``); fp32 / bf16 / fp16, any
   strides (copied contiguous), ``sink = -inf`` allowed. For a 16-bit output where rows see few
-  keys its backward recomputes ``delta = rowsum(P * dP)`` instead of keeping ``out_lo``. ALiBi together with a
-  window has no Triton kernel (the model never combines them): ``backend="triton"`` refuses it,
+  keys its backward recomputes ``delta = rowsum(P * dP)`` instead of keeping ``out_lo``. ALiBi
+  together with a window has no Triton kernel (the model never combines them): ``backend="triton"`` refuses it,
   ``"auto"`` takes the reference.
 """
 

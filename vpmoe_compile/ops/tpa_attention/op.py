@@ -176,9 +176,9 @@ def _tpa_fwd_op(
     backend, which recomputes; ``v`` is what the attention read: the value-residual mix when
     ``v1`` is given). For a 16-bit ``out`` the backward takes an exact ``delta = rowsum(P * dP)``
     where it matters (:func:`vpmoe_compile.ops.tpa_attention.triton.swa_bwd`), so no rounding
-    residual of ``out`` is saved. ``v_own [s,b,G,d]`` is this layer's own (unmixed) values, a differentiable output
-    (the first layer's feed the value residual of the later ones), when ``return_v`` or ``v1``
-    is given; else empty.
+    residual of ``out`` is saved. ``v_own [s,b,G,d]`` is this layer's own (unmixed) values, a
+    differentiable output (the first layer's feed the value residual of the later ones), when
+    ``return_v`` or ``v1`` is given; else empty.
     """
     args = (num_heads, num_groups, head_dim, q_rank, kv_rank, window)
     if backend == "triton":
