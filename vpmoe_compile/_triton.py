@@ -1,5 +1,7 @@
 """Triton helpers shared by the kernels of :mod:`vpmoe_compile.ops` and :mod:`vpmoe_compile.optim`."""
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -20,13 +22,13 @@ def ieee_fp32(dtype: torch.dtype) -> bool:
 # from a 16-bit ``O`` loses the gradients' accuracy; with many keys the rounding averages out.
 # Rows that see at most this many keys on average need an exact ``delta`` (the interpreter sweep of
 # the sink-attention tests: from the 16-bit ``O`` the dq error ratio vs the fp32-math reference is
-# 2.0-2.4 at 1 key, 1.5-1.8 at 2, <= 1.4 from 4 on). Both attention kernel families follow it: the
-# full-causal kernels keep ``O``'s rounding residual, the sliding-window kernels recompute
+# 2.0-2.4 at 1 key, 1.5-1.8 at 2, <= 1.4 from 4 on). Both attention kernel families follow it: there
+# the full-causal kernels keep ``O``'s rounding residual, the sliding-window kernels recompute
 # ``delta = rowsum(P * dP)``.
 EXACT_DELTA_MAX_MEAN_KEYS = 8.0
 
 
-def mean_keys_per_row(seqlen: int, window=None) -> float:
+def mean_keys_per_row(seqlen: int, window: Optional[int] = None) -> float:
     """Average number of keys a causal query row sees: ``(s + 1) / 2`` without a window; with a
     window ``W`` (key ``j`` visible to ``i`` iff ``0 <= i - j <= W - 1``) row ``i`` sees
     ``min(i + 1, W)``, averaged over the ``s`` rows."""
@@ -37,7 +39,7 @@ def mean_keys_per_row(seqlen: int, window=None) -> float:
     return (w * (w + 1) / 2 + (s - w) * w) / s
 
 
-def needs_exact_delta(seqlen: int, window=None) -> bool:
+def needs_exact_delta(seqlen: int, window: Optional[int] = None) -> bool:
     """Whether the attention backward of a 16-bit output needs ``delta`` more exact than
     ``rowsum(dO * O)`` from the rounded ``O`` (:data:`EXACT_DELTA_MAX_MEAN_KEYS`)."""
     return mean_keys_per_row(seqlen, window) <= EXACT_DELTA_MAX_MEAN_KEYS

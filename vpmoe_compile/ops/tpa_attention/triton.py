@@ -887,7 +887,7 @@ def swa_bwd(do, q, k, v, o, lse, sink, window: int, softmax_scale: float, dlse=N
     if mode not in ("auto", "recompute", "output"):
         raise ValueError(f"GPU_TILES['DELTA'] must be auto|recompute|output, got {mode!r}")
     recompute = mode == "recompute" or (mode == "auto" and o.dtype != torch.float32
-                                        and needs_exact_delta(q.shape[0], window))
+                                        and needs_exact_delta(s, window))
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
