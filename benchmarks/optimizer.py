@@ -31,6 +31,9 @@ Variants (same matrices, same hyper-parameters, same random gradients):
   ``batched_compiled_graph``: the compiled ``bmm`` banks captured);
   ``bank_kernel_graph_gram`` (the library's defaults plus CUDA graphs) is the recommended
   configuration; ``bank_kernel_graph`` stays the headline of the recorded tables.
+* ``bank_kernel_graph_direct_gram_tf32``: the Gram-space products in TF32 (fp32 state; the
+  default holds it in fp16, ``pe_triton.GRAM_F16``); ``bank_kernel_graph_direct_gram_sm_ws``: the
+  stacks' bank kernels on one workspace per SM (``normuon.SM_WORKSPACE``, opt-in).
 * ``floor``: max(PE FLOPs / bf16 GEMM rate, minimal bytes / copy bandwidth)
   (docs/design.md#optimizer-tests-and-benchmark), with the
   rates measured on the same device (a 8192^3 bf16 GEMM and a 2 GiB device copy) and with the
@@ -74,7 +77,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import vpmoe_compile.optim.normuon as normuon_mod  # noqa: E402
-from vpmoe_compile.optim import NorMuon, polar_express  # noqa: E402
+from vpmoe_compile.optim import NorMuon, pe_triton, polar_express  # noqa: E402
 from vpmoe_compile.optim.reference import normuon_reference_update  # noqa: E402
 
 LR, WD, MU, BETA2, EPS = 3e-3, 0.01, 0.95, 0.95, 1e-10
@@ -278,6 +281,14 @@ VARIANTS = {
     "bank_kernel_graph_gram": (True, "auto", True, True, False, "gram", True),
     "bank_kernel_graph_direct_gram": (True, "auto", True, True, True, "gram", True),
     "bank_kernel_graph_direct_gram_serial": (True, "auto", True, True, True, "gram", False),
+    "bank_kernel_graph_direct_gram_tf32": (True, "auto", True, True, True, "gram", True),
+    "bank_kernel_graph_direct_gram_sm_ws": (True, "auto", True, True, True, "gram", True),
+}
+#: module settings a variant runs with (restored after it): ``pe_triton.GRAM_F16`` (Gram-space
+#: state in fp16, the default) and ``normuon.SM_WORKSPACE`` (per-SM workspace, opt-in)
+VARIANT_KNOBS = {
+    "bank_kernel_graph_direct_gram_tf32": {"pe_triton.GRAM_F16": False, "normuon.SM_WORKSPACE": False},
+    "bank_kernel_graph_direct_gram_sm_ws": {"normuon.SM_WORKSPACE": True},
 }
 HEADLINE = "bank_kernel_graph"
 CHECK_STEPS = 3
@@ -296,6 +307,8 @@ VARIANT_LABELS = {  # plot labels (the JSON keeps the variant names)
     "bank_kernel_graph_gram": "one kernel per bank, Gram form + CUDA graph",
     "bank_kernel_graph_direct_gram": "one kernel per bank, Gram form + CUDA graph, grads in place",
     "bank_kernel_graph_direct_gram_serial": "the same, every bank on one stream",
+    "bank_kernel_graph_direct_gram_tf32": "the same, TF32 Gram products",
+    "bank_kernel_graph_direct_gram_sm_ws": "the same, one workspace per SM (opt-in)",
 }
 
 
@@ -697,7 +710,6 @@ def main(argv=None):
     if args.pe_tune and device.type == "cuda" and not args.small:
         # sweep first: the variants below run the fastest configuration of each kernel
         res["kernel_sweep"] = kernel_sweep(device, args.reps)
-        from vpmoe_compile.optim import pe_triton
 
         launch, hints = best_launch(res["kernel_sweep"])
         pe_triton.LAUNCH_128.update(launch)
@@ -722,12 +734,21 @@ def main(argv=None):
             p0, _ = make_params(spec, device)
             init = [p.detach().clone() for p in p0]
             del p0
+        knobs = VARIANT_KNOBS.get(v, {})
+        mods = {"pe_triton": pe_triton, "normuon": normuon_mod}
+        saved = {k: getattr(mods[k.split(".")[0]], k.split(".")[1]) for k in knobs}
         try:
+            for k, val in knobs.items():
+                setattr(mods[k.split(".")[0]], k.split(".")[1], val)
             timing, info, delta = run_variant(v, spec, device, args.reps, delta_eager, init)
+            info["pe_triton_knobs"] = knobs
         except Exception as e:
             traceback.print_exc()
             details[v] = {"error": f"{type(e).__name__}: {e}"[:500]}
             continue
+        finally:
+            for k, val in saved.items():
+                setattr(mods[k.split(".")[0]], k.split(".")[1], val)
         results[v] = timing
         details[v] = info
         res["results"], res["variants"] = results, details

@@ -754,11 +754,45 @@ def render_kernel_goals_profile(results: Path) -> str:
         f"{num(oms('bank_gram_wide_bl64_w8_s3'))} ms without (per-row statistics), "
         f"{num(oms('bank_gram_tall_bl64_w8_s3_l2'))} vs {num(oms('bank_gram_tall_bl64_w8_s3'))} ms (per-column) "
         f"(`optimizer_vpmoe-8l_overlap.json`).",
+        _f16_bullet(results),
         f"- Every bank through compiled `bmm` Polar Express (cuBLAS, `pe_backend = \"torch\"`) under a CUDA "
         f"graph instead of the bank kernels: {num(bmm['results']['batched_compiled_graph']['median_ms'])} ms against "
         f"{num(bmm['results']['bank_kernel_graph_direct']['median_ms'])} ms in the same run "
         f"(`optimizer_vpmoe-8l_bmm.json`).",
     ])
+
+
+def _f16_bullet(results: Path) -> str:
+    """The fp16 Gram-space state: the step and the bank kernels in one run, and Nsight Compute's
+    view of the bank kernel (the DRAM bytes per element it moves)."""
+    import re
+
+    f16 = load(results, "optimizer_vpmoe-8l_f16.json")
+    res, var = f16["results"], f16["variants"]
+    a, b = "bank_kernel_graph_direct_gram", "bank_kernel_graph_direct_gram_tf32"
+    ka = var[a]["profile"]["kernel_classes_ms"]["normuon_bank_triton"]
+    kb = var[b]["profile"]["kernel_classes_ms"]["normuon_bank_triton"]
+    bank = load(results, "normuon_bank_h100_run1.json")
+    one = lambda o, v: bank["variants"][o][v]["one_launch"]["median_ms"]  # noqa: E731
+    ncu = (results / "ncu_normuon_bank_wide_h100.txt").read_text()
+    dur = float(re.search(r"Duration\s+ms\s+([\d.]+)", ncu).group(1))
+    dram = float(re.search(r"DRAM Throughput\s+%\s+([\d.]+)", ncu).group(1))
+    tbs = float(re.search(r"Memory Throughput\s+Tbyte/s\s+([\d.]+)", ncu).group(1))
+    l2 = float(re.search(r"L2 Hit Rate\s+%\s+([\d.]+)", ncu).group(1))
+    n_el = bank["members"] * bank["shape_wide"][0] * bank["shape_wide"][1]
+    per_el = tbs * 1e12 * dur * 1e-3 / n_el
+    return (
+        f"- The Gram-space state in fp16 (`pe_triton.GRAM_F16`, the default; "
+        f"[docs/design.md](docs/design.md#gram-form)), one run on {f16['device']}: the step "
+        f"{num(res[a]['median_ms'])} ms against {num(res[b]['median_ms'])} ms with TF32 products "
+        f"({f16['over_floor'][a]:.2f}× its floor {num(f16['floor']['measured']['floor_ms'])} ms), the bank "
+        f"kernels {num(ka)} vs {num(kb)} ms (`optimizer_vpmoe-8l_f16.json`); on 1792 × [128, 1024] the bank "
+        f"step {num(one('wide', 'f16'))} vs {num(one('wide', 'tf32'))} ms (per-row statistics) and "
+        f"{num(one('tall', 'f16'))} vs {num(one('tall', 'tf32'))} ms (per-column) "
+        f"(`normuon_bank_h100_run1.json`). Nsight Compute on that per-row bank step ({num(dur)} ms): DRAM at "
+        f"{dram:.0f} % of its peak, {tbs:.2f} TB/s, so {per_el:.1f} bytes per element against the floor's 20: "
+        f"the bf16 workspace goes to DRAM too (L2 hit rate {l2:.0f} %; `ncu_normuon_bank_wide_h100.txt`)."
+    )
 
 
 def render_params(results: Path) -> str:

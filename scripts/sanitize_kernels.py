@@ -241,6 +241,13 @@ def _normuon_cases():
             (f"pe {form} [37, 200] row sums", dict(form=form, shape=(3, 37, 200), stat=-1, pe=True)),
             (f"pe {form} tall [300, 128] column sums", dict(form=form, shape=(2, 300, 128), stat=-2, pe=True)),
         ]
+    # the Gram form's opt-in workspaces: one per SM (x_per_sm), the restart without a store (keep_x0)
+    cases += [
+        ("bank gram expert wide [128, 1024] per-SM workspace", dict(form="gram", shape=(3, 128, 1024), stat=-1, slot=True)),
+        ("bank gram expert tall [1024, 128] per-SM workspace, keep_x0",
+         dict(form="gram", shape=(3, 1024, 128), stat=-2, slot=True, keep=True)),
+        ("bank gram [37, 200] keep_x0", dict(form="gram", shape=(3, 37, 200), stat=-2, keep=True)),
+    ]
     return cases
 
 
@@ -268,13 +275,15 @@ def run_normuon_case(c):
     M = torch.randn(N, m, n, device=DEV) * 1e-3
     W = torch.randn(N, m, n, device=DEV) * 0.02 if c.get("has_w", True) else None
     V = torch.rand(N, S if c["stat"] == -1 else L, device=DEV)
-    X = torch.empty(N, m, n, device=DEV, dtype=dt)
+    X = (pt.sm_workspace((m, n), dt, DEV) if c.get("slot")
+         else torch.empty(N, m, n, device=DEV, dtype=dt))
     grads = [torch.randn(m, n, device=DEV) * 1e-3 for _ in range(N)] if c.get("ptrs") else None
     ptrs = (torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64, device=DEV)
             if grads is not None else None)
     pt.normuon_bank_fused_(G, M, V, W, X, hyper, PINNED_COEFFICIENTS, 0.02, 1e-6, flip, c["stat"],
                            "shape", 1.0, 0.0, grad_ptrs=ptrs, form=c["form"],
-                           l2_hints=c.get("hints", True))
+                           l2_hints=c.get("hints", True), keep_x0=c.get("keep", False),
+                           x_per_sm=c.get("slot", False))
     _sync()
     _finite(G, M, V, W)
     return {}

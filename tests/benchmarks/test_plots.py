@@ -156,3 +156,10 @@ def test_attention_schedule_plot(tmp_path, figures):
     mod.plot(res, str(tmp_path / "s.png"))
     assert len(figures) == 1
     _check(figures[0])
+
+
+def test_normuon_bank_plot(tmp_path, figures):
+    _load("normuon_bank").plot(json.loads((RESULTS / "normuon_bank_h100_run1.json").read_text()),
+                               str(tmp_path / "b.png"))
+    assert len(figures) == 1
+    _check(figures[0])

@@ -113,6 +113,9 @@ class Bank:
     # place, else ``G_buf`` (one whole-tensor copy; also the output buffer when ``W`` is None).
     stack: Optional[StackSlice] = None
     G_buf: Optional[torch.Tensor] = None
+    # One-kernel bank step on the caller's stream: runs on NorMuon's per-SM workspace (True),
+    # on its own X (False: the kernel configuration can run two programs per SM), untried (None).
+    slot_x: Optional[bool] = None
 
     @property
     def size(self) -> int:

@@ -110,6 +110,11 @@ from .state_check import (
 
 __all__ = ["NorMuon"]
 
+#: One-kernel bank steps on the caller's stream share a per-SM workspace (``_sm_workspace``)
+#: instead of a workspace matrix per member. Off by default: opt in with ``True`` (not yet run on
+#: a GPU; docs/design.md#banks).
+SM_WORKSPACE = False
+
 _HYPER_KEYS = ("lr", "momentum", "beta2", "eps", "weight_decay")
 
 Layout = Optional[Tuple[int, int, int]]
@@ -309,6 +314,8 @@ class NorMuon(torch.optim.Optimizer):
         self.pe_form = pe_form
         self.overlap_banks = bool(overlap_banks)
         self._side_stream: Optional[torch.cuda.Stream] = None
+        # per-SM workspaces of the one-kernel bank steps on the caller's stream (_sm_workspace)
+        self._sm_ws: Dict[Tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, gi)
         self._banks: Optional[List[Bank]] = None
@@ -938,8 +945,27 @@ class NorMuon(torch.optim.Optimizer):
         for bank in self._banks:
             self._gather_bank(bank, None)
 
-    def _compute_bank(self, bank: Bank, present: Optional[List[bool]]) -> None:
-        """Momentum, Polar Express, second moment and update of one bank (``bank.G`` gathered)."""
+    def _sm_workspace(self, bank: Bank) -> Optional[torch.Tensor]:
+        """The per-SM workspace of a one-kernel bank step on the caller's stream
+        (:func:`~.pe_triton.sm_workspace`: one matrix per SM, reused by every member that SM
+        runs, so it stays in L2), shared by the banks of the same member size and dtype; None
+        where the bank takes a workspace per member (CPU, fewer than 128 rows: kernels that
+        may run two programs per SM)."""
+        from .pe_triton import MAX_ROWS, _block_rows, interpreter_active, sm_workspace
+
+        if (not SM_WORKSPACE or not bank.M.is_cuda or interpreter_active() or bank.slot_x is False
+                or _block_rows(min(bank.shape)) != MAX_ROWS):
+            return None
+        m, n = bank.shape
+        key = (bank.M.device, bank.compute_dtype, m * n)
+        ws = self._sm_ws.get(key)
+        if ws is None:
+            ws = self._sm_ws[key] = sm_workspace((m * n,), bank.compute_dtype, bank.M.device)
+        return ws.view(-1, m, n)
+
+    def _compute_bank(self, bank: Bank, present: Optional[List[bool]], main: bool = True) -> None:
+        """Momentum, Polar Express, second moment and update of one bank (``bank.G`` gathered);
+        ``main``: the bank runs on the caller's stream (it may use the shared per-SM workspace)."""
         gi = bank.group_index
         h = self._hyper[(gi, bank.M.device, bank.M.dtype)]
         masked = present is not None and not all(present)
@@ -951,19 +977,32 @@ class NorMuon(torch.optim.Optimizer):
         m, n = bank.shape
         rms_scale = 0.2 * math.sqrt(m * n)
         if bank.fused and self.fused_bank:
-            from .pe_triton import normuon_bank_fused_
+            from .pe_triton import SharedWorkspaceError, normuon_bank_fused_
 
-            if bank.X is None:
-                bank.X = torch.empty(bank.M.shape, dtype=bank.compute_dtype, device=bank.M.device)
             # A direct stack bank has no G: the kernel reads grad_ptrs and writes W, never G.
             G = bank.G if bank.G is not None else bank.M
-            with _range("normuon.bank_kernel"):
+
+            def launch(X, per_sm):
                 normuon_bank_fused_(
-                    G, bank.M, bank.V, bank.W, bank.X, h, self.table, self.safety,
+                    G, bank.M, bank.V, bank.W, X, h, self.table, self.safety,
                     self.pe_eps, bank.flip, bank.stat_dim, self.scale_mode, bank.shape_scale,
                     rms_scale, grad_ptrs=bank.gptr if bank.direct and present is None else None,
-                    form=self.pe_form,
+                    form=self.pe_form, x_per_sm=per_sm,
                 )
+
+            ws = self._sm_workspace(bank) if main else None
+            with _range("normuon.bank_kernel"):
+                launched = False
+                if ws is not None:
+                    try:
+                        launch(ws, True)
+                        bank.slot_x = launched = True
+                    except SharedWorkspaceError:  # checked before the first launch: nothing ran
+                        bank.slot_x = False
+                if not launched:
+                    if bank.X is None:
+                        bank.X = torch.empty(bank.M.shape, dtype=bank.compute_dtype, device=bank.M.device)
+                    launch(bank.X, False)
         elif bank.fused:
             from .pe_triton import polar_express_fused_
 
@@ -1049,7 +1088,7 @@ class NorMuon(torch.optim.Optimizer):
             stream.wait_stream(cur)
             with torch.cuda.stream(stream):
                 for bank in side:
-                    self._compute_bank(bank, None)
+                    self._compute_bank(bank, None, main=False)
         for bank in main:
             self._compute_bank(bank, None)
         if side:

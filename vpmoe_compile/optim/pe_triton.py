@@ -30,8 +30,9 @@ Two kernels:
   ``W * (1 - lr wd) - lr k O`` (or ``-lr k O`` for the caller to scatter).
 
 **Gram form** (``form="gram"``, NorMuon's default ``pe_form``; docs/design.md#gram-form): the
-steps run on the ``s x s`` Gram matrix (fp32, TF32 products on the GPU) and their product ``Q``
-is applied to ``X`` once, with one restart: after sweep 0, a restart sweep ``X <- round(Q X)``
+steps run on the ``s x s`` Gram matrix (state in fp16 on the GPU, :data:`GRAM_F16`: each product
+accumulated in fp32 and rounded once; fp32 with IEEE products in exact runs) and their product
+``Q`` is applied to ``X`` once, with one restart: after sweep 0, a restart sweep ``X <- round(Q X)``
 (with its Gram matrix anew), then the last sweep; the bank kernel takes per-row statistics from
 the output's Gram matrix, sweeps per-column ones without storing the output, and forms the
 output inside its update pass. Its rounding points are
@@ -44,6 +45,11 @@ Gram matrix instead of the input of sweep 0); results are validated against the 
 like every fast path (the bound of docs/design.md#polar-express). Between sweeps the program's
 own global stores are re-read by other threads of the same program: a CTA barrier separates the sweeps. With ~132 matrices in
 flight (33 MB at ``[128, 1024]`` bf16) the repeated sweeps are mostly served by the 50 MB L2.
+
+**Workspace.** The bank kernel's bf16 ``X`` is either one matrix per member or, on the GPU, one
+per SM (:func:`sm_workspace`, ``x_per_sm=True``, opt-in; the program finds its slot by
+``%smid``): every member that SM runs reuses the same 256 KB, which can stay in L2, instead of
+``N`` fresh matrices whose dirty lines are written back to HBM (docs/design.md#banks).
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) the kernels run in fp32 (the interpreter's bf16
 ``tl.dot`` is not reliable); on the GPU in bf16 (fp32 with ``input_precision="ieee"`` for
@@ -65,7 +71,8 @@ from .polar_express import PE_FORMS
 
 __all__ = [
     "fused_pe_supported", "polar_express_fused_", "normuon_bank_fused_", "MAX_ROWS", "FORMS",
-    "GRAM_RESTART", "L2_HINTS", "coefficient_tensor",
+    "GRAM_RESTART", "L2_HINTS", "coefficient_tensor", "GRAM_F16", "KEEP_X0", "sm_slots",
+    "sm_workspace", "SharedWorkspaceError",
 ]
 
 #: Largest ``s = min(m, n)`` handled by the fused kernel (the Gram matrix lives in registers).
@@ -102,21 +109,35 @@ def _dot_acc(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _load_hint(ptr, mask, EVICT: tl.constexpr):
-    """``tl.load`` with the L2 eviction priority ``EVICT`` (``""``: none)."""
-    if EVICT == "":
-        return tl.load(ptr, mask=mask, other=0.0)
+def _load_hint(ptr, mask, EVICT: tl.constexpr, EVEN: tl.constexpr = False):
+    """``tl.load`` with the L2 eviction priority ``EVICT`` (``""``: none); ``EVEN``: the tile is
+    whole (``s == BS`` and ``BL`` divides ``L``), so ``mask`` is not applied (a pipelined loop
+    then carries no mask tensors in registers)."""
+    if EVEN:
+        if EVICT == "":
+            return tl.load(ptr)
+        else:
+            return tl.load(ptr, eviction_policy=EVICT)
     else:
-        return tl.load(ptr, mask=mask, other=0.0, eviction_policy=EVICT)
+        if EVICT == "":
+            return tl.load(ptr, mask=mask, other=0.0)
+        else:
+            return tl.load(ptr, mask=mask, other=0.0, eviction_policy=EVICT)
 
 
 @triton.jit
-def _store_hint(ptr, value, mask, EVICT: tl.constexpr):
-    """``tl.store`` with the L2 eviction priority ``EVICT`` (``""``: none)."""
-    if EVICT == "":
-        tl.store(ptr, value, mask=mask)
+def _store_hint(ptr, value, mask, EVICT: tl.constexpr, EVEN: tl.constexpr = False):
+    """``tl.store`` with the L2 eviction priority ``EVICT`` (``""``: none), unmasked when ``EVEN``."""
+    if EVEN:
+        if EVICT == "":
+            tl.store(ptr, value)
+        else:
+            tl.store(ptr, value, eviction_policy=EVICT)
     else:
-        tl.store(ptr, value, mask=mask, eviction_policy=EVICT)
+        if EVICT == "":
+            tl.store(ptr, value, mask=mask)
+        else:
+            tl.store(ptr, value, mask=mask, eviction_policy=EVICT)
 
 
 @triton.jit
@@ -163,34 +184,54 @@ def _pe_leading_steps(
 
 
 @triton.jit
+def _gdot(a, b, IEEE: tl.constexpr):
+    """An ``s x s`` product of the Gram phase, fp32 result: fp16 operands as they are (the
+    :data:`GRAM_F16` state), fp32 ones by ``tl.dot`` (TF32 on the GPU, IEEE under ``IEEE``)."""
+    if a.dtype == tl.float16:
+        return tl.dot(a, b)
+    else:
+        return _dot(a, b, IEEE)
+
+
+@triton.jit
 def _gram_phase(gram, COEF, T0: tl.constexpr, T1: tl.constexpr, rs, LAST_A: tl.constexpr,
-                IEEE: tl.constexpr):
+                IEEE: tl.constexpr, F16: tl.constexpr):
     """Steps ``T0 .. T1-1`` in Gram space: ``P_t = a_t I + b_t A + c_t A^2``, ``A <- P_t A P_t``,
-    ``Q = P_{T1-1} ... P_{T0}`` from ``A = gram`` (fp32 state; the ``s x s`` products are fp32
-    ``tl.dot``, TF32 on the GPU, IEEE under ``IEEE``). Returns ``(Q, A)``: ``A`` is the Gram
-    matrix of the phase's output when ``LAST_A`` (else that of its last step's input)."""
-    A = gram
-    eye = tl.where(rs[:, None] == rs[None, :], 1.0, 0.0)
-    Q = eye
+    ``Q = P_{T1-1} ... P_{T0}`` from ``A = gram``. The state ``A``, ``P``, ``Q`` is fp32 (the
+    ``s x s`` products TF32 on the GPU, IEEE under ``IEEE``), or fp16 when ``F16`` (each product
+    accumulated in fp32 and rounded once: the operands keep TF32's 10-bit significand, the
+    products run at the half-precision rate and the state takes half the registers).
+
+    Returns ``(Q, D)``: with ``LAST_A``, ``D`` is the diagonal of the phase output's Gram matrix
+    ``P A P`` (``rowsum(PA * P)``: ``P`` and ``A`` are symmetric), else zeros."""
+    sdt = tl.float16 if F16 else tl.float32
+    diag = rs[:, None] == rs[None, :]
+    A = gram.to(sdt)
+    Q = A  # replaced at the first step
+    D = tl.zeros((rs.shape[0],), dtype=tl.float32)
     for t in tl.static_range(T0, T1):
         a = tl.load(COEF + 3 * t)
         b = tl.load(COEF + 3 * t + 1)
         c = tl.load(COEF + 3 * t + 2)
-        P = a * eye + b * A + c * _dot(A, A, IEEE)
-        if t + 1 < T1 or LAST_A:  # A of the next step (P commutes with A: both are polynomials in gram)
-            A = _dot(_dot(P, A, IEEE), P, IEEE)
+        P = b * A.to(tl.float32) + c * _gdot(A, A, IEEE)
+        P = tl.where(diag, P + a, P).to(sdt)
+        if t + 1 < T1:  # A of the next step (P commutes with A: both are polynomials in gram)
+            A = _gdot(_gdot(P, A, IEEE).to(sdt), P, IEEE).to(sdt)
+        elif LAST_A:
+            D = tl.sum(_gdot(P, A, IEEE).to(sdt).to(tl.float32) * P.to(tl.float32), axis=1)
         if t == T0:
             Q = P
         else:
-            Q = _dot(P, Q, IEEE)
-    return Q, A
+            Q = _gdot(P, Q, IEEE).to(sdt)
+    return Q.to(tl.float32), D
 
 
 @triton.jit
 def _pe_gram_leading(
     X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF,
     T: tl.constexpr, RESTART: tl.constexpr, BS: tl.constexpr, BL: tl.constexpr,
-    LAST_A: tl.constexpr, EV_WORK: tl.constexpr, IEEE: tl.constexpr,
+    LAST_A: tl.constexpr, EV_WORK: tl.constexpr, IEEE: tl.constexpr, F16: tl.constexpr,
+    EVEN: tl.constexpr = False, KEEP_X0: tl.constexpr = False,
 ):
     """Gram Newton-Schulz form of the Polar Express steps (docs/design.md#gram-form): the steps
     run on the ``s x s`` Gram matrix and their product ``Q`` is applied to ``X`` in one sweep.
@@ -198,30 +239,36 @@ def _pe_gram_leading(
     unnormalised input). With ``0 < RESTART < T`` steps ``0 .. RESTART-1`` end in a restart
     sweep that forms ``X <- round(Q X)`` in place and its Gram matrix anew (the restart keeps
     the Gram iteration stable: without it, rounding errors of the small eigenvalues grow
-    step after step). Returns ``(Q, A, scale)``: the last phase's ``Q`` (fp32), the factor of
+    step after step). Returns ``(Q, D, scale)``: the last phase's ``Q`` (fp32), the factor of
     the stored input (``gamma`` when no restart ran, else 1): the output is
-    ``round(round(scale Q) X)``; with ``LAST_A`` ``A`` is its Gram matrix ``Q R Q^T``."""
+    ``round(round(scale Q) X)``; with ``LAST_A`` ``D`` is the diagonal of its Gram matrix
+    ``Q R Q^T`` (:func:`_gram_phase`). ``KEEP_X0``: the restart sweep leaves ``X`` as it is
+    (no store): the caller forms the restarted tiles ``round(Qm x)`` again from the 4th return
+    value ``Qm`` (bf16), bit for bit the tiles the restart used."""
     dt = X.dtype.element_ty
+    loc = rs[:, None] * SI + tl.arange(0, BL)[None, :] * SL
     if RESTART > 0 and RESTART < T:
-        Qm, _ = _gram_phase(gram, COEF, 0, RESTART, rs, False, IEEE)
+        Qm, _ = _gram_phase(gram, COEF, 0, RESTART, rs, False, IEEE, F16)
         Qm = (Qm * gamma).to(dt)
         gram = tl.zeros((BS, BS), dtype=tl.float32)
         tl.debug_barrier()
         for l0 in range(0, L, BL):
             cols = l0 + tl.arange(0, BL)
             mask = row_ok[:, None] & (cols < L)[None, :]
-            ptr = X + base + rs[:, None] * SI + cols[None, :] * SL
-            x = _load_hint(ptr, mask, EV_WORK)
+            ptr = X + base + l0 * SL + loc
+            x = _load_hint(ptr, mask, EV_WORK, EVEN)
             y = _dot(Qm, x, IEEE).to(dt)
-            _store_hint(ptr, y, mask, EV_WORK)
+            if not KEEP_X0:
+                _store_hint(ptr, y, mask, EV_WORK, EVEN)
             gram = _dot_acc(y, tl.trans(y), gram, IEEE)
-        Q, A = _gram_phase(gram, COEF, RESTART, T, rs, LAST_A, IEEE)
+        Q, D = _gram_phase(gram, COEF, RESTART, T, rs, LAST_A, IEEE, F16)
         scale = 1.0
     else:
-        Q, A = _gram_phase(gram, COEF, 0, T, rs, LAST_A, IEEE)
+        Q, D = _gram_phase(gram, COEF, 0, T, rs, LAST_A, IEEE, F16)
+        Qm = Q.to(dt)  # (unused: no restart)
         scale = gamma
     tl.debug_barrier()
-    return Q, A, scale
+    return Q, D, scale, Qm
 
 
 @triton.jit
@@ -259,6 +306,7 @@ def _pe_fused_kernel(
     GRAM: tl.constexpr,
     RESTART: tl.constexpr,
     IEEE: tl.constexpr,
+    F16: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     rs = tl.arange(0, BS)
@@ -277,8 +325,8 @@ def _pe_fused_kernel(
         gram = _dot_acc(x, tl.trans(x), gram, IEEE)
 
     if GRAM:
-        Q, _, qscale = _pe_gram_leading(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF, T,
-                                        RESTART, BS, BL, False, "", IEEE)
+        Q, _, qscale, _ = _pe_gram_leading(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF, T,
+                                           RESTART, BS, BL, False, "", IEEE, F16)
         Bm = (Q * qscale).to(dt)
         a = 0.0
     else:
@@ -301,6 +349,13 @@ def _pe_fused_kernel(
             tl.store(R + n * L + cols, tl.sum(yf * yf, axis=0), mask=col_ok)
     if STAT == 1:
         tl.store(R + n * S + rs, rrow, mask=row_ok)
+
+
+@triton.jit
+def _smid():
+    """The id of the SM running this program (PTX ``%smid``; GPU only)."""
+    return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=True,
+                                     pack=1)
 
 
 @triton.jit
@@ -343,8 +398,29 @@ def _normuon_bank_kernel(
     EV_ONCE: tl.constexpr,  # L2 eviction priority of data touched once (G, M, W; X's last read)
     EV_WORK: tl.constexpr,  # and of the workspace X between its sweeps
     IEEE: tl.constexpr,
+    F16: tl.constexpr,  # Gram-phase products with fp16 operands (_gdot)
+    EVEN: tl.constexpr,  # S == BS and BL divides L: whole tiles, no masks
+    SLOT_X: tl.constexpr,  # X is a workspace per SM ([slots, m, n], indexed by %smid)
+    KEEP_X0: tl.constexpr,  # Gram form: the restart does not store X (formed again when read)
 ):
-    n = tl.program_id(0).to(tl.int64)
+    _normuon_bank_member(
+        tl.program_id(0).to(tl.int64), G, GP, M, V, W, X, COEF, tl.load(MU), tl.load(LR),
+        tl.load(DECAY), tl.load(BETA2), tl.load(EPS), S, L, SI, SL, safety, pe_eps, scale, T, BS,
+        BL, STAT, SHAPE_MODE, HAS_W, G_PTRS, GRAM, RESTART, GRAM_STATS, EV_ONCE, EV_WORK, IEEE,
+        F16, EVEN, SLOT_X, KEEP_X0,
+    )
+
+
+@triton.jit
+def _normuon_bank_member(
+    n, G, GP, M, V, W, X, COEF, mu, lr, decay, beta2, eps, S, L, SI, SL, safety, pe_eps, scale,
+    T: tl.constexpr, BS: tl.constexpr, BL: tl.constexpr, STAT: tl.constexpr,
+    SHAPE_MODE: tl.constexpr, HAS_W: tl.constexpr, G_PTRS: tl.constexpr, GRAM: tl.constexpr,
+    RESTART: tl.constexpr, GRAM_STATS: tl.constexpr, EV_ONCE: tl.constexpr,
+    EV_WORK: tl.constexpr, IEEE: tl.constexpr, F16: tl.constexpr, EVEN: tl.constexpr,
+    SLOT_X: tl.constexpr, KEEP_X0: tl.constexpr,
+):
+    """The whole NorMuon step of member ``n`` (int64) of a bank (see :func:`_normuon_bank_kernel`)."""
     rs = tl.arange(0, BS)
     row_ok = rs < S
     base = n * S * L
@@ -354,11 +430,18 @@ def _normuon_bank_kernel(
         gsrc = tl.multiple_of(tl.load(GP + n).to(tl.pointer_type(tl.float32)), 16)
     else:
         gsrc = G + base
-    mu = tl.load(MU)
-    lr = tl.load(LR)
-    decay = tl.load(DECAY)
-    beta2 = tl.load(BETA2)
-    eps = tl.load(EPS)
+    # the member's own matrices as scalar base pointers; tile l0 of each is the scalar pointer
+    # ``base + l0 * SL`` plus the loop-invariant int32 offsets ``loc`` (no per-tile pointer or
+    # offset tensors for the software pipeliner to carry between iterations)
+    Mb = M + base
+    if SLOT_X:  # the workspace of this SM (one program per SM at a time; see normuon_bank_fused_)
+        xbase = _smid().to(tl.int64) * S * L
+    else:
+        xbase = base
+    Xb = X + xbase
+    Wb = W + base
+    Gb = G + base
+    loc = rs[:, None] * SI + tl.arange(0, BL)[None, :] * SL
 
     # sweep 0: momentum, Nesterov, rounded Polar Express input, its norm and Gram matrix
     gram = tl.zeros((BS, BS), dtype=tl.float32)
@@ -366,27 +449,31 @@ def _normuon_bank_kernel(
     for l0 in range(0, L, BL):
         cols = l0 + tl.arange(0, BL)
         mask = row_ok[:, None] & (cols < L)[None, :]
-        loc = rs[:, None] * SI + cols[None, :] * SL
-        off = base + loc
-        g = _load_hint(gsrc + loc, mask, EV_ONCE)
-        m = _lerp(_load_hint(M + off, mask, EV_ONCE), g, 1.0 - mu)  # 1
-        _store_hint(M + off, m, mask, EV_ONCE)
+        t0 = l0 * SL
+        g = _load_hint(gsrc + t0 + loc, mask, EV_ONCE, EVEN)
+        m = _lerp(_load_hint(Mb + t0 + loc, mask, EV_ONCE, EVEN), g, 1.0 - mu)  # 1
+        _store_hint(Mb + (loc + t0), m, mask, EV_ONCE, EVEN)  # (not the load's pointer tensor:
+        # the pipeliner would carry that one between iterations, in registers)
         u = _lerp(g, m, mu)  # 2
         sq += tl.sum(u * u, axis=1)
         x = u.to(dt)
-        _store_hint(X + off, x, mask, EV_WORK)
+        _store_hint(Xb + (loc + t0), x, mask, EV_WORK, EVEN)
         gram = _dot_acc(x, tl.trans(x), gram, IEEE)
     gamma = 1.0 / ((1.0 + safety) * tl.sqrt(tl.sum(sq, axis=0)) + pe_eps)
     gram = gram * (gamma * gamma)
 
+    # KEEP_X0 (Gram form with a restart): X keeps the input; each sweep below forms round(Qm x)
+    REFORM: tl.constexpr = GRAM and KEEP_X0 and RESTART > 0 and RESTART < T
     if GRAM:
-        Q, A_out, qscale = _pe_gram_leading(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF,
-                                            T, RESTART, BS, BL, GRAM_STATS, EV_WORK, IEEE)
+        Q, D_out, qscale, Qm = _pe_gram_leading(X, xbase, rs, row_ok, SI, SL, L, gram, gamma,
+                                                COEF, T, RESTART, BS, BL, GRAM_STATS, EV_WORK,
+                                                IEEE, F16, EVEN, KEEP_X0)
         Bm = (Q * qscale).to(dt)
         a = 0.0
     else:
-        Bm, a = _pe_leading_steps(X, base, rs, row_ok, SI, SL, L, gram, gamma, COEF, T, BS, BL,
+        Bm, a = _pe_leading_steps(X, xbase, rs, row_ok, SI, SL, L, gram, gamma, COEF, T, BS, BL,
                                   EV_WORK, IEEE)
+        Qm = Bm
 
     # last step: O, per-neuron mean squares, second moment (4-5), norms of O and s * O
     rrow = tl.zeros((BS,), dtype=tl.float32)
@@ -395,16 +482,19 @@ def _normuon_bank_kernel(
     if GRAM_STATS:
         # Gram form, per-row statistics: ||O_i||^2 is the diagonal of the output's Gram matrix
         # (one more Gram-space step), so no sweep is needed here; the update pass forms O itself.
-        rrow = tl.sum(tl.where(rs[:, None] == rs[None, :], A_out, 0.0), axis=1)
+        rrow = D_out
     else:
         for l0 in range(0, L, BL):
             cols = l0 + tl.arange(0, BL)
             col_ok = cols < L
             mask = row_ok[:, None] & col_ok[None, :]
-            off = base + rs[:, None] * SI + cols[None, :] * SL
-            y = _last_step(Bm, a, _load_hint(X + off, mask, EV_WORK), gamma, T, GRAM, IEEE)
+            t0 = l0 * SL
+            xt = _load_hint(Xb + t0 + loc, mask, EV_WORK, EVEN)
+            if REFORM:
+                xt = _dot(Qm, xt, IEEE).to(dt)
+            y = _last_step(Bm, a, xt, gamma, T, GRAM, IEEE)
             if not GRAM:  # (the Gram form's update pass forms O again from X and Q)
-                _store_hint(X + off, y, mask, EV_WORK)
+                _store_hint(Xb + t0 + loc, y, mask, EV_WORK, EVEN)
             yf = y.to(tl.float32)
             if STAT == 1:
                 rrow += tl.sum(yf * yf, axis=1)
@@ -435,11 +525,14 @@ def _normuon_bank_kernel(
         cols = l0 + tl.arange(0, BL)
         col_ok = cols < L
         mask = row_ok[:, None] & col_ok[None, :]
-        off = base + rs[:, None] * SI + cols[None, :] * SL
+        t0 = l0 * SL
         if GRAM:
-            o = _dot(Bm, _load_hint(X + off, mask, EV_ONCE), IEEE).to(dt).to(tl.float32)
+            xt = _load_hint(Xb + t0 + loc, mask, EV_ONCE, EVEN)
+            if REFORM:
+                xt = _dot(Qm, xt, IEEE).to(dt)
+            o = _dot(Bm, xt, IEEE).to(dt).to(tl.float32)
         else:
-            o = _load_hint(X + off, mask, EV_ONCE).to(tl.float32)
+            o = _load_hint(Xb + t0 + loc, mask, EV_ONCE, EVEN).to(tl.float32)
         if STAT == 1:
             k = (si * c)[:, None]
         else:
@@ -447,10 +540,10 @@ def _normuon_bank_kernel(
             k = (tl.rsqrt(v + eps) * c)[None, :]
         delta = (k * o) * (-lr)
         if HAS_W:
-            w = _load_hint(W + off, mask, EV_ONCE)
-            _store_hint(W + off, w * decay + delta, mask, EV_ONCE)
+            w = _load_hint(Wb + t0 + loc, mask, EV_ONCE, EVEN)
+            _store_hint(Wb + t0 + loc, w * decay + delta, mask, EV_ONCE, EVEN)
         else:
-            _store_hint(G + off, delta, mask, EV_ONCE)
+            _store_hint(Gb + t0 + loc, delta, mask, EV_ONCE, EVEN)
 
 
 def coefficient_tensor(table: Sequence[Sequence[float]], device: torch.device) -> torch.Tensor:
@@ -493,6 +586,78 @@ def _launch_config(
     return BS, block_l, num_warps or d_nw, num_stages or d_ns
 
 
+#: Gram-form products (the ``s x s`` steps) with fp16 operands instead of TF32 (both keep a
+#: 10-bit significand; fp16 runs at twice the TF32 matrix rate). Off under ``IEEE`` (fp32 checks).
+GRAM_F16 = True
+
+
+def _gram_f16(flag: Optional[bool], gram: bool, ieee: bool) -> bool:
+    """The kernels' ``F16``: an explicit ``flag`` wins (tests run the fp16 state in fp32 kernels),
+    else :data:`GRAM_F16` outside exact (``ieee``) runs; the Gram form only."""
+    if flag is not None:
+        return bool(gram and flag)
+    return bool(gram and GRAM_F16 and not ieee)
+
+
+#: Gram form: the restart sweep of the bank kernel does not store the restarted matrix; the
+#: later sweeps form it again from the stored input (``normuon_bank_fused_(keep_x0=...)``).
+KEEP_X0 = False
+
+_slots: Dict[Tuple[str, int], int] = {}
+_exclusive: Dict[Tuple, bool] = {}
+
+
+@triton.jit
+def _nsmid_kernel(OUT):
+    tl.store(OUT, tl.inline_asm_elementwise("mov.u32 $0, %nsmid;", "=r", [], dtype=tl.int32,
+                                            is_pure=True, pack=1))
+
+
+def sm_slots(device: torch.device) -> int:
+    """Upper bound of the SM ids (``%smid``) on ``device``: PTX ``%nsmid`` (ids need not be
+    contiguous, so this can exceed the SM count). Measured once per device (one tiny kernel)."""
+    device = torch.device(device)
+    key = (device.type, device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _slots:
+        out = torch.zeros(1, dtype=torch.int32, device=device)
+        _nsmid_kernel[(1,)](out)
+        _slots[key] = max(int(out.item()), torch.cuda.get_device_properties(device).multi_processor_count)
+    return _slots[key]
+
+
+def sm_workspace(shape: Tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-SM workspace ``[sm_slots, m, n]`` for :func:`normuon_bank_fused_` (GPU)."""
+    return torch.empty((sm_slots(device), *shape), dtype=dtype, device=device)
+
+
+def _check_one_program_per_sm(args, consts, num_warps, num_stages, grid, device) -> None:
+    """A per-SM workspace is only safe if no SM runs two programs of the kernel at once: the
+    compiled kernel's registers or shared memory must exceed half of the SM's (checked once per
+    configuration, before its first launch)."""
+    key = (tuple(sorted((k, str(v)) for k, v in consts.items())), num_warps, num_stages, str(device))
+    ok = _exclusive.get(key)
+    if ok is None:
+        k = _normuon_bank_kernel.warmup(*args, grid=(grid,), num_warps=num_warps,
+                                        num_stages=num_stages, **consts)
+        k._init_handles()
+        props = torch.cuda.get_device_properties(device)
+        regs_sm = getattr(props, "regs_per_multiprocessor", 65536)
+        smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
+        regs = int(k.n_regs) * 32 * num_warps
+        ok = 2 * regs > regs_sm or 2 * int(k.metadata.shared) > smem_sm
+        _exclusive[key] = ok
+    if not ok:
+        raise SharedWorkspaceError(
+            "this bank-kernel configuration can run two programs per SM, so it cannot share a "
+            "per-SM workspace: pass an [N, m, n] workspace (one matrix per member)"
+        )
+
+
+class SharedWorkspaceError(ValueError):
+    """A per-SM workspace was passed for a kernel configuration that can run two programs on
+    one SM (the caller falls back to a workspace per member)."""
+
+
 #: Steps before the Gram form's restart (docs/design.md#gram-form): steps ``0, 1`` on the Gram
 #: matrix of the input, then ``X <- Q X`` and the remaining steps on the Gram matrix of that.
 GRAM_RESTART = 2
@@ -525,6 +690,7 @@ def polar_express_fused_(
     num_stages: Optional[int] = None,
     ieee: bool = False,
     form: str = "standard",
+    gram_f16: Optional[bool] = None,
 ) -> Optional[torch.Tensor]:
     """Polar Express of every ``X[i]`` (``[N, s, L]``, ``s <= L``, ``s <= 128``), in place.
 
@@ -542,6 +708,7 @@ def polar_express_fused_(
         ieee: fp32 products with ``input_precision="ieee"`` (exactness checks on the GPU).
         form: ``"standard"`` (every step sweeps ``X``) or ``"gram"`` (the steps run on the
             Gram matrix, restarted after :data:`GRAM_RESTART` steps; :func:`_check_form`).
+        gram_f16: Gram-form products with fp16 operands (``None``: :data:`GRAM_F16`).
 
     Returns:
         The ``stat`` sums (fp32) or ``None``. Issues one kernel launch, no host synchronisation.
@@ -570,11 +737,12 @@ def polar_express_fused_(
         return r
     coef = coefficient_tensor(table, X.device)
     kwargs = {} if interp else dict(num_warps=nw, num_stages=ns)
+    ieee_ = bool(ieee or X.dtype == torch.float32)
     _pe_fused_kernel[(N,)](
         X, norm2, coef, r if r is not None else norm2,
         S, L, S * L, SI, SL, float(safety), float(eps),
         T=len(coef), BS=BS, BL=BL, STAT=int(stat), GRAM=gram, RESTART=GRAM_RESTART,
-        IEEE=bool(ieee or X.dtype == torch.float32),
+        IEEE=ieee_, F16=_gram_f16(gram_f16, gram, ieee_),
         **kwargs,
     )
     return r
@@ -602,6 +770,9 @@ def normuon_bank_fused_(
     grad_ptrs: Optional[torch.Tensor] = None,
     form: str = "standard",
     l2_hints: Optional[bool] = None,
+    gram_f16: Optional[bool] = None,
+    keep_x0: Optional[bool] = None,
+    x_per_sm: bool = False,
 ) -> None:
     """One whole NorMuon step of a bank (steps 1-10 of docs/design.md#the-normuon-update) in one
     kernel, in place.
@@ -617,7 +788,12 @@ def normuon_bank_fused_(
     Args:
         G, M, W: ``[N, m, n]`` contiguous fp32 (original ``[out, in]`` orientation).
         V: oriented second moment ``[N, s, 1]`` / ``[N, 1, L]`` (contiguous) fp32.
-        X: ``[N, m, n]`` contiguous workspace in the Polar Express dtype (bf16 on the GPU).
+        X: contiguous workspace in the Polar Express dtype (bf16 on the GPU): ``[N, m, n]``, one
+            matrix per member, or with ``x_per_sm`` (GPU) :func:`sm_workspace`'s
+            ``[sm_slots, m, n]``, one per SM, reused by the members that SM runs (it can stay in
+            L2; before the first launch of a configuration the compiled kernel is checked to run
+            one program per SM). Launches sharing a per-SM workspace must not run concurrently
+            (one stream).
         hyper: 0-d tensors ``momentum, lr, decay, beta2, eps`` (fp32, on the device).
         flip: members are tall (``m > n``); ``stat_dim``: -1 per oriented row, -2 per column.
         grad_ptrs: optional ``[N]`` int64 device tensor with the addresses of the members'
@@ -625,13 +801,23 @@ def normuon_bank_fused_(
             the caller keeps those tensors alive and the addresses current).
         form: ``"standard"`` or ``"gram"`` (as :func:`polar_express_fused_`).
         l2_hints: L2 eviction priorities (:data:`L2_HINTS`; ``None``: its entry for the form).
+        gram_f16: Gram-form products with fp16 operands (``None``: :data:`GRAM_F16`).
+        keep_x0: Gram form: the restart sweep does not store ``round(Q X)`` but the later
+            sweeps form it again from ``X`` (bitwise the same values, one store of ``X`` less;
+            ``None``: :data:`KEEP_X0`).
+        x_per_sm: ``X`` is a per-SM workspace (above).
     """
     N, m, n = G.shape
     S, L = (n, m) if flip else (m, n)
     _check_rows(S, L)
-    for name, t in (("G", G), ("M", M), ("X", X)) + ((("W", W),) if W is not None else ()):
+    for name, t in (("G", G), ("M", M)) + ((("W", W),) if W is not None else ()):
         if t.shape != G.shape or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous {tuple(G.shape)} tensor")
+    slot_x = bool(x_per_sm)
+    if (X.shape[1:] != G.shape[1:] or not X.is_contiguous()
+            or (not slot_x and X.shape[0] != N)):
+        rows = "sm_slots" if slot_x else "N"
+        raise ValueError(f"X must be a contiguous [{rows}, {m}, {n}] tensor, got {tuple(X.shape)}")
     if G.dtype != torch.float32 or M.dtype != torch.float32 or V.dtype != torch.float32:
         raise ValueError("the fused NorMuon bank kernel keeps its state in fp32")
     if not V.is_contiguous() or V.numel() != N * (S if stat_dim == -1 else L):
@@ -651,15 +837,25 @@ def normuon_bank_fused_(
     coef = coefficient_tensor(table, G.device)
     kwargs = {} if interp else dict(num_warps=nw, num_stages=ns)
     shape_mode = scale_mode == "shape"
-    _normuon_bank_kernel[(N,)](
+    ieee_ = bool(ieee or X.dtype == torch.float32)
+    keep = bool(gram and (KEEP_X0 if keep_x0 is None else keep_x0))
+    args = (
         G, grad_ptrs if grad_ptrs is not None else G, M, V, W if W is not None else G, X, coef,
         hyper["momentum"], hyper["lr"], hyper["decay"], hyper["beta2"], hyper["eps"],
-        S, L, SI, SL, float(safety), float(pe_eps),
-        float(shape_scale if shape_mode else rms_scale),
+        S, L, SI, SL, float(safety), float(pe_eps), float(shape_scale if shape_mode else rms_scale),
+    )
+    consts = dict(
         T=len(coef), BS=BS, BL=BL, STAT=1 if stat_dim == -1 else 2, SHAPE_MODE=shape_mode,
         HAS_W=W is not None, G_PTRS=grad_ptrs is not None, GRAM=gram, RESTART=GRAM_RESTART,
         GRAM_STATS=gram and stat_dim == -1,
         EV_ONCE="evict_first" if hints else "", EV_WORK="evict_last" if hints else "",
-        IEEE=bool(ieee or X.dtype == torch.float32),
-        **kwargs,
+        IEEE=ieee_, F16=_gram_f16(gram_f16, gram, ieee_),
+        EVEN=S == BS and L % BL == 0, SLOT_X=slot_x, KEEP_X0=keep,
     )
+    if slot_x:
+        if interp:
+            raise ValueError("a per-SM workspace (x_per_sm=True) needs the GPU")
+        if X.shape[0] < sm_slots(X.device):
+            raise ValueError(f"a per-SM workspace needs {sm_slots(X.device)} slots, X has {X.shape[0]}")
+        _check_one_program_per_sm(args, consts, nw, ns, N, X.device)
+    _normuon_bank_kernel[(N,)](*args, **consts, **kwargs)

@@ -416,3 +416,36 @@ def test_megatron_path_expert_stacks(megatron_world, tmp_path):
         o.step()
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
+
+
+def test_sm_workspace_equals_member_workspace(monkeypatch):
+    """The one-kernel bank steps on the caller's stream share one per-SM workspace
+    (``pe_triton.sm_workspace``) instead of a workspace matrix per member: an expert stack of
+    128-row members (one per SM: the caller's stream) runs on it and allocates no workspace of
+    its own, a small fused bank (the second stream) keeps its own; the graph steps are bitwise
+    those with a workspace per member everywhere (``normuon.SM_WORKSPACE = False``) and the
+    eager steps, through lr / wd changes."""
+    import vpmoe_compile.optim.normuon as normuon_mod
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    g = torch.Generator(device="cpu").manual_seed(11)
+    init = [torch.randn(sms, 128, 512, generator=g) * 0.02, torch.randn(96, 384, generator=g) * 0.02]
+    runs = {}
+    for name, slot, kw in (("eager", True, {}), ("slot", True, dict(cuda_graph=True)),
+                           ("member", False, dict(cuda_graph=True))):
+        monkeypatch.setattr(normuon_mod, "SM_WORKSPACE", slot)
+        params = [torch.nn.Parameter(t.clone().cuda()) for t in init]
+        opt = NorMuon(params, lr=0.01, weight_decay=0.1, compile=False, **kw)
+        _static_grad_steps(opt, params, 5)
+        stack = [b for b in opt._banks if b.stack is not None]
+        assert len(stack) == 1 and stack[0].shape == (128, 512)
+        assert stack[0].slot_x is (True if slot else None)
+        assert (stack[0].X is None) == slot
+        if name == "slot":
+            main, side = opt.stream_split()
+            assert [id(b) for b in main] == [id(stack[0])] and side
+            assert [b.slot_x for b in side] == [None] * len(side)
+        runs[name] = [p.detach().clone() for p in params]
+    for name in ("slot", "member"):
+        for a, b in zip(runs[name], runs["eager"]):
+            assert torch.equal(a, b), name

@@ -203,6 +203,69 @@ def test_bank_kernel_l2_hints_change_no_result(form):
             assert torch.equal(a, b), (flip, stat_dim)
 
 
+def test_bank_kernel_workspace_and_restart_store_change_no_result():
+    """Where the bank kernel keeps its bf16 workspace changes no result: the per-SM workspace
+    (GPU; ``sm_workspace``, reused by every member an SM runs) and the restart that stores
+    nothing (``keep_x0``: the later sweeps form ``round(Q X)`` again) give bitwise the same
+    parameters, momentum and second moment as one workspace matrix per member (wide and tall
+    members, both statistics orientations). On the CPU a per-SM workspace is refused."""
+    hyper = {k: torch.tensor(v, device=DEVICE) for k, v in
+             dict(momentum=0.95, lr=0.01, decay=0.999, beta2=0.95, eps=1e-10).items()}
+    dt = torch.bfloat16 if _ON_GPU else torch.float32
+    for flip, stat_dim in ((False, -1), (True, -2), (False, -2)):
+        N = 5
+        shape = (N, 128, 32) if flip else (N, 32, 128)
+        G = torch.randn(shape, device=DEVICE)
+        M0 = torch.randn(shape, device=DEVICE) * 1e-3
+        W0 = torch.randn(shape, device=DEVICE) * 0.02
+        V0 = torch.rand(N, 32 if stat_dim == -1 else 128, device=DEVICE)
+        runs = [("member", False), ("member", True)] + ([("slot", False), ("slot", True)] if _ON_GPU else [])
+        out = []
+        for where, keep in runs:
+            M, W, V = M0.clone(), W0.clone(), V0.clone()
+            X = (pe_triton.sm_workspace(shape[1:], dt, DEVICE) if where == "slot"
+                 else torch.empty(shape, device=DEVICE, dtype=dt))
+            pe_triton.normuon_bank_fused_(G, M, V, W, X, hyper, PINNED_COEFFICIENTS, 0.02, 1e-6,
+                                          flip, stat_dim, "shape", 1.0, 0.0, form="gram", keep_x0=keep,
+                                          x_per_sm=where == "slot")
+            out.append((W, M, V))
+        for run, res in zip(runs[1:], out[1:]):
+            for a, b, before in zip(res, out[0], (W0, M0, V0)):
+                assert torch.isfinite(a).all() and not torch.equal(a, before)
+                assert torch.equal(a, b), (flip, stat_dim, run)
+    if not _ON_GPU:
+        with pytest.raises(ValueError, match=r"per-SM workspace \(x_per_sm=True\) needs the GPU"):
+            pe_triton.normuon_bank_fused_(G[:3], M0[:3], V0[:3], W0[:3], torch.empty(8, 32, 128), hyper,
+                                          PINNED_COEFFICIENTS, 0.02, 1e-6, False, -2, "shape", 1.0, 0.0,
+                                          form="gram", x_per_sm=True)
+        with pytest.raises(ValueError, match=r"X must be a contiguous \[N, 32, 128\] tensor"):
+            pe_triton.normuon_bank_fused_(G[:3], M0[:3], V0[:3], W0[:3], torch.empty(8, 32, 128), hyper,
+                                          PINNED_COEFFICIENTS, 0.02, 1e-6, False, -2, "shape", 1.0, 0.0,
+                                          form="gram")
+
+
+def test_gram_f16_state_is_as_accurate_as_tf32_products():
+    """``gram_f16``: the Gram-space state ``A``, ``P``, ``Q`` held in fp16 (each product
+    accumulated in fp32, rounded once) keeps TF32's 10-bit significand: on fp32 input (the
+    interpreter; the GPU runs it the same way with an explicit flag) its error against the fp64
+    reference is within 2x that of the Gram form's PyTorch statement with TF32-rounded products
+    (``product_bits=10``), on Gaussian and rank-1-spike matrices, wide and tall."""
+    for kind in ("gauss", "spike"):
+        for tall in (False, True):
+            U = _conditioned(kind, 3, 32, 160, "cpu")
+            X0 = U / (1.02 * U.flatten(1).norm(dim=1)[:, None, None] + 1e-6)
+            model = _pe_gram_polynomial(X0, PINNED_COEFFICIENTS, torch.float32, product_bits=10)
+            X = U.to(DEVICE).contiguous()
+            if tall:  # the column-major oriented view of tall members
+                X = X.mT.contiguous().mT
+            pe_triton.polar_express_fused_(X, U.to(DEVICE).square().sum((-2, -1)), PINNED_COEFFICIENTS,
+                                           0.02, 1e-6, form="gram", gram_f16=True)
+            for i in range(3):
+                ref = polar_express_reference(U[i].double())
+                e_f16, e_model = _rel(X[i].float().cpu(), ref), _rel(model[i], ref)
+                assert e_f16 <= 2 * e_model, (kind, tall, i, e_f16, e_model)
+
+
 def test_stream_split_keeps_banks_that_fill_the_gpu_on_the_callers_stream(monkeypatch):
     """``overlap_banks``: the one-kernel bank steps with at least one member per SM stay on the
     caller's stream and every other bank (smaller fused banks, PyTorch banks) goes to the second

@@ -48,7 +48,9 @@ for form, stat in (("standard", 1), ("gram", 1), ("gram", 2)):
         dict(T=5, STAT=stat, SHAPE_MODE=True, HAS_W=True, G_PTRS=False, GRAM=gram,
              RESTART=pt.GRAM_RESTART, GRAM_STATS=gram and stat == 1, IEEE=False,
              EV_ONCE="evict_first" if pt.L2_HINTS[kind] else "",
-             EV_WORK="evict_last" if pt.L2_HINTS[kind] else ""),
+             EV_WORK="evict_last" if pt.L2_HINTS[kind] else "",
+             F16=gram and pt.GRAM_F16, EVEN=True, SLOT_X=True,
+             KEEP_X0=gram and pt.KEEP_X0),
         pt.LAUNCH_128[kind])
 print(json.dumps(out))
 """
