@@ -948,7 +948,7 @@ class NorMuon(torch.optim.Optimizer):
     def _sm_workspace(self, bank: Bank) -> Optional[torch.Tensor]:
         """The per-SM workspace of a one-kernel bank step on the caller's stream
         (:func:`~.pe_triton.sm_workspace`: one matrix per SM, reused by every member that SM
-        runs, so it stays in L2), shared by the banks of the same member size and dtype; None
+        runs, so it can stay in L2), shared by the banks of the same member size and dtype; None
         where the bank takes a workspace per member (CPU, fewer than 128 rows: kernels that
         may run two programs per SM)."""
         from .pe_triton import MAX_ROWS, _block_rows, interpreter_active, sm_workspace

@@ -615,7 +615,8 @@ def _nsmid_kernel(OUT):
 
 def sm_slots(device: torch.device) -> int:
     """Upper bound of the SM ids (``%smid``) on ``device``: PTX ``%nsmid`` (ids need not be
-    contiguous, so this can exceed the SM count). Measured once per device (one tiny kernel)."""
+    contiguous, so this can exceed the SM count). Measured once per device (one tiny kernel and
+    a host synchronisation: call it before any CUDA-graph capture, as NorMuon's warm-up step does)."""
     device = torch.device(device)
     key = (device.type, device.index if device.index is not None else torch.cuda.current_device())
     if key not in _slots:
