@@ -5,7 +5,9 @@ step fastest, and at what accuracy? The step holds 7 MoE layers x 2 stacks of 25
 (``[128, 1024]`` wide, ``[1024, 128]`` tall); this script times the kernel on the same matrices
 
 * as one launch over all 1792 members of a shape (``--members``), and
-* as the step issues it: 7 launches of 256 members, one per layer (``x7``),
+* as the step issues it: 7 launches of 256 members, one per layer (``x7``), and
+* as ``NorMuon(merge_launches=True)`` issues it: the 7 layers' banks in one launch through a
+  table of member addresses (:func:`~vpmoe_compile.optim.pe_triton.normuon_banks_fused_`),
 
 for each variant (keyword arguments of :func:`vpmoe_compile.optim.pe_triton.normuon_bank_fused_`):
 
@@ -154,6 +156,7 @@ def main(argv=None):
                 launch(0, N)  # one step from the initial state: the accuracy check
                 entry["rel_err_vs_fp64"] = [rel((W[i] - W0[i]).cpu(), refs[i]) for i in range(len(refs))]
                 entry["finite"] = bool(torch.isfinite(W).all())
+                first = W[:layers * per_layer].clone()
                 t = time_fn(lambda: launch(0, N), device, reps=args.reps)
                 entry["one_launch"] = {**t, "tb_s_at_20B": res["bytes_per_member"] * N / (t["median_ms"] * 1e-3) / 1e12}
 
@@ -162,6 +165,26 @@ def main(argv=None):
                         launch(k * per_layer, (k + 1) * per_layer)
 
                 entry["per_layer"] = time_fn(per_layer_launches, device, reps=args.reps)
+                # the layers' banks through one address table (as merge_launches launches them)
+                addr = torch.cat([pe_triton.member_addresses(
+                    G[k * per_layer:(k + 1) * per_layer], M[k * per_layer:(k + 1) * per_layer],
+                    V[k * per_layer:(k + 1) * per_layer], W[k * per_layer:(k + 1) * per_layer])
+                    for k in range(layers)], dim=1).to(device)
+                wt = work if work is Xs else work[:layers * per_layer]
+
+                def table_launch(addr=addr, wt=wt, kw=kw):
+                    pe_triton.normuon_banks_fused_(
+                        addr, (m, n), wt, hyper, PINNED_COEFFICIENTS, 0.02, 1e-6, flip,
+                        -2 if flip else -1, "shape", shape_scale, 0.0, form="gram",
+                        x_per_sm=work is Xs, **kw)
+
+                # the same step through the table from the same initial state: bitwise equal
+                M.copy_(M0)
+                W.copy_(W0)
+                V.zero_()
+                table_launch()
+                entry["table_bitwise_equal"] = bool(torch.equal(W[:layers * per_layer], first))
+                entry["table_launch"] = time_fn(table_launch, device, reps=args.reps)
             except Exception as e:  # a variant that fails must not end the run
                 entry["error"] = f"{type(e).__name__}: {e}"[:400]
             res["variants"].setdefault(orient, {})[name] = entry
@@ -188,9 +211,16 @@ def plot(res: Dict, path: str) -> None:
         names = [k for k, v in vs.items() if "one_launch" in v]
         one = [vs[k]["one_launch"]["median_ms"] for k in names]
         lay = [vs[k]["per_layer"]["median_ms"] for k in names]
+        tab = [vs[k].get("table_launch", {}).get("median_ms", 0.0) for k in names]
         x = range(len(names))
-        ax.bar([i - 0.2 for i in x], one, 0.4, label=f"one launch, {res['members']} members")
-        ax.bar([i + 0.2 for i in x], lay, 0.4, label=f"{res['layers']} launches of {res['per_layer']}")
+        w = 0.27 if any(tab) else 0.4
+        ax.bar([i - w for i in x] if any(tab) else [i - 0.2 for i in x], one, w,
+               label=f"one launch, {res['members']} members")
+        ax.bar([i for i in x] if any(tab) else [i + 0.2 for i in x], lay, w,
+               label=f"{res['layers']} launches of {res['per_layer']}")
+        if any(tab):
+            ax.bar([i + w for i in x], tab, w,
+                   label=f"the {res['layers']} banks in one launch (address table)")
         ax.set_xticks(list(x))
         ax.set_xticklabels([LABELS.get(k, k) for k in names], fontsize=8)
         ax.set_ylabel("ms (median)")

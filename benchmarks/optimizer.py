@@ -224,7 +224,8 @@ def make_params(spec, device, seed=0):
 
 
 def build_normuon(spec, params, grads, compile_mode, pe_backend="torch", cuda_graph=False,
-                  fused_bank=True, direct_grads=True, pe_form="standard", overlap_banks=True):
+                  fused_bank=True, direct_grads=True, pe_form="standard", overlap_banks=True,
+                  **extra):
     groups = []
     for expert in (False, True):
         idx = [i for i, s in enumerate(spec) if s["expert"] == expert]
@@ -235,7 +236,7 @@ def build_normuon(spec, params, grads, compile_mode, pe_backend="torch", cuda_gr
     return NorMuon(groups, lr=LR, momentum=MU, beta2=BETA2, eps=EPS, weight_decay=WD,
                    compile=compile_mode, pe_backend=pe_backend, cuda_graph=cuda_graph,
                    fused_bank=fused_bank, direct_grads=direct_grads, pe_form=pe_form,
-                   overlap_banks=overlap_banks)
+                   overlap_banks=overlap_banks, **extra)
 
 
 class ForkLoop:
@@ -283,12 +284,21 @@ VARIANTS = {
     "bank_kernel_graph_direct_gram_serial": (True, "auto", True, True, True, "gram", False),
     "bank_kernel_graph_direct_gram_tf32": (True, "auto", True, True, True, "gram", True),
     "bank_kernel_graph_direct_gram_sm_ws": (True, "auto", True, True, True, "gram", True),
+    "bank_kernel_graph_direct_gram_merged": (True, "auto", True, True, True, "gram", True),
+    "bank_kernel_graph_direct_gram_merged_sm_ws": (True, "auto", True, True, True, "gram", True),
+}
+#: further NorMuon arguments of a variant: ``merge_launches`` (one launch for the expert stacks
+#: of every layer, opt-in)
+VARIANT_ARGS = {
+    "bank_kernel_graph_direct_gram_merged": {"merge_launches": True},
+    "bank_kernel_graph_direct_gram_merged_sm_ws": {"merge_launches": True},
 }
 #: module settings a variant runs with (restored after it): ``pe_triton.GRAM_F16`` (Gram-space
 #: state in fp16, the default) and ``normuon.SM_WORKSPACE`` (per-SM workspace, opt-in)
 VARIANT_KNOBS = {
     "bank_kernel_graph_direct_gram_tf32": {"pe_triton.GRAM_F16": False, "normuon.SM_WORKSPACE": False},
     "bank_kernel_graph_direct_gram_sm_ws": {"normuon.SM_WORKSPACE": True},
+    "bank_kernel_graph_direct_gram_merged_sm_ws": {"normuon.SM_WORKSPACE": True},
 }
 HEADLINE = "bank_kernel_graph"
 CHECK_STEPS = 3
@@ -309,6 +319,8 @@ VARIANT_LABELS = {  # plot labels (the JSON keeps the variant names)
     "bank_kernel_graph_direct_gram_serial": "the same, every bank on one stream",
     "bank_kernel_graph_direct_gram_tf32": "the same, TF32 Gram products",
     "bank_kernel_graph_direct_gram_sm_ws": "the same, one workspace per SM (opt-in)",
+    "bank_kernel_graph_direct_gram_merged": "the same, one launch for every layer's stacks (opt-in)",
+    "bank_kernel_graph_direct_gram_merged_sm_ws": "one launch for every layer's stacks + one workspace per SM",
 }
 
 
@@ -462,11 +474,12 @@ def run_variant(name, spec, device, reps, delta_eager, init, diagnose=True) -> T
     dynamo_reset()
     counters.clear()
     params, grads = make_params(spec, device)
+    extra = VARIANT_ARGS.get(name, {})
     opt = build_normuon(spec, params, grads, compile_mode, backend, graph, fused_bank, direct, form,
-                        overlap)
+                        overlap, **extra)
     info: Dict = {"compile": bool(compile_mode), "pe_backend": backend, "cuda_graph": graph,
                   "fused_bank": fused_bank, "direct_grads": direct, "pe_form": form,
-                  "overlap_banks": overlap}
+                  "overlap_banks": overlap, **extra}
     _sync(device)
     t0 = time.perf_counter()
     set_lr(opt, 0)

@@ -320,6 +320,10 @@ class OptimizerSection:
     #: (``NorMuon(direct_grads=...)``; docs/design.md#banks). Gradients that are not contiguous,
     #: 16-byte aligned fp32 tensors of the parameter's shape are still copied.
     direct_grads: bool = False
+    #: With ``direct_grads``: the one-kernel bank steps of the banks that share member shape and
+    #: settings (the expert stacks of every layer) run as one kernel launch through a table of
+    #: member addresses instead of one launch per bank (``NorMuon(merge_launches=...)``).
+    merge_launches: bool = False
     #: Separate max / min learning rate of the embedding and output layer (Megatron's
     #: ``decoupled_lr``); unset: the AdamW (aux) learning rates.
     decoupled_lr: Optional[float] = field(default=None, metadata=_meta(ge=0.0))

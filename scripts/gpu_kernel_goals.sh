@@ -16,8 +16,9 @@
 #             (the stock one-matrix-per-expert layout, for comparison; runs before normuon so the
 #             goal record keeps the stacked layout's numbers)
 #   normuon   benchmarks/optimizer.py (experts stacked as the moe pass holds them) -> optimizer_vpmoe-8l.json
-#   normuon_bank  the GPU tests of the bank kernel's workspaces (per SM, restart without a store), then
-#             benchmarks/normuon_bank.py (bank-kernel variants on the expert stacks) -> normuon_bank.json/.png
+#   normuon_bank  the GPU tests of the bank kernel's workspaces (per SM, restart without a store) and
+#             of several banks in one launch (merge_launches), then benchmarks/normuon_bank.py
+#             (bank-kernel variants on the expert stacks) -> normuon_bank.json/.png
 # Each phase has a time limit in seconds (GLOBAL_S, SCHEDULE_S, TPA_S, NORMUON_S, NORMUON_BANK_S;
 # defaults 240 / 420 / 150 / 240 / 240; the device allows 600 s per call, so group the phases to fit):
 # at the limit it gets SIGINT, 30 s later SIGKILL. A failing phase does not stop the next; the exit
@@ -53,7 +54,7 @@ has normuon && run_phase normuon "${NORMUON_S:-240}" "$OUT/normuon.log" \
   python3 benchmarks/optimizer.py --skip-fork --variants "$VARIANTS" ${NORMUON_ARGS:-} --out "$OUT"
 has normuon_bank && run_phase normuon_bank "${NORMUON_BANK_S:-240}" "$OUT/normuon_bank.log" bash -c \
   "python3 -m pytest -q -p no:cacheprovider tests/vpmoe_compile/optim/test_pe_triton.py tests/vpmoe_compile/optim/test_normuon_gpu.py \
-     -k 'workspace_and_restart or sm_workspace' && \
+     -k 'workspace_and_restart or sm_workspace or one_launch or merged_launches' && \
    python3 benchmarks/normuon_bank.py --out '$OUT'"
 finish_phases; status=$?
 [ -f "$OUT/kernel_goals.json" ] && cat "$OUT/kernel_goals.json"

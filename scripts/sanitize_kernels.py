@@ -247,6 +247,13 @@ def _normuon_cases():
         ("bank gram expert tall [1024, 128] per-SM workspace, keep_x0",
          dict(form="gram", shape=(3, 1024, 128), stat=-2, slot=True, keep=True)),
         ("bank gram [37, 200] keep_x0", dict(form="gram", shape=(3, 37, 200), stat=-2, keep=True)),
+        # several banks in one launch through the address table (merge_launches)
+        ("banks gram expert wide [128, 1024] one launch, address table",
+         dict(form="gram", shape=(4, 128, 1024), stat=-1, table=True)),
+        ("banks gram expert tall [1024, 128] one launch, address table, per-SM workspace",
+         dict(form="gram", shape=(4, 1024, 128), stat=-2, table=True, slot=True)),
+        ("banks standard [37, 200] one launch, address table",
+         dict(form="standard", shape=(4, 37, 200), stat=-2, table=True)),
     ]
     return cases
 
@@ -277,6 +284,15 @@ def run_normuon_case(c):
     V = torch.rand(N, S if c["stat"] == -1 else L, device=DEV)
     X = (pt.sm_workspace((m, n), dt, DEV) if c.get("slot")
          else torch.empty(N, m, n, device=DEV, dtype=dt))
+    if c.get("table"):  # two banks, separate allocations, in one launch
+        banks = [(G[:N // 2].clone(), M[:N // 2].clone(), V[:N // 2].clone(), W[:N // 2].clone()),
+                 (G[N // 2:].clone(), M[N // 2:].clone(), V[N // 2:].clone(), W[N // 2:].clone())]
+        addr = torch.cat([pt.member_addresses(*b) for b in banks], dim=1).to(DEV)
+        pt.normuon_banks_fused_(addr, (m, n), X, hyper, PINNED_COEFFICIENTS, 0.02, 1e-6, flip,
+                                c["stat"], "shape", 1.0, 0.0, form=c["form"], x_per_sm=c.get("slot", False))
+        _sync()
+        _finite(*[t for b in banks for t in b])
+        return {}
     grads = [torch.randn(m, n, device=DEV) * 1e-3 for _ in range(N)] if c.get("ptrs") else None
     ptrs = (torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64, device=DEV)
             if grads is not None else None)
@@ -290,13 +306,14 @@ def run_normuon_case(c):
 
 
 def run_normuon_step():
-    """One NorMuon step over fused banks (wide, tall, small, an expert stack) and a PyTorch bank."""
+    """One NorMuon step over fused banks (wide, tall, small, two expert stacks in one launch) and
+    a PyTorch bank."""
     import torch
 
     NorMuon = _module("vpmoe_compile.optim").NorMuon
-    shapes = [(4, 128, 256), (64, 256), (256, 64), (5, 40), (160, 160)]
+    shapes = [(4, 128, 256), (64, 256), (256, 64), (5, 40), (160, 160), (4, 128, 256)]
     params = [torch.nn.Parameter(torch.randn(*s, device=DEV) * 0.02) for s in shapes]
-    opt = NorMuon(params, lr=0.01, weight_decay=0.1, direct_grads=True,
+    opt = NorMuon(params, lr=0.01, weight_decay=0.1, direct_grads=True, merge_launches=True,
                   pe_backend="triton" if DEV == "cpu" else "auto",
                   pe_dtype=torch.float32 if DEV == "cpu" else None)
     for _ in range(2):

@@ -116,15 +116,51 @@ class Bank:
     # One-kernel bank step on the caller's stream: runs on NorMuon's per-SM workspace (True),
     # on its own X (False: the kernel configuration can run two programs per SM), untried (None).
     slot_x: Optional[bool] = None
+    # The launch that runs this bank's one-kernel step with other banks' (merge_launches), or None.
+    launch: Optional["LaunchGroup"] = None
 
     @property
     def size(self) -> int:
         return len(self.members)
 
+    @property
+    def device(self) -> torch.device:
+        return self.M.device
+
     def member_v(self, i: int) -> torch.Tensor:
         """Second moment of member ``i`` in original orientation (``[m, 1]`` or ``[1, n]``)."""
         v = self.V[i]
         return v.mT if self.flip else v
+
+
+@dataclass
+class LaunchGroup:
+    """Direct banks (gradients read through an address table) of one member shape, param group,
+    orientation and Polar Express dtype whose one-kernel bank steps run as one launch
+    (``NorMuon(merge_launches=True)``, :func:`~.pe_triton.normuon_banks_fused_`): e.g. the
+    expert stacks of every layer, instead of one launch per stack. Each bank's ``gptr`` is a
+    view of ``table``'s gradient row, so the bank's address refresh fills the group's table."""
+
+    banks: List[Bank]
+    table: torch.Tensor  # [4, N] int64 device addresses: gradient, momentum, second moment, parameter
+    X: Optional[torch.Tensor] = None  # [N, m, n] workspace (when not on the per-SM workspace)
+    slot_x: Optional[bool] = None  # as Bank.slot_x
+
+    @property
+    def size(self) -> int:
+        return int(self.table.shape[1])
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return self.banks[0].shape
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.banks[0].compute_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.banks[0].M.device
 
 
 def bank_layout(shape: Tuple[int, int], neuron_axis: str) -> Tuple[bool, bool, int]:

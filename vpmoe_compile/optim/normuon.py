@@ -88,6 +88,7 @@ import torch
 
 from .banks import (
     Bank,
+    LaunchGroup,
     Member,
     StackSlice,
     bank_epilogue,
@@ -236,6 +237,13 @@ class NorMuon(torch.optim.Optimizer):
             form). The Gram form runs the steps on the ``s x s`` Gram matrix and sweeps ``X``
             twice instead of five times (restarted after :data:`~.pe_triton.GRAM_RESTART`
             steps); measured on an H100 with the vpMoE-8L parameter set: 9.0 vs 10.7 ms per step.
+        merge_launches: run the one-kernel bank steps of the direct banks (``direct_grads``)
+            that share member shape, param group, orientation and Polar Express dtype -- the
+            expert stacks of every layer -- as one kernel launch through a table of member
+            addresses (:func:`~.pe_triton.normuon_banks_fused_`) instead of one launch per bank,
+            so the GPU does not drain at the end of each bank. The result is bitwise that of one
+            launch per bank; a step with a missing gradient launches each bank on its own.
+            Off by default (not yet timed on a GPU; docs/design.md#banks).
         overlap_banks: in a CUDA-graph step, run the banks that do not fill the GPU by
             themselves (every bank but the one-kernel bank steps of at least one member per
             SM, i.e. the expert stacks) on a second, higher-priority stream beside those that
@@ -270,6 +278,7 @@ class NorMuon(torch.optim.Optimizer):
         cuda_graph: bool = False,
         fused_bank: bool = True,
         direct_grads: bool = False,
+        merge_launches: bool = False,
         pe_form: str = "gram",
         overlap_banks: bool = True,
         param_names: Optional[Dict[int, str]] = None,
@@ -311,6 +320,7 @@ class NorMuon(torch.optim.Optimizer):
         self.cuda_graph = bool(cuda_graph)
         self.fused_bank = bool(fused_bank)
         self.direct_grads = bool(direct_grads)
+        self.merge_launches = bool(merge_launches)
         self.pe_form = pe_form
         self.overlap_banks = bool(overlap_banks)
         self._side_stream: Optional[torch.cuda.Stream] = None
@@ -319,6 +329,7 @@ class NorMuon(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, gi)
         self._banks: Optional[List[Bank]] = None
+        self._groups: List[LaunchGroup] = []  # merge_launches
         self._flat: List[torch.Tensor] = []
         # expert stacks: (param, M [E*k, m/k, n], V oriented, second-moment state shape)
         self._stacks: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Tuple[int, ...]]] = []
@@ -597,6 +608,7 @@ class NorMuon(torch.optim.Optimizer):
             if bank.direct:
                 bank.gptr = torch.zeros(bank.size, dtype=torch.int64, device=bank.M.device)
         self._any_direct = any(b.direct for b in banks)
+        self._merge_launches()
         self._table_key = None
         self._fns = None
         self._graphs = None
@@ -645,6 +657,43 @@ class NorMuon(torch.optim.Optimizer):
                 bank.w_dst, bank.d_src, bank.seg_member = [view], [bank.G_buf], [0]
             banks.append(bank)
         return banks
+
+    def _merge_launches(self) -> None:
+        """(Re)form the launch groups of ``merge_launches``: the direct banks of one key (param
+        group, member shape, orientation, statistic, scale, Polar Express dtype, device), two or
+        more, share one ``[4, N]`` address table; each bank's ``gptr`` becomes a view of its
+        gradient row (filled by :meth:`_refresh_tables`, which must run before the next launch:
+        the caller resets ``_table_key``). The momentum, second-moment and parameter rows are
+        fixed for the banks' life (rebuilding the banks re-forms the groups)."""
+        from .pe_triton import member_addresses
+
+        for bank in self._banks:
+            if bank.launch is not None:  # leave the old group: its own gradient table again
+                bank.launch = None
+                if bank.direct:
+                    bank.gptr = torch.zeros(bank.size, dtype=torch.int64, device=bank.device)
+        self._groups = []
+        self._table_key = None
+        if not self.merge_launches:
+            return
+        buckets: Dict[Tuple, List[Bank]] = {}
+        for bank in self._banks:
+            if bank.direct:
+                key = (bank.group_index, bank.shape, bank.flip, bank.stat_dim, bank.shape_scale,
+                       bank.compute_dtype, bank.device)
+                buckets.setdefault(key, []).append(bank)
+        for banks in buckets.values():
+            if len(banks) < 2:
+                continue
+            # (the gradient row is a placeholder here: M's addresses, overwritten by the refresh)
+            host = torch.cat([member_addresses(b.M, b.M, b.V, b.W) for b in banks], dim=1)
+            group = LaunchGroup(banks=banks, table=host.to(banks[0].device))
+            lo = 0
+            for b in banks:
+                b.launch = group
+                b.gptr = group.table[0, lo : lo + b.size]
+                lo += b.size
+            self._groups.append(group)
 
     def _param_of(self, mem: Member) -> torch.Tensor:
         return self.param_groups[mem.group_index]["params"][mem.param_index]
@@ -739,11 +788,14 @@ class NorMuon(torch.optim.Optimizer):
         """One dict per bank: shape ``[m, n]``, members, group, flip, fused kernels, gradients
         read through an address table, updated in the bank (``rehomed``: re-homed whole params
         or an fp32 expert stack in place), ``stack``: ``None`` or the expert stack's shape
-        ``[E, rows, n]`` and the bank's members ``[lo, hi)`` of it, Polar Express dtype."""
+        ``[E, rows, n]`` and the bank's members ``[lo, hi)`` of it, Polar Express dtype,
+        ``launch_group``: index of its ``merge_launches`` group (one launch) or None."""
         self._ensure_banks()
+        groups = {id(g): i for i, g in enumerate(self._groups)}
         return [
             dict(shape=list(b.shape), members=b.size, group=b.group_index, flip=b.flip,
                  fused=b.fused, direct_grads=b.direct, rehomed=b.W is not None,
+                 launch_group=None if b.launch is None else groups[id(b.launch)],
                  stack=None if b.stack is None
                  else dict(shape=list(b.stack.param.shape), members=[b.stack.lo, b.stack.hi]),
                  compute_dtype=str(b.compute_dtype))
@@ -818,7 +870,10 @@ class NorMuon(torch.optim.Optimizer):
                 if present is not None and not any(present):
                     continue
                 self._gather_bank(bank, present)
-                self._compute_bank(bank, present)
+                if present is None:
+                    self._compute_unit(bank)  # (a launch group's banks gather nothing: direct)
+                else:
+                    self._compute_bank(bank, present)
                 if bank.stack is not None:
                     bank.G = bank.G_buf  # hold no reference to a gradient read in place
             self._export_state()  # keep self.state of split (QKV / TPA) parameters current
@@ -839,7 +894,8 @@ class NorMuon(torch.optim.Optimizer):
         """Point the direct banks' address tables at the current gradients (asynchronous
         copy from pinned memory, no host sync). A bank whose gradients are not contiguous,
         16-byte aligned fp32 tensors of the parameters' shapes falls back to gathering for good
-        (and its graphs are re-made)."""
+        (and its graphs are re-made; it leaves its launch group)."""
+        fell_back = False
         for bank in self._banks:
             if not bank.direct:
                 continue
@@ -855,8 +911,15 @@ class NorMuon(torch.optim.Optimizer):
             if not ok:
                 bank.direct = False
                 self._graphs = None
+                fell_back = fell_back or bank.launch is not None
+        if fell_back:
+            self._merge_launches()
+        for bank in self._banks:
+            if not bank.direct:
                 continue
-            if bank.stack is not None:  # member j of the stack starts j * step bytes in
+            gl = [grads[i] for i in bank.flat_idx]
+            if bank.stack is not None:
+                step = bank.M[0].numel() * bank.M.element_size()  # member j of the stack starts j * step bytes in
                 lo, hi = bank.stack.lo, bank.stack.hi
                 host = torch.arange(lo, hi, dtype=torch.int64) * step + gl[0].data_ptr()
             else:
@@ -945,23 +1008,68 @@ class NorMuon(torch.optim.Optimizer):
         for bank in self._banks:
             self._gather_bank(bank, None)
 
-    def _sm_workspace(self, bank: Bank) -> Optional[torch.Tensor]:
-        """The per-SM workspace of a one-kernel bank step on the caller's stream
-        (:func:`~.pe_triton.sm_workspace`: one matrix per SM, reused by every member that SM
-        runs, so it can stay in L2), shared by the banks of the same member size and dtype; None
-        where the bank takes a workspace per member (CPU, fewer than 128 rows: kernels that
-        may run two programs per SM)."""
+    def _sm_workspace(self, unit: Union[Bank, LaunchGroup]) -> Optional[torch.Tensor]:
+        """The per-SM workspace of a one-kernel bank step (a bank or a launch group) on the
+        caller's stream (:func:`~.pe_triton.sm_workspace`: one matrix per SM, reused by every
+        member that SM runs, so it can stay in L2), shared by the steps of the same member size
+        and dtype; None where the step takes a workspace per member (CPU, fewer than 128 rows:
+        kernels that may run two programs per SM)."""
         from .pe_triton import MAX_ROWS, _block_rows, interpreter_active, sm_workspace
 
-        if (not SM_WORKSPACE or not bank.M.is_cuda or interpreter_active() or bank.slot_x is False
-                or _block_rows(min(bank.shape)) != MAX_ROWS):
+        if (not SM_WORKSPACE or unit.device.type != "cuda" or interpreter_active()
+                or unit.slot_x is False or _block_rows(min(unit.shape)) != MAX_ROWS):
             return None
-        m, n = bank.shape
-        key = (bank.M.device, bank.compute_dtype, m * n)
+        m, n = unit.shape
+        key = (unit.device, unit.compute_dtype, m * n)
         ws = self._sm_ws.get(key)
         if ws is None:
-            ws = self._sm_ws[key] = sm_workspace((m * n,), bank.compute_dtype, bank.M.device)
+            ws = self._sm_ws[key] = sm_workspace((m * n,), unit.compute_dtype, unit.device)
         return ws.view(-1, m, n)
+
+    def _run_bank_kernel(self, unit: Union[Bank, LaunchGroup], launch, main: bool) -> None:
+        """``launch(X, x_per_sm)`` of a one-kernel bank step (a bank or a launch group) on the
+        per-SM workspace where it may use one (``main``: the caller's stream), else on the unit's
+        own ``[N, m, n]`` workspace (made on first use)."""
+        from .pe_triton import SharedWorkspaceError
+
+        ws = self._sm_workspace(unit) if main else None
+        if ws is not None:
+            try:
+                launch(ws, True)
+                unit.slot_x = True
+                return
+            except SharedWorkspaceError:  # checked before the first launch: nothing ran
+                unit.slot_x = False
+        if unit.X is None:
+            unit.X = torch.empty((unit.size, *unit.shape), dtype=unit.compute_dtype, device=unit.device)
+        launch(unit.X, False)
+
+    def _compute_group(self, group: LaunchGroup, main: bool = True) -> None:
+        """The one-kernel bank steps of a launch group's banks (every gradient present), as one
+        launch (:func:`~.pe_triton.normuon_banks_fused_`)."""
+        from .pe_triton import normuon_banks_fused_
+
+        b = group.banks[0]
+        h = self._hyper[(b.group_index, b.M.device, b.M.dtype)]
+        m, n = b.shape
+
+        def launch(X, per_sm):
+            normuon_banks_fused_(
+                group.table, b.shape, X, h, self.table, self.safety, self.pe_eps, b.flip,
+                b.stat_dim, self.scale_mode, b.shape_scale, 0.2 * math.sqrt(m * n),
+                form=self.pe_form, x_per_sm=per_sm,
+            )
+
+        with _range("normuon.bank_kernel"):
+            self._run_bank_kernel(group, launch, main)
+
+    def _compute_unit(self, bank: Bank, main: bool = True) -> None:
+        """:meth:`_compute_bank` of a bank in a step with every gradient present, where a bank
+        of a launch group launches the whole group once its last bank is reached."""
+        if bank.launch is None:
+            self._compute_bank(bank, None, main)
+        elif bank is bank.launch.banks[-1]:
+            self._compute_group(bank.launch, main)
 
     def _compute_bank(self, bank: Bank, present: Optional[List[bool]], main: bool = True) -> None:
         """Momentum, Polar Express, second moment and update of one bank (``bank.G`` gathered);
@@ -977,7 +1085,7 @@ class NorMuon(torch.optim.Optimizer):
         m, n = bank.shape
         rms_scale = 0.2 * math.sqrt(m * n)
         if bank.fused and self.fused_bank:
-            from .pe_triton import SharedWorkspaceError, normuon_bank_fused_
+            from .pe_triton import normuon_bank_fused_
 
             # A direct stack bank has no G: the kernel reads grad_ptrs and writes W, never G.
             G = bank.G if bank.G is not None else bank.M
@@ -990,19 +1098,8 @@ class NorMuon(torch.optim.Optimizer):
                     form=self.pe_form, x_per_sm=per_sm,
                 )
 
-            ws = self._sm_workspace(bank) if main else None
             with _range("normuon.bank_kernel"):
-                launched = False
-                if ws is not None:
-                    try:
-                        launch(ws, True)
-                        bank.slot_x = launched = True
-                    except SharedWorkspaceError:  # checked before the first launch: nothing ran
-                        bank.slot_x = False
-                if not launched:
-                    if bank.X is None:
-                        bank.X = torch.empty(bank.M.shape, dtype=bank.compute_dtype, device=bank.M.device)
-                    launch(bank.X, False)
+                self._run_bank_kernel(bank, launch, main)
         elif bank.fused:
             from .pe_triton import polar_express_fused_
 
@@ -1062,7 +1159,8 @@ class NorMuon(torch.optim.Optimizer):
         main, side = [], []
         for bank in banks:
             sms = torch.cuda.get_device_properties(bank.M.device).multi_processor_count
-            big = bank.fused and self.fused_bank and bank.size >= sms
+            size = bank.size if bank.launch is None else bank.launch.size
+            big = bank.fused and self.fused_bank and size >= sms
             (main if big else side).append(bank)
         if not main or not side:
             return banks, []
@@ -1088,9 +1186,9 @@ class NorMuon(torch.optim.Optimizer):
             stream.wait_stream(cur)
             with torch.cuda.stream(stream):
                 for bank in side:
-                    self._compute_bank(bank, None, main=False)
+                    self._compute_unit(bank, main=False)
         for bank in main:
-            self._compute_bank(bank, None)
+            self._compute_unit(bank)
         if side:
             cur.wait_stream(stream)
         with _range("normuon.export"):

@@ -32,6 +32,7 @@ def normuon_kwargs(st) -> Dict[str, Any]:
         pe_backend=st.pe_backend,
         pe_form=st.pe_form,
         direct_grads=bool(st.direct_grads),
+        merge_launches=bool(st.merge_launches),
     )
 
 

@@ -27,7 +27,9 @@ Two kernels:
   place through a table of addresses), writes ``round(U)`` to a workspace and accumulates
   ``||U||_F^2`` and ``round(U) round(U)^T`` (the normalisation is folded into the Gram matrix);
   its last sweep also updates the second moment, and a final sweep writes
-  ``W * (1 - lr wd) - lr k O`` (or ``-lr k O`` for the caller to scatter).
+  ``W * (1 - lr wd) - lr k O`` (or ``-lr k O`` for the caller to scatter);
+  :func:`normuon_banks_fused_` runs the members of several banks in one launch, each program
+  reading its matrices' addresses from a ``[4, N]`` table (:func:`member_addresses`).
 
 **Gram form** (``form="gram"``, NorMuon's default ``pe_form``; docs/design.md#gram-form): the
 steps run on the ``s x s`` Gram matrix (state in fp16 on the GPU, :data:`GRAM_F16`: each product
@@ -72,7 +74,7 @@ from .polar_express import PE_FORMS
 __all__ = [
     "fused_pe_supported", "polar_express_fused_", "normuon_bank_fused_", "MAX_ROWS", "FORMS",
     "GRAM_RESTART", "L2_HINTS", "coefficient_tensor", "GRAM_F16", "KEEP_X0", "sm_slots",
-    "sm_workspace", "SharedWorkspaceError",
+    "sm_workspace", "SharedWorkspaceError", "normuon_banks_fused_", "member_addresses",
 ]
 
 #: Largest ``s = min(m, n)`` handled by the fused kernel (the Gram matrix lives in registers).
@@ -364,10 +366,11 @@ def _lerp(start, end, w):
     return tl.where(w < 0.5, start + w * (end - start), end - (end - start) * (1.0 - w))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NT"])  # (one compiled kernel for every member count)
 def _normuon_bank_kernel(
     G,  # [N, m, n] fp32 gradients; receives -lr * Delta when HAS_W is False
-    GP,  # [N] int64 addresses of the N gradients (G_PTRS), read instead of G
+    GP,  # [N] int64 addresses of the N gradients (G_PTRS), read instead of G; with TABLE the
+    # [4, NT] member address table (rows: gradient, momentum, second moment, parameter)
     M,  # [N, m, n] fp32 momentum (in / out)
     V,  # [N, S] (STAT 1) or [N, L] (STAT 2) fp32 second moment (in / out)
     W,  # [N, m, n] fp32 parameters (HAS_W), W <- W * decay - lr * Delta
@@ -385,6 +388,7 @@ def _normuon_bank_kernel(
     safety,
     pe_eps,
     scale,  # shape_scale ("shape") or rms_scale ("rms0.2")
+    NT,  # members of the launch (TABLE: the address table's row length)
     T: tl.constexpr,
     BS: tl.constexpr,
     BL: tl.constexpr,
@@ -402,45 +406,59 @@ def _normuon_bank_kernel(
     EVEN: tl.constexpr,  # S == BS and BL divides L: whole tiles, no masks
     SLOT_X: tl.constexpr,  # X is a workspace per SM ([slots, m, n], indexed by %smid)
     KEEP_X0: tl.constexpr,  # Gram form: the restart does not store X (formed again when read)
+    TABLE: tl.constexpr,  # G, M, V, W of each member through GP's address table (HAS_W)
 ):
     _normuon_bank_member(
         tl.program_id(0).to(tl.int64), G, GP, M, V, W, X, COEF, tl.load(MU), tl.load(LR),
-        tl.load(DECAY), tl.load(BETA2), tl.load(EPS), S, L, SI, SL, safety, pe_eps, scale, T, BS,
-        BL, STAT, SHAPE_MODE, HAS_W, G_PTRS, GRAM, RESTART, GRAM_STATS, EV_ONCE, EV_WORK, IEEE,
-        F16, EVEN, SLOT_X, KEEP_X0,
+        tl.load(DECAY), tl.load(BETA2), tl.load(EPS), S, L, SI, SL, safety, pe_eps, scale, NT, T,
+        BS, BL, STAT, SHAPE_MODE, HAS_W, G_PTRS, GRAM, RESTART, GRAM_STATS, EV_ONCE, EV_WORK, IEEE,
+        F16, EVEN, SLOT_X, KEEP_X0, TABLE,
     )
 
 
 @triton.jit
 def _normuon_bank_member(
     n, G, GP, M, V, W, X, COEF, mu, lr, decay, beta2, eps, S, L, SI, SL, safety, pe_eps, scale,
-    T: tl.constexpr, BS: tl.constexpr, BL: tl.constexpr, STAT: tl.constexpr,
+    NT, T: tl.constexpr, BS: tl.constexpr, BL: tl.constexpr, STAT: tl.constexpr,
     SHAPE_MODE: tl.constexpr, HAS_W: tl.constexpr, G_PTRS: tl.constexpr, GRAM: tl.constexpr,
     RESTART: tl.constexpr, GRAM_STATS: tl.constexpr, EV_ONCE: tl.constexpr,
     EV_WORK: tl.constexpr, IEEE: tl.constexpr, F16: tl.constexpr, EVEN: tl.constexpr,
-    SLOT_X: tl.constexpr, KEEP_X0: tl.constexpr,
+    SLOT_X: tl.constexpr, KEEP_X0: tl.constexpr, TABLE: tl.constexpr,
 ):
     """The whole NorMuon step of member ``n`` (int64) of a bank (see :func:`_normuon_bank_kernel`)."""
     rs = tl.arange(0, BS)
     row_ok = rs < S
     base = n * S * L
     dt = X.dtype.element_ty
-    if G_PTRS:
-        # this matrix's own gradient (16-byte aligned: checked by the caller)
-        gsrc = tl.multiple_of(tl.load(GP + n).to(tl.pointer_type(tl.float32)), 16)
-    else:
-        gsrc = G + base
     # the member's own matrices as scalar base pointers; tile l0 of each is the scalar pointer
     # ``base + l0 * SL`` plus the loop-invariant int32 offsets ``loc`` (no per-tile pointer or
     # offset tensors for the software pipeliner to carry between iterations)
-    Mb = M + base
+    if TABLE:
+        # members of several banks in one launch: their matrices' addresses (gradient, momentum
+        # and parameter 16-byte aligned: checked by the caller)
+        gsrc = tl.multiple_of(tl.load(GP + n).to(tl.pointer_type(tl.float32)), 16)
+        Mb = tl.multiple_of(tl.load(GP + NT + n).to(tl.pointer_type(tl.float32)), 16)
+        Vb = tl.load(GP + 2 * NT + n).to(tl.pointer_type(tl.float32))
+        Wb = tl.multiple_of(tl.load(GP + 3 * NT + n).to(tl.pointer_type(tl.float32)), 16)
+        Gb = gsrc
+    else:
+        if G_PTRS:
+            # this matrix's own gradient (16-byte aligned: checked by the caller)
+            gsrc = tl.multiple_of(tl.load(GP + n).to(tl.pointer_type(tl.float32)), 16)
+        else:
+            gsrc = G + base
+        Mb = M + base
+        if STAT == 1:
+            Vb = V + n * S
+        else:
+            Vb = V + n * L
+        Wb = W + base
+        Gb = G + base
     if SLOT_X:  # the workspace of this SM (one program per SM at a time; see normuon_bank_fused_)
         xbase = _smid().to(tl.int64) * S * L
     else:
         xbase = base
     Xb = X + xbase
-    Wb = W + base
-    Gb = G + base
     loc = rs[:, None] * SI + tl.arange(0, BL)[None, :] * SL
 
     # sweep 0: momentum, Nesterov, rounded Polar Express input, its norm and Gram matrix
@@ -500,14 +518,14 @@ def _normuon_bank_member(
                 rrow += tl.sum(yf * yf, axis=1)
             else:
                 rcol = tl.sum(yf * yf, axis=0)
-                v = _lerp(tl.load(V + n * L + cols, mask=col_ok, other=0.0), rcol / S, 1.0 - beta2)
-                tl.store(V + n * L + cols, v, mask=col_ok)
+                v = _lerp(tl.load(Vb + cols, mask=col_ok, other=0.0), rcol / S, 1.0 - beta2)
+                tl.store(Vb + cols, v, mask=col_ok)
                 sl = tl.where(col_ok, tl.rsqrt(v + eps), 0.0)
                 racc += rcol
                 sacc += rcol * sl * sl
     if STAT == 1:
-        v = _lerp(tl.load(V + n * S + rs, mask=row_ok, other=0.0), rrow / L, 1.0 - beta2)
-        tl.store(V + n * S + rs, v, mask=row_ok)
+        v = _lerp(tl.load(Vb + rs, mask=row_ok, other=0.0), rrow / L, 1.0 - beta2)
+        tl.store(Vb + rs, v, mask=row_ok)
         si = tl.where(row_ok, tl.rsqrt(v + eps), 0.0)
         R = tl.sum(rrow, axis=0)
         Ssum = tl.sum(rrow * si * si, axis=0)
@@ -536,7 +554,7 @@ def _normuon_bank_member(
         if STAT == 1:
             k = (si * c)[:, None]
         else:
-            v = tl.load(V + n * L + cols, mask=col_ok, other=0.0)
+            v = tl.load(Vb + cols, mask=col_ok, other=0.0)
             k = (tl.rsqrt(v + eps) * c)[None, :]
         delta = (k * o) * (-lr)
         if HAS_W:
@@ -814,20 +832,117 @@ def normuon_bank_fused_(
     for name, t in (("G", G), ("M", M)) + ((("W", W),) if W is not None else ()):
         if t.shape != G.shape or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous {tuple(G.shape)} tensor")
-    slot_x = bool(x_per_sm)
-    if (X.shape[1:] != G.shape[1:] or not X.is_contiguous()
-            or (not slot_x and X.shape[0] != N)):
-        rows = "sm_slots" if slot_x else "N"
-        raise ValueError(f"X must be a contiguous [{rows}, {m}, {n}] tensor, got {tuple(X.shape)}")
     if G.dtype != torch.float32 or M.dtype != torch.float32 or V.dtype != torch.float32:
         raise ValueError("the fused NorMuon bank kernel keeps its state in fp32")
     if not V.is_contiguous() or V.numel() != N * (S if stat_dim == -1 else L):
         raise ValueError(f"V {tuple(V.shape)} does not match stat_dim {stat_dim}")
+    if grad_ptrs is not None and (grad_ptrs.shape != (N,) or grad_ptrs.dtype != torch.int64):
+        raise ValueError("grad_ptrs must be an int64 [N] tensor")
+    _launch_bank(
+        N, (m, n), (G, grad_ptrs if grad_ptrs is not None else G, M, V, W if W is not None else G),
+        X, hyper, table, safety, pe_eps, flip, stat_dim, scale_mode, shape_scale, rms_scale,
+        block_l, num_warps, num_stages, ieee, form, l2_hints, gram_f16, keep_x0, x_per_sm,
+        has_w=W is not None, g_ptrs=grad_ptrs is not None, table_mode=False,
+    )
+
+
+def member_addresses(
+    G: torch.Tensor, M: torch.Tensor, V: torch.Tensor, W: torch.Tensor
+) -> torch.Tensor:
+    """The ``[4, N]`` int64 host address table of one bank's members for
+    :func:`normuon_banks_fused_`: rows gradient, momentum, second moment and parameter of each
+    member (``G``, ``M``, ``W`` contiguous ``[N, m, n]`` fp32 and ``V`` contiguous ``[N, ...]``
+    fp32 on one device, as :func:`normuon_bank_fused_` takes them; ``G`` may be a placeholder
+    of that shape whose row the caller overwrites with the live gradients' addresses).
+    Concatenate the tables of several banks along dim 1 to launch them together."""
+    N = M.shape[0]
+    for name, t in (("G", G), ("M", M), ("W", W)):
+        if t.dim() != 3 or t.shape != M.shape or not t.is_contiguous() or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be a contiguous fp32 {tuple(M.shape)} tensor, got "
+                             f"{tuple(t.shape)} {t.dtype}")
+        if t.data_ptr() % 16 or (t[0].numel() * 4) % 16:
+            raise ValueError(f"{name}'s members must be 16-byte aligned (member size "
+                             f"{tuple(t.shape[1:])} fp32 at address {t.data_ptr():#x})")
+    if V.shape[0] != N or not V.is_contiguous() or V.dtype != torch.float32:
+        raise ValueError(f"V must be a contiguous fp32 [{N}, ...] tensor, got {tuple(V.shape)}")
+    devices = {t.device for t in (G, M, V, W)}
+    if len(devices) != 1:
+        raise ValueError(f"a bank's tensors must be on one device, got {sorted(map(str, devices))}")
+    idx = torch.arange(N, dtype=torch.int64)
+    return torch.stack([
+        t.data_ptr() + idx * (t[0].numel() * t.element_size()) if N else idx for t in (G, M, V, W)
+    ])
+
+
+def normuon_banks_fused_(
+    addresses: torch.Tensor,
+    shape: Tuple[int, int],
+    X: torch.Tensor,
+    hyper: Dict[str, torch.Tensor],
+    table: Sequence[Sequence[float]],
+    safety: float,
+    pe_eps: float,
+    flip: bool,
+    stat_dim: int,
+    scale_mode: str,
+    shape_scale: float,
+    rms_scale: float,
+    block_l: Optional[int] = None,
+    num_warps: Optional[int] = None,
+    num_stages: Optional[int] = None,
+    ieee: bool = False,
+    form: str = "standard",
+    l2_hints: Optional[bool] = None,
+    gram_f16: Optional[bool] = None,
+    keep_x0: Optional[bool] = None,
+    x_per_sm: bool = False,
+) -> None:
+    """:func:`normuon_bank_fused_` for the members of several banks in one launch: member ``i``'s
+    gradient, momentum, second moment and parameter are at ``addresses[:, i]`` (a ``[4, N]``
+    int64 device table, :func:`member_addresses` of each bank concatenated along dim 1, its
+    gradient row kept current by the caller), so ``N`` programs run as one grid instead of one
+    launch per bank (no drain at each bank's end). Every member has the shape ``shape``
+    ``[m, n]`` and the arguments ``flip`` ... ``rms_scale`` and ``hyper``; parameters are
+    updated in place (there is no ``W is None`` form). ``X`` as for :func:`normuon_bank_fused_`
+    (``[N, m, n]`` or, with ``x_per_sm``, a per-SM workspace). The addresses are not checked
+    here (that would read the table back to the host): build them with :func:`member_addresses`.
+    """
+    m, n = (int(v) for v in shape)
+    flip_ = m > n
+    if bool(flip) != flip_:
+        raise ValueError(f"flip must be {flip_} for members of shape {(m, n)}")
+    S, L = (n, m) if flip else (m, n)
+    _check_rows(S, L)
+    if (addresses.dim() != 2 or addresses.shape[0] != 4 or addresses.dtype != torch.int64
+            or not addresses.is_contiguous() or addresses.device != X.device):
+        raise ValueError(f"addresses must be a contiguous int64 [4, N] tensor on {X.device}, got "
+                         f"{addresses.dtype} {tuple(addresses.shape)} on {addresses.device}")
+    N = addresses.shape[1]
+    dummy = hyper["lr"]  # the kernel reads every matrix through the table
+    _launch_bank(
+        N, (m, n), (dummy, addresses, dummy, dummy, dummy), X, hyper, table, safety, pe_eps, flip,
+        stat_dim, scale_mode, shape_scale, rms_scale, block_l, num_warps, num_stages, ieee, form,
+        l2_hints, gram_f16, keep_x0, x_per_sm, has_w=True, g_ptrs=False, table_mode=True,
+    )
+
+
+def _launch_bank(
+    N, shape, ptrs, X, hyper, table, safety, pe_eps, flip, stat_dim, scale_mode, shape_scale,
+    rms_scale, block_l, num_warps, num_stages, ieee, form, l2_hints, gram_f16, keep_x0, x_per_sm,
+    *, has_w: bool, g_ptrs: bool, table_mode: bool,
+) -> None:
+    """The launch shared by :func:`normuon_bank_fused_` and :func:`normuon_banks_fused_`:
+    ``ptrs`` = (G, GP, M, V, W) kernel arguments; checks ``X`` and launches ``N`` programs."""
+    m, n = shape
+    S, L = (n, m) if flip else (m, n)
+    slot_x = bool(x_per_sm)
+    if (tuple(X.shape[1:]) != (m, n) or not X.is_contiguous()
+            or (not slot_x and X.shape[0] != N)):
+        rows = "sm_slots" if slot_x else "N"
+        raise ValueError(f"X must be a contiguous [{rows}, {m}, {n}] tensor, got {tuple(X.shape)}")
     interp = interpreter_active()
     if interp and X.dtype != torch.float32:
         raise ValueError("under TRITON_INTERPRET=1 the fused NorMuon bank kernel runs in fp32 only")
-    if grad_ptrs is not None and (grad_ptrs.shape != (N,) or grad_ptrs.dtype != torch.int64):
-        raise ValueError("grad_ptrs must be an int64 [N] tensor")
     if N == 0:
         return
     gram = _check_form(form)
@@ -835,23 +950,24 @@ def normuon_bank_fused_(
     BS, BL, nw, ns = _launch_config(S, L, block_l, num_warps, num_stages, kind)
     hints = L2_HINTS[kind] if l2_hints is None else bool(l2_hints)
     SI, SL = (1, S) if flip else (L, 1)
-    coef = coefficient_tensor(table, G.device)
+    coef = coefficient_tensor(table, X.device)
     kwargs = {} if interp else dict(num_warps=nw, num_stages=ns)
     shape_mode = scale_mode == "shape"
     ieee_ = bool(ieee or X.dtype == torch.float32)
     keep = bool(gram and (KEEP_X0 if keep_x0 is None else keep_x0))
     args = (
-        G, grad_ptrs if grad_ptrs is not None else G, M, V, W if W is not None else G, X, coef,
+        *ptrs[:5], X, coef,
         hyper["momentum"], hyper["lr"], hyper["decay"], hyper["beta2"], hyper["eps"],
         S, L, SI, SL, float(safety), float(pe_eps), float(shape_scale if shape_mode else rms_scale),
+        N,
     )
     consts = dict(
         T=len(coef), BS=BS, BL=BL, STAT=1 if stat_dim == -1 else 2, SHAPE_MODE=shape_mode,
-        HAS_W=W is not None, G_PTRS=grad_ptrs is not None, GRAM=gram, RESTART=GRAM_RESTART,
+        HAS_W=has_w, G_PTRS=g_ptrs, GRAM=gram, RESTART=GRAM_RESTART,
         GRAM_STATS=gram and stat_dim == -1,
         EV_ONCE="evict_first" if hints else "", EV_WORK="evict_last" if hints else "",
         IEEE=ieee_, F16=_gram_f16(gram_f16, gram, ieee_),
-        EVEN=S == BS and L % BL == 0, SLOT_X=slot_x, KEEP_X0=keep,
+        EVEN=S == BS and L % BL == 0, SLOT_X=slot_x, KEEP_X0=keep, TABLE=table_mode,
     )
     if slot_x:
         if interp:

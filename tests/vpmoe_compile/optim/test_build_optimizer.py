@@ -54,16 +54,17 @@ def test_plain_path_trains_the_fake_model():
     assert len(opt.routing_table()) == len(list(model.parameters()))
 
 
-def test_direct_grads_setting_reaches_normuon():
-    """``[optimizer] direct_grads`` (default off) is NorMuon's ``direct_grads``; a wrong type is
-    refused by the config's own check."""
+@pytest.mark.parametrize("key", ["direct_grads", "merge_launches"])
+def test_gradient_access_settings_reach_normuon(key):
+    """``[optimizer] direct_grads`` / ``merge_launches`` (default off) are NorMuon's arguments of
+    the same name; a wrong type is refused by the config's own check."""
     from megatron_base.config import ConfigError
 
-    assert build_optimizer(FakeVpMoE()).normuon.direct_grads is False
-    opt = build_optimizer(FakeVpMoE(), SimpleNamespace(direct_grads=True))
-    assert opt.normuon.direct_grads is True and opt.settings.direct_grads is True
-    with pytest.raises(ConfigError, match="direct_grads"):
-        build_optimizer(FakeVpMoE(), SimpleNamespace(direct_grads="yes"))
+    assert getattr(build_optimizer(FakeVpMoE()).normuon, key) is False
+    opt = build_optimizer(FakeVpMoE(), SimpleNamespace(**{key: True}))
+    assert getattr(opt.normuon, key) is True and getattr(opt.settings, key) is True
+    with pytest.raises(ConfigError, match=key):
+        build_optimizer(FakeVpMoE(), SimpleNamespace(**{key: "yes"}))
 
 
 def test_nan_grad_skips_step_with_state_untouched_and_raise_names_params():

@@ -227,10 +227,10 @@ def _touched_per_step(params, blocks, monkeypatch):
     seen = []
     compute = NorMuon._compute_bank
 
-    def spy(self, bank, present):
+    def spy(self, bank, present, main=True):
         if bank.stack is not None:
             seen.append((bank, bank.G.data_ptr(), bank.stack.param.grad.data_ptr()))
-        return compute(self, bank, present)
+        return compute(self, bank, present, main)
 
     monkeypatch.setattr(NorMuon, "_compute_bank", spy)
     with _CountTensors() as count:
@@ -422,6 +422,57 @@ def test_fused_bank_kernel_on_stacks_matches_torch_path(direct, form):
     assert all(s["direct_grads"] == direct for s in summary)
     for a, b in zip(pa, pb):
         assert ((a - b).norm() / b.norm()).item() <= 1e-5
+
+
+def test_merged_launches_equal_one_launch_per_bank():
+    """``merge_launches``: the stacks of three "layers" (gated fc1, tall fc2; banks of at most 4
+    members, so each fc1 stack is two banks) run as one launch per member shape and give bitwise
+    the parameters and state of one launch per bank, through a step with a stack's gradient
+    missing (each bank on its own), one with a strided gradient (that stack's banks gather and
+    leave the group, the others stay merged) and gradients that move."""
+    pe_triton = pytest.importorskip("vpmoe_compile.optim.pe_triton")
+    if not pe_triton.interpreter_active():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    layers = 3
+    w = [t for _ in range(layers) for t in (torch.randn(3, 32, 64), torch.randn(3, 64, 16))]
+    blk = [_gate_up(32), None] * layers
+    kw = dict(lr=0.02, weight_decay=0.1, pe_dtype=torch.float32, pe_backend="triton",
+              direct_grads=True, max_bank_size=4, pe_form="gram")
+    opts, params = [], []
+    for merge in (True, False):
+        ps = [torch.nn.Parameter(t.clone()) for t in w]
+        opts.append(NorMuon([{"params": ps, "blocks": blk}], merge_launches=merge, **kw))
+        params.append(ps)
+    summary = opts[0].bank_summary()
+    assert len(summary) == 3 * layers and all(s["direct_grads"] for s in summary)
+    by_shape = {}
+    for s in summary:
+        by_shape.setdefault(tuple(s["shape"]), set()).add(s["launch_group"])
+    assert by_shape == {(16, 64): {0}, (64, 16): {1}}
+    assert all(s["launch_group"] is None for s in opts[1].bank_summary())
+    for step in range(5):
+        grads = [torch.randn_like(t) for t in w]
+        if step == 2:
+            grads[2] = None  # layer 1's fc1: its banks step on their own, the others merged
+        if step == 3:
+            grads[0] = grads[0].transpose(1, 2).contiguous().transpose(1, 2)  # not readable in place
+        for ps in params:
+            for p, g in zip(ps, grads):
+                p.grad = None if g is None else g.clone()
+        for opt in opts:
+            opt.step()
+        for a, b in zip(*params):
+            assert torch.equal(a, b), step
+    summary = opts[0].bank_summary()
+    fell_back = [s for s in summary if not s["direct_grads"]]
+    assert len(fell_back) == 2 and all(s["launch_group"] is None for s in fell_back)
+    assert all(s["stack"]["shape"] == [3, 32, 64] for s in fell_back)
+    merged = {s["launch_group"] for s in summary if s["direct_grads"]}
+    assert len(merged) == 2 and None not in merged
+    sa, sb = (o.state_dict()["state"] for o in opts)
+    for i in sa:
+        for k in ("momentum_buffer", "second_moment"):
+            assert torch.equal(sa[i][k], sb[i][k]), (i, k)
 
 
 # ------------------------------------------------------------------------------------ (f)

@@ -449,3 +449,43 @@ def test_sm_workspace_equals_member_workspace(monkeypatch):
     for name in ("slot", "member"):
         for a, b in zip(runs[name], runs["eager"]):
             assert torch.equal(a, b), name
+
+
+def test_merged_launches_equal_one_launch_per_bank(monkeypatch):
+    """``merge_launches``: the expert stacks of three "layers" (gated fc1 ``[48, 256, 512]`` as
+    gate / up members, tall fc2 ``[48, 512, 128]``) run as one launch per member shape through
+    the address table; eager, graph and graph + per-SM workspace steps are bitwise the steps
+    with one launch per bank, through lr / wd changes and a step with a missing gradient; the
+    steady merged graph step syncs and allocates nothing."""
+    import vpmoe_compile.optim.normuon as normuon_mod
+
+    g = torch.Generator(device="cpu").manual_seed(13)
+    init = [torch.randn(*s, generator=g) * 0.02 for _ in range(3)
+            for s in ((48, 256, 512), (48, 512, 128))]
+    blocks = [(((0, 128),), ((128, 128),)), None] * 3
+    runs = {}
+    for name, slot, kw in (
+        ("per_bank", False, dict(cuda_graph=True, direct_grads=True)),
+        ("eager", False, dict(direct_grads=True, merge_launches=True)),
+        ("graph", False, dict(cuda_graph=True, direct_grads=True, merge_launches=True)),
+        ("graph_slot", True, dict(cuda_graph=True, direct_grads=True, merge_launches=True)),
+    ):
+        monkeypatch.setattr(normuon_mod, "SM_WORKSPACE", slot)
+        params = [torch.nn.Parameter(t.clone().cuda()) for t in init]
+        opt = NorMuon([{"params": params, "blocks": list(blocks)}], lr=0.01, weight_decay=0.1,
+                      compile=False, **kw)
+        static = _static_grad_steps(opt, params, 6, none_at=3)
+        groups = {tuple(s["shape"]): s["launch_group"] for s in opt.bank_summary()}
+        if name == "per_bank":
+            assert set(groups.values()) == {None}
+        else:
+            assert sorted(groups.values()) == [0, 1] and len(opt._groups) == 2
+            assert [gr.size for gr in opt._groups] == [3 * 96, 3 * 48]
+        if name == "graph_slot":
+            assert all(gr.slot_x is True and gr.X is None for gr in opt._groups)
+        runs[name] = [p.detach().clone() for p in params]
+        if name == "graph":
+            assert _steady_state_step(opt, params, static) == 0
+    for name in ("eager", "graph", "graph_slot"):
+        for a, b in zip(runs[name], runs["per_bank"]):
+            assert torch.equal(a, b), name

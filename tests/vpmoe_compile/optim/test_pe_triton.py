@@ -244,6 +244,68 @@ def test_bank_kernel_workspace_and_restart_store_change_no_result():
                                           form="gram")
 
 
+@pytest.mark.parametrize("form", ["standard", "gram"])
+def test_banks_in_one_launch_equal_one_launch_per_bank(form):
+    """``normuon_banks_fused_``: the members of three banks (separate tensors, different sizes)
+    run in one launch through the ``[4, N]`` address table give bitwise the parameters, momentum
+    and second moment of one ``normuon_bank_fused_`` launch per bank (wide and tall members,
+    both statistics orientations; on the GPU also with a per-SM workspace)."""
+    hyper = {k: torch.tensor(v, device=DEVICE) for k, v in
+             dict(momentum=0.9, lr=0.02, decay=0.99, beta2=0.9, eps=1e-10).items()}
+    dt = torch.bfloat16 if _ON_GPU else torch.float32
+    sizes = (2, 3, 1)
+    for flip, stat_dim in ((False, -1), (True, -2), (False, -2)):
+        mn = (128, 32) if flip else (32, 128)
+        v_len = 32 if stat_dim == -1 else 128
+        banks = [dict(G=torch.randn(N, *mn, device=DEVICE), M=torch.randn(N, *mn, device=DEVICE) * 1e-3,
+                      W=torch.randn(N, *mn, device=DEVICE) * 0.02, V=torch.rand(N, v_len, device=DEVICE))
+                 for N in sizes]
+        args = (hyper, PINNED_COEFFICIENTS, 0.02, 1e-6, flip, stat_dim, "shape", 1.3, 0.0)
+        ref = []
+        for b in banks:
+            M, W, V = b["M"].clone(), b["W"].clone(), b["V"].clone()
+            X = torch.empty(b["G"].shape, device=DEVICE, dtype=dt)
+            pe_triton.normuon_bank_fused_(b["G"], M, V, W, X, *args, form=form)
+            ref.append((W, M, V))
+        runs = ["member"] + (["slot"] if _ON_GPU else [])
+        for where in runs:
+            state = [(b["W"].clone(), b["M"].clone(), b["V"].clone()) for b in banks]
+            table = torch.cat([pe_triton.member_addresses(b["G"], M, V, W)
+                               for b, (W, M, V) in zip(banks, state)], dim=1).to(DEVICE)
+            X = (pe_triton.sm_workspace(mn, dt, DEVICE) if where == "slot"
+                 else torch.empty(sum(sizes), *mn, device=DEVICE, dtype=dt))
+            pe_triton.normuon_banks_fused_(table, mn, X, *args, form=form, x_per_sm=where == "slot")
+            for r, got, b in zip(ref, state, banks):
+                for a, e, before in zip(got, r, (b["W"], b["M"], b["V"])):
+                    assert not torch.equal(a, before)
+                    assert torch.equal(a, e), (flip, stat_dim, where)
+
+
+def test_banks_in_one_launch_reject_bad_tables():
+    """``member_addresses`` / ``normuon_banks_fused_`` say what is wrong with their input."""
+    hyper = {k: torch.tensor(v, device=DEVICE) for k, v in
+             dict(momentum=0.9, lr=0.02, decay=0.99, beta2=0.9, eps=1e-10).items()}
+    G, M, W = (torch.randn(2, 32, 128, device=DEVICE) for _ in range(3))
+    V = torch.rand(2, 32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"W must be a contiguous fp32 \(2, 32, 128\) tensor"):
+        pe_triton.member_addresses(G, M, V, W.mT.contiguous().mT[:1])
+    with pytest.raises(ValueError, match="M's members must be 16-byte aligned"):
+        odd = torch.randn(2 * 32 * 127 + 1, device=DEVICE)[1:].view(2, 32, 127)
+        even = torch.randn(2, 32, 127, device=DEVICE)
+        pe_triton.member_addresses(even, odd, V, even)
+    with pytest.raises(ValueError, match=r"V must be a contiguous fp32 \[2, \.\.\.\] tensor"):
+        pe_triton.member_addresses(G, M, V[:1], W)
+    table = pe_triton.member_addresses(G, M, V, W).to(DEVICE)
+    X = torch.empty(2, 32, 128, device=DEVICE)
+    args = (hyper, PINNED_COEFFICIENTS, 0.02, 1e-6)
+    with pytest.raises(ValueError, match=r"flip must be False for members of shape \(32, 128\)"):
+        pe_triton.normuon_banks_fused_(table, (32, 128), X, *args, True, -1, "shape", 1.0, 0.0)
+    with pytest.raises(ValueError, match=r"addresses must be a contiguous int64 \[4, N\] tensor"):
+        pe_triton.normuon_banks_fused_(table[:3], (32, 128), X, *args, False, -1, "shape", 1.0, 0.0)
+    with pytest.raises(ValueError, match=r"X must be a contiguous \[N, 32, 128\] tensor"):
+        pe_triton.normuon_banks_fused_(table, (32, 128), X[:1], *args, False, -1, "shape", 1.0, 0.0)
+
+
 def test_gram_f16_state_is_as_accurate_as_tf32_products():
     """``gram_f16``: the Gram-space state ``A``, ``P``, ``Q`` held in fp16 (each product
     accumulated in fp32, rounded once) keeps TF32's 10-bit significand: on fp32 input (the
