@@ -77,7 +77,9 @@ def tune(args, shape=(8, 4096, 8, 2, 128, 128)):
         _set_tiles(BT_FWD=bt, WARPS_FWD=w)
         trial("prologue_fwd", f"BT{bt}_w{w}", lambda: tk.prologue_fwd(f, bias, gq, gk, cos, sin, eps=1e-5,
                                                                        act_dtype=f.dtype, **kwp))
-    for bt, w, bpp in ((4, 1, 1), (8, 2, 1), (4, 1, 2), (8, 4, 1)):
+    # (2, 1) and (4, 2): 167 / 168 registers and no spills against the default's 255 with spills
+    # (benchmarks/tpa_static.py's compile for sm_90), i.e. 1.5x the resident warps per SM
+    for bt, w, bpp in ((4, 1, 1), (8, 2, 1), (4, 1, 2), (8, 4, 1), (2, 1, 1), (4, 2, 1)):
         _set_tiles(BT_BWD=bt, WARPS_BWD=w, BPP_BWD=bpp)
         trial("prologue_bwd", f"BT{bt}_w{w}_b{bpp}", lambda: tk.prologue_bwd(dq, dk, dv, f, bias, gq, gk, rq, rk,
                                                                               cos, sin, **kwp))

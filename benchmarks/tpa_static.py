@@ -91,6 +91,8 @@ def main():
         ("prologue_bwd BT4 w1 unaligned", tk._tpa_prologue_bwd_kernel, dict(pro, BT=4, BPP=1, ALIGN=1), 1),
         ("prologue_bwd BT8 w2", tk._tpa_prologue_bwd_kernel, dict(pro, BT=8, BPP=1, ALIGN=8), 2),
         ("prologue_bwd BT4 w1 BPP2", tk._tpa_prologue_bwd_kernel, dict(pro, BT=4, BPP=2, ALIGN=8), 1),
+        ("prologue_bwd BT2 w1", tk._tpa_prologue_bwd_kernel, dict(pro, BT=2, BPP=1, ALIGN=8), 1),
+        ("prologue_bwd BT4 w2", tk._tpa_prologue_bwd_kernel, dict(pro, BT=4, BPP=1, ALIGN=8), 2),
         ("prologue_fwd BT8 w4 (default)", tk._tpa_prologue_fwd_kernel, dict(pro, BT=8, ALIGN=8), 4),
         ("swa_fwd 64x64 w4", tk._swa_fwd_kernel, att, 4),
         ("swa_bwd_dq 64x64 w4 recompute delta", tk._swa_bwd_dq_kernel,
