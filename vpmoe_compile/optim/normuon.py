@@ -242,7 +242,8 @@ class NorMuon(torch.optim.Optimizer):
             expert stacks of every layer -- as one kernel launch through a table of member
             addresses (:func:`~.pe_triton.normuon_banks_fused_`) instead of one launch per bank,
             so the GPU does not drain at the end of each bank. The result is bitwise that of one
-            launch per bank; a step with a missing gradient launches each bank on its own.
+            launch per bank; a step with a missing gradient launches each bank on its own, and so
+            does a bank whose members are not a multiple of 16 bytes.
             Off by default (not yet timed on a GPU; docs/design.md#banks).
         overlap_banks: in a CUDA-graph step, run the banks that do not fill the GPU by
             themselves (every bank but the one-kernel bank steps of at least one member per
@@ -608,11 +609,11 @@ class NorMuon(torch.optim.Optimizer):
             if bank.direct:
                 bank.gptr = torch.zeros(bank.size, dtype=torch.int64, device=bank.M.device)
         self._any_direct = any(b.direct for b in banks)
-        self._merge_launches()
         self._table_key = None
         self._fns = None
         self._graphs = None
         self._dense_grads = None
+        self._merge_launches()
 
     def _stack_banks(self, gi: int, pi: int, p: torch.Tensor, blocks) -> List[Bank]:
         """Banks of the 3-D expert stack ``p`` ``[E, rows, n]`` (parameter ``pi`` of group
@@ -661,7 +662,8 @@ class NorMuon(torch.optim.Optimizer):
     def _merge_launches(self) -> None:
         """(Re)form the launch groups of ``merge_launches``: the direct banks of one key (param
         group, member shape, orientation, statistic, scale, Polar Express dtype, device), two or
-        more, share one ``[4, N]`` address table; each bank's ``gptr`` becomes a view of its
+        more, whose members are 16-byte aligned (a bank of ``[3, 17]`` fp32 members launches on
+        its own), share one ``[4, N]`` address table; each bank's ``gptr`` becomes a view of its
         gradient row (filled by :meth:`_refresh_tables`, which must run before the next launch:
         the caller resets ``_table_key``). The momentum, second-moment and parameter rows are
         fixed for the banks' life (rebuilding the banks re-forms the groups)."""
@@ -678,7 +680,12 @@ class NorMuon(torch.optim.Optimizer):
             return
         buckets: Dict[Tuple, List[Bank]] = {}
         for bank in self._banks:
-            if bank.direct:
+            m, n = bank.shape
+            # the kernel reads M and W through the table with 16-byte alignment hints (a bank of
+            # other members launches on its own, as it would without merging)
+            aligned = (m * n * bank.M.element_size()) % 16 == 0 and all(
+                t.data_ptr() % 16 == 0 for t in (bank.M, bank.W))
+            if bank.direct and aligned:
                 key = (bank.group_index, bank.shape, bank.flip, bank.stat_dim, bank.shape_scale,
                        bank.compute_dtype, bank.device)
                 buckets.setdefault(key, []).append(bank)

@@ -860,7 +860,7 @@ def member_addresses(
         if t.dim() != 3 or t.shape != M.shape or not t.is_contiguous() or t.dtype != torch.float32:
             raise ValueError(f"{name} must be a contiguous fp32 {tuple(M.shape)} tensor, got "
                              f"{tuple(t.shape)} {t.dtype}")
-        if t.data_ptr() % 16 or (t[0].numel() * 4) % 16:
+        if N and (t.data_ptr() % 16 or (t[0].numel() * 4) % 16):
             raise ValueError(f"{name}'s members must be 16-byte aligned (member size "
                              f"{tuple(t.shape[1:])} fp32 at address {t.data_ptr():#x})")
     if V.shape[0] != N or not V.is_contiguous() or V.dtype != torch.float32:

@@ -424,12 +424,13 @@ def test_fused_bank_kernel_on_stacks_matches_torch_path(direct, form):
         assert ((a - b).norm() / b.norm()).item() <= 1e-5
 
 
-def test_merged_launches_equal_one_launch_per_bank():
+def test_merged_launches_equal_one_launch_per_bank(monkeypatch):
     """``merge_launches``: the stacks of three "layers" (gated fc1, tall fc2; banks of at most 4
     members, so each fc1 stack is two banks) run as one launch per member shape and give bitwise
     the parameters and state of one launch per bank, through a step with a stack's gradient
     missing (each bank on its own), one with a strided gradient (that stack's banks gather and
-    leave the group, the others stay merged) and gradients that move."""
+    leave the group, the others stay merged), gradients that move and a ``load_state_dict``
+    (the groups are formed again)."""
     pe_triton = pytest.importorskip("vpmoe_compile.optim.pe_triton")
     if not pe_triton.interpreter_active():
         pytest.skip("needs TRITON_INTERPRET=1")
@@ -450,29 +451,72 @@ def test_merged_launches_equal_one_launch_per_bank():
         by_shape.setdefault(tuple(s["shape"]), set()).add(s["launch_group"])
     assert by_shape == {(16, 64): {0}, (64, 16): {1}}
     assert all(s["launch_group"] is None for s in opts[1].bank_summary())
-    for step in range(5):
+    launches = []
+    real = pe_triton.normuon_banks_fused_
+
+    def spy(addresses, *args, **kwargs):
+        launches.append(addresses.shape[1])
+        return real(addresses, *args, **kwargs)
+
+    monkeypatch.setattr(pe_triton, "normuon_banks_fused_", spy)
+    # members per launch; after the checkpoint round trip every bank reads in place again
+    expect = {0: [18, 9], 1: [18, 9], 2: [], 3: [12, 9], 4: [12, 9], 5: [18, 9]}
+    for step in range(6):
         grads = [torch.randn_like(t) for t in w]
         if step == 2:
-            grads[2] = None  # layer 1's fc1: its banks step on their own, the others merged
+            grads[2] = None  # layer 1's fc1: every bank steps on its own
         if step == 3:
             grads[0] = grads[0].transpose(1, 2).contiguous().transpose(1, 2)  # not readable in place
+        if step == 5:  # a checkpoint round trip re-forms the groups
+            for opt in opts:
+                opt.load_state_dict(copy.deepcopy(opt.state_dict()))
         for ps in params:
             for p, g in zip(ps, grads):
                 p.grad = None if g is None else g.clone()
+        launches.clear()
         for opt in opts:
             opt.step()
+        assert launches == expect[step], step
         for a, b in zip(*params):
             assert torch.equal(a, b), step
-    summary = opts[0].bank_summary()
-    fell_back = [s for s in summary if not s["direct_grads"]]
-    assert len(fell_back) == 2 and all(s["launch_group"] is None for s in fell_back)
-    assert all(s["stack"]["shape"] == [3, 32, 64] for s in fell_back)
-    merged = {s["launch_group"] for s in summary if s["direct_grads"]}
-    assert len(merged) == 2 and None not in merged
+        if step == 4:
+            summary = opts[0].bank_summary()
+            fell_back = [s for s in summary if not s["direct_grads"]]
+            assert len(fell_back) == 2 and all(s["launch_group"] is None for s in fell_back)
+            assert all(s["stack"]["shape"] == [3, 32, 64] for s in fell_back)
+            merged = {s["launch_group"] for s in summary if s["direct_grads"]}
+            assert len(merged) == 2 and None not in merged
+    assert len(opts[0]._groups) == 2 and all(g.X is not None for g in opts[0]._groups)
     sa, sb = (o.state_dict()["state"] for o in opts)
     for i in sa:
         for k in ("momentum_buffer", "second_moment"):
             assert torch.equal(sa[i][k], sb[i][k]), (i, k)
+
+
+def test_merged_launches_leave_unaligned_banks_on_their_own():
+    """Members whose size is not a multiple of 16 bytes (``[3, 17]`` fp32) cannot be read
+    through the address table: their banks launch on their own (same steps as without merging),
+    while the aligned stacks beside them are merged."""
+    pe_triton = pytest.importorskip("vpmoe_compile.optim.pe_triton")
+    if not pe_triton.interpreter_active():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    w = [torch.randn(2, 3, 17), torch.randn(2, 3, 17), torch.randn(2, 16, 32), torch.randn(2, 16, 32)]
+    kw = dict(lr=0.02, weight_decay=0.1, pe_dtype=torch.float32, pe_backend="triton", direct_grads=True)
+    grads = [[torch.randn_like(t) for t in w] for _ in range(2)]
+    runs = []
+    for merge in (True, False):
+        ps = [torch.nn.Parameter(t.clone()) for t in w]
+        opt = NorMuon(ps, merge_launches=merge, **kw)
+        for step_grads in grads:
+            for p, g in zip(ps, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        runs.append((ps, opt.bank_summary()))
+    groups = {tuple(s["shape"]): s["launch_group"] for s in runs[0][1]}
+    assert groups == {(3, 17): None, (16, 32): 0}
+    assert all(s["direct_grads"] for s in runs[0][1] if s["shape"] == [16, 32])
+    for a, b in zip(runs[0][0], runs[1][0]):
+        assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------------------------ (f)

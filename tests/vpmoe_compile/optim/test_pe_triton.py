@@ -295,6 +295,8 @@ def test_banks_in_one_launch_reject_bad_tables():
         pe_triton.member_addresses(even, odd, V, even)
     with pytest.raises(ValueError, match=r"V must be a contiguous fp32 \[2, \.\.\.\] tensor"):
         pe_triton.member_addresses(G, M, V[:1], W)
+    empty = torch.empty(0, 32, 128, device=DEVICE)
+    assert pe_triton.member_addresses(empty, empty, V[:0], empty).shape == (4, 0)
     table = pe_triton.member_addresses(G, M, V, W).to(DEVICE)
     X = torch.empty(2, 32, 128, device=DEVICE)
     args = (hyper, PINNED_COEFFICIENTS, 0.02, 1e-6)
@@ -356,6 +358,30 @@ def test_stream_split_keeps_banks_that_fill_the_gpu_on_the_callers_stream(monkey
     for sms, kw in ((5, {}), (4, dict(overlap_banks=False)), (4, dict(fused_bank=False))):
         main, side, banks = split(sms, **kw)
         assert (main, side) == (banks, []), (sms, kw)
+
+
+def test_stream_split_takes_a_launch_group_as_one_step(monkeypatch):
+    """With ``merge_launches`` the banks of one launch group stay on the caller's stream when
+    the group has at least one member per SM, though each bank alone has fewer (two expert
+    stacks of 3 members on a 4-SM device); without merging both go to the second stream."""
+    from types import SimpleNamespace
+
+    params = [torch.nn.Parameter(torch.randn(3, 16, 64, device=DEVICE)) for _ in range(2)]
+    params.append(torch.nn.Parameter(torch.randn(5, 40, device=DEVICE)))
+    for merge in (True, False):
+        opt = NorMuon(params, pe_backend="triton", pe_dtype=torch.float32, direct_grads=True,
+                      merge_launches=merge)
+        opt._ensure_banks()
+        opt._all_cuda = True
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device: SimpleNamespace(multi_processor_count=4))
+        main, side = opt.stream_split()
+        monkeypatch.undo()
+        if merge:
+            assert [b.size for b in main] == [3, 3] and [b.shape for b in side] == [(5, 40)]
+            assert main[0].launch is main[1].launch is not None
+        else:  # no bank fills the device: nothing to overlap
+            assert (main, side) == (opt._banks, [])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernel needs CUDA")
