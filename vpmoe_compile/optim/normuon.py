@@ -925,8 +925,8 @@ class NorMuon(torch.optim.Optimizer):
             if not bank.direct:
                 continue
             gl = [grads[i] for i in bank.flat_idx]
-            if bank.stack is not None:
-                step = bank.M[0].numel() * bank.M.element_size()  # member j of the stack starts j * step bytes in
+            if bank.stack is not None:  # member j of the stack starts j * step bytes in
+                step = bank.M[0].numel() * bank.M.element_size()
                 lo, hi = bank.stack.lo, bank.stack.hi
                 host = torch.arange(lo, hi, dtype=torch.int64) * step + gl[0].data_ptr()
             else:
