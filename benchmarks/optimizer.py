@@ -33,7 +33,9 @@ Variants (same matrices, same hyper-parameters, same random gradients):
   configuration; ``bank_kernel_graph`` stays the headline of the recorded tables.
 * ``bank_kernel_graph_direct_gram_tf32``: the Gram-space products in TF32 (fp32 state; the
   default holds it in fp16, ``pe_triton.GRAM_F16``); ``bank_kernel_graph_direct_gram_sm_ws``: the
-  stacks' bank kernels on one workspace per SM (``normuon.SM_WORKSPACE``, opt-in).
+  stacks' bank kernels on one workspace per SM (``normuon.SM_WORKSPACE``, opt-in);
+  ``bank_kernel_graph_direct_gram_merged`` (``_sm_ws``): the stacks of every layer in one launch
+  per member shape (``NorMuon(merge_launches=True)``, opt-in; with the per-SM workspace).
 * ``floor``: max(PE FLOPs / bf16 GEMM rate, minimal bytes / copy bandwidth)
   (docs/design.md#optimizer-tests-and-benchmark), with the
   rates measured on the same device (a 8192^3 bf16 GEMM and a 2 GiB device copy) and with the
