@@ -860,7 +860,7 @@ def member_addresses(
         if t.dim() != 3 or t.shape != M.shape or not t.is_contiguous() or t.dtype != torch.float32:
             raise ValueError(f"{name} must be a contiguous fp32 {tuple(M.shape)} tensor, got "
                              f"{tuple(t.shape)} {t.dtype}")
-        if N and (t.data_ptr() % 16 or (t[0].numel() * 4) % 16):
+        if t.data_ptr() % 16 or (t.stride(0) * 4) % 16:
             raise ValueError(f"{name}'s members must be 16-byte aligned (member size "
                              f"{tuple(t.shape[1:])} fp32 at address {t.data_ptr():#x})")
     if V.shape[0] != N or not V.is_contiguous() or V.dtype != torch.float32:
@@ -869,9 +869,7 @@ def member_addresses(
     if len(devices) != 1:
         raise ValueError(f"a bank's tensors must be on one device, got {sorted(map(str, devices))}")
     idx = torch.arange(N, dtype=torch.int64)
-    return torch.stack([
-        t.data_ptr() + idx * (t[0].numel() * t.element_size()) if N else idx for t in (G, M, V, W)
-    ])
+    return torch.stack([t.data_ptr() + idx * (t.stride(0) * t.element_size()) for t in (G, M, V, W)])
 
 
 def normuon_banks_fused_(
@@ -956,7 +954,7 @@ def _launch_bank(
     ieee_ = bool(ieee or X.dtype == torch.float32)
     keep = bool(gram and (KEEP_X0 if keep_x0 is None else keep_x0))
     args = (
-        *ptrs[:5], X, coef,
+        *ptrs, X, coef,
         hyper["momentum"], hyper["lr"], hyper["decay"], hyper["beta2"], hyper["eps"],
         S, L, SI, SL, float(safety), float(pe_eps), float(shape_scale if shape_mode else rms_scale),
         N,
