@@ -56,6 +56,35 @@ def _set_tiles(**kw):
     tk.GPU_TILES.update(kw)
 
 
+def _attn(prefix, bm, bn, w, st=2, pack=None):
+    keys = {"": ("BM", "BN", "WARPS_ATTN", "STAGES_ATTN", "PACK_FWD"),
+            "DQ": ("BM_DQ", "BN_DQ", "WARPS_DQ", "STAGES_DQ", "PACK_DQ"),
+            "DKV": ("BM_DKV", "BN_DKV", "WARPS_DKV", "STAGES_DKV", None)}[prefix]
+    vals = (bm, bn, w, st, pack)
+    return {k: v for k, v in zip(keys, vals) if k is not None}
+
+
+def _tile_name(t):
+    """``64x32_w4_s2[_pack]`` of an attention candidate."""
+    bm, bn, w, st = (next(v for k, v in t.items() if k.startswith(p)) for p in ("BM", "BN", "WARPS", "STAGES"))
+    return f"{bm}x{bn}_w{w}_s{st}" + ("_pack" if any(k.startswith("PACK") and v for k, v in t.items()) else "")
+
+
+# Attention tile candidates (BM x BN, warps, stages, heads packed): the tiles of the earlier runs
+# plus, from benchmarks/tpa_static.py's sm_90 compile with Triton 3.6, tiles that do not spill:
+# packed forward / dq programs (16 tokens x 4 heads; 130-192 registers, no spills), the dq
+# kernel at 8 warps (185 registers), the dk/dv kernel at 8 warps (the default 4 spills 68 stores)
+# or 32-key programs.
+ATTN_FWD = [_attn("", 64, 64, 4, pack=False), _attn("", 64, 32, 4, pack=False), _attn("", 128, 64, 8, pack=False),
+            _attn("", 32, 32, 2, pack=False), _attn("", 64, 32, 4, pack=True), _attn("", 64, 16, 4, pack=True),
+            _attn("", 128, 32, 8, pack=True)]
+ATTN_DQ = [_attn("DQ", 64, 64, 4, pack=False), _attn("DQ", 64, 32, 4, pack=False), _attn("DQ", 64, 64, 8, pack=False),
+           _attn("DQ", 64, 64, 4, pack=True), _attn("DQ", 64, 32, 4, pack=True), _attn("DQ", 64, 16, 4, pack=True),
+           _attn("DQ", 128, 32, 8, pack=True)]
+ATTN_DKV = [_attn("DKV", 64, 64, 4), _attn("DKV", 64, 64, 8), _attn("DKV", 64, 32, 4), _attn("DKV", 32, 64, 4),
+            _attn("DKV", 32, 32, 4)]
+
+
 def tune(args, shape=(8, 4096, 8, 2, 128, 128)):
     """Pick the GPU tiles of each kernel by timing it at the benchmark shape (random data)."""
     b, s, H, G, d, W = shape
@@ -64,7 +93,7 @@ def tune(args, shape=(8, 4096, 8, 2, 128, 128)):
     q, k, v, rq, rk = tk.prologue_fwd(f, bias, gq, gk, cos, sin, eps=1e-5, act_dtype=f.dtype, **kwp)
     dq, dk, dv, do = torch.randn_like(q), torch.randn_like(k), torch.randn_like(v), torch.randn_like(q)
     scale = 1 / math.sqrt(d)
-    sw = {"prologue_fwd": {}, "prologue_bwd": {}, "attn_fwd": {}, "attn_bwd": {}}
+    sw = {"prologue_fwd": {}, "prologue_bwd": {}}
 
     def trial(group, name, fn):
         try:
@@ -84,21 +113,24 @@ def tune(args, shape=(8, 4096, 8, 2, 128, 128)):
         trial("prologue_bwd", f"BT{bt}_w{w}_b{bpp}", lambda: tk.prologue_bwd(dq, dk, dv, f, bias, gq, gk, rq, rk,
                                                                               cos, sin, **kwp))
     o, lse = tk.swa_fwd(q, k, v, sink, W, scale)
-    for bm, bn, w, st in ((64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (32, 32, 2, 2)):
-        _set_tiles(BM=bm, BN=bn, WARPS_ATTN=w, STAGES_ATTN=st, BM_BWD=bm, BN_BWD=bn, WARPS_ATTN_BWD=w,
-                   STAGES_ATTN_BWD=st)
-        nm = f"{bm}x{bn}_w{w}_s{st}"
-        trial("attn_fwd", nm, lambda: tk.swa_fwd(q, k, v, sink, W, scale))
-        trial("attn_bwd", nm, lambda: tk.swa_bwd(do, q, k, v, o, lse, sink, W, scale))
-    best = {g: min(v, key=v.get) for g, v in sw.items() if v}
+    # attention: the forward, then the dq kernel (dk/dv at its default tiles), then the dk/dv
+    # kernel (dq at its best); each backward trial times both kernels, only one kernel's tiles vary
+    for group, cands, fn in (("attn_fwd", ATTN_FWD, lambda: tk.swa_fwd(q, k, v, sink, W, scale)),
+                             ("attn_dq", ATTN_DQ, lambda: tk.swa_bwd(do, q, k, v, o, lse, sink, W, scale)),
+                             ("attn_dkv", ATTN_DKV, lambda: tk.swa_bwd(do, q, k, v, o, lse, sink, W, scale))):
+        sw[group] = {}
+        for tiles in cands:
+            _set_tiles(**tiles)
+            trial(group, _tile_name(tiles), fn)
+        best = min(sw[group], key=sw[group].get)
+        # the fastest candidate stays set (the first, the default tiles, if every one failed)
+        _set_tiles(**(next(t for t in cands if _tile_name(t) == best) if sw[group][best] < float("inf")
+                      else cands[0]))
+    best = {g: min(v, key=v.get) for g, v in sw.items() if v and g.startswith("prologue")}
     pf, pb = best["prologue_fwd"], best["prologue_bwd"]
-    af = [int(x) for x in best["attn_fwd"].replace("x", "_").replace("w", "").replace("s", "").split("_")]
-    ab = [int(x) for x in best["attn_bwd"].replace("x", "_").replace("w", "").replace("s", "").split("_")]
     _set_tiles(BT_FWD=int(pf[2:].split("_")[0]), WARPS_FWD=int(pf.split("_w")[1]),
                BT_BWD=int(pb[2:].split("_")[0]), WARPS_BWD=int(pb.split("_w")[1].split("_")[0]),
-               BPP_BWD=int(pb.split("_b")[1]),
-               BM=af[0], BN=af[1], WARPS_ATTN=af[2], STAGES_ATTN=af[3],
-               BM_BWD=ab[0], BN_BWD=ab[1], WARPS_ATTN_BWD=ab[2], STAGES_ATTN_BWD=ab[3])
+               BPP_BWD=int(pb.split("_b")[1]))
     # cost of the accurate delta (recomputed rowsum(P*dP)) vs FlashAttention-2's rowsum(dO*O)
     sw["attn_bwd_delta"] = {}
     for mode in ("recompute", "output"):

@@ -2,7 +2,15 @@
 
 Usage (any machine with Triton and its bundled CUDA tools; no GPU needed)::
 
-    python benchmarks/tpa_static.py
+    python benchmarks/tpa_static.py [--json benchmarks/results/tpa_static_triton36.json]
+
+To compile with the GPU machine's Triton (3.6) on a machine whose venv has another one::
+
+    python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0
+    echo $PWD/.venv/lib/python3.11/site-packages > /tmp/t36/lib/python3.11/site-packages/zz_venv.pth
+    /tmp/t36/bin/python benchmarks/tpa_static.py
+
+(the ``.pth`` line appends the project venv's packages, torch included, after Triton 3.6).
 
 Compiles each kernel of :mod:`vpmoe_compile.ops.tpa_attention.triton` at the vpMoE shape (H=8, G=2,
 d=128, Rq=4, R=2, bf16) for ``cuda:90`` with ``triton.compile`` and prints, per kernel and tile
@@ -75,17 +83,46 @@ def report(compiled):
         registers=int(regs.group(1)) if regs else None,
         spill_stores=len(re.findall(r"\bSTL", sass)), spill_loads=len(re.findall(r"\bLDL", sass)),
         bar_sync=len(re.findall(r"\bBAR\.SYNC", sass)), convert_layout=ttgir.count("ttg.convert_layout"),
-        ldg128=len(re.findall(r"LDG\.E\.128", sass)), sass_lines=sass.count("\n"),
+        ldg128=len(re.findall(r"LDG\.E\.128", sass)), hgmma=len(re.findall(r"\bHGMMA", sass)),
+        hmma=len(re.findall(r"\bHMMA", sass)), sass_lines=sass.count("\n"),
         layouts=[ln.split("=", 1)[1].strip() for ln in ttgir.splitlines() if ln.startswith("#blocked")],
     )
 
 
+def _attention_jobs(tk, att):
+    """The attention tile candidates of ``benchmarks/tpa.py --tune`` (forward, dq with ``delta``
+    from ``O`` as at ``W = 128``, dk/dv), each marked ``(default)`` where it is ``GPU_TILES``'."""
+    from benchmarks.tpa import ATTN_DKV, ATTN_DQ, ATTN_FWD, _tile_name
+
+    from vpmoe_compile._triton import default_pack
+
+    jobs = []
+    for kind, kern, cands, extra in (("swa_fwd", tk._swa_fwd_kernel, ATTN_FWD, {}),
+                                     ("swa_bwd_dq", tk._swa_bwd_dq_kernel, ATTN_DQ,
+                                      dict(RECOMPUTE_DELTA=False, HAS_DLSE=False)),
+                                     ("swa_bwd_dkv", tk._swa_bwd_dkv_kernel, ATTN_DKV, {})):
+        for t in cands:
+            get = {k.split("_")[0]: v for k, v in t.items()}  # BM, BN, WARPS, STAGES, PACK
+            pack = default_pack(att["H"] // att["G"], get["BM"]) if get.get("PACK") else 1
+            default = all(tk.GPU_TILES[k] == v for k, v in t.items())
+            jobs.append((f"{kind} {_tile_name(t)}" + (" (default)" if default else ""), kern,
+                         dict(att, BM=get["BM"], BN=get["BN"], PACK=pack, **extra), get["WARPS"],
+                         get["STAGES"]))
+    return jobs
+
+
 def main():
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", help="also write the rows (without layouts) to this JSON file")
+    args = ap.parse_args()
     warnings.filterwarnings("ignore")
     tk = import_op_module("tpa_attention.triton")
     shape = dict(H=8, G=2, D=128)
     pro = dict(shape, P=64, RQ=4, RK=2, FW=1064, HAS_BIAS=True, NORM_Q=True, NORM_K=True, sF_f=1)
-    att = dict(shape, BM=64, BN=64, IEEE=False)
+    att = dict(shape, BM=64, BN=64, IEEE=False, PACK=1)
     jobs = [
         ("prologue_bwd BT4 w1 (default)", tk._tpa_prologue_bwd_kernel, dict(pro, BT=4, BPP=1, ALIGN=8), 1),
         ("prologue_bwd BT4 w1 unaligned", tk._tpa_prologue_bwd_kernel, dict(pro, BT=4, BPP=1, ALIGN=1), 1),
@@ -94,21 +131,28 @@ def main():
         ("prologue_bwd BT2 w1", tk._tpa_prologue_bwd_kernel, dict(pro, BT=2, BPP=1, ALIGN=8), 1),
         ("prologue_bwd BT4 w2", tk._tpa_prologue_bwd_kernel, dict(pro, BT=4, BPP=1, ALIGN=8), 2),
         ("prologue_fwd BT8 w4 (default)", tk._tpa_prologue_fwd_kernel, dict(pro, BT=8, ALIGN=8), 4),
-        ("swa_fwd 64x64 w4", tk._swa_fwd_kernel, att, 4),
         ("swa_bwd_dq 64x64 w4 recompute delta", tk._swa_bwd_dq_kernel,
          dict(att, RECOMPUTE_DELTA=True, HAS_DLSE=False), 4),
-        ("swa_bwd_dq 64x64 w4 delta from O", tk._swa_bwd_dq_kernel, dict(att, RECOMPUTE_DELTA=False, HAS_DLSE=False), 4),
         ("swa_bwd_dq 64x64 w4 recompute + dLSE", tk._swa_bwd_dq_kernel,
          dict(att, RECOMPUTE_DELTA=True, HAS_DLSE=True), 4),
-        ("swa_bwd_dkv 64x64 w4", tk._swa_bwd_dkv_kernel, att, 4),
-    ]
+    ] + _attention_jobs(tk, att)
     print(f"triton {triton.__version__}, target cuda:90")
-    for name, kern, ce, warps in jobs:
-        r = report(compile_sm90(kern, ce, warps))
+    rows = {}
+    for name, kern, ce, warps, *stages in jobs:
+        r = report(compile_sm90(kern, ce, warps, *stages))
         lay = r.pop("layouts")
+        rows[name] = r
         print(f"{name:38s} " + " ".join(f"{k}={v}" for k, v in r.items()))
         for ln in lay:
             print(f"{'':40s}{ln}")
+    if args.json:
+        out = dict(command="python benchmarks/tpa_static.py --json " + args.json, triton=triton.__version__,
+                   target="cuda:90 (sm_90a), ahead of time, no GPU",
+                   shape=dict(H=8, G=2, d=128, Rq=4, R=2, dtype="bf16"), kernels=rows)
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(tmp, args.json)
 
 
 if __name__ == "__main__":

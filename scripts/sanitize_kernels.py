@@ -112,6 +112,13 @@ def _tpa_cases():
         ("tpa MHA d=32 no bias no norm", dict(H=4, G=4, d=32, Rq=2, R=2, s=29, b=2, W=5, bias=False, norm=False)),
         ("tpa vpMoE misaligned strided factors", dict(vp, s=70, b=2, W=16, view="misaligned")),
         ("tpa vpMoE aligned strided factors", dict(vp, s=70, b=2, W=16, view="aligned")),
+        # attention tiles of benchmarks/tpa.py --tune: heads packed into the forward / dq rows
+        # (4 per program here, 3 with one padding row for H/G = 3), dk/dv on 32-key programs
+        ("tpa vpMoE s=203 W=64, packed fwd/dq 64x16, dkv 32x32",
+         dict(vp, s=203, b=2, W=64, tiles=dict(PACK_FWD=True, BN=16, PACK_DQ=True, BN_DQ=16, BM_DKV=32, BN_DKV=32))),
+        ("tpa H=6 G=2 s=77 W=1, packed fwd/dq 128x32 w8, dkv 64x64 w8",
+         dict(vp, H=6, s=77, b=1, W=1, tiles=dict(PACK_FWD=True, BM=128, WARPS_ATTN=8, PACK_DQ=True, BM_DQ=128,
+                                                  BN_DQ=32, WARPS_DQ=8, WARPS_DKV=8))),
     ]
 
 
@@ -143,15 +150,15 @@ def run_tpa_case(c):
     sink = torch.randn(H, device=dev, dtype=bf)
     leaves = [t.detach().requires_grad_(True) if t is not None else None
               for t in (factors, bias, gq, gk, cos, sin, sink)]
-    out = tpa_window_attention(*leaves, num_heads=H, num_groups=G, head_dim=d, q_rank=Rq, kv_rank=R, window=W,
-                               backend="triton")
     present = [t for t in leaves if t is not None]
-    bpp = tk.GPU_TILES["BPP_BWD"]
-    tk.GPU_TILES["BPP_BWD"] = c.get("bpp", bpp)
+    saved = dict(tk.GPU_TILES)
+    tk.GPU_TILES.update(c.get("tiles", {}), BPP_BWD=c.get("bpp", saved["BPP_BWD"]))
     try:
+        out = tpa_window_attention(*leaves, num_heads=H, num_groups=G, head_dim=d, q_rank=Rq, kv_rank=R,
+                                   window=W, backend="triton")
         grads = torch.autograd.grad(out, present, torch.randn_like(out))
     finally:
-        tk.GPU_TILES["BPP_BWD"] = bpp
+        tk.GPU_TILES.update(saved)
     _sync()
     _finite(out, *grads)
     return dict(aligned=tk.factors_aligned(factors, H, G, Rq, R))

@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["dot", "ieee_fp32", "EXACT_DELTA_MAX_MEAN_KEYS", "mean_keys_per_row", "needs_exact_delta"]
+__all__ = ["dot", "ieee_fp32", "EXACT_DELTA_MAX_MEAN_KEYS", "mean_keys_per_row", "needs_exact_delta",
+           "MAX_PACK", "default_pack"]
 
 
 def ieee_fp32(dtype: torch.dtype) -> bool:
@@ -43,6 +44,21 @@ def needs_exact_delta(seqlen: int, window: Optional[int] = None) -> bool:
     """Whether the attention backward of a 16-bit output needs ``delta`` more exact than
     ``rowsum(dO * O)`` from the rounded ``O`` (:data:`EXACT_DELTA_MAX_MEAN_KEYS`)."""
     return mean_keys_per_row(seqlen, window) <= EXACT_DELTA_MAX_MEAN_KEYS
+
+
+#: Most query heads one attention program packs into its rows (FlashAttention-3's "PackGQA").
+MAX_PACK = 8
+
+
+def default_pack(heads_per_group: int, rows: Optional[int] = None) -> int:
+    """Query heads of one KV group that an attention program packs into its M dimension (row
+    ``r`` = token ``r // pack``, head ``r % pack``): the largest divisor of ``heads_per_group``
+    that is at most :data:`MAX_PACK` (and at most ``rows``, the program's packed rows, when
+    given), so each K/V tile a program loads serves ``pack`` heads. Both attention kernel
+    families take their packing from here."""
+    cap = MAX_PACK if rows is None else min(MAX_PACK, int(rows))
+    hpg = int(heads_per_group)
+    return max(p for p in range(1, min(hpg, cap) + 1) if hpg % p == 0)
 
 
 @triton.jit

@@ -323,6 +323,56 @@ def test_triton_matches_reference_window(s, b, H, G, d, window):
     assert_close_all(got, ref)
 
 
+PACKED_WINDOW_CASES = [
+    # s, b, H, G, d, window, pack chosen (heads per group -> default_pack)
+    (45, 1, 4, 2, 16, 5, 2),    # band over several 16-key tiles, s not a multiple of the rows
+    (21, 2, 4, 1, 16, 1, 4),    # MQA, W = 1: only the diagonal; 4 tokens x 4 heads per program
+    (30, 2, 8, 2, 32, 64, 4),   # s < window
+    (1, 1, 4, 2, 16, 128, 2),   # s = 1
+    (33, 2, 6, 2, 16, 10, 3),   # 3 heads per group: 5 tokens x 3 heads, one padding row
+    (40, 1, 4, 4, 16, 9, 1),    # MHA: nothing to pack
+    (50, 1, 8, 1, 16, 18, 8),   # 8 heads per group: 2 tokens per program
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("s,b,H,G,d,window,pack", PACKED_WINDOW_CASES)
+def test_window_packed_heads_match_reference(s, b, H, G, d, window, pack, monkeypatch):
+    """Sliding-window forward and dq kernels with the query heads of a KV group packed into a
+    program's rows (``GPU_TILES["PACK_FWD"]`` / ``["PACK_DQ"]``): out, LSE and every gradient
+    against float64, each flag alone and both; the launches take the expected ``PACK``."""
+    from vpmoe_compile.ops.tpa_attention import triton as swa
+
+    assert swa._pack(dict(BM=16, pack=True), H, G) == pack
+    q, k, v, sink = make(s, b, H, G, d)
+    dout = torch.randn(s, b, H, d, device=DEV)
+    ref = reference_all(q, k, v, sink, None, window, dout)
+    seen = {}
+    for name in ("_swa_fwd_kernel", "_swa_bwd_dq_kernel"):
+        kern = getattr(swa, name)
+
+        class Spy:
+            def __init__(self, kern, name):
+                self.kern, self.name = kern, name
+
+            def __getitem__(self, grid):
+                def launch(*args, **kw):
+                    seen[self.name] = (kw["PACK"], grid)
+                    return self.kern[grid](*args, **kw)
+                return launch
+
+        monkeypatch.setattr(swa, name, Spy(kern, name))
+    for fwd, dq in ((True, False), (False, True), (True, True)):
+        monkeypatch.setitem(swa.GPU_TILES, "PACK_FWD", fwd)
+        monkeypatch.setitem(swa.GPU_TILES, "PACK_DQ", dq)
+        got, _ = triton_all(q, k, v, sink, None, window, dout=dout)
+        assert_close_all(got, ref)
+        for name, on in (("_swa_fwd_kernel", fwd), ("_swa_bwd_dq_kernel", dq)):
+            p, grid = seen[name]
+            assert p == (pack if on else 1), (name, p)
+            assert grid == (-(-s // (16 // p)), b * H // p), (name, grid)
+
+
 @needs_triton
 def test_window_runs_on_the_sliding_window_family(monkeypatch):
     """``window_sink_attention`` (Triton) calls ``swa_fwd`` / ``swa_bwd`` and never the full-causal

@@ -200,6 +200,22 @@ TRITON_CASES = [
 @needs_interpreter
 @pytest.mark.parametrize("case", TRITON_CASES, ids=[c[0] for c in TRITON_CASES])
 def test_triton_matches_reference_fwd_bwd(case):
+    _check_triton_case(case)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", [TRITON_CASES[0], TRITON_CASES[5]], ids=[TRITON_CASES[0][0], TRITON_CASES[5][0]])
+def test_triton_packed_heads_match_reference(case, monkeypatch):
+    """The op with the attention forward and dq kernels packing a group's query heads into their
+    rows (``GPU_TILES["PACK_FWD"]``, ``["PACK_DQ"]``): output and every gradient as unpacked."""
+    from vpmoe_compile.ops.tpa_attention import triton as tk
+
+    monkeypatch.setitem(tk.GPU_TILES, "PACK_FWD", True)
+    monkeypatch.setitem(tk.GPU_TILES, "PACK_DQ", True)
+    _check_triton_case(case)
+
+
+def _check_triton_case(case):
     _, s, b, H, G, d, Rq, R, W, bias, norm = case
     cfg = kw(H, G, d, Rq, R, W)
     inp = make_inputs(s, b, H, G, d, Rq, R, bias=bias, norm=norm)

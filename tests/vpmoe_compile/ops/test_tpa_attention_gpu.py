@@ -201,6 +201,32 @@ def test_value_residual_op_fp32_ieee_matches_float64():
 
 @pytest.mark.parametrize("case", list(MIDDLE_CASES))
 def test_window_attention_bf16_within_2x_of_fp32_math_reference(case):
+    _check_window_middle(case)
+
+
+def _candidate_tiles():
+    """Every attention tile candidate of ``benchmarks/tpa.py --tune`` (forward, dq, dk/dv)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+    from benchmarks.tpa import ATTN_DKV, ATTN_DQ, ATTN_FWD, _tile_name
+
+    return {f"{kind}_{_tile_name(t)}": t for kind, cands in (("fwd", ATTN_FWD), ("dq", ATTN_DQ), ("dkv", ATTN_DKV))
+            for t in cands}
+
+
+@pytest.mark.parametrize("tiles", list(_candidate_tiles()))
+@pytest.mark.parametrize("case", ["b3_s77_W1", "b2_s1024_W128"])
+def test_window_attention_tile_candidates_bf16(case, tiles, monkeypatch):
+    """Each tile candidate the benchmark may choose (packed heads included) passes the same rule
+    at the vpMoE window and at W = 1."""
+    for key, val in _candidate_tiles()[tiles].items():
+        monkeypatch.setitem(tk.GPU_TILES, key, val)
+    _check_window_middle(case)
+
+
+def _check_window_middle(case):
     b, s, h, g, d, W = MIDDLE_CASES[case]
     gen = torch.Generator(device="cuda").manual_seed(7 * s + W)
     q = torch.randn(s, b, h, d, device="cuda", generator=gen).bfloat16()

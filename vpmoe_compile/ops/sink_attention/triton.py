@@ -66,7 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vpmoe_compile._triton import dot as _dot, ieee_fp32, mean_keys_per_row, needs_exact_delta
+from vpmoe_compile._triton import default_pack, dot as _dot, ieee_fp32, mean_keys_per_row, needs_exact_delta
 
 __all__ = [
     "check_supported",
@@ -455,7 +455,7 @@ class SinkAttentionConfig:
     """Fixed tiles for the three kernels (``None`` everywhere = autotune on GPU / heuristic on CPU).
 
     ``pack``: query heads packed per program (must divide ``H / G``); ``None`` = largest divisor
-    of ``H / G`` that is ``<= 8``.
+    of ``H / G`` that is ``<= 8`` (:func:`vpmoe_compile._triton.default_pack`).
     """
 
     fwd: Optional[KernelTiles] = None
@@ -477,10 +477,6 @@ def use_config(config: Optional[SinkAttentionConfig]) -> Iterator[None]:
         yield
     finally:
         _CONFIG_OVERRIDE = old
-
-
-def _default_pack(hpg: int) -> int:
-    return max(p for p in range(1, min(hpg, 8) + 1) if hpg % p == 0)
 
 
 def _next_pow2(x: int) -> int:
@@ -635,7 +631,7 @@ def _resolve(config: Optional[SinkAttentionConfig], hpg: int):
     cfg = config if config is not None else _CONFIG_OVERRIDE
     if cfg is None:
         cfg = SinkAttentionConfig()
-    pack = cfg.pack if cfg.pack is not None else _default_pack(hpg)
+    pack = cfg.pack if cfg.pack is not None else default_pack(hpg)
     if hpg % pack != 0:
         raise ValueError(f"sink attention: pack={pack} must divide heads per group {hpg}")
     return cfg, pack

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vpmoe_compile._triton import dot as _dot, ieee_fp32, needs_exact_delta
+from vpmoe_compile._triton import default_pack, dot as _dot, ieee_fp32, needs_exact_delta
 from vpmoe_compile.ops.tpa_attention.layout import factor_offsets
 
 LOG2E = 1.4426950408889634
@@ -436,35 +436,54 @@ def _swa_tile_scores(q, K_ptr, V_ptr, n0, offs_m, offs_d, S, B, G, W, bi, g, qk_
 
 
 @triton.jit
+def _swa_rows(pid_m, pid_bh, S, H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, PACK: tl.constexpr):
+    """The query rows of a forward / dq program: ``PACK`` heads of one KV group packed into ``BM``
+    rows (row ``r`` = token ``t0 + r // PACK``, head ``h0 + r % PACK``; ``PACK = 1``: ``BM`` tokens
+    of one head). Returns ``(bi, g, h0, head, t0, tok, rmask)``: sample, group, first head, the
+    per-row head (a scalar when ``PACK = 1``), first token, per-row token and valid rows."""
+    HPG: tl.constexpr = H // G
+    BT: tl.constexpr = BM // PACK  # tokens per program
+    NHB: tl.constexpr = H // PACK  # head blocks per sample
+    bi = pid_bh // NHB
+    h0 = (pid_bh % NHB) * PACK
+    g = h0 // HPG
+    t0 = pid_m * BT
+    r = tl.arange(0, BM)
+    if PACK == 1:
+        tok = t0 + r
+        head = h0
+        rmask = tok < S
+    else:
+        tok = t0 + r // PACK
+        head = h0 + r % PACK
+        rmask = (r < BT * PACK) & (tok < S)
+    return bi, g, h0, head, t0, tok, rmask
+
+
+@triton.jit
 def _swa_fwd_kernel(
     Q_ptr, K_ptr, V_ptr, SINK_ptr, O_ptr, L_ptr,
     S, B, W, qk_scale,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, PACK: tl.constexpr,
 ):
-    """One program = ``BM`` query rows of one (sample, head); visits only the KV tiles of the band.
-    The online-softmax state starts with the sink counted (``m = sink``, ``l = 1``, acc 0: a virtual
-    first key of value 0), so the stored LSE includes the sink."""
-    HPG: tl.constexpr = H // G
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    bi = pid_bh // H
-    h = pid_bh % H
-    g = h // HPG
-    m0 = pid_m * BM
-    offs_m = m0 + tl.arange(0, BM)
+    """One program = ``BM`` query rows (``BM / PACK`` tokens x ``PACK`` heads of one group, see
+    :func:`_swa_rows`) of one sample; visits only the KV tiles of the band. The online-softmax
+    state starts with the sink counted (``m = sink``, ``l = 1``, acc 0: a virtual first key of
+    value 0), so the stored LSE includes the sink."""
+    BT: tl.constexpr = BM // PACK
+    bi, g, h0, head, t0, tok, rmask = _swa_rows(tl.program_id(0), tl.program_id(1), S, H, G, BM, PACK)
     offs_d = tl.arange(0, D)
-    mmask = offs_m < S
-    qrow = (offs_m.to(tl.int64) * B + bi) * H + h
-    q = tl.load(Q_ptr + qrow[:, None] * D + offs_d[None, :], mask=mmask[:, None], other=0.0)
-    sink2 = tl.load(SINK_ptr + h).to(tl.float32) * 1.4426950408889634
+    qrow = (tok.to(tl.int64) * B + bi) * H + head
+    q = tl.load(Q_ptr + qrow[:, None] * D + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    sink2 = tl.load(SINK_ptr + head).to(tl.float32) * 1.4426950408889634
     m_i = tl.zeros([BM], dtype=tl.float32) + sink2
     l_i = tl.zeros([BM], dtype=tl.float32) + 1.0
     acc = tl.zeros([BM, D], dtype=tl.float32)
-    lo = tl.maximum(m0 - W + 1, 0) // BN * BN
-    hi = tl.minimum(m0 + BM, S)
+    lo = tl.maximum(t0 - W + 1, 0) // BN * BN
+    hi = tl.minimum(t0 + BT, S)
     for n0 in range(lo, hi, BN):
-        k, v, s, vis = _swa_tile_scores(q, K_ptr, V_ptr, n0, offs_m, offs_d, S, B, G, W, bi, g,
+        k, v, s, vis = _swa_tile_scores(q, K_ptr, V_ptr, n0, tok, offs_d, S, B, G, W, bi, g,
                                         qk_scale, D, BN, IEEE)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -478,9 +497,9 @@ def _swa_fwd_kernel(
         m_i = m_new
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows with a sink of -inf reach 0
     out = acc / l_i[:, None]
-    tl.store(O_ptr + qrow[:, None] * D + offs_d[None, :], out.to(O_ptr.dtype.element_ty), mask=mmask[:, None])
+    tl.store(O_ptr + qrow[:, None] * D + offs_d[None, :], out.to(O_ptr.dtype.element_ty), mask=rmask[:, None])
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-    tl.store(L_ptr + pid_bh.to(tl.int64) * S + offs_m, lse, mask=mmask)
+    tl.store(L_ptr + (bi * H + head).to(tl.int64) * S + tok, lse, mask=rmask)
 
 
 @triton.jit
@@ -502,10 +521,11 @@ def _swa_bwd_dq_kernel(
     S, B, W, qk_scale, sm_scale,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, RECOMPUTE_DELTA: tl.constexpr,
-    HAS_DLSE: tl.constexpr,
+    HAS_DLSE: tl.constexpr, PACK: tl.constexpr,
 ):
-    """dq of ``BM`` query rows of one (sample, head); also ``delta`` (stored for the dkv kernel) and
-    the program's partial of ``dsink_h = -sum_i exp(sink_h - L_i) * delta_i``.
+    """dq of ``BM`` query rows (``BM / PACK`` tokens x ``PACK`` heads of one group, see
+    :func:`_swa_rows`) of one sample; also ``delta`` (stored for the dkv kernel) and the program's
+    partial of ``dsink_h = -sum_i exp(sink_h - L_i) * delta_i`` for each of its heads.
 
     ``RECOMPUTE_DELTA``: ``delta = rowsum(P * dP)`` over the band in a first pass (exactly the
     quantity ``dS`` needs, from the same fp32 ``P`` and ``dP`` as the second pass; ``O`` is not
@@ -517,41 +537,36 @@ def _swa_bwd_dq_kernel(
     gradient ``dL`` flowing into the LSE enters as ``delta - dL`` (``dS = P (dP - delta + dL)``;
     also in the stored ``delta`` and the sink term).
     """
-    HPG: tl.constexpr = H // G
+    BT: tl.constexpr = BM // PACK
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    bi = pid_bh // H
-    h = pid_bh % H
-    g = h // HPG
-    m0 = pid_m * BM
-    offs_m = m0 + tl.arange(0, BM)
+    bi, g, h0, head, t0, tok, rmask = _swa_rows(pid_m, tl.program_id(1), S, H, G, BM, PACK)
     offs_d = tl.arange(0, D)
-    mmask = offs_m < S
-    qrow = (offs_m.to(tl.int64) * B + bi) * H + h
+    qrow = (tok.to(tl.int64) * B + bi) * H + head
     qoff = qrow[:, None] * D + offs_d[None, :]
-    q = tl.load(Q_ptr + qoff, mask=mmask[:, None], other=0.0)
-    do = tl.load(DO_ptr + qoff, mask=mmask[:, None], other=0.0)
-    lse = tl.load(L_ptr + pid_bh.to(tl.int64) * S + offs_m, mask=mmask, other=0.0)
+    q = tl.load(Q_ptr + qoff, mask=rmask[:, None], other=0.0)
+    do = tl.load(DO_ptr + qoff, mask=rmask[:, None], other=0.0)
+    lrow = (bi * H + head).to(tl.int64) * S + tok
+    lse = tl.load(L_ptr + lrow, mask=rmask, other=0.0)
     lse2 = lse * 1.4426950408889634
-    lo = tl.maximum(m0 - W + 1, 0) // BN * BN
-    hi = tl.minimum(m0 + BM, S)
+    lo = tl.maximum(t0 - W + 1, 0) // BN * BN
+    hi = tl.minimum(t0 + BT, S)
     if RECOMPUTE_DELTA:
         delta = tl.zeros([BM], dtype=tl.float32)
         for n0 in range(lo, hi, BN):
-            k, pr, dp = _swa_bwd_tile(q, do, lse2, K_ptr, V_ptr, n0, offs_m, mmask, offs_d, S, B, G,
+            k, pr, dp = _swa_bwd_tile(q, do, lse2, K_ptr, V_ptr, n0, tok, rmask, offs_d, S, B, G,
                                       W, bi, g, qk_scale, D, BN, IEEE)
             delta += tl.sum(pr * dp, axis=1)
     else:
-        o = tl.load(O_ptr + qoff, mask=mmask[:, None], other=0.0).to(tl.float32)
+        o = tl.load(O_ptr + qoff, mask=rmask[:, None], other=0.0).to(tl.float32)
         delta = tl.sum(do.to(tl.float32) * o, axis=1)
     dl = tl.zeros([BM], dtype=tl.float32)
     if HAS_DLSE:
-        dl = tl.load(DLSE_ptr + pid_bh.to(tl.int64) * S + offs_m, mask=mmask, other=0.0)
+        dl = tl.load(DLSE_ptr + lrow, mask=rmask, other=0.0)
     delta -= dl
     exact = tl.zeros([BM], dtype=tl.float32)
     dq = tl.zeros([BM, D], dtype=tl.float32)
     for n0 in range(lo, hi, BN):
-        k, pr, dp = _swa_bwd_tile(q, do, lse2, K_ptr, V_ptr, n0, offs_m, mmask, offs_d, S, B, G,
+        k, pr, dp = _swa_bwd_tile(q, do, lse2, K_ptr, V_ptr, n0, tok, rmask, offs_d, S, B, G,
                                   W, bi, g, qk_scale, D, BN, IEEE)
         ds = pr * (dp - delta[:, None])
         if not RECOMPUTE_DELTA:
@@ -559,12 +574,19 @@ def _swa_bwd_dq_kernel(
         dq += _dot(ds.to(k.dtype), k, IEEE)
     if not RECOMPUTE_DELTA:
         delta = exact - dl
-    tl.store(DELTA_ptr + pid_bh.to(tl.int64) * S + offs_m, delta, mask=mmask)
-    sink = tl.load(SINK_ptr + h).to(tl.float32)
-    psink = tl.where(mmask, tl.exp(sink - lse), 0.0)
-    tl.store(DSINK_part + pid_m * (B * H) + pid_bh, -tl.sum(psink * delta, axis=0))
+    tl.store(DELTA_ptr + lrow, delta, mask=rmask)
+    sink = tl.load(SINK_ptr + head).to(tl.float32)
+    psink = tl.where(rmask, tl.exp(sink - lse), 0.0) * delta
+    # DSINK_part [programs along s, b, H]: one fixed-order partial per (program, head)
+    prow = DSINK_part + (pid_m * B + bi) * H + h0
+    if PACK == 1:
+        tl.store(prow, -tl.sum(psink, axis=0))
+    else:
+        r = tl.arange(0, BM)
+        for hp in tl.static_range(PACK):
+            tl.store(prow + hp, -tl.sum(tl.where(r % PACK == hp, psink, 0.0), axis=0))
     dq = dq * sm_scale
-    tl.store(DQ_ptr + qoff, dq.to(DQ_ptr.dtype.element_ty), mask=mmask[:, None])
+    tl.store(DQ_ptr + qoff, dq.to(DQ_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
 @triton.jit
@@ -626,26 +648,42 @@ def _swa_bwd_dkv_kernel(
 # benchmark can sweep them (benchmarks/tpa.py --tune); the interpreter always uses 16-wide
 # tiles. Defaults = the choice of the H100 tuning runs recorded in benchmarks/results/tpa_notes.md
 # (the attention forward's 64 x 32 tile: 116.9 / 116.3 vs 121.2 / 121.4 us for 64 x 64 in two
-# runs, tpa_bench_h100_run5.json, tpa_bench_h100_run7_tune.json).
-# ``DELTA`` picks how the attention backward gets ``delta = rowsum(dO * O)`` (see swa_bwd); it
-# applies under the interpreter too.
+# runs, tpa_bench_h100_run5.json, tpa_bench_h100_run7_tune.json). The two backward kernels take
+# their own tiles (``*_DQ``: ``BM`` query rows per program, ``BN`` keys per loop step; ``*_DKV``:
+# ``BN`` keys per program, ``BM`` query rows per loop step).
+# ``DELTA`` picks how the attention backward gets ``delta = rowsum(dO * O)`` (see swa_bwd);
+# ``PACK_FWD`` / ``PACK_DQ`` pack the query heads of a KV group into the forward's / dq kernel's
+# rows (see swa_fwd). Both apply under the interpreter too.
 GPU_TILES = dict(BT_FWD=8, WARPS_FWD=4, BT_BWD=4, WARPS_BWD=1, BPP_BWD=1,
-                 BM=64, BN=32, WARPS_ATTN=4, STAGES_ATTN=2,
-                 BM_BWD=64, BN_BWD=64, WARPS_ATTN_BWD=4, STAGES_ATTN_BWD=2, DELTA="auto")
+                 BM=64, BN=32, WARPS_ATTN=4, STAGES_ATTN=2, PACK_FWD=False,
+                 BM_DQ=64, BN_DQ=64, WARPS_DQ=4, STAGES_DQ=2, PACK_DQ=False,
+                 BM_DKV=64, BN_DKV=64, WARPS_DKV=4, STAGES_DKV=2, DELTA="auto")
 
 
 def _blocks(kind: str = "attn"):
-    """Tile sizes: small tiles under the interpreter (speed, edge coverage), ``GPU_TILES`` on GPU."""
-    if _interpreting():
-        return dict(BT=16, BM=16, BN=16, warps=1, stages=1, BPP=2)
+    """Tile sizes: small tiles under the interpreter (speed, edge coverage), ``GPU_TILES`` on GPU.
+    ``kind``: ``prologue_fwd``, ``prologue_bwd``, ``attn`` (forward), ``attn_dq``, ``attn_dkv``."""
     t = GPU_TILES
-    if kind == "prologue_fwd":
+    if _interpreting():
+        blk = dict(BT=16, BM=16, BN=16, warps=1, stages=1, BPP=2)
+    elif kind == "prologue_fwd":
         return dict(BT=t["BT_FWD"], warps=t["WARPS_FWD"])
-    if kind == "prologue_bwd":
+    elif kind == "prologue_bwd":
         return dict(BT=t["BT_BWD"], warps=t["WARPS_BWD"], BPP=t["BPP_BWD"])
-    if kind == "attn_bwd":
-        return dict(BM=t["BM_BWD"], BN=t["BN_BWD"], warps=t["WARPS_ATTN_BWD"], stages=t["STAGES_ATTN_BWD"])
-    return dict(BM=t["BM"], BN=t["BN"], warps=t["WARPS_ATTN"], stages=t["STAGES_ATTN"])
+    elif kind == "attn":
+        blk = dict(BM=t["BM"], BN=t["BN"], warps=t["WARPS_ATTN"], stages=t["STAGES_ATTN"])
+    else:
+        sfx = {"attn_dq": "DQ", "attn_dkv": "DKV"}[kind]
+        blk = dict(BM=t["BM_" + sfx], BN=t["BN_" + sfx], warps=t["WARPS_" + sfx], stages=t["STAGES_" + sfx])
+    if kind in ("attn", "attn_dq"):
+        blk["pack"] = bool(t["PACK_FWD" if kind == "attn" else "PACK_DQ"])
+    return blk
+
+
+def _pack(blk: dict, H: int, G: int) -> int:
+    """Query heads per forward / dq program: :func:`vpmoe_compile._triton.default_pack` of the
+    group when ``blk["pack"]`` (at most ``BM`` rows), else 1."""
+    return default_pack(H // G, blk["BM"]) if blk.get("pack") else 1
 
 
 # The attention kernels' shared memory grows with (BM + BN) * d * element size. At most the
@@ -818,6 +856,14 @@ def swa_fwd(q, k, v, sink, window: int, softmax_scale: float):
     :func:`vpmoe_compile.ops.sink_attention.window_sink_attention`). Key ``j`` is visible to query
     ``i`` iff ``0 <= i - j <= window - 1``; no ALiBi. ``sink`` may be ``-inf`` (no sink).
 
+    A program owns ``BM`` query rows and loops over the KV tiles of their band. Without packing
+    they are ``BM`` tokens of one head: at ``W = 128`` a 64-token block spans 191 keys, six
+    32-key tiles, of which two thirds are inside the band. With ``GPU_TILES["PACK_FWD"]`` (for the
+    dq kernel ``PACK_DQ``) the rows are ``BM / pack`` tokens x ``pack`` heads of one KV group
+    (FlashAttention-3's PackGQA, as the full-causal kernels do; ``pack`` from
+    :func:`vpmoe_compile._triton.default_pack`): 16 tokens x 4 heads span 143 keys, five 32-key
+    tiles (80 % inside the band), and each K/V tile is loaded once for the group's heads.
+
     Args:
         q: ``[s,b,H,d]``, k, v: ``[s,b,G,d]`` (made contiguous); sink ``[H]``.
 
@@ -835,12 +881,13 @@ def swa_fwd(q, k, v, sink, window: int, softmax_scale: float):
     s, b, H, d = q.shape
     G = k.shape[2]
     blk = _fit_attention_tiles(_blocks(), d, q.element_size())
+    pack = _pack(blk, H, G)
     o = torch.empty(s, b, H, d, device=q.device, dtype=torch.float32 if emulate_store else out_dtype)
     lse = torch.empty(b, H, s, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(s, blk["BM"]), b * H)
+    grid = (triton.cdiv(s, blk["BM"] // pack), b * (H // pack))
     _swa_fwd_kernel[grid](
         q, k, v, sink.contiguous(), o, lse, s, b, int(window), float(softmax_scale) * LOG2E,
-        H=H, G=G, D=d, BM=blk["BM"], BN=blk["BN"], IEEE=ieee_fp32(q.dtype),
+        H=H, G=G, D=d, BM=blk["BM"], BN=blk["BN"], IEEE=ieee_fp32(q.dtype), PACK=pack,
         num_warps=blk["warps"], num_stages=blk["stages"],
     )
     return (o.to(out_dtype) if emulate_store else o), lse
@@ -880,8 +927,9 @@ def swa_bwd(do, q, k, v, o, lse, sink, window: int, softmax_scale: float, dlse=N
     dlse_t = dlse.contiguous().float() if dlse is not None else lse  # a dummy pointer when absent
     s, b, H, d = q.shape
     G = k.shape[2]
-    blk = _fit_attention_tiles(_blocks("attn_bwd"), d, q.element_size())
-    BM, BN = blk["BM"], blk["BN"]
+    bq = _fit_attention_tiles(_blocks("attn_dq"), d, q.element_size())
+    bkv = _fit_attention_tiles(_blocks("attn_dkv"), d, q.element_size())
+    pack = _pack(bq, H, G)
     ieee = ieee_fp32(q.dtype)
     mode = GPU_TILES["DELTA"]
     if mode not in ("auto", "recompute", "output"):
@@ -892,18 +940,19 @@ def swa_bwd(do, q, k, v, o, lse, sink, window: int, softmax_scale: float, dlse=N
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     delta = torch.empty(b, H, s, device=q.device, dtype=torch.float32)
-    nM = triton.cdiv(s, BM)
+    nM = triton.cdiv(s, bq["BM"] // pack)
     dsink_part = torch.empty(nM, b, H, device=q.device, dtype=torch.float32)
     qk_scale = float(softmax_scale) * LOG2E
-    _swa_bwd_dq_kernel[(nM, b * H)](
+    _swa_bwd_dq_kernel[(nM, b * (H // pack))](
         q, k, v, o, do, lse, dlse_t, sink.contiguous(), dq, delta, dsink_part,
         s, b, int(window), qk_scale, float(softmax_scale),
-        H=H, G=G, D=d, BM=BM, BN=BN, IEEE=ieee, RECOMPUTE_DELTA=recompute, HAS_DLSE=dlse is not None,
-        num_warps=blk["warps"], num_stages=blk["stages"],
+        H=H, G=G, D=d, BM=bq["BM"], BN=bq["BN"], IEEE=ieee, RECOMPUTE_DELTA=recompute,
+        HAS_DLSE=dlse is not None, PACK=pack, num_warps=bq["warps"], num_stages=bq["stages"],
     )
-    _swa_bwd_dkv_kernel[(triton.cdiv(s, BN), b * G)](
+    _swa_bwd_dkv_kernel[(triton.cdiv(s, bkv["BN"]), b * G)](
         q, k, v, do, lse, delta, dk, dv,
         s, b, int(window), qk_scale, float(softmax_scale),
-        H=H, G=G, D=d, BM=BM, BN=BN, IEEE=ieee, num_warps=blk["warps"], num_stages=blk["stages"],
+        H=H, G=G, D=d, BM=bkv["BM"], BN=bkv["BN"], IEEE=ieee, num_warps=bkv["warps"],
+        num_stages=bkv["stages"],
     )
     return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), dsink_part.sum(dim=(0, 1))
