@@ -4,12 +4,15 @@
 #
 #   bash scripts/gpu_kernel_goals.sh OUT_DIR [PHASES]
 #
-# PHASES: comma list of global,schedule,tpa,normuon,normuon_separate (default global,tpa,normuon):
+# PHASES: comma list of global,schedule,tpa_tests,tpa,normuon,normuon_separate,normuon_bank
+# (default global,tpa,normuon):
 #   global    benchmarks/attention.py --suite global --kernel-sweep  -> attention_global.json/.png
 #             (ours vs SDPA default in one run; per-kernel profile of ours)
 #   schedule  benchmarks/attention_schedule.py --tag tuned           -> attention_schedule_tuned.json/.png
 #             (the global kernels' two grid orders, each autotuned, vs SDPA default in one run),
 #             then the bf16 accuracy tests of both orders (tests/.../test_sink_attention_gpu.py)
+#   tpa_tests the bf16 GPU tests of the sliding-window attention, at every tile candidate of
+#             benchmarks/tpa.py --tune (packed heads included), before the tune may pick one
 #   tpa       benchmarks/tpa.py --skip-chain                         -> tpa_bench.json
 #             (the fused TPA op, CUDA-graph replay, per-kernel profile)
 #   normuon_separate  benchmarks/optimizer.py --experts separate     -> optimizer_vpmoe-8l_separate.json
@@ -20,7 +23,7 @@
 #             of several banks in one launch (merge_launches), then benchmarks/normuon_bank.py
 #             (bank-kernel variants on the expert stacks) -> normuon_bank.json/.png
 # Each phase has a time limit in seconds (GLOBAL_S, SCHEDULE_S, TPA_S, NORMUON_S, NORMUON_BANK_S;
-# defaults 240 / 420 / 150 / 240 / 240; the device allows 600 s per call, so group the phases to fit):
+# TPA_TESTS_S; defaults 240 / 420 / 150 / 240 / 240 / 240; the device allows 600 s per call, so group the phases to fit):
 # at the limit it gets SIGINT, 30 s later SIGKILL. A failing phase does not stop the next; the exit
 # status is 1 if any failed. NORMUON_VARIANTS picks the optimizer variants
 # (default bank_kernel_graph,bank_kernel_graph_direct,bank_kernel_graph_direct_gram),
@@ -47,6 +50,8 @@ has global && run_phase global "${GLOBAL_S:-240}" "$OUT/global.log" \
 has schedule && run_phase schedule "${SCHEDULE_S:-420}" "$OUT/schedule.log" bash -c \
   "python3 benchmarks/attention_schedule.py --tag tuned --out '$OUT' && \
    python3 -m pytest -q -p no:cacheprovider tests/vpmoe_compile/ops/test_sink_attention_gpu.py -k grid_orders"
+has tpa_tests && run_phase tpa_tests "${TPA_TESTS_S:-240}" "$OUT/tpa_tests.log" \
+  python3 -m pytest -q -p no:cacheprovider tests/vpmoe_compile/ops/test_tpa_attention_gpu.py -k window_attention
 has tpa && run_phase tpa "${TPA_S:-150}" "$OUT/tpa.log" python3 benchmarks/tpa.py --skip-chain ${TPA_ARGS:-} --out "$OUT"
 has normuon_separate && run_phase normuon_separate "${NORMUON_S:-240}" "$OUT/normuon_separate.log" \
   python3 benchmarks/optimizer.py --experts separate --skip-fork --variants "${NORMUON_SEPARATE_VARIANTS:-pe_kernel_graph}" --out "$OUT"
