@@ -59,7 +59,7 @@ def _set_tiles(**kw):
 def _attn(prefix, bm, bn, w, st=2, pack=None):
     keys = {"": ("BM", "BN", "WARPS_ATTN", "STAGES_ATTN", "PACK_FWD"),
             "DQ": ("BM_DQ", "BN_DQ", "WARPS_DQ", "STAGES_DQ", "PACK_DQ"),
-            "DKV": ("BM_DKV", "BN_DKV", "WARPS_DKV", "STAGES_DKV", None)}[prefix]
+            "DKV": ("BM_DKV", "BN_DKV", "WARPS_DKV", "STAGES_DKV", "PACK_DKV")}[prefix]
     vals = (bm, bn, w, st, pack)
     return {k: v for k, v in zip(keys, vals) if k is not None}
 
@@ -71,18 +71,21 @@ def _tile_name(t):
 
 
 # Attention tile candidates (BM x BN, warps, stages, heads packed): the tiles of the earlier runs
-# plus, from benchmarks/tpa_static.py's sm_90 compile with Triton 3.6, tiles that do not spill:
-# packed forward / dq programs (16 tokens x 4 heads; 130-192 registers, no spills), the dq
-# kernel at 8 warps (185 registers), the dk/dv kernel at 8 warps (the default 4 spills 68 stores)
-# or 32-key programs.
+# plus, from benchmarks/tpa_static.py's sm_90 compile with Triton 3.6
+# (benchmarks/results/tpa_static_triton36.json), tiles that do not spill: packed forward / dq
+# programs (16 tokens x 4 heads; 130-192 registers), the dq kernel at 8 warps (185 registers),
+# the dk/dv kernel at 8 warps (the default 4 spills 68 stores), on 32-key programs, or with packed
+# query tiles and transposed accumulators (108-159 registers, warpgroup MMAs at 16 / 32 keys).
 ATTN_FWD = [_attn("", 64, 64, 4, pack=False), _attn("", 64, 32, 4, pack=False), _attn("", 128, 64, 8, pack=False),
             _attn("", 32, 32, 2, pack=False), _attn("", 64, 32, 4, pack=True), _attn("", 64, 16, 4, pack=True),
             _attn("", 128, 32, 8, pack=True)]
 ATTN_DQ = [_attn("DQ", 64, 64, 4, pack=False), _attn("DQ", 64, 32, 4, pack=False), _attn("DQ", 64, 64, 8, pack=False),
            _attn("DQ", 64, 64, 4, pack=True), _attn("DQ", 64, 32, 4, pack=True), _attn("DQ", 64, 16, 4, pack=True),
            _attn("DQ", 128, 32, 8, pack=True)]
-ATTN_DKV = [_attn("DKV", 64, 64, 4), _attn("DKV", 64, 64, 8), _attn("DKV", 64, 32, 4), _attn("DKV", 32, 64, 4),
-            _attn("DKV", 32, 32, 4)]
+ATTN_DKV = [_attn("DKV", 64, 64, 4, pack=False), _attn("DKV", 64, 64, 8, pack=False),
+            _attn("DKV", 64, 32, 4, pack=False), _attn("DKV", 32, 64, 4, pack=False),
+            _attn("DKV", 32, 32, 4, pack=False), _attn("DKV", 64, 32, 4, pack=True), _attn("DKV", 64, 16, 4, pack=True),
+            _attn("DKV", 64, 32, 8, pack=True), _attn("DKV", 128, 32, 8, pack=True)]
 
 
 def tune(args, shape=(8, 4096, 8, 2, 128, 128)):

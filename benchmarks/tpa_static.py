@@ -80,7 +80,7 @@ def report(compiled):
     regs = re.search(r"REG:(\d+)", res)
     ttgir = compiled.asm["ttgir"]
     return dict(
-        registers=int(regs.group(1)) if regs else None,
+        registers=int(regs.group(1)) if regs else None, shared_bytes=compiled.metadata.shared,
         spill_stores=len(re.findall(r"\bSTL", sass)), spill_loads=len(re.findall(r"\bLDL", sass)),
         bar_sync=len(re.findall(r"\bBAR\.SYNC", sass)), convert_layout=ttgir.count("ttg.convert_layout"),
         ldg128=len(re.findall(r"LDG\.E\.128", sass)), hgmma=len(re.findall(r"\bHGMMA", sass)),

@@ -116,9 +116,13 @@ def _tpa_cases():
         # (4 per program here, 3 with one padding row for H/G = 3), dk/dv on 32-key programs
         ("tpa vpMoE s=203 W=64, packed fwd/dq 64x16, dkv 32x32",
          dict(vp, s=203, b=2, W=64, tiles=dict(PACK_FWD=True, BN=16, PACK_DQ=True, BN_DQ=16, BM_DKV=32, BN_DKV=32))),
+        ("tpa vpMoE s=150 W=128, packed dkv 64x16 (transposed accumulators)",
+         dict(vp, s=150, b=2, W=128, tiles=dict(PACK_DKV=True, BN_DKV=16))),
         ("tpa H=6 G=2 s=77 W=1, packed fwd/dq 128x32 w8, dkv 64x64 w8",
          dict(vp, H=6, s=77, b=1, W=1, tiles=dict(PACK_FWD=True, BM=128, WARPS_ATTN=8, PACK_DQ=True, BM_DQ=128,
                                                   BN_DQ=32, WARPS_DQ=8, WARPS_DKV=8))),
+        ("tpa H=6 G=2 s=77 W=5, packed dkv 128x32 w8 (3 heads, padding rows)",
+         dict(vp, H=6, s=77, b=1, W=5, tiles=dict(PACK_DKV=True, BM_DKV=128, BN_DKV=32, WARPS_DKV=8))),
     ]
 
 

@@ -332,15 +332,17 @@ PACKED_WINDOW_CASES = [
     (33, 2, 6, 2, 16, 10, 3),   # 3 heads per group: 5 tokens x 3 heads, one padding row
     (40, 1, 4, 4, 16, 9, 1),    # MHA: nothing to pack
     (50, 1, 8, 1, 16, 18, 8),   # 8 heads per group: 2 tokens per program
+    (20, 1, 12, 1, 16, 7, 6),   # 12 heads per group, 6 packed: two head chunks per dk/dv program
 ]
 
 
 @needs_triton
 @pytest.mark.parametrize("s,b,H,G,d,window,pack", PACKED_WINDOW_CASES)
 def test_window_packed_heads_match_reference(s, b, H, G, d, window, pack, monkeypatch):
-    """Sliding-window forward and dq kernels with the query heads of a KV group packed into a
-    program's rows (``GPU_TILES["PACK_FWD"]`` / ``["PACK_DQ"]``): out, LSE and every gradient
-    against float64, each flag alone and both; the launches take the expected ``PACK``."""
+    """Sliding-window kernels with the query heads of a KV group packed into the forward's and dq
+    kernel's rows and the dk/dv kernel's query tiles (``GPU_TILES["PACK_FWD"]``, ``["PACK_DQ"]``,
+    ``["PACK_DKV"]``): out, LSE and every gradient against float64, each flag alone and all three;
+    the launches take the expected ``PACK`` and grids."""
     from vpmoe_compile.ops.tpa_attention import triton as swa
 
     assert swa._pack(dict(BM=16, pack=True), H, G) == pack
@@ -348,7 +350,7 @@ def test_window_packed_heads_match_reference(s, b, H, G, d, window, pack, monkey
     dout = torch.randn(s, b, H, d, device=DEV)
     ref = reference_all(q, k, v, sink, None, window, dout)
     seen = {}
-    for name in ("_swa_fwd_kernel", "_swa_bwd_dq_kernel"):
+    for name in ("_swa_fwd_kernel", "_swa_bwd_dq_kernel", "_swa_bwd_dkv_kernel"):
         kern = getattr(swa, name)
 
         class Spy:
@@ -362,15 +364,18 @@ def test_window_packed_heads_match_reference(s, b, H, G, d, window, pack, monkey
                 return launch
 
         monkeypatch.setattr(swa, name, Spy(kern, name))
-    for fwd, dq in ((True, False), (False, True), (True, True)):
+    for fwd, dq, dkv in ((True, False, False), (False, True, False), (False, False, True), (True, True, True)):
         monkeypatch.setitem(swa.GPU_TILES, "PACK_FWD", fwd)
         monkeypatch.setitem(swa.GPU_TILES, "PACK_DQ", dq)
+        monkeypatch.setitem(swa.GPU_TILES, "PACK_DKV", dkv)
         got, _ = triton_all(q, k, v, sink, None, window, dout=dout)
         assert_close_all(got, ref)
         for name, on in (("_swa_fwd_kernel", fwd), ("_swa_bwd_dq_kernel", dq)):
             p, grid = seen[name]
             assert p == (pack if on else 1), (name, p)
             assert grid == (-(-s // (16 // p)), b * H // p), (name, grid)
+        p, grid = seen["_swa_bwd_dkv_kernel"]  # one program per 16 keys and KV group either way
+        assert p == (pack if dkv else 1) and grid == (-(-s // 16), b * G), (p, grid)
 
 
 @needs_triton

@@ -206,12 +206,13 @@ def test_triton_matches_reference_fwd_bwd(case):
 @needs_interpreter
 @pytest.mark.parametrize("case", [TRITON_CASES[0], TRITON_CASES[5]], ids=[TRITON_CASES[0][0], TRITON_CASES[5][0]])
 def test_triton_packed_heads_match_reference(case, monkeypatch):
-    """The op with the attention forward and dq kernels packing a group's query heads into their
-    rows (``GPU_TILES["PACK_FWD"]``, ``["PACK_DQ"]``): output and every gradient as unpacked."""
+    """The op with the attention kernels packing a group's query heads into their rows / query
+    tiles (``GPU_TILES["PACK_FWD"]``, ``["PACK_DQ"]``, ``["PACK_DKV"]``): output and every
+    gradient as unpacked."""
     from vpmoe_compile.ops.tpa_attention import triton as tk
 
-    monkeypatch.setitem(tk.GPU_TILES, "PACK_FWD", True)
-    monkeypatch.setitem(tk.GPU_TILES, "PACK_DQ", True)
+    for key in ("PACK_FWD", "PACK_DQ", "PACK_DKV"):
+        monkeypatch.setitem(tk.GPU_TILES, key, True)
     _check_triton_case(case)
 
 

@@ -595,10 +595,17 @@ def _swa_bwd_dkv_kernel(
     DK_ptr, DV_ptr,
     S, B, W, qk_scale, sm_scale,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, PACK: tl.constexpr,
 ):
     """dk, dv of ``BN`` keys of one (sample, group): loops over the group's heads and the query
-    tiles ``[n0, n1 + W - 1)``, summing the heads in registers (no per-head fp32 dK/dV)."""
+    tiles ``[n0, n1 + W - 1)``, summing the heads in registers (no per-head fp32 dK/dV).
+
+    ``PACK = 1``: query tiles of ``BM`` tokens of one head, ``dk``/``dv`` accumulated as
+    ``[BN, D]`` (keys in the matrix unit's M dimension). ``PACK > 1``: query tiles of
+    ``BM / PACK`` tokens x ``PACK`` heads (the rows of :func:`_swa_rows`) and the transposed
+    accumulators ``dk^T = q^T dS``, ``dv^T = dO^T P`` ``[D, BN]``: M is the head dim, so a key
+    tile of 16 or 32 still fills the M of a Hopper warpgroup MMA, and a short key tile wastes
+    less of the band (keys ``[n0, n0 + BN)`` are seen by ``BN + W - 1`` query tokens)."""
     HPG: tl.constexpr = H // G
     pid_n = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -612,33 +619,63 @@ def _swa_bwd_dkv_kernel(
     koff = krow[:, None] * D + offs_d[None, :]
     k = tl.load(K_ptr + koff, mask=nmask[:, None], other=0.0)
     v = tl.load(V_ptr + koff, mask=nmask[:, None], other=0.0)
-    dk = tl.zeros([BN, D], dtype=tl.float32)
-    dv = tl.zeros([BN, D], dtype=tl.float32)
-    lo = n0 // BM * BM
     hi = tl.minimum(n0 + BN + W - 1, S)
-    for hh in range(HPG):
-        h = g * HPG + hh
-        bh = bi * H + h
-        for m0 in range(lo, hi, BM):
-            offs_m = m0 + tl.arange(0, BM)
-            mmask = offs_m < S
-            qrow = (offs_m.to(tl.int64) * B + bi) * H + h
-            qoff = qrow[:, None] * D + offs_d[None, :]
-            q = tl.load(Q_ptr + qoff, mask=mmask[:, None], other=0.0)
-            do = tl.load(DO_ptr + qoff, mask=mmask[:, None], other=0.0)
-            lse2 = tl.load(L_ptr + bh.to(tl.int64) * S + offs_m, mask=mmask, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA_ptr + bh.to(tl.int64) * S + offs_m, mask=mmask, other=0.0)
-            st = _dot(k, tl.trans(q), IEEE) * qk_scale  # [BN, BM]
-            diff = offs_m[None, :] - offs_n[:, None]
-            vis = (diff >= 0) & (diff < W) & mmask[None, :] & nmask[:, None]
-            pt = tl.where(vis, tl.exp2(st - lse2[None, :]), 0.0)
-            dv += _dot(pt.to(do.dtype), do, IEEE)
-            dpt = _dot(v, tl.trans(do), IEEE)
-            dst = pt * (dpt - delta[None, :])
-            dk += _dot(dst.to(q.dtype), q, IEEE)
-    dk = dk * sm_scale
-    tl.store(DK_ptr + koff, dk.to(DK_ptr.dtype.element_ty), mask=nmask[:, None])
-    tl.store(DV_ptr + koff, dv.to(DV_ptr.dtype.element_ty), mask=nmask[:, None])
+    if PACK == 1:
+        dk = tl.zeros([BN, D], dtype=tl.float32)
+        dv = tl.zeros([BN, D], dtype=tl.float32)
+        lo = n0 // BM * BM
+        for hh in range(HPG):
+            h = g * HPG + hh
+            bh = bi * H + h
+            for m0 in range(lo, hi, BM):
+                offs_m = m0 + tl.arange(0, BM)
+                mmask = offs_m < S
+                qrow = (offs_m.to(tl.int64) * B + bi) * H + h
+                qoff = qrow[:, None] * D + offs_d[None, :]
+                q = tl.load(Q_ptr + qoff, mask=mmask[:, None], other=0.0)
+                do = tl.load(DO_ptr + qoff, mask=mmask[:, None], other=0.0)
+                lse2 = tl.load(L_ptr + bh.to(tl.int64) * S + offs_m, mask=mmask, other=0.0) * 1.4426950408889634
+                delta = tl.load(DELTA_ptr + bh.to(tl.int64) * S + offs_m, mask=mmask, other=0.0)
+                st = _dot(k, tl.trans(q), IEEE) * qk_scale  # [BN, BM]
+                diff = offs_m[None, :] - offs_n[:, None]
+                vis = (diff >= 0) & (diff < W) & mmask[None, :] & nmask[:, None]
+                pt = tl.where(vis, tl.exp2(st - lse2[None, :]), 0.0)
+                dv += _dot(pt.to(do.dtype), do, IEEE)
+                dpt = _dot(v, tl.trans(do), IEEE)
+                dst = pt * (dpt - delta[None, :])
+                dk += _dot(dst.to(q.dtype), q, IEEE)
+        dk = dk * sm_scale
+        tl.store(DK_ptr + koff, dk.to(DK_ptr.dtype.element_ty), mask=nmask[:, None])
+        tl.store(DV_ptr + koff, dv.to(DV_ptr.dtype.element_ty), mask=nmask[:, None])
+    else:
+        BT: tl.constexpr = BM // PACK  # tokens per query tile
+        dkt = tl.zeros([D, BN], dtype=tl.float32)
+        dvt = tl.zeros([D, BN], dtype=tl.float32)
+        r = tl.arange(0, BM)
+        lo = n0 // BT * BT
+        for hc in range(HPG // PACK):
+            head = g * HPG + hc * PACK + r % PACK
+            lbase = (bi * H + head).to(tl.int64) * S
+            for t0 in range(lo, hi, BT):
+                tok = t0 + r // PACK
+                rmask = (r < BT * PACK) & (tok < S)
+                qoff = ((tok.to(tl.int64) * B + bi) * H + head)[:, None] * D + offs_d[None, :]
+                q = tl.load(Q_ptr + qoff, mask=rmask[:, None], other=0.0)
+                do = tl.load(DO_ptr + qoff, mask=rmask[:, None], other=0.0)
+                lse2 = tl.load(L_ptr + lbase + tok, mask=rmask, other=0.0) * 1.4426950408889634
+                delta = tl.load(DELTA_ptr + lbase + tok, mask=rmask, other=0.0)
+                sc = _dot(q, tl.trans(k), IEEE) * qk_scale  # [BM, BN]
+                diff = tok[:, None] - offs_n[None, :]
+                vis = (diff >= 0) & (diff < W) & rmask[:, None] & nmask[None, :]
+                pr = tl.where(vis, tl.exp2(sc - lse2[:, None]), 0.0)
+                dvt += _dot(tl.trans(do), pr.to(do.dtype), IEEE)  # [D, BN]
+                dp = _dot(do, tl.trans(v), IEEE)
+                ds = pr * (dp - delta[:, None])
+                dkt += _dot(tl.trans(q), ds.to(q.dtype), IEEE)
+        dkt = dkt * sm_scale
+        kofft = krow[None, :] * D + offs_d[:, None]  # [D, BN]
+        tl.store(DK_ptr + kofft, dkt.to(DK_ptr.dtype.element_ty), mask=nmask[None, :])
+        tl.store(DV_ptr + kofft, dvt.to(DV_ptr.dtype.element_ty), mask=nmask[None, :])
 
 
 # ============================================================================ launchers
@@ -652,12 +689,13 @@ def _swa_bwd_dkv_kernel(
 # their own tiles (``*_DQ``: ``BM`` query rows per program, ``BN`` keys per loop step; ``*_DKV``:
 # ``BN`` keys per program, ``BM`` query rows per loop step).
 # ``DELTA`` picks how the attention backward gets ``delta = rowsum(dO * O)`` (see swa_bwd);
-# ``PACK_FWD`` / ``PACK_DQ`` pack the query heads of a KV group into the forward's / dq kernel's
-# rows (see swa_fwd). Both apply under the interpreter too.
+# ``PACK_FWD`` / ``PACK_DQ`` / ``PACK_DKV`` pack the query heads of a KV group into the forward's /
+# dq kernel's rows / the dk/dv kernel's query tiles (see swa_fwd). They apply under the
+# interpreter too.
 GPU_TILES = dict(BT_FWD=8, WARPS_FWD=4, BT_BWD=4, WARPS_BWD=1, BPP_BWD=1,
                  BM=64, BN=32, WARPS_ATTN=4, STAGES_ATTN=2, PACK_FWD=False,
                  BM_DQ=64, BN_DQ=64, WARPS_DQ=4, STAGES_DQ=2, PACK_DQ=False,
-                 BM_DKV=64, BN_DKV=64, WARPS_DKV=4, STAGES_DKV=2, DELTA="auto")
+                 BM_DKV=64, BN_DKV=64, WARPS_DKV=4, STAGES_DKV=2, PACK_DKV=False, DELTA="auto")
 
 
 def _blocks(kind: str = "attn"):
@@ -675,14 +713,16 @@ def _blocks(kind: str = "attn"):
     else:
         sfx = {"attn_dq": "DQ", "attn_dkv": "DKV"}[kind]
         blk = dict(BM=t["BM_" + sfx], BN=t["BN_" + sfx], warps=t["WARPS_" + sfx], stages=t["STAGES_" + sfx])
-    if kind in ("attn", "attn_dq"):
-        blk["pack"] = bool(t["PACK_FWD" if kind == "attn" else "PACK_DQ"])
+    pack_key = {"attn": "PACK_FWD", "attn_dq": "PACK_DQ", "attn_dkv": "PACK_DKV"}.get(kind)
+    if pack_key is not None:
+        blk["pack"] = bool(t[pack_key])
     return blk
 
 
 def _pack(blk: dict, H: int, G: int) -> int:
-    """Query heads per forward / dq program: :func:`vpmoe_compile._triton.default_pack` of the
-    group when ``blk["pack"]`` (at most ``BM`` rows), else 1."""
+    """Query heads per forward / dq program, or per query tile of a dk/dv program:
+    :func:`vpmoe_compile._triton.default_pack` of the group when ``blk["pack"]`` (at most ``BM``
+    rows), else 1."""
     return default_pack(H // G, blk["BM"]) if blk.get("pack") else 1
 
 
@@ -952,7 +992,7 @@ def swa_bwd(do, q, k, v, o, lse, sink, window: int, softmax_scale: float, dlse=N
     _swa_bwd_dkv_kernel[(triton.cdiv(s, bkv["BN"]), b * G)](
         q, k, v, do, lse, delta, dk, dv,
         s, b, int(window), qk_scale, float(softmax_scale),
-        H=H, G=G, D=d, BM=bkv["BM"], BN=bkv["BN"], IEEE=ieee, num_warps=bkv["warps"],
-        num_stages=bkv["stages"],
+        H=H, G=G, D=d, BM=bkv["BM"], BN=bkv["BN"], IEEE=ieee, PACK=_pack(bkv, H, G),
+        num_warps=bkv["warps"], num_stages=bkv["stages"],
     )
     return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), dsink_part.sum(dim=(0, 1))
