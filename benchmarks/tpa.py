@@ -61,7 +61,7 @@ def _attn(prefix, bm, bn, w, st=2, pack=None):
             "DQ": ("BM_DQ", "BN_DQ", "WARPS_DQ", "STAGES_DQ", "PACK_DQ"),
             "DKV": ("BM_DKV", "BN_DKV", "WARPS_DKV", "STAGES_DKV", "PACK_DKV")}[prefix]
     vals = (bm, bn, w, st, pack)
-    return {k: v for k, v in zip(keys, vals) if k is not None}
+    return {k: v for k, v in zip(keys, vals) if v is not None}
 
 
 def _tile_name(t):
@@ -70,13 +70,14 @@ def _tile_name(t):
     return f"{bm}x{bn}_w{w}_s{st}" + ("_pack" if any(k.startswith("PACK") and v for k, v in t.items()) else "")
 
 
-# Attention tile candidates (BM x BN, warps, stages, heads packed): the tiles of the earlier runs
-# plus, from benchmarks/tpa_static.py's sm_90 compile with Triton 3.6
-# (benchmarks/results/tpa_static_triton36.json), tiles that do not spill: packed forward / dq
-# programs (16 tokens x 4 heads; 130-192 registers), the dq kernel at 8 warps (185 registers),
-# the dk/dv kernel at 8 warps (the default 4 spills 68 stores), on 32-key programs, or with packed
-# query tiles and transposed accumulators (108-159 registers, warpgroup MMAs at 16 / 32 keys).
-ATTN_FWD = [_attn("", 64, 64, 4, pack=False), _attn("", 64, 32, 4, pack=False), _attn("", 128, 64, 8, pack=False),
+# Attention tile candidates (BM x BN, warps, stages, heads packed), each list's default first: the
+# tiles of the earlier runs plus, from benchmarks/tpa_static.py's sm_90 compile with Triton 3.6
+# (benchmarks/results/tpa_static_triton36.json): packed forward / dq programs (16 tokens x 4 heads;
+# forward 130-172 registers, dq 149-192 at 16 / 32 keys, 252 at 64), the dq kernel at 8 warps
+# (185 registers), the dk/dv kernel at 8 warps (no spills; the default 4 warps spill 68 stores), on
+# 32-key programs (32x32: no spills; 64x32 and 32x64 spill 25 / 8 stores), or with packed query
+# tiles and transposed accumulators (108-159 registers, no spills, warpgroup MMAs at 16 / 32 keys).
+ATTN_FWD = [_attn("", 64, 32, 4, pack=False), _attn("", 64, 64, 4, pack=False), _attn("", 128, 64, 8, pack=False),
             _attn("", 32, 32, 2, pack=False), _attn("", 64, 32, 4, pack=True), _attn("", 64, 16, 4, pack=True),
             _attn("", 128, 32, 8, pack=True)]
 ATTN_DQ = [_attn("DQ", 64, 64, 4, pack=False), _attn("DQ", 64, 32, 4, pack=False), _attn("DQ", 64, 64, 8, pack=False),

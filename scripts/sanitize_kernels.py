@@ -113,7 +113,8 @@ def _tpa_cases():
         ("tpa vpMoE misaligned strided factors", dict(vp, s=70, b=2, W=16, view="misaligned")),
         ("tpa vpMoE aligned strided factors", dict(vp, s=70, b=2, W=16, view="aligned")),
         # attention tiles of benchmarks/tpa.py --tune: heads packed into the forward / dq rows
-        # (4 per program here, 3 with one padding row for H/G = 3), dk/dv on 32-key programs
+        # (4 per program here; for H/G = 3, 42 tokens x 3 heads and two padding rows of 128),
+        # dk/dv on 32-key programs
         ("tpa vpMoE s=203 W=64, packed fwd/dq 64x16, dkv 32x32",
          dict(vp, s=203, b=2, W=64, tiles=dict(PACK_FWD=True, BN=16, PACK_DQ=True, BN_DQ=16, BM_DKV=32, BN_DKV=32))),
         ("tpa vpMoE s=150 W=128, packed dkv 64x16 (transposed accumulators)",

@@ -333,6 +333,7 @@ PACKED_WINDOW_CASES = [
     (40, 1, 4, 4, 16, 9, 1),    # MHA: nothing to pack
     (50, 1, 8, 1, 16, 18, 8),   # 8 heads per group: 2 tokens per program
     (20, 1, 12, 1, 16, 7, 6),   # 12 heads per group, 6 packed: two head chunks per dk/dv program
+    (70, 1, 6, 2, 16, 70, 3),   # a program's last token on a 16-key boundary (t0 = 60, 5 tokens)
 ]
 
 
@@ -376,6 +377,86 @@ def test_window_packed_heads_match_reference(s, b, H, G, d, window, pack, monkey
             assert grid == (-(-s // (16 // p)), b * H // p), (name, grid)
         p, grid = seen["_swa_bwd_dkv_kernel"]  # one program per 16 keys and KV group either way
         assert p == (pack if dkv else 1) and grid == (-(-s // 16), b * G), (p, grid)
+    # all packed: both ways to get dq's delta, and a gradient flowing into the LSE
+    dlse = torch.randn(b, H, s, device=DEV)
+    ref_l = reference_all(q, k, v, sink, None, window, dout, dlse=dlse)
+    for mode in ("recompute", "output"):
+        monkeypatch.setitem(swa.GPU_TILES, "DELTA", mode)
+        got, _ = triton_all(q, k, v, sink, None, window, dout=dout, dlse=dlse)
+        assert_close_all(got, ref_l)
+
+
+@needs_triton
+@pytest.mark.parametrize("window", [1, 30])
+def test_window_packed_heads_at_gpu_tiles(window, monkeypatch):
+    """The packed kernels at the GPU's tile sizes (the interpreter normally takes 16-wide tiles):
+    64 rows = 21 tokens x 3 heads + one padding row, 16- and 32-key tiles, 128-row dk/dv query
+    tiles (42 tokens x 3 heads + two padding rows), both ways to get ``delta``, against float64."""
+    from vpmoe_compile.ops.tpa_attention import triton as swa
+
+    s, b, H, G, d = 70, 2, 6, 2, 16
+    q, k, v, sink = make(s, b, H, G, d)
+    dout = torch.randn(s, b, H, d, device=DEV)
+    dlse = torch.randn(b, H, s, device=DEV)
+    scale = 1.0 / math.sqrt(d)
+    ref = reference_all(q, k, v, sink, None, window, dout, dlse=dlse)
+    monkeypatch.setattr(swa, "_interpreting", lambda: False)
+    for tiles in (dict(BM=64, BN=16, BM_DQ=64, BN_DQ=32, BM_DKV=128, BN_DKV=32),
+                  dict(BM=64, BN=32, BM_DQ=64, BN_DQ=16, BM_DKV=64, BN_DKV=16)):
+        for key, val in dict(tiles, PACK_FWD=True, PACK_DQ=True, PACK_DKV=True).items():
+            monkeypatch.setitem(swa.GPU_TILES, key, val)
+        assert swa._pack(swa._blocks("attn"), H, G) == 3
+        for mode in ("recompute", "output"):
+            monkeypatch.setitem(swa.GPU_TILES, "DELTA", mode)
+            o, lse = swa.swa_fwd(q, k, v, sink, window, scale)
+            grads = swa.swa_bwd(dout, q, k, v, o, lse, sink, window, scale, dlse=dlse)
+            assert_close_all((o, lse) + tuple(grads), ref)
+
+
+@needs_triton
+def test_window_near_int32_max_equals_window_s():
+    """A window near 2^31 is plain causal within the sequence: the kernels get ``min(window, s)``
+    (their int32 band bound ``n0 + BN + W - 1`` overflowed and dk/dv came out 0)."""
+    from vpmoe_compile.ops.tpa_attention import triton as swa
+
+    s, b, H, G, d = 20, 1, 4, 2, 16
+    q, k, v, sink = make(s, b, H, G, d)
+    dout = torch.randn(s, b, H, d, device=DEV)
+    runs = []
+    for window in (s, 2**31 - 1):
+        o, lse = swa.swa_fwd(q, k, v, sink, window, 0.25)
+        runs.append((o, lse) + tuple(swa.swa_bwd(dout, q, k, v, o, lse, sink, window, 0.25)))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+@needs_triton
+def test_window_packed_programs_write_only_their_rows():
+    """One packed forward / dq program (3 heads of a group in 16 rows: 5 tokens x 3 heads and a
+    padding row) into NaN-filled outputs writes exactly its 5 tokens x 3 heads: the padding row,
+    whose token belongs to the next program, must not be stored (on a GPU the two programs would
+    race)."""
+    from vpmoe_compile.ops.tpa_attention import triton as swa
+
+    s, b, H, G, d, W = 12, 1, 6, 2, 16, 4
+    q, k, v, sink = make(s, b, H, G, d)
+    args = dict(H=H, G=G, D=d, BM=16, BN=16, IEEE=True, PACK=3)
+    o = torch.full((s, b, H, d), float("nan"), device=DEV)
+    lse = torch.full((b, H, s), float("nan"), device=DEV)
+    swa._swa_fwd_kernel[(1, 1)](q, k, v, sink, o, lse, s, b, W, 1.0, **args)
+    written = torch.zeros(s, b, H, dtype=torch.bool, device=DEV)
+    written[:5, :, :3] = True
+    assert torch.equal(~torch.isnan(o).any(-1), written)
+    assert torch.equal(~torch.isnan(lse), written.permute(1, 2, 0))
+    dq = torch.full_like(o, float("nan"))
+    delta = torch.full_like(lse, float("nan"))
+    part = torch.full((1, b, H), float("nan"), device=DEV)
+    lse_ok = torch.zeros_like(lse)
+    swa._swa_bwd_dq_kernel[(1, 1)](q, k, v, q, q, lse_ok, lse_ok, sink, dq, delta, part, s, b, W, 1.0, 1.0,
+                                   RECOMPUTE_DELTA=True, HAS_DLSE=False, **args)
+    assert torch.equal(~torch.isnan(dq).any(-1), written)
+    assert torch.equal(~torch.isnan(delta), written.permute(1, 2, 0))
+    assert torch.equal(~torch.isnan(part), torch.tensor([True] * 3 + [False] * 3, device=DEV).view(1, 1, H))
 
 
 @needs_triton

@@ -50,9 +50,11 @@ H, G, D, RQ, R = 8, 2, 128, 4, 2  # the vpMoE local layer
 OP_SHAPES = {"b2_s1024_W128": (2, 1024, 128), "b1_s777_W100": (1, 777, 100), "b2_s64_W1": (2, 64, 1),
              "b3_s1_W128": (3, 1, 128), "b2_s128_W40": (2, 128, 40)}
 FP32_SHAPES = ("b2_s64_W1", "b2_s128_W40")
-# (b, s, H, G, d, W) of the attention middle alone: vpMoE W = 128, W = 1, s = 1, MQA at W = 1
+# (b, s, H, G, d, W) of the attention middle alone: vpMoE W = 128, W = 1, s = 1, MQA at W = 1,
+# 3 heads per group (packed tiles with padding rows)
 MIDDLE_CASES = {"b2_s1024_W128": (2, 1024, 8, 2, 128, 128), "b3_s77_W1": (3, 77, 8, 2, 128, 1),
-                "b2_s1_W128": (2, 1, 8, 2, 128, 128), "mqa_b1_s300_W1": (1, 300, 8, 1, 128, 1)}
+                "b2_s1_W128": (2, 1, 8, 2, 128, 128), "mqa_b1_s300_W1": (1, 300, 8, 1, 128, 1),
+                "gqa3_b1_s300_W64": (1, 300, 6, 2, 128, 64)}
 
 
 @pytest.fixture(autouse=True)
@@ -217,10 +219,10 @@ def _candidate_tiles():
 
 
 @pytest.mark.parametrize("tiles", list(_candidate_tiles()))
-@pytest.mark.parametrize("case", ["b3_s77_W1", "b2_s1024_W128"])
+@pytest.mark.parametrize("case", ["b3_s77_W1", "b2_s1024_W128", "gqa3_b1_s300_W64"])
 def test_window_attention_tile_candidates_bf16(case, tiles, monkeypatch):
     """Each tile candidate the benchmark may choose (packed heads included) passes the same rule
-    at the vpMoE window and at W = 1."""
+    at the vpMoE window, at W = 1 and with 3 heads per group (padding rows in packed tiles)."""
     for key, val in _candidate_tiles()[tiles].items():
         monkeypatch.setitem(tk.GPU_TILES, key, val)
     _check_window_middle(case)

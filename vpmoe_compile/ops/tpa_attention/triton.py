@@ -890,6 +890,13 @@ def prologue_bwd(dq, dk, dv, factors, qkv_bias, gamma_q, gamma_k, rs_q, rs_k, co
     return dF, dbias, dgq, dgk, cs[:, :P].contiguous(), cs[:, P:].clone(memory_format=torch.contiguous_format)
 
 
+def _band(window: int, s: int) -> int:
+    """The window the kernels take: ``min(window, s)`` (a window of ``s`` or more is plain causal
+    within the sequence), so their int32 band bounds (``n0 + BN + W - 1``) cannot overflow for a
+    huge ``window``."""
+    return max(1, min(int(window), int(s)))
+
+
 def swa_fwd(q, k, v, sink, window: int, softmax_scale: float):
     """Sliding-window sink attention forward on materialised tensors: the library's one
     sliding-window kernel family (the fused TPA op's attention middle and the Triton path of
@@ -926,7 +933,7 @@ def swa_fwd(q, k, v, sink, window: int, softmax_scale: float):
     lse = torch.empty(b, H, s, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(s, blk["BM"] // pack), b * (H // pack))
     _swa_fwd_kernel[grid](
-        q, k, v, sink.contiguous(), o, lse, s, b, int(window), float(softmax_scale) * LOG2E,
+        q, k, v, sink.contiguous(), o, lse, s, b, _band(window, s), float(softmax_scale) * LOG2E,
         H=H, G=G, D=d, BM=blk["BM"], BN=blk["BN"], IEEE=ieee_fp32(q.dtype), PACK=pack,
         num_warps=blk["warps"], num_stages=blk["stages"],
     )
@@ -985,13 +992,13 @@ def swa_bwd(do, q, k, v, o, lse, sink, window: int, softmax_scale: float, dlse=N
     qk_scale = float(softmax_scale) * LOG2E
     _swa_bwd_dq_kernel[(nM, b * (H // pack))](
         q, k, v, o, do, lse, dlse_t, sink.contiguous(), dq, delta, dsink_part,
-        s, b, int(window), qk_scale, float(softmax_scale),
+        s, b, _band(window, s), qk_scale, float(softmax_scale),
         H=H, G=G, D=d, BM=bq["BM"], BN=bq["BN"], IEEE=ieee, RECOMPUTE_DELTA=recompute,
         HAS_DLSE=dlse is not None, PACK=pack, num_warps=bq["warps"], num_stages=bq["stages"],
     )
     _swa_bwd_dkv_kernel[(triton.cdiv(s, bkv["BN"]), b * G)](
         q, k, v, do, lse, delta, dk, dv,
-        s, b, int(window), qk_scale, float(softmax_scale),
+        s, b, _band(window, s), qk_scale, float(softmax_scale),
         H=H, G=G, D=d, BM=bkv["BM"], BN=bkv["BN"], IEEE=ieee, PACK=_pack(bkv, H, G),
         num_warps=bkv["warps"], num_stages=bkv["stages"],
     )
