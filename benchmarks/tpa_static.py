@@ -1,4 +1,4 @@
-"""Resource report of the TPA Triton kernels for sm_90a, computed on a machine without a GPU.
+"""Resource report of the attention Triton kernels for sm_90a, computed on a machine without a GPU.
 
 Usage (any machine with Triton and its bundled CUDA tools; no GPU needed)::
 
@@ -13,8 +13,10 @@ To compile with the GPU machine's Triton (3.6) on a machine whose venv has anoth
 (the ``.pth`` line appends the project venv's packages, torch included, after Triton 3.6).
 
 Compiles each kernel of :mod:`vpmoe_compile.ops.tpa_attention.triton` at the vpMoE shape (H=8, G=2,
-d=128, Rq=4, R=2, bf16) for ``cuda:90`` with ``triton.compile`` and prints, per kernel and tile
-choice: registers per thread, local-memory spill stores/loads and ``BAR.SYNC`` count in the SASS
+d=128, Rq=4, R=2, bf16), at its defaults and at the tile candidates of ``benchmarks/tpa.py --tune``,
+and each autotune configuration of the global layers' kernels
+(:mod:`vpmoe_compile.ops.sink_attention.triton`, causal + ALiBi, 4 heads packed), for ``cuda:90``
+with ``triton.compile`` and prints, per kernel and tile choice: registers per thread, local-memory spill stores/loads and ``BAR.SYNC`` count in the SASS
 (``cuobjdump``), ``convert_layout`` count in the TTGIR, 128-bit global loads and the tile layouts.
 This is how ``benchmarks/results/tpa_notes.md`` traced the old prologue backward's 455 barriers to
 its scalar (unaligned) loads. The installed Triton may differ from the GPU machine's.
@@ -40,9 +42,10 @@ from triton.compiler import ASTSource  # noqa: E402
 from benchmarks._ops_import import import_op_module  # noqa: E402
 
 BF16 = ("F_ptr", "DF_ptr", "DQ_ptr", "DK_ptr", "DV_ptr", "BIAS_ptr", "GQ_ptr", "GK_ptr", "Q_ptr", "K_ptr",
-        "V_ptr", "O_ptr", "DO_ptr", "SINK_ptr")
+        "V_ptr", "O_ptr", "DO_ptr", "SINK_ptr",
+        "Q", "K", "V", "O", "O_LO", "DO", "DQ", "DK", "DV", "SINK")  # the global kernels' names
 FP32 = ("RSQ_ptr", "RSK_ptr", "COS_ptr", "SIN_ptr", "PART_ptr", "CS_ptr", "L_ptr", "DLSE_ptr", "DELTA_ptr",
-        "DSINK_part")
+        "DSINK_part", "SLOPES", "LSE", "DLSE", "DELTA", "PSINK")
 SCALARS = dict(eps="fp32", qk_scale="fp32", sm_scale="fp32")
 
 
@@ -111,12 +114,31 @@ def _attention_jobs(tk, att):
     return jobs
 
 
+def _global_jobs():
+    """Every autotune configuration of the global (full-causal, ALiBi, sink) kernels at the vpMoE
+    shape: 4 query heads per KV group packed, ``LPT`` grid, 16-bit output without residual."""
+    sk = import_op_module("sink_attention.triton")
+    base = dict(HPG=4, PACK=4, HEAD_DIM=128, HAS_ALIBI=True, IEEE=False, LPT=True)
+    jobs = []
+    for kind, kern, cfgs, extra in (("global_fwd", sk._sink_attn_fwd_kernel, sk._FWD_CONFIGS, dict(STORE_LO=False)),
+                                    ("global_dq", sk._sink_attn_bwd_dq_kernel, sk._DQ_CONFIGS,
+                                     dict(HAS_DLSE=False, HAS_LO=False)),
+                                    ("global_dkv", sk._sink_attn_bwd_dkv_kernel, sk._DKV_CONFIGS, {})):
+        for c in cfgs:
+            m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            jobs.append((f"{kind} {m}x{n}_w{c.num_warps}_s{c.num_stages}", kern, dict(base, **extra, **c.kwargs),
+                         c.num_warps, c.num_stages))
+    return jobs
+
+
 def main():
     import argparse
     import json
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", help="also write the rows (without layouts) to this JSON file")
+    ap.add_argument("--family", choices=("tpa", "global", "all"), default="all",
+                    help="the TPA op's kernels, the global layers' autotune configurations, or both")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     tk = import_op_module("tpa_attention.triton")
@@ -136,6 +158,7 @@ def main():
         ("swa_bwd_dq 64x64 w4 recompute + dLSE", tk._swa_bwd_dq_kernel,
          dict(att, RECOMPUTE_DELTA=True, HAS_DLSE=True), 4),
     ] + _attention_jobs(tk, att)
+    jobs = ([] if args.family == "global" else jobs) + (_global_jobs() if args.family != "tpa" else [])
     print(f"triton {triton.__version__}, target cuda:90")
     rows = {}
     for name, kern, ce, warps, *stages in jobs:
@@ -146,9 +169,11 @@ def main():
         for ln in lay:
             print(f"{'':40s}{ln}")
     if args.json:
-        out = dict(command="python benchmarks/tpa_static.py --json " + args.json, triton=triton.__version__,
+        out = dict(command=f"python benchmarks/tpa_static.py --family {args.family} --json {args.json}",
+                   triton=triton.__version__,
                    target="cuda:90 (sm_90a), ahead of time, no GPU",
-                   shape=dict(H=8, G=2, d=128, Rq=4, R=2, dtype="bf16"), kernels=rows)
+                   shape=dict(H=8, G=2, d=128, Rq=4, R=2, dtype="bf16", global_layers="causal + ALiBi + sink"),
+                   kernels=rows)
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
             json.dump(out, f, indent=1)

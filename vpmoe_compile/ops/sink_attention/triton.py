@@ -499,18 +499,22 @@ def _cfgs(rows):
             for (m, n, w, st) in rows]
 
 
-# H100 candidates for d = 128, chosen from the sm_90 resource report (no local-memory spills with
-# ALiBi on; 255 registers/thread at most). fwd: 128 packed rows = 32 tokens x 4 heads.
-# Picked on the H100 (b=8, s=4096, H=8, G=2, bf16; benchmarks/results/attention_global.json):
+# H100 candidates for d = 128, first chosen from the sm_90 resource report with Triton 3.9 (no
+# local-memory spills with ALiBi on; 255 registers/thread at most). fwd: 128 packed rows = 32 tokens
+# x 4 heads. Picked on the H100 (b=8, s=4096, H=8, G=2, bf16; benchmarks/results/attention_global.json):
 # causal+ALiBi fwd (128, 64, 8w), dq (128, 64, 8w), dkv (32, 64, 4w). (The candidates also covered
 # the former window path, which picked fwd (64, 64, 4w), dq (64, 32, 4w), dkv (32, 64, 4w).)
-# dkv (32, 64, 8w) and (16, 128, 8w): 197 and 230 registers, no spills (sm_90 compile, Triton 3.9),
-# against 252 for the (32, 64, 4w) choice.
-_FWD_CONFIGS = _cfgs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2)])
-_DQ_CONFIGS = _cfgs([(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 128, 8, 2)])
+# dkv (32, 64, 8w) and (16, 128, 8w): 197 and 230 registers, no spills (Triton 3.9), against 252
+# for the (32, 64, 4w) choice. The GPU machine's Triton 3.6 spills in most of these
+# (benchmarks/tpa_static.py --family global, benchmarks/results/tpa_static_triton36.json: the
+# chosen dkv (32, 64, 4w) 171 spill stores, fwd / dq (128, 64, 8w) 2 / 7), so the lists also hold
+# the configurations it compiles without spills: fwd and dq (128, 32, 8w, 3 stages), dkv
+# (16, 64, 8w) and (16, 128, 8w). The autotuner times them all at the first call of a shape.
+_FWD_CONFIGS = _cfgs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 32, 8, 3)])
+_DQ_CONFIGS = _cfgs([(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 128, 8, 2), (128, 32, 8, 3)])
 _DKV_CONFIGS = _cfgs([(32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 1),
                       (16, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2),
-                      (32, 64, 8, 2), (16, 128, 8, 2)])
+                      (32, 64, 8, 2), (16, 128, 8, 2), (16, 64, 8, 2)])
 
 _fwd_autotuned = None
 _dq_autotuned = None
