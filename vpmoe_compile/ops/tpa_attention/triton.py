@@ -436,18 +436,12 @@ def _swa_tile_scores(q, K_ptr, V_ptr, n0, offs_m, offs_d, S, B, G, W, bi, g, qk_
 
 
 @triton.jit
-def _swa_rows(pid_m, pid_bh, S, H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, PACK: tl.constexpr):
-    """The query rows of a forward / dq program: ``PACK`` heads of one KV group packed into ``BM``
-    rows (row ``r`` = token ``t0 + r // PACK``, head ``h0 + r % PACK``; ``PACK = 1``: ``BM`` tokens
-    of one head). Returns ``(bi, g, h0, head, t0, tok, rmask)``: sample, group, first head, the
-    per-row head (a scalar when ``PACK = 1``), first token, per-row token and valid rows."""
-    HPG: tl.constexpr = H // G
-    BT: tl.constexpr = BM // PACK  # tokens per program
-    NHB: tl.constexpr = H // PACK  # head blocks per sample
-    bi = pid_bh // NHB
-    h0 = (pid_bh % NHB) * PACK
-    g = h0 // HPG
-    t0 = pid_m * BT
+def _packed_rows(t0, h0, S, BM: tl.constexpr, PACK: tl.constexpr):
+    """The packed row layout of the window family: row ``r`` of a ``BM``-row tile is token
+    ``t0 + r // PACK`` of head ``h0 + r % PACK`` (``PACK = 1``: ``BM`` tokens of head ``h0``, a
+    scalar). Returns ``(tok, head, rmask)``; ``rmask`` drops tokens ``>= S`` and, when ``PACK`` does
+    not divide ``BM``, the padding rows past ``(BM // PACK) * PACK`` (their token belongs to the
+    next tile)."""
     r = tl.arange(0, BM)
     if PACK == 1:
         tok = t0 + r
@@ -456,7 +450,24 @@ def _swa_rows(pid_m, pid_bh, S, H: tl.constexpr, G: tl.constexpr, BM: tl.constex
     else:
         tok = t0 + r // PACK
         head = h0 + r % PACK
-        rmask = (r < BT * PACK) & (tok < S)
+        rmask = (r < (BM // PACK) * PACK) & (tok < S)
+    return tok, head, rmask
+
+
+@triton.jit
+def _swa_rows(pid_m, pid_bh, S, H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, PACK: tl.constexpr):
+    """The query rows of a forward / dq program: ``PACK`` heads of one KV group packed into ``BM``
+    rows (:func:`_packed_rows`; ``PACK = 1``: ``BM`` tokens of one head). Returns
+    ``(bi, g, h0, head, t0, tok, rmask)``: sample, group, first head, the per-row head (a scalar
+    when ``PACK = 1``), first token, per-row token and valid rows."""
+    HPG: tl.constexpr = H // G
+    BT: tl.constexpr = BM // PACK  # tokens per program
+    NHB: tl.constexpr = H // PACK  # head blocks per sample
+    bi = pid_bh // NHB
+    h0 = (pid_bh % NHB) * PACK
+    g = h0 // HPG
+    t0 = pid_m * BT
+    tok, head, rmask = _packed_rows(t0, h0, S, BM, PACK)
     return bi, g, h0, head, t0, tok, rmask
 
 
@@ -582,9 +593,8 @@ def _swa_bwd_dq_kernel(
     if PACK == 1:
         tl.store(prow, -tl.sum(psink, axis=0))
     else:
-        r = tl.arange(0, BM)
         for hp in tl.static_range(PACK):
-            tl.store(prow + hp, -tl.sum(tl.where(r % PACK == hp, psink, 0.0), axis=0))
+            tl.store(prow + hp, -tl.sum(tl.where(head == h0 + hp, psink, 0.0), axis=0))
     dq = dq * sm_scale
     tl.store(DQ_ptr + qoff, dq.to(DQ_ptr.dtype.element_ty), mask=rmask[:, None])
 
@@ -602,7 +612,7 @@ def _swa_bwd_dkv_kernel(
 
     ``PACK = 1``: query tiles of ``BM`` tokens of one head, ``dk``/``dv`` accumulated as
     ``[BN, D]`` (keys in the matrix unit's M dimension). ``PACK > 1``: query tiles of
-    ``BM / PACK`` tokens x ``PACK`` heads (the rows of :func:`_swa_rows`) and the transposed
+    ``BM / PACK`` tokens x ``PACK`` heads (:func:`_packed_rows`) and the transposed
     accumulators ``dk^T = q^T dS``, ``dv^T = dO^T P`` ``[D, BN]``: M is the head dim, so a key
     tile of 16 or 32 still fills the M of a Hopper warpgroup MMA, and a short key tile wastes
     less of the band (keys ``[n0, n0 + BN)`` are seen by ``BN + W - 1`` query tokens)."""
@@ -651,14 +661,11 @@ def _swa_bwd_dkv_kernel(
         BT: tl.constexpr = BM // PACK  # tokens per query tile
         dkt = tl.zeros([D, BN], dtype=tl.float32)
         dvt = tl.zeros([D, BN], dtype=tl.float32)
-        r = tl.arange(0, BM)
         lo = n0 // BT * BT
         for hc in range(HPG // PACK):
-            head = g * HPG + hc * PACK + r % PACK
-            lbase = (bi * H + head).to(tl.int64) * S
             for t0 in range(lo, hi, BT):
-                tok = t0 + r // PACK
-                rmask = (r < BT * PACK) & (tok < S)
+                tok, head, rmask = _packed_rows(t0, g * HPG + hc * PACK, S, BM, PACK)
+                lbase = (bi * H + head).to(tl.int64) * S
                 qoff = ((tok.to(tl.int64) * B + bi) * H + head)[:, None] * D + offs_d[None, :]
                 q = tl.load(Q_ptr + qoff, mask=rmask[:, None], other=0.0)
                 do = tl.load(DO_ptr + qoff, mask=rmask[:, None], other=0.0)
